@@ -178,9 +178,7 @@ class AlgorithmConfig(Section):
     """KL coefficient against a frozen reference model (k3 estimator); 0 loads no reference."""
     num_iterations: int = Field(1, ge=1, le=64)
     """Optimizer updates per pulled batch (old log-probs are computed once)."""
-    is_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = (
-        "token_truncate"
-    )
+    is_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = "token_truncate"
     """Off-policy correction for the behaviour (worker) policy vs. the trainer's old policy."""
     is_cap: float = Field(2.0, ge=1.0)
     """Cap C of the truncated importance weight min(exp(logp_old - logp_behaviour), C)."""
@@ -225,6 +223,8 @@ class TrainerConfig(Section):
 class AsyncConfig(Section):
     max_staleness: int = Field(1, ge=0)
     """A group made with policy v may train step s only if s - v <= max_staleness (0: on-policy)."""
+    ordered: bool = False
+    """Hand groups to the trainer in task order, not arrival order: reproducible batches, slower."""
 
 
 class WeightsConfig(Section):
@@ -338,6 +338,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"data.max_prompt_tokens + sampling.max_tokens ({self.data.max_prompt_tokens} + "
                 f"{self.sampling.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})"
+            )
+        if self.async_.max_staleness < self.weights.publish_every - 1:
+            raise ValueError(
+                f"async.max_staleness ({self.async_.max_staleness}) must be at least weights.publish_every - 1 "
+                f"({self.weights.publish_every - 1}): otherwise no worker can ever produce a fresh enough group"
             )
         return self
 

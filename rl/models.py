@@ -165,10 +165,34 @@ def _build_smollm2(out: Path) -> None:
 
 def _tiny_corpus() -> list[str]:
     """Deterministic text the tiny tokenizer is trained on: arithmetic, tags, chat words."""
-    words = (
-        "the answer is a number what plus minus times equals solve question think reason "
-        "step first then so result sum difference product calculate write final only"
-    ).split()
+    words = [
+        "the",
+        "answer",
+        "is",
+        "a",
+        "number",
+        "what",
+        "plus",
+        "minus",
+        "times",
+        "equals",
+        "solve",
+        "question",
+        "think",
+        "reason",
+        "step",
+        "first",
+        "then",
+        "so",
+        "result",
+        "sum",
+        "difference",
+        "product",
+        "calculate",
+        "write",
+        "final",
+        "only",
+    ]
     lines = []
     for a in range(20):
         for b in range(20):

@@ -1,0 +1,1 @@
+"""The hub: control plane between the trainer and rollout workers (its own process)."""

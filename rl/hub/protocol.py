@@ -1,0 +1,249 @@
+"""What crosses the wire between the hub, rollout workers and the trainer (HTTP/JSON, API v1).
+
+Every request carries `Authorization: Bearer <token>`. Worker tokens reach the
+worker routes; the admin token (the trainer, operators) reaches everything.
+The hub tokenizes prompts and sends token ids; workers return token ids and
+the per-token logprobs of the policy version they generated with. Rewards are
+computed only on the hub. docs/protocol.md walks through a session.
+
+Routes:
+  POST   /v1/workers                     RegisterRequest  -> RegisterResponse       (worker)
+  POST   /v1/workers/{id}/heartbeat      HeartbeatRequest -> HeartbeatResponse      (worker)
+  DELETE /v1/workers/{id}                                 -> Ack (leases re-queued) (worker)
+  POST   /v1/leases                      LeaseRequest     -> Lease                  (worker)
+  POST   /v1/rollouts                    SubmitRequest    -> SubmitResponse         (worker)
+  GET    /v1/policy                                       -> PolicyManifest         (worker)
+  GET    /v1/policy/{version}/files/{name}   raw bytes, HTTP Range supported        (worker)
+  GET    /v1/status                                       -> HubStatus              (worker)
+  GET    /healthz                                         -> {"ok": true}           (none)
+  POST   /v1/batches                     BatchRequest     -> Batch                  (admin)
+  POST   /v1/policy                      PublishRequest   -> Ack                    (admin)
+  GET    /v1/ledger                                       -> Ledger                 (admin)
+  POST   /v1/shutdown                                     -> Ack                    (admin)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_VERSION = "v1"
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Ack(Wire):
+    ok: bool = True
+    detail: str = ""
+
+
+class ErrorBody(Wire):
+    """Body of every 4xx/5xx: a machine-readable reason and a human sentence."""
+
+    reason: str
+    detail: str
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class RegisterRequest(Wire):
+    name: str = Field("worker", max_length=128)
+    engine: Literal["vllm", "hf"] = "vllm"
+    tensor_parallel: int = Field(1, ge=1, le=1024)
+    host: str = Field("", max_length=256)
+    """Free-form description of where the worker runs (shown in status)."""
+
+
+class SamplingParamsWire(Wire):
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+
+class RegisterResponse(Wire):
+    worker_id: str
+    heartbeat_interval_s: float
+    policy_version: int
+    """Latest published policy version; the worker loads it before leasing."""
+    max_model_len: int
+    dtype: str
+    sampling: SamplingParamsWire
+
+
+class HeartbeatRequest(Wire):
+    policy_version: int = Field(ge=-1)
+    """Version currently loaded by the worker (-1: none yet)."""
+    tokens_per_s: float = Field(0.0, ge=0.0)
+    busy: bool = False
+
+
+class HeartbeatResponse(Wire):
+    policy_version: int
+    """Latest published version: the worker should move to it between generation batches."""
+    lease_ttl_s: float
+
+
+# --------------------------------------------------------------------------- leases and rollouts
+
+
+class LeaseRequest(Wire):
+    worker_id: str
+    policy_version: int = Field(ge=0)
+    """Version the worker has loaded; a lease needs at least `min_policy_version`."""
+    max_tasks: int = Field(8, ge=1, le=4096)
+
+
+class LeasedTask(Wire):
+    task_id: int
+    prompt_token_ids: list[int]
+
+
+class Lease(Wire):
+    lease_id: str | None
+    """None when there is no work right now (see `retry_after_s`) or the worker must update first."""
+    expires_in_s: float = 0.0
+    min_policy_version: int = 0
+    sampling: SamplingParamsWire | None = None
+    tasks: list[LeasedTask] = Field(default_factory=list)
+    retry_after_s: float = 0.0
+    reason: str = ""
+
+
+class Completion(Wire):
+    token_ids: list[int]
+    logprobs: list[float]
+    """Per-token logprob of each sampled token under the behaviour policy."""
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+class TaskResult(Wire):
+    task_id: int
+    completions: list[Completion]
+
+
+class SubmitRequest(Wire):
+    worker_id: str
+    lease_id: str
+    policy_version: int = Field(ge=0)
+    """Version the completions were generated with."""
+    results: list[TaskResult] = Field(min_length=1)
+    gen_seconds: float = Field(0.0, ge=0.0)
+    """Wall time spent generating these results (for tokens/s)."""
+
+
+class SubmitResponse(Wire):
+    accepted: list[int] = Field(default_factory=list)
+    duplicates: list[int] = Field(default_factory=list)
+    """Task ids already accepted earlier (idempotent re-submit; not counted again)."""
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class PolicyFile(Wire):
+    name: str
+    size: int
+    sha256: str
+
+
+class PolicyManifest(Wire):
+    version: int
+    format: Literal["full", "lora", "delta"] = "full"
+    files: list[PolicyFile]
+    """Weight files of this version."""
+    base_files: list[PolicyFile] = Field(default_factory=list)
+    """Version-independent files (config, tokenizer) under `GET /v1/policy/base/files/{name}`."""
+
+
+class PublishRequest(Wire):
+    version: int = Field(ge=0)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class BatchRequest(Wire):
+    num_groups: int = Field(ge=1, le=65536)
+    step: int = Field(ge=0)
+    """The optimizer step the batch will train (= policy version the trainer holds)."""
+    timeout_s: float = Field(30.0, ge=0.0, le=600.0)
+    skip_zero_variance: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (counted, not re-queued)."""
+
+
+class ScoredCompletion(Wire):
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    reward: float
+    components: dict[str, float]
+
+
+class ScoredGroup(Wire):
+    task_id: int
+    row_index: int
+    prompt_token_ids: list[int]
+    policy_version: int
+    worker_id: str
+    worker_name: str
+    completions: list[ScoredCompletion]
+
+
+class Batch(Wire):
+    groups: list[ScoredGroup]
+    complete: bool
+    """False when the timeout passed first: then `groups` is empty and nothing was consumed; ask again."""
+    stale_dropped: int = 0
+    zero_variance_skipped: int = 0
+
+
+class Ledger(Wire):
+    """The hub's data position: enough to resume with no prompt lost or used twice."""
+
+    seed: int
+    num_rows: int
+    position: int
+    """Task ids below this were handed out at least once."""
+    pending: list[int]
+    """Task ids below `position` not yet consumed by the trainer (re-queued on restore)."""
+    consumed: int
+    batches: int
+
+
+class WorkerStatus(Wire):
+    worker_id: str
+    name: str
+    engine: str
+    policy_version: int
+    tokens_per_s: float
+    last_seen_s: float
+    leased_tasks: int
+    completed_tasks: int
+
+
+class HubStatus(Wire):
+    policy_version: int
+    workers: list[WorkerStatus]
+    queued: int
+    leased: int
+    scoring: int
+    buffered: int
+    consumed: int
+    batches: int
+    rejections: dict[str, int]
+    staleness_histogram: dict[str, int]
+    """Staleness (trainer step - generation version) of groups handed to the trainer."""
+    stale_dropped: int
+    zero_variance_skipped: int
+    submissions: int
+    tokens_generated: int
+    verifier: dict[str, float] = Field(default_factory=dict)
+    uptime_s: float

@@ -1,0 +1,382 @@
+"""The hub process: FastAPI routes over `HubState`, scoring through the verifier pool, policy files.
+
+`rl hub CONFIG` (and `rl train`, which starts it as its own process) calls
+`serve(cfg)`. The event loop only does bookkeeping and I/O: scoring runs in
+the verifier pool's processes, so a slow or hostile completion never stalls
+leases or submissions. Every rejection is a 4xx with `{"reason", "detail"}`
+and leaves the state as it was (rl/hub/state.py checks before it changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rl.config import RunConfig
+from rl.hub.protocol import (
+    Ack,
+    Batch,
+    BatchRequest,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    HubStatus,
+    Lease,
+    LeaseRequest,
+    Ledger,
+    PolicyManifest,
+    PublishRequest,
+    RegisterRequest,
+    RegisterResponse,
+    ScoredCompletion,
+    ScoredGroup,
+    SubmitRequest,
+    SubmitResponse,
+)
+from rl.hub.state import HubError, HubState, token_id
+from rl.weights import BASE, garbage_collect, read_manifest, version_dir
+
+log = logging.getLogger(__name__)
+
+
+class Tokens:
+    """Bearer tokens: one admin token, any number of worker tokens."""
+
+    def __init__(self, admin: str, workers: list[str]):
+        if not admin or not workers:
+            raise ValueError("need an admin token and at least one worker token")
+        self.admin, self.workers = admin, list(workers)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> tuple[Tokens, bool]:
+        """Config, else env RL_HUB_ADMIN_TOKEN / RL_HUB_WORKER_TOKENS, else generated (second value True)."""
+        admin = cfg.hub.admin_token or os.environ.get("RL_HUB_ADMIN_TOKEN")
+        workers = cfg.hub.worker_tokens or [
+            t.strip() for t in os.environ.get("RL_HUB_WORKER_TOKENS", "").split(",") if t.strip()
+        ]
+        generated = not admin or not workers
+        admin = admin or f"adm-{secrets.token_urlsafe(24)}"
+        workers = workers or [f"wrk-{secrets.token_urlsafe(24)}"]
+        return cls(admin, workers), generated
+
+    def caller(self, header: str | None) -> str | None:
+        """Token id of a worker caller, None for admin; raises 401 for a missing/unknown token."""
+        if not header or not header.startswith("Bearer "):
+            raise HubError(401, "missing_token", "send Authorization: Bearer <token>")
+        token = header[len("Bearer ") :].strip()
+        if hmac.compare_digest(token, self.admin):
+            return None
+        if any(hmac.compare_digest(token, w) for w in self.workers):
+            return token_id(token)
+        raise HubError(401, "bad_token", "unknown token")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes (declared or streamed) with 413."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_error(send, 413, "body_too_large", f"body over {self.limit} bytes")
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HubError(413, "body_too_large", f"body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_error(send, status: int, reason: str, detail: str) -> None:
+    body = json.dumps({"reason": reason, "detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Hub:
+    """The running hub: state, verifier pool, tokenizer for decoding, policy directory."""
+
+    def __init__(self, cfg: RunConfig, state: HubState, pool, tokenizer, policy_dir: Path, tokens: Tokens):
+        self.cfg, self.state, self.pool, self.tokenizer = cfg, state, pool, tokenizer
+        self.policy_dir, self.tokens = Path(policy_dir), tokens
+        self.changed = asyncio.Event()
+        self.shutdown_requested = asyncio.Event()
+        self._scoring_tasks: set[asyncio.Task] = set()
+        self._adopt_published_policy()
+
+    def _adopt_published_policy(self) -> None:
+        from rl.weights import published_versions
+
+        versions = published_versions(self.policy_dir) if self.policy_dir.exists() else []
+        if versions:
+            self.state.policy_version = versions[-1]
+
+    async def score_group(self, worker_id: str, worker_name: str, version: int, task_id: int, result) -> None:
+        row_index = self.state.task_rows.get(task_id)
+        if row_index is None:
+            return
+        row = self.state.prompts.rows[row_index]
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in result.completions]
+        try:
+            rewards = await self.pool.score_many([(text, row) for text in texts])
+        except Exception:
+            log.exception("scoring task %d failed; re-queued", task_id)
+            self.state.scoring_failed(task_id)
+            return
+        group = ScoredGroup(
+            task_id=task_id,
+            row_index=row_index,
+            prompt_token_ids=self.state.prompts.prompt_ids[row_index],
+            policy_version=version,
+            worker_id=worker_id,
+            worker_name=worker_name,
+            completions=[
+                ScoredCompletion(
+                    token_ids=c.token_ids,
+                    logprobs=c.logprobs,
+                    finish_reason=c.finish_reason,
+                    reward=r.value,
+                    components=r.components,
+                )
+                for c, r in zip(result.completions, rewards, strict=True)
+            ],
+        )
+        if task_id in self.state.scoring:  # not re-queued meanwhile
+            self.state.scored(group)
+            self.changed.set()
+
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._scoring_tasks.add(task)
+        task.add_done_callback(self._scoring_tasks.discard)
+
+    async def housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            expired, dead = self.state.expire(time.monotonic())
+            if expired or dead:
+                log.info("re-queued %d tasks from expired leases; dropped %d silent workers", expired, dead)
+
+
+def create_app(hub: Hub) -> FastAPI:
+    state = hub.state
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        keeper = asyncio.create_task(hub.housekeeping())
+        yield
+        keeper.cancel()
+
+    app = FastAPI(title="scatter-rl hub", version="1", lifespan=lifespan)
+
+    @app.exception_handler(HubError)
+    async def hub_error(request: Request, exc: HubError):
+        return JSONResponse({"reason": exc.reason, "detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:10])
+        state.rejections["invalid_request"] += 1
+        return JSONResponse({"reason": "invalid_request", "detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"reason": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code)
+
+    def caller(request: Request) -> str | None:
+        return hub.tokens.caller(request.headers.get("authorization"))
+
+    def admin(request: Request) -> None:
+        if caller(request) is not None:
+            raise HubError(403, "admin_only", "this route needs the admin token")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"ok": True}
+
+    @app.post("/v1/workers", response_model=RegisterResponse)
+    async def register(req: RegisterRequest, who: str | None = Depends(caller)):
+        resp = state.register(req, who, time.monotonic())
+        log.info("worker %s (%s, %s) registered", resp.worker_id, req.name, req.engine)
+        return resp
+
+    @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
+    async def heartbeat(worker_id: str, req: HeartbeatRequest, who: str | None = Depends(caller)):
+        state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic())
+        return HeartbeatResponse(policy_version=state.policy_version, lease_ttl_s=hub.cfg.hub.lease_ttl_s)
+
+    @app.delete("/v1/workers/{worker_id}", response_model=Ack)
+    async def leave(worker_id: str, who: str | None = Depends(caller)):
+        returned = state.leave(worker_id, who)
+        log.info("worker %s left; %d tasks re-queued", worker_id, returned)
+        return Ack(detail=f"{returned} tasks re-queued")
+
+    @app.post("/v1/leases", response_model=Lease)
+    async def lease(req: LeaseRequest, who: str | None = Depends(caller)):
+        return state.lease(req, who, time.monotonic())
+
+    @app.post("/v1/rollouts", response_model=SubmitResponse)
+    async def submit(req: SubmitRequest, who: str | None = Depends(caller)):
+        new, dups = state.validate_submission(req, who)
+        if new and (stale := state.stale_submission(req)) is not None:
+            raise stale
+        if new:
+            rec = state.workers[req.worker_id]
+            state.accept(req, new, time.monotonic())
+            by_id = {r.task_id: r for r in req.results}
+            for tid in new:
+                hub.spawn(hub.score_group(rec.worker_id, rec.name, req.policy_version, tid, by_id[tid]))
+        return SubmitResponse(accepted=new, duplicates=dups)
+
+    @app.get("/v1/policy", response_model=PolicyManifest)
+    async def policy(who: str | None = Depends(caller)):
+        if state.policy_version < 0:
+            raise HubError(503, "no_policy", "no policy version published yet; retry shortly")
+        return read_manifest(hub.policy_dir, state.policy_version)
+
+    @app.get("/v1/policy/{version}/files/{name}")
+    async def policy_file(version: str, name: str, who: str | None = Depends(caller)):
+        if version == BASE:
+            directory = hub.policy_dir / BASE
+            allowed = {f.name for f in read_manifest(hub.policy_dir, state.policy_version).base_files}
+        elif version.isdigit() and version_dir(hub.policy_dir, int(version)).is_dir():
+            directory = version_dir(hub.policy_dir, int(version))
+            allowed = {f.name for f in read_manifest(hub.policy_dir, int(version)).files}
+        else:
+            raise HubError(404, "unknown_version", f"policy version {version} is not available")
+        if name not in allowed:  # also rules out any path traversal
+            raise HubError(404, "unknown_file", f"{name} is not a file of policy version {version}")
+        return FileResponse(directory / name, media_type="application/octet-stream")
+
+    @app.get("/v1/status", response_model=HubStatus)
+    async def status(who: str | None = Depends(caller)):
+        return state.status(time.monotonic(), hub.pool.metrics())
+
+    @app.post("/v1/batches", response_model=Batch, dependencies=[Depends(admin)])
+    async def batches(req: BatchRequest):
+        deadline = time.monotonic() + req.timeout_s
+        stale_total = skipped_total = 0
+        while True:
+            hub.changed.clear()
+            groups, stale, skipped = state.take_batch(req.num_groups, req.step, req.skip_zero_variance)
+            stale_total, skipped_total = stale_total + stale, skipped_total + skipped
+            remaining = deadline - time.monotonic()
+            if groups or remaining <= 0:
+                return Batch(
+                    groups=groups,
+                    complete=bool(groups),
+                    stale_dropped=stale_total,
+                    zero_variance_skipped=skipped_total,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hub.changed.wait(), timeout=min(remaining, 1.0))
+
+    @app.post("/v1/policy", response_model=Ack, dependencies=[Depends(admin)])
+    async def publish(req: PublishRequest):
+        try:
+            read_manifest(hub.policy_dir, req.version)
+        except (OSError, ValueError) as e:
+            raise HubError(422, "bad_policy", f"version {req.version} has no readable manifest: {e}") from None
+        state.policy_version = req.version
+        garbage_collect(hub.policy_dir, state.versions_in_use() | {req.version}, hub.cfg.weights.keep_versions)
+        log.info("policy version %d published", req.version)
+        return Ack()
+
+    @app.get("/v1/ledger", response_model=Ledger, dependencies=[Depends(admin)])
+    async def ledger():
+        return state.ledger()
+
+    @app.post("/v1/shutdown", response_model=Ack, dependencies=[Depends(admin)])
+    async def shutdown():
+        hub.shutdown_requested.set()
+        return Ack(detail="shutting down")
+
+    return BodyLimitApp(app, int(hub.cfg.hub.max_body_mb * 1024 * 1024))
+
+
+class BodyLimitApp(BodyLimit):
+    """The app wrapped in the body limit, still exposing FastAPI's attributes (openapi, routes)."""
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+
+def build_hub(cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | None = None) -> Hub:
+    """Load tokenizer and prompts, start the verifier pool; everything a hub needs but a socket."""
+    from transformers import AutoConfig, AutoTokenizer
+    from verifiers.pool import VerifierPool
+
+    from rl.data import PromptSet, load_rows
+    from rl.models import resolve_model
+
+    model_dir = resolve_model(cfg.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    vocab_size = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code).vocab_size
+    train_rows, _ = load_rows(cfg.data)
+    prompts = PromptSet.build(train_rows, cfg.data, tokenizer)
+    log.info("hub: %d training prompts (%d too long, skipped)", len(prompts), prompts.skipped_too_long)
+    state = HubState(cfg, prompts, vocab_size, ledger)
+    pool = VerifierPool.from_config(cfg.rewards)
+    if tokens is None:
+        tokens, _ = Tokens.from_config(cfg)
+    return Hub(cfg, state, pool, tokenizer, cfg.resolved_run_dir / "policy", tokens)
+
+
+def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
+    """Run the hub until shutdown; prints the URL (and generated tokens once)."""
+    import uvicorn
+
+    tokens, generated = Tokens.from_config(cfg)
+    ledger = Ledger.model_validate_json(Path(ledger_path).read_text()) if ledger_path else None
+    hub = build_hub(cfg, ledger, tokens)
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.hub.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((cfg.hub.host, cfg.hub.port))
+    port = sock.getsockname()[1]
+    url = cfg.hub.public_url or f"http://{cfg.hub.host}:{port}"
+    print(f"hub listening on {url}", file=sys.stderr, flush=True)
+    if generated:
+        print(f"admin token:  {tokens.admin}\nworker token: {tokens.workers[0]}", file=sys.stderr, flush=True)
+    print(f"add a rollout worker: rl rollout --hub {url} --token <worker token>", file=sys.stderr, flush=True)
+    app = create_app(hub)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+
+    async def main() -> None:
+        async def stop_on_request() -> None:
+            await hub.shutdown_requested.wait()
+            await asyncio.sleep(0.2)  # let the shutdown response go out
+            server.should_exit = True
+
+        watcher = asyncio.create_task(stop_on_request())
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            watcher.cancel()
+            hub.pool.close()
+
+    asyncio.run(main())
+    return 0

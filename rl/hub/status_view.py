@@ -1,0 +1,76 @@
+"""`rl status --hub URL --token T`: a live terminal view of a hub's `GET /v1/status`."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from rl.hub.protocol import HubStatus
+
+
+def fetch_status(hub: str, token: str, timeout: float = 10.0) -> HubStatus:
+    resp = httpx.get(f"{hub.rstrip('/')}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+    if resp.status_code != 200:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        raise RuntimeError(f"hub answered {resp.status_code}: {detail}")
+    return HubStatus.model_validate(resp.json())
+
+
+def render(status: HubStatus) -> Group:
+    workers = Table(title=f"workers ({len(status.workers)})", expand=False)
+    for col in ("name", "id", "engine", "version", "tokens/s", "leased", "done", "last seen"):
+        workers.add_column(col, justify="right" if col not in ("name", "id", "engine") else "left")
+    for w in status.workers:
+        workers.add_row(
+            w.name, w.worker_id, w.engine, str(w.policy_version), f"{w.tokens_per_s:.0f}",
+            str(w.leased_tasks), str(w.completed_tasks), f"{w.last_seen_s:.1f}s",
+        )  # fmt: skip
+    run = Table(title="run", show_header=False)
+    run.add_column("metric")
+    run.add_column("value", justify="right")
+    rows = {
+        "policy version": status.policy_version,
+        "trainer batches": status.batches,
+        "queued / leased / scoring / buffered": (
+            f"{status.queued} / {status.leased} / {status.scoring} / {status.buffered}"
+        ),
+        "groups consumed": status.consumed,
+        "stale dropped": status.stale_dropped,
+        "zero-variance skipped": status.zero_variance_skipped,
+        "tokens generated": status.tokens_generated,
+        "staleness histogram": ", ".join(f"{k}: {v}" for k, v in status.staleness_histogram.items()) or "-",
+        "rejections": ", ".join(f"{k}: {v}" for k, v in status.rejections.items()) or "-",
+        "uptime": f"{status.uptime_s:.0f}s",
+    }
+    for k, v in rows.items():
+        run.add_row(k, str(v))
+    return Group(run, workers)
+
+
+def show_status(hub: str, token: str, *, once: bool = False, interval: float = 2.0) -> int:
+    console = Console()
+    try:
+        status = fetch_status(hub, token)
+    except (httpx.HTTPError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] cannot read status from {hub}: {e}")
+        return 2
+    if once:
+        console.print(render(status))
+        return 0
+    with Live(render(status), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                try:
+                    live.update(render(fetch_status(hub, token)))
+                except (httpx.HTTPError, RuntimeError) as e:
+                    live.console.print(f"[yellow]hub unreachable: {e}[/yellow]")
+        except KeyboardInterrupt:
+            return 0
