@@ -56,11 +56,6 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
         raise typer.Exit(2) from None
 
 
-def _not_yet(what: str) -> None:
-    err.print(f"[yellow]{what} is not built yet in this version of scatter-rl.[/yellow]")
-    raise typer.Exit(3)
-
-
 @app.command()
 def train(
     config: ConfigArg,
@@ -77,10 +72,8 @@ def train(
         sys.stdout.write(dump_config(cfg))
         return
     _setup_logging(cfg.logging.level)
-    try:
-        from rl.launcher import run_training  # noqa: F401
-    except ImportError:
-        _not_yet("Training (`rl train` without --dry-run)")
+    from rl.launcher import run_training
+
     sys.exit(run_training(cfg, resume=resume))
 
 
@@ -90,6 +83,7 @@ def hub(
     overrides: OverridesArg = None,
     host: Annotated[str | None, typer.Option(help="Listen address (overrides hub.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (overrides hub.port).")] = None,
+    ledger: Annotated[Path | None, typer.Option(help="Resume the data ledger saved in a checkpoint.")] = None,
 ) -> None:
     """Serve the control plane (leases, submissions, scoring, policy files) for a run."""
     cfg = _load(config, overrides)
@@ -98,11 +92,9 @@ def hub(
     if port is not None:
         cfg.hub.port = port
     _setup_logging(cfg.logging.level)
-    try:
-        from rl.hub.server import serve  # noqa: F401
-    except ImportError:
-        _not_yet("The hub (`rl hub`)")
-    sys.exit(serve(cfg))
+    from rl.hub.server import serve
+
+    sys.exit(serve(cfg, ledger_path=ledger))
 
 
 @app.command()
@@ -115,17 +107,20 @@ def rollout(
         int | None, typer.Option("--max-prompts", min=1, help="Leave after this many prompts.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Worker name shown in `rl status`.")] = None,
+    prompts_per_lease: Annotated[int, typer.Option(min=1, help="Prompts to take per lease.")] = 4,
 ) -> None:
     """Join a run as a rollout worker (outbound HTTP only; start as many as you like)."""
     if engine not in ("vllm", "hf"):
         err.print(f"[red]error:[/red] --engine must be vllm or hf, got {engine!r}")
         raise typer.Exit(2)
     _setup_logging()
-    try:
-        from rollout_workers.worker import run_worker  # noqa: F401
-    except ImportError:
-        _not_yet("Rollout workers (`rl rollout`)")
-    sys.exit(run_worker(hub, token, engine=engine, tp=tp, max_prompts=max_prompts, name=name))
+    from rollout_workers.worker import run_worker
+
+    sys.exit(
+        run_worker(
+            hub, token, engine=engine, tp=tp, max_prompts=max_prompts, name=name, prompts_per_lease=prompts_per_lease
+        )
+    )
 
 
 @app.command()
@@ -135,10 +130,8 @@ def status(
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
 ) -> None:
     """Live view of a run: workers, throughput, queue, buffer, staleness."""
-    try:
-        from rl.hub.status_view import show_status  # noqa: F401
-    except ImportError:
-        _not_yet("`rl status`")
+    from rl.hub.status_view import show_status
+
     sys.exit(show_status(hub, token, once=once))
 
 
@@ -158,10 +151,8 @@ def verify(
     if (config is None) == (rewards is None):
         err.print("[red]error:[/red] give either a CONFIG or --rewards NAME[,NAME...], not both or neither")
         raise typer.Exit(2)
-    try:
-        from verifiers.cli import run_verify  # noqa: F401
-    except ImportError:
-        _not_yet("`rl verify`")
+    from verifiers.cli import run_verify
+
     cfg = _load(config, []) if config is not None else None
     sys.exit(run_verify(cfg, rewards, input, output))
 

@@ -120,3 +120,13 @@ def test_every_field_is_documented():
                 walk(ann, f"{prefix}{name}.")
 
     walk(RunConfig, "")
+
+
+def test_configuration_docs_are_current():
+    """docs/configuration.md is generated from rl/config.py; regenerate with scripts/gen_config_docs.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "scripts" / "gen_config_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "configuration.md").read_text() == module.render(), "run scripts/gen_config_docs.py"
