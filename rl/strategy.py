@@ -1,0 +1,475 @@
+"""DeepSpeed behind one class: the trainer's only door to the model and optimizer.
+
+`DeepSpeedStrategy` owns process-group set-up, model loading, the DeepSpeed engine
+(ZeRO 0-3, CPU/gloo or GPU/NCCL), per-token log-probs, backward, optimizer step,
+full-weight gathering for publication, and checkpoints. The training loop calls it
+and never imports `deepspeed` itself (the shape of OpenRLHF's `DeepspeedStrategy`).
+
+Two contracts the loop relies on:
+
+- **Loss normalisation is the caller's.** `backward(loss)` expects a loss already
+  normalised for the whole (global) batch: the losses passed to `backward()` on all
+  micro-batches of all ranks sum to the batch loss. No gradient-accumulation
+  scaling happens and the number of micro-batches may change from step to step.
+  (DeepSpeed's `managed_gradient_accumulation: false` makes `step()` the only
+  accumulation boundary; its cross-rank gradient *mean* is undone by scaling the
+  loss by the world size.)
+- **Collectives are symmetric.** With more than one rank, every rank must call
+  `backward()` the same number of times per step under ZeRO-2/3 (they reduce
+  gradients per call), and every rank must call `token_logprobs` with grad under
+  ZeRO-3 the same number of times; `step`, `gather_state_dict`, `save_*`,
+  `load_checkpoint`, `broadcast_object` and `barrier` are called by all ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from rl.config import ModelConfig, TrainerConfig
+from rl.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_TAG = "deepspeed"
+"""Subdirectory of a checkpoint directory that holds the DeepSpeed state."""
+_CLIENT_KEY = "scatter_rl_client_state"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GATHER_BUDGET = 256 * 2**20
+"""Bytes of full (ZeRO-3) parameters materialised at once while gathering."""
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+
+def init_distributed() -> None:
+    """Join the process group of a `torchrun`/`deepspeed` launch, or make a one-rank group.
+
+    Without a launcher DeepSpeed would try MPI discovery (and fail without mpi4py).
+    A one-rank gloo group on an in-memory store needs no free port, and only
+    `LOCAL_RANK` is added to the environment, so child processes (rollout workers)
+    inherit no stale RANK/MASTER_PORT.
+    """
+    import deepspeed
+
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")
+    # With torch.distributed already up, this only creates DeepSpeed's comm backend
+    # (first use JIT-builds the `deepspeed_shm_comm` op on CPU, ~40 s, then cached).
+    deepspeed.init_distributed(dist_backend=_backend_name())
+
+
+def _backend_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().communication_backend_name()
+
+
+def load_deepspeed_config(source: str | dict[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config from an inline dict or a JSON path (relative to the cwd or the repo)."""
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    path = Path(source).expanduser()
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise FileNotFoundError(f"trainer.deepspeed: DeepSpeed config {source!r} not found")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"trainer.deepspeed: {path} is not valid JSON: {e}") from None
+
+
+def build_deepspeed_config(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> dict[str, Any]:
+    """The training engine's config: the user's JSON with the fields this class owns overridden."""
+    cfg = load_deepspeed_config(trainer_cfg.deepspeed)
+    for key in ("optimizer", "scheduler"):
+        if cfg.pop(key, None) is not None:
+            log.warning("ignoring %r in the DeepSpeed config: the trainer config sets AdamW and the LR", key)
+    for key in ("train_batch_size", "gradient_accumulation_steps"):
+        cfg.pop(key, None)
+    zero = cfg.setdefault("zero_optimization", {})
+    if trainer_cfg.zero_stage is not None:
+        zero["stage"] = trainer_cfg.zero_stage
+    zero.setdefault("stage", 0)
+    cfg.update(
+        train_micro_batch_size_per_gpu=trainer_cfg.micro_batch_size,
+        gradient_accumulation_steps=1,
+        # step() is the only accumulation boundary; backward() never rescales.
+        managed_gradient_accumulation=False,
+        gradient_clipping=trainer_cfg.grad_clip,
+        zero_allow_untested_optimizer=True,  # the client torch AdamW (no fused_adam JIT build)
+    )
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": model_cfg.dtype == "bfloat16"}
+    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": model_cfg.dtype == "float16"}
+    return cfg
+
+
+def _eval_config(train_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Config of the frozen reference engine: sharded only when the policy is (ZeRO-3)."""
+    stage = 3 if train_cfg["zero_optimization"]["stage"] == 3 else 0
+    return {
+        "train_micro_batch_size_per_gpu": train_cfg["train_micro_batch_size_per_gpu"],
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": train_cfg["bf16"]["enabled"]},
+        "fp16": {"enabled": train_cfg["fp16"]["enabled"]},
+        "steps_per_print": 10**9,
+    }
+
+
+def warmup_then_constant(warmup_steps: int):
+    """LR multiplier of optimizer step s (0-based): (s + 1) / warmup_steps during warm-up, then 1."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def selected_logprobs(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature)[targets] and its (no-grad) entropy: [B, T, V], [B, T] -> [B, T].
+
+    Full-precision logits use gather - logsumexp (one [B, T, V] temporary inside
+    logsumexp); half-precision logits are upcast one row at a time, so no fp32
+    [B, T, V] copy is ever materialised. Results are fp32.
+    """
+    full_precision = logits.dtype in (torch.float32, torch.float64)
+    if full_precision:
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logp = (picked - torch.logsumexp(logits, dim=-1)).float()
+    else:
+        rows = [
+            (row.float() / temperature).log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+            for row, tgt in zip(logits, targets, strict=True)
+        ]
+        logp = torch.stack(rows)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            ents = []
+            for row in logits:
+                lsm = (row.float() / (1.0 if full_precision else temperature)).log_softmax(-1)
+                ents.append(-(lsm.exp() * lsm).sum(-1))
+            entropy = torch.stack(ents)
+    return logp, entropy
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+class DeepSpeedStrategy:
+    """A policy (and optional frozen reference) model trained by a DeepSpeed engine.
+
+    Attributes: `rank`, `world_size`, `is_main` (rank 0), `device`, `engine`
+    (the DeepSpeed engine), `zero_stage`, `ds_config` (the resolved config).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, with_reference: bool = False):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from transformers import set_seed
+
+        self.model_cfg = model_cfg
+        self.trainer_cfg = trainer_cfg
+        torch.set_num_threads(trainer_cfg.threads)
+        self._launched = "RANK" in os.environ  # by torchrun / the deepspeed launcher
+        init_distributed()
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_main = self.rank == 0
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        accel = get_accelerator()
+        if accel.device_name() != "cpu":
+            accel.set_device(local_rank)
+        self.device = torch.device(accel.device_name(local_rank))
+        set_seed(trainer_cfg.seed)
+
+        self.ds_config = build_deepspeed_config(model_cfg, trainer_cfg)
+        self.zero_stage: int = self.ds_config["zero_optimization"]["stage"]
+        self.model_path = resolve_model(model_cfg.name)
+        model = self._load_model()
+        if trainer_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ref_model = self._load_model() if with_reference else None
+
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=trainer_cfg.lr,
+            betas=trainer_cfg.betas,
+            weight_decay=trainer_cfg.weight_decay,
+        )
+        if self.zero_stage == 0 and model_cfg.dtype == "float32":
+            # DeepSpeed clips plain fp32 ZeRO-0 gradients but discards the norm:
+            # clip here instead (gradients are all-reduced by then) and keep it.
+            self.ds_config["gradient_clipping"] = 0.0
+            optimizer.register_step_pre_hook(self._clip_before_step)
+        # Built on the client optimizer: the ZeRO wrappers share its param_groups.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(trainer_cfg.warmup_steps))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.engine.train()
+        self.ref_engine = None
+        if ref_model is not None:
+            ref_model.requires_grad_(False)
+            ref_model.eval()
+            if self.zero_stage == 3:
+                self.ref_engine, *_ = deepspeed.initialize(model=ref_model, config=_eval_config(self.ds_config))
+                self.ref_engine.eval()
+            else:
+                self.ref_engine = ref_model.to(self.device)
+        self._backward_calls = 0
+        self._last_norm: float | None = None
+        log.info(
+            "DeepSpeed ZeRO-%d engine on %s: rank %d/%d, %s, model %s%s",
+            self.zero_stage,
+            self.device,
+            self.rank,
+            self.world_size,
+            model_cfg.dtype,
+            self.model_path,
+            " + frozen reference" if ref_model is not None else "",
+        )
+
+    def _load_model(self) -> torch.nn.Module:
+        """HF causal LM in the configured dtype; under ZeRO-3 partitioned while loading (zero.Init)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        # transformers consults a global weak reference: keep the object alive
+        # only while loading, or every later from_pretrained in this process
+        # would also be partitioned.
+        hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.zero_stage == 3 else None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_path,
+                dtype=_DTYPES[self.model_cfg.dtype],
+                trust_remote_code=self.model_cfg.trust_remote_code,
+            )
+        finally:
+            del hf_ds_config
+        return model
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The policy's HF module (partitioned parameters under ZeRO-3)."""
+        return self.engine.module
+
+    # ----------------------------------------------------------------------- forward
+
+    def token_logprobs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        reference: bool = False,
+        with_entropy: bool = False,
+        temperature: float = 1.0,
+    ) -> tuple[Tensor, Tensor | None]:
+        """log p(input_ids[:, t] | input_ids[:, <t]) for right-padded [B, T] inputs -> fp32 [B, T].
+
+        Position 0 and padding positions are 0. Logits are divided by
+        `temperature` (use the sampling temperature). The entropy [B, T] is
+        computed without grad (for logging). Rows are processed in chunks of
+        `trainer.micro_batch_size`, each trimmed to its longest row, so padding
+        costs no compute beyond the chunk. `reference=True` uses the frozen
+        reference model under no_grad. For training, call it once per
+        micro-batch and `backward()` that micro-batch's loss (chunks share one graph).
+        """
+        if reference and self.ref_engine is None:
+            raise RuntimeError("token_logprobs(reference=True) needs DeepSpeedStrategy(with_reference=True)")
+        model = self.ref_engine if reference else self.engine
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        batch, length = input_ids.shape
+        chunk = self.trainer_cfg.micro_batch_size
+        n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=reference or not torch.is_grad_enabled())
+        logps, ents = [], []
+        with torch.no_grad() if reference else nullcontext():
+            for i in range(n_chunks):
+                ids, mask = input_ids[i * chunk : (i + 1) * chunk], attention_mask[i * chunk : (i + 1) * chunk]
+                if ids.shape[0] == 0:  # this rank ran out of rows: a ZeRO-3 forward to match its peers
+                    dummy = torch.ones(1, 1, dtype=torch.long, device=self.device)
+                    model(input_ids=dummy, attention_mask=dummy, use_cache=False)
+                    continue
+                used = max(int(mask.sum(-1).max()), 1)
+                ids, mask = ids[:, :used], mask[:, :used]
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+                logp, ent = selected_logprobs(logits, ids[:, 1:], temperature, with_entropy)
+                valid = mask[:, 1:].to(logp.dtype)
+                logps.append(F.pad(logp * valid, (1, length - used)))
+                if ent is not None:
+                    ents.append(F.pad(ent * valid, (1, length - used)))
+        logp = torch.cat(logps) if logps else input_ids.new_zeros(batch, length, dtype=torch.float32)
+        entropy = None
+        if with_entropy:
+            entropy = torch.cat(ents) if ents else torch.zeros_like(logp)
+        return logp, entropy
+
+    def _agree_on_chunks(self, n_chunks: int, no_grad: bool) -> int:
+        """Under multi-rank ZeRO-3 every forward is a collective: run as many as the busiest rank."""
+        if self.zero_stage != 3 or self.world_size == 1 or not no_grad:
+            return n_chunks
+        count = torch.tensor([n_chunks], device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count.item())
+
+    # ----------------------------------------------------------------------- optimisation
+
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate gradients of `loss` (already normalised for the global batch; never rescaled)."""
+        # DeepSpeed averages gradients over ranks; the caller's losses sum over ranks.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self._backward_calls += 1
+
+    def step(self) -> dict[str, float]:
+        """Clip, apply AdamW and advance the LR schedule; returns the pre-clip grad norm and the LR used."""
+        if self._backward_calls == 0:
+            raise RuntimeError("step() without a backward() since the last step")
+        lr = float(self.engine.get_lr()[0])
+        self.engine.step()
+        self._backward_calls = 0
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:  # plain fp32 ZeRO-0: measured by _clip_before_step
+            norm = self._last_norm
+        return {"grad_norm": float(norm) if norm is not None else math.nan, "lr": lr}
+
+    def _clip_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._last_norm = float(torch.nn.utils.clip_grad_norm_(params, self.trainer_cfg.grad_clip))
+
+    # ----------------------------------------------------------------------- weights
+
+    @contextmanager
+    def _full_parameters(self, params: list[torch.nn.Parameter]) -> Iterator[None]:
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def gather_state_dict(self) -> dict[str, Tensor] | None:
+        """Full HF-named weights (CPU tensors, training dtype) on rank 0, None elsewhere; all ranks call.
+
+        Keys are those `save_pretrained` writes: a tied parameter (lm_head tied to
+        the embeddings) appears once, under its first name.
+        """
+        module = self.module
+        params = dict(module.named_parameters())  # one name per shared parameter
+        tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - set(params)
+        entries = {name: t for name, t in module.state_dict(keep_vars=True).items() if name not in tied}
+        out: dict[str, Tensor] = {}
+        group: list[tuple[str, torch.nn.Parameter]] = []
+        size = 0
+
+        def flush() -> None:
+            with self._full_parameters([p for _, p in group]):
+                if self.is_main:
+                    for name, p in group:
+                        out[name] = p.data.detach().to("cpu", copy=True)
+            group.clear()
+
+        for name, p in params.items():
+            group.append((name, p))
+            size += p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
+            if size >= _GATHER_BUDGET:
+                flush()
+                size = 0
+        if group:
+            flush()
+        if not self.is_main:
+            return None
+        for name, tensor in entries.items():  # persistent buffers (never partitioned)
+            if name not in out:
+                out[name] = tensor.detach().to("cpu", copy=True)
+        return {name: out[name] for name in entries}
+
+    def save_hf(self, directory: Path, tokenizer: Any = None) -> None:
+        """Write a plain HF directory (config, safetensors, tokenizer) on rank 0; all ranks call."""
+        state = self.gather_state_dict()
+        if self.is_main:
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._save_plain(directory, state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
+        self.barrier()
+
+    def _save_plain(self, directory: Path, state: dict[str, Tensor]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        # A meta-device twin of the model: save_pretrained gives the HF layout
+        # (sharding, tied-weight handling, generation config) without touching
+        # the engine's partitioned parameters.
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(
+                self.module.config, trust_remote_code=self.model_cfg.trust_remote_code
+            )
+        plain.generation_config = self.module.generation_config
+        plain.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, directory: Path, client_state: dict) -> None:
+        """DeepSpeed state (model, optimizer, LR schedule) + `client_state` under directory/deepspeed."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, client_state={_CLIENT_KEY: client_state}, save_latest=False
+        )
+        self.barrier()
+
+    def load_checkpoint(self, directory: Path) -> dict:
+        """Restore what `save_checkpoint` wrote; returns its `client_state`."""
+        if not (Path(directory) / CHECKPOINT_TAG).is_dir():
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/{CHECKPOINT_TAG}")
+        path, client_state = self.engine.load_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint under {directory}/{CHECKPOINT_TAG}")
+        self._backward_calls = 0
+        # DeepSpeed returns its own bookkeeping beside the client's keys.
+        return (client_state or {}).get(_CLIENT_KEY, {})
+
+    # ----------------------------------------------------------------------- communication
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """`obj` from rank 0 on every rank (picklable; other ranks' argument is ignored)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Drop the engines; a launched rank also leaves its process group.
+
+        The one-rank group made without a launcher is kept, so one process can
+        build several strategies (tests, evaluation scripts).
+        """
+        self.engine = None
+        self.ref_engine = None
+        if self._launched and dist.is_initialized():
+            dist.destroy_process_group()
