@@ -288,7 +288,9 @@ class EvalConfig(Section):
     num_prompts: int = Field(64, ge=0)
     """Held-out prompts per evaluation."""
     greedy: bool = True
-    """Also run a greedy (temperature 0) pass."""
+    """Run a greedy (temperature 0) pass: eval/accuracy, eval/reward."""
+    samples: int = Field(4, ge=0, le=1024)
+    """Sampled completions per prompt at sampling.temperature (0: none): eval/sampled_accuracy, eval/pass@k."""
 
 
 class RunConfig(Section):

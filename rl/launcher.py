@@ -153,6 +153,14 @@ class Launch:
             self.hub.stop()
 
 
+def _report(trainer) -> None:
+    """Eval before vs after, printed for the user at the end of a run."""
+    before, after = trainer.initial_eval, trainer.final_eval
+    for key in sorted(set(before) & set(after)):
+        if key != "eval/seconds":
+            log.info("%-28s before %.3f  ->  after %.3f", key, before[key], after[key])
+
+
 def run_training(cfg: RunConfig, resume: bool = False) -> int:
     from rl.trainer import Trainer
 
@@ -168,6 +176,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         code = trainer.run()
         final = trainer.export_final()
         if trainer.is_main:
+            _report(trainer)
             log.info("done: final model in %s, metrics in %s", final, cfg.resolved_run_dir / "metrics.jsonl")
         return code
     except LaunchError as e:

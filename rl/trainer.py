@@ -31,6 +31,7 @@ from rl.batch import TrainBatch, build_batch, rollout_metrics
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import RunConfig
 from rl.hub.admin import HubAdmin
+from rl.hub.protocol import EvalRequest
 from rl.loss import LossNorm, policy_loss, reduce_metrics
 from rl.weights import write_base, write_version
 
@@ -57,6 +58,8 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = 0
         self.published_version = -1
+        self.initial_eval: dict[str, float] = {}
+        self.final_eval: dict[str, float] = {}
         self.last_checkpoint = -1
         self.health_check = lambda: None  # the launcher installs a check of its child processes
         self.tracker = None
@@ -133,20 +136,28 @@ class Trainer:
         max_tokens = algo.dr_grpo_max_tokens or self.cfg.sampling.max_tokens
         norm = LossNorm.from_batch(full.completion_mask, micro_batch_size=mb * self.strategy.world_size,
                                    max_tokens=max_tokens)  # fmt: skip
-        chunks = [slice(i, i + mb) for i in range(0, local.num_sequences, mb)]
+        # Every rank must run the same number of forward/backward passes (ZeRO-2/3 collectives):
+        # a rank with fewer rows runs zero-loss passes on a dummy row.
+        per_rank = math.ceil(full.num_sequences / self.strategy.world_size)
+        chunks = [slice(i, i + mb) for i in range(0, per_rank, mb)]
         need_old = algo.num_iterations > 1
         old, ref = [], []
         with torch.no_grad():
             for c in chunks:
+                src = local
+                if c.start >= local.num_sequences:  # keep collectives matched; the result is unused
+                    src, c = full, slice(0, 1)
                 if need_old:
-                    old.append(self.strategy.token_logprobs(local.input_ids[c], local.attention_mask[c])[0])
+                    old.append(self.strategy.token_logprobs(src.input_ids[c], src.attention_mask[c])[0])
                 if algo.beta > 0:
-                    ref.append(
-                        self.strategy.token_logprobs(local.input_ids[c], local.attention_mask[c], reference=True)[0]
-                    )
+                    ref.append(self.strategy.token_logprobs(src.input_ids[c], src.attention_mask[c], reference=True)[0])
         parts, step_stats = [], {}
         for _ in range(algo.num_iterations):
             for i, c in enumerate(chunks):
+                if c.start >= local.num_sequences:
+                    logp, _ = self.strategy.token_logprobs(full.input_ids[:1], full.attention_mask[:1])
+                    self.strategy.backward(logp.sum() * 0.0)
+                    continue
                 logp, entropy = self.strategy.token_logprobs(
                     local.input_ids[c], local.attention_mask[c], with_entropy=True
                 )
@@ -181,12 +192,52 @@ class Trainer:
             dist.all_reduce(v, op=dist.ReduceOp.MAX if k.endswith("/max") else dist.ReduceOp.SUM)
         return reduce_metrics([local])
 
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out prompts through the workers with the current version (rank 0; blocks until done)."""
+        ecfg = self.cfg.eval
+        if not self.is_main or ecfg.num_prompts == 0 or self.cfg.data.eval_size == 0:
+            return {}
+        passes = [("", 1, 0.0)] if ecfg.greedy else []
+        if ecfg.samples:
+            passes.append(("sampled_", ecfg.samples, self.cfg.sampling.temperature))
+        out: dict[str, float] = {}
+        start = time.perf_counter()
+        for prefix, n, temperature in passes:
+            job = self.hub.evaluate(
+                EvalRequest(version=self.published_version, num_prompts=ecfg.num_prompts, n=n, temperature=temperature)
+            )
+            comps = [c for r in job.results for c in r.completions]
+            out[f"eval/{prefix}reward"] = sum(c.reward for c in comps) / len(comps)
+            out[f"eval/{prefix}response_length"] = sum(c.length for c in comps) / len(comps)
+            if self.accuracy_term is not None:
+                ok = [
+                    [c.components.get(self.accuracy_term, 0.0) >= 1.0 - 1e-6 for c in r.completions]
+                    for r in job.results
+                ]
+                out[f"eval/{prefix}accuracy"] = sum(map(sum, ok)) / len(comps)
+                if n > 1:
+                    out[f"eval/pass@{n}"] = sum(any(x) for x in ok) / len(ok)
+        out["eval/seconds"] = time.perf_counter() - start
+        log.info(
+            "eval at version %d: %s",
+            self.published_version,
+            "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in out.items() if k != "eval/seconds"),
+        )
+        return out
+
     # ------------------------------------------------------------------ loop
 
     def run(self) -> int:
         cfg = self.cfg
         publish_s = self.publish()
         log.info("published policy version %d (%.1fs)", self.step, publish_s)
+        every = cfg.eval.every
+        if self.is_main and self.step == 0:
+            self.initial_eval = self.evaluate()
+            if self.initial_eval:
+                self.tracker.log(0, self.initial_eval)
         try:
             while self.step < cfg.trainer.max_steps:
                 t0 = time.perf_counter()
@@ -211,6 +262,14 @@ class Trainer:
                     "zero_variance_skipped": float(info["zero_variance_skipped"]),
                     "policy_version": float(self.published_version),
                 }
+                last = self.step == cfg.trainer.max_steps
+                if (every and self.step % every == 0) or last:
+                    if self.step % cfg.weights.publish_every != 0 and not last:
+                        metrics["weights/publish_s"] = self.publish()
+                    evals = self.evaluate()
+                    metrics |= evals
+                    if last:
+                        self.final_eval = evals
                 if self.is_main:
                     metrics |= self._hub_metrics()
                     self.tracker.log(self.step, metrics)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import httpx
 from tenacity import before_sleep_log, retry, retry_if_exception, stop_after_delay, wait_exponential
 
-from rl.hub.protocol import Batch, BatchRequest, HubStatus, Ledger, PublishRequest
+from rl.hub.protocol import Batch, BatchRequest, EvalJob, EvalRequest, HubStatus, Ledger, PublishRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,17 @@ class HubAdmin:
 
     def publish(self, version: int) -> None:
         self._call("POST", "/v1/policy", json=PublishRequest(version=version).model_dump())
+
+    def evaluate(self, req: EvalRequest, *, poll_s: float = 1.0, timeout_s: float = 3600.0) -> EvalJob:
+        """Start an eval job for the current version and wait for its results."""
+        job = EvalJob.model_validate(self._call("POST", "/v1/evals", json=req.model_dump()))
+        deadline = time.monotonic() + timeout_s
+        while job.done < job.total:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"eval job {job.job_id}: {job.done}/{job.total} after {timeout_s:.0f}s")
+            time.sleep(poll_s)
+            job = EvalJob.model_validate(self._call("GET", f"/v1/evals/{job.job_id}"))
+        return job
 
     def ledger(self) -> Ledger:
         return Ledger.model_validate(self._call("GET", "/v1/ledger"))

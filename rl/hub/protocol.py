@@ -19,6 +19,8 @@ Routes:
   POST   /v1/batches                     BatchRequest     -> Batch                  (admin)
   POST   /v1/policy                      PublishRequest   -> Ack                    (admin)
   GET    /v1/ledger                                       -> Ledger                 (admin)
+  POST   /v1/evals                       EvalRequest      -> EvalJob                (admin)
+  GET    /v1/evals/{job_id}                               -> EvalJob (results when done) (admin)
   POST   /v1/shutdown                                     -> Ack                    (admin)
 """
 
@@ -247,3 +249,38 @@ class HubStatus(Wire):
     tokens_generated: int
     verifier: dict[str, float] = Field(default_factory=dict)
     uptime_s: float
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvalRequest(Wire):
+    """Evaluate published version `version` on the first `num_prompts` held-out prompts."""
+
+    version: int = Field(ge=0)
+    num_prompts: int = Field(ge=1, le=100_000)
+    n: int = Field(1, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    """0: greedy."""
+
+
+class EvalCompletion(Wire):
+    reward: float
+    components: dict[str, float]
+    length: int
+    finish_reason: Literal["stop", "length"]
+
+
+class EvalTaskResult(Wire):
+    task_id: int
+    row_index: int
+    completions: list[EvalCompletion]
+
+
+class EvalJob(Wire):
+    job_id: str
+    version: int
+    total: int
+    done: int
+    results: list[EvalTaskResult] = Field(default_factory=list)
+    """Filled when `done == total`."""

@@ -31,6 +31,8 @@ from rl.hub.protocol import (
     Ack,
     Batch,
     BatchRequest,
+    EvalJob,
+    EvalRequest,
     HeartbeatRequest,
     HeartbeatResponse,
     HubStatus,
@@ -136,16 +138,22 @@ class Hub:
             self.state.policy_version = versions[-1]
 
     async def score_group(self, worker_id: str, worker_name: str, version: int, task_id: int, result) -> None:
-        row_index = self.state.task_rows.get(task_id)
+        eval_row = self.state.eval_row(task_id)
+        row_index = self.state.task_rows.get(task_id) if eval_row is None else eval_row
         if row_index is None:
             return
-        row = self.state.prompts.rows[row_index]
+        prompts = self.state.prompts if eval_row is None else self.state.eval_prompts
+        row = prompts.rows[row_index]
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in result.completions]
         try:
             rewards = await self.pool.score_many([(text, row) for text in texts])
         except Exception:
             log.exception("scoring task %d failed; re-queued", task_id)
             self.state.scoring_failed(task_id)
+            return
+        if eval_row is not None:
+            if task_id in self.state.scoring:
+                self.state.eval_scored(task_id, result.completions, rewards)
             return
         group = ScoredGroup(
             task_id=task_id,
@@ -306,6 +314,14 @@ def create_app(hub: Hub) -> FastAPI:
         log.info("policy version %d published", req.version)
         return Ack()
 
+    @app.post("/v1/evals", response_model=EvalJob, dependencies=[Depends(admin)])
+    async def start_eval(req: EvalRequest):
+        return state.start_eval(req)
+
+    @app.get("/v1/evals/{job_id}", response_model=EvalJob, dependencies=[Depends(admin)])
+    async def eval_status(job_id: str):
+        return state.eval_status(job_id)
+
     @app.get("/v1/ledger", response_model=Ledger, dependencies=[Depends(admin)])
     async def ledger():
         return state.ledger()
@@ -336,10 +352,11 @@ def build_hub(cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | Non
     model_dir = resolve_model(cfg.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     vocab_size = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code).vocab_size
-    train_rows, _ = load_rows(cfg.data)
+    train_rows, eval_rows = load_rows(cfg.data)
     prompts = PromptSet.build(train_rows, cfg.data, tokenizer)
+    eval_prompts = PromptSet.build(eval_rows, cfg.data, tokenizer) if eval_rows else None
     log.info("hub: %d training prompts (%d too long, skipped)", len(prompts), prompts.skipped_too_long)
-    state = HubState(cfg, prompts, vocab_size, ledger)
+    state = HubState(cfg, prompts, vocab_size, ledger, eval_prompts)
     pool = VerifierPool.from_config(cfg.rewards)
     if tokens is None:
         tokens, _ = Tokens.from_config(cfg)

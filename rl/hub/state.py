@@ -30,6 +30,10 @@ from rl.config import RunConfig
 from rl.data import PromptOrder, PromptSet
 from rl.hub.protocol import (
     Completion,
+    EvalCompletion,
+    EvalJob,
+    EvalRequest,
+    EvalTaskResult,
     HubStatus,
     Lease,
     LeasedTask,
@@ -71,6 +75,18 @@ class WorkerRecord:
 
 
 @dataclass
+class EvalJobRecord:
+    """An evaluation of one policy version: its own task ids (negative), sampling and results."""
+
+    job_id: str
+    version: int
+    sampling: SamplingParamsWire
+    rows: dict[int, int]  # task id -> eval row index
+    queue: deque[int]
+    results: dict[int, EvalTaskResult] = field(default_factory=dict)
+
+
+@dataclass
 class LeaseRecord:
     lease_id: str
     worker_id: str
@@ -80,9 +96,20 @@ class LeaseRecord:
 
 
 class HubState:
-    def __init__(self, cfg: RunConfig, prompts: PromptSet, vocab_size: int, ledger: Ledger | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        prompts: PromptSet,
+        vocab_size: int,
+        ledger: Ledger | None = None,
+        eval_prompts: PromptSet | None = None,
+    ):
         self.cfg = cfg
         self.prompts = prompts
+        self.eval_prompts = eval_prompts
+        self.eval_jobs: dict[str, EvalJobRecord] = {}
+        self.eval_tasks: dict[int, str] = {}  # eval task id -> job id
+        self._next_eval_id = -1
         self.vocab_size = vocab_size
         self.started = time.monotonic()
         self.prompts_per_step = cfg.trainer.prompts_per_step
@@ -201,6 +228,9 @@ class HubState:
         min_version = max(0, self.policy_version - self.max_staleness)
         if req.policy_version < min_version:
             return Lease(lease_id=None, min_policy_version=self.policy_version, reason="update policy first")
+        job = next((j for j in self.eval_jobs.values() if j.queue and j.version == req.policy_version), None)
+        if job is not None:
+            return self._lease_eval(job, rec, req, now)
         tasks: list[int] = []
         while self.queue and len(tasks) < req.max_tasks:
             tasks.append(self.queue.popleft())
@@ -230,10 +260,29 @@ class HubState:
             tasks=[LeasedTask(task_id=t, prompt_token_ids=self.prompts.prompt_ids[self.task_rows[t]]) for t in tasks],
         )
 
+    def _lease_eval(self, job: EvalJobRecord, rec: WorkerRecord, req: LeaseRequest, now: float) -> Lease:
+        tasks = [job.queue.popleft() for _ in range(min(req.max_tasks, len(job.queue)))]
+        lease_id = f"l-{secrets.token_hex(6)}"
+        self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, set(tasks), now + self.cfg.hub.lease_ttl_s)
+        rec.leases.add(lease_id)
+        for tid in tasks:
+            self.leased[tid] = lease_id
+        assert self.eval_prompts is not None
+        return Lease(
+            lease_id=lease_id,
+            expires_in_s=self.cfg.hub.lease_ttl_s,
+            min_policy_version=job.version,
+            sampling=job.sampling,
+            tasks=[LeasedTask(task_id=t, prompt_token_ids=self.eval_prompts.prompt_ids[job.rows[t]]) for t in tasks],
+        )
+
     def _requeue(self, task_ids) -> None:
-        """Back to the front of the queue, oldest first."""
+        """Back to the front of the queue, oldest first (eval tasks back to their job)."""
         for tid in sorted(task_ids, reverse=True):
-            self.queue.appendleft(tid)
+            if tid in self.eval_tasks:
+                self.eval_jobs[self.eval_tasks[tid]].queue.appendleft(tid)
+            else:
+                self.queue.appendleft(tid)
 
     def _drop_lease(self, lease_id: str) -> int:
         lease = self.leases.pop(lease_id, None)
@@ -334,7 +383,7 @@ class HubState:
     def stale_submission(self, req: SubmitRequest) -> HubError | None:
         """A version older than current - max_staleness: reject, and re-queue the lease's tasks."""
         oldest = self.policy_version - self.max_staleness
-        if req.policy_version >= oldest:
+        if req.policy_version >= oldest or all(r.task_id in self.eval_tasks for r in req.results):
             return None
         lease = self.leases.get(req.lease_id)
         if lease is not None:
@@ -396,6 +445,57 @@ class HubState:
         self.consumed += len(groups)
         self.batches += 1
         return groups, stale, skipped
+
+    # ------------------------------------------------------------------ evaluation
+
+    def start_eval(self, req: EvalRequest) -> EvalJob:
+        if self.eval_prompts is None or len(self.eval_prompts) == 0:
+            raise HubError(422, "no_eval_data", "this run has no held-out prompts (data.eval_size = 0)")
+        if req.version != self.policy_version:
+            raise HubError(422, "not_current", f"can only evaluate the current version {self.policy_version}")
+        count = min(req.num_prompts, len(self.eval_prompts))
+        rows = {}
+        for row in range(count):
+            rows[self._next_eval_id] = row
+            self._next_eval_id -= 1
+        s = self.sampling_params()
+        sampling = s.model_copy(update={"n": req.n, "temperature": req.temperature})
+        job_id = f"e-{secrets.token_hex(4)}"
+        job = EvalJobRecord(job_id, req.version, sampling, rows, deque(sorted(rows, reverse=True)))
+        self.eval_jobs[job_id] = job
+        self.eval_tasks.update({tid: job_id for tid in rows})
+        return self.eval_status(job_id)
+
+    def eval_row(self, task_id: int) -> int | None:
+        job_id = self.eval_tasks.get(task_id)
+        return None if job_id is None else self.eval_jobs[job_id].rows[task_id]
+
+    def eval_scored(self, task_id: int, completions: list[Completion], rewards) -> None:
+        self.scoring.pop(task_id, None)
+        job = self.eval_jobs[self.eval_tasks[task_id]]
+        job.results[task_id] = EvalTaskResult(
+            task_id=task_id,
+            row_index=job.rows[task_id],
+            completions=[
+                EvalCompletion(
+                    reward=r.value, components=r.components, length=len(c.token_ids), finish_reason=c.finish_reason
+                )
+                for c, r in zip(completions, rewards, strict=True)
+            ],
+        )
+
+    def eval_status(self, job_id: str) -> EvalJob:
+        job = self.eval_jobs.get(job_id)
+        if job is None:
+            raise HubError(404, "unknown_eval", f"no eval job {job_id}")
+        done = len(job.results) == len(job.rows)
+        out = EvalJob(job_id=job_id, version=job.version, total=len(job.rows), done=len(job.results))
+        if done:
+            out.results = [job.results[t] for t in sorted(job.rows, reverse=True)]
+            for tid in job.rows:  # finished: forget it (the caller has the results now)
+                self.eval_tasks.pop(tid, None)
+            del self.eval_jobs[job_id]
+        return out
 
     # ------------------------------------------------------------------ status
 

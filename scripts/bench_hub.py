@@ -1,0 +1,136 @@
+"""Benchmark the hub's control plane: N simulated workers (real HTTP clients) against a real hub process.
+
+Workers lease, "generate" instantly (fixed token ids), submit; a simulated trainer pulls batches.
+Reports submissions/s, lease latency p50/p99 and lost tasks (handed out but neither consumed,
+buffered, scoring, leased nor queued at the end: must be 0) for N = 10, 100, 1000.
+
+    .venv/bin/python scripts/bench_hub.py [--workers 10 100 1000] [--seconds 20] [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from hub_fixtures import ADMIN, WORKER, publish_initial_policy, start_hub, write_config  # noqa: E402
+
+
+async def worker_loop(client: httpx.AsyncClient, stop: float, n: int, stats: dict) -> None:
+    r = await client.post("/v1/workers", json={"name": "sim", "engine": "hf"})
+    wid = r.json()["worker_id"]
+    comps = [{"token_ids": [5, 6, 7, 8], "logprobs": [-0.5] * 4, "finish_reason": "stop"}] * n
+    while time.monotonic() < stop:
+        t0 = time.perf_counter()
+        r = await client.post("/v1/leases", json={"worker_id": wid, "policy_version": 0, "max_tasks": 2})
+        stats["lease_ms"].append((time.perf_counter() - t0) * 1000)
+        if r.status_code != 200:
+            stats["errors"] += 1
+            continue
+        lease = r.json()
+        if lease["lease_id"] is None:
+            await asyncio.sleep(min(lease["retry_after_s"], 0.2))
+            continue
+        body = {"worker_id": wid, "lease_id": lease["lease_id"], "policy_version": 0,
+                "results": [{"task_id": t["task_id"], "completions": comps} for t in lease["tasks"]]}  # fmt: skip
+        r = await client.post("/v1/rollouts", json=body)
+        if r.status_code == 200:
+            stats["submissions"] += 1
+            stats["tasks"] += len(r.json()["accepted"])
+        else:
+            stats["errors"] += 1
+    await client.delete(f"/v1/workers/{wid}")
+
+
+async def trainer_loop(url: str, stop: float, stats: dict) -> None:
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as c:
+        while time.monotonic() < stop:
+            r = await c.post("/v1/batches", json={"num_groups": 8, "step": 0, "timeout_s": 1.0})
+            stats["consumed"] += len(r.json()["groups"])
+
+
+async def run(url: str, num_workers: int, seconds: float, n: int) -> dict:
+    stats = {"lease_ms": [], "submissions": 0, "tasks": 0, "errors": 0, "consumed": 0}
+    limits = httpx.Limits(max_connections=min(num_workers, 200))
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {WORKER}"}, timeout=120, limits=limits
+    ) as client:
+        stop = time.monotonic() + seconds
+        start = time.perf_counter()
+        await asyncio.gather(
+            trainer_loop(url, stop, stats), *(worker_loop(client, stop, n, stats) for _ in range(num_workers))
+        )
+        elapsed = time.perf_counter() - start
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as c:
+        await asyncio.sleep(3.0)  # let scoring finish
+        st = (await c.get("/v1/status")).json()
+        ledger = (await c.get("/v1/ledger")).json()
+    accounted = st["consumed"] + len(ledger["pending"])
+    lease = sorted(stats["lease_ms"])
+    return {
+        "workers": num_workers,
+        "submissions_per_s": stats["submissions"] / elapsed,
+        "tasks_per_s": stats["tasks"] / elapsed,
+        "lease_p50_ms": statistics.median(lease) if lease else float("nan"),
+        "lease_p99_ms": lease[int(0.99 * (len(lease) - 1))] if lease else float("nan"),
+        "errors": stats["errors"],
+        "handed_out": ledger["position"],
+        "lost": ledger["position"] - accounted,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--write-docs", action="store_true", help="Replace the hub section of docs/benchmarks.md.")
+    args = ap.parse_args()
+    from rl.models import build_tiny_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = tmp / "model"
+        build_tiny_model(model)
+        for num in args.workers:
+            run_dir = tmp / f"run-{num}"
+            config = write_config(
+                run_dir, model,
+                data={"source": {"type": "reasoning_gym", "dataset": "basic_arithmetic", "size": 5000}},
+                hub={"buffer_size": 100_000, "max_body_mb": 4, "heartbeat_interval_s": 30.0},
+                rewards={"terms": [{"name": "format"}], "workers": 1},
+                **{"async": {"max_staleness": 100_000}},
+            )  # fmt: skip
+            publish_initial_policy(run_dir, model)
+            hub = start_hub(config, run_dir / "hub.log")
+            try:
+                rows.append(asyncio.run(run(hub.url, num, args.seconds, n=2)))
+            finally:
+                hub.stop()
+            print(rows[-1], flush=True)
+    header = "| workers | submissions/s | tasks/s | lease p50 (ms) | lease p99 (ms) | errors | handed out | lost |"
+    table = [header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        table.append(
+            f"| {r['workers']} | {r['submissions_per_s']:.0f} | {r['tasks_per_s']:.0f} | {r['lease_p50_ms']:.1f} | "
+            f"{r['lease_p99_ms']:.1f} | {r['errors']} | {r['handed_out']} | {r['lost']} |"
+        )
+    print("\n".join(table))
+    if args.write_docs:
+        from bench_docs import replace_section
+
+        replace_section("Hub control plane", "scripts/bench_hub.py", "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

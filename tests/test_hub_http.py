@@ -1,0 +1,219 @@
+"""The hub as a real process over real HTTP: auth, validation of hostile requests, scoring, files.
+
+Every bad request gets a 4xx with a reason, leaves the hub's state unchanged and the
+hub still serving. Workers here are plain HTTP clients sending hand-made submissions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from hub_fixtures import ADMIN, OTHER_WORKER, WORKER, publish_initial_policy, start_hub, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, tiny_model_dir):
+    run_dir = tmp_path_factory.mktemp("hub-run")
+    config = write_config(run_dir, tiny_model_dir)
+    publish_initial_policy(run_dir, tiny_model_dir)
+    proc = start_hub(config, run_dir / "hub.log")
+    yield proc
+    proc.stop()
+
+
+def state_snapshot(hub) -> dict:
+    with hub.client(ADMIN) as c:
+        st = c.get("/v1/status").json()
+    for key in ("uptime_s", "verifier", "rejections"):
+        st.pop(key)
+    for w in st["workers"]:
+        w.pop("last_seen_s")
+    return st
+
+
+def register(hub, token=WORKER) -> str:
+    with hub.client(token) as c:
+        r = c.post("/v1/workers", json={"name": "test", "engine": "hf"})
+    assert r.status_code == 200, r.text
+    return r.json()["worker_id"]
+
+
+def lease(hub, wid, token=WORKER, max_tasks=1) -> dict:
+    with hub.client(token) as c:
+        r = c.post("/v1/leases", json={"worker_id": wid, "policy_version": 0, "max_tasks": max_tasks})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["lease_id"] is not None, body
+    return body
+
+
+def completions(n=2, tokens=(5, 6, 7), logprob=-0.5) -> list[dict]:
+    return [{"token_ids": list(tokens), "logprobs": [logprob] * len(tokens), "finish_reason": "stop"}] * n
+
+
+def submission(wid, lease_body, comps=None, version=0) -> dict:
+    return {
+        "worker_id": wid,
+        "lease_id": lease_body["lease_id"],
+        "policy_version": version,
+        "results": [{"task_id": t["task_id"], "completions": comps or completions()} for t in lease_body["tasks"]],
+    }
+
+
+def test_health_and_openapi(hub):
+    with hub.client(None) as c:
+        assert c.get("/healthz").json() == {"ok": True}
+        spec = c.get("/openapi.json").json()
+    assert "/v1/rollouts" in spec["paths"] and "/v1/leases" in spec["paths"]
+
+
+@pytest.mark.parametrize(
+    ("token", "method", "path", "status", "reason"),
+    [
+        (None, "get", "/v1/status", 401, "missing_token"),
+        ("nope", "get", "/v1/status", 401, "bad_token"),
+        (WORKER, "post", "/v1/batches", 403, "admin_only"),
+        (WORKER, "get", "/v1/ledger", 403, "admin_only"),
+        (WORKER, "post", "/v1/shutdown", 403, "admin_only"),
+        (WORKER, "post", "/v1/policy", 403, "admin_only"),
+    ],
+)
+def test_auth(hub, token, method, path, status, reason):
+    before = state_snapshot(hub)
+    with hub.client(token) as c:
+        r = getattr(c, method)(
+            path, **({"json": {"version": 0, "num_groups": 1, "step": 0}} if method == "post" else {})
+        )
+    assert r.status_code == status and r.json()["reason"] == reason
+    assert state_snapshot(hub) == before
+
+
+BAD_SUBMISSIONS = {
+    "token id >= vocab": (dict(comps=completions(tokens=(5, 10**6))), 422, "token_out_of_vocab"),
+    "negative token id": (dict(comps=completions(tokens=(-1, 5))), 422, "token_out_of_vocab"),
+    "more tokens than max_tokens": (dict(comps=completions(tokens=tuple(range(5, 15)))), 422, "bad_length"),
+    "positive logprob": (dict(comps=completions(logprob=0.3)), 422, "bad_logprob"),
+    "wrong group size": (dict(comps=completions(n=3)), 422, "wrong_group_size"),
+    "future version": (dict(version=7), 422, "future_version"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SUBMISSIONS))
+def test_bad_submissions_are_rejected_without_side_effects(hub, case):
+    kwargs, status, reason = BAD_SUBMISSIONS[case]
+    wid = register(hub)
+    body = lease(hub, wid)
+    before = state_snapshot(hub)
+    with hub.client(WORKER) as c:
+        r = c.post("/v1/rollouts", json=submission(wid, body, kwargs.get("comps"), kwargs.get("version", 0)))
+    assert r.status_code == status, r.text
+    assert r.json()["reason"] == reason and r.json()["detail"]
+    assert state_snapshot(hub) == before
+    with hub.client(WORKER) as c:
+        c.delete(f"/v1/workers/{wid}")
+
+
+def test_nan_logprob_malformed_json_and_oversized_body(hub):
+    wid = register(hub)
+    body = lease(hub, wid)
+    before = state_snapshot(hub)
+    raw = json.dumps(submission(wid, body)).replace("-0.5", "NaN", 1)
+    with hub.client(WORKER) as c:
+        r = c.post("/v1/rollouts", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["reason"] in ("bad_logprob", "invalid_request")
+        r = c.post("/v1/rollouts", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["reason"] == "invalid_request"
+        r = c.post("/v1/rollouts", content=b"[" + b"1," * 400_000 + b"1]", headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["reason"] == "body_too_large"
+        r = c.post("/v1/leases", json={"worker_id": wid, "policy_version": "x"})
+        assert r.status_code == 422
+    assert state_snapshot(hub) == before
+    with hub.client(None) as c:
+        assert c.get("/healthz").status_code == 200
+
+
+def test_other_workers_lease_and_worker_are_off_limits(hub):
+    a, b = register(hub, WORKER), register(hub, OTHER_WORKER)
+    body = lease(hub, a)
+    before = state_snapshot(hub)
+    with hub.client(OTHER_WORKER) as c:
+        r = c.post("/v1/rollouts", json=submission(b, body))
+        assert r.status_code == 403 and r.json()["reason"] == "not_your_lease"
+        r = c.post("/v1/rollouts", json=submission(a, body))
+        assert r.status_code == 403 and r.json()["reason"] == "not_your_worker"
+        r = c.post(f"/v1/workers/{a}/heartbeat", json={"policy_version": 0})
+        assert r.status_code == 403
+        r = c.post("/v1/leases", json={"worker_id": "w-nonexistent", "policy_version": 0})
+        assert r.status_code == 404 and r.json()["reason"] == "unknown_worker"
+    assert state_snapshot(hub) == before
+    for wid, tok in ((a, WORKER), (b, OTHER_WORKER)):
+        with hub.client(tok) as c:
+            c.delete(f"/v1/workers/{wid}")
+
+
+def test_good_submission_is_scored_once_and_batched(hub, tiny_tokenizer):
+    wid = register(hub)
+    body = lease(hub, wid, max_tasks=2)
+    answer_ids = tiny_tokenizer("<answer>3</answer>")["input_ids"]
+    comps = [
+        {"token_ids": answer_ids, "logprobs": [-0.1] * len(answer_ids), "finish_reason": "stop"},
+        {"token_ids": [5, 6], "logprobs": [-1.0, -2.0], "finish_reason": "length"},
+    ]
+    sub = submission(wid, body, comps)
+    with hub.client(WORKER) as c:
+        r = c.post("/v1/rollouts", json=sub)
+        assert r.status_code == 200 and sorted(r.json()["accepted"]) == sorted(t["task_id"] for t in body["tasks"])
+        again = c.post("/v1/rollouts", json=sub)  # the response was "lost": re-send
+        assert again.status_code == 200 and again.json()["accepted"] == []
+        assert sorted(again.json()["duplicates"]) == sorted(r.json()["accepted"])
+    with hub.client(ADMIN) as c:
+        batch = c.post("/v1/batches", json={"num_groups": 2, "step": 0, "timeout_s": 60}).json()
+        status = c.get("/v1/status").json()
+    assert batch["complete"] and len(batch["groups"]) == 2
+    for group in batch["groups"]:
+        assert [c["token_ids"] for c in group["completions"]] == [answer_ids, [5, 6]]
+        assert group["completions"][1]["reward"] == 0.0  # garbage scores 0
+        assert group["policy_version"] == 0 and group["worker_id"] == wid
+    assert status["submissions"] >= 1 and status["consumed"] >= 2
+    with hub.client(WORKER) as c:
+        c.delete(f"/v1/workers/{wid}")
+
+
+def test_batch_request_times_out_without_consuming(hub):
+    with hub.client(ADMIN) as c:
+        before = c.get("/v1/ledger").json()
+        r = c.post("/v1/batches", json={"num_groups": 50, "step": 0, "timeout_s": 0.5})
+        assert r.status_code == 200 and r.json() == {**r.json(), "groups": [], "complete": False}
+        assert c.get("/v1/ledger").json() == before
+
+
+def test_policy_files_with_range_and_no_traversal(hub, tiny_model_dir):
+    with hub.client(WORKER) as c:
+        manifest = c.get("/v1/policy").json()
+        assert manifest["version"] == 0 and manifest["base_files"]
+        weights = manifest["files"][0]
+        full = c.get(f"/v1/policy/0/files/{weights['name']}").content
+        assert hashlib.sha256(full).hexdigest() == weights["sha256"] and len(full) == weights["size"]
+        part = c.get(f"/v1/policy/0/files/{weights['name']}", headers={"Range": "bytes=100-"})
+        assert part.status_code == 206 and part.content == full[100:]
+        base = {f["name"] for f in manifest["base_files"]}
+        assert "config.json" in base and "tokenizer.json" in base
+        assert c.get("/v1/policy/base/files/config.json").status_code == 200
+        bad_paths = (
+            "/v1/policy/0/files/..%2F..%2Fconfig.yaml",
+            "/v1/policy/0/files/manifest.json",
+            "/v1/policy/9/files/model.safetensors",
+            "/v1/policy/base/files/..%2Fv0%2Fmodel.safetensors",
+        )
+        for bad in bad_paths:
+            assert c.get(bad).status_code == 404, bad
+
+
+def test_hub_survives_and_still_serves(hub):
+    assert hub.proc.poll() is None
+    with hub.client(None) as c:
+        assert c.get("/healthz").status_code == 200
