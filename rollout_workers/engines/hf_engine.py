@@ -1,0 +1,146 @@
+"""Plain transformers generation engine: the fallback when vLLM is not available.
+
+`model.generate` samples `n` rows per prompt (one prompt at a time, so no
+padding and no position-id subtleties), and each sampled token's logprob is
+log_softmax of the *unprocessed* logits (`output_logits=True`): the raw model
+distribution at temperature 1, before top-k/top-p, exactly what vLLM returns
+with `logprobs=0`. Slower than vLLM, but the same contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from rl.hub.protocol import Completion, SamplingParamsWire
+from rollout_workers.engines import Engine
+
+log = logging.getLogger(__name__)
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        max_model_len: int,
+        dtype: str,
+        tensor_parallel: int = 1,
+        seed: int = 0,
+        kv_cache_gib: float = 1.0,
+    ) -> None:
+        super().__init__(
+            model_dir,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            tensor_parallel=tensor_parallel,
+            seed=seed,
+            kv_cache_gib=kv_cache_gib,
+        )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if tensor_parallel != 1:
+            log.warning("the hf engine ignores tensor_parallel=%d (runs on one device)", tensor_parallel)
+        start = time.perf_counter()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.generator_seed = seed
+        torch.manual_seed(seed)
+        log.info("hf engine ready in %.1f s (%s, %s)", time.perf_counter() - start, self.device, dtype)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParamsWire) -> list[list[Completion]]:
+        return [self._generate_one(prompt, sampling) for prompt in prompts]
+
+    def _generate_one(self, prompt: list[int], sampling: SamplingParamsWire) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        room = self.room_for(prompt, sampling.max_tokens)
+        if room == 0:
+            log.warning("prompt of %d tokens leaves no room under max_model_len; skipped", len(prompt))
+            return []
+        stop_ids = sorted(set(self.eos_ids) | set(sampling.stop_token_ids))
+        greedy = sampling.temperature <= 0.0
+        # A fresh config: the model's generation_config.json defaults (top_k=50,
+        # repetition penalties, ...) must not leak in; vLLM ignores them too.
+        config = GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=0 if sampling.top_k <= 0 or greedy else sampling.top_k,
+            max_new_tokens=room,
+            eos_token_id=stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop_ids[0],
+            stop_strings=list(sampling.stop) or None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        input_ids = torch.tensor([prompt] * sampling.n, dtype=torch.long, device=self.device)
+        kwargs = {"tokenizer": self.tokenizer} if sampling.stop else {}
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            generation_config=config,
+            **kwargs,
+        )
+        new = out.sequences[:, len(prompt) :].tolist()
+        logits = torch.stack(out.logits, dim=1).float()  # (n, steps, vocab), raw
+        logprobs = torch.log_softmax(logits, dim=-1)
+        completions = []
+        for row, tokens in enumerate(new):
+            length, finish = self._finished_length(tokens, set(stop_ids), sampling.stop, room)
+            tokens = tokens[:length]
+            lp = logprobs[row, torch.arange(length), torch.tensor(tokens, dtype=torch.long)]
+            completions.append(Completion(token_ids=tokens, logprobs=lp.tolist(), finish_reason=finish))
+        return completions
+
+    def _finished_length(
+        self, tokens: list[int], stop_ids: set[int], stop_strings: list[str], room: int
+    ) -> tuple[int, str]:
+        """Where a row really ended (HF pads finished rows) and why; stop tokens are kept, like vLLM."""
+        end = next((i + 1 for i, t in enumerate(tokens) if t in stop_ids), None)
+        if stop_strings:
+            for k in range(1, (end or len(tokens)) + 1):
+                text = self.tokenizer.decode(tokens[:k], skip_special_tokens=True)
+                if any(s in text for s in stop_strings):
+                    return k, "stop"
+        if end is not None:
+            return end, "stop"
+        return min(len(tokens), room), "length"
+
+    def load_weights(self, safetensors_path: Path) -> None:
+        from safetensors.torch import load_file
+
+        start = time.perf_counter()
+        state = load_file(str(safetensors_path), device=str(self.device))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied and not k.startswith("lm_head.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{safetensors_path} does not fit the model: missing={missing[:5]} unexpected={unexpected[:5]}"
+            )
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        log.info("reloaded weights from %s in %.2f s", safetensors_path, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if not ids:
+        raise ValueError("the model has no eos token id (generation_config or tokenizer)")
+    return ids

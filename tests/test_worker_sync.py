@@ -1,0 +1,122 @@
+"""WeightSync against a stub hub serving a real policy store: verify, re-fetch, resume, cache, prune."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_worker_helpers import TOKEN, StubHub, make_policy_store, serve  # noqa: E402
+
+from rl.models import sha256_file  # noqa: E402
+from rl.weights import WEIGHTS_FILE, read_manifest, version_dir  # noqa: E402
+from rollout_workers.client import HubClient  # noqa: E402
+from rollout_workers.weight_sync import WeightSync, WeightSyncError, default_cache_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("policy")
+    make_policy_store(tiny_model_dir, out, versions=3)
+    return out
+
+
+@pytest.fixture
+def hub(policy_dir):
+    stub = StubHub(policy_dir)
+    with serve(stub.app) as url, HubClient(url, TOKEN, max_backoff_s=0.2) as client:
+        stub.client = client
+        yield stub
+
+
+def weight_gets(hub: StubHub, version: int) -> list[str | None]:
+    """Range headers of the GETs of a version's weights file."""
+    return [r for m, p, r in hub.requests if p == f"/v1/policy/{version}/files/{WEIGHTS_FILE}"]
+
+
+def test_fetch_assembles_loadable_dir(hub, policy_dir, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    local = WeightSync(hub.client, tmp_path).fetch()
+    assert local.version == 2
+    assert local.weight_files == [local.model_dir / WEIGHTS_FILE]
+    assert sha256_file(local.weight_files[0]) == sha256_file(version_dir(policy_dir, 2) / WEIGHTS_FILE)
+    assert AutoConfig.from_pretrained(local.model_dir).tie_word_embeddings
+    assert AutoTokenizer.from_pretrained(local.model_dir).eos_token == "<|im_end|>"
+    assert not list(tmp_path.rglob("*.part"))
+    # Cached: a second fetch downloads nothing, base files are shared by later versions.
+    before = len(hub.requests)
+    again = WeightSync(hub.client, tmp_path).fetch()
+    assert again == local
+    assert [p for _, p, _ in hub.requests[before:]] == ["/v1/policy"]
+    older = WeightSync(hub.client, tmp_path).fetch(read_manifest(policy_dir, 1))
+    assert (older.model_dir / "config.json").stat().st_ino == (local.model_dir / "config.json").stat().st_ino
+    assert not any("/base/" in p for _, p, _ in hub.requests[before:])
+
+
+def test_corrupted_file_is_fetched_again(hub, tmp_path):
+    hub.corrupt_once = {WEIGHTS_FILE, "config.json"}
+    local = WeightSync(hub.client, tmp_path).fetch()
+    assert weight_gets(hub, 2) == [None, None]
+    assert sha256_file(local.weight_files[0]) == read_manifest(hub.policy_dir, 2).files[0].sha256
+
+
+def test_always_corrupted_gives_clear_error(hub, tmp_path):
+    hub.corrupt_always = {WEIGHTS_FILE}
+    with pytest.raises(WeightSyncError, match="sha256"):
+        WeightSync(hub.client, tmp_path, max_hash_failures=2).fetch()
+    assert len(weight_gets(hub, 2)) == 2
+    assert WeightSync(hub.client, tmp_path).local(2) is None
+
+
+def test_cut_download_resumes_with_range(hub, tmp_path):
+    size = read_manifest(hub.policy_dir, 2).files[0].size
+    hub.cut_once = {WEIGHTS_FILE}
+    sync = WeightSync(hub.client, tmp_path)
+    local = sync.fetch()
+    assert weight_gets(hub, 2) == [None, f"bytes={size // 2}-"]
+    assert sync.bytes_downloaded < size * 1.2 + 10_000  # the first half was not downloaded twice
+    assert sha256_file(local.weight_files[0]) == read_manifest(hub.policy_dir, 2).files[0].sha256
+
+
+def test_leftover_part_file_resumes(hub, tmp_path):
+    src = version_dir(hub.policy_dir, 2) / WEIGHTS_FILE
+    part = tmp_path / "v2" / f"{WEIGHTS_FILE}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(src.read_bytes()[:1000])
+    WeightSync(hub.client, tmp_path).fetch()
+    assert weight_gets(hub, 2) == ["bytes=1000-"]
+    # A bad leftover (not a prefix) fails the hash once and is fetched whole.
+    part = tmp_path / "v1" / f"{WEIGHTS_FILE}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * 1000)
+    WeightSync(hub.client, tmp_path).fetch(read_manifest(hub.policy_dir, 1))
+    assert weight_gets(hub, 1) == ["bytes=1000-", None]
+
+
+def test_vanished_version_falls_back_to_latest(hub, tmp_path):
+    stale = read_manifest(hub.policy_dir, 2).model_copy(update={"version": 7})
+    local = WeightSync(hub.client, tmp_path).fetch(stale)
+    assert local.version == 2
+
+
+def test_prune_keeps_in_use_and_newest(hub, policy_dir, tmp_path):
+    sync = WeightSync(hub.client, tmp_path)
+    for v in range(3):
+        sync.fetch(read_manifest(policy_dir, v))
+    assert sync.prune(keep={0}, keep_latest=1) == [1]
+    assert sync.local(0) and sync.local(2) and not (tmp_path / "v1").exists()
+    assert (tmp_path / "base" / "config.json").is_file()
+
+
+def test_unsafe_names_and_default_dir(hub, tmp_path, monkeypatch):
+    bad = read_manifest(hub.policy_dir, 2)
+    bad.files[0].name = "../evil"
+    with pytest.raises(WeightSyncError, match="unsafe"):
+        WeightSync(hub.client, tmp_path).fetch(bad)
+    monkeypatch.setenv("SCATTER_RL_CACHE", str(tmp_path))
+    assert default_cache_dir("https://trainer.example:8443/") == tmp_path / "worker" / "trainer.example-8443"
+    assert default_cache_dir("http://10.0.0.1") == tmp_path / "worker" / "10.0.0.1-80"
