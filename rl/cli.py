@@ -46,6 +46,8 @@ def _setup_logging(level: str = "INFO") -> None:
         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
@@ -108,6 +110,8 @@ def rollout(
     ] = None,
     name: Annotated[str | None, typer.Option(help="Worker name shown in `rl status`.")] = None,
     prompts_per_lease: Annotated[int, typer.Option(min=1, help="Prompts to take per lease.")] = 4,
+    seed: Annotated[int, typer.Option(help="Sampling seed (give each worker its own).")] = 0,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where downloaded policy versions are kept.")] = None,
 ) -> None:
     """Join a run as a rollout worker (outbound HTTP only; start as many as you like)."""
     if engine not in ("vllm", "hf"):
@@ -118,7 +122,15 @@ def rollout(
 
     sys.exit(
         run_worker(
-            hub, token, engine=engine, tp=tp, max_prompts=max_prompts, name=name, prompts_per_lease=prompts_per_lease
+            hub,
+            token,
+            engine=engine,
+            tp=tp,
+            max_prompts=max_prompts,
+            name=name,
+            prompts_per_lease=prompts_per_lease,
+            seed=seed,
+            cache_dir=cache_dir,
         )
     )
 

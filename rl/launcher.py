@@ -114,7 +114,9 @@ class Launch:
             }
             wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, "--engine", cfg.rollout.engine,
                     "--tp", str(cfg.rollout.tensor_parallel), "--name", f"local-{i}",
-                    "--prompts-per-lease", str(cfg.rollout.prompts_per_lease)]  # fmt: skip
+                    "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
+                    "--seed", str(cfg.trainer.seed * 1000 + i),
+                    "--cache-dir", str(self.run_dir / "worker_cache")]  # fmt: skip
             self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log"))
         public = cfg.hub.public_url or self.url
         log.info("hub at %s (logs: %s)", self.url, self.logs)
@@ -185,6 +187,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
     except KeyboardInterrupt:
         log.warning("stopped by the user")
         return 130
+    except Exception as e:
+        log.exception("training failed: %s: %s (logs of the hub and workers: %s)", type(e).__name__, e,
+                      cfg.resolved_run_dir / "logs")  # fmt: skip
+        return 1
     finally:
         if launch is not None:
             launch.stop(admin)

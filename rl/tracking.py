@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from pathlib import Path
 
 from rl.config import RunConfig
@@ -43,9 +44,7 @@ class Tracker:
         id_file = self.run_dir / "wandb_run_id"
         if resume and id_file.is_file():
             return id_file.read_text().strip()
-        import wandb
-
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)
         id_file.write_text(run_id)
         return run_id
 

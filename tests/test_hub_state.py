@@ -198,3 +198,34 @@ def test_old_worker_must_update_first():
     state.batches = 1
     lease = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
     assert lease.lease_id is None and lease.min_policy_version == 1
+
+
+def test_eval_jobs_lease_score_and_report():
+    from rl.hub.protocol import EvalRequest
+
+    state = make_state()
+    state.eval_prompts = PromptSet(rows=[{"question": "e", "answer": "1"}] * 3, prompt_ids=[[9, 9]] * 3,
+                                   skipped_too_long=0)  # fmt: skip
+    wid = register(state)
+    job = state.start_eval(EvalRequest(version=0, num_prompts=3, n=1, temperature=0.0))
+    assert job.total == 3 and job.done == 0
+    lease = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
+    assert lease.sampling.n == 1 and lease.sampling.temperature == 0.0 and len(lease.tasks) == 2
+    tids = [t.task_id for t in lease.tasks]
+    assert all(t < 0 for t in tids)
+    one = [Completion(token_ids=[3], logprobs=[-1.0])]
+    req = SubmitRequest(worker_id=wid, lease_id=lease.lease_id, policy_version=0,
+                        results=[TaskResult(task_id=t, completions=one) for t in tids])  # fmt: skip
+    new, dups = state.validate_submission(req, "tok-a")
+    assert new == tids and state.stale_submission(req) is None
+    state.accept(req, new, 1.0)
+
+    class R:
+        value, components = 1.0, {"reasoning_gym": 1.0}
+
+    for t in tids:
+        state.eval_scored(t, one, [R()])
+    assert state.eval_status(job.job_id).done == 2
+    rest = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
+    assert [t.task_id for t in rest.tasks] == [-3]
+    assert state.outstanding == 0  # eval tasks never touch the training ledger

@@ -336,9 +336,15 @@ class HubState:
                     dups.append(tid)
                     continue
                 raise self.reject(409, "task_not_in_lease", f"task {tid} is not part of lease {req.lease_id}")
-            if len(result.completions) != n:
+            want = n
+            if tid in self.eval_tasks:
+                job = self.eval_jobs[self.eval_tasks[tid]]
+                want = job.sampling.n
+                if req.policy_version != job.version:
+                    raise self.reject(422, "wrong_version", f"eval task {tid} is for version {job.version}")
+            if len(result.completions) != want:
                 raise self.reject(
-                    422, "wrong_group_size", f"task {tid}: {len(result.completions)} completions, want {n}"
+                    422, "wrong_group_size", f"task {tid}: {len(result.completions)} completions, want {want}"
                 )
             for j, c in enumerate(result.completions):
                 self._check_completion(tid, j, c, max_tokens)
