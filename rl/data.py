@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rl.config import DataConfig, HFDatasetSource, JsonlSource, ReasoningGymSource
+from rl.config import DataConfig, HFDatasetSource, HumanEvalSource, JsonlSource, ReasoningGymSource
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,12 @@ def load_rows(data: DataConfig) -> tuple[list[dict], list[dict]]:
         train = _reasoning_gym_rows(src, src.size, data.seed)
         evals = _reasoning_gym_rows(src, data.eval_size, data.seed + EVAL_SEED_OFFSET) if data.eval_size else []
         return train, evals
-    rows = _table_rows(src)
+    if isinstance(src, HumanEvalSource):
+        from verifiers.humaneval import load_humaneval
+
+        rows = load_humaneval(src.limit)
+    else:
+        rows = _table_rows(src)
     if data.eval_size >= len(rows):
         raise DataError(f"data.eval_size ({data.eval_size}) leaves no training rows (source has {len(rows)})")
     cut = len(rows) - data.eval_size

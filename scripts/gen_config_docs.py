@@ -61,7 +61,7 @@ def render() -> str:
         "A run file sets only what differs from these defaults; `rl train CONFIG --dry-run` prints the",
         "resolved config. Data sources are a discriminated union on `data.source.type`:",
         "`reasoning_gym` (dataset, params, size), `jsonl` (path, prompt_field, answer_field) or",
-        "`hf` (path, name, split, data_files, prompt_field, answer_field).\n",
+        "`hf` (path, name, split, data_files, prompt_field, answer_field) or `humaneval` (limit).\n",
         "## top level\n",
     ]
     _section(RunConfig, "", out)

@@ -11,7 +11,7 @@ from rl.config import ConfigError, RunConfig, dump_config, load_config, parse_ov
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "tiny-test.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / name)
     assert isinstance(cfg, RunConfig)
