@@ -255,8 +255,8 @@ class WeightsConfig(Section):
 class HubConfig(Section):
     host: str = "127.0.0.1"
     """Address the hub listens on (0.0.0.0 to accept remote workers)."""
-    port: int = Field(8000, ge=0, le=65535)
-    """Port (0: pick a free one)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port (0: a free one, printed at start; set a fixed port for remote workers behind a firewall rule)."""
     public_url: str | None = None
     """URL remote workers use to reach the hub (printed in the `rl rollout` hint)."""
     admin_token: str | None = None
