@@ -1,4 +1,4 @@
-"""Scored groups from the hub -> padded training tensors, and the rollout metrics of a batch.
+"""Scored groups from the hub -> padded training tensors; the metrics of a batch and of an evaluation.
 
 A sequence is prompt + completion, right-padded to the longest in the batch.
 `completion_mask[b, t]` is 1 where token t of row b is a completion token, so
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rl.hub.protocol import ScoredGroup
+from rl.hub.protocol import EvalJob, ScoredGroup
 
 
 @dataclass
@@ -111,4 +111,20 @@ def rollout_metrics(groups: list[ScoredGroup], step: int, max_tokens: int, accur
         out[f"pass@{len(groups[0].completions)}"] = sum(any(c) for c in correct) / len(groups)
     for k in sorted({step - g.policy_version for g in groups}):
         out[f"staleness/hist_{k}"] = float(sum(step - g.policy_version == k for g in groups))
+    return out
+
+
+def eval_metrics(jobs: list[tuple[str, EvalJob]], accuracy_term: str | None) -> dict[str, float]:
+    """`eval/{prefix}reward`, `..._response_length`, `..._accuracy`, `eval/pass@n` from finished eval jobs."""
+    out: dict[str, float] = {}
+    for prefix, job in jobs:
+        comps = [c for r in job.results for c in r.completions]
+        out[f"eval/{prefix}reward"] = sum(c.reward for c in comps) / len(comps)
+        out[f"eval/{prefix}response_length"] = sum(c.length for c in comps) / len(comps)
+        if accuracy_term is not None:
+            ok = [[c.components.get(accuracy_term, 0.0) >= 1.0 - 1e-6 for c in r.completions] for r in job.results]
+            out[f"eval/{prefix}accuracy"] = sum(map(sum, ok)) / len(comps)
+            n = len(job.results[0].completions) if job.results else 1
+            if n > 1:
+                out[f"eval/pass@{n}"] = sum(any(x) for x in ok) / len(ok)
     return out

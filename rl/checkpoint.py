@@ -3,7 +3,9 @@
 A checkpoint holds the DeepSpeed state (model, optimizer, LR schedule), the
 trainer state (step, policy version), every rank's RNG states, and the hub's
 ledger at that step, so `rl train --resume` continues with the same data order
-and no prompt consumed twice or lost.
+and no prompt consumed twice or lost. What a run did after its last checkpoint
+(a crash, a SIGKILL) is lost: `discard_after` removes its traces (policy versions,
+metric and batch records) before the run continues, so they are redone once.
 """
 
 from __future__ import annotations
@@ -24,10 +26,20 @@ log = logging.getLogger(__name__)
 
 LEDGER = "ledger.json"
 STATE = "trainer_state.json"
+STEP_LOGS = ("metrics.jsonl", "batches.jsonl")
+"""Run-dir logs with one JSON record per step (`{"step": N, ...}`)."""
+
+
+class CheckpointError(RuntimeError):
+    """A run directory that cannot be resumed (or started) as asked; the message says what to do."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[5:])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -36,7 +48,50 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         for p in checkpoints_dir(run_dir).glob("step_*")
         if p.is_dir() and p.name[5:].isdigit() and (p / STATE).is_file()
     ]
-    return max(found, key=lambda p: int(p.name[5:])) if found else None
+    return max(found, key=checkpoint_step) if found else None
+
+
+def discard_after(run_dir: Path, step: int) -> None:
+    """Remove what a run wrote after the checkpoint at `step`: it is redone on resume.
+
+    Policy versions > step (the hub would serve the newest on disk), the local workers'
+    cached copies of them, half-written checkpoints, `final/`, and records of later steps
+    in the step logs (metrics.jsonl, batches.jsonl).
+    """
+    run_dir = Path(run_dir)
+    for parent in (run_dir / "policy", run_dir / "worker_cache"):
+        for p in parent.glob("v*"):
+            if p.is_dir() and p.name[1:].isdigit() and int(p.name[1:]) > step:
+                shutil.rmtree(p, ignore_errors=True)
+    for p in checkpoints_dir(run_dir).glob(".tmp-step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(run_dir / "final", ignore_errors=True)
+    for name in STEP_LOGS:
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def prepare_fresh(run_dir: Path) -> None:
+    """A fresh run may not overwrite checkpoints; leftovers of a run that never saved one are removed."""
+    run_dir = Path(run_dir)
+    if (ckpt := latest_checkpoint(run_dir)) is not None:
+        raise CheckpointError(
+            f"{run_dir} already holds a run (checkpoint {ckpt.name}): continue it with --resume, "
+            f"or start over with another --run-dir (or delete {run_dir})"
+        )
+    for name in ("policy", "worker_cache", "final", "checkpoints"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in (*STEP_LOGS, "curves.png", "wandb_run_id"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -68,7 +123,7 @@ def save_checkpoint(strategy, run_dir: Path, step: int, state: dict, ledger: Led
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(root.glob("step_*"), key=lambda p: int(p.name[5:]))[:-keep]:
+        for old in sorted(root.glob("step_*"), key=checkpoint_step)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
     strategy.barrier()

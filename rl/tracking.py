@@ -1,7 +1,10 @@
-"""Run tracking: W&B (online/offline/disabled), `metrics.jsonl`, and a reward curve PNG in the run dir.
+"""Run tracking: W&B (online/offline/disabled), `metrics.jsonl`, `batches.jsonl`, a curve PNG, the progress line.
 
 Metric names are the same everywhere (`reward/mean`, `loss/policy`, `eval/accuracy`, ...), so a
-person without W&B reads the same numbers from `metrics.jsonl`.
+person without W&B reads the same numbers from `metrics.jsonl` (one record per step; step 0
+holds the evaluation before training). `batches.jsonl` says which prompts each step trained
+on (task ids, dataset row indices, the policy version and worker of each group): the data
+provenance of a run, and what the resume tests compare. Rank 0 only.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import logging
 import math
 import secrets
+import time
 from pathlib import Path
 
 from rl.config import RunConfig
@@ -21,6 +25,7 @@ class Tracker:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume: bool = False):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
+        self.batches_path = self.run_dir / "batches.jsonl"
         self.history: list[dict] = []
         if resume and self.path.is_file():
             self.history = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -57,6 +62,18 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
+    def log_batch(self, step: int, groups: list) -> None:
+        """Which groups (`ScoredGroup`s) optimizer step `step` trained on."""
+        record = {
+            "step": step,
+            "task_ids": [g.task_id for g in groups],
+            "row_indices": [g.row_index for g in groups],
+            "versions": [g.policy_version for g in groups],
+            "workers": [g.worker_name for g in groups],
+        }
+        with open(self.batches_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def plot(self) -> Path | None:
         """reward/accuracy curves as `curves.png` in the run dir."""
         import matplotlib
@@ -81,10 +98,43 @@ class Tracker:
         plt.close(fig)
         return out
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """Draw curves.png and close the W&B run (also after an interruption or a failure)."""
         try:
             self.plot()
         except Exception:  # a plot must never fail a finished run
             log.exception("could not draw curves.png")
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)
+            self.wandb = None
+
+
+class Progress:
+    """The console line of each step; its ETA leaves out the first step (it includes worker start-up)."""
+
+    def __init__(self, first_step: int, max_steps: int):
+        self.first_step, self.max_steps = first_step, max_steps
+        self.started = 0.0
+
+    def line(self, step: int, m: dict[str, float]) -> str:
+        done = step - self.first_step
+        eta = ""
+        if done == 1:
+            self.started = time.perf_counter()
+        elif done > 1 and step < self.max_steps:
+            eta_s = (time.perf_counter() - self.started) / (done - 1) * (self.max_steps - step)
+            eta = f" | ETA {_duration(eta_s)}"
+        acc = f" acc {m['accuracy']:.3f}" if m.get("accuracy") is not None else ""
+        loss = m.get("loss/policy")
+        loss = math.nan if loss is None else loss
+        return (
+            f"step {step}/{self.max_steps} | reward {m['reward/mean']:.3f}{acc} | loss {loss:.4f}"
+            f" | len {m['response_length/mean']:.0f} | stale {m['staleness/mean']:.1f} (max {m['staleness/max']:.0f})"
+            f" | {m['perf/step_s']:.1f}s, waited {m['perf/wait_s']:.1f}s | {int(m.get('workers', 0))} workers{eta}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}"

@@ -14,36 +14,70 @@ Reads like the algorithm:
 
 DeepSpeed lives behind `DeepSpeedStrategy` (rl/strategy.py); the hub is reached
 only from rank 0 through `HubAdmin` (rl/hub/admin.py).
+
+Stopping early (a signal, a dead child process) goes through `StopRequest`: the
+loop stops only between steps, after a checkpoint, so a batch the hub handed out
+is always trained and the checkpoint's ledger matches the trainer's step. All
+ranks agree on stopping at the same step (one all-reduce per step).
+
+While rank 0 waits on the hub (rollouts, an evaluation) the other ranks wait in
+`broadcast_object`; rank 0 sends them `_WAIT` every few seconds, so no collective
+outlives the process-group timeout however long the wait.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from rl.advantages import group_advantages
-from rl.batch import TrainBatch, build_batch, rollout_metrics
-from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.batch import TrainBatch, build_batch, eval_metrics, rollout_metrics
+from rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import RunConfig
 from rl.hub.admin import HubAdmin
 from rl.hub.protocol import EvalRequest
 from rl.loss import LossNorm, policy_loss, reduce_metrics
+from rl.tracking import Progress
 from rl.weights import write_base, write_version
 
 log = logging.getLogger(__name__)
 
 
-class StopTraining(Exception):
-    """Raised inside the loop to stop early and cleanly (checkpoint first)."""
+EXIT_INTERRUPTED = 130
+"""Exit code of a run stopped by SIGINT/SIGTERM (after its checkpoint)."""
+
+
+_WAIT = "wait"
+"""Rank 0 -> other ranks: still waiting on the hub, keep waiting."""
+_TICK_S = 2.0
+"""Longest a stop request or a rank-0 wait goes unnoticed (also the hub long-poll timeout)."""
+
+
+class StopRequest:
+    """Why the run should stop early; set from signal handlers and the launcher's watchdog thread.
+
+    The loop reads it between steps and while it waits on the hub; nothing is interrupted midway.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.exit_code = 0
+
+    def set(self, reason: str, exit_code: int) -> None:
+        if self.reason is None:
+            self.reason, self.exit_code = reason, exit_code
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, hub: HubAdmin | None, *, resume: bool = False):
+    def __init__(self, cfg: RunConfig, hub: HubAdmin | None, *, resume: bool = False, stop: StopRequest | None = None):
         from transformers import AutoTokenizer
 
         from rl.strategy import DeepSpeedStrategy
@@ -60,15 +94,15 @@ class Trainer:
         self.published_version = -1
         self.initial_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
-        self.last_checkpoint = -1
-        self.health_check = lambda: None  # the launcher installs a check of its child processes
+        self.stop = stop or StopRequest()
         self.tracker = None
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir}/checkpoints")
+                raise CheckpointError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
             self.step = load_checkpoint(self.strategy, ckpt)["step"]
             log.info("resumed from %s at step %d", ckpt, self.step)
+        self.last_checkpoint = self.step
         if self.is_main:
             from rl.tracking import Tracker
 
@@ -93,33 +127,64 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def pull(self) -> tuple[list, dict]:
-        """Rank 0 long-polls the hub for a full batch; shows that it waits."""
+    def pull(self) -> tuple[list, dict] | None:
+        """All ranks: the next full batch from the hub (rank 0 pulls and broadcasts); None if asked to stop."""
+        if not self.is_main:
+            return self._await_rank0()
         waited, stale, skipped, start = 0, 0, 0, time.perf_counter()
         while True:
+            if self.stop.reason is not None:
+                return self.strategy.broadcast_object(None)
             batch = self.hub.pull(
                 self.cfg.trainer.prompts_per_step,
                 self.step,
-                timeout_s=10.0,
+                timeout_s=_TICK_S,
                 skip_zero_variance=self.cfg.algorithm.dynamic_sampling,
             )
             stale += batch.stale_dropped
             skipped += batch.zero_variance_skipped
             if batch.complete:
                 break
+            self.strategy.broadcast_object(_WAIT)
             waited += 1
-            self.health_check()
-            if waited % 3 == 0:
+            if waited % 6 == 0:
                 st = self.hub.status()
-                log.info(
-                    "step %d: waiting for rollouts (%d buffered, %d leased, %d workers)",
-                    self.step,
-                    st.buffered,
-                    st.leased,
-                    len(st.workers),
-                )
+                log.info("step %d: waiting for rollouts (%d buffered, %d leased, %d workers)",
+                         self.step, st.buffered, st.leased, len(st.workers))  # fmt: skip
         info = {"wait_s": time.perf_counter() - start, "stale_dropped": stale, "zero_variance_skipped": skipped}
-        return batch.groups, info
+        return self.strategy.broadcast_object((batch.groups, info))
+
+    def _await_rank0(self) -> Any:
+        """Ranks > 0: wait (in short collectives) for what rank 0 broadcasts after its `_WAIT`s."""
+        while True:
+            msg = self.strategy.broadcast_object(None)
+            if not (isinstance(msg, str) and msg == _WAIT):
+                return msg
+
+    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """All ranks: run `fn` on rank 0 in a thread, others wait; None elsewhere or if a stop abandons it."""
+        if not self.is_main:
+            self._await_rank0()
+            return None
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["result"] = fn()
+            except Exception as e:  # re-raised in the main thread
+                box["error"] = e
+
+        if self.stop.reason is None:
+            thread = threading.Thread(target=target, name="rl-rank0-wait", daemon=True)
+            thread.start()
+            while thread.is_alive() and self.stop.reason is None:
+                thread.join(_TICK_S)
+                if thread.is_alive():
+                    self.strategy.broadcast_object(_WAIT)
+        self.strategy.broadcast_object("done")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
 
     def _my_rows(self, batch: TrainBatch) -> TrainBatch:
         world, rank = self.strategy.world_size, self.strategy.rank
@@ -195,31 +260,32 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out prompts through the workers with the current version (rank 0; blocks until done)."""
+        """All ranks: held-out prompts through the workers with the current version; metrics on rank 0.
+
+        Empty when evaluation is off, or when a stop is requested before or during it (abandoned).
+        """
         ecfg = self.cfg.eval
-        if not self.is_main or ecfg.num_prompts == 0 or self.cfg.data.eval_size == 0:
+        if ecfg.num_prompts == 0 or self.cfg.data.eval_size == 0:
             return {}
         passes = [("", 1, 0.0)] if ecfg.greedy else []
         if ecfg.samples:
             passes.append(("sampled_", ecfg.samples, self.cfg.sampling.temperature))
-        out: dict[str, float] = {}
+        if not passes:
+            return {}
         start = time.perf_counter()
-        for prefix, n, temperature in passes:
-            job = self.hub.evaluate(
-                EvalRequest(version=self.published_version, num_prompts=ecfg.num_prompts, n=n, temperature=temperature)
-            )
-            comps = [c for r in job.results for c in r.completions]
-            out[f"eval/{prefix}reward"] = sum(c.reward for c in comps) / len(comps)
-            out[f"eval/{prefix}response_length"] = sum(c.length for c in comps) / len(comps)
-            if self.accuracy_term is not None:
-                ok = [
-                    [c.components.get(self.accuracy_term, 0.0) >= 1.0 - 1e-6 for c in r.completions]
-                    for r in job.results
-                ]
-                out[f"eval/{prefix}accuracy"] = sum(map(sum, ok)) / len(comps)
-                if n > 1:
-                    out[f"eval/pass@{n}"] = sum(any(x) for x in ok) / len(ok)
-        out["eval/seconds"] = time.perf_counter() - start
+
+        def run_passes() -> list:
+            requests = [EvalRequest(version=self.published_version, num_prompts=ecfg.num_prompts, n=n,
+                                    temperature=temperature) for _, n, temperature in passes]  # fmt: skip
+            return [(prefix, self.hub.evaluate(req)) for (prefix, _, _), req in zip(passes, requests, strict=True)]
+
+        jobs = self._on_rank0(run_passes)
+        if not self.is_main:
+            return {}
+        if jobs is None:
+            log.warning("evaluation at version %d abandoned: %s", self.published_version, self.stop.reason)
+            return {}
+        out = eval_metrics(jobs, self.accuracy_term) | {"eval/seconds": time.perf_counter() - start}
         log.info(
             "eval at version %d: %s",
             self.published_version,
@@ -230,104 +296,109 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> int:
+        """Train until `trainer.max_steps` or a stop request; returns the exit code (0, or the stop's)."""
+        exit_code = 1
+        try:
+            exit_code = self._loop()
+            return exit_code
+        except KeyboardInterrupt:  # a second signal: leave at once, no checkpoint
+            exit_code = EXIT_INTERRUPTED
+            raise
+        finally:
+            if self.tracker is not None:
+                self.tracker.finish(exit_code)
+
+    def _loop(self) -> int:
         cfg = self.cfg
         publish_s = self.publish()
-        log.info("published policy version %d (%.1fs)", self.step, publish_s)
-        every = cfg.eval.every
-        if self.is_main and self.step == 0:
+        if self.is_main:
+            log.info("published policy version %d (%.1fs)", self.step, publish_s)
+        if self.step == 0:
             self.initial_eval = self.evaluate()
             if self.initial_eval:
                 self.tracker.log(0, self.initial_eval)
-        try:
-            while self.step < cfg.trainer.max_steps:
-                t0 = time.perf_counter()
-                groups, info = self.pull() if self.is_main else (None, None)
-                groups, info = self.strategy.broadcast_object((groups, info))
-                batch = build_batch(groups, self.pad_id)
-                t1 = time.perf_counter()
-                metrics = self.train_step(batch)
-                train_s = time.perf_counter() - t1
-                step_for_data = self.step
-                self.step += 1
-                if self.step % cfg.weights.publish_every == 0 or self.step == cfg.trainer.max_steps:
-                    publish_s = self.publish()
-                    metrics["weights/publish_s"] = publish_s
-                tokens = float(batch.attention_mask.sum())
-                metrics |= rollout_metrics(groups, step_for_data, cfg.sampling.max_tokens, self.accuracy_term)
-                metrics |= {
-                    "perf/trainer_tokens_per_s": tokens / max(train_s, 1e-9),
-                    "perf/step_s": time.perf_counter() - t0,
-                    "perf/wait_s": info["wait_s"],
-                    "stale_dropped": float(info["stale_dropped"]),
-                    "zero_variance_skipped": float(info["zero_variance_skipped"]),
-                    "policy_version": float(self.published_version),
-                }
-                last = self.step == cfg.trainer.max_steps
-                if (every and self.step % every == 0) or last:
-                    if self.step % cfg.weights.publish_every != 0 and not last:
-                        metrics["weights/publish_s"] = self.publish()
-                    evals = self.evaluate()
-                    metrics |= evals
-                    if last:
-                        self.final_eval = evals
-                if self.is_main:
-                    metrics |= self._hub_metrics()
-                    self.tracker.log(self.step, metrics)
-                    self._print_progress(metrics)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.checkpoint()
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d: saving a checkpoint before leaving", self.step)
-            self.checkpoint()
-            raise
+        progress = Progress(self.step, cfg.trainer.max_steps)
+        while self.step < cfg.trainer.max_steps and not self._stop_agreed():
+            t0 = time.perf_counter()
+            pulled = self.pull()
+            if pulled is None:  # rank 0 was asked to stop while it waited for rollouts
+                self.stop.set("stopped by rank 0", EXIT_INTERRUPTED)
+                break
+            groups, info = pulled
+            metrics = self._step(groups, info, t0)
+            if self.is_main:
+                metrics |= self._hub_metrics()
+                self.tracker.log(self.step, metrics)
+                self.tracker.log_batch(self.step, groups)
+                log.info("%s", progress.line(self.step, metrics))
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.checkpoint()
         if self.last_checkpoint != self.step:
             self.checkpoint()
-        if self.is_main:
-            self.tracker.finish()
+        if self.stop.reason is not None:
+            saved = f"checkpoint {self.run_dir / 'checkpoints' / f'step_{self.step}'}" if self.step else "no checkpoint"
+            log.warning("stopped at step %d: %s (%s)", self.step, self.stop.reason, saved)
+            return self.stop.exit_code
         return 0
+
+    def _step(self, groups: list, info: dict, t0: float) -> dict[str, float]:
+        """Train on one pulled batch, publish (and evaluate) as configured; returns the step's metrics."""
+        cfg = self.cfg
+        batch = build_batch(groups, self.pad_id)
+        t1 = time.perf_counter()
+        metrics = self.train_step(batch)
+        train_s = time.perf_counter() - t1
+        step_for_data = self.step  # the version the trainer held while training this batch
+        self.step += 1
+        last = self.step == cfg.trainer.max_steps
+        evaluate = (cfg.eval.every and self.step % cfg.eval.every == 0) or last
+        if self.step % cfg.weights.publish_every == 0 or last or evaluate:
+            metrics["weights/publish_s"] = self.publish()
+        metrics |= rollout_metrics(groups, step_for_data, cfg.sampling.max_tokens, self.accuracy_term)
+        metrics |= {
+            "perf/trainer_tokens_per_s": float(batch.attention_mask.sum()) / max(train_s, 1e-9),
+            "perf/step_s": time.perf_counter() - t0,
+            "perf/wait_s": info["wait_s"],
+            "stale_dropped": float(info["stale_dropped"]),
+            "zero_variance_skipped": float(info["zero_variance_skipped"]),
+            "policy_version": float(self.published_version),
+        }
+        if evaluate:
+            evals = self.evaluate()
+            metrics |= evals
+            if last:
+                self.final_eval = evals
+        return metrics
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (all ranks call this at the same point of every step)."""
+        code = self.stop.exit_code if self.stop.reason is not None else 0
+        if self.strategy.world_size > 1:
+            flag = torch.tensor([code], dtype=torch.long, device=self.strategy.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+            if code and self.stop.reason is None:
+                self.stop.set("stopped by another rank", code)
+        return code != 0
 
     def _hub_metrics(self) -> dict[str, float]:
         st = self.hub.status()
-        out = {
+        return {
             "workers": float(len(st.workers)),
             "perf/worker_tokens_per_s": sum(w.tokens_per_s for w in st.workers),
             "hub/stale_dropped_total": float(st.stale_dropped),
+            **st.verifier,
         }
-        for k, v in st.verifier.items():
-            out[k] = v
-        return out
-
-    def _print_progress(self, m: dict) -> None:
-        acc = m.get("accuracy")
-        log.info(
-            "step %d/%d  reward %.3f  %sloss %.4f  len %.0f  stale %.1f  trainer %.0f tok/s  workers %d"
-            "  (%.1fs, waited %.1fs)",
-            self.step,
-            self.cfg.trainer.max_steps,
-            m["reward/mean"],
-            f"acc {acc:.3f} " if acc is not None else "",
-            m.get("loss/policy", math.nan),
-            m["response_length/mean"],
-            m["staleness/mean"],
-            m["perf/trainer_tokens_per_s"],
-            int(m.get("workers", 0)),
-            m["perf/step_s"],
-            m["perf/wait_s"],
-        )
 
     def checkpoint(self) -> None:
+        """All ranks: DeepSpeed state, RNG, trainer state, and (rank 0) the hub's ledger at this step."""
         self.last_checkpoint = self.step
         ledger = self.hub.ledger() if self.is_main else None
-        save_checkpoint(
-            self.strategy,
-            self.run_dir,
-            self.step,
-            {"policy_version": self.step},
-            ledger,
-            self.cfg.checkpoint.keep,
-        )
+        state = {"policy_version": self.published_version}
+        save_checkpoint(self.strategy, self.run_dir, self.step, state, ledger, self.cfg.checkpoint.keep)
 
     def export_final(self) -> Path:
+        """All ranks: the trained policy as a plain HF directory, `run_dir/final/` (rank 0 writes)."""
         out = self.run_dir / "final"
         self.strategy.save_hf(out, self.tokenizer)
         return out
