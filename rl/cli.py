@@ -27,8 +27,10 @@ app = typer.Typer(
 models_app = typer.Typer(help="Prepare and list offline model aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# In a terminal rich sizes to it; in a log file or CI it would wrap at 80 columns and break lines apart.
+_WIDTH = None if sys.stderr.isatty() else 200
+err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
+out = Console(soft_wrap=True, width=_WIDTH)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (e.g. configs/quickstart.yaml).")]
 OverridesArg = Annotated[
