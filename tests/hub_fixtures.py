@@ -84,6 +84,7 @@ class HubProcess:
 
 
 def start_hub(config: Path, log: Path, port: int | None = None, extra: list[str] = ()) -> HubProcess:
+    """`rl hub CONFIG` on 127.0.0.1 (a free port unless given); returns once /healthz answers."""
     port = port or free_port()
     env = {**os.environ, "RL_HUB_ADMIN_TOKEN": ADMIN, "RL_HUB_WORKER_TOKENS": f"{WORKER},{OTHER_WORKER}",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
@@ -102,3 +103,26 @@ def start_hub(config: Path, log: Path, port: int | None = None, extra: list[str]
         time.sleep(0.3)
     hub.stop()
     raise RuntimeError(f"hub did not start:\n{log.read_text()[-3000:]}")
+
+
+def start_worker(
+    url: str, log: Path, cache_dir: Path, *, name: str, engine: str = "vllm", token: str = WORKER, extra: list[str] = ()
+) -> subprocess.Popen:
+    """`rl rollout --hub URL --token T` as its own process (output to `log`); returns at once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    cmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", url, "--token", token, "--engine", engine,
+           "--name", name, "--cache-dir", str(cache_dir), *extra]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from rl.hub.protocol import HubStatus
 
+PIPED_WIDTH = 240
+
 
 def fetch_status(hub: str, token: str, timeout: float = 10.0) -> HubStatus:
     resp = httpx.get(f"{hub.rstrip('/')}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
@@ -26,7 +28,10 @@ def fetch_status(hub: str, token: str, timeout: float = 10.0) -> HubStatus:
 def render(status: HubStatus) -> Group:
     workers = Table(title=f"workers ({len(status.workers)})", expand=False)
     for col in ("name", "id", "engine", "version", "tokens/s", "leased", "done", "last seen"):
-        workers.add_column(col, justify="right" if col not in ("name", "id", "engine") else "left")
+        if col in ("name", "id"):  # identities: fold onto more lines in a narrow terminal, never cut with "…"
+            workers.add_column(col, overflow="fold")
+        else:
+            workers.add_column(col, justify="left" if col == "engine" else "right")
     for w in status.workers:
         workers.add_row(
             w.name, w.worker_id, w.engine, str(w.policy_version), f"{w.tokens_per_s:.0f}",
@@ -56,6 +61,8 @@ def render(status: HubStatus) -> Group:
 
 def show_status(hub: str, token: str, *, once: bool = False, interval: float = 2.0) -> int:
     console = Console()
+    if not console.is_terminal:  # piped or logged: no terminal width to fit, keep every line whole
+        console = Console(width=PIPED_WIDTH)
     try:
         status = fetch_status(hub, token)
     except (httpx.HTTPError, RuntimeError) as e:
