@@ -96,8 +96,12 @@ class WeightSync:
     def version_dir(self, version: int) -> Path:
         return self.cache_dir / f"v{version}"
 
-    def local(self, version: int) -> LocalPolicy | None:
-        """The cached version if it is complete, else None."""
+    def local(self, version: int, expected: PolicyManifest | None = None) -> LocalPolicy | None:
+        """The cached version if it is complete (and has `expected`'s files and hashes), else None.
+
+        The cache is keyed by hub address and version number only: another run served at the same
+        address (or a resumed one) can publish a different v<N>, so a hit must match the hashes.
+        """
         vdir = self.version_dir(version)
         marker = vdir / COMPLETE
         if not marker.is_file():
@@ -105,6 +109,12 @@ class WeightSync:
         try:
             manifest = PolicyManifest.model_validate_json(marker.read_text())
         except ValueError:
+            return None
+        if expected is not None and (
+            _fingerprint(manifest.files) != _fingerprint(expected.files)
+            or _fingerprint(manifest.base_files) != _fingerprint(expected.base_files)
+        ):
+            log.info("cached policy v%d is not the hub's v%d (different hashes); downloading again", version, version)
             return None
         files = [vdir / f.name for f in manifest.files]
         if not all(p.is_file() and p.stat().st_size == f.size for p, f in zip(files, manifest.files, strict=True)):
@@ -132,13 +142,17 @@ class WeightSync:
 
     def _fetch(self, manifest: PolicyManifest) -> LocalPolicy:
         with self._locked():
-            cached = self.local(manifest.version)
+            cached = self.local(manifest.version, expected=manifest)
             if cached is not None:
                 return cached
             start, before = time.perf_counter(), self.bytes_downloaded
             base = self.cache_dir / "base"
             self._sync_base(base, manifest.base_files)
             vdir = self.version_dir(manifest.version)
+            (vdir / COMPLETE).unlink(missing_ok=True)
+            for old in vdir.glob("*") if vdir.is_dir() else []:
+                if old.is_file() and not old.name.endswith(".part"):
+                    old.unlink()  # stale files of another v<N>; never rewrite a hard-linked inode in place
             vdir.mkdir(parents=True, exist_ok=True)
             for entry in manifest.files:
                 name = _safe_name(entry.name)
@@ -256,3 +270,7 @@ def _sha256(path: Path) -> str:
 
 
 __all__ = ["LocalPolicy", "WeightSync", "WeightSyncError", "default_cache_dir"]
+
+
+def _fingerprint(files: list[PolicyFile]) -> list[tuple[str, str]]:
+    return sorted((f.name, f.sha256) for f in files)

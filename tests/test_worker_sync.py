@@ -14,7 +14,7 @@ from test_worker_helpers import TOKEN, StubHub, make_policy_store, serve  # noqa
 from rl.models import sha256_file  # noqa: E402
 from rl.weights import WEIGHTS_FILE, read_manifest, version_dir  # noqa: E402
 from rollout_workers.client import HubClient  # noqa: E402
-from rollout_workers.weight_sync import WeightSync, WeightSyncError, default_cache_dir  # noqa: E402
+from rollout_workers.weight_sync import COMPLETE, WeightSync, WeightSyncError, default_cache_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,15 @@ def test_unsafe_names_and_default_dir(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("SCATTER_RL_CACHE", str(tmp_path))
     assert default_cache_dir("https://trainer.example:8443/") == tmp_path / "worker" / "trainer.example-8443"
     assert default_cache_dir("http://10.0.0.1") == tmp_path / "worker" / "10.0.0.1-80"
+
+
+def test_cached_version_from_another_run_is_not_reused(hub, policy_dir, tmp_path):
+    """The cache is keyed by hub address + version: a v2 with other hashes must be downloaded again."""
+    local = WeightSync(hub.client, tmp_path).fetch()
+    assert local.version == 2
+    other = read_manifest(policy_dir, 1).model_copy(update={"version": 2})  # "v2" of another run
+    (local.model_dir / COMPLETE).write_text(other.model_dump_json())
+    before = len(weight_gets(hub, 2))
+    again = WeightSync(hub.client, tmp_path).fetch()
+    assert len(weight_gets(hub, 2)) == before + 1
+    assert sha256_file(again.weight_files[0]) == read_manifest(policy_dir, 2).files[0].sha256
