@@ -98,21 +98,28 @@ def _prepare(alias: str, build: Callable[[Path], None], force: bool) -> Path:
             log.info("model %s already prepared at %s", alias, target)
             return target
         log.warning("cached model %s is corrupted (%s); rebuilding", alias, problem)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling temp dir, then rename: a killed preparation never leaves
-    # a directory that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         build(tmp)
         write_manifest(tmp, {"alias": alias})
+
+    atomic_dir(target, fill)
+    log.info("prepared model %s at %s", alias, target)
+    return target
+
+
+def atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a sibling temp dir, then rename it to `target`: a killed writer never leaves a dir that looks complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fill(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("prepared model %s at %s", alias, target)
-    return target
 
 
 # --------------------------------------------------------------------------- SmolLM2

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from rl.hub.protocol import PolicyFile, PolicyManifest
-from rl.models import sha256_file
+from rl.models import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +43,6 @@ def _file_entries(directory: Path) -> list[PolicyFile]:
     ]
 
 
-def _atomic_dir(target: Path, fill) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        fill(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_base(policy_dir: Path, model_dir: Path) -> Path:
     """Copy the version-independent files (config, tokenizer) of `model_dir` to `policy_dir/base`."""
 
@@ -71,7 +56,7 @@ def write_base(policy_dir: Path, model_dir: Path) -> Path:
         (tmp / MANIFEST).write_text(json.dumps([f.model_dump() for f in files], indent=1))
 
     target = Path(policy_dir) / BASE
-    _atomic_dir(target, fill)
+    atomic_dir(target, fill)
     return target
 
 
@@ -85,7 +70,7 @@ def write_version(policy_dir: Path, version: int, state_dict: dict[str, torch.Te
         manifest = PolicyManifest(version=version, format="full", files=_file_entries(tmp))
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=1))
 
-    _atomic_dir(version_dir(policy_dir, version), fill)
+    atomic_dir(version_dir(policy_dir, version), fill)
     return read_manifest(policy_dir, version)
 
 
