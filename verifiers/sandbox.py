@@ -124,7 +124,8 @@ def bwrap_argv(spec: SandboxSpec, command: list[str]) -> list[str]:
     for host, inside in spec.ro_files:
         argv += ["--ro-bind", host, inside]
     for d in _ancestors(ro_paths + tuple(inside for _, inside in spec.ro_files)):
-        argv += ["--chmod", "0755", d]
+        # A checkout under /tmp puts read-only binds inside the writable tmpfs mounts: keep those 1777.
+        argv += ["--chmod", "1777" if d in (WORKDIR, "/tmp") else "0755", d]
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": WORKDIR,
