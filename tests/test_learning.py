@@ -1,0 +1,72 @@
+"""Reward goes up: a whole `rl train` run (hub, a real vLLM-CPU worker, the DeepSpeed trainer) learns.
+
+The task is `configs/tiny-learn.yaml`: the random tiny-test model, rewarded by the shipped
+`length` term for short answers, which it learns within 30 steps of a CPU minute. The run
+is launched exactly as a user would (`rl train` in a subprocess) with fixed seeds and
+`async.max_staleness 0`, which makes it reproducible step for step. Measured on 2 cores:
+mean reward of the first 5 steps -0.719, of the last 5 steps -0.099 (the same in every
+repeat), greedy eval reward -0.375 before and 0.000 after; 60-125 s wall depending on load.
+
+Besides the reward margin, it checks that every batch was generated with the weights the
+trainer had (`mismatch_kl` ~ 0 at staleness 0): a worker that silently kept old weights,
+or log-probs that do not line up with the tokens, fail here even if the reward moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny-learn.yaml"
+
+WINDOW = 5
+MIN_REWARD_GAIN = 0.3
+"""Measured gain is 0.62 (deterministic at staleness 0); half of it still means clearly learning."""
+MIN_EVAL_GAIN = 0.1
+"""Greedy held-out reward goes from -0.375 to 0.0."""
+MAX_MISMATCH_KL = 1e-3
+"""Worker vs trainer log-probs of the same tokens under the same version: ~1e-7 when weight sync works."""
+
+
+def run_training(run_dir: Path, *overrides: str) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "rl.cli", "train", str(CONFIG), "--run-dir", str(run_dir),
+           "hub.port=0", "logging.wandb.mode=disabled", *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        logs = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-3000:]}" for p in (run_dir / "logs").glob("*"))
+        pytest.fail(f"rl train exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}\n{logs}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+def test_reward_goes_up(tmp_path):
+    from rl.config import load_config
+
+    max_steps = load_config(CONFIG).trainer.max_steps
+    rows = run_training(tmp_path / "run")
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == list(range(1, max_steps + 1))
+    rewards = [r["reward/mean"] for r in steps]
+    first, last = mean(rewards[:WINDOW]), mean(rewards[-WINDOW:])
+    curve = " ".join(f"{x:.2f}" for x in rewards)
+    assert last - first >= MIN_REWARD_GAIN, f"reward did not go up enough: {first:.3f} -> {last:.3f} ({curve})"
+
+    assert max(r["staleness/max"] for r in steps) == 0
+    worst = max(r["mismatch_kl"] for r in steps)
+    assert worst < MAX_MISMATCH_KL, f"workers generated with other weights than the trainer's: mismatch_kl {worst}"
+
+    evals = [r for r in rows if "eval/reward" in r]
+    before, after = evals[0]["eval/reward"], evals[-1]["eval/reward"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == max_steps
+    assert after - before >= MIN_EVAL_GAIN, f"greedy eval reward {before:.3f} -> {after:.3f}"
