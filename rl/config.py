@@ -357,6 +357,10 @@ class RunConfig(Section):
                 f"data.max_prompt_tokens + sampling.max_tokens ({self.data.max_prompt_tokens} + "
                 f"{self.sampling.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})"
             )
+        if self.weights.format != "full":
+            raise ValueError(
+                f"weights.format {self.weights.format!r} is not implemented yet in this version; use 'full'"
+            )
         if self.async_.max_staleness < self.weights.publish_every - 1:
             raise ValueError(
                 f"async.max_staleness ({self.async_.max_staleness}) must be at least weights.publish_every - 1 "

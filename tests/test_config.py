@@ -130,3 +130,8 @@ def test_configuration_docs_are_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (ROOT / "docs" / "configuration.md").read_text() == module.render(), "run scripts/gen_config_docs.py"
+
+
+def test_unimplemented_weight_formats_are_refused_clearly():
+    with pytest.raises(ConfigError, match="weights.format 'lora' is not implemented yet"):
+        load_config(None, ["weights.format=lora"])
