@@ -349,10 +349,12 @@ def report(results: list[Result], args: argparse.Namespace, cfg, load: tuple[flo
     best = max(rows[1:], key=lambda r: r["samples_per_s"])
     speedup = best["samples_per_s"] / base
     verdict = "met" if speedup >= 3.0 and best["reward_mean"] >= rows[0]["reward_mean"] - 0.05 else "not met"
+    overlap = rows[2]["samples_per_s"] < rows[1]["samples_per_s"]
     lines += [
         "",
         f"Goal >= 3x TRL's samples/s at equal or better reward (all-steps mean within 0.05): {verdict} "
         f"({speedup:.2f}x, {best['name']}).",
+        "",
         f"Machine load average (1 min) {load[0]:.2f} before and {load[1]:.2f} after the runs; CPU pressure (share "
         "of the time some task waited for a core, ours included) "
         + ", ".join(f"{r['cpu_pressure']:.0%}" for r in rows)
@@ -360,6 +362,13 @@ def report(results: list[Result], args: argparse.Namespace, cfg, load: tuple[flo
         f"differ by sampling noise (a reward's std is ~0.35: +-{0.35 / math.sqrt(per_step):.2f} for one step of "
         f"{per_step} samples, +-{0.35 / math.sqrt(per_step * args.steps):.2f} over all steps), not by learning.",
     ]
+    if overlap:
+        lines += [
+            "",
+            "max_staleness 1 lets the local worker generate while the trainer trains; with "
+            f"{args.threads} threads each on {os.cpu_count()} cores the two then compete for the same cores, "
+            "which is slower than taking turns. Asynchrony pays off when workers have their own hardware.",
+        ]
     return "\n".join(lines)
 
 
