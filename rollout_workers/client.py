@@ -132,6 +132,8 @@ class HubClient:
             follow_redirects=True,
         )
         self._lock = threading.Lock()
+        self._register_lock = threading.Lock()
+        """Held while registering again, so concurrent 404s (main loop + heartbeat) register once."""
         self._register_request: RegisterRequest | None = None
         self.registration: RegisterResponse | None = None
         self.registrations = 0
@@ -238,24 +240,29 @@ class HubClient:
         log.info("registered with hub %s as worker %s", self.base_url, response.worker_id)
         return response
 
-    def _reregister(self, stale_id: str) -> None:
-        with self._lock:
-            current = self.registration.worker_id if self.registration else None
-            request = self._register_request
-        if current != stale_id or request is None:
-            return  # another thread already registered again
-        log.warning("hub no longer knows worker %s (restarted?); registering again", stale_id)
-        self.register(request)
+    def _reregister(self, stale_id: str, seen: int) -> None:
+        """Register again unless another thread already did since registration number `seen`.
+
+        Compared by count, not id: a restarted hub may hand out the same id again.
+        """
+        with self._register_lock:
+            with self._lock:
+                request = self._register_request
+                if self.registrations != seen or request is None:
+                    return  # another thread already registered again
+            log.warning("hub no longer knows worker %s (restarted?); registering again", stale_id)
+            self.register(request)
 
     def _as_worker(self, call: Callable[[str], T], *, repeat: bool = True) -> T:
         """Run `call(worker_id)`; on UnknownWorker register again and (if `repeat`) call once more."""
-        worker_id = self.worker_id
+        with self._lock:
+            worker_id, seen = self.worker_id, self.registrations
         try:
             return call(worker_id)
         except HubError as e:
             if not (isinstance(e, UnknownWorker) or e.status == 404):
                 raise
-            self._reregister(worker_id)
+            self._reregister(worker_id, seen)
             if not repeat:
                 raise
             return call(self.worker_id)
@@ -274,10 +281,12 @@ class HubClient:
 
     def submit(self, request: SubmitRequest) -> SubmitResponse:
         """POST /v1/rollouts. An unknown worker id re-registers, then the HubError propagates."""
+        with self._lock:
+            seen = self.registrations
         try:
             return self._call("POST", "/v1/rollouts", SubmitResponse, json=request)
         except UnknownWorker:
-            self._reregister(request.worker_id)
+            self._reregister(request.worker_id, seen)
             raise
 
     def leave(self, timeout_s: float = 5.0) -> bool:

@@ -90,6 +90,35 @@ def test_unknown_worker_reregisters_and_repeats(hub):
     assert [r.name for r in hub.registrations] == ["x"] * 4
 
 
+def test_concurrent_unknown_worker_registers_once(hub):
+    """Heartbeat thread and main loop both hit the forgetful hub: one re-registration, not one each.
+
+    The stub hands out ids by count, so after a restart the new id can equal the old one; the
+    client must still not register twice (this raced in CI).
+    """
+    with client(hub.url) as c:
+        c.register(RegisterRequest(name="x"))
+        hub.forget_workers()
+        barrier = threading.Barrier(6)
+        errors: list[BaseException] = []
+
+        def beat() -> None:
+            try:
+                barrier.wait()
+                c.heartbeat(HeartbeatRequest(policy_version=0))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=beat) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert not errors
+    assert len(hub.registrations) == 2 and c.registrations == 2
+    assert {wid for wid, _ in hub.heartbeats[-6:]} == {c.worker_id}
+
+
 def test_survives_hub_restart(policy_dir):
     """Connection refused until the hub comes up: the call waits and then succeeds."""
     port = free_port()
