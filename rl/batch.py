@@ -23,6 +23,7 @@ class TrainBatch:
     attention_mask: Tensor  # [B, L] long
     completion_mask: Tensor  # [B, L] float, 1 on completion tokens
     behaviour_logprobs: Tensor  # [B, L] float, worker log-probs on completion positions, 0 elsewhere
+    prompt_lengths: Tensor  # [B] long, prompt tokens of each row (completion starts there)
     rewards: Tensor  # [B] float, groups contiguous
     group_size: int
     task_ids: list[int]
@@ -40,6 +41,7 @@ class TrainBatch:
             self.attention_mask[index],
             self.completion_mask[index],
             self.behaviour_logprobs[index],
+            self.prompt_lengths[index],
             self.rewards[index],
             self.group_size,
             self.task_ids,
@@ -77,6 +79,7 @@ def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
         attention,
         cmask,
         blogp,
+        torch.tensor([len(g.prompt_token_ids) for g in groups for _ in g.completions], dtype=torch.long),
         torch.tensor(rewards, dtype=torch.float32),
         group_size,
         [g.task_id for g in groups],

@@ -29,7 +29,7 @@ class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """Local directory, Hugging Face id, or alias (`smollm2-135m-instruct`, `tiny-test`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype for training and generation (bfloat16 on GPUs; float32 matches logprobs best on CPU)."""
+    """Training dtype, and generation dtype unless `rollout.dtype` is set (bfloat16 on GPUs)."""
     max_model_len: int = Field(1024, ge=16, le=1_048_576)
     """Longest prompt + completion the engines must hold, in tokens."""
     trust_remote_code: bool = False
@@ -149,6 +149,8 @@ class RolloutConfig(Section):
     """vLLM-CPU KV cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
     threads: int = Field(1, ge=1)
     """CPU threads per local worker (`OMP_NUM_THREADS`)."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Generation dtype of the workers and of published weights (None: `model.dtype`, the trainer's)."""
     enforce_eager: bool = True
     """Skip vLLM graph compilation (fast start; compiled is faster only for long runs)."""
 
@@ -230,6 +232,8 @@ class TrainerConfig(Section):
     """Override of the ZeRO stage in the DeepSpeed config."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    share_prompt: bool = True
+    """Run each group's prompt through the model once per micro-batch (exact; off with gradient checkpointing)."""
     threads: int = Field(2, ge=1)
     """torch CPU threads of the trainer process."""
     seed: int = 0

@@ -277,6 +277,7 @@ class DeepSpeedStrategy:
         input_ids: Tensor,
         attention_mask: Tensor,
         *,
+        prompt_lengths: Tensor | None = None,
         reference: bool = False,
         with_entropy: bool = False,
         temperature: float = 1.0,
@@ -290,6 +291,15 @@ class DeepSpeedStrategy:
         costs no compute beyond the chunk. `reference=True` uses the frozen
         reference model under no_grad. For training, call it once per
         micro-batch and `backward()` that micro-batch's loss (chunks share one graph).
+
+        `prompt_lengths` [B] (each >= 2) turns on prompt sharing: the rows of a
+        chunk that start with the same prompt (a GRPO group) run that prompt
+        through the model once, and only the completions attend to its KV
+        cache, with gradients flowing through it. Same log-probs and gradients
+        (to rounding; tests/test_strategy.py) for ~1/group_size of the prompt
+        compute; log-probs are then returned for completion positions
+        (t >= prompt_lengths) only, 0 at prompt positions. Each chunk is two
+        model calls instead of one.
         """
         if reference and self.ref_engine is None:
             raise RuntimeError("token_logprobs(reference=True) needs DeepSpeedStrategy(with_reference=True)")
@@ -297,15 +307,29 @@ class DeepSpeedStrategy:
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         batch, length = input_ids.shape
+        share = prompt_lengths is not None
+        if share:
+            prompt_lengths = prompt_lengths.to(self.device)
+            if batch and int(prompt_lengths.min()) < 2:
+                raise ValueError("prompt sharing needs prompts of at least 2 tokens")
         chunk = self.trainer_cfg.micro_batch_size
         n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=reference or not torch.is_grad_enabled())
         logps, ents = [], []
         with torch.no_grad() if reference else nullcontext():
             for i in range(n_chunks):
-                ids, mask = input_ids[i * chunk : (i + 1) * chunk], attention_mask[i * chunk : (i + 1) * chunk]
-                if ids.shape[0] == 0:  # this rank ran out of rows: a ZeRO-3 forward to match its peers
-                    dummy = torch.ones(1, 1, dtype=torch.long, device=self.device)
-                    model(input_ids=dummy, attention_mask=dummy, use_cache=False)
+                rows = slice(i * chunk, (i + 1) * chunk)
+                ids, mask = input_ids[rows], attention_mask[rows]
+                if ids.shape[0] == 0:  # this rank ran out of rows: ZeRO-3 forwards to match its peers
+                    dummy = torch.ones(1, 2, dtype=torch.long, device=self.device)
+                    for _ in range(2 if share else 1):
+                        model(input_ids=dummy, attention_mask=dummy, use_cache=False)
+                    continue
+                if share:
+                    logp, ent = self._shared_prompt_logprobs(model, ids, mask, prompt_lengths[rows], temperature,
+                                                             with_entropy)  # fmt: skip
+                    logps.append(logp)
+                    if ent is not None:
+                        ents.append(ent)
                     continue
                 used = max(int(mask.sum(-1).max()), 1)
                 ids, mask = ids[:, :used], mask[:, :used]
@@ -320,6 +344,57 @@ class DeepSpeedStrategy:
         if with_entropy:
             entropy = torch.cat(ents) if ents else torch.zeros_like(logp)
         return logp, entropy
+
+    def _shared_prompt_logprobs(
+        self, model: Any, ids: Tensor, mask: Tensor, prompt_lengths: Tensor, temperature: float, with_entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """One chunk of `token_logprobs` with each distinct prompt run once (see there).
+
+        Row r is split at s_r = prompt_lengths[r] - 1: the prefix ids[r, :s_r] goes
+        through the model once per distinct prefix (right-padded, no logits), its
+        KV cache is indexed out to the rows, and the suffix ids[r, s_r:] (last
+        prompt token + completion) runs on top with positions s_r, s_r + 1, ...
+        The suffix logits predict exactly the completion tokens.
+        """
+        rows, length = ids.shape
+        lengths = mask.sum(-1)
+        starts = prompt_lengths - 1
+        keys = [tuple(ids[r, : starts[r]].tolist()) for r in range(rows)]
+        distinct = list(dict.fromkeys(keys))
+        where = {k: u for u, k in enumerate(distinct)}
+        index = torch.tensor([where[k] for k in keys], device=self.device)
+        width = max(len(k) for k in distinct)
+        prefix_ids = ids.new_zeros(len(distinct), width)
+        prefix_mask = ids.new_zeros(len(distinct), width)
+        for u, k in enumerate(distinct):
+            prefix_ids[u, : len(k)] = torch.tensor(k, device=self.device)
+            prefix_mask[u, : len(k)] = 1
+        prefix = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1)
+        cache = prefix.past_key_values
+        cache.batch_select_indices(index)
+
+        suffix_lengths = lengths - starts
+        span = int(suffix_lengths.max())
+        offsets = torch.arange(span, device=self.device)
+        gather_at = (starts[:, None] + offsets[None]).clamp(max=length - 1)
+        suffix_mask = (offsets[None] < suffix_lengths[:, None]).long()
+        suffix_ids = ids.gather(1, gather_at) * suffix_mask
+        logits = model(
+            input_ids=suffix_ids,
+            attention_mask=torch.cat([prefix_mask[index], suffix_mask], 1),
+            position_ids=starts[:, None] + offsets[None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, :-1]
+        logp, ent = selected_logprobs(logits, suffix_ids[:, 1:], temperature, with_entropy)
+        valid = suffix_mask[:, 1:].to(logp.dtype)
+        # Suffix position j predicts token starts + j + 1; place it there (the spare columns catch overflow).
+        place = starts[:, None] + 1 + offsets[None, :-1]
+        out = logp.new_zeros(rows, length + span).scatter(1, place, logp * valid)[:, :length]
+        entropy = None
+        if ent is not None:
+            entropy = ent.new_zeros(rows, length + span).scatter(1, place, ent * valid)[:, :length]
+        return out, entropy
 
     def _agree_on_chunks(self, n_chunks: int, no_grad: bool) -> int:
         """Under multi-rank ZeRO-3 every forward is a collective: run as many as the busiest rank."""

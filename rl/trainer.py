@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from rl.advantages import group_advantages
 from rl.batch import TrainBatch, build_batch, eval_metrics, rollout_metrics
@@ -119,7 +120,7 @@ class Trainer:
         if self.is_main:
             if not (self.policy_dir / "base").is_dir():
                 write_base(self.policy_dir, Path(self.strategy.model_path))
-            write_version(self.policy_dir, self.step, state, self.cfg.model.dtype)
+            write_version(self.policy_dir, self.step, state, self.cfg.rollout.dtype or self.cfg.model.dtype)
             self.hub.publish(self.step)
         self.published_version = self.step
         self.strategy.barrier()
@@ -206,6 +207,13 @@ class Trainer:
         per_rank = math.ceil(full.num_sequences / self.strategy.world_size)
         chunks = [slice(i, i + mb) for i in range(0, per_rank, mb)]
         need_old = algo.num_iterations > 1
+        share = self._share_prompt(full)
+
+        def logprobs(src: TrainBatch, rows: slice, **kw) -> tuple[Tensor, Tensor | None]:
+            lengths = src.prompt_lengths[rows] if share else None
+            return self.strategy.token_logprobs(src.input_ids[rows], src.attention_mask[rows],
+                                                prompt_lengths=lengths, **kw)  # fmt: skip
+
         old, ref = [], []
         with torch.no_grad():
             for c in chunks:
@@ -213,19 +221,17 @@ class Trainer:
                 if c.start >= local.num_sequences:  # keep collectives matched; the result is unused
                     src, c = full, slice(0, 1)
                 if need_old:
-                    old.append(self.strategy.token_logprobs(src.input_ids[c], src.attention_mask[c])[0])
+                    old.append(logprobs(src, c)[0])
                 if algo.beta > 0:
-                    ref.append(self.strategy.token_logprobs(src.input_ids[c], src.attention_mask[c], reference=True)[0])
+                    ref.append(logprobs(src, c, reference=True)[0])
         parts, step_stats = [], {}
         for _ in range(algo.num_iterations):
             for i, c in enumerate(chunks):
                 if c.start >= local.num_sequences:
-                    logp, _ = self.strategy.token_logprobs(full.input_ids[:1], full.attention_mask[:1])
+                    logp, _ = logprobs(full, slice(0, 1))
                     self.strategy.backward(logp.sum() * 0.0)
                     continue
-                logp, entropy = self.strategy.token_logprobs(
-                    local.input_ids[c], local.attention_mask[c], with_entropy=True
-                )
+                logp, entropy = logprobs(local, c, with_entropy=True)
                 loss, metrics = policy_loss(
                     logp,
                     old[i] if need_old else None,
@@ -244,6 +250,11 @@ class Trainer:
         metrics.update({"grad_norm": step_stats["grad_norm"], "lr": step_stats["lr"]})
         metrics["advantage/zero_variance_groups"] = adv_stats["zero_variance_groups"]
         return metrics
+
+    def _share_prompt(self, batch: TrainBatch) -> bool:
+        """Prompt sharing for this batch (same answer on every rank: decided on the full batch)."""
+        trainer = self.cfg.trainer
+        return trainer.share_prompt and not trainer.gradient_checkpointing and int(batch.prompt_lengths.min()) >= 2
 
     def _all_reduce(self, parts: list[dict]) -> dict[str, float]:
         merged = reduce_metrics(parts) if self.strategy.world_size == 1 else None

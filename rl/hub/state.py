@@ -173,7 +173,7 @@ class HubState:
             heartbeat_interval_s=self.cfg.hub.heartbeat_interval_s,
             policy_version=self.policy_version,
             max_model_len=self.cfg.model.max_model_len,
-            dtype=self.cfg.model.dtype,
+            dtype=self.cfg.rollout.dtype or self.cfg.model.dtype,
             sampling=self.sampling_params(),
         )
 
