@@ -272,9 +272,11 @@ class HubClient:
             lambda wid: self._call("POST", f"/v1/workers/{wid}/heartbeat", HeartbeatResponse, json=request)
         )
 
-    def lease(self, policy_version: int, max_tasks: int) -> Lease:
+    def lease(self, policy_version: int, max_tasks: int, wait_s: float = 0.0) -> Lease:
+        """POST /v1/leases; `wait_s` > 0 long-polls (the hub answers as soon as there is work)."""
+
         def call(wid: str) -> Lease:
-            request = LeaseRequest(worker_id=wid, policy_version=policy_version, max_tasks=max_tasks)
+            request = LeaseRequest(worker_id=wid, policy_version=policy_version, max_tasks=max_tasks, wait_s=wait_s)
             return self._call("POST", "/v1/leases", Lease, json=request)
 
         return self._as_worker(call)

@@ -2,7 +2,7 @@
 
     register -> download + load the current policy -> loop:
         newer policy announced?  download it, reload in place (between batches)
-        POST /v1/leases          no work: sleep `retry_after_s`; too old: update first
+        POST /v1/leases          long poll (`wait_s`); no work: pause `retry_after_s`; too old: update first
         generate n per task      (vLLM or HF engine)
         POST /v1/rollouts        a 4xx (stale/expired lease, ...) is logged, the loop goes on
 
@@ -40,6 +40,11 @@ from rollout_workers.engines import Engine, make_engine
 from rollout_workers.weight_sync import WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
+
+LEASE_WAIT_S = 2.0
+"""Long poll of a lease: the hub answers at once when work appears; short, so SIGTERM is prompt."""
+MIN_LEASE_RETRY_S = 0.05
+"""Floor of the pause after an empty lease (a hub that neither waits nor asks for a pause is not spun on)."""
 
 EXIT_OK, EXIT_ERROR, EXIT_AUTH = 0, 1, 2
 
@@ -186,7 +191,7 @@ class Worker:
         if self.max_prompts is not None:
             want = min(want, self.max_prompts - self.prompts_done)
         try:
-            lease = self.client.lease(self.loaded_version, want)
+            lease = self.client.lease(self.loaded_version, want, wait_s=LEASE_WAIT_S)
         except HubError as e:
             if isinstance(e, AuthError):
                 raise
@@ -202,7 +207,7 @@ class Worker:
                 self.target_version = max(self.target_version, lease.min_policy_version)
                 return
             log.debug("no work (%s); retrying in %.1f s", lease.reason or "queue empty", lease.retry_after_s)
-            self._wait(lease.retry_after_s or 1.0)
+            self._wait(max(lease.retry_after_s, MIN_LEASE_RETRY_S))
             return
         if not lease.tasks:
             return

@@ -217,3 +217,54 @@ def test_hub_survives_and_still_serves(hub):
     assert hub.proc.poll() is None
     with hub.client(None) as c:
         assert c.get("/healthz").status_code == 200
+
+
+def test_lease_long_poll_answers_when_work_appears(tmp_path, tiny_model_dir):
+    """`wait_s` holds an empty lease until work appears: tasks re-queued by a leaving worker, a new policy."""
+    import threading
+    import time
+
+    config = write_config(tmp_path, tiny_model_dir, **{"async": {"max_staleness": 0}})
+    publish_initial_policy(tmp_path, tiny_model_dir)
+    proc = start_hub(config, tmp_path / "hub.log")
+    try:
+        a, b = register(proc), register(proc)
+        held = lease(proc, a, max_tasks=64)  # the whole staleness window (prompts_per_step tasks)
+        ask = {"worker_id": b, "policy_version": 0, "max_tasks": 64}
+
+        def long_poll(wait_s: float) -> tuple[dict, float]:
+            start = time.monotonic()
+            with proc.client(WORKER) as c:
+                r = c.post("/v1/leases", json={**ask, "wait_s": wait_s}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json(), time.monotonic() - start
+
+        empty, waited = long_poll(1.0)
+        assert empty["lease_id"] is None and empty["retry_after_s"] == 0.0 and waited >= 1.0
+
+        answers: list = []
+        poller = threading.Thread(target=lambda: answers.append(long_poll(30.0)))
+        poller.start()
+        time.sleep(0.5)
+        with proc.client(WORKER) as c:
+            assert c.delete(f"/v1/workers/{a}").status_code == 200
+        poller.join(timeout=40)
+        got, waited = answers[0]
+        assert got["lease_id"] is not None and waited < 30.0  # woken, not timed out
+        assert sorted(t["task_id"] for t in got["tasks"]) == sorted(t["task_id"] for t in held["tasks"])
+
+        # Window full again; a new policy version tells the long-polling worker to update at once.
+        poller = threading.Thread(target=lambda: answers.append(long_poll(30.0)))
+        poller.start()
+        time.sleep(0.5)
+        publish_initial_policy(tmp_path, tiny_model_dir, version=1)
+        with proc.client(ADMIN) as c:
+            assert c.post("/v1/policy", json={"version": 1}).status_code == 200
+        poller.join(timeout=40)
+        got, waited = answers[1]
+        assert got["lease_id"] is None and got["min_policy_version"] == 1 and waited < 30.0
+        with proc.client(WORKER) as c:
+            r = c.post("/v1/leases", json={**ask, "wait_s": 31})
+        assert r.status_code == 422 and r.json()["reason"] == "invalid_request"
+    finally:
+        proc.stop()

@@ -101,6 +101,8 @@ class LeaseRequest(Wire):
     policy_version: int = Field(ge=0)
     """Version the worker has loaded; a lease needs at least `min_policy_version`."""
     max_tasks: int = Field(8, ge=1, le=4096)
+    wait_s: float = Field(0.0, ge=0.0, le=30.0)
+    """Long poll: with no work now, the hub holds the request up to this long and answers as soon as there is."""
 
 
 class LeasedTask(Wire):

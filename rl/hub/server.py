@@ -129,6 +129,9 @@ class Hub:
         self.cfg, self.state, self.pool, self.tokenizer = cfg, state, pool, tokenizer
         self.policy_dir, self.tokens = Path(policy_dir), tokens
         self.changed = asyncio.Event()
+        """Set when a scored group arrives (wakes batch pulls)."""
+        self.work = asyncio.Event()
+        """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
         self._scoring_tasks: set[asyncio.Task] = set()
         self._adopt_published_policy()
@@ -153,6 +156,7 @@ class Hub:
         except Exception:
             log.exception("scoring task %d failed; re-queued", task_id)
             self.state.scoring_failed(task_id)
+            self.poke()
             return
         if eval_row is not None:
             if task_id in self.state.scoring:
@@ -180,6 +184,11 @@ class Hub:
             self.state.scored(group)
             self.changed.set()
 
+    def poke(self) -> None:
+        """Wake the leases waiting for work (see `lease` in create_app)."""
+        self.work.set()
+        self.work = asyncio.Event()
+
     def spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._scoring_tasks.add(task)
@@ -190,6 +199,7 @@ class Hub:
             await asyncio.sleep(1.0)
             expired, dead = self.state.expire(time.monotonic())
             if expired or dead:
+                self.poke()
                 log.info("re-queued %d tasks from expired leases; dropped %d silent workers", expired, dead)
 
 
@@ -243,17 +253,30 @@ def create_app(hub: Hub) -> FastAPI:
     @app.delete("/v1/workers/{worker_id}", response_model=Ack)
     async def leave(worker_id: str, who: str | None = Depends(caller)):
         returned = state.leave(worker_id, who)
+        hub.poke()
         log.info("worker %s left; %d tasks re-queued", worker_id, returned)
         return Ack(detail=f"{returned} tasks re-queued")
 
     @app.post("/v1/leases", response_model=Lease)
     async def lease(req: LeaseRequest, who: str | None = Depends(caller)):
-        return state.lease(req, who, time.monotonic())
+        # Long poll: without work, hold the request up to `wait_s`, re-trying whenever poked.
+        deadline = time.monotonic() + req.wait_s
+        while True:
+            woken = hub.work
+            answer = state.lease(req, who, time.monotonic())
+            remaining = deadline - time.monotonic()
+            if answer.lease_id is not None or answer.min_policy_version > req.policy_version:
+                return answer
+            if remaining <= 0:
+                return answer.model_copy(update={"retry_after_s": 0.0}) if req.wait_s > 0 else answer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout=min(remaining, 1.0))
 
     @app.post("/v1/rollouts", response_model=SubmitResponse)
     async def submit(req: SubmitRequest, who: str | None = Depends(caller)):
         new, dups = state.validate_submission(req, who)
         if new and (stale := state.stale_submission(req)) is not None:
+            hub.poke()  # its tasks were re-queued
             raise stale
         if new:
             rec = state.workers[req.worker_id]
@@ -294,6 +317,8 @@ def create_app(hub: Hub) -> FastAPI:
         while True:
             hub.changed.clear()
             groups, stale, skipped = state.take_batch(req.num_groups, req.step, req.skip_zero_variance)
+            if groups or stale or skipped:
+                hub.poke()  # the staleness window moved on, or dropped tasks were re-queued
             stale_total, skipped_total = stale_total + stale, skipped_total + skipped
             remaining = deadline - time.monotonic()
             if groups or remaining <= 0:
@@ -313,13 +338,16 @@ def create_app(hub: Hub) -> FastAPI:
         except (OSError, ValueError) as e:
             raise HubError(422, "bad_policy", f"version {req.version} has no readable manifest: {e}") from None
         state.policy_version = req.version
+        hub.poke()
         garbage_collect(hub.policy_dir, state.versions_in_use() | {req.version}, hub.cfg.weights.keep_versions)
         log.info("policy version %d published", req.version)
         return Ack()
 
     @app.post("/v1/evals", response_model=EvalJob, dependencies=[Depends(admin)])
     async def start_eval(req: EvalRequest):
-        return state.start_eval(req)
+        job = state.start_eval(req)
+        hub.poke()
+        return job
 
     @app.get("/v1/evals/{job_id}", response_model=EvalJob, dependencies=[Depends(admin)])
     async def eval_status(job_id: str):
