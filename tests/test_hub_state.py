@@ -229,3 +229,10 @@ def test_eval_jobs_lease_score_and_report():
     rest = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
     assert [t.task_id for t in rest.tasks] == [-3]
     assert state.outstanding == 0  # eval tasks never touch the training ledger
+
+
+def test_workers_generate_in_rollout_dtype():
+    """`rollout.dtype` lets the trainer keep fp32 while workers generate in bf16; unset, workers use model.dtype."""
+    assert make_state().register(RegisterRequest(name="w"), "tok-a", 0.0).dtype == "float32"
+    state = make_state(**{"model.dtype": "float32", "rollout.dtype": "bfloat16"})
+    assert state.register(RegisterRequest(name="w"), "tok-a", 0.0).dtype == "bfloat16"
