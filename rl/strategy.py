@@ -345,6 +345,29 @@ class DeepSpeedStrategy:
             entropy = torch.cat(ents) if ents else torch.zeros_like(logp)
         return logp, entropy
 
+    def prompt_sharing_problem(self) -> str | None:
+        """Why this model cannot share prompts (None: it can), from a tiny probe run on every rank.
+
+        The probe compares shared and plain log-probs of two rows with one prompt, so a model
+        whose forward rejects `past_key_values`/`logits_to_keep`, or whose cache cannot be
+        indexed by row, is found at start-up rather than mid-run.
+        """
+        vocab = int(self.module.config.vocab_size)
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, vocab, (6,), generator=g)
+        ids = torch.stack([torch.cat([prompt, torch.randint(0, vocab, (3,), generator=g)]) for _ in range(2)])
+        mask = torch.ones_like(ids)
+        lengths = torch.full((2,), 6)
+        try:
+            with torch.no_grad():
+                plain, _ = self.token_logprobs(ids, mask)
+                shared, _ = self.token_logprobs(ids, mask, prompt_lengths=lengths)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not share
+            return f"{type(e).__name__}: {e}"
+        gap = float((plain[:, 6:] - shared[:, 6:].to(plain.device)).abs().mean())
+        tolerance = 1e-3 if self.model_cfg.dtype == "float32" else 0.05
+        return None if gap <= tolerance else f"shared log-probs differ from plain ones by {gap:.3g} on average"
+
     def _shared_prompt_logprobs(
         self, model: Any, ids: Tensor, mask: Tensor, prompt_lengths: Tensor, temperature: float, with_entropy: bool
     ) -> tuple[Tensor, Tensor | None]:

@@ -6,8 +6,9 @@ Three runs from one invocation, each in its own process with the same CPU thread
 - `rl train` with `async.max_staleness 0` (on-policy: vLLM worker and trainer take turns);
 - `rl train` with `async.max_staleness 1` (the worker generates the next batch while the trainer trains).
 
-What is equal: the model and its dtype (the quickstart's; for bfloat16 TRL gets bf16 autocast
-over fp32 weights, as DeepSpeed's bf16 keeps fp32 master weights), the quickstart's task
+What is equal: the model and its training dtype (the quickstart's `model.dtype`; for bfloat16
+TRL gets bf16 autocast over fp32 weights, as DeepSpeed's bf16 keeps fp32 master weights; our
+workers generate in `rollout.dtype`, TRL generates with the training model), the quickstart's task
 (reasoning-gym `basic_arithmetic`, its system prompt and worked example, rewards
 `reasoning_gym` + 0.1 `format`), the prompts in the same order (the hub's seeded order, fed to
 TRL unshuffled), group size, prompts per step, completion length, temperature 1, the loss and
@@ -326,7 +327,9 @@ def report(results: list[Result], args: argparse.Namespace, cfg, load: tuple[flo
     last = max(1, args.steps // 4)
     per_step = args.prompts_per_step * 8
     lines = [
-        f"Model `{args.model}` ({cfg.model.dtype}; TRL: bf16 autocast over fp32 weights when bfloat16), "
+        f"Model `{args.model}`: trained in {cfg.model.dtype} by both (TRL: bf16 autocast over fp32 weights when "
+        f"bfloat16); generated in {cfg.rollout.dtype or cfg.model.dtype} by our vLLM worker (`rollout.dtype`) and in "
+        f"the training dtype by TRL's HF generate. "
         f"reasoning-gym `{cfg.data.source.dataset}` with the quickstart's prompt and rewards "
         f"(`reasoning_gym` + 0.1 `format`), group size 8, {args.prompts_per_step} prompts per step, "
         f"{args.max_tokens}-token completions, {args.steps} steps, lr {cfg.trainer.lr:g}, {args.threads} CPU "

@@ -192,6 +192,14 @@ def test_shared_prompt_logprobs_match_unshared(tiny_model_dir, stage):
         strategy.token_logprobs(ids, mask, prompt_lengths=torch.ones_like(plen))
 
 
+def test_prompt_sharing_probe(tiny_model_dir):
+    """The start-up probe passes on a model that shares prompts and names the problem where it cannot:
+    with gradient checkpointing, transformers drops the KV cache in training mode."""
+    assert make_strategy(tiny_model_dir).prompt_sharing_problem() is None
+    problem = make_strategy(tiny_model_dir, gradient_checkpointing=True).prompt_sharing_problem()
+    assert problem is not None and "Error" in problem
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_shared_prompt_steps_match_unshared(tiny_model_dir, stage):
     """Gradients flow through the shared prompt's KV cache: two optimizer steps land on the same weights."""
