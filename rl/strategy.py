@@ -352,9 +352,17 @@ class DeepSpeedStrategy:
 
         The probe compares shared and plain log-probs of two rows with one prompt, so a model
         whose forward rejects `past_key_values`/`logits_to_keep`, or whose cache cannot be
-        indexed by row, is found at start-up rather than mid-run.
+        indexed by row, is found at start-up rather than mid-run. Sliding-window attention
+        shorter than `model.max_model_len` is refused up front: its cache keeps only the last
+        window of a long prompt, which a short probe cannot show.
         """
-        vocab = int(self.module.config.vocab_size)
+        config = self.module.config
+        layer_types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        sliding = "sliding_attention" in layer_types if layer_types else window is not None
+        if sliding and window is not None and window < self.model_cfg.max_model_len:
+            return f"sliding-window attention ({window} tokens) shorter than model.max_model_len"
+        vocab = int(config.vocab_size)
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, vocab, (6,), generator=g)
         ids = torch.stack([torch.cat([prompt, torch.randint(0, vocab, (3,), generator=g)]) for _ in range(2)])

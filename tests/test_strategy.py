@@ -198,6 +198,10 @@ def test_prompt_sharing_probe(tiny_model_dir):
     assert make_strategy(tiny_model_dir).prompt_sharing_problem() is None
     problem = make_strategy(tiny_model_dir, gradient_checkpointing=True).prompt_sharing_problem()
     assert problem is not None and "Error" in problem
+    strategy = make_strategy(tiny_model_dir)
+    strategy.module.config.layer_types = ["full_attention", "sliding_attention"]
+    strategy.module.config.sliding_window = 8  # shorter than max_model_len: a long prompt would lose keys
+    assert "sliding-window" in strategy.prompt_sharing_problem()
 
 
 @pytest.mark.parametrize("stage", [0, 3])
