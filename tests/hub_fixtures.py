@@ -25,29 +25,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_data() -> dict:
+    """The tests' data section: 64 one-digit reasoning-gym sums, no eval split."""
+    return {
+        "source": {"type": "reasoning_gym", "dataset": "basic_arithmetic", "size": 64,
+                   "params": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
+        "eval_size": 0,
+        "max_prompt_tokens": 128,
+    }  # fmt: skip
+
+
+def write_yaml_config(path: Path, cfg: dict, sections: dict) -> Path:
+    """`cfg` with each section in `sections` merged over its defaults, as YAML at `path`."""
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def write_config(run_dir: Path, model_dir: Path, **sections) -> Path:
     cfg = {
         "run_name": "test",
         "run_dir": str(run_dir),
         "model": {"name": str(model_dir), "max_model_len": 256},
-        "data": {
-            "source": {"type": "reasoning_gym", "dataset": "basic_arithmetic", "size": 64,
-                       "params": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
-            "eval_size": 0,
-            "max_prompt_tokens": 128,
-        },
+        "data": tiny_data(),
         "sampling": {"n": 2, "max_tokens": 8},
         "trainer": {"prompts_per_step": 2, "micro_batch_size": 4},
         "rewards": {"terms": [{"name": "reasoning_gym"}], "workers": 1},
         "hub": {"lease_ttl_s": 60, "heartbeat_interval_s": 2.0, "max_body_mb": 0.5},
         "logging": {"wandb": {"mode": "disabled"}},
     }  # fmt: skip
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value)
-    path = run_dir / "config.yaml"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml_config(run_dir / "config.yaml", cfg, sections)
 
 
 def publish_initial_policy(run_dir: Path, model_dir: Path, version: int = 0, state: dict | None = None) -> None:

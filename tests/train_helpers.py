@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-import yaml
+from hub_fixtures import tiny_data, write_yaml_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -31,12 +31,7 @@ def train_config(run_dir: Path, model_dir: Path, **sections: dict) -> Path:
         "run_name": run_dir.name,
         "run_dir": str(run_dir),
         "model": {"name": str(model_dir), "max_model_len": 192},
-        "data": {
-            "source": {"type": "reasoning_gym", "dataset": "basic_arithmetic", "size": 64,
-                       "params": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
-            "eval_size": 0,
-            "max_prompt_tokens": 128,
-        },
+        "data": tiny_data(),
         "sampling": {"n": 2, "max_tokens": 8},
         "rollout": {"local_workers": 1, "prompts_per_lease": 2},
         # A length term (in characters) gives groups reward variance, so every step changes the weights.
@@ -48,12 +43,7 @@ def train_config(run_dir: Path, model_dir: Path, **sections: dict) -> Path:
         "eval": {"every": 0, "num_prompts": 0},
         "logging": {"wandb": {"mode": "disabled"}},
     }  # fmt: skip
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value)
-    path = run_dir.parent / f"{run_dir.name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml_config(run_dir.parent / f"{run_dir.name}.yaml", cfg, sections)
 
 
 def train_env() -> dict[str, str]:
