@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rl.hub.protocol import EvalJob, ScoredGroup
+from rl.protocol import EvalJob, ScoredGroup
 
 
 @dataclass

@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rl.hub.protocol import Ledger
+from rl.protocol import Ledger
+from rl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 LEDGER = "ledger.json"
 STATE = "trainer_state.json"
-STEP_LOGS = ("metrics.jsonl", "batches.jsonl")
-"""Run-dir logs with one JSON record per step (`{"step": N, ...}`)."""
 
 
 class CheckpointError(RuntimeError):
@@ -35,7 +34,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def checkpoint_step(path: Path) -> int:
@@ -58,16 +57,15 @@ def discard_after(run_dir: Path, step: int) -> None:
     cached copies of them, half-written checkpoints, `final/`, and records of later steps
     in the step logs (metrics.jsonl, batches.jsonl).
     """
-    run_dir = Path(run_dir)
-    for parent in (run_dir / "policy", run_dir / "worker_cache"):
+    paths = RunDir(run_dir)
+    for parent in paths.versioned:
         for p in parent.glob("v*"):
             if p.is_dir() and p.name[1:].isdigit() and int(p.name[1:]) > step:
                 shutil.rmtree(p, ignore_errors=True)
     for p in checkpoints_dir(run_dir).glob(".tmp-step_*"):
         shutil.rmtree(p, ignore_errors=True)
-    shutil.rmtree(run_dir / "final", ignore_errors=True)
-    for name in STEP_LOGS:
-        path = run_dir / name
+    shutil.rmtree(paths.final, ignore_errors=True)
+    for path in paths.step_logs:
         if not path.is_file():
             continue
         kept = []
@@ -82,16 +80,16 @@ def discard_after(run_dir: Path, step: int) -> None:
 
 def prepare_fresh(run_dir: Path) -> None:
     """A fresh run may not overwrite checkpoints; leftovers of a run that never saved one are removed."""
-    run_dir = Path(run_dir)
+    paths = RunDir(run_dir)
     if (ckpt := latest_checkpoint(run_dir)) is not None:
         raise CheckpointError(
             f"{run_dir} already holds a run (checkpoint {ckpt.name}): continue it with --resume, "
             f"or start over with another --run-dir (or delete {run_dir})"
         )
-    for name in ("policy", "worker_cache", "final", "checkpoints"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in (*STEP_LOGS, "curves.png", "wandb_run_id"):
-        (run_dir / name).unlink(missing_ok=True)
+    for directory in (*paths.versioned, paths.final, paths.checkpoints):
+        shutil.rmtree(directory, ignore_errors=True)
+    for path in (*paths.step_logs, paths.curves, paths.wandb_run_id, paths.hub_db):
+        path.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:

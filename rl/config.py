@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rl.rundir import RunDir
+
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, docstrings are field docs."""
@@ -375,6 +377,11 @@ class RunConfig(Section):
     @property
     def resolved_run_dir(self) -> Path:
         return self.run_dir if self.run_dir is not None else Path("runs") / self.run_name
+
+    @property
+    def paths(self) -> RunDir:
+        """The named places of this run's directory (rl/rundir.py)."""
+        return RunDir(self.resolved_run_dir)
 
 
 _SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")

@@ -35,14 +35,14 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from rl.checkpoint import CheckpointError, checkpoint_step, discard_after, latest_checkpoint, prepare_fresh
+from rl.client import HubHTTP
 from rl.config import RunConfig, dump_config
 from rl.data import DataError
 from rl.hub.admin import HubAdmin
-from rl.hub.server import Tokens
+from rl.hub.tokens import Tokens
 from rl.models import ModelError, resolve_model
+from rl.rundir import RunDir
 from rl.trainer import EXIT_INTERRUPTED, StopRequest
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ class Launch:
     def __init__(self, cfg: RunConfig, resume: bool):
         self.cfg, self.resume = cfg, resume
         self.run_dir = cfg.resolved_run_dir.resolve()
-        self.logs = self.run_dir / "logs"
+        self.paths = RunDir(self.run_dir)
+        self.logs = self.paths.logs
         self.hub: Child | None = None
         self.workers: list[Child] = []
         self.watchdog: Watchdog | None = None
@@ -196,7 +197,7 @@ class Launch:
         if self.resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
-                raise CheckpointError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
+                raise CheckpointError(f"--resume: no checkpoint under {self.paths.checkpoints}")
             discard_after(self.run_dir, checkpoint_step(ckpt))
             return ckpt
         prepare_fresh(self.run_dir)
@@ -210,7 +211,7 @@ class Launch:
         ckpt = self.prepare_run_dir()
         self.logs.mkdir(parents=True, exist_ok=True)
         cfg.run_dir = self.run_dir
-        config_path = self.run_dir / "config.yaml"
+        config_path = self.paths.config
         config_path.write_text(dump_config(cfg))
         port = cfg.hub.port or _free_port(cfg.hub.host)
         host = f"[{cfg.hub.host}]" if ":" in cfg.hub.host else cfg.hub.host  # an IPv6 address
@@ -236,7 +237,7 @@ class Launch:
                     "--tp", str(cfg.rollout.tensor_parallel), "--name", f"local-{i}",
                     "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
                     "--seed", str(cfg.trainer.seed * 1000 + i),
-                    "--cache-dir", str(self.run_dir / "worker_cache")]  # fmt: skip
+                    "--cache-dir", str(self.paths.worker_cache)]  # fmt: skip
             self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log"))
         public = cfg.hub.public_url or self.url
         log.info("hub at %s (logs: %s)", self.url, self.logs)
@@ -245,15 +246,13 @@ class Launch:
 
     def _wait_healthy(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.hub.proc.poll() is not None:
-                raise LaunchError(self.hub.exit_message())
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
+        with HubHTTP(self.url, self.tokens.admin) as probe:
+            while time.monotonic() < deadline:
+                if self.hub.proc.poll() is not None:
+                    raise LaunchError(self.hub.exit_message())
+                if probe.healthy():
                     return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+                time.sleep(0.5)
         raise LaunchError(f"hub did not become healthy in {timeout:.0f}s; see {self.hub.log_path}")
 
     def stop(self, admin: HubAdmin | None) -> None:
@@ -330,22 +329,22 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         code = trainer.run()
         if code != 0:
             if trainer.is_main and latest_checkpoint(run_dir) is not None:
-                log.warning("continue with: rl train %s --resume", run_dir / "config.yaml")
+                log.warning("continue with: rl train %s --resume", RunDir(run_dir).config)
             return code
         final = trainer.export_final()
         if trainer.is_main:
             _report(trainer)
-            log.info("done: final model in %s, metrics in %s", final, run_dir / "metrics.jsonl")
+            log.info("done: final model in %s, metrics in %s", final, RunDir(run_dir).metrics)
         return 0
     except USER_ERRORS as e:
         log.error("%s", e)
         return 1
     except KeyboardInterrupt:
-        log.warning("stopped at once; the latest checkpoint under %s stays valid", run_dir / "checkpoints")
+        log.warning("stopped at once; the latest checkpoint under %s stays valid", RunDir(run_dir).checkpoints)
         return EXIT_INTERRUPTED
     except Exception as e:
         log.exception("training failed: %s: %s (logs of the hub and workers: %s)", type(e).__name__, e,
-                      run_dir / "logs")  # fmt: skip
+                      RunDir(run_dir).logs)  # fmt: skip
         return 1
     finally:
         if launch is not None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from rl.config import RunConfig
+from rl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 class Tracker:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume: bool = False):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
-        self.batches_path = self.run_dir / "batches.jsonl"
+        self.paths = RunDir(self.run_dir)
+        self.path = self.paths.metrics
+        self.batches_path = self.paths.batches
         self.history: list[dict] = []
         if resume and self.path.is_file():
             self.history = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -46,7 +48,7 @@ class Tracker:
             )
 
     def _run_id(self, resume: bool) -> str | None:
-        id_file = self.run_dir / "wandb_run_id"
+        id_file = self.paths.wandb_run_id
         if resume and id_file.is_file():
             return id_file.read_text().strip()
         run_id = secrets.token_hex(4)
@@ -92,7 +94,7 @@ class Tracker:
         ax.set_xlabel("step")
         ax.legend()
         ax.grid(alpha=0.3)
-        out = self.run_dir / "curves.png"
+        out = self.paths.curves
         fig.tight_layout()
         fig.savefig(out, dpi=100)
         plt.close(fig)

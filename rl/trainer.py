@@ -44,8 +44,8 @@ from rl.batch import TrainBatch, build_batch, eval_metrics, rollout_metrics
 from rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import RunConfig
 from rl.hub.admin import HubAdmin
-from rl.hub.protocol import EvalRequest
 from rl.loss import LossNorm, policy_loss, reduce_metrics
+from rl.protocol import EvalRequest
 from rl.tracking import Progress
 from rl.weights import write_base, write_version
 
@@ -85,7 +85,8 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = cfg.resolved_run_dir
-        self.policy_dir = self.run_dir / "policy"
+        self.paths = cfg.paths
+        self.policy_dir = self.paths.policy
         self.strategy = DeepSpeedStrategy(cfg.model, cfg.trainer, with_reference=cfg.algorithm.beta > 0)
         self.share_prompt = cfg.trainer.share_prompt and not cfg.trainer.gradient_checkpointing
         if self.share_prompt and (problem := self.strategy.prompt_sharing_problem()) is not None:
@@ -414,6 +415,6 @@ class Trainer:
 
     def export_final(self) -> Path:
         """All ranks: the trained policy as a plain HF directory, `run_dir/final/` (rank 0 writes)."""
-        out = self.run_dir / "final"
+        out = self.paths.final
         self.strategy.save_hf(out, self.tokenizer)
         return out

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rl.hub.protocol import PolicyFile, PolicyManifest
 from rl.models import atomic_dir, sha256_file
+from rl.protocol import PolicyFile, PolicyManifest
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from rl.hub.protocol import PolicyFile, PolicyManifest
+from rl.protocol import PolicyFile, PolicyManifest
 from rollout_workers.client import HubClient, HubError
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from rl.hub.protocol import (
+from rl.protocol import (
     Completion,
     HeartbeatRequest,
     Lease,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_worker_helpers import hf_logprobs, perturbed  # noqa: E402
 
-from rl.hub.protocol import SamplingParamsWire  # noqa: E402
+from rl.protocol import SamplingParamsWire  # noqa: E402
 from rollout_workers.engines import Engine, make_engine  # noqa: E402
 
 MAX_MODEL_LEN = 64

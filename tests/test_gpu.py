@@ -12,7 +12,7 @@ def test_vllm_cuda_reload_matches_hf(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from rl.hub.protocol import SamplingParamsWire
+    from rl.protocol import SamplingParamsWire
     from rollout_workers.engines import make_engine
 
     state = load_file(tiny_model_dir / "model.safetensors")

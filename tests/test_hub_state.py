@@ -6,7 +6,8 @@ import pytest
 
 from rl.config import load_config
 from rl.data import PromptOrder, PromptSet
-from rl.hub.protocol import (
+from rl.hub.state import HubError, HubState
+from rl.protocol import (
     Completion,
     LeaseRequest,
     RegisterRequest,
@@ -15,7 +16,6 @@ from rl.hub.protocol import (
     SubmitRequest,
     TaskResult,
 )
-from rl.hub.state import HubError, HubState
 
 N = 2
 
@@ -201,7 +201,7 @@ def test_old_worker_must_update_first():
 
 
 def test_eval_jobs_lease_score_and_report():
-    from rl.hub.protocol import EvalRequest
+    from rl.protocol import EvalRequest
 
     state = make_state()
     state.eval_prompts = PromptSet(rows=[{"question": "e", "answer": "1"}] * 3, prompt_ids=[[9, 9]] * 3,

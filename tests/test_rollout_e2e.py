@@ -37,8 +37,8 @@ from test_worker_helpers import perturbed, serve
 from rl.config import load_config
 from rl.data import PromptSet, load_rows
 from rl.hub.admin import HubAdmin
-from rl.hub.protocol import ScoredGroup
 from rl.models import sha256_file
+from rl.protocol import ScoredGroup
 from rl.weights import WEIGHTS_FILE, read_manifest, write_version
 
 pytestmark = pytest.mark.slow

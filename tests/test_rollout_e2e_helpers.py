@@ -29,7 +29,7 @@ from starlette.routing import Route
 from rl.config import RunConfig
 from rl.data import PromptSet
 from rl.hub.admin import HubAdmin
-from rl.hub.protocol import HubStatus, ScoredGroup
+from rl.protocol import HubStatus, ScoredGroup
 from rl.weights import WEIGHTS_FILE, version_dir
 
 

@@ -205,25 +205,34 @@ def test_prompt_sharing_probe(tiny_model_dir):
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_shared_prompt_steps_match_unshared(tiny_model_dir, stage):
-    """Gradients flow through the shared prompt's KV cache: two optimizer steps land on the same weights."""
+def test_shared_prompt_gradients_match_unshared(tiny_model_dir, stage):
+    """Gradients flow through the shared prompt's KV cache: the accumulated gradient of every parameter
+    equals the unshared one up to fp32 rounding.
+
+    Compared before the optimizer step, not as weights after Adam steps: Adam divides by sqrt(v), so
+    a rounding-level gradient difference on an element with a tiny gradient becomes a full-size update
+    (weights after two steps differed by 1e-3 of the update on AMD EPYC, not on Intel).
+    """
+    from deepspeed.utils import safe_get_full_grad
+
     ids, mask, plen = make_groups_batch()
     completion = ((torch.arange(ids.shape[1])[None] >= plen[:, None]) & mask.bool()).float()
     weight = torch.linspace(-1.0, 1.0, ids.shape[0])
-    states = []
+    grads = []
     for share in (False, True):
         strategy = make_strategy(tiny_model_dir, stage, micro_batch_size=4, grad_clip=0.5)
-        initial = strategy.gather_state_dict()
-        for _ in range(2):
-            for part in torch.arange(ids.shape[0]).tensor_split(2):
-                logp, _ = strategy.token_logprobs(ids[part], mask[part], prompt_lengths=plen[part] if share else None)
-                strategy.backward(-((logp * completion[part]).sum(-1) * weight[part]).sum() / completion.sum())
-            strategy.step()
-        states.append(strategy.gather_state_dict())
+        for part in torch.arange(ids.shape[0]).tensor_split(2):
+            logp, _ = strategy.token_logprobs(ids[part], mask[part], prompt_lengths=plen[part] if share else None)
+            strategy.backward(-((logp * completion[part]).sum(-1) * weight[part]).sum() / completion.sum())
+        grads.append({n: safe_get_full_grad(p).detach().clone() for n, p in strategy.module.named_parameters()})
+        strategy.step()
         strategy.close()
-    moved = max_diff(initial, states[0])
-    assert moved > 1e-3  # two Adam steps at lr 1e-3 moved the weights; sharing moves them the same way
-    assert max_diff(*states) < 1e-3 * moved
+    plain, shared = grads
+    scale = max(float(g.abs().max()) for g in plain.values())
+    assert scale > 1e-3  # a real gradient, not zeros
+    for name, g in plain.items():
+        # fp32 sums over a few hundred terms: a few ulps of the largest gradient, never more.
+        torch.testing.assert_close(shared[name], g, rtol=0, atol=1e-5 * scale, msg=name)
 
 
 def test_token_logprobs_keep_the_graph(tiny_model_dir):

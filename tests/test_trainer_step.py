@@ -9,7 +9,7 @@ import torch
 
 from rl.batch import build_batch, rollout_metrics
 from rl.config import load_config
-from rl.hub.protocol import ScoredCompletion, ScoredGroup
+from rl.protocol import ScoredCompletion, ScoredGroup
 
 
 def make_groups(n_groups=2, n=4, vocab=400, seed=0) -> list[ScoredGroup]:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_worker_helpers import TOKEN, StubHub, free_port, make_policy_store, serve  # noqa: E402
 
-from rl.hub.protocol import HeartbeatRequest, RegisterRequest, SubmitRequest, TaskResult  # noqa: E402
+from rl.protocol import HeartbeatRequest, RegisterRequest, SubmitRequest, TaskResult  # noqa: E402
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable, UnknownWorker  # noqa: E402
 
 

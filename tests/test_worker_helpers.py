@@ -1,6 +1,6 @@
 """Helpers for the worker tests: a stub hub (FastAPI on loopback, real HTTP) with fault injection.
 
-Not the real hub (rl/hub/server.py): just the worker routes of rl/hub/protocol.py,
+Not the real hub (rl/hub/server.py): just the worker routes of rl/protocol.py,
 backed by a real policy store (rl/weights.py), with knobs to corrupt or cut a
 file download, reject submissions, forget workers (a hub restart) and answer
 5xx. The other test_worker*.py files import it; it holds no tests itself.
@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from rl.hub.protocol import (
+from rl.protocol import (
     Ack,
     ErrorBody,
     HeartbeatRequest,

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
-import os
-import secrets
 import socket
 import sys
 import time
@@ -27,7 +24,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.config import RunConfig
-from rl.hub.protocol import (
+from rl.hub.state import HubState
+from rl.hub.tokens import Tokens
+from rl.protocol import (
     Ack,
     Batch,
     BatchRequest,
@@ -35,6 +34,7 @@ from rl.hub.protocol import (
     EvalRequest,
     HeartbeatRequest,
     HeartbeatResponse,
+    HubError,
     HubStatus,
     Lease,
     LeaseRequest,
@@ -48,45 +48,12 @@ from rl.hub.protocol import (
     SubmitRequest,
     SubmitResponse,
 )
-from rl.hub.state import HubError, HubState, token_id
 from rl.weights import BASE, garbage_collect, read_manifest, version_dir
 
 log = logging.getLogger(__name__)
 
 KEEP_ALIVE_S = 75
 """Seconds an idle worker connection stays open (as nginx's default)."""
-
-
-class Tokens:
-    """Bearer tokens: one admin token, any number of worker tokens."""
-
-    def __init__(self, admin: str, workers: list[str]):
-        if not admin or not workers:
-            raise ValueError("need an admin token and at least one worker token")
-        self.admin, self.workers = admin, list(workers)
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> tuple[Tokens, bool]:
-        """Config, else env RL_HUB_ADMIN_TOKEN / RL_HUB_WORKER_TOKENS, else generated (second value True)."""
-        admin = cfg.hub.admin_token or os.environ.get("RL_HUB_ADMIN_TOKEN")
-        workers = cfg.hub.worker_tokens or [
-            t.strip() for t in os.environ.get("RL_HUB_WORKER_TOKENS", "").split(",") if t.strip()
-        ]
-        generated = not admin or not workers
-        admin = admin or f"adm-{secrets.token_urlsafe(24)}"
-        workers = workers or [f"wrk-{secrets.token_urlsafe(24)}"]
-        return cls(admin, workers), generated
-
-    def caller(self, header: str | None) -> str | None:
-        """Token id of a worker caller, None for admin; raises 401 for a missing/unknown token."""
-        if not header or not header.startswith("Bearer "):
-            raise HubError(401, "missing_token", "send Authorization: Bearer <token>")
-        token = header[len("Bearer ") :].strip()
-        if hmac.compare_digest(token, self.admin):
-            return None
-        if any(hmac.compare_digest(token, w) for w in self.workers):
-            return token_id(token)
-        raise HubError(401, "bad_token", "unknown token")
 
 
 class BodyLimit:
@@ -391,7 +358,7 @@ def build_hub(cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | Non
     pool = VerifierPool.from_config(cfg.rewards)
     if tokens is None:
         tokens, _ = Tokens.from_config(cfg)
-    return Hub(cfg, state, pool, tokenizer, cfg.resolved_run_dir / "policy", tokens)
+    return Hub(cfg, state, pool, tokenizer, cfg.paths.policy, tokens)
 
 
 def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:

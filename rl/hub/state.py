@@ -19,7 +19,6 @@ worker at version w may lease new tasks only while
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 import time
@@ -28,12 +27,13 @@ from dataclasses import dataclass, field
 
 from rl.config import RunConfig
 from rl.data import PromptOrder, PromptSet
-from rl.hub.protocol import (
+from rl.protocol import (
     Completion,
     EvalCompletion,
     EvalJob,
     EvalRequest,
     EvalTaskResult,
+    HubError,
     HubStatus,
     Lease,
     LeasedTask,
@@ -46,18 +46,6 @@ from rl.hub.protocol import (
     SubmitRequest,
     WorkerStatus,
 )
-
-
-class HubError(Exception):
-    """A rejected request: HTTP status, machine-readable reason, human detail."""
-
-    def __init__(self, status: int, reason: str, detail: str):
-        super().__init__(detail)
-        self.status, self.reason, self.detail = status, reason, detail
-
-
-def token_id(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import time
 
-import httpx
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from rl.hub.protocol import HubStatus
+from rl.client import HubHTTP, HubUnavailable
+from rl.protocol import HubError, HubStatus
 
 PIPED_WIDTH = 240
 
 
-def fetch_status(hub: str, token: str, timeout: float = 10.0) -> HubStatus:
-    resp = httpx.get(f"{hub.rstrip('/')}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
-    if resp.status_code != 200:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        raise RuntimeError(f"hub answered {resp.status_code}: {detail}")
-    return HubStatus.model_validate(resp.json())
+def fetch_status(client: HubHTTP) -> HubStatus:
+    return client.call("GET", "/v1/status", HubStatus)
 
 
 def render(status: HubStatus) -> Group:
@@ -63,9 +56,10 @@ def show_status(hub: str, token: str, *, once: bool = False, interval: float = 2
     console = Console()
     if not console.is_terminal:  # piped or logged: no terminal width to fit, keep every line whole
         console = Console(width=PIPED_WIDTH)
+    client = HubHTTP(hub, token, timeout_s=10.0, max_retry_s=5.0)
     try:
-        status = fetch_status(hub, token)
-    except (httpx.HTTPError, RuntimeError) as e:
+        status = fetch_status(client)
+    except (HubError, HubUnavailable) as e:
         console.print(f"[red]error:[/red] cannot read status from {hub}: {e}")
         return 2
     if once:
@@ -76,8 +70,8 @@ def show_status(hub: str, token: str, *, once: bool = False, interval: float = 2
             while True:
                 time.sleep(interval)
                 try:
-                    live.update(render(fetch_status(hub, token)))
-                except (httpx.HTTPError, RuntimeError) as e:
+                    live.update(render(fetch_status(client)))
+                except (HubError, HubUnavailable) as e:
                     live.console.print(f"[yellow]hub unreachable: {e}[/yellow]")
         except KeyboardInterrupt:
             return 0

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Literal
 
-from rl.hub.protocol import Completion, SamplingParamsWire
+from rl.protocol import Completion, SamplingParamsWire
 
 __all__ = ["Completion", "Engine", "EngineKind", "make_engine"]
 

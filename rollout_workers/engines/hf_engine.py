@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rl.hub.protocol import Completion, SamplingParamsWire
+from rl.protocol import Completion, SamplingParamsWire
 from rollout_workers.engines import Engine
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from rl.hub.protocol import Completion, SamplingParamsWire
+from rl.protocol import Completion, SamplingParamsWire
 from rollout_workers.engines import Engine
 
 log = logging.getLogger(__name__)

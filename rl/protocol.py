@@ -49,6 +49,31 @@ class ErrorBody(Wire):
     detail: str
 
 
+class HubError(RuntimeError):
+    """A rejected request: HTTP status, machine-readable reason, human detail.
+
+    The one error type of the wire: the hub raises it (and sends it as an `ErrorBody`), every
+    client rebuilds it from the response with `HubError.from_response`.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(f"hub answered {status} {reason}: {detail}" if detail else f"hub answered {status} {reason}")
+        self.status, self.reason, self.detail = status, reason, detail
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(reason=self.reason, detail=self.detail)
+
+    @classmethod
+    def from_response(cls, status: int, content: bytes, reason_phrase: str = "") -> HubError:
+        """Rebuild the hub's error from a response body; a body that is not an `ErrorBody`
+        (a proxy's HTML page, a framework's own error) keeps its first 500 characters as detail."""
+        try:
+            body = ErrorBody.model_validate_json(content)
+            return cls(status, body.reason, body.detail)
+        except ValueError:
+            return cls(status, reason_phrase or "http_error", content[:500].decode("utf-8", "replace"))
+
+
 # --------------------------------------------------------------------------- workers
 
 

@@ -1,0 +1,81 @@
+"""Names for the places of a run directory: one object instead of path literals spread over modules.
+
+    runs/<run_name>/
+      config.yaml        the fully resolved config the run was started with
+      policy/            published weights: base/ and v<N>/ (rl/weights.py)
+      worker_cache/      local workers' verified copies of policy versions
+      checkpoints/       step_<N>/ (rl/checkpoint.py)
+      final/             the trained policy as a plain HF directory
+      logs/              hub.log, worker-<i>.log
+      hub.sqlite         the hub's ledger (survives a hub crash)
+      metrics.jsonl      one record per step (the same names as in W&B)
+      batches.jsonl      which prompts each step trained on
+      curves.png         reward and accuracy curves
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def policy(self) -> Path:
+        return self.root / "policy"
+
+    @property
+    def worker_cache(self) -> Path:
+        return self.root / "worker_cache"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def hub_db(self) -> Path:
+        return self.root / "hub.sqlite"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def batches(self) -> Path:
+        return self.root / "batches.jsonl"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def wandb_run_id(self) -> Path:
+        return self.root / "wandb_run_id"
+
+    @property
+    def step_logs(self) -> tuple[Path, ...]:
+        """Logs with one JSON record per step (`{"step": N, ...}`), cut back on resume."""
+        return (self.metrics, self.batches)
+
+    @property
+    def versioned(self) -> tuple[Path, ...]:
+        """Directories holding `v<N>/` policy versions."""
+        return (self.policy, self.worker_cache)
