@@ -1,162 +1,424 @@
-"""Benchmark the hub's control plane: N simulated workers (real HTTP clients) against a real hub process.
+"""Benchmark the hub's control plane under an open-loop load of many simulated rollout workers.
 
-Workers register (before the clock starts), then lease, "generate" instantly (fixed token ids)
-and submit, each on its own keep-alive connection; a simulated trainer pulls batches. Reports
-submissions/s, lease latency p50/p99 (requests completed inside the window) and lost tasks
-(handed out but neither consumed, buffered, scoring, leased nor queued at the end: must be 0)
-for N = 10, 100, 1000. Simulated workers have no think time (real ones generate for seconds
-between calls), so with many of them the latency is queueing: about N / throughput. They all
-run in this one process, competing with the hub for CPU on a small machine: the numbers are a
-floor for the hub, not a ceiling.
+What a real pool looks like to the hub: each worker heartbeats every `--heartbeat-s` and, every
+1-10 s (uniform "think time": the generation a real GPU worker does), leases one prompt and submits
+its group: n=8 completions of 256-1,024 tokens with a logprob per token (~100 kB of JSON). The
+schedule is open-loop: a worker's next submission is due at a time drawn in advance, not after
+the previous answer, so a slow hub shows up as latency instead of quietly lowering the load.
+A simulated trainer pulls batches of 64 groups as fast as the hub fills them.
 
-    .venv/bin/python scripts/bench_hub.py [--workers 10 100 1000] [--seconds 20] [--write-docs]
+Process layout (so the numbers are the hub's, not the load generator's):
+- the hub (`rl hub`, uvicorn + uvloop) pinned to CPU 0 with `taskset`; its verifier pool's
+  processes inherit that core (the reward here is the inline `format` term);
+- the simulated workers in `--load-procs` other processes pinned to the remaining CPUs, each
+  worker on its own keep-alive connection, on a minimal HTTP/1.1 client over asyncio streams
+  (payloads are pre-encoded; per request the client only fills in ids);
+- hub CPU time is read from /proc for the hub process alone (not its verifier children).
+
+Rows: `--workers` open-loop sizes (default 100 1000 5000), then one saturation row: `--sat-conns`
+workers with no think time, which keeps the hub core busy; its submissions/s is the saturation
+throughput of one hub core. After every row an audit checks that every task id handed out is in
+exactly one of queued, leased, scoring, buffered, or consumed by the simulated trainer.
+
+    .venv/bin/python scripts/bench_hub.py [--workers 100 1000 5000] [--seconds 30] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import json
+import multiprocessing as mp
 import os
-import ssl
-import statistics
+import random
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from hub_fixtures import ADMIN, WORKER, publish_initial_policy, start_hub, write_config  # noqa: E402
+ADMIN, WORKER = "bench-admin-token", "bench-worker-token"
+GROUP = 8
+MIN_TOKENS, MAX_TOKENS = 256, 1024
+TEMPLATES = 16
 
 
-async def register(client: httpx.AsyncClient) -> str:
-    r = await client.post("/v1/workers", json={"name": "sim", "engine": "hf"})
+# --------------------------------------------------------------------------- a minimal HTTP/1.1 client
+
+
+class Conn:
+    """One keep-alive connection; requests are sequential on it (as on a worker's connection)."""
+
+    def __init__(self, host: str, port: int, token: str):
+        self.host, self.port = host, port
+        self.auth = f"Authorization: Bearer {token}\r\n".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 24)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.writer is None or self.writer.is_closing():
+            await self.open()
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+        ).encode()
+        self.writer.write(head + self.auth + b"\r\n" + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        if not status_line:
+            self.writer = None
+            raise ConnectionError("connection closed")
+        status = int(status_line.split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def group_templates(vocab: int, seed: int) -> list[bytes]:
+    """Pre-encoded `results[0].completions` JSON of GROUP completions each (ids filled in per request)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(TEMPLATES):
+        completions = []
+        for _ in range(GROUP):
+            n = rng.randint(MIN_TOKENS, MAX_TOKENS)
+            completions.append(
+                {
+                    "token_ids": [rng.randrange(3, vocab) for _ in range(n)],
+                    "logprobs": [round(-rng.expovariate(1.0), 6) for _ in range(n)],
+                    "finish_reason": "length" if n == MAX_TOKENS else "stop",
+                }
+            )
+        out.append(json.dumps(completions, separators=(",", ":")).encode())
+    return out
+
+
+def submit_body(worker_id: str, lease_id: str, task_id: int, completions: bytes) -> bytes:
+    return (
+        b'{"worker_id":"%s","lease_id":"%s","policy_version":0,"gen_seconds":1.0,'
+        b'"results":[{"task_id":%d,"completions":%s}]}' % (worker_id.encode(), lease_id.encode(), task_id, completions)
+    )
+
+
+# --------------------------------------------------------------------------- simulated workers
+
+
+async def sim_worker(conn, wid, until, think, heartbeat_s, templates, stats, rng) -> None:
+    hb_body = b'{"policy_version":0,"tokens_per_s":1000.0}'
+    lease_body = b'{"worker_id":"%s","policy_version":0,"max_tasks":1}' % wid.encode()
+    now = time.monotonic()
+    next_submit = now + (rng.uniform(0, think[1]) if think[1] > 0 else 0.0)
+    next_beat = now + rng.uniform(0, heartbeat_s)
+    while True:
+        due = min(next_submit, next_beat)
+        if due >= until:
+            return
+        if (delay := due - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+        try:
+            if next_beat <= next_submit:
+                next_beat += heartbeat_s
+                status, _ = await conn.request("POST", f"/v1/workers/{wid}/heartbeat", hb_body)
+                stats["heartbeats" if status == 200 else "errors"] += 1
+                continue
+            # Open loop: due times are drawn in advance and do not wait for answers. No think time
+            # (the saturation row) is a closed loop: the next request goes as soon as this one is answered.
+            next_submit = next_submit + rng.uniform(*think) if think[1] > 0 else time.monotonic()
+            t0 = time.perf_counter()
+            status, body = await conn.request("POST", "/v1/leases", lease_body)
+            t1 = time.perf_counter()
+            stats["lease_ms"].append((t1 - t0) * 1000)
+            if status != 200:
+                stats["errors"] += 1
+                continue
+            lease = json.loads(body)
+            if lease["lease_id"] is None:
+                stats["empty_leases"] += 1
+                continue
+            payload = submit_body(wid, lease["lease_id"], lease["tasks"][0]["task_id"], rng.choice(templates))
+            status, _ = await conn.request("POST", "/v1/rollouts", payload)
+            stats["submit_ms"].append((time.perf_counter() - t1) * 1000)
+            stats["submissions" if status == 200 else "errors"] += 1
+            stats["bytes"] += len(payload)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            stats["errors"] += 1
+            conn.writer = None
+
+
+async def load_main(host, port, ids, start_at, seconds, think, heartbeat_s, vocab, seed) -> dict:
+    templates = group_templates(vocab, seed)
+    stats = {"lease_ms": [], "submit_ms": [], "submissions": 0, "heartbeats": 0, "errors": 0,
+             "empty_leases": 0, "bytes": 0}  # fmt: skip
+    conns = [Conn(host, port, WORKER) for _ in ids]
+    for c in conns:
+        await c.open()
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    until = time.monotonic() + seconds
+    rng = random.Random(seed)
+    await asyncio.gather(
+        *(
+            sim_worker(c, w, until, think, heartbeat_s, templates, stats, random.Random(rng.random()))
+            for c, w in zip(conns, ids, strict=True)
+        )
+    )
+    for c in conns:
+        c.close()
+    return stats
+
+
+def load_process(args: tuple, out: mp.Queue) -> None:
+    import uvloop
+
+    out.put(uvloop.run(load_main(*args)))
+
+
+# --------------------------------------------------------------------------- the simulated trainer
+
+
+async def trainer_main(host, port, start_at, seconds, consumed: list[int]) -> None:
+    conn = Conn(host, port, ADMIN)
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    until = time.monotonic() + seconds + 2.0
+    body = b'{"num_groups":16,"step":0,"timeout_s":1.0}'
+    while time.monotonic() < until:
+        status, payload = await conn.request("POST", "/v1/batches", body)
+        if status == 200:
+            consumed.extend(g["task_id"] for g in json.loads(payload)["groups"])
+    conn.close()
+
+
+# --------------------------------------------------------------------------- hub process
+
+
+def write_config(run_dir: Path, model: Path, workers: int) -> Path:
+    cfg = {
+        "run_name": "bench-hub",
+        "run_dir": str(run_dir),
+        "model": {"name": str(model), "max_model_len": 2048},
+        "data": {"source": {"type": "reasoning_gym", "dataset": "basic_arithmetic", "size": 4000},
+                 "eval_size": 0, "max_prompt_tokens": 256},
+        "sampling": {"n": GROUP, "max_tokens": MAX_TOKENS},
+        "trainer": {"prompts_per_step": 64, "micro_batch_size": 8},
+        "rewards": {"terms": [{"name": "format"}], "workers": 1},
+        "async": {"max_staleness": 1_000_000},
+        "hub": {"buffer_size": 1_000_000, "max_body_mb": 4, "heartbeat_interval_s": 10.0, "lease_ttl_s": 600},
+        "logging": {"wandb": {"mode": "disabled"}},
+    }  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_hub(config: Path, log: Path, port: int, cpu: int) -> subprocess.Popen:
+    env = {**os.environ, "RL_HUB_ADMIN_TOKEN": ADMIN, "RL_HUB_WORKER_TOKENS": WORKER, "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    cmd = ["taskset", "-c", str(cpu), sys.executable, "-m", "rl.cli", "hub", str(config),
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"hub exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("hub did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def admin_get(port: int, path: str) -> dict:
+    import httpx
+
+    r = httpx.get(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     r.raise_for_status()
-    return r.json()["worker_id"]
+    return r.json()
 
 
-async def worker_loop(client: httpx.AsyncClient, wid: str, stop: float, n: int, stats: dict) -> None:
-    comps = [{"token_ids": [5, 6, 7, 8], "logprobs": [-0.5] * 4, "finish_reason": "stop"}] * n
-    while time.monotonic() < stop:
-        t0 = time.perf_counter()
-        try:
-            r = await client.post("/v1/leases", json={"worker_id": wid, "policy_version": 0, "max_tasks": 2})
-        except httpx.TransportError:
-            stats["errors"] += 1
-            continue
-        if time.monotonic() < stop:  # only what completes inside the window counts
-            stats["lease_ms"].append((time.perf_counter() - t0) * 1000)
-        if r.status_code != 200:
-            stats["errors"] += 1
-            continue
-        lease = r.json()
-        if lease["lease_id"] is None:
-            await asyncio.sleep(min(lease["retry_after_s"], 0.2))
-            continue
-        body = {"worker_id": wid, "lease_id": lease["lease_id"], "policy_version": 0,
-                "results": [{"task_id": t["task_id"], "completions": comps} for t in lease["tasks"]]}  # fmt: skip
-        try:
-            r = await client.post("/v1/rollouts", json=body)
-        except httpx.TransportError:  # counted; an unanswered lease expires and its tasks are re-queued
-            stats["errors"] += 1
-            continue
-        if r.status_code != 200:
-            stats["errors"] += 1
-        elif time.monotonic() < stop:
-            stats["submissions"] += 1
-            stats["tasks"] += len(r.json()["accepted"])
-    await client.delete(f"/v1/workers/{wid}")
+def audit(port: int, consumed: list[int]) -> dict:
+    """Every task id handed out is in exactly one place: queued, leased, scoring, buffered, or consumed."""
+    places = admin_get(port, "/v1/audit")
+    seen: dict[int, list[str]] = {}
+    for place in ("queued", "leased", "scoring", "buffered"):
+        for tid in places[place]:
+            seen.setdefault(tid, []).append(place)
+    for tid in consumed:
+        seen.setdefault(tid, []).append("consumed")
+    handed_out = places["position"]
+    lost = [t for t in range(handed_out) if t not in seen]
+    twice = {t: p for t, p in seen.items() if len(p) > 1}
+    unknown = [t for t in seen if not 0 <= t < handed_out]
+    return {"handed_out": handed_out, "lost": len(lost), "twice": len(twice), "unknown": len(unknown)}
 
 
-async def trainer_loop(url: str, stop: float, stats: dict) -> None:
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as c:
-        while time.monotonic() < stop:
-            r = await c.post("/v1/batches", json={"num_groups": 8, "step": 0, "timeout_s": 1.0})
-            stats["consumed"] += len(r.json()["groups"])
+# --------------------------------------------------------------------------- one row
 
 
-async def run(url: str, num_workers: int, seconds: float, n: int) -> dict:
-    stats = {"lease_ms": [], "submissions": 0, "tasks": 0, "errors": 0, "consumed": 0}
-    # One client (one connection) per simulated worker, as real workers have: a single shared
-    # pool of N connections costs httpcore O(N) per request and would measure the client instead.
-    headers = {"Authorization": f"Bearer {WORKER}"}
-    tls = ssl.create_default_context()  # unused on http://, but each client would load the CA bundle (~40 ms)
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(httpx.AsyncClient(base_url=url, headers=headers, timeout=120, verify=tls))
-            for _ in range(num_workers)
-        ]
-        ids = await asyncio.gather(*(register(c) for c in clients))  # before the clock starts
-        stop = time.monotonic() + seconds
-        loops = (worker_loop(c, w, stop, n, stats) for c, w in zip(clients, ids, strict=True))
-        await asyncio.gather(trainer_loop(url, stop, stats), *loops)
-        elapsed = seconds  # requests still in flight at the end are not counted
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as c:
-        await asyncio.sleep(3.0)  # let scoring finish
-        st = (await c.get("/v1/status")).json()
-        ledger = (await c.get("/v1/ledger")).json()
-    accounted = st["consumed"] + len(ledger["pending"])
-    lease = sorted(stats["lease_ms"])
+def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, think: tuple[float, float],
+            heartbeat_s: float, load_procs: int, hub_cpu: int, load_cpus: str) -> dict:  # fmt: skip
+    run_dir = tmp / f"run-{workers}-{think[1]:g}"
+    config = write_config(run_dir, model, workers)
+    from safetensors.torch import load_file
+
+    from rl.weights import write_base, write_version
+
+    write_base(run_dir / "policy", model)
+    write_version(run_dir / "policy", 0, load_file(model / "model.safetensors"), "float32")
+    port = free_port()
+    hub = start_hub(config, run_dir / "hub.log", port, hub_cpu)
+    try:
+        import httpx
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {WORKER}"},
+                          timeout=60) as c:  # fmt: skip
+            ids = [c.post("/v1/workers", json={"name": f"sim-{i}", "engine": "vllm"}).json()["worker_id"]
+                   for i in range(workers)]  # fmt: skip
+        start_at = time.time() + 3.0 + workers / 2000
+        queue: mp.Queue = mp.get_context("spawn").Queue()
+        ctx = mp.get_context("spawn")
+        procs = []
+        for k in range(load_procs):
+            part = ids[k::load_procs]
+            args = ("127.0.0.1", port, part, start_at, seconds, think, heartbeat_s, vocab, k)
+            p = ctx.Process(target=load_process, args=(args, queue))
+            p.start()
+            subprocess.run(["taskset", "-pc", load_cpus, str(p.pid)], check=True, capture_output=True)
+            procs.append(p)
+        consumed: list[int] = []
+        import threading
+
+        trainer = threading.Thread(
+            target=lambda: asyncio.run(trainer_main("127.0.0.1", port, start_at, seconds, consumed)), daemon=True
+        )
+        trainer.start()
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0, t0 = cpu_seconds(hub.pid), time.monotonic()
+        results = [queue.get(timeout=seconds + 600) for _ in procs]
+        hub_cpu_s, wall = cpu_seconds(hub.pid) - cpu0, time.monotonic() - t0
+        for p in procs:
+            p.join()
+        trainer.join(timeout=seconds + 60)
+        time.sleep(2.0)  # scoring of the last submissions finishes
+        check = audit(port, consumed)
+    finally:
+        hub.terminate()
+        hub.wait(30)
+    merged = {k: sum((r[k] for r in results), [] if isinstance(results[0][k], list) else 0) for k in results[0]}
+    lease, submit = sorted(merged["lease_ms"]), sorted(merged["submit_ms"])
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    subs = merged["submissions"]
     return {
-        "workers": num_workers,
-        "submissions_per_s": stats["submissions"] / elapsed,
-        "tasks_per_s": stats["tasks"] / elapsed,
-        "lease_p50_ms": statistics.median(lease) if lease else float("nan"),
-        "lease_p99_ms": lease[int(0.99 * (len(lease) - 1))] if lease else float("nan"),
-        "errors": stats["errors"],
-        "handed_out": ledger["position"],
-        "lost": ledger["position"] - accounted,
+        "workers": workers,
+        "think_s": f"{think[0]:g}-{think[1]:g}",
+        "submissions_per_s": subs / seconds,
+        "offered_per_s": workers / (sum(think) / 2) if think[1] > 0 else float("nan"),
+        "lease_p50_ms": pct(lease, 0.5),
+        "lease_p99_ms": pct(lease, 0.99),
+        "submit_p50_ms": pct(submit, 0.5),
+        "submit_p99_ms": pct(submit, 0.99),
+        "hub_cpu_ms_per_submission": 1000 * hub_cpu_s / max(subs, 1),
+        "hub_cpu_util": hub_cpu_s / wall,
+        "mb_per_s": merged["bytes"] / seconds / 1e6,
+        "errors": merged["errors"],
+        "consumed": len(consumed),
+        **check,
     }
+
+
+def tiny_model(tmp: Path) -> tuple[Path, int]:
+    from transformers import AutoConfig
+
+    from rl.models import build_tiny_model
+
+    model = tmp / "model"
+    build_tiny_model(model)
+    return model, AutoConfig.from_pretrained(model).vocab_size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workers", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--workers", type=int, nargs="*", default=[100, 1000, 5000])
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--think", type=float, nargs=2, default=[1.0, 10.0], help="Uniform think time range (s).")
+    ap.add_argument("--heartbeat-s", type=float, default=10.0)
+    ap.add_argument("--sat-conns", type=int, default=64, help="Workers of the no-think-time saturation row (0: none).")
+    ap.add_argument("--load-procs", type=int, default=2)
+    ap.add_argument("--hub-cpu", type=int, default=0)
+    ap.add_argument("--load-cpus", default="1")
     ap.add_argument("--write-docs", action="store_true", help="Replace the hub section of docs/benchmarks.md.")
     args = ap.parse_args()
-    from rl.models import build_tiny_model
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = tmp / "model"
-        build_tiny_model(model)
-        for num in args.workers:
-            run_dir = tmp / f"run-{num}"
-            config = write_config(
-                run_dir, model,
-                data={"source": {"type": "reasoning_gym", "dataset": "basic_arithmetic", "size": 5000}},
-                hub={"buffer_size": 100_000, "max_body_mb": 4, "heartbeat_interval_s": 30.0},
-                rewards={"terms": [{"name": "format"}], "workers": 1},
-                **{"async": {"max_staleness": 100_000}},
-            )  # fmt: skip
-            publish_initial_policy(run_dir, model)
-            hub = start_hub(config, run_dir / "hub.log")
-            try:
-                rows.append(asyncio.run(run(hub.url, num, args.seconds, n=2)))
-            finally:
-                hub.stop()
-            print(rows[-1], flush=True)
+        model, vocab = tiny_model(tmp)
+        plan = [(w, tuple(args.think)) for w in args.workers]
+        if args.sat_conns:
+            plan.append((args.sat_conns, (0.0, 0.0)))
+        for workers, think in plan:
+            row = run_row(tmp, model, vocab, workers, args.seconds, think, args.heartbeat_s, args.load_procs,
+                          args.hub_cpu, args.load_cpus)  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     note = (
-        f"{args.seconds:g} s per row; each submission carries 2 tasks x n=2 completions of 4 tokens; `format` "
-        f"reward; simulated workers have no think time and share this {os.cpu_count()}-core machine with the hub "
-        "(one process for all of them), so p50 latency is mostly queueing (about N / throughput)."
+        f"{args.seconds:g} s per row after registration; hub pinned to CPU {args.hub_cpu} (`taskset`), simulated "
+        f"workers in {args.load_procs} processes on CPU {args.load_cpus}; each submission is one group of {GROUP} "
+        f"completions of {MIN_TOKENS}-{MAX_TOKENS} tokens with logprobs (~100 kB JSON); heartbeats every "
+        f"{args.heartbeat_s:g} s; think time {args.think[0]:g}-{args.think[1]:g} s (open loop); last row: no think "
+        "time (saturation). `lost`/`twice`: task ids handed out that are in no place / in two places at the end."
     )
-    header = "| workers | submissions/s | tasks/s | lease p50 (ms) | lease p99 (ms) | errors | handed out | lost |"
-    table = [note, "", header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = ("| workers | think (s) | offered subs/s | subs/s | lease p50 / p99 (ms) | submit p50 / p99 (ms) | "
+              "hub CPU ms / sub | hub core busy | MB/s in | errors | handed out | lost | twice |")  # fmt: skip
+    table = [note, "", header, "|" + " --- |" * 13]
     for r in rows:
         table.append(
-            f"| {r['workers']} | {r['submissions_per_s']:.0f} | {r['tasks_per_s']:.0f} | {r['lease_p50_ms']:.1f} | "
-            f"{r['lease_p99_ms']:.1f} | {r['errors']} | {r['handed_out']} | {r['lost']} |"
+            f"| {r['workers']} | {r['think_s']} | {r['offered_per_s']:.0f} | {r['submissions_per_s']:.0f} | "
+            f"{r['lease_p50_ms']:.1f} / {r['lease_p99_ms']:.1f} | "
+            f"{r['submit_p50_ms']:.1f} / {r['submit_p99_ms']:.1f} | "
+            f"{r['hub_cpu_ms_per_submission']:.2f} | {100 * r['hub_cpu_util']:.0f}% | {r['mb_per_s']:.1f} | "
+            f"{r['errors']} | {r['handed_out']} | {r['lost']} | {r['twice']} |"
         )
     print("\n".join(table))
     if args.write_docs:
+        sys.path.insert(0, str(ROOT / "scripts"))
         from bench_docs import replace_section
 
         replace_section("Hub control plane", "scripts/bench_hub.py", "\n".join(table))

@@ -1,0 +1,18 @@
+"""The hub decodes completions for scoring through the Rust tokenizer in one batch call: same text as
+`tokenizer.decode(ids, skip_special_tokens=True)`, special tokens included in the input."""
+
+from __future__ import annotations
+
+import random
+
+from rl.hub.server import decode_texts
+
+
+def test_batch_decode_matches_decode(tiny_tokenizer):
+    rng = random.Random(0)
+    vocab = len(tiny_tokenizer)
+    special = list(tiny_tokenizer.all_special_ids)
+    sequences = [[rng.randrange(vocab) for _ in range(rng.randint(1, 64))] + special for _ in range(32)]
+    sequences.append(special)
+    expected = [tiny_tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences]
+    assert decode_texts(tiny_tokenizer, sequences) == expected
