@@ -21,8 +21,9 @@ model built on the meta device, so parameter counts are exact) and the run confi
   as index + value, before compression) from one hub to W workers, and through
   site caches (rl/weights.py, docs/operations.md).
 
-Activation and runtime figures are estimates (order +-30%); model states follow
-DeepSpeed's layout. Where a config does not fit, the plan recomputes itself with
+Model states follow DeepSpeed's layout (tests compare them with a real engine's
+optimizer state); activations are a budget a little above what autograd keeps (tests
+count it with saved-tensor hooks); the runtime allowances are rough. Where a config does not fit, the plan recomputes itself with
 one knob changed at a time and names the ones that make it fit.
 """
 
@@ -126,6 +127,7 @@ class TrainerSetup:
     offload_param: bool
     dtype: str
     micro_batch: int
+    sequences_per_step: int
     seq_len: int
     gradient_checkpointing: bool
     reference: bool
@@ -153,6 +155,7 @@ class TrainerSetup:
             offload_param=zero.offload_param is not None and str(zero.offload_param.device) != "none",
             dtype=cfg.model.dtype,
             micro_batch=cfg.trainer.micro_batch_size,
+            sequences_per_step=cfg.trainer.prompts_per_step * cfg.sampling.n,
             seq_len=min(cfg.data.max_prompt_tokens + cfg.sampling.max_tokens, cfg.model.max_model_len),
             gradient_checkpointing=cfg.trainer.gradient_checkpointing,
             reference=cfg.algorithm.beta > 0,
@@ -267,7 +270,8 @@ def trainer_plan(arch: Architecture, setup: TrainerSetup, hw: Hardware) -> Train
             buckets += setup.allgather_bucket * w
     if buckets:
         gpu.append(Row("DeepSpeed buckets", int(buckets), "reduce (+ allgather) buckets"))
-    tokens = setup.micro_batch * setup.seq_len
+    # A rank's micro-batch is never more than its share of the step's sequences.
+    tokens = min(setup.micro_batch, math.ceil(setup.sequences_per_step / n)) * setup.seq_len
     per_layer = activation_bytes_per_token_layer(arch, w)
     if setup.gradient_checkpointing:
         act = tokens * (arch.num_layers * arch.hidden_size * w + per_layer)

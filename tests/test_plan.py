@@ -171,6 +171,45 @@ def test_planned_optimizer_state_is_what_deepspeed_allocates(tiny_model_dir, sta
     assert rows.get("fp32 master weights", 0) == pytest.approx(master, rel=0.01)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_estimate_covers_what_autograd_saves(tmp_path, dtype):
+    """The per-layer activation row against the bytes autograd really keeps for backward (no checkpointing).
+
+    Counted with saved-tensor hooks on a Qwen2-shaped model (SwiGLU, GQA, SDPA) through the trainer's
+    own log-prob path; the estimate may be high (it is a budget) but by no more than 25%.
+    """
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from rl.plan import DTYPE_BYTES, activation_bytes_per_token_layer
+    from rl.strategy import selected_logprobs
+
+    config = Qwen2Config(hidden_size=256, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=1, vocab_size=2000, tie_word_embeddings=False)  # fmt: skip
+    config.save_pretrained(tmp_path)
+    arch = resolve_architecture(str(tmp_path))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    batch, length = 4, 128
+    ids = torch.randint(0, arch.vocab_size, (batch, length))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, :-1]
+        selected_logprobs(logits, ids[:, 1:])
+    tokens = batch * length
+    logits_saved = tokens * arch.vocab_size * 4  # the fp32 logits / log-softmax the loss keeps
+    measured = sum(saved.values()) - logits_saved
+    planned = tokens * arch.num_layers * activation_bytes_per_token_layer(arch, DTYPE_BYTES[dtype])
+    assert measured <= planned <= 1.25 * measured, (planned, measured)
+
+
 # --------------------------------------------------------------------------- workers and sync
 
 
