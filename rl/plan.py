@@ -23,8 +23,9 @@ model built on the meta device, so parameter counts are exact) and the run confi
 
 Model states follow DeepSpeed's layout (tests compare them with a real engine's
 optimizer state); activations are a budget a little above what autograd keeps (tests
-count it with saved-tensor hooks); the runtime allowances are rough. Where a config does not fit, the plan recomputes itself with
-one knob changed at a time and names the ones that make it fit.
+count it with saved-tensor hooks); the runtime allowances are rough. Where a config does
+not fit, the plan recomputes itself with one knob changed at a time and names the ones
+that make it fit.
 """
 
 from __future__ import annotations
