@@ -1,4 +1,4 @@
-"""The `rl` command line: train, hub, rollout, status, verify, plan, models.
+"""The `rl` command line: train, hub, rollout, status, verify, models.
 
 Each subcommand parses its arguments, loads and validates config, and hands
 off to the module that does the work; errors in user input end with a clear
