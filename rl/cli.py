@@ -178,6 +178,59 @@ def verify(
     sys.exit(run_verify(cfg, rewards, input, output))
 
 
+@app.command()
+def plan(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs on the trainer side.")] = 1,
+    gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="Memory of one GPU, GiB (e.g. 80).")] = 80.0,
+    trainer_gpus: Annotated[
+        int | None, typer.Option("--trainer-gpus", help="GPUs that train (default: all; the rest host workers).")
+    ] = None,
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (offload is per node).")] = 8,
+    cpu_mem: Annotated[float | None, typer.Option("--cpu-mem", help="Host memory per node, GiB.")] = None,
+    tp: Annotated[int | None, typer.Option("--tp", help="Worker TP size (default: rollout.tensor_parallel).")] = None,
+    worker_gpu_mem: Annotated[float | None, typer.Option("--worker-gpu-mem", help="A worker GPU's GiB.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Rollout workers fetching each version.")] = 1,
+    bandwidth: Annotated[float, typer.Option("--bandwidth", help="Hub uplink, Gbit/s.")] = 10.0,
+    sites: Annotated[int, typer.Option("--sites", help="Sites, each behind one HTTP cache.")] = 1,
+    site_bandwidth: Annotated[float, typer.Option("--site-bandwidth", help="Site cache to workers, Gbit/s.")] = 25.0,
+    change_density: Annotated[
+        float, typer.Option("--change-density", help="Share of elements a delta carries (quickstart: 0.0122).")
+    ] = 0.0122,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Say before launch whether a config fits the GPUs (trainer and workers) and what weight sync costs."""
+    import json
+
+    from rl.plan import Hardware, PlanError, make_plan
+    from rl.plan_view import render_plan
+
+    cfg = _load(config, overrides)
+    hw = Hardware(
+        gpus=gpus,
+        gpu_mem_gib=gpu_mem,
+        trainer_gpus=gpus if trainer_gpus is None else trainer_gpus,
+        gpus_per_node=gpus_per_node,
+        cpu_mem_gib=cpu_mem,
+        worker_gpu_mem_gib=worker_gpu_mem,
+        workers=workers,
+        bandwidth_gbit=bandwidth,
+        sites=sites,
+        site_bandwidth_gbit=site_bandwidth,
+        change_density=change_density,
+    )
+    try:
+        result = make_plan(cfg, hw, tp=tp)
+    except PlanError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+    else:
+        render_plan(result, out)
+
+
 @models_app.command("prepare")
 def models_prepare(
     alias: Annotated[str, typer.Argument(help=f"One of: {', '.join(ALIASES)}.")],
