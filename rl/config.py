@@ -211,6 +211,20 @@ class AlgorithmConfig(Section):
 # --------------------------------------------------------------------------- trainer
 
 
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, le=4096)
+    """Adapter rank."""
+    alpha: float = Field(32.0, gt=0.0)
+    """Scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input during training."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    """Names (suffixes) of the linear layers that get adapters (peft's `target_modules`)."""
+
+
 class TrainerConfig(Section):
     max_steps: int = Field(50, ge=1)
     """Optimizer steps to run."""
@@ -234,6 +248,8 @@ class TrainerConfig(Section):
     """Override of the ZeRO stage in the DeepSpeed config."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights (None: full fine-tuning); see `weights.format: lora`."""
     share_prompt: bool = True
     """Run each group's prompt through the model once per micro-batch (exact; off with gradient checkpointing)."""
     threads: int = Field(2, ge=1)
@@ -253,7 +269,7 @@ class WeightsConfig(Section):
     publish_every: int = Field(1, ge=1)
     """Publish a new policy version to the workers every this many steps."""
     format: Literal["full", "lora", "delta"] = "full"
-    """Published format: full safetensors, a LoRA adapter, or a sparse delta."""
+    """Published format: full safetensors, LoRA adapters only (needs `trainer.lora`), or a sparse delta."""
     keep_versions: int = Field(2, ge=1)
     """Versions kept on disk beyond those a connected worker still uses."""
 
@@ -363,7 +379,9 @@ class RunConfig(Section):
                 f"data.max_prompt_tokens + sampling.max_tokens ({self.data.max_prompt_tokens} + "
                 f"{self.sampling.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})"
             )
-        if self.weights.format != "full":
+        if self.weights.format == "lora" and self.trainer.lora is None:
+            raise ValueError("weights.format 'lora' ships adapters only: it needs trainer.lora (the adapters to train)")
+        if self.weights.format not in ("full", "lora"):
             raise ValueError(
                 f"weights.format {self.weights.format!r} is not implemented yet in this version; use 'full'"
             )

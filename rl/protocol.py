@@ -190,6 +190,8 @@ class PolicyManifest(Wire):
     """Weight files of this version."""
     base_files: list[PolicyFile] = Field(default_factory=list)
     """Version-independent files (config, tokenizer) under `GET /v1/policy/base/files/{name}`."""
+    lora_base_version: int | None = None
+    """`lora` versions: the full version whose weights the adapters in `files` are merged into."""
 
 
 class PublishRequest(Wire):

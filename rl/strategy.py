@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rl.config import ModelConfig, TrainerConfig
+from rl.lora import apply_lora, hf_name, is_adapter, merged_state_dict
 from rl.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,11 @@ class DeepSpeedStrategy:
         self.zero_stage: int = self.ds_config["zero_optimization"]["stage"]
         self.model_path = resolve_model(model_cfg.name)
         model = self._load_model()
+        self.lora = trainer_cfg.lora
+        if self.lora is not None:  # only the adapters train; the optimizer below sees only them
+            model = apply_lora(model, self.lora)
+            if trainer_cfg.gradient_checkpointing:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
         if trainer_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ref_model = self._load_model() if with_reference else None
@@ -507,7 +513,22 @@ class DeepSpeedStrategy:
         for name, tensor in entries.items():  # persistent buffers (never partitioned)
             if name not in out:
                 out[name] = tensor.detach().to("cpu", copy=True)
-        return {name: out[name] for name in entries}
+        state = {name: out[name] for name in entries}
+        if self.lora is not None:  # the merged model, under the model's own names
+            state = merged_state_dict(state, self.lora.alpha / self.lora.r)
+        return state
+
+    def gather_adapter_state(self) -> dict[str, Tensor] | None:
+        """LoRA adapters only (`<module>.lora_A/B`, CPU fp32) on rank 0, None elsewhere; all ranks call."""
+        if self.lora is None:
+            raise RuntimeError("gather_adapter_state needs trainer.lora")
+        adapters = [(name, p) for name, p in self.module.named_parameters() if is_adapter(hf_name(name))]
+        out: dict[str, Tensor] = {}
+        with self._full_parameters([p for _, p in adapters]):
+            if self.is_main:
+                for name, p in adapters:
+                    out[hf_name(name).removesuffix(".weight")] = p.data.detach().to("cpu", torch.float32, copy=True)
+        return out if self.is_main else None
 
     def save_hf(self, directory: Path, tokenizer: Any = None) -> None:
         """Write a plain HF directory (config, safetensors, tokenizer) on rank 0; all ranks call."""

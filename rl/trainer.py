@@ -44,13 +44,17 @@ from rl.batch import TrainBatch, build_batch, eval_metrics, rollout_metrics
 from rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.config import RunConfig
 from rl.hub.admin import HubAdmin
+from rl.lora import adapter_metadata
 from rl.loss import LossNorm, policy_loss, reduce_metrics
 from rl.protocol import EvalRequest
 from rl.tracking import Progress
-from rl.weights import write_base, write_version
+from rl.weights import version_dir, write_base, write_lora_version, write_version
 
 log = logging.getLogger(__name__)
 
+
+LORA_BASE_VERSION = 0
+"""With `weights.format: lora` version 0 is published in full; later versions are adapters merged into it."""
 
 EXIT_INTERRUPTED = 130
 """Exit code of a run stopped by SIGINT/SIGTERM (after its checkpoint)."""
@@ -122,6 +126,9 @@ class Trainer:
     def publish(self) -> float:
         """Write the current weights as version `step` and announce it; returns seconds taken."""
         start = time.perf_counter()
+        if self.cfg.weights.format == "lora" and self.step > 0:
+            self._publish_adapters()
+            return time.perf_counter() - start
         state = self.strategy.gather_state_dict()
         if self.is_main:
             if not (self.policy_dir / "base").is_dir():
@@ -131,6 +138,21 @@ class Trainer:
         self.published_version = self.step
         self.strategy.barrier()
         return time.perf_counter() - start
+
+    def _publish_adapters(self) -> None:
+        """`weights.format: lora`: version `step` is the adapters alone, merged by workers into version 0."""
+        adapters = self.strategy.gather_adapter_state()
+        if self.is_main:
+            if not (version_dir(self.policy_dir, LORA_BASE_VERSION) / "manifest.json").is_file():
+                raise RuntimeError(
+                    f"weights.format lora: the full base version v{LORA_BASE_VERSION} is missing from "
+                    f"{self.policy_dir}; workers cannot merge adapters without it"
+                )
+            metadata = adapter_metadata(self.cfg.trainer.lora, self.step)
+            write_lora_version(self.policy_dir, self.step, adapters, metadata, LORA_BASE_VERSION)
+            self.hub.publish(self.step)
+        self.published_version = self.step
+        self.strategy.barrier()
 
     # ------------------------------------------------------------------ data
 

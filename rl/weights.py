@@ -74,6 +74,25 @@ def write_version(policy_dir: Path, version: int, state_dict: dict[str, torch.Te
     return read_manifest(policy_dir, version)
 
 
+def write_lora_version(
+    policy_dir: Path, version: int, adapters: dict[str, torch.Tensor], metadata: dict[str, str], base_version: int
+) -> PolicyManifest:
+    """Write LoRA adapters as version `version` (`adapter.safetensors`, fp32); workers merge them into
+    full version `base_version` (rl/lora.py)."""
+    from rl.lora import ADAPTER_FILE
+
+    def fill(tmp: Path) -> None:
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapters.items()}
+        save_file(tensors, str(tmp / ADAPTER_FILE), metadata=metadata)
+        manifest = PolicyManifest(
+            version=version, format="lora", files=_file_entries(tmp), lora_base_version=base_version
+        )
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+
+    atomic_dir(version_dir(policy_dir, version), fill)
+    return read_manifest(policy_dir, version)
+
+
 def read_manifest(policy_dir: Path, version: int) -> PolicyManifest:
     manifest = PolicyManifest.model_validate_json((version_dir(policy_dir, version) / MANIFEST).read_text())
     base = Path(policy_dir) / BASE / MANIFEST
@@ -94,6 +113,9 @@ def garbage_collect(policy_dir: Path, in_use: set[int], keep_latest: int) -> lis
     """Delete versions that are neither among the `keep_latest` newest nor loaded by a worker."""
     versions = published_versions(policy_dir)
     keep = set(versions[-keep_latest:]) | in_use
+    for v in list(keep):  # a LoRA version is only usable with the full version it merges into
+        if v in versions and (base := read_manifest(policy_dir, v).lora_base_version) is not None:
+            keep.add(base)
     removed = [v for v in versions if v not in keep]
     for v in removed:
         shutil.rmtree(version_dir(policy_dir, v), ignore_errors=True)

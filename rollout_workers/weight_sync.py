@@ -119,6 +119,10 @@ class WeightSync:
         files = [vdir / f.name for f in manifest.files]
         if not all(p.is_file() and p.stat().st_size == f.size for p, f in zip(files, manifest.files, strict=True)):
             return None
+        if manifest.format == "lora":  # the engine loads the merged weights, not the adapters
+            files = sorted(p for p in vdir.glob("*.safetensors") if p.name != "adapter.safetensors")
+            if not files:
+                return None
         return LocalPolicy(version=version, model_dir=vdir, weight_files=files)
 
     def fetch(self, manifest: PolicyManifest | None = None) -> LocalPolicy:
@@ -128,10 +132,10 @@ class WeightSync:
         """
         for _ in range(5):
             manifest = manifest or self.client.policy()
-            if manifest.format != "full":
+            if manifest.format not in ("full", "lora"):
                 raise WeightSyncError(f"policy format {manifest.format!r} is not supported by this worker yet")
             try:
-                return self._fetch(manifest)
+                return self._fetch_lora(manifest) if manifest.format == "lora" else self._fetch(manifest)
             except HubError as e:
                 if e.status != 404:
                     raise
@@ -172,6 +176,59 @@ class WeightSync:
                 size / 1e6 / max(seconds, 1e-9),
             )
             return LocalPolicy(manifest.version, vdir, [vdir / f.name for f in manifest.files])
+
+    def _fetch_lora(self, manifest: PolicyManifest) -> LocalPolicy:
+        """A `lora` version: its full base version (cached after the first time), the adapters (a few MB,
+        sha256-checked), merged here into a normal HF directory the engine loads (rl/lora.py)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        from rl.lora import ADAPTER_FILE, merge_adapter
+
+        if manifest.lora_base_version is None:
+            raise WeightSyncError(f"lora policy v{manifest.version} names no base version")
+        cached = self.local(manifest.version, expected=manifest)
+        if cached is not None:
+            return cached
+        base = self.fetch(self.client.policy(manifest.lora_base_version))
+        with self._locked():
+            start = time.perf_counter()
+            vdir = self.version_dir(manifest.version)
+            (vdir / COMPLETE).unlink(missing_ok=True)
+            vdir.mkdir(parents=True, exist_ok=True)
+            for entry in manifest.files:
+                name = _safe_name(entry.name)
+                self._download(f"/v1/policy/{manifest.version}/files/{quote(name)}", vdir / name, entry)
+            adapter = vdir / ADAPTER_FILE
+            if not adapter.is_file():
+                raise WeightSyncError(f"lora policy v{manifest.version} has no {ADAPTER_FILE}")
+            with safe_open(adapter, "pt") as f:
+                scaling = float((f.metadata() or {}).get("scaling", "nan"))
+            if not scaling == scaling:  # NaN: no scaling recorded
+                raise WeightSyncError(f"{adapter}: no 'scaling' in its metadata (not a scatter-rl adapter file)")
+            adapters = load_file(adapter)
+            placed = set()
+            for path in base.weight_files:
+                mine = _adapters_for(adapters, path)
+                placed |= set(mine)
+                try:
+                    merged = merge_adapter(load_file(path), mine, scaling)
+                except ValueError as e:
+                    raise WeightSyncError(
+                        f"lora policy v{manifest.version} does not fit base v{base.version}: {e}"
+                    ) from e
+                tmp = vdir / f"{path.name}.merging"
+                save_file(merged, str(tmp), metadata={"format": "pt", "policy_version": str(manifest.version)})
+                os.replace(tmp, vdir / path.name)
+            if stray := sorted(set(adapters) - placed):
+                raise WeightSyncError(f"lora policy v{manifest.version}: no base weight for adapters {stray[:4]}")
+            for p in base.model_dir.iterdir():
+                if p.is_file() and not p.name.startswith(".") and not (vdir / p.name).exists():
+                    _link(p, vdir / p.name)
+            (vdir / COMPLETE).write_text(manifest.model_dump_json())
+            log.info("merged lora policy v%d into base v%d in %.1f s", manifest.version, base.version,
+                     time.perf_counter() - start)  # fmt: skip
+            return LocalPolicy(manifest.version, vdir, [vdir / p.name for p in base.weight_files])
 
     def _sync_base(self, base: Path, entries: list[PolicyFile]) -> None:
         base.mkdir(parents=True, exist_ok=True)
@@ -251,6 +308,15 @@ class WeightSync:
         if removed:
             log.info("removed cached policy versions %s", removed)
         return removed
+
+
+def _adapters_for(adapters: dict, weights_path: Path) -> dict:
+    """The adapters whose base weights live in the file `weights_path` (all of them for one file)."""
+    from safetensors import safe_open
+
+    with safe_open(weights_path, "pt") as f:
+        names = set(f.keys())
+    return {k: v for k, v in adapters.items() if f"{k.rsplit('.', 1)[0]}.weight" in names}
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -38,6 +38,10 @@ def _section(model: type[BaseModel], prefix: str, out: list[str]) -> None:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             nested.append((f"{prefix}{key}", ann, field.description))
             continue
+        optional = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], BaseModel):
+            # An optional section (e.g. trainer.lora): off by default, documented like the others.
+            nested.append((f"{prefix}{key}", optional[0], f"{field.description} Off unless set."))
         symbols = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
         bounds = " ".join(
             f"{symbols[attr]} {getattr(m, attr)}" for m in field.metadata for attr in symbols if hasattr(m, attr)

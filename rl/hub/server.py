@@ -295,6 +295,12 @@ def create_app(hub: Hub) -> FastAPI:
             raise HubError(503, "no_policy", "no policy version published yet; retry shortly")
         return read_manifest(hub.policy_dir, state.policy_version)
 
+    @app.get("/v1/policy/{version}", response_model=PolicyManifest)
+    async def policy_version(version: int, who: str | None = Depends(caller)):
+        if not 0 <= version <= max(state.policy_version, 0) or not (version_dir(hub.policy_dir, version)).is_dir():
+            raise HubError(404, "unknown_version", f"policy version {version} is not available")
+        return read_manifest(hub.policy_dir, version)
+
     @app.get("/v1/policy/{version}/files/{name}")
     async def policy_file(version: str, name: str, who: str | None = Depends(caller)):
         if version == BASE:

@@ -1,0 +1,109 @@
+"""LoRA: train low-rank adapters (peft) and ship only them; workers merge them into base weights.
+
+How it fits:
+- the trainer wraps its model with peft (`apply_lora`) before DeepSpeed sees it, so only the
+  adapters train (the optimizer holds adapter parameters only: MBs of state, not GBs);
+- published version 0 is the full base model; with `weights.format: lora` every later version is
+  the adapters alone (`adapter.safetensors`, a few MB, with its sha256 in the manifest);
+- a worker holding the base version merges each adapter into it itself (`merge_adapter`):
+  W' = W + scaling * B @ A, computed in fp32 and cast to the rollout dtype, then reloads in place.
+  No LoRA kernels are needed, so any engine works;
+- exports (`final/`) and full-format versions are the merged weights under the model's own names
+  (`merged_state_dict`), a plain HF model.
+
+Adapter tensors are named `<module>.lora_A` [r, in] and `<module>.lora_B` [out, r], where `<module>`
+is the HF name of the adapted linear layer (its weight is `<module>.weight`); the file's metadata
+carries `scaling` (alpha / r).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from rl.config import LoraConfig
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """`model` wrapped by peft with trainable adapters on `cfg.target_modules`; base weights frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    wrapped = get_peft_model(model, peft_cfg)
+    if not any("lora_" in name for name, _ in wrapped.named_parameters()):
+        raise ValueError(f"trainer.lora.target_modules {cfg.target_modules} matched no linear layer of the model")
+    return wrapped
+
+
+def hf_name(peft_name: str) -> str:
+    """The model's own parameter name for a peft-wrapped one (adapter names keep their lora_ part)."""
+    name = peft_name.removeprefix(PEFT_PREFIX)
+    return name.replace(".base_layer.", ".").replace(".default.", ".")
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B"))
+
+
+def split_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A peft model's (gathered) state -> (base weights under HF names, adapters as `<module>.lora_A/B`)."""
+    base, adapters = {}, {}
+    for name, tensor in state.items():
+        plain = hf_name(name)
+        if is_adapter(plain):
+            adapters[plain.removesuffix(".weight")] = tensor
+        else:
+            base[plain] = tensor
+    return base, adapters
+
+
+def merge_adapter(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """Base weights with every adapter merged in: W + scaling * B @ A in fp32, cast back to W's dtype.
+
+    Raises ValueError when an adapter has no base weight or shapes disagree (never a silently
+    wrong model). Tensors without an adapter are returned as they are (not copied).
+    """
+    merged = dict(base)
+    modules = {name.rsplit(".", 1)[0] for name in adapters}
+    for module in sorted(modules):
+        a, b = adapters.get(f"{module}.lora_A"), adapters.get(f"{module}.lora_B")
+        weight = base.get(f"{module}.weight")
+        if a is None or b is None or weight is None:
+            raise ValueError(f"adapter {module}: needs lora_A, lora_B and a base weight {module}.weight")
+        if b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise ValueError(
+                f"adapter {module}: B {tuple(b.shape)} @ A {tuple(a.shape)} does not fit weight {tuple(weight.shape)}"
+            )
+        delta = (b.float() @ a.float()) * scaling
+        merged[f"{module}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return merged
+
+
+def merged_state_dict(state: Mapping[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """A peft model's gathered state -> the merged model's state under the model's own names."""
+    base, adapters = split_state(state)
+    return merge_adapter(base, adapters, scaling)
+
+
+def adapter_metadata(cfg: LoraConfig, version: int) -> dict[str, str]:
+    """safetensors metadata of an adapter file (strings only)."""
+    return {
+        "format": "pt",
+        "policy_version": str(version),
+        "scaling": repr(cfg.alpha / cfg.r),
+        "lora": json.dumps(cfg.model_dump(mode="json")),
+    }
