@@ -113,8 +113,8 @@ def test_worker_merges_lora_version_from_a_real_hub(tiny_model_dir, tmp_path):
     model = lora_model(tiny_model_dir, seed=1)
     base, adapters = split_state(model.state_dict())
     write_lora_version(policy, 1, adapters, adapter_metadata(LORA, 1), base_version=0)
-    config = write_config(run_dir, tiny_model_dir, weights={"format": "lora"},
-                          trainer={"prompts_per_step": 2, "micro_batch_size": 4, "lora": LORA.model_dump()})  # fmt: skip
+    trainer = {"prompts_per_step": 2, "micro_batch_size": 4, "lora": LORA.model_dump()}
+    config = write_config(run_dir, tiny_model_dir, weights={"format": "lora"}, trainer=trainer)
     hub = start_hub(config, tmp_path / "hub.log")
     try:
         with HubClient(hub.url, WORKER, max_retry_s=10) as client:
