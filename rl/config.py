@@ -223,6 +223,8 @@ class LoraConfig(Section):
         min_length=1,
     )
     """Names (suffixes) of the linear layers that get adapters (peft's `target_modules`)."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full beside the adapters and shipped whole (peft's `modules_to_save`, e.g. `norm`)."""
 
 
 class TrainerConfig(Section):

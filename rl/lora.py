@@ -13,7 +13,8 @@ How it fits:
 
 Adapter tensors are named `<module>.lora_A` [r, in] and `<module>.lora_B` [out, r], where `<module>`
 is the HF name of the adapted linear layer (its weight is `<module>.weight`); the file's metadata
-carries `scaling` (alpha / r).
+carries `scaling` (alpha / r). Modules trained in full beside the adapters (`modules_to_save`, e.g.
+the final norm) ship as their own tensors under their HF names and replace the base's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
+        modules_to_save=list(cfg.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -50,8 +52,10 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
 
 
 def hf_name(peft_name: str) -> str:
-    """The model's own parameter name for a peft-wrapped one (adapter names keep their lora_ part)."""
+    """The model's own parameter name for a peft-wrapped one (adapter names keep their lora_ part;
+    a trained copy of a saved module takes the module's own name)."""
     name = peft_name.removeprefix(PEFT_PREFIX)
+    name = name.replace(".modules_to_save.default.", ".")
     return name.replace(".base_layer.", ".").replace(".default.", ".")
 
 
@@ -60,12 +64,17 @@ def is_adapter(name: str) -> bool:
 
 
 def split_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """A peft model's (gathered) state -> (base weights under HF names, adapters as `<module>.lora_A/B`)."""
+    """A peft model's (gathered) state -> (base weights under HF names, adapters as `<module>.lora_A/B`
+    plus trained copies of saved modules under their HF names)."""
     base, adapters = {}, {}
     for name, tensor in state.items():
         plain = hf_name(name)
         if is_adapter(plain):
             adapters[plain.removesuffix(".weight")] = tensor
+        elif ".modules_to_save." in name:
+            adapters[plain] = tensor
+        elif ".original_module." in name:
+            base[plain.replace(".original_module.", ".")] = tensor
         else:
             base[plain] = tensor
     return base, adapters
@@ -78,7 +87,13 @@ def merge_adapter(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], sc
     wrong model). Tensors without an adapter are returned as they are (not copied).
     """
     merged = dict(base)
-    modules = {name.rsplit(".", 1)[0] for name in adapters}
+    for name, tensor in adapters.items():  # saved modules: trained copies replace the base's
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
+        if name not in base or tuple(base[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"saved module weight {name} {tuple(tensor.shape)} does not fit the base")
+        merged[name] = tensor.to(base[name].dtype)
+    modules = {name.rsplit(".", 1)[0] for name in adapters if name.endswith((".lora_A", ".lora_B"))}
     for module in sorted(modules):
         a, b = adapters.get(f"{module}.lora_A"), adapters.get(f"{module}.lora_B")
         weight = base.get(f"{module}.weight")

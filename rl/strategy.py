@@ -522,12 +522,14 @@ class DeepSpeedStrategy:
         """LoRA adapters only (`<module>.lora_A/B`, CPU fp32) on rank 0, None elsewhere; all ranks call."""
         if self.lora is None:
             raise RuntimeError("gather_adapter_state needs trainer.lora")
-        adapters = [(name, p) for name, p in self.module.named_parameters() if is_adapter(hf_name(name))]
+        trained = [(name, p) for name, p in self.module.named_parameters() if p.requires_grad]
         out: dict[str, Tensor] = {}
-        with self._full_parameters([p for _, p in adapters]):
+        with self._full_parameters([p for _, p in trained]):
             if self.is_main:
-                for name, p in adapters:
-                    out[hf_name(name).removesuffix(".weight")] = p.data.detach().to("cpu", torch.float32, copy=True)
+                for name, p in trained:
+                    plain = hf_name(name)
+                    key = plain.removesuffix(".weight") if is_adapter(plain) else plain
+                    out[key] = p.data.detach().to("cpu", torch.float32, copy=True)
         return out if self.is_main else None
 
     def save_hf(self, directory: Path, tokenizer: Any = None) -> None:

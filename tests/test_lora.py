@@ -15,7 +15,7 @@ from hub_fixtures import WORKER, start_hub, write_config  # noqa: E402
 from rl.config import LoraConfig, ModelConfig, TrainerConfig  # noqa: E402
 from rl.lora import adapter_metadata, apply_lora, merge_adapter, merged_state_dict, split_state  # noqa: E402
 
-LORA = LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+LORA = LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["norm"])
 
 
 def lora_model(model_dir, seed=0):
@@ -28,6 +28,8 @@ def lora_model(model_dir, seed=0):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif "modules_to_save" in name:  # the trained copy of a norm
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
 
@@ -41,8 +43,10 @@ def test_merge_matches_peft(tiny_model_dir):
         torch.testing.assert_close(ours[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
     plain = load_plain(tiny_model_dir)
     changed = {name for name in plain if not torch.equal(ours[name], plain[name])}
-    assert changed == {f"model.layers.{i}.{m}.weight" for i in (0, 1)
-                       for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}  # fmt: skip
+    linear = {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj",
+                                                                       "mlp.down_proj")}  # fmt: skip
+    norms = {name for name in plain if name.endswith("norm.weight")}  # peft matches modules by suffix
+    assert "model.norm.weight" in norms and changed == linear | norms
 
 
 _PLAIN: dict = {}
@@ -63,6 +67,8 @@ def test_merge_refuses_what_does_not_fit(tiny_model_dir):
     with pytest.raises(ValueError, match="does not fit"):
         merge_adapter(base, bad, 2.0)
     with pytest.raises(ValueError, match="needs lora_A, lora_B"):
+        merge_adapter({}, {k: v for k, v in adapters.items() if "lora_" in k}, 2.0)
+    with pytest.raises(ValueError, match="saved module weight .* does not fit"):
         merge_adapter({}, adapters, 2.0)
 
 
@@ -77,7 +83,7 @@ def test_strategy_trains_adapters_only(tiny_model_dir, stage):
         TrainerConfig(zero_stage=stage, lr=1e-2, threads=1, micro_batch_size=4, lora=LORA),
     )
     trainable = [n for n, p in strategy.module.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 400, (4, 10), generator=g)
     mask = torch.ones_like(ids)
