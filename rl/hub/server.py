@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.config import RunConfig
-from rl.hub.state import HubState
+from rl.hub.state import HubState, ScoringJob
 from rl.hub.tokens import Tokens
 from rl.protocol import (
     Ack,
@@ -43,12 +43,10 @@ from rl.protocol import (
     PublishRequest,
     RegisterRequest,
     RegisterResponse,
-    ScoredCompletion,
-    ScoredGroup,
     SubmitRequest,
     SubmitResponse,
 )
-from rl.weights import BASE, garbage_collect, read_manifest, version_dir
+from rl.weights import BASE, garbage_collect, published_versions, read_manifest, version_dir
 
 log = logging.getLogger(__name__)
 
@@ -101,55 +99,29 @@ class Hub:
         """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
         self._scoring_tasks: set[asyncio.Task] = set()
-        self._adopt_published_policy()
-
-    def _adopt_published_policy(self) -> None:
-        from rl.weights import published_versions
-
+        state.on_work, state.on_scored = self.poke, self.changed.set
         versions = published_versions(self.policy_dir) if self.policy_dir.exists() else []
-        if versions:
-            self.state.policy_version = versions[-1]
+        if versions:  # a restarted hub serves what the trainer already published
+            state.publish(versions[-1])
 
-    async def score_group(self, worker_id: str, worker_name: str, version: int, task_id: int, result) -> None:
-        eval_row = self.state.eval_row(task_id)
-        row_index = self.state.task_rows.get(task_id) if eval_row is None else eval_row
-        if row_index is None:
+    async def score(self, job: ScoringJob) -> None:
+        """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in job.completions]
+        while True:
+            try:
+                rewards = await self.pool.score_many([(text, job.example) for text in texts])
+            except Exception as e:  # noqa: BLE001 - any scoring failure is retried, then reported
+                retry_in = self.state.fail_scoring(job, f"{type(e).__name__}: {e}")
+                if retry_in is None:
+                    log.error("scoring task %d failed %d times; dropped: %s", job.task_id, job.attempt, e)
+                    return
+                log.warning("scoring task %d failed (attempt %d); retry in %.0f s: %s", job.task_id, job.attempt,
+                            retry_in, e)  # fmt: skip
+                await asyncio.sleep(retry_in)
+                job = job.retry()
+                continue
+            self.state.finish_scoring(job, rewards)
             return
-        prompts = self.state.prompts if eval_row is None else self.state.eval_prompts
-        row = prompts.rows[row_index]
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in result.completions]
-        try:
-            rewards = await self.pool.score_many([(text, row) for text in texts])
-        except Exception:
-            log.exception("scoring task %d failed; re-queued", task_id)
-            self.state.scoring_failed(task_id)
-            self.poke()
-            return
-        if eval_row is not None:
-            if task_id in self.state.scoring:
-                self.state.eval_scored(task_id, result.completions, rewards)
-            return
-        group = ScoredGroup(
-            task_id=task_id,
-            row_index=row_index,
-            prompt_token_ids=self.state.prompts.prompt_ids[row_index],
-            policy_version=version,
-            worker_id=worker_id,
-            worker_name=worker_name,
-            completions=[
-                ScoredCompletion(
-                    token_ids=c.token_ids,
-                    logprobs=c.logprobs,
-                    finish_reason=c.finish_reason,
-                    reward=r.value,
-                    components=r.components,
-                )
-                for c, r in zip(result.completions, rewards, strict=True)
-            ],
-        )
-        if task_id in self.state.scoring:  # not re-queued meanwhile
-            self.state.scored(group)
-            self.changed.set()
 
     def poke(self) -> None:
         """Wake the leases waiting for work (see `lease` in create_app)."""
@@ -166,7 +138,6 @@ class Hub:
             await asyncio.sleep(1.0)
             expired, dead = self.state.expire(time.monotonic())
             if expired or dead:
-                self.poke()
                 log.info("re-queued %d tasks from expired leases; dropped %d silent workers", expired, dead)
 
 
@@ -188,7 +159,7 @@ def create_app(hub: Hub) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:10])
-        state.rejections["invalid_request"] += 1
+        state.count_rejection("invalid_request")
         return JSONResponse({"reason": "invalid_request", "detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -214,13 +185,11 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
     async def heartbeat(worker_id: str, req: HeartbeatRequest, who: str | None = Depends(caller)):
-        state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic())
-        return HeartbeatResponse(policy_version=state.policy_version, lease_ttl_s=hub.cfg.hub.lease_ttl_s)
+        return state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic())
 
     @app.delete("/v1/workers/{worker_id}", response_model=Ack)
     async def leave(worker_id: str, who: str | None = Depends(caller)):
         returned = state.leave(worker_id, who)
-        hub.poke()
         log.info("worker %s left; %d tasks re-queued", worker_id, returned)
         return Ack(detail=f"{returned} tasks re-queued")
 
@@ -241,29 +210,20 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.post("/v1/rollouts", response_model=SubmitResponse)
     async def submit(req: SubmitRequest, who: str | None = Depends(caller)):
-        new, dups = state.validate_submission(req, who)
-        if new and (stale := state.stale_submission(req)) is not None:
-            hub.poke()  # its tasks were re-queued
-            raise stale
-        if new:
-            rec = state.workers[req.worker_id]
-            state.accept(req, new, time.monotonic())
-            by_id = {r.task_id: r for r in req.results}
-            for tid in new:
-                hub.spawn(hub.score_group(rec.worker_id, rec.name, req.policy_version, tid, by_id[tid]))
-        return SubmitResponse(accepted=new, duplicates=dups)
+        answer, jobs = state.submit(req, who, time.monotonic())
+        for job in jobs:
+            hub.spawn(hub.score(job))
+        return answer
 
     @app.get("/v1/policy", response_model=PolicyManifest)
     async def policy(who: str | None = Depends(caller)):
-        if state.policy_version < 0:
-            raise HubError(503, "no_policy", "no policy version published yet; retry shortly")
-        return read_manifest(hub.policy_dir, state.policy_version)
+        return read_manifest(hub.policy_dir, state.current_policy())
 
     @app.get("/v1/policy/{version}/files/{name}")
     async def policy_file(version: str, name: str, who: str | None = Depends(caller)):
         if version == BASE:
             directory = hub.policy_dir / BASE
-            allowed = {f.name for f in read_manifest(hub.policy_dir, state.policy_version).base_files}
+            allowed = {f.name for f in read_manifest(hub.policy_dir, state.current_policy()).base_files}
         elif version.isdigit() and version_dir(hub.policy_dir, int(version)).is_dir():
             directory = version_dir(hub.policy_dir, int(version))
             allowed = {f.name for f in read_manifest(hub.policy_dir, int(version)).files}
@@ -284,8 +244,6 @@ def create_app(hub: Hub) -> FastAPI:
         while True:
             hub.changed.clear()
             groups, stale, skipped = state.take_batch(req.num_groups, req.step, req.skip_zero_variance)
-            if groups or stale or skipped:
-                hub.poke()  # the staleness window moved on, or dropped tasks were re-queued
             stale_total, skipped_total = stale_total + stale, skipped_total + skipped
             remaining = deadline - time.monotonic()
             if groups or remaining <= 0:
@@ -304,17 +262,14 @@ def create_app(hub: Hub) -> FastAPI:
             read_manifest(hub.policy_dir, req.version)
         except (OSError, ValueError) as e:
             raise HubError(422, "bad_policy", f"version {req.version} has no readable manifest: {e}") from None
-        state.policy_version = req.version
-        hub.poke()
-        garbage_collect(hub.policy_dir, state.versions_in_use() | {req.version}, hub.cfg.weights.keep_versions)
+        keep = state.publish(req.version)
+        garbage_collect(hub.policy_dir, keep, hub.cfg.weights.keep_versions)
         log.info("policy version %d published", req.version)
         return Ack()
 
     @app.post("/v1/evals", response_model=EvalJob, dependencies=[Depends(admin)])
     async def start_eval(req: EvalRequest):
-        job = state.start_eval(req)
-        hub.poke()
-        return job
+        return state.start_eval(req)
 
     @app.get("/v1/evals/{job_id}", response_model=EvalJob, dependencies=[Depends(admin)])
     async def eval_status(job_id: str):
