@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from hub_fixtures import ADMIN, WORKER, publish_initial_policy, start_hub, write_config  # noqa: E402
+from helpers.hub import ADMIN, WORKER, publish_initial_policy, start_hub, write_config  # noqa: E402
 
 
 async def register(client: httpx.AsyncClient) -> str:

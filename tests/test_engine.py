@@ -8,19 +8,15 @@ One engine per kind per module: vLLM start-up is the slow part.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.policy import hf_logprobs, perturbed
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_worker_helpers import hf_logprobs, perturbed  # noqa: E402
-
-from rl.protocol import SamplingParamsWire  # noqa: E402
-from rollout_workers.engines import Engine, EngineSpec, make_engine  # noqa: E402
+from rl.protocol import SamplingParamsWire
+from rollout_workers.engines import Engine, EngineSpec, make_engine
 
 MAX_MODEL_LEN = 64
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65, 66]]

@@ -10,7 +10,7 @@ import hashlib
 import json
 
 import pytest
-from hub_fixtures import ADMIN, OTHER_WORKER, WORKER, publish_initial_policy, start_hub, write_config
+from helpers.hub import ADMIN, OTHER_WORKER, WORKER, publish_initial_policy, start_hub, write_config
 
 pytestmark = pytest.mark.slow
 
