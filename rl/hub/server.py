@@ -316,6 +316,18 @@ def build_hub(cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | Non
     return Hub(cfg, state, pool, tokenizer, cfg.paths.policy, tokens)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The hub's bound server socket (uvicorn listens on it), with TCP_NODELAY for every connection."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this. Without it (the event loop only sets it on sockets it made
+    # itself) every response, written as headers then body, waited ~40 ms for the client's delayed
+    # ACK (Nagle): 44 ms per request on loopback instead of ~2 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
     """Run the hub until shutdown; prints the URL (and generated tokens once)."""
     import uvicorn
@@ -323,13 +335,7 @@ def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
     tokens, generated = Tokens.from_config(cfg)
     ledger = Ledger.model_validate_json(Path(ledger_path).read_text()) if ledger_path else None
     hub = build_hub(cfg, ledger, tokens)
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg.hub.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted connections inherit this. Without it (the event loop only sets it on sockets it made
-    # itself) every response, written as headers then body, waited ~40 ms for the client's delayed
-    # ACK (Nagle): 44 ms per request on loopback instead of ~2 ms.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((cfg.hub.host, cfg.hub.port))
+    sock = listening_socket(cfg.hub.host, cfg.hub.port)
     port = sock.getsockname()[1]
     url = cfg.hub.public_url or f"http://{cfg.hub.host}:{port}"
     print(f"hub listening on {url}", file=sys.stderr, flush=True)
