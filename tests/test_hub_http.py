@@ -331,8 +331,11 @@ def test_correct_completion_earns_reward_in_the_trainers_batch(tmp_path, tiny_mo
 def test_scoring_that_keeps_failing_is_retried_then_dropped_and_reported(tmp_path, tiny_model_dir, caplog):
     """Verifier processes that cannot start: each task is tried MAX_SCORING_ATTEMPTS times with backoff, then
     dropped and counted, with the error in /v1/status and the log; the hub keeps leasing new work."""
+    from rich.console import Console
+
     from rl.config import RewardTerm
     from rl.hub.state import MAX_SCORING_ATTEMPTS
+    from rl.hub.status_view import render
     from verifiers.pool import VerifierPool
 
     with live_hub(tmp_path, tiny_model_dir) as live:
@@ -352,6 +355,9 @@ def test_scoring_that_keeps_failing_is_retried_then_dropped_and_reported(tmp_pat
             status = live.status()
             assert status.scoring_failures == 2 * MAX_SCORING_ATTEMPTS and status.scoring == 0 and status.buffered == 0
             assert "verifier worker failed to start" in status.last_scoring_error
+            console = Console(width=200, record=True)
+            console.print(render(status))  # `rl status` shows it too
+            assert "scoring failures / dropped" in console.export_text() and "failed to start" in console.export_text()
             with live.admin() as admin:
                 ledger = admin.ledger()
             dropped = {t.task_id for t in lease_.tasks}

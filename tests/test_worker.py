@@ -179,7 +179,9 @@ def test_cli_vllm_worker_with_policy_update(tiny_model_dir, tmp_path):
         proc = rollout_cli(hub.url, tmp_path, "--engine", "vllm", "--max-prompts", "4", "--prompts-per-lease", "2")
         try:
             batch = trainer.pull(2, step=0, timeout_s=240)
-            assert batch.complete, proc.poll()
+            if not batch.complete:
+                proc.kill()
+                pytest.fail(f"no batch; worker rc={proc.poll()}:\n{proc.communicate()[0][-5000:]}")
             write_version(hub.hub.policy_dir, 1, v1, "float32")
             trainer.publish(1)
             out, _ = proc.communicate(timeout=240)
