@@ -1,10 +1,13 @@
 """The hub process: FastAPI routes over `HubState`, scoring through the verifier pool, policy files.
 
 `rl hub CONFIG` (and `rl train`, which starts it as its own process) calls
-`serve(cfg)`. The event loop only does bookkeeping and I/O: scoring runs in
+`serve(cfg)`. The HTTP layer is thin: a route parses its request, calls one
+`HubState` method (rl/hub/state.py owns every rule of the task lifecycle) and
+serialises the answer; long polls wait on events the state fires (`on_work`,
+`on_scored`). The event loop only does bookkeeping and I/O: scoring runs in
 the verifier pool's processes, so a slow or hostile completion never stalls
 leases or submissions. Every rejection is a 4xx with `{"reason", "detail"}`
-and leaves the state as it was (rl/hub/state.py checks before it changes).
+and leaves the state as it was (the state checks before it changes).
 """
 
 from __future__ import annotations

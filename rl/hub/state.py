@@ -70,6 +70,7 @@ MAX_SCORING_ATTEMPTS = 3
 SCORING_RETRY_S = 1.0
 """Pause before the first re-try of a failed scoring; doubled for each further attempt."""
 MAX_SCORING_RETRY_S = 30.0
+"""Longest pause between two scoring attempts."""
 
 
 @dataclass
