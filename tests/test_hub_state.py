@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rl.batch import eval_metrics
 from rl.config import load_config
 from rl.data import PromptOrder, PromptSet
 from rl.hub.state import HubError, HubState, ScoringJob
@@ -279,6 +280,7 @@ def test_eval_task_that_fails_scoring_finishes_its_job_without_a_result():
     assert state.fail_scoring(jobs[0], "OSError: boom") is None
     report = state.eval_status(job.job_id)
     assert report.done == report.total == 1 and report.failed == 1 and report.results == []
+    assert eval_metrics([("", report)], "reasoning_gym") == {"eval/scoring_failed": 1.0}  # the trainer goes on
 
 
 def test_publish_and_current_policy():
