@@ -357,7 +357,8 @@ def test_scoring_that_keeps_failing_is_retried_then_dropped_and_reported(tmp_pat
             assert "verifier worker failed to start" in status.last_scoring_error
             console = Console(width=200, record=True)
             console.print(render(status))  # `rl status` shows it too
-            assert "scoring failures / dropped" in console.export_text() and "failed to start" in console.export_text()
+            shown = console.export_text()
+            assert "scoring failures / dropped" in shown and "failed to start" in shown
             with live.admin() as admin:
                 ledger = admin.ledger()
             dropped = {t.task_id for t in lease_.tasks}

@@ -123,8 +123,11 @@ def test_worker_moves_to_new_policy(tiny_model_dir, tmp_path):
 
 
 def test_worker_rides_out_hub_outage_and_restart(hub, tmp_path):
-    """The hub goes away mid-run and comes back with no memory of the worker: it re-registers and goes on."""
-    thread, result = start_worker(hub.url, tmp_path, max_prompts=8, prompts_per_lease=2)
+    """The hub goes away mid-run and comes back with no memory of the worker: it re-registers and goes on.
+
+    12 prompts, of which at most 8 (the staleness window, nobody trains) can be done before the outage.
+    """
+    thread, result = start_worker(hub.url, tmp_path, max_prompts=12, prompts_per_lease=2)
     hub.wait_for(lambda: accepted(hub), timeout=120, what="a first accepted submission")
     hub.stop()  # connections refused for a while
     threading.Event().wait(1.0)

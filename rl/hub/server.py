@@ -118,8 +118,8 @@ class Hub:
                 if retry_in is None:
                     log.error("scoring task %d failed %d times; dropped: %s", job.task_id, job.attempt, e)
                     return
-                log.warning("scoring task %d failed (attempt %d); retry in %.0f s: %s", job.task_id, job.attempt,
-                            retry_in, e)  # fmt: skip
+                log.warning("scoring task %d failed (attempt %d): %s; retry in %.1f s", job.task_id, job.attempt, e,
+                            retry_in)  # fmt: skip
                 await asyncio.sleep(retry_in)
                 job = job.retry()
                 continue
