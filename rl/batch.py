@@ -121,7 +121,11 @@ def eval_metrics(jobs: list[tuple[str, EvalJob]], accuracy_term: str | None) -> 
     """`eval/{prefix}reward`, `..._response_length`, `..._accuracy`, `eval/pass@n` from finished eval jobs."""
     out: dict[str, float] = {}
     for prefix, job in jobs:
+        if job.failed:
+            out[f"eval/{prefix}scoring_failed"] = job.failed / job.total
         comps = [c for r in job.results for c in r.completions]
+        if not comps:  # every task's scoring failed (the hub logged why): nothing to average
+            continue
         out[f"eval/{prefix}reward"] = sum(c.reward for c in comps) / len(comps)
         out[f"eval/{prefix}response_length"] = sum(c.length for c in comps) / len(comps)
         if accuracy_term is not None:

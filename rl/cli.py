@@ -121,11 +121,26 @@ def rollout(
     prompts_per_lease: Annotated[int, typer.Option(min=1, help="Prompts to take per lease.")] = 4,
     seed: Annotated[int, typer.Option(help="Sampling seed (give each worker its own).")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Where downloaded policy versions are kept.")] = None,
+    kv_cache_gib: Annotated[
+        float, typer.Option(min=0.01, envvar="VLLM_CPU_KVCACHE_SPACE", help="vLLM-CPU KV cache in GiB.")
+    ] = 1.0,
+    gpu_memory_utilization: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="vLLM GPU memory fraction (GPU workers).")
+    ] = 0.85,
+    enforce_eager: Annotated[
+        bool | None,
+        typer.Option("--enforce-eager/--no-enforce-eager", help="Skip vLLM compilation (default: eager on CPU only)."),
+    ] = None,
 ) -> None:
     """Join a run as a rollout worker (outbound HTTP only; start as many as you like)."""
-    if engine not in ("vllm", "hf"):
-        err.print(f"[red]error:[/red] --engine must be vllm or hf, got {engine!r}")
-        raise typer.Exit(2)
+    from rollout_workers.engines import EngineSpec
+
+    try:
+        spec = EngineSpec(kind=engine, tensor_parallel=tp, seed=seed, kv_cache_gib=kv_cache_gib,
+                          gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)  # fmt: skip
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     _setup_logging()
     from rollout_workers.worker import run_worker
 
@@ -133,12 +148,10 @@ def rollout(
         run_worker(
             hub,
             token,
-            engine=engine,
-            tp=tp,
+            spec=spec,
             max_prompts=max_prompts,
             name=name,
             prompts_per_lease=prompts_per_lease,
-            seed=seed,
             cache_dir=cache_dir,
         )
     )

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rl.rundir import RunDir
+
+if TYPE_CHECKING:
+    from rollout_workers.engines import EngineSpec
 
 
 class Section(BaseModel):
@@ -153,8 +156,16 @@ class RolloutConfig(Section):
     """CPU threads per local worker (`OMP_NUM_THREADS`)."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Generation dtype of the workers and of published weights (None: `model.dtype`, the trainer's)."""
-    enforce_eager: bool = True
-    """Skip vLLM graph compilation (fast start; compiled is faster only for long runs)."""
+    enforce_eager: bool | None = None
+    """Skip vLLM graph compilation and CUDA graphs (None: eager on CPU, where compiling is slow; compiled on GPU)."""
+
+    def engine_spec(self, seed: int) -> EngineSpec:
+        """The engine of a local worker (`seed`: its own sampling seed)."""
+        from rollout_workers.engines import EngineSpec
+
+        return EngineSpec(kind=self.engine, tensor_parallel=self.tensor_parallel, seed=seed,
+                          kv_cache_gib=self.kv_cache_gib, gpu_memory_utilization=self.gpu_memory_utilization,
+                          enforce_eager=self.enforce_eager)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- rewards

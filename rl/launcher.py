@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import math
 import os
 import signal
 import socket
@@ -231,12 +230,10 @@ class Launch:
         cfg = self.cfg
         self._wait_healthy()
         for i in range(cfg.rollout.local_workers):
-            wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.tokens.workers[0],
-                             VLLM_CPU_KVCACHE_SPACE=str(max(1, math.ceil(cfg.rollout.kv_cache_gib))))  # fmt: skip
-            wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, "--engine", cfg.rollout.engine,
-                    "--tp", str(cfg.rollout.tensor_parallel), "--name", f"local-{i}",
-                    "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
-                    "--seed", str(cfg.trainer.seed * 1000 + i),
+            wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.tokens.workers[0])
+            spec = cfg.rollout.engine_spec(seed=cfg.trainer.seed * 1000 + i)
+            wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(),
+                    "--name", f"local-{i}", "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
                     "--cache-dir", str(self.paths.worker_cache)]  # fmt: skip
             self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log"))
         public = cfg.hub.public_url or self.url

@@ -278,6 +278,12 @@ class HubStatus(Wire):
     tokens_generated: int
     verifier: dict[str, float] = Field(default_factory=dict)
     uptime_s: float
+    scoring_failures: int = 0
+    """Scoring attempts that raised (e.g. verifier processes that cannot start); each is retried with backoff."""
+    scoring_dropped: int = 0
+    """Tasks given up after failing scoring `MAX_SCORING_ATTEMPTS` times (training tasks leave the ledger)."""
+    last_scoring_error: str | None = None
+    """The last scoring failure, e.g. "task 12 (attempt 2/3): RuntimeError: ..."."""
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -311,5 +317,8 @@ class EvalJob(Wire):
     version: int
     total: int
     done: int
+    """Tasks finished: scored, or given up after repeated scoring failures (`failed`)."""
+    failed: int = 0
+    """Tasks whose scoring kept failing (see `HubStatus.scoring_dropped`); they have no result."""
     results: list[EvalTaskResult] = Field(default_factory=list)
     """Filled when `done == total`."""

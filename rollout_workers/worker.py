@@ -36,7 +36,7 @@ from rl.protocol import (
     TaskResult,
 )
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable
-from rollout_workers.engines import Engine, make_engine
+from rollout_workers.engines import Engine, EngineSpec, make_engine
 from rollout_workers.weight_sync import WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -60,24 +60,18 @@ class Worker:
         self,
         client: HubClient,
         *,
-        engine: str = "vllm",
-        tp: int = 1,
+        spec: EngineSpec = EngineSpec(),
         max_prompts: int | None = None,
         name: str | None = None,
         cache_dir: Path | None = None,
-        seed: int = 0,
         prompts_per_lease: int = 4,
-        kv_cache_gib: float = 1.0,
     ) -> None:
         self.client = client
         self.stop = client.stop_event
-        self.engine_kind = engine
-        self.tp = tp
+        self.spec = spec
         self.max_prompts = max_prompts
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
-        self.seed = seed
         self.prompts_per_lease = prompts_per_lease
-        self.kv_cache_gib = kv_cache_gib
         self.sync = WeightSync(client, cache_dir)
         self.engine: Engine | None = None
         self.engine_shape: tuple[int, str] | None = None
@@ -94,7 +88,9 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
-        request = RegisterRequest(name=self.name, engine=self.engine_kind, tensor_parallel=self.tp, host=_host())
+        request = RegisterRequest(
+            name=self.name, engine=self.spec.kind, tensor_parallel=self.spec.tensor_parallel, host=_host()
+        )
         try:
             self.client.register(request)
             self._adopt_registration()
@@ -167,16 +163,8 @@ class Worker:
             raise WeightSyncError(f"policy v{local.version} has {len(local.weight_files)} weight files; expected 1")
         reg = self.client.registration
         if self.engine is None:
-            log.info("starting %s engine for policy v%d (%s)", self.engine_kind, local.version, local.model_dir)
-            self.engine = make_engine(
-                self.engine_kind,
-                local.model_dir,
-                max_model_len=reg.max_model_len,
-                dtype=reg.dtype,
-                tensor_parallel=self.tp,
-                seed=self.seed,
-                kv_cache_gib=self.kv_cache_gib,
-            )
+            log.info("starting %s engine for policy v%d (%s)", self.spec.kind, local.version, local.model_dir)
+            self.engine = make_engine(self.spec, local.model_dir, max_model_len=reg.max_model_len, dtype=reg.dtype)
             self.engine_shape = (reg.max_model_len, reg.dtype)
         else:
             self.engine.load_weights(local.weight_files[0])
@@ -330,36 +318,23 @@ def run_worker(
     hub: str,
     token: str,
     *,
-    engine: str = "vllm",
-    tp: int = 1,
+    spec: EngineSpec = EngineSpec(),
     max_prompts: int | None = None,
     name: str | None = None,
     cache_dir: Path | None = None,
-    seed: int = 0,
     prompts_per_lease: int = 4,
-    kv_cache_gib: float | None = None,
     max_retry_s: float | None = None,
 ) -> int:
     """Join the hub at `hub` as a rollout worker until stopped; returns the process exit code.
 
-    `max_retry_s`: how long to keep retrying an unreachable hub (None: for ever).
-    `kv_cache_gib`: vLLM-CPU KV cache (default: $VLLM_CPU_KVCACHE_SPACE, else 1).
+    `spec`: how to build the engine. `max_retry_s`: how long to keep retrying an unreachable hub
+    (None: for ever).
     """
-    if kv_cache_gib is None:
-        kv_cache_gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1.0)
     stop = threading.Event()
     previous = _install_signal_handlers(stop)
     client = HubClient(hub, token, stop_event=stop, max_retry_s=max_retry_s)
     worker = Worker(
-        client,
-        engine=engine,
-        tp=tp,
-        max_prompts=max_prompts,
-        name=name,
-        cache_dir=cache_dir,
-        seed=seed,
-        prompts_per_lease=prompts_per_lease,
-        kv_cache_gib=kv_cache_gib,
+        client, spec=spec, max_prompts=max_prompts, name=name, cache_dir=cache_dir, prompts_per_lease=prompts_per_lease
     )
     try:
         return worker.run()

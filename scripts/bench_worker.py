@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from hub_fixtures import ADMIN, publish_initial_policy, start_hub, start_worker, stop_process, write_config  # noqa: E402
+from helpers.hub import ADMIN, publish_initial_policy, start_hub, start_worker, stop_process, write_config  # noqa: E402
 
 MAX_MODEL_LEN = 256
 

@@ -8,19 +8,15 @@ One engine per kind per module: vLLM start-up is the slow part.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.policy import hf_logprobs, perturbed
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_worker_helpers import hf_logprobs, perturbed  # noqa: E402
-
-from rl.protocol import SamplingParamsWire  # noqa: E402
-from rollout_workers.engines import Engine, make_engine  # noqa: E402
+from rl.protocol import SamplingParamsWire
+from rollout_workers.engines import Engine, EngineSpec, make_engine
 
 MAX_MODEL_LEN = 64
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65, 66]]
@@ -44,7 +40,7 @@ def weights(tiny_model_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.slow)])
 def engine(request, tiny_model_dir):
-    eng = make_engine(request.param, tiny_model_dir, max_model_len=MAX_MODEL_LEN, dtype="float32", seed=0)
+    eng = make_engine(EngineSpec(kind=request.param), tiny_model_dir, max_model_len=MAX_MODEL_LEN, dtype="float32")
     yield eng
     eng.close()
 
@@ -133,6 +129,48 @@ def test_greedy_is_the_hf_argmax(engine: Engine, weights, tiny_model_dir):
             ids.append(token)
 
 
-def test_make_engine_rejects_unknown(tiny_model_dir):
+def test_engine_spec_rejects_unknown_and_bad_values():
     with pytest.raises(ValueError, match="unknown engine"):
-        make_engine("tgi", tiny_model_dir, max_model_len=64, dtype="float32")
+        EngineSpec(kind="tgi")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineSpec(gpu_memory_utilization=1.5)
+
+
+@pytest.mark.parametrize("eager", [None, True, False])
+def test_engine_spec_reaches_the_worker_from_config_and_cli(monkeypatch, eager):
+    """`rollout.*` -> EngineSpec -> `rl rollout` options (what the launcher runs) -> the same spec in run_worker."""
+    from typer.testing import CliRunner
+
+    import rollout_workers.worker
+    from rl.cli import app
+    from rl.config import load_config
+
+    overrides = ["rollout.gpu_memory_utilization=0.5", "rollout.kv_cache_gib=3", "rollout.tensor_parallel=2",
+                 "rollout.engine=hf"]  # fmt: skip
+    if eager is not None:
+        overrides.append(f"rollout.enforce_eager={str(eager).lower()}")
+    spec = load_config(None, overrides).rollout.engine_spec(seed=7)
+    assert spec == EngineSpec(kind="hf", tensor_parallel=2, seed=7, kv_cache_gib=3.0, gpu_memory_utilization=0.5,
+                              enforce_eager=eager)  # fmt: skip
+    seen = {}
+    monkeypatch.setattr(rollout_workers.worker, "run_worker", lambda hub, token, **kw: seen.update(kw) or 0)
+    result = CliRunner().invoke(app, ["rollout", "--hub", "http://127.0.0.1:1", "--token", "t", *spec.cli_args()])
+    assert result.exit_code == 0, result.output
+    assert seen["spec"] == spec
+
+
+def test_vllm_args_carry_the_spec(tiny_model_dir):
+    """What vLLM's `LLM(...)` gets (checked without starting an engine): eager/compiled, tp, seed, GPU memory."""
+    from rollout_workers.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine.__new__(VLLMEngine)
+    cases = [(True, None, True), (False, None, False), (False, True, True), (True, False, False)]
+    for on_cpu, eager, want_eager in cases:
+        spec = EngineSpec(tensor_parallel=2, seed=5, gpu_memory_utilization=0.6, enforce_eager=eager)
+        Engine.__init__(engine, spec, tiny_model_dir, max_model_len=64, dtype="bfloat16")
+        engine.on_cpu = on_cpu
+        args = engine.llm_args()
+        assert args["enforce_eager"] is want_eager
+        shape = (args["tensor_parallel_size"], args["seed"], args["dtype"], args["max_model_len"])
+        assert shape == (2, 5, "bfloat16", 64)
+        assert args.get("gpu_memory_utilization") == (None if on_cpu else 0.6)

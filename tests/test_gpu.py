@@ -13,14 +13,15 @@ def test_vllm_cuda_reload_matches_hf(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rl.protocol import SamplingParamsWire
-    from rollout_workers.engines import make_engine
+    from rollout_workers.engines import EngineSpec, make_engine
 
     state = load_file(tiny_model_dir / "model.safetensors")
     g = torch.Generator().manual_seed(1)
     perturbed = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
     v1 = tmp_path / "v1.safetensors"
     save_file(perturbed, str(v1))
-    engine = make_engine("vllm", tiny_model_dir, max_model_len=128, dtype="float32")
+    spec = EngineSpec(gpu_memory_utilization=0.3, enforce_eager=True)  # rollout.* settings reach vLLM on GPUs
+    engine = make_engine(spec, tiny_model_dir, max_model_len=128, dtype="float32")
     try:
         engine.load_weights(v1)
         prompt = [1, 20, 30, 40]

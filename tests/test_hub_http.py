@@ -10,7 +10,19 @@ import hashlib
 import json
 
 import pytest
-from hub_fixtures import ADMIN, OTHER_WORKER, WORKER, publish_initial_policy, start_hub, write_config
+from helpers.hub import (
+    ADMIN,
+    OTHER_WORKER,
+    WORKER,
+    LiveHub,
+    live_config,
+    publish_initial_policy,
+    start_hub,
+    write_config,
+)
+
+from rl.protocol import Completion, RegisterRequest, SubmitRequest, TaskResult
+from rollout_workers.client import HubClient
 
 pytestmark = pytest.mark.slow
 
@@ -268,3 +280,105 @@ def test_lease_long_poll_answers_when_work_appears(tmp_path, tiny_model_dir):
         assert r.status_code == 422 and r.json()["reason"] == "invalid_request"
     finally:
         proc.stop()
+
+
+# --------------------------------------------------------------------------- in-process hub (LiveHub)
+
+
+def live_hub(run_dir, model_dir) -> LiveHub:
+    publish_initial_policy(run_dir, model_dir)
+    return LiveHub(live_config(run_dir, model_dir))
+
+
+def test_correct_completion_earns_reward_in_the_trainers_batch(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """A known-correct answer's token ids, submitted like a worker, reach the trainer's batch with reward 1;
+    a wrong answer in the same group gets 0, so the group carries a learning signal."""
+    from rl.batch import build_batch
+    from rl.data import PromptSet, load_rows
+
+    with live_hub(tmp_path, tiny_model_dir) as live, live.admin() as trainer:
+        cfg = live.cfg
+        rows, _ = load_rows(cfg.data)  # the data as the trainer side knows it, rebuilt independently
+        prompts = PromptSet.build(rows, cfg.data, tiny_tokenizer)
+        answer_of = {tuple(ids): row["answer"] for ids, row in zip(prompts.prompt_ids, prompts.rows, strict=True)}
+        with HubClient(live.url, WORKER) as worker:
+            worker.register(RegisterRequest(name="oracle"))
+            lease_ = worker.lease(policy_version=0, max_tasks=2)
+            results, expected = [], {}
+            for task in lease_.tasks:
+                answer = answer_of[tuple(task.prompt_token_ids)]
+                right = tiny_tokenizer(f"<answer>{answer}</answer>")["input_ids"]
+                wrong = tiny_tokenizer(f"<answer>{int(answer) + 1}</answer>")["input_ids"]
+                comps = [Completion(token_ids=ids, logprobs=[-0.5] * len(ids)) for ids in (right, wrong)]
+                results.append(TaskResult(task_id=task.task_id, completions=comps))
+                expected[task.task_id] = (right, wrong)
+            answer = worker.submit(
+                SubmitRequest(worker_id=worker.worker_id, lease_id=lease_.lease_id, policy_version=0, results=results)
+            )
+        assert sorted(answer.accepted) == sorted(expected)
+        batch = trainer.pull(2, step=0, timeout_s=60)
+    assert batch.complete
+    for group in batch.groups:
+        assert [c.token_ids for c in group.completions] == list(expected[group.task_id])
+        right, wrong = group.completions
+        assert right.reward > 0 and right.components["reasoning_gym"] == 1.0
+        assert wrong.reward == 0.0
+    train = build_batch(batch.groups, tiny_tokenizer.pad_token_id)
+    assert train.rewards.tolist() == [c.reward for g in batch.groups for c in g.completions]
+    assert train.rewards.tolist()[0::2] == [1.0, 1.0] and train.rewards.tolist()[1::2] == [0.0, 0.0]
+
+
+def test_scoring_that_keeps_failing_is_retried_then_dropped_and_reported(tmp_path, tiny_model_dir, caplog):
+    """Verifier processes that cannot start: each task is tried MAX_SCORING_ATTEMPTS times with backoff, then
+    dropped and counted, with the error in /v1/status and the log; the hub keeps leasing new work."""
+    from rich.console import Console
+
+    from rl.config import RewardTerm
+    from rl.hub.state import MAX_SCORING_ATTEMPTS
+    from rl.hub.status_view import render
+    from verifiers.pool import VerifierPool
+
+    with live_hub(tmp_path, tiny_model_dir) as live:
+        live.hub.pool.close()
+        # A real pool whose worker processes die at start-up (address space capped below what Python needs).
+        live.hub.pool = VerifierPool([RewardTerm(name="math")], workers=1, worker_memory_mb=40)
+        live.state.scoring_retry_s = 0.05
+        with HubClient(live.url, WORKER) as worker:
+            worker.register(RegisterRequest(name="w"))
+            lease_ = worker.lease(policy_version=0, max_tasks=2)
+            two = [Completion(token_ids=[5, 6], logprobs=[-1.0, -1.0])] * 2
+            results = [TaskResult(task_id=t.task_id, completions=two) for t in lease_.tasks]
+            worker.submit(
+                SubmitRequest(worker_id=worker.worker_id, lease_id=lease_.lease_id, policy_version=0, results=results)
+            )
+            live.wait_for(lambda: live.status().scoring_dropped == 2, timeout=120, what="both tasks dropped")
+            status = live.status()
+            assert status.scoring_failures == 2 * MAX_SCORING_ATTEMPTS and status.scoring == 0 and status.buffered == 0
+            assert "verifier worker failed to start" in status.last_scoring_error
+            console = Console(width=200, record=True)
+            console.print(render(status))  # `rl status` shows it too
+            shown = console.export_text()
+            assert "scoring failures / dropped" in shown and "failed to start" in shown
+            with live.admin() as admin:
+                ledger = admin.ledger()
+            dropped = {t.task_id for t in lease_.tasks}
+            assert not dropped & set(ledger.pending) and ledger.consumed == 0
+            again = worker.lease(policy_version=0, max_tasks=2)  # their room in the window is free again
+            assert again.lease_id is not None and not dropped & {t.task_id for t in again.tasks}
+    dropped_logs = [r for r in caplog.records if r.levelname == "ERROR" and "dropped" in r.getMessage()]
+    assert len(dropped_logs) == 2
+
+
+def test_accepted_connections_have_nodelay():
+    """Each response is written as headers then body: without TCP_NODELAY on the connections uvicorn accepts
+    from the hub's socket, each waits ~40 ms for the client's delayed ACK (44 ms per request instead of ~2 ms)."""
+    import socket
+
+    from rl.hub.server import listening_socket
+
+    server = listening_socket("127.0.0.1", 0)
+    server.listen()
+    with socket.create_connection(server.getsockname()) as _, server:
+        accepted, _ = server.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from rl.batch import eval_metrics
 from rl.config import load_config
 from rl.data import PromptOrder, PromptSet
-from rl.hub.state import HubError, HubState
+from rl.hub.state import HubError, HubState, ScoringJob
 from rl.protocol import (
     Completion,
+    EvalRequest,
     LeaseRequest,
     RegisterRequest,
-    ScoredCompletion,
-    ScoredGroup,
     SubmitRequest,
     TaskResult,
 )
+from verifiers import Reward
 
 N = 2
 
@@ -40,26 +41,25 @@ def good_result(tid: int) -> TaskResult:
 
 
 def submit(state: HubState, wid: str, lease_id: str, tids, version=0, caller="tok-a"):
+    """Submit good results for `tids`; returns (accepted, duplicates) and keeps the scoring jobs on `state`."""
     req = SubmitRequest(
         worker_id=wid, lease_id=lease_id, policy_version=version, results=[good_result(t) for t in tids]
     )
-    new, dups = state.validate_submission(req, caller)
-    if new and (stale := state.stale_submission(req)) is not None:
-        raise stale
-    if new:
-        state.accept(req, new, 1.0)
-    return new, dups
+    answer, jobs = state.submit(req, caller, 1.0)
+    assert [j.task_id for j in jobs] == answer.accepted
+    pending_jobs(state).update({j.task_id: j for j in jobs})
+    return answer.accepted, answer.duplicates
+
+
+def pending_jobs(state: HubState) -> dict[int, ScoringJob]:
+    return state.__dict__.setdefault("_test_jobs", {})
 
 
 def score(state: HubState, tid: int, version: int = 0, rewards=(0.0, 1.0)) -> None:
-    state.scored(
-        ScoredGroup(
-            task_id=tid, row_index=state.task_rows[tid], prompt_token_ids=[1], policy_version=version,
-            worker_id="w", worker_name="w",
-            completions=[ScoredCompletion(token_ids=[3], logprobs=[-1.0], finish_reason="stop", reward=r,
-                                          components={}) for r in rewards],
-        )
-    )  # fmt: skip
+    """What the scorer does with a job: the verifier's rewards back to the state."""
+    job = pending_jobs(state).pop(tid)
+    assert job.policy_version == version
+    state.finish_scoring(job, [Reward(value=r, components={"t": r}) for r in rewards])
 
 
 def test_prompt_order_is_deterministic_and_resumable():
@@ -200,35 +200,99 @@ def test_old_worker_must_update_first():
     assert lease.lease_id is None and lease.min_policy_version == 1
 
 
-def test_eval_jobs_lease_score_and_report():
-    from rl.protocol import EvalRequest
-
+def eval_state() -> HubState:
     state = make_state()
-    state.eval_prompts = PromptSet(rows=[{"question": "e", "answer": "1"}] * 3, prompt_ids=[[9, 9]] * 3,
-                                   skipped_too_long=0)  # fmt: skip
+    eval_prompts = PromptSet(rows=[{"question": "e", "answer": "1"}] * 3, prompt_ids=[[9, 9]] * 3, skipped_too_long=0)
+    return HubState(state.cfg, state.prompts, 50, eval_prompts=eval_prompts)
+
+
+def test_eval_jobs_lease_score_and_report():
+    state = eval_state()
+    state.publish(0)
     wid = register(state)
     job = state.start_eval(EvalRequest(version=0, num_prompts=3, n=1, temperature=0.0))
     assert job.total == 3 and job.done == 0
     lease = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
     assert lease.sampling.n == 1 and lease.sampling.temperature == 0.0 and len(lease.tasks) == 2
     tids = [t.task_id for t in lease.tasks]
-    assert all(t < 0 for t in tids)
+    assert all(t in state.evals for t in tids) and not any(t in state.task_rows for t in tids)
     one = [Completion(token_ids=[3], logprobs=[-1.0])]
+    wrong_n = SubmitRequest(worker_id=wid, lease_id=lease.lease_id, policy_version=0,
+                            results=[TaskResult(task_id=tids[0], completions=one * 2)])  # fmt: skip
+    with pytest.raises(HubError, match="want 1"):
+        state.submit(wrong_n, "tok-a", 1.0)
     req = SubmitRequest(worker_id=wid, lease_id=lease.lease_id, policy_version=0,
                         results=[TaskResult(task_id=t, completions=one) for t in tids])  # fmt: skip
-    new, dups = state.validate_submission(req, "tok-a")
-    assert new == tids and state.stale_submission(req) is None
-    state.accept(req, new, 1.0)
-
-    class R:
-        value, components = 1.0, {"reasoning_gym": 1.0}
-
-    for t in tids:
-        state.eval_scored(t, one, [R()])
+    answer, jobs = state.submit(req, "tok-a", 1.0)
+    assert answer.accepted == tids and [j.example["question"] for j in jobs] == ["e", "e"]
+    for j in jobs:
+        state.finish_scoring(j, [Reward(value=1.0, components={"reasoning_gym": 1.0})])
     assert state.eval_status(job.job_id).done == 2
     rest = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
-    assert [t.task_id for t in rest.tasks] == [-3]
+    assert len(rest.tasks) == 1 and rest.tasks[0].task_id in state.evals
     assert state.outstanding == 0  # eval tasks never touch the training ledger
+    answer, jobs = state.submit(
+        SubmitRequest(worker_id=wid, lease_id=rest.lease_id, policy_version=0,
+                      results=[TaskResult(task_id=rest.tasks[0].task_id, completions=one)]), "tok-a", 2.0)  # fmt: skip
+    state.finish_scoring(jobs[0], [Reward(value=0.0, components={"reasoning_gym": 0.0})])
+    final = state.eval_status(job.job_id)
+    assert final.done == final.total == 3 and [r.completions[0].reward for r in final.results] == [1.0, 1.0, 0.0]
+    with pytest.raises(HubError, match="no eval job"):
+        state.eval_status(job.job_id)  # reported once, then forgotten
+
+
+def test_scoring_failures_retry_with_backoff_then_drop():
+    """A verifier that keeps raising: K attempts with growing pauses, then the task is dropped and counted."""
+    state = make_state()
+    woken: list[int] = []
+    state.on_work = lambda: woken.append(1)
+    wid = register(state)
+    lease = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
+    tids = [t.task_id for t in lease.tasks]
+    submit(state, wid, lease.lease_id, tids)
+    job = pending_jobs(state)[tids[0]]
+    waits = []
+    while (wait := state.fail_scoring(job, "RuntimeError: verifier processes cannot start")) is not None:
+        waits.append(wait)
+        job = job.retry()
+    assert waits == [1.0, 2.0] and job.attempt == state.max_scoring_attempts == 3
+    st = state.status(0.0, {})
+    assert st.scoring_failures == 3 and st.scoring_dropped == 1 and st.scoring == 1
+    assert st.last_scoring_error == f"task {tids[0]} (attempt 3/3): RuntimeError: verifier processes cannot start"
+    assert tids[0] not in state.task_rows and tids[0] not in state.ledger().pending and woken
+    # The other task scores normally, and a late answer for the dropped one is ignored.
+    score(state, tids[1])
+    state.finish_scoring(job, [Reward(value=1.0, components={})] * N)
+    assert list(state.buffer) == [tids[1]]
+
+
+def test_eval_task_that_fails_scoring_finishes_its_job_without_a_result():
+    state = eval_state()
+    state.publish(0)
+    state.max_scoring_attempts = 1
+    wid = register(state)
+    job = state.start_eval(EvalRequest(version=0, num_prompts=1, n=1))
+    lease = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
+    one = [Completion(token_ids=[3], logprobs=[-1.0])]
+    req = SubmitRequest(worker_id=wid, lease_id=lease.lease_id, policy_version=0,
+                        results=[TaskResult(task_id=lease.tasks[0].task_id, completions=one)])  # fmt: skip
+    _, jobs = state.submit(req, "tok-a", 1.0)
+    assert state.fail_scoring(jobs[0], "OSError: boom") is None
+    report = state.eval_status(job.job_id)
+    assert report.done == report.total == 1 and report.failed == 1 and report.results == []
+    assert eval_metrics([("", report)], "reasoning_gym") == {"eval/scoring_failed": 1.0}  # the trainer goes on
+
+
+def test_publish_and_current_policy():
+    state = make_state()
+    state.policy_version = -1
+    with pytest.raises(HubError) as info:
+        state.current_policy()
+    assert info.value.status == 503 and info.value.reason == "no_policy"
+    wid = register(state)
+    state.heartbeat(wid, "tok-a", 0, 1.0, 0.0)
+    assert state.publish(3) == {0, 3} and state.current_policy() == 3
+    assert state.heartbeat(wid, "tok-a", 3, 1.0, 1.0).policy_version == 3
 
 
 def test_workers_generate_in_rollout_dtype():

@@ -16,8 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import helpers.train as h
 import pytest
-import train_helpers as h
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

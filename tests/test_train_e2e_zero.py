@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
+import helpers.train as h
 import pytest
-import train_helpers as h
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

@@ -211,17 +211,14 @@ def test_reasoning_gym_hung_scorer_is_killed_and_batch_continues(rg_pool) -> Non
     assert "timeout" in rewards[1].info
 
 
-def test_reasoning_gym_scores_quickstart_rows_fast(rg_pool) -> None:
+def test_reasoning_gym_scores_quickstart_rows(rg_pool) -> None:
     params = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+", "-"]}
     rows = make_dataset("basic_arithmetic", params, size=200, seed=0)
     items = [(f"Thinking. <answer>{r['answer']}</answer>", r) for r in rows]
     items += [(f"the result is {r['answer']}", r) for r in rows]  # last-number fallback
     items += [("<answer>not a number</answer>", rows[0])]
-    start = time.perf_counter()
-    rewards = rg_pool.score_many_sync(items)
-    rate = len(items) / (time.perf_counter() - start)
+    rewards = rg_pool.score_many_sync(items)  # throughput: scripts/bench_verifiers.py, not a timed assertion
     assert [r.value for r in rewards] == [1.0] * 400 + [0.0]
-    assert rate > 200, f"{rate:.0f} items/s"
 
 
 def test_missing_bubblewrap_refuses_to_run_code(monkeypatch, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""The worker loop (`run_worker`, `rl rollout`) against a stub hub on loopback.
+"""The worker loop (`run_worker`, `rl rollout`) against the real hub app on loopback.
 
-HF engine in-thread for the loop logic (fast); the CLI as a subprocess for
-signals and exit codes; one slow run with the real vLLM engine through a
-policy update. The real-hub integration tests live with the hub.
+HF engine in-thread for the loop logic (fast); the CLI as a subprocess for signals and exit
+codes; one slow run with the real vLLM engine through a policy update. The hub is `LiveHub`
+(rl/hub/server.py's app behind a `FaultProxy`), so every lease, rejection and re-registration
+the worker sees is one the real hub makes; the proxy's record shows what the worker sent.
 """
 
 from __future__ import annotations
@@ -15,44 +16,66 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers.hub import WORKER, LiveHub, live_config
+from helpers.policy import hf_logprobs, make_policy_store, perturbed
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_worker_helpers import TOKEN, StubHub, hf_logprobs, make_policy_store, perturbed, serve  # noqa: E402
-
-from rl.weights import write_version  # noqa: E402
-from rollout_workers.worker import run_worker  # noqa: E402
+from rl.protocol import Lease, SubmitRequest
+from rl.weights import write_version
+from rollout_workers.engines import EngineSpec
+from rollout_workers.worker import run_worker
 
 REPO = Path(__file__).resolve().parents[1]
+ROOMY = {"trainer": {"prompts_per_step": 4, "micro_batch_size": 4}}
+"""4 prompts per step, max_staleness 1: a v0 worker may hold 8 tasks without a trainer pulling."""
+LOCKSTEP = {"trainer": {"prompts_per_step": 2, "micro_batch_size": 4}, "async": {"max_staleness": 0}}
+"""On-policy: 2 tasks per version, and a new version sends every older worker to update first."""
 
 
-def prompts(count: int, start: int = 40) -> list[list[int]]:
-    return [[1, start + i, start + i + 1, 7] for i in range(count)]
+def live_hub(run_dir: Path, model_dir: Path, **sections) -> LiveHub:
+    make_policy_store(model_dir, run_dir / "policy")
+    return LiveHub(live_config(run_dir, model_dir, **sections))
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_model_dir, tmp_path_factory):
+    with live_hub(tmp_path_factory.mktemp("run"), tiny_model_dir, **ROOMY) as hub:
+        yield hub
 
 
 @pytest.fixture
-def policy_dir(tiny_model_dir, tmp_path) -> Path:
-    out = tmp_path / "policy"
-    make_policy_store(tiny_model_dir, out)
-    return out
+def hub(shared):
+    """The module's hub as if freshly started: no workers, no tasks handed out, nothing recorded."""
+    shared.restart(keep_ledger=False)
+    shared.proxy.exchanges.clear()
+    return shared
 
 
 def start_worker(url: str, tmp_path: Path, **kw) -> tuple[threading.Thread, dict]:
     """run_worker (HF engine) in a thread; the exit code lands in result["rc"]."""
     result: dict = {}
-    kw = {"engine": "hf", "cache_dir": tmp_path / "cache", "name": "t", **kw}
+    kw = {"spec": EngineSpec(kind="hf"), "cache_dir": tmp_path / "cache", "name": "t", **kw}
 
     def target() -> None:
-        result["rc"] = run_worker(url, TOKEN, **kw)
+        result["rc"] = run_worker(url, WORKER, **kw)
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, result
 
 
-def check_logprobs(model_dir: Path, state: dict | None, hub: StubHub, submissions) -> None:
-    prompt_of = {t.task_id: t.prompt_token_ids for _, tasks in hub.leases.values() for t in tasks}
+def accepted(hub: LiveHub) -> list[SubmitRequest]:
+    """The submissions the hub accepted, in order."""
+    return [SubmitRequest.model_validate_json(e.request) for e in hub.proxy.calls("POST", "/v1/rollouts", status=200)]
+
+
+def leased_prompts(hub: LiveHub) -> dict[int, list[int]]:
+    leases = [Lease.model_validate_json(e.response) for e in hub.proxy.calls("POST", "/v1/leases", status=200)]
+    return {t.task_id: t.prompt_token_ids for lease in leases for t in lease.tasks}
+
+
+def check_logprobs(model_dir: Path, state: dict | None, hub: LiveHub, submissions) -> None:
+    prompt_of = leased_prompts(hub)
     for sub in submissions:
         result = sub.results[0]
         c = result.completions[0]
@@ -60,65 +83,70 @@ def check_logprobs(model_dir: Path, state: dict | None, hub: StubHub, submission
         assert max(abs(a - b) for a, b in zip(ref, c.logprobs, strict=True)) < 1e-3
 
 
-def test_worker_leases_generates_submits_and_leaves(policy_dir, tiny_model_dir, tmp_path):
-    hub = StubHub(policy_dir, prompts(10))
-    with serve(hub.app) as url:
-        thread, result = start_worker(url, tmp_path, max_prompts=6, prompts_per_lease=4)
-        thread.join(timeout=120)
+def test_worker_leases_generates_submits_and_leaves(hub, tiny_model_dir, tmp_path):
+    thread, result = start_worker(hub.url, tmp_path, max_prompts=6, prompts_per_lease=4)
+    thread.join(timeout=120)
     assert result["rc"] == 0
-    assert [len(s.results) for s in hub.submissions] == [4, 2]
-    for sub in hub.submissions:
-        assert sub.policy_version == 0 and sub.worker_id == "w0" and sub.gen_seconds > 0
+    subs = accepted(hub)
+    registration = hub.proxy.calls("POST", "/v1/workers", status=200)
+    assert len(registration) == 1 and registration[0].sent()["engine"] == "hf" and registration[0].sent()["name"] == "t"
+    worker_id = registration[0].json()["worker_id"]
+    assert [len(s.results) for s in subs] == [4, 2]
+    sampling = hub.cfg.sampling
+    for sub in subs:
+        assert sub.policy_version == 0 and sub.worker_id == worker_id and sub.gen_seconds > 0
         for r in sub.results:
-            assert len(r.completions) == hub.sampling.n
-            assert all(len(c.token_ids) <= hub.sampling.max_tokens for c in r.completions)
-    assert hub.left == ["w0"]
-    assert hub.registrations[0].engine == "hf" and hub.registrations[0].name == "t"
-    check_logprobs(tiny_model_dir, None, hub, hub.submissions)
+            assert len(r.completions) == sampling.n
+            assert all(len(c.token_ids) <= sampling.max_tokens for c in r.completions)
+    assert [e.status for e in hub.proxy.calls("DELETE", f"/v1/workers/{worker_id}")] == [200]
+    check_logprobs(tiny_model_dir, None, hub, subs)
+    # The real hub scored every group with the real verifier; all six wait for the trainer.
+    hub.wait_for(lambda: hub.status().buffered == 6, what="six scored groups")
 
 
-def test_worker_moves_to_new_policy(policy_dir, tiny_model_dir, tmp_path):
-    hub = StubHub(policy_dir, prompts(2))
+def test_worker_moves_to_new_policy(tiny_model_dir, tmp_path):
+    """Lockstep: 2 tasks at v0, the trainer takes them and publishes v1, the worker updates and goes on."""
     v1 = perturbed(load_file(str(tiny_model_dir / "model.safetensors")), seed=1)
-    with serve(hub.app) as url:
-        thread, result = start_worker(url, tmp_path, max_prompts=6, prompts_per_lease=2)
-        hub.wait_for(lambda: hub.submissions)
-        # The hub asks for v1 before it is published: the worker polls, gently.
-        hub.min_policy_version = 1
-        hub.queue.extend(prompts(4, start=60))
-        polls = len(hub.requests)
-        threading.Event().wait(1.0)
-        assert len(hub.requests) - polls < 20
-        write_version(policy_dir, 1, v1, "float32")
+    with live_hub(tmp_path / "run", tiny_model_dir, **LOCKSTEP) as hub, hub.admin() as trainer:
+        thread, result = start_worker(hub.url, tmp_path, max_prompts=4, prompts_per_lease=2)
+        batch = trainer.pull(2, step=0, timeout_s=120)
+        assert batch.complete and [g.policy_version for g in batch.groups] == [0, 0]
+        write_version(hub.hub.policy_dir, 1, v1, "float32")
+        trainer.publish(1)
         thread.join(timeout=120)
     assert result["rc"] == 0
-    assert [s.policy_version for s in hub.submissions] == [0, 1, 1]
-    check_logprobs(tiny_model_dir, v1, hub, hub.submissions[1:])
+    subs = accepted(hub)
+    assert [s.policy_version for s in subs] == [0, 1]
+    check_logprobs(tiny_model_dir, None, hub, subs[:1])
+    check_logprobs(tiny_model_dir, v1, hub, subs[1:])
     assert sorted(p.name for p in (tmp_path / "cache").glob("v*")) == ["v0", "v1"]
 
 
-def test_worker_rides_out_rejections_and_hub_restart(policy_dir, tmp_path):
-    hub = StubHub(policy_dir, prompts(4))
-    hub.reject_submits = 1
-    with serve(hub.app) as url:
-        port = int(url.rsplit(":", 1)[1])
-        thread, result = start_worker(url, tmp_path, max_prompts=8, prompts_per_lease=2)
-        hub.wait_for(lambda: len(hub.submissions) == 1 and not hub.queue)  # first one rejected
-    # The hub is down for a while, then comes back with no memory of the worker.
+def test_worker_rides_out_hub_outage_and_restart(hub, tmp_path):
+    """The hub goes away mid-run and comes back with no memory of the worker: it re-registers and goes on.
+
+    12 prompts, of which at most 8 (the staleness window, nobody trains) can be done before the outage.
+    """
+    thread, result = start_worker(hub.url, tmp_path, max_prompts=12, prompts_per_lease=2)
+    hub.wait_for(lambda: accepted(hub), timeout=120, what="a first accepted submission")
+    hub.stop()  # connections refused for a while
     threading.Event().wait(1.0)
     assert thread.is_alive()
-    restarted = StubHub(policy_dir, prompts(4, start=80))
-    with serve(restarted.app, port=port):
-        thread.join(timeout=120)
+    hub.restart()
+    hub.proxy.fail_5xx = 3  # and a reverse proxy answers 503 while the hub starts up
+    hub.start()
+    thread.join(timeout=120)
     assert result["rc"] == 0
-    assert len(restarted.registrations) == 1 and restarted.left == ["w0"]
-    assert sum(len(s.results) for s in restarted.submissions) == 4
+    ids = [e.json()["worker_id"] for e in hub.proxy.calls("POST", "/v1/workers", status=200)]
+    assert len(ids) == 2 and ids[0] != ids[1]
+    after = [s for s in accepted(hub) if s.worker_id == ids[1]]
+    assert after, "no submission accepted after the restart"
+    assert [e.status for e in hub.proxy.calls("DELETE", f"/v1/workers/{ids[1]}")] == [200]
+    assert not hub.state.workers
 
 
-def test_bad_token_exits_2(policy_dir, tmp_path):
-    hub = StubHub(policy_dir)
-    with serve(hub.app) as url:
-        assert run_worker(url, "wrong", engine="hf", cache_dir=tmp_path) == 2
+def test_bad_token_exits_2(hub, tmp_path):
+    assert run_worker(hub.url, "wrong", spec=EngineSpec(kind="hf"), cache_dir=tmp_path) == 2
 
 
 def rollout_cli(url: str, tmp_path: Path, *args: str) -> subprocess.Popen:
@@ -129,41 +157,42 @@ def rollout_cli(url: str, tmp_path: Path, *args: str) -> subprocess.Popen:
         "SCATTER_RL_CACHE": str(tmp_path / "cache"),
         "PYTHONPATH": str(REPO),
     }
-    cmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", url, "--token", TOKEN, *args]
+    cmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", url, "--token", WORKER, *args]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_cli_sigterm_leaves_cleanly(policy_dir, tmp_path):
-    hub = StubHub(policy_dir, prompts(1000))
-    with serve(hub.app) as url:
-        proc = rollout_cli(url, tmp_path, "--engine", "hf", "--name", "cli")
-        try:
-            hub.wait_for(lambda: hub.submissions or proc.poll() is not None, timeout=120)
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
+def test_cli_sigterm_leaves_cleanly(hub, tmp_path):
+    proc = rollout_cli(hub.url, tmp_path, "--engine", "hf", "--name", "cli")
+    try:
+        hub.wait_for(lambda: accepted(hub) or proc.poll() is not None, timeout=120, what="a submission")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 0, out
-    assert hub.left == ["w0"]
+    assert [e.status for e in hub.proxy.exchanges if e.method == "DELETE"] == [200]
+    assert not hub.state.workers
     assert "registered with hub" in out and "loaded policy v0" in out
 
 
 @pytest.mark.slow
-def test_cli_vllm_worker_with_policy_update(policy_dir, tiny_model_dir, tmp_path):
-    hub = StubHub(policy_dir, prompts(2))
+def test_cli_vllm_worker_with_policy_update(tiny_model_dir, tmp_path):
     v1 = perturbed(load_file(str(tiny_model_dir / "model.safetensors")), seed=2)
-    with serve(hub.app) as url:
-        proc = rollout_cli(url, tmp_path, "--engine", "vllm", "--max-prompts", "4")
+    with live_hub(tmp_path / "run", tiny_model_dir, **LOCKSTEP) as hub, hub.admin() as trainer:
+        proc = rollout_cli(hub.url, tmp_path, "--engine", "vllm", "--max-prompts", "4", "--prompts-per-lease", "2")
         try:
-            hub.wait_for(lambda: hub.submissions or proc.poll() is not None, timeout=240)
-            write_version(policy_dir, 1, v1, "float32")
-            hub.min_policy_version = 1
-            hub.queue.extend(prompts(2, start=70))
+            batch = trainer.pull(2, step=0, timeout_s=240)
+            if not batch.complete:
+                proc.kill()
+                pytest.fail(f"no batch; worker rc={proc.poll()}:\n{proc.communicate()[0][-5000:]}")
+            write_version(hub.hub.policy_dir, 1, v1, "float32")
+            trainer.publish(1)
             out, _ = proc.communicate(timeout=240)
         finally:
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    assert [s.policy_version for s in hub.submissions] == [0, 1]
-    check_logprobs(tiny_model_dir, None, hub, hub.submissions[:1])
-    check_logprobs(tiny_model_dir, v1, hub, hub.submissions[1:])
-    assert hub.left == ["w0"]
+    subs = accepted(hub)
+    assert [s.policy_version for s in subs] == [0, 1]
+    check_logprobs(tiny_model_dir, None, hub, subs[:1])
+    check_logprobs(tiny_model_dir, v1, hub, subs[1:])
+    assert [e.status for e in hub.proxy.exchanges if e.method == "DELETE"] == [200]

@@ -1,104 +1,111 @@
-"""HubClient against a stub hub over real loopback HTTP: retries, 4xx reasons, re-registration."""
+"""HubClient against the real hub app over loopback HTTP: retries, 4xx reasons, re-registration.
+
+Faults come from `FaultProxy` in front of the hub (5xx, a refused port) and from restarting the
+hub's state (`LiveHub.restart`: every worker id forgotten, as after a hub process restart).
+"""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers.hub import WORKER, LiveHub, live_config
+from helpers.net import free_port
+from helpers.policy import make_policy_store
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_worker_helpers import TOKEN, StubHub, free_port, make_policy_store, serve  # noqa: E402
-
-from rl.protocol import HeartbeatRequest, RegisterRequest, SubmitRequest, TaskResult  # noqa: E402
-from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable, UnknownWorker  # noqa: E402
+from rl.protocol import Completion, HeartbeatRequest, RegisterRequest, SubmitRequest, TaskResult
+from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable, UnknownWorker
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("policy")
-    make_policy_store(tiny_model_dir, out)
-    return out
+def live(tiny_model_dir, tmp_path_factory):
+    run_dir: Path = tmp_path_factory.mktemp("run")
+    make_policy_store(tiny_model_dir, run_dir / "policy")
+    with LiveHub(live_config(run_dir, tiny_model_dir)) as hub:
+        yield hub
 
 
 @pytest.fixture
-def hub(policy_dir):
-    stub = StubHub(policy_dir, prompts=[[1, 2, 3]] * 4)
-    with serve(stub.app) as url:
-        stub.url = url
-        yield stub
+def hub(live):
+    """The module's hub with a fresh state and a clean record of requests."""
+    live.restart()
+    live.proxy.exchanges.clear()
+    return live
 
 
-def client(url: str, token: str = TOKEN, **kw) -> HubClient:
+def client(url: str, token: str = WORKER, **kw) -> HubClient:
     kw.setdefault("max_backoff_s", 0.2)
     return HubClient(url, token, **kw)
 
 
+def registered_names(hub: LiveHub) -> list[str]:
+    return [e.sent()["name"] for e in hub.proxy.calls("POST", "/v1/workers", status=200)]
+
+
 def test_register_retries_5xx(hub):
-    hub.fail_5xx = 2
+    hub.proxy.fail_5xx = 2
     with client(hub.url) as c:
         reg = c.register(RegisterRequest(name="a"))
-    assert reg.worker_id == "w0" and reg.policy_version == 0
-    assert [p for _, p, _ in hub.requests].count("/v1/workers") == 3
+    assert reg.worker_id in hub.state.workers and reg.policy_version == 0
+    assert [e.status for e in hub.proxy.calls("POST", "/v1/workers")] == [503, 503, 200]
 
 
 def test_bad_token_is_auth_error_without_retry(hub):
     with client(hub.url, token="nope") as c, pytest.raises(AuthError) as e:
         c.register(RegisterRequest())
     assert e.value.status == 401 and e.value.reason == "bad_token"
-    assert len(hub.requests) == 1
+    assert len(hub.proxy.exchanges) == 1
 
 
 def test_4xx_carries_hub_reason(hub):
     with client(hub.url) as c:
         c.register(RegisterRequest())
         lease = c.lease(policy_version=0, max_tasks=1)
-        hub.reject_submits = 1
+        one = [Completion(token_ids=[5, 6], logprobs=[-1.0, -1.0])]
         request = SubmitRequest(
             worker_id=c.worker_id,
             lease_id=lease.lease_id,
             policy_version=0,
-            results=[TaskResult(task_id=lease.tasks[0].task_id, completions=[])],
+            results=[TaskResult(task_id=lease.tasks[0].task_id, completions=one)],  # n=2 expected
         )
         with pytest.raises(HubError) as e:
             c.submit(request)
-    assert e.value.status == 409 and e.value.reason == "lease_expired"
+        assert e.value.status == 422 and e.value.reason == "wrong_group_size" and "want 2" in e.value.detail
+        with pytest.raises(HubError) as e:
+            c.submit(request.model_copy(update={"lease_id": "l-unknown"}))
+        assert e.value.status == 409 and e.value.reason == "unknown_lease"
+    assert hub.state.rejections == {"wrong_group_size": 1, "unknown_lease": 1}
 
 
 def test_unknown_worker_reregisters_and_repeats(hub):
     with client(hub.url) as c:
         c.register(RegisterRequest(name="x"))
-        hub.forget_workers()
+        hub.restart()
         answer = c.heartbeat(HeartbeatRequest(policy_version=0))
         assert answer.policy_version == 0
-        assert c.worker_id == "w1" and c.registrations == 2
-        assert hub.heartbeats[-1][0] == "w1"
-        hub.forget_workers()
+        assert c.registrations == 2 and list(hub.state.workers) == [c.worker_id]
+        hub.restart()
         lease = c.lease(policy_version=0, max_tasks=2)
-        assert lease.lease_id.endswith("-w2") and len(lease.tasks) == 2
+        assert lease.lease_id is not None and len(lease.tasks) == 2 and c.registrations == 3
         # A submission for a lease of the forgotten id cannot be repeated: re-register, then raise.
-        hub.forget_workers()
-        request = SubmitRequest(
-            worker_id="w2", lease_id=lease.lease_id, policy_version=0, results=[TaskResult(task_id=0, completions=[])]
-        )
+        hub.restart()
+        stale_id = c.worker_id
+        two = [Completion(token_ids=[5], logprobs=[-1.0])] * 2
+        results = [TaskResult(task_id=t.task_id, completions=two) for t in lease.tasks]
+        request = SubmitRequest(worker_id=stale_id, lease_id=lease.lease_id, policy_version=0, results=results)
         with pytest.raises(UnknownWorker):
             c.submit(request)
-        assert c.worker_id == "w3"
-    assert [r.name for r in hub.registrations] == ["x"] * 4
+        assert c.registrations == 4 and c.worker_id != stale_id and list(hub.state.workers) == [c.worker_id]
+    assert registered_names(hub) == ["x"] * 4
 
 
 def test_concurrent_unknown_worker_registers_once(hub):
-    """Heartbeat thread and main loop both hit the forgetful hub: one re-registration, not one each.
-
-    The stub hands out ids by count, so after a restart the new id can equal the old one; the
-    client must still not register twice (this raced in CI).
-    """
+    """Heartbeat thread and main loop both hit the restarted hub: one re-registration, not one each."""
     with client(hub.url) as c:
         c.register(RegisterRequest(name="x"))
-        hub.forget_workers()
+        hub.restart()
         barrier = threading.Barrier(6)
         errors: list[BaseException] = []
 
@@ -115,45 +122,48 @@ def test_concurrent_unknown_worker_registers_once(hub):
         for t in threads:
             t.join(timeout=30)
     assert not errors
-    assert len(hub.registrations) == 2 and c.registrations == 2
-    assert {wid for wid, _ in hub.heartbeats[-6:]} == {c.worker_id}
+    assert c.registrations == 2 and len(registered_names(hub)) == 2
+    assert list(hub.state.workers) == [c.worker_id]
+    beats = [e for e in hub.proxy.calls("POST", f"/v1/workers/{c.worker_id}/heartbeat") if e.status == 200]
+    assert len(beats) == 6
 
 
-def test_survives_hub_restart(policy_dir):
+def test_survives_hub_restart(hub):
     """Connection refused until the hub comes up: the call waits and then succeeds."""
-    port = free_port()
+    hub.stop()
     result: dict = {}
 
     def call() -> None:
-        with client(f"http://127.0.0.1:{port}") as c:
+        with client(hub.url) as c:
             result["reg"] = c.register(RegisterRequest())
 
     thread = threading.Thread(target=call)
-    thread.start()
-    time.sleep(1.0)
-    assert thread.is_alive()
-    with serve(StubHub(policy_dir).app, port=port):
-        thread.join(timeout=20)
-    assert result["reg"].worker_id == "w0"
+    try:
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and not hub.proxy.exchanges
+    finally:
+        hub.start()
+    thread.join(timeout=30)
+    assert result["reg"].worker_id in hub.state.workers
 
 
 def test_gives_up_after_max_retry_and_on_stop():
+    """Nothing listens: `max_retry_s` ends the retries, and so does the stop event (no hang)."""
     url = f"http://127.0.0.1:{free_port()}"
-    start = time.monotonic()
     with client(url, max_retry_s=0.5) as c, pytest.raises(HubUnavailable):
         c.policy()
-    assert time.monotonic() - start < 5
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
-    start = time.monotonic()
     with client(url, stop_event=stop, max_backoff_s=5.0) as c, pytest.raises(HubUnavailable):
-        c.policy()
-    assert time.monotonic() - start < 3
+        c.policy()  # max_retry_s None: only the stop event ends this
 
 
 def test_leave(hub):
     with client(hub.url) as c:
         assert not c.leave()  # not registered: nothing to do
-        c.register(RegisterRequest())
+        reg = c.register(RegisterRequest())
+        c.lease(policy_version=0, max_tasks=2)
         assert c.leave()
-    assert hub.left == ["w0"]
+    assert not hub.state.workers and len(hub.state.queue) == 2  # its leased tasks went back to the queue
+    assert [e.status for e in hub.proxy.calls("DELETE", f"/v1/workers/{reg.worker_id}")] == [200]

@@ -1,40 +1,53 @@
-"""WeightSync against a stub hub serving a real policy store: verify, re-fetch, resume, cache, prune."""
+"""WeightSync against the real hub serving a real policy store: verify, re-fetch, resume, cache, prune.
+
+Downloads go through `FaultProxy`, which corrupts bytes or cuts a download halfway when a test asks.
+"""
 
 from __future__ import annotations
 
-import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers.hub import WORKER, LiveHub, live_config
+from helpers.policy import make_policy_store
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_worker_helpers import TOKEN, StubHub, make_policy_store, serve  # noqa: E402
-
-from rl.models import sha256_file  # noqa: E402
-from rl.weights import WEIGHTS_FILE, read_manifest, version_dir  # noqa: E402
-from rollout_workers.client import HubClient  # noqa: E402
-from rollout_workers.weight_sync import COMPLETE, WeightSync, WeightSyncError, default_cache_dir  # noqa: E402
+from rl.models import sha256_file
+from rl.weights import WEIGHTS_FILE, read_manifest, version_dir
+from rollout_workers.client import HubClient
+from rollout_workers.weight_sync import COMPLETE, WeightSync, WeightSyncError, default_cache_dir
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("policy")
-    make_policy_store(tiny_model_dir, out, versions=3)
-    return out
+def live(tiny_model_dir, tmp_path_factory):
+    run_dir: Path = tmp_path_factory.mktemp("run")
+    make_policy_store(tiny_model_dir, run_dir / "policy", versions=3)
+    with LiveHub(live_config(run_dir, tiny_model_dir)) as hub:
+        yield hub
 
 
 @pytest.fixture
-def hub(policy_dir):
-    stub = StubHub(policy_dir)
-    with serve(stub.app) as url, HubClient(url, TOKEN, max_backoff_s=0.2) as client:
-        stub.client = client
-        yield stub
+def policy_dir(live) -> Path:
+    return live.hub.policy_dir
 
 
-def weight_gets(hub: StubHub, version: int) -> list[str | None]:
+@pytest.fixture
+def hub(live):
+    live.proxy.exchanges.clear()
+    live.proxy.corrupt, live.proxy.cut = Counter(), Counter()
+    with HubClient(live.url, WORKER, max_backoff_s=0.2) as client:
+        live.client = client
+        live.policy_dir = live.hub.policy_dir
+        yield live
+
+
+def weight_gets(hub: LiveHub, version: int) -> list[str | None]:
     """Range headers of the GETs of a version's weights file."""
-    return [r for m, p, r in hub.requests if p == f"/v1/policy/{version}/files/{WEIGHTS_FILE}"]
+    return hub.proxy.file_gets(f"/v1/policy/{version}/files/{WEIGHTS_FILE}")
+
+
+def paths(hub: LiveHub, since: int = 0) -> list[str]:
+    return [e.path for e in hub.proxy.exchanges[since:]]
 
 
 def test_fetch_assembles_loadable_dir(hub, policy_dir, tmp_path):
@@ -48,24 +61,25 @@ def test_fetch_assembles_loadable_dir(hub, policy_dir, tmp_path):
     assert AutoTokenizer.from_pretrained(local.model_dir).eos_token == "<|im_end|>"
     assert not list(tmp_path.rglob("*.part"))
     # Cached: a second fetch downloads nothing, base files are shared by later versions.
-    before = len(hub.requests)
+    before = len(hub.proxy.exchanges)
     again = WeightSync(hub.client, tmp_path).fetch()
     assert again == local
-    assert [p for _, p, _ in hub.requests[before:]] == ["/v1/policy"]
+    assert paths(hub, before) == ["/v1/policy"]
     older = WeightSync(hub.client, tmp_path).fetch(read_manifest(policy_dir, 1))
     assert (older.model_dir / "config.json").stat().st_ino == (local.model_dir / "config.json").stat().st_ino
-    assert not any("/base/" in p for _, p, _ in hub.requests[before:])
+    assert not any("/base/" in p for p in paths(hub, before))
 
 
 def test_corrupted_file_is_fetched_again(hub, tmp_path):
-    hub.corrupt_once = {WEIGHTS_FILE, "config.json"}
+    hub.proxy.corrupt.update({WEIGHTS_FILE: 1, "config.json": 1})
     local = WeightSync(hub.client, tmp_path).fetch()
     assert weight_gets(hub, 2) == [None, None]
+    assert sorted(hub.proxy.corrupted) == [f"/v1/policy/2/files/{WEIGHTS_FILE}", "/v1/policy/base/files/config.json"]
     assert sha256_file(local.weight_files[0]) == read_manifest(hub.policy_dir, 2).files[0].sha256
 
 
 def test_always_corrupted_gives_clear_error(hub, tmp_path):
-    hub.corrupt_always = {WEIGHTS_FILE}
+    hub.proxy.corrupt[WEIGHTS_FILE] = 1000
     with pytest.raises(WeightSyncError, match="sha256"):
         WeightSync(hub.client, tmp_path, max_hash_failures=2).fetch()
     assert len(weight_gets(hub, 2)) == 2
@@ -74,7 +88,7 @@ def test_always_corrupted_gives_clear_error(hub, tmp_path):
 
 def test_cut_download_resumes_with_range(hub, tmp_path):
     size = read_manifest(hub.policy_dir, 2).files[0].size
-    hub.cut_once = {WEIGHTS_FILE}
+    hub.proxy.cut[WEIGHTS_FILE] = 1
     sync = WeightSync(hub.client, tmp_path)
     local = sync.fetch()
     assert weight_gets(hub, 2) == [None, f"bytes={size // 2}-"]

@@ -1,10 +1,13 @@
 """The hub process: FastAPI routes over `HubState`, scoring through the verifier pool, policy files.
 
 `rl hub CONFIG` (and `rl train`, which starts it as its own process) calls
-`serve(cfg)`. The event loop only does bookkeeping and I/O: scoring runs in
+`serve(cfg)`. The HTTP layer is thin: a route parses its request, calls one
+`HubState` method (rl/hub/state.py owns every rule of the task lifecycle) and
+serialises the answer; long polls wait on events the state fires (`on_work`,
+`on_scored`). The event loop only does bookkeeping and I/O: scoring runs in
 the verifier pool's processes, so a slow or hostile completion never stalls
 leases or submissions. Every rejection is a 4xx with `{"reason", "detail"}`
-and leaves the state as it was (rl/hub/state.py checks before it changes).
+and leaves the state as it was (the state checks before it changes).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.config import RunConfig
-from rl.hub.state import HubState
+from rl.hub.state import HubState, ScoringJob
 from rl.hub.tokens import Tokens
 from rl.protocol import (
     Ack,
@@ -45,12 +48,10 @@ from rl.protocol import (
     PublishRequest,
     RegisterRequest,
     RegisterResponse,
-    ScoredCompletion,
-    ScoredGroup,
     SubmitRequest,
     SubmitResponse,
 )
-from rl.weights import BASE, garbage_collect, read_manifest, version_dir
+from rl.weights import BASE, garbage_collect, published_versions, read_manifest, version_dir
 
 log = logging.getLogger(__name__)
 
@@ -134,56 +135,29 @@ class Hub:
         """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
         self._scoring_tasks: set[asyncio.Task] = set()
-        self._adopt_published_policy()
-
-    def _adopt_published_policy(self) -> None:
-        from rl.weights import published_versions
-
+        state.on_work, state.on_scored = self.poke, self.changed.set
         versions = published_versions(self.policy_dir) if self.policy_dir.exists() else []
-        if versions:
-            self.state.policy_version = versions[-1]
+        if versions:  # a restarted hub serves what the trainer already published
+            state.publish(versions[-1])
 
-    async def score_group(self, worker_id: str, worker_name: str, version: int, task_id: int, result) -> None:
-        eval_row = self.state.eval_row(task_id)
-        row_index = self.state.task_rows.get(task_id) if eval_row is None else eval_row
-        if row_index is None:
+    async def score(self, job: ScoringJob) -> None:
+        """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
+        texts = decode_texts(self.tokenizer, [c.token_ids for c in job.completions])
+        while True:
+            try:
+                rewards = await self.pool.score_many([(text, job.example) for text in texts])
+            except Exception as e:  # noqa: BLE001 - any scoring failure is retried, then reported
+                retry_in = self.state.fail_scoring(job, f"{type(e).__name__}: {e}")
+                if retry_in is None:
+                    log.error("scoring task %d failed %d times; dropped: %s", job.task_id, job.attempt, e)
+                    return
+                log.warning("scoring task %d failed (attempt %d): %s; retry in %.1f s", job.task_id, job.attempt, e,
+                            retry_in)  # fmt: skip
+                await asyncio.sleep(retry_in)
+                job = job.retry()
+                continue
+            self.state.finish_scoring(job, rewards)
             return
-        prompts = self.state.prompts if eval_row is None else self.state.eval_prompts
-        row = prompts.rows[row_index]
-        texts = decode_texts(self.tokenizer, [c.token_ids for c in result.completions])
-        try:
-            rewards = await self.pool.score_many([(text, row) for text in texts])
-        except Exception:
-            log.exception("scoring task %d failed; re-queued", task_id)
-            self.state.scoring_failed(task_id)
-            self.poke()
-            return
-        if eval_row is not None:
-            if task_id in self.state.scoring:
-                self.state.eval_scored(task_id, result.completions, rewards)
-            return
-        # model_construct: every field was validated on the way in (submission) or made here.
-        group = ScoredGroup.model_construct(
-            task_id=task_id,
-            row_index=row_index,
-            prompt_token_ids=self.state.prompts.prompt_ids[row_index],
-            policy_version=version,
-            worker_id=worker_id,
-            worker_name=worker_name,
-            completions=[
-                ScoredCompletion.model_construct(
-                    token_ids=c.token_ids,
-                    logprobs=c.logprobs,
-                    finish_reason=c.finish_reason,
-                    reward=r.value,
-                    components=r.components,
-                )
-                for c, r in zip(result.completions, rewards, strict=True)
-            ],
-        )
-        if task_id in self.state.scoring:  # not re-queued meanwhile
-            self.state.scored(group)
-            self.changed.set()
 
     def poke(self) -> None:
         """Wake the leases waiting for work (see `lease` in create_app)."""
@@ -200,7 +174,6 @@ class Hub:
             await asyncio.sleep(1.0)
             expired, dead = self.state.expire(time.monotonic())
             if expired or dead:
-                self.poke()
                 log.info("re-queued %d tasks from expired leases; dropped %d silent workers", expired, dead)
 
 
@@ -223,7 +196,7 @@ def create_app(hub: Hub) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:10])
-        state.rejections["invalid_request"] += 1
+        state.count_rejection("invalid_request")
         return JSONResponse({"reason": "invalid_request", "detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -250,13 +223,11 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
     async def heartbeat(worker_id: str, req: HeartbeatRequest, who: str | None = Depends(caller)):
-        state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic())
-        return HeartbeatResponse(policy_version=state.policy_version, lease_ttl_s=hub.cfg.hub.lease_ttl_s)
+        return state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic())
 
     @app.delete("/v1/workers/{worker_id}", response_model=Ack)
     async def leave(worker_id: str, who: str | None = Depends(caller)):
         returned = state.leave(worker_id, who)
-        hub.poke()
         log.info("worker %s left; %d tasks re-queued", worker_id, returned)
         return Ack(detail=f"{returned} tasks re-queued")
 
@@ -277,23 +248,14 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.post("/v1/rollouts", response_model=SubmitResponse)
     async def submit(req: SubmitRequest, who: str | None = Depends(caller)):
-        new, dups = state.validate_submission(req, who)
-        if new and (stale := state.stale_submission(req)) is not None:
-            hub.poke()  # its tasks were re-queued
-            raise stale
-        if new:
-            rec = state.workers[req.worker_id]
-            state.accept(req, new, time.monotonic())
-            by_id = {r.task_id: r for r in req.results}
-            for tid in new:
-                hub.spawn(hub.score_group(rec.worker_id, rec.name, req.policy_version, tid, by_id[tid]))
-        return SubmitResponse(accepted=new, duplicates=dups)
+        answer, jobs = state.submit(req, who, time.monotonic())
+        for job in jobs:
+            hub.spawn(hub.score(job))
+        return answer
 
     @app.get("/v1/policy", response_model=PolicyManifest)
     async def policy(who: str | None = Depends(caller)):
-        if state.policy_version < 0:
-            raise HubError(503, "no_policy", "no policy version published yet; retry shortly")
-        return read_manifest(hub.policy_dir, state.policy_version)
+        return read_manifest(hub.policy_dir, state.current_policy())
 
     @app.get("/v1/policy/{version}", response_model=PolicyManifest)
     async def policy_version(version: int, who: str | None = Depends(caller)):
@@ -305,7 +267,7 @@ def create_app(hub: Hub) -> FastAPI:
     async def policy_file(version: str, name: str, who: str | None = Depends(caller)):
         if version == BASE:
             directory = hub.policy_dir / BASE
-            allowed = {f.name for f in read_manifest(hub.policy_dir, state.policy_version).base_files}
+            allowed = {f.name for f in read_manifest(hub.policy_dir, state.current_policy()).base_files}
         elif version.isdigit() and version_dir(hub.policy_dir, int(version)).is_dir():
             directory = version_dir(hub.policy_dir, int(version))
             allowed = {f.name for f in read_manifest(hub.policy_dir, int(version)).files}
@@ -326,8 +288,6 @@ def create_app(hub: Hub) -> FastAPI:
         while True:
             hub.changed.clear()
             groups, stale, skipped = state.take_batch(req.num_groups, req.step, req.skip_zero_variance)
-            if groups or stale or skipped:
-                hub.poke()  # the staleness window moved on, or dropped tasks were re-queued
             stale_total, skipped_total = stale_total + stale, skipped_total + skipped
             remaining = deadline - time.monotonic()
             if groups or remaining <= 0:
@@ -349,17 +309,14 @@ def create_app(hub: Hub) -> FastAPI:
             read_manifest(hub.policy_dir, req.version)
         except (OSError, ValueError) as e:
             raise HubError(422, "bad_policy", f"version {req.version} has no readable manifest: {e}") from None
-        state.policy_version = req.version
-        hub.poke()
-        garbage_collect(hub.policy_dir, state.versions_in_use() | {req.version}, hub.cfg.weights.keep_versions)
+        keep = state.publish(req.version)
+        garbage_collect(hub.policy_dir, keep, hub.cfg.weights.keep_versions)
         log.info("policy version %d published", req.version)
         return Ack()
 
     @app.post("/v1/evals", response_model=EvalJob, dependencies=[Depends(admin)])
     async def start_eval(req: EvalRequest):
-        job = state.start_eval(req)
-        hub.poke()
-        return job
+        return state.start_eval(req)
 
     @app.get("/v1/evals/{job_id}", response_model=EvalJob, dependencies=[Depends(admin)])
     async def eval_status(job_id: str):
@@ -411,6 +368,18 @@ def build_hub(cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | Non
     return Hub(cfg, state, pool, tokenizer, cfg.paths.policy, tokens)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The hub's bound server socket (uvicorn listens on it), with TCP_NODELAY for every connection."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this. Without it (the event loop only sets it on sockets it made
+    # itself) every response, written as headers then body, waited ~40 ms for the client's delayed
+    # ACK (Nagle): 44 ms per request on loopback instead of ~2 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
     """Run the hub until shutdown; prints the URL (and generated tokens once)."""
     import uvicorn
@@ -418,13 +387,7 @@ def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
     tokens, generated = Tokens.from_config(cfg)
     ledger = Ledger.model_validate_json(Path(ledger_path).read_text()) if ledger_path else None
     hub = build_hub(cfg, ledger, tokens)
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg.hub.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted connections inherit this. Without it (the event loop only sets it on sockets it made
-    # itself) every response, written as headers then body, waited ~40 ms for the client's delayed
-    # ACK (Nagle): 44 ms per request on loopback instead of ~2 ms.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((cfg.hub.host, cfg.hub.port))
+    sock = listening_socket(cfg.hub.host, cfg.hub.port)
     port = sock.getsockname()[1]
     url = cfg.hub.public_url or f"http://{cfg.hub.host}:{port}"
     print(f"hub listening on {url}", file=sys.stderr, flush=True)

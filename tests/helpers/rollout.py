@@ -1,4 +1,4 @@
-"""Helpers for tests/test_rollout_e2e.py (no tests here): the run under test, HF references, a proxy.
+"""Helpers for tests/test_rollout_e2e.py: the run under test and HF reference logprobs.
 
 `Run` bundles one real hub process, its worker processes and a stand-in trainer
 (`rl.hub.admin.HubAdmin` pulling batches with the admin token, as rank 0 does).
@@ -17,15 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import torch
-from hub_fixtures import HubProcess
 from safetensors.torch import load_file
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
+from helpers.hub import HubProcess
 from rl.config import RunConfig
 from rl.data import PromptSet
 from rl.hub.admin import HubAdmin
@@ -152,28 +147,3 @@ class Run:
                 c.logprobs, self.reference_logprobs(version, group.prompt_token_ids, c.token_ids), strict=True
             )
         )
-
-
-class CorruptingProxy:
-    """Forwards every request to the hub, but flips one byte in the first download of each weight file."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.weight_gets: Counter[str] = Counter()
-        self.corrupted: list[str] = []
-        self.app = Starlette(routes=[Route("/{path:path}", self.forward, methods=["GET", "POST", "DELETE"])])
-
-    async def forward(self, request: Request) -> Response:
-        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type", "range")}
-        async with httpx.AsyncClient(base_url=self.upstream, timeout=120) as client:
-            answer = await client.request(
-                request.method, request.url.path, content=await request.body(), headers=headers
-            )
-        body, path = answer.content, request.url.path
-        if request.method == "GET" and path.endswith(f"/files/{WEIGHTS_FILE}") and answer.status_code == 200:
-            self.weight_gets[path] += 1
-            if path not in self.corrupted:
-                self.corrupted.append(path)
-                body = body[: len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1 :]
-        keep = ("content-type", "content-range", "accept-ranges")
-        return Response(body, answer.status_code, {k: v for k, v in answer.headers.items() if k in keep})

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-from hub_fixtures import tiny_data, write_yaml_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.hub import tiny_data, write_yaml_config
+
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

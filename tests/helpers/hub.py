@@ -1,9 +1,13 @@
-"""Helpers to run a real hub process on loopback for integration tests."""
+"""The real hub for tests: as a process (`start_hub`), or in this process behind a fault proxy (`LiveHub`).
+
+Both run rl/hub/server.py's app with its real routes, validation, verifier pool and policy files;
+worker tests talk to it over loopback HTTP, never to a second implementation of its routes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +17,13 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.faults import FaultProxy
+from helpers.net import free_port, serve
+
+ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin-test-token"
 WORKER = "worker-test-token"
 OTHER_WORKER = "worker-test-token-2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_data() -> dict:
@@ -135,3 +136,89 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+class LiveHub:
+    """The real hub app of `rl.hub.server` (`build_hub` + `create_app`) served in this process behind a
+    `FaultProxy`, with the tests' tokens. Use as a context manager; `url` is the proxy's address.
+
+    `restart()` is what a worker sees when the hub process restarts: a new `HubState` restored from the
+    old one's data ledger, so every worker id, lease and in-flight submission is forgotten.
+    """
+
+    def __init__(self, cfg, port: int | None = None) -> None:
+        from rl.hub.server import build_hub, create_app
+        from rl.hub.tokens import Tokens
+
+        self.cfg = cfg
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tokens = Tokens(ADMIN, [WORKER, OTHER_WORKER])
+        self.hub = build_hub(cfg, tokens=self.tokens)
+        self.proxy = FaultProxy(create_app(self.hub))
+        self.restarts = 0
+        self._served: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> LiveHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.hub.pool.close()
+
+    def start(self) -> LiveHub:
+        """Serve on `self.port` (again, after `stop`)."""
+        self._served = contextlib.ExitStack()
+        self._served.enter_context(serve(self.proxy, self.port))
+        return self
+
+    def stop(self) -> None:
+        """Stop listening (connections are refused until `start`)."""
+        if self._served is not None:
+            self._served.close()
+            self._served = None
+
+    @property
+    def state(self):
+        return self.hub.state
+
+    def restart(self, keep_ledger: bool = True) -> None:
+        """A restarted hub process: workers and leases forgotten; the data ledger kept unless told otherwise."""
+        from rl.hub.server import Hub, create_app
+        from rl.hub.state import HubState
+
+        old = self.hub
+        ledger = old.state.ledger() if keep_ledger else None
+        state = HubState(self.cfg, old.state.prompts, old.state.vocab_size, ledger, old.state.evals.prompts)
+        self.hub = Hub(self.cfg, state, old.pool, old.tokenizer, old.policy_dir, self.tokens)
+        self.proxy.upstream = create_app(self.hub)
+        self.restarts += 1
+
+    def admin(self):
+        """A `HubAdmin` (the trainer's client) with the admin token, straight to the hub app via the proxy."""
+        from rl.hub.admin import HubAdmin
+
+        return HubAdmin(self.url, ADMIN)
+
+    def status(self):
+        with self.admin() as admin:
+            return admin.status()
+
+    def publish(self, version: int) -> None:
+        """Announce an already written policy version, as the trainer does."""
+        with self.admin() as admin:
+            admin.publish(version)
+
+    def wait_for(self, predicate, timeout: float = 60.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(0.05)
+
+
+def live_config(run_dir: Path, model_dir: Path, **sections):
+    """A loaded `RunConfig` for a `LiveHub` (the tests' defaults of `write_config`, `sections` merged over)."""
+    from rl.config import load_config
+
+    return load_config(write_config(run_dir, model_dir, **sections), [])

@@ -1,0 +1,10 @@
+"""Test helpers (no tests here; pytest collects only tests/test_*.py).
+
+- `net`: `free_port`, `serve` (an ASGI app on loopback in a thread).
+- `hub`: the real hub, as a process (`start_hub`) or in this process behind a fault proxy
+  (`LiveHub`), plus run-config writers and a published initial policy.
+- `faults`: `FaultProxy`, an ASGI proxy that answers 5xx, cuts or corrupts downloads.
+- `policy`: policy stores with several versions, HF reference logprobs.
+- `rollout`: `Run`, a hub process + worker processes + a stand-in trainer (tests/test_rollout_e2e.py).
+- `train`: `rl train` run configs and process helpers (tests/test_train_e2e*.py).
+"""
