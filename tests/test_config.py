@@ -132,6 +132,8 @@ def test_configuration_docs_are_current():
     assert (ROOT / "docs" / "configuration.md").read_text() == module.render(), "run scripts/gen_config_docs.py"
 
 
-def test_unimplemented_weight_formats_are_refused_clearly():
-    with pytest.raises(ConfigError, match="weights.format 'lora' is not implemented yet"):
+def test_lora_format_needs_adapters_to_train():
+    with pytest.raises(ConfigError, match="weights.format 'lora' ships adapters only: it needs trainer.lora"):
         load_config(None, ["weights.format=lora"])
+    cfg = load_config(None, ["weights.format=lora", "trainer.lora.r=8", "trainer.lora.modules_to_save=[norm]"])
+    assert cfg.trainer.lora.r == 8 and cfg.trainer.lora.modules_to_save == ["norm"]

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.hub import WORKER, start_hub, write_config
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from hub_fixtures import WORKER, start_hub, write_config  # noqa: E402
-
-from rl.config import LoraConfig, ModelConfig, TrainerConfig  # noqa: E402
-from rl.lora import adapter_metadata, apply_lora, merge_adapter, merged_state_dict, split_state  # noqa: E402
+from rl.config import LoraConfig, ModelConfig, TrainerConfig
+from rl.lora import adapter_metadata, apply_lora, merge_adapter, merged_state_dict, split_state
 
 LORA = LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["norm"])
 
