@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sandbox_helpers import sandbox_required  # noqa: F401 - the fixture
 
 from rl.config import RewardTerm
 from verifiers import sandbox
@@ -26,7 +27,7 @@ from verifiers.procedural import make_dataset
 
 CASE_TIMEOUT_S = 1.5
 
-pytestmark = pytest.mark.skipif(sandbox._probe() is not None, reason=f"no sandbox here: {sandbox._probe()}")
+pytestmark = pytest.mark.usefixtures("sandbox_required")
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +143,11 @@ def test_host_secrets_and_files_are_invisible(code_pool, monkeypatch) -> None:
 
 
 def test_exit_zero_is_not_a_pass(code_pool) -> None:
-    for program in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit"):
+    reward, _ = run(code_pool, "import os\nos._exit(0)", tests="assert False")
+    assert reward.value == 0.0 and "before the tests completed" in reward.info
+    for program in ("import sys\nsys.exit(0)", "raise SystemExit"):
         reward, _ = run(code_pool, program, tests="assert False")
-        assert reward.value == 0.0 and "did not complete" in reward.info
+        assert reward.value == 0.0 and "the program failed: SystemExit" in reward.info
 
 
 def test_stdio_cases_and_partial_credit() -> None:
