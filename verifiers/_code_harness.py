@@ -9,8 +9,11 @@ of the program's functions is a `Remote` proxy: calling it sends the arguments
 as plain data (`_plain.py`) and returns the candidate's result, decoded as
 plain data again; an exception in the candidate comes back as the builtin
 exception of that name (`RemoteError` when there is none; never one that steers
-control flow, like `StopIteration`). Names that would shadow builtins are not
-imported (except the entry point), and modules only from the standard library.
+control flow, like `StopIteration`). For a function-stub task (HumanEval) the
+tests see the task's own stub, run here, with only the entry point taken from
+the program, so a program cannot redefine the helpers its tests judge it with.
+Otherwise they see the program's names, except ones that would shadow builtins
+(the entry point aside), and modules only from the standard library.
 A case passes only if its test code runs to the end within `case_timeout_s`.
 
 This is a persistent server (one per concurrent item, started once, so an item
@@ -40,6 +43,7 @@ import _plain  # noqa: E402
 PR_SET_DUMPABLE = 4
 DRAIN_TIMEOUT_S = 2.0
 NO_PASSTHROUGH = {"StopIteration", "StopAsyncIteration"}  # would end a caller's loop silently
+IMPORTABLE = sys.stdlib_module_names - {"antigravity", "this", "__hello__", "__phello__", "webbrowser"}
 
 
 class CaseTimeout(BaseException):
@@ -165,20 +169,38 @@ class Remote:
         return f"<candidate function {self._name}>"
 
 
-def test_scope(link, names, entry_point):
-    """The scope the test code runs in: the program's names, as proxies or copies."""
+def trusted_scope(job, link, names):
+    """For a function-stub task: the task's own stub (helpers like HumanEval's `poly` or `encode_cyclic`,
+    which its tests call to judge the answer), executed here, plus the candidate's entry point; None if
+    there is no stub or it does not run on its own. A program cannot redefine the helpers its tests use."""
+    stub, entry = job.get("stub"), job.get("entry_point")
+    if not (isinstance(stub, str) and isinstance(entry, str)):
+        return None
+    scope = {"__name__": "solution", "__builtins__": builtins}
+    try:
+        exec(compile(stub, "<stub>", "exec"), scope)
+    except Exception:
+        return None
+    scope.pop(entry, None)
+    if (names.get(entry) or {}).get("callable") is True:
+        scope[entry] = Remote(link, entry)
+    return scope
+
+
+def program_scope(job, link, names):
+    """The program's names, as proxies (functions), copies (plain values) or stdlib modules."""
     scope = {"__name__": "solution", "__builtins__": builtins}
     for name, what in names.items():
         if not (type(name) is str and name.isidentifier()) or type(what) is not dict:
             continue
-        if hasattr(builtins, name) and name != entry_point:  # a program's own `len` must not judge its output
+        if hasattr(builtins, name) and name != job.get("entry_point"):  # its own `len` must not judge its output
             continue
         if what.get("callable") is True:
             scope[name] = Remote(link, name)
         elif "value" in what:
             with contextlib.suppress(ValueError):
                 scope[name] = _plain.decode(what["value"])
-        elif type(what.get("module")) is str and what["module"].split(".")[0] in sys.stdlib_module_names:
+        elif type(what.get("module")) is str and what["module"].split(".")[0] in IMPORTABLE:
             with contextlib.suppress(Exception):
                 scope[name] = importlib.import_module(what["module"])
     return scope
@@ -196,7 +218,8 @@ def run_case(job, link, case, test_code):
     try:
         try:
             signal.setitimer(signal.ITIMER_REAL, job["case_timeout_s"])
-            scope = test_scope(link, link.begin(case), job.get("entry_point"))
+            names = link.begin(case)
+            scope = trusted_scope(job, link, names) or program_scope(job, link, names)
             exec(compile(test_code, "<tests>", "exec"), scope)
             verdict = {"ok": True, "reason": ""}
         finally:

@@ -70,13 +70,20 @@ class CodeParams(BaseModel):
     """Sandboxes running at once (None: the pool's worker count)."""
 
 
+def function_stub(example: Example) -> str | None:
+    """The task's function stub (HumanEval `code_prompt` or `prompt`), if it has one and an entry point."""
+    entry = example.get("entry_point")
+    stub = example.get("code_prompt") or (example.get("prompt") if entry and "test" in example else None)
+    return stub if isinstance(stub, str) and isinstance(entry, str) and entry else None
+
+
 def build_job(completion: str, example: Example) -> tuple[str, str, list[Any]] | str:
     """(program, mode, cases) for an example, or the reason it has no usable tests."""
     code = extract_code(completion)
     tests = example.get("tests")
     entry = example.get("entry_point")
-    stub = example.get("code_prompt") or (example.get("prompt") if entry and "test" in example else None)
-    if isinstance(stub, str) and entry:
+    stub = function_stub(example)
+    if stub is not None and entry:
         program = stub + code if f"def {entry}(" not in code else stub + "\n\n" + code
     else:
         program = code
@@ -163,7 +170,8 @@ class CodeTerm:
                 oks, reasons = await self._run_stdio(program, cases)
             else:
                 slot = slot if slot is not None and slot.child.alive() else self._start_harness(slot)
-                oks, reasons = await self._run_asserts(slot, program, cases, example.get("entry_point"))
+                trusted = {"entry_point": example.get("entry_point"), "stub": function_stub(example)}
+                oks, reasons = await self._run_asserts(slot, program, cases, trusted)
         except _SandboxFailed as e:
             return failed(str(e), passed=0.0)
         except BaseException:
@@ -226,9 +234,10 @@ class CodeTerm:
         self._harnesses.discard(harness)
 
     async def _run_asserts(
-        self, harness: _Harness, program: str, cases: list[str], entry_point: Any
+        self, harness: _Harness, program: str, cases: list[str], trusted: dict[str, Any]
     ) -> tuple[list[bool], list[str]]:
-        """The program in a fresh sandbox, the tests in the slot's harness, joined by two pipes."""
+        """The program in a fresh sandbox, the tests (with the task's stub) in the slot's harness, joined by
+        two pipes."""
         limits = self._limits()
         calls_r, calls_w = os.pipe()
         replies_r, replies_w = os.pipe()
@@ -244,7 +253,7 @@ class CodeTerm:
                 os.close(fd)  # the sandboxes hold their ends; a dead one's peer then sees end of file
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         serve = {"mode": "serve", "program": program, "call_fds": [calls_r, replies_w], **limits}
-        tests = {"cases": cases, "call_fds": [calls_w, replies_r], "entry_point": entry_point, **limits}
+        tests = {"cases": cases, "call_fds": [calls_w, replies_r], **trusted, **limits}
         try:
             with contextlib.suppress(ChildDied):  # a runner that died at once fails the cases, below
                 await runner.write(json.dumps(serve).encode(), deadline)
