@@ -170,6 +170,15 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail(code_pool) -> N
     assert all(r.value == 0.0 and r.info for r in rewards[n + 3 :])
 
 
+@pytest.mark.slow
+def test_every_humaneval_canonical_solution_passes_across_the_pipe(code_pool) -> None:
+    """The tests call the program over a plain-data pipe: all 164 reference solutions must still pass."""
+    problems = load_humaneval()
+    rewards = code_pool.score_many_sync([(p["canonical_solution"], p) for p in problems])
+    failed = {p["task_id"]: r.info for p, r in zip(problems, rewards, strict=True) if r.value != 1.0}
+    assert not failed
+
+
 @pytest.fixture(scope="module")
 def rg_pool():
     with VerifierPool([RewardTerm(name="reasoning_gym")], workers=1, timeout_s=2.0) as pool:
