@@ -58,6 +58,23 @@ def test_non_plain_values_are_refused(value) -> None:
         _plain.encode(value)
 
 
+def test_references_cross_only_when_asked_for() -> None:
+    kept: list = []
+
+    def keep(obj: object) -> int:
+        kept.append(obj)
+        return len(kept) - 1
+
+    thing = Anything()
+    data = _plain.encode([1, thing, {"k": print}], keep)
+    assert data == {"$": "list", "v": [1, {"$": "ref", "v": 0}, {"$": "dict", "v": [["k", {"$": "ref", "v": 1}]]}]}
+    assert _plain.decode(data, kept.__getitem__) == [1, thing, {"k": print}]
+    with pytest.raises(ValueError, match="not plain data"):
+        _plain.decode(data)  # no deref: references are refused
+    with pytest.raises(ValueError, match="malformed ref"):
+        _plain.decode({"$": "ref", "v": 7}, kept.__getitem__)
+
+
 def test_self_reference_and_deep_nesting_are_refused() -> None:
     loop: list = []
     loop.append(loop)

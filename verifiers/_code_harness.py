@@ -7,7 +7,9 @@ test case this harness asks the runner to start a fresh copy of the program,
 gets back the names it defined, and runs the test code in a scope where each
 of the program's functions is a `Remote` proxy: calling it sends the arguments
 as plain data (`_plain.py`) and returns the candidate's result, decoded as
-plain data again; an exception in the candidate comes back as the builtin
+plain data again (other objects, like instances of the candidate's classes,
+come back as `Remote` references: callable, attributes readable, never
+compared by value); an exception in the candidate comes back as the builtin
 exception of that name (`RemoteError` when there is none; never one that steers
 control flow, like `StopIteration`). For a function-stub task (HumanEval) the
 tests see the task's own stub, run here, with only the entry point taken from
@@ -121,23 +123,35 @@ class Link:
             raise CandidateLost("candidate sent no names")
         return names
 
-    def call(self, name, args, kwargs):
-        try:
-            message = {"op": "call", "name": name, "args": [_plain.encode(a) for a in args]}
-            message["kwargs"] = {str(k): _plain.encode(v) for k, v in kwargs.items()}
-        except TypeError as e:
-            raise TypeError(f"cannot pass this to the candidate's {name}: {e}") from None
+    def request(self, target, op, args=(), kwargs=None, attr=None):
+        """Call (`op="call"`) or read an attribute of (`op="getattr"`) the candidate's `target`
+        ({"name": ...} or {"ref": ...}); the result as plain data or `Remote` references."""
+        message = {"op": op, **target}
+        if op == "call":
+            try:
+                message["args"] = [_plain.encode(a, self._ref_of) for a in args]
+                message["kwargs"] = {str(k): _plain.encode(v, self._ref_of) for k, v in (kwargs or {}).items()}
+            except TypeError as e:
+                raise TypeError(f"cannot pass this to the candidate: {e}") from None
+        else:
+            message["attr"] = attr
         _plain.send(self.calls_w, message)
         msg = self._reply()
         if "value" in msg:
             try:
-                return _plain.decode(msg["value"])
+                return _plain.decode(msg["value"], lambda ref: Remote(self, {"ref": ref}))
             except ValueError as e:
-                raise TypeError(f"the candidate's {name} returned a value that is not plain data: {e}") from None
+                raise TypeError(f"the candidate answered with something that is not plain data: {e}") from None
         raised = msg.get("raise")
         if type(raised) is list and len(raised) == 2:
             raise remote_exception(*raised)
         raise CandidateLost("candidate sent an unexpected reply")
+
+    def _ref_of(self, obj):
+        """Only the candidate's own objects, back to it, may cross as references."""
+        if type(obj) is Remote and obj._link is self and "ref" in obj._target:
+            return obj._target["ref"]
+        raise TypeError(f"type {type(obj).__name__} is not plain data")
 
     def end(self):
         """Close the case and wait until the runner reports it over; `broken` is set if it does not."""
@@ -157,16 +171,29 @@ class Link:
 
 
 class Remote:
-    """A function of the candidate's program, called over the link."""
+    """A function, or another object, of the candidate's: callable, with attributes read over the link.
 
-    def __init__(self, link, name):
-        self._link, self._name = link, name
+    Never compared by value: `==` is identity and truth testing raises, so an object with a custom
+    `__eq__` or `__bool__` in the candidate cannot make a test's comparison or `assert` true.
+    """
+
+    def __init__(self, link, target):
+        self._link, self._target = link, target
 
     def __call__(self, *args, **kwargs):
-        return self._link.call(self._name, args, kwargs)
+        return self._link.request(self._target, "call", args, kwargs)
+
+    def __getattr__(self, attr):
+        if attr.startswith("_") or "ref" not in self.__dict__.get("_target", {}):  # no dunder probes go remote
+            raise AttributeError(attr)
+        return self._link.request(self._target, "getattr", attr=attr)
+
+    def __bool__(self):
+        raise TypeError(f"{self!r} has no truth value in a test (compare a plain value instead)")
 
     def __repr__(self):
-        return f"<candidate function {self._name}>"
+        what = self._target.get("name") or f"object #{self._target.get('ref')}"
+        return f"<candidate's {what}>"
 
 
 def trusted_scope(job, link, names):
@@ -183,7 +210,7 @@ def trusted_scope(job, link, names):
         return None
     scope.pop(entry, None)
     if (names.get(entry) or {}).get("callable") is True:
-        scope[entry] = Remote(link, entry)
+        scope[entry] = Remote(link, {"name": entry})
     return scope
 
 
@@ -196,7 +223,7 @@ def program_scope(job, link, names):
         if hasattr(builtins, name) and name != job.get("entry_point"):  # its own `len` must not judge its output
             continue
         if what.get("callable") is True:
-            scope[name] = Remote(link, name)
+            scope[name] = Remote(link, {"name": name})
         elif "value" in what:
             with contextlib.suppress(ValueError):
                 scope[name] = _plain.decode(what["value"])

@@ -13,7 +13,9 @@ resource limits on itself, then does one of two things:
   two pipes. For each `begin` it forks a child that executes the program and
   replies with the names it defined, then answers `call` messages
   (`name(*args, **kwargs)`, arguments and results as plain data,
-  `_plain.py`) until `end`; then this process reports `over` for the case.
+  `_plain.py`; other objects it returns stay here and cross as numbered
+  references the harness can call or read attributes of with `getattr`)
+  until `end`; then this process reports `over` for the case.
 
 After each run or case every leftover process in the sandbox is killed.
 """
@@ -238,15 +240,25 @@ def candidate_child(job, calls_r, replies_w, case):
             reply(replies_w, case, {"error": error_text(e)})
             return
         reply(replies_w, case, {"names": exported(scope)})
+        objects = []  # what the harness holds references to: objects that are not plain data
+
+        def keep(obj):
+            objects.append(obj)
+            return len(objects) - 1
+
         while True:
             msg = _plain.recv(calls_r, job["max_message_bytes"])
             if msg is None or msg.get("op") == "end":
                 return
             try:
-                args = [_plain.decode(a) for a in msg["args"]]
-                kwargs = {k: _plain.decode(v) for k, v in msg["kwargs"].items()}
-                result = scope[msg["name"]](*args, **kwargs)
-                answer = {"value": _plain.encode(result)}
+                target = scope[msg["name"]] if "name" in msg else objects[msg["ref"]]
+                if msg["op"] == "getattr":
+                    result = getattr(target, msg["attr"])
+                else:
+                    args = [_plain.decode(a, objects.__getitem__) for a in msg["args"]]
+                    kwargs = {k: _plain.decode(v, objects.__getitem__) for k, v in msg["kwargs"].items()}
+                    result = target(*args, **kwargs)
+                answer = {"value": _plain.encode(result, keep)}
             except BaseException as e:
                 answer = {"raise": [type(e).__name__, str(e)[:300]]}
             reply(replies_w, case, answer)

@@ -7,7 +7,10 @@ list / tuple / set / frozenset / dict of those, matched by exact type (no
 subclasses, so no object with a custom `__eq__` ever reaches the harness).
 Containers are tagged (`{"$": "tuple", "v": [...]}`) so a tuple stays a tuple;
 anything else is refused with `TypeError` on the way out and `ValueError` on
-the way in. Messages are JSON with a 4-byte big-endian length in front.
+the way in, unless the caller passes `ref`/`deref`: then it crosses as an
+opaque numbered reference (the harness can call a candidate's object or read
+its attributes through a proxy, but never compares with it). Messages are JSON
+with a 4-byte big-endian length in front.
 """
 
 import json
@@ -20,8 +23,12 @@ SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
 SCALARS = (bool, int, float, str)
 
 
-def encode(obj, depth=0):
-    """`obj` as JSON-ready data; `TypeError` for anything that is not plain data."""
+def encode(obj, ref=None, depth=0):
+    """`obj` as JSON-ready data; `TypeError` for anything that is not plain data.
+
+    `ref(obj) -> int`, if given, is asked for every value that is not plain data and the
+    value crosses as an opaque reference `{"$": "ref", "v": id}` (the candidate's objects).
+    """
     if depth > MAX_DEPTH:
         raise TypeError("value nested too deeply")
     kind = type(obj)
@@ -29,18 +36,23 @@ def encode(obj, depth=0):
         return obj
     for tag, cls in SEQUENCES.items():
         if kind is cls:
-            return {"$": tag, "v": [encode(x, depth + 1) for x in obj]}
+            return {"$": tag, "v": [encode(x, ref, depth + 1) for x in obj]}
     if kind is dict:
-        return {"$": "dict", "v": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in obj.items()]}
+        return {"$": "dict", "v": [[encode(k, ref, depth + 1), encode(v, ref, depth + 1)] for k, v in obj.items()]}
     if kind is bytes:
         return {"$": "bytes", "v": obj.hex()}
     if kind is complex:
         return {"$": "complex", "v": [obj.real, obj.imag]}
+    if ref is not None:
+        return {"$": "ref", "v": ref(obj)}
     raise TypeError(f"type {kind.__name__} is not plain data")
 
 
-def decode(data, depth=0):
-    """Inverse of `encode`; `ValueError` for anything `encode` cannot have produced."""
+def decode(data, deref=None, depth=0):
+    """Inverse of `encode`; `ValueError` for anything `encode` cannot have produced.
+
+    `deref(id)`, if given, turns a reference back into an object (a proxy, on the harness's side).
+    """
     if depth > MAX_DEPTH:
         raise ValueError("value nested too deeply")
     if data is None or type(data) in SCALARS:
@@ -50,14 +62,16 @@ def decode(data, depth=0):
     tag, value = data["$"], data["v"]
     try:
         if tag in SEQUENCES and type(value) is list:
-            return SEQUENCES[tag](decode(x, depth + 1) for x in value)
+            return SEQUENCES[tag](decode(x, deref, depth + 1) for x in value)
         if tag == "dict" and type(value) is list:
-            return {decode(k, depth + 1): decode(v, depth + 1) for k, v in value}
+            return {decode(k, deref, depth + 1): decode(v, deref, depth + 1) for k, v in value}
         if tag == "bytes" and type(value) is str:
             return bytes.fromhex(value)
         if tag == "complex" and type(value) is list and all(type(x) is float for x in value):
             return complex(*value)
-    except (TypeError, ValueError) as e:  # unhashable set members or keys, bad pairs, bad hex
+        if tag == "ref" and deref is not None and type(value) is int and value >= 0:
+            return deref(value)
+    except (TypeError, ValueError, LookupError) as e:  # unhashable members or keys, bad pairs or hex, unknown ref
         raise ValueError(f"malformed {tag}: {e}") from None
     raise ValueError(f"not plain data (tag {tag!r})")
 
