@@ -19,8 +19,9 @@ signal (threat model: docs/security.md, "Model-written code"):
 - assert-style: two sandboxes, joined only by two pipes. The program runs in a
   fresh one per item (`_code_runner.py serve`), the test code in a persistent
   test-harness sandbox (`_code_harness.py`, one per concurrent item, which
-  never runs model code), which calls the program's functions remotely with
-  plain data and returns a verdict per case to this process.
+  never runs model code), which runs the task's stub itself, calls the
+  program's functions remotely with plain data (other objects come back as
+  references) and returns a verdict per case to this process.
 Every case gets a fresh copy of the program with per-case CPU and wall-clock
 limits, and the whole item is killed at the item timeout.
 """
