@@ -6,7 +6,10 @@ contained, it scores 0 with a reason, and the host is checked afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from sandbox_helpers import sandbox_required  # noqa: F401 - the fixture
 from rl.config import RewardTerm
 from verifiers import sandbox
 from verifiers.base import Reward
+from verifiers.coding import CodeTerm
 from verifiers.humaneval import load_humaneval
 from verifiers.pool import VerifierPool
 from verifiers.procedural import make_dataset
@@ -246,3 +250,19 @@ def test_missing_bubblewrap_refuses_to_run_code(monkeypatch, tmp_path: Path) -> 
             VerifierPool([RewardTerm(name="reasoning_gym")])
     finally:
         sandbox._probe.cache_clear()
+
+
+def test_dead_test_harness_is_replaced_for_the_next_item() -> None:
+    """The persistent test-harness sandbox dies (killed from outside): the next item starts a fresh one."""
+    term = CodeTerm({"case_timeout_s": CASE_TIMEOUT_S}, timeout_s=6.0, concurrency=1)
+    item = ("```python\ndef f():\n    return 1\n```", {"tests": "assert f() == 1"})
+    try:
+        assert asyncio.run(term.score(*item)).value == 1.0
+        (harness,) = term._harnesses
+        os.killpg(harness.child.pid, signal.SIGKILL)
+        harness.child.proc.wait(timeout=10)
+        assert asyncio.run(term.score(*item)).value == 1.0
+        assert harness not in term._harnesses and len(term._harnesses) == 1
+    finally:
+        term.close()
+    assert not term._harnesses

@@ -242,10 +242,13 @@ class CodeTerm:
         limits = self._limits()
         calls_r, calls_w = os.pipe()
         replies_r, replies_w = os.pipe()
+        runner = None
         try:
             runner = ChildProcess(self._runner_argv, pass_fds=(calls_r, replies_w), max_output=65536)
             harness.hand_over((calls_w, replies_r))
         except OSError as e:
+            if runner is not None:
+                runner.kill()
             harness.kill()  # its stream may be out of step now; the slot starts a fresh one
             self.errors += 1
             raise _SandboxFailed(f"cannot start the item's sandboxes: {e}") from None
