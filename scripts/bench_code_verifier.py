@@ -102,6 +102,7 @@ def main() -> None:
         print(json.dumps(measure()))
         return
     results: dict[str, list[dict[str, float]]] = {"baseline": [], "current": []}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "archive", args.baseline_rev, "verifiers"], cwd=REPO, capture_output=True)
         if archive.returncode != 0:
@@ -110,6 +111,7 @@ def main() -> None:
         for _ in range(args.rounds):
             results["baseline"].append(run_variant(Path(tmp)))
             results["current"].append(run_variant(REPO))
+    load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     med = {v: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for v, runs in results.items()}
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     rows = [
@@ -124,7 +126,7 @@ def main() -> None:
 
 `scripts/bench_code_verifier.py` on {platform.machine()}, {os.cpu_count()} cores (shared), Python
 {platform.python_version()}, {time.strftime("%Y-%m-%d")}: baseline `{args.baseline_rev}` vs `{head.strip()}`
-(plus uncommitted changes, if any), {args.rounds} interleaved rounds, medians; 2 items at a time.
+(plus uncommitted changes, if any), {args.rounds} interleaved rounds, medians; 2 items at a time; {load}.
 
 | workload | baseline | current | current / baseline |
 | --- | ---: | ---: | ---: |
