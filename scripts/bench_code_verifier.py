@@ -133,6 +133,12 @@ def main() -> None:
 {table}
 
 Per-round numbers: `{json.dumps(rounds)}`
+
+Since `a1fd8c4` an assert-style item still starts one sandbox (the program's; the test harness
+sandbox is persistent, one per concurrent item, and forks per item) and a stdin/stdout item one;
+what was added per item is a fork, two pipes and a round trip per call. Sandbox start-up dominates
+either way (about 30 ms on an idle machine, see the Verifiers section), so on a loaded machine the
+rounds scatter more than the two versions differ.
 """
     print(text)
     if not args.no_write:

@@ -218,8 +218,8 @@ def program_scope(job, link, names):
     """The program's names, as proxies (functions), copies (plain values) or stdlib modules."""
     scope = {"__name__": "solution", "__builtins__": builtins}
     for name, what in names.items():
-        if not (type(name) is str and name.isidentifier()) or type(what) is not dict:
-            continue
+        if not (type(name) is str and name.isidentifier()) or name.startswith("__") or type(what) is not dict:
+            continue  # never `__builtins__` or `__name__` from the candidate
         if hasattr(builtins, name) and name != job.get("entry_point"):  # its own `len` must not judge its output
             continue
         if what.get("callable") is True:
@@ -257,7 +257,10 @@ def run_case(job, link, case, test_code):
         verdict = {"ok": False, "reason": str(e)}
     except BaseException as e:
         verdict = {"ok": False, "reason": last_line(e)}
-    link.end()
+    try:
+        link.end()
+    except CaseTimeout:  # the drain's alarm, delivered just as it was disarmed
+        link.broken = "candidate's runner stopped answering"
     return verdict
 
 
