@@ -268,3 +268,10 @@ def test_dead_test_harness_is_replaced_for_the_next_item() -> None:
     finally:
         term.close()
     assert not term._harnesses
+
+
+def test_program_with_a_big_table_and_small_constants_passes(code_pool) -> None:
+    """A global too big to send to the harness stays with the program; small ones reach the tests."""
+    program = "SQUARES = [i * i for i in range(300_000)]\nLIMIT = 10\n\ndef square(n):\n    return SQUARES[n]\n"
+    reward, _ = run(code_pool, program, tests="assert square(LIMIT) == 100 and square(299_999) == 299_999**2")
+    assert reward.value == 1.0, reward.info

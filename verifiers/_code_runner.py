@@ -199,8 +199,12 @@ def run_stdio(job, index, text):
 # ---------------------------------------------------------------------------------------------- serve
 
 
-def exported(scope):
-    """What the harness may use from the program: functions to call, plain values, stdlib modules."""
+def exported(scope, budget):
+    """What the harness may use from the program: functions to call, plain values, stdlib modules.
+
+    Values go along only while they fit in `budget` bytes of JSON (a big lookup table stays here,
+    still usable by the program's functions), so the reply never outgrows the harness's limit.
+    """
     names = {}
     for name, value in list(scope.items())[:MAX_NAMES]:
         if name.startswith("__"):
@@ -210,8 +214,14 @@ def exported(scope):
         elif callable(value):
             names[name] = {"callable": True}
         else:
-            with contextlib.suppress(TypeError):
-                names[name] = {"value": _plain.encode(value)}
+            try:
+                encoded = _plain.encode(value)
+                size = len(json.dumps(encoded))
+            except (TypeError, ValueError):
+                continue
+            if size <= budget:
+                names[name] = {"value": encoded}
+                budget -= size
     return names
 
 
@@ -239,7 +249,7 @@ def candidate_child(job, calls_r, replies_w, case):
             scope.clear()  # a memory bomb's blocks would starve the reply
             reply(replies_w, case, {"error": error_text(e)})
             return
-        reply(replies_w, case, {"names": exported(scope)})
+        reply(replies_w, case, {"names": exported(scope, job["max_message_bytes"] // 2)})
         objects = []  # what the harness holds references to: objects that are not plain data
 
         def keep(obj):
