@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from sandbox_helpers import sandbox_required  # noqa: F401 - the fixture
 
 from rl.config import RewardsConfig, RewardTerm
-from verifiers import sandbox
 from verifiers.base import VerifierError
 from verifiers.pool import VerifierPool
 
@@ -157,7 +157,7 @@ def _rl_verify(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(rl), "verify", *args], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
 
 
-@pytest.mark.skipif(sandbox._probe() is not None, reason="needs the sandbox for reasoning_gym")
+@pytest.mark.usefixtures("sandbox_required")  # reasoning_gym scores in the sandbox
 def test_rl_verify_end_to_end(tmp_path: Path) -> None:
     rows = [
         {"completion": "4 plus 3 is 7. <answer>7</answer>", "answer": "7", "metadata": {"x": 1}},

@@ -6,7 +6,10 @@ contained, it scores 0 with a reason, and the host is checked afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,17 +19,19 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sandbox_helpers import sandbox_required  # noqa: F401 - the fixture
 
 from rl.config import RewardTerm
 from verifiers import sandbox
 from verifiers.base import Reward
+from verifiers.coding import CodeTerm
 from verifiers.humaneval import load_humaneval
 from verifiers.pool import VerifierPool
 from verifiers.procedural import make_dataset
 
 CASE_TIMEOUT_S = 1.5
 
-pytestmark = pytest.mark.skipif(sandbox._probe() is not None, reason=f"no sandbox here: {sandbox._probe()}")
+pytestmark = pytest.mark.usefixtures("sandbox_required")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,9 @@ def test_fork_bomb_is_contained(code_pool) -> None:
     program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     reward, elapsed = run(code_pool, program)
     assert_contained(reward, elapsed)
-    leftover = subprocess.run(["pgrep", "-u", str(sandbox.SANDBOX_UID), "-c"], capture_output=True, text=True)
+    # Count only program runners: other sandboxes (scorer servers, test harnesses, other test runs) share the uid.
+    pgrep = ["pgrep", "-u", str(sandbox.SANDBOX_UID), "-c", "-f", "_code_runner.py"]
+    leftover = subprocess.run(pgrep, capture_output=True, text=True)
     assert int(leftover.stdout.strip() or 0) < 8  # the bomb's processes died with its sandbox
 
 
@@ -142,9 +149,11 @@ def test_host_secrets_and_files_are_invisible(code_pool, monkeypatch) -> None:
 
 
 def test_exit_zero_is_not_a_pass(code_pool) -> None:
-    for program in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit"):
+    reward, _ = run(code_pool, "import os\nos._exit(0)", tests="assert False")
+    assert reward.value == 0.0 and "before the tests completed" in reward.info
+    for program in ("import sys\nsys.exit(0)", "raise SystemExit"):
         reward, _ = run(code_pool, program, tests="assert False")
-        assert reward.value == 0.0 and "did not complete" in reward.info
+        assert reward.value == 0.0 and "the program failed: SystemExit" in reward.info
 
 
 def test_stdio_cases_and_partial_credit() -> None:
@@ -165,6 +174,15 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail(code_pool) -> N
     n = len(sample)
     assert [r.value for r in rewards[: n + 3]] == [1.0] * (n + 3), [r.info for r in rewards]
     assert all(r.value == 0.0 and r.info for r in rewards[n + 3 :])
+
+
+@pytest.mark.slow
+def test_every_humaneval_canonical_solution_passes_across_the_pipe(code_pool) -> None:
+    """The tests call the program over a plain-data pipe: all 164 reference solutions must still pass."""
+    problems = load_humaneval()
+    rewards = code_pool.score_many_sync([(p["canonical_solution"], p) for p in problems])
+    failed = {p["task_id"]: r.info for p, r in zip(problems, rewards, strict=True) if r.value != 1.0}
+    assert not failed
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +249,26 @@ def test_missing_bubblewrap_refuses_to_run_code(monkeypatch, tmp_path: Path) -> 
             VerifierPool([RewardTerm(name="reasoning_gym")])
     finally:
         sandbox._probe.cache_clear()
+
+
+def test_dead_test_harness_is_replaced_for_the_next_item() -> None:
+    """The persistent test-harness sandbox dies (killed from outside): the next item starts a fresh one."""
+    term = CodeTerm({"case_timeout_s": CASE_TIMEOUT_S}, timeout_s=6.0, concurrency=1)
+    item = ("```python\ndef f():\n    return 1\n```", {"tests": "assert f() == 1"})
+    try:
+        assert asyncio.run(term.score(*item)).value == 1.0
+        (harness,) = term._harnesses
+        os.killpg(harness.child.pid, signal.SIGKILL)
+        harness.child.proc.wait(timeout=10)
+        assert asyncio.run(term.score(*item)).value == 1.0
+        assert harness not in term._harnesses and len(term._harnesses) == 1
+    finally:
+        term.close()
+    assert not term._harnesses
+
+
+def test_program_with_a_big_table_and_small_constants_passes(code_pool) -> None:
+    """A global too big to send to the harness stays with the program; small ones reach the tests."""
+    program = "SQUARES = [i * i for i in range(300_000)]\nLIMIT = 10\n\ndef square(n):\n    return SQUARES[n]\n"
+    reward, _ = run(code_pool, program, tests="assert square(LIMIT) == 100 and square(299_999) == 299_999**2")
+    assert reward.value == 1.0, reward.info

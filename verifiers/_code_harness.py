@@ -1,181 +1,310 @@
-"""Runs inside the sandbox (stdlib only, `python -I -S`): execute a program against its test cases.
+"""Runs inside its own sandbox (stdlib only, `python -I -S`): assert-style tests against a remote candidate.
 
-Reads one JSON job from stdin, sets resource limits on itself before touching
-untrusted code, then runs each case in a forked child in its own process
-group: `assert` cases execute the program and then the test code, `stdio`
-cases feed `input` on stdin and compare stdout with `output` (trailing
-whitespace ignored). Writes one JSON object `{"results": [{"ok", "reason"}]}`
-to the original stdout, which the children do not inherit.
+The test code holds the expected values, so it never shares a process, a pid
+namespace or a filesystem with the model's program: that runs in a second
+sandbox (`_code_runner.py serve`), reachable only through two pipes. For each
+test case this harness asks the runner to start a fresh copy of the program,
+gets back the names it defined, and runs the test code in a scope where each
+of the program's functions is a `Remote` proxy: calling it sends the arguments
+as plain data (`_plain.py`) and returns the candidate's result, decoded as
+plain data again (other objects, like instances of the candidate's classes,
+come back as `Remote` references: callable, attributes readable, never
+compared by value); an exception in the candidate comes back as the builtin
+exception of that name (`RemoteError` when there is none; never one that steers
+control flow, like `StopIteration`). For a function-stub task (HumanEval) the
+tests see the task's own stub, run here, with only the entry point taken from
+the program, so a program cannot redefine the helpers its tests judge it with.
+Otherwise they see the program's names, except ones that would shadow builtins
+(the entry point aside), and modules only from the standard library.
+A case passes only if its test code runs to the end within `case_timeout_s`.
 
-An assert case passes only if the child writes a per-job nonce after the tests
-ran, so `sys.exit(0)` or `os._exit(0)` in the program does not count as a pass.
-The harness is not dumpable, so children cannot ptrace it or open its fds via
-/proc; after each case every leftover process in the sandbox is killed.
+This is a persistent server (one per concurrent item, started once, so an item
+costs one sandbox start, the runner's): it reads a framed JSON job per item on
+stdin and receives that item's two pipe ends over a unix socket (argv[1], fd
+passing), forks a child that runs the cases (so one item's test code cannot
+leave state for the next), and writes one framed `{"results": [{"ok",
+"reason"}]}` per item to stdout, read by the trusted parent. Nothing the
+candidate can send reaches that stream.
 """
 
+import builtins
 import contextlib
 import ctypes
+import importlib
 import json
-import math
 import os
 import resource
-import select
 import signal
+import socket
 import sys
-import time
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `-I` leaves the script dir off sys.path
+import _plain  # noqa: E402
+
 PR_SET_DUMPABLE = 4
-INSIDE_SANDBOX = False
+DRAIN_TIMEOUT_S = 2.0
+NO_PASSTHROUGH = {"StopIteration", "StopAsyncIteration"}  # would end a caller's loop silently
+IMPORTABLE = sys.stdlib_module_names - {"antigravity", "this", "__hello__", "__phello__", "webbrowser"}
 
 
-def set_limits(job):
-    mb = 1 << 20
-    limits = {
-        resource.RLIMIT_NPROC: job["max_processes"],
-        resource.RLIMIT_AS: job["memory_mb"] * mb,
-        resource.RLIMIT_FSIZE: job["file_size_mb"] * mb,
-        resource.RLIMIT_NOFILE: 64,
-        resource.RLIMIT_CORE: 0,
-    }
-    for which, value in limits.items():
-        resource.setrlimit(which, (value, value))
-    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+class CaseTimeout(BaseException):
+    pass
 
 
-def child(job, case, out_w, err_w, input_fd):
-    """In the forked child: wire stdio, cap CPU, run the program (and the test); never returns."""
+class CandidateLost(Exception):
+    """The candidate's process died or broke the protocol."""
+
+
+class RemoteError(Exception):
+    """An exception in the candidate with no builtin of that name."""
+
+
+def on_alarm(signum, frame):
+    raise CaseTimeout()
+
+
+def remote_exception(name, message):
+    cls = getattr(builtins, str(name), None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and cls.__name__ not in NO_PASSTHROUGH:
+        with contextlib.suppress(Exception):
+            return cls(str(message))
+    return RemoteError(f"{name}: {message}")
+
+
+class Link:
+    """The harness's end of the two pipes to the candidate's runner."""
+
+    def __init__(self, calls_w, replies_r, max_message_bytes):
+        self.calls_w, self.replies_r = calls_w, replies_r
+        self.limit = max_message_bytes
+        self.case = -1
+        self.case_over = False
+        self.broken = ""
+
+    def _reply(self):
+        """Next reply for the current case; `CandidateLost` if the case's process ended first."""
+        while True:
+            try:
+                msg = _plain.recv(self.replies_r, self.limit)
+            except ValueError as e:
+                self.broken = f"candidate sent garbage: {e}"
+                raise CandidateLost(self.broken) from None
+            if msg is None:
+                self.broken = "candidate's runner exited"
+                raise CandidateLost(self.broken)
+            if type(msg) is not dict:
+                continue
+            if msg.get("over") == self.case:
+                self.case_over = True
+                why = str(msg.get("reason") or "exit code 0")[:100]
+                raise CandidateLost(f"the program's process ended before the tests completed ({why})")
+            if msg.get("case") == self.case:
+                return msg
+
+    def wait_ready(self):
+        """Wait (without a clock: the parent's item timeout covers it) until the runner's sandbox is up."""
+        try:
+            msg = _plain.recv(self.replies_r, self.limit)
+        except ValueError:
+            msg = None
+        if msg != {"ready": True}:
+            self.broken = "the program's sandbox did not start"
+
+    def begin(self, case):
+        """Start a fresh program for `case`: {name: description} of what it defined."""
+        self.case, self.case_over = case, False
+        _plain.send(self.calls_w, {"op": "begin", "case": case})
+        msg = self._reply()
+        if "error" in msg:
+            raise RemoteError(f"the program failed: {str(msg['error'])[:300]}")
+        names = msg.get("names")
+        if type(names) is not dict:
+            raise CandidateLost("candidate sent no names")
+        return names
+
+    def request(self, target, op, args=(), kwargs=None, attr=None):
+        """Call (`op="call"`) or read an attribute of (`op="getattr"`) the candidate's `target`
+        ({"name": ...} or {"ref": ...}); the result as plain data or `Remote` references."""
+        message = {"op": op, **target}
+        if op == "call":
+            try:
+                message["args"] = [_plain.encode(a, self._ref_of) for a in args]
+                message["kwargs"] = {str(k): _plain.encode(v, self._ref_of) for k, v in (kwargs or {}).items()}
+            except TypeError as e:
+                raise TypeError(f"cannot pass this to the candidate: {e}") from None
+        else:
+            message["attr"] = attr
+        _plain.send(self.calls_w, message)
+        msg = self._reply()
+        if "value" in msg:
+            try:
+                return _plain.decode(msg["value"], lambda ref: Remote(self, {"ref": ref}))
+            except ValueError as e:
+                raise TypeError(f"the candidate answered with something that is not plain data: {e}") from None
+        raised = msg.get("raise")
+        if type(raised) is list and len(raised) == 2:
+            raise remote_exception(*raised)
+        raise CandidateLost("candidate sent an unexpected reply")
+
+    def _ref_of(self, obj):
+        """Only the candidate's own objects, back to it, may cross as references."""
+        if type(obj) is Remote and obj._link is self and "ref" in obj._target:
+            return obj._target["ref"]
+        raise TypeError(f"type {type(obj).__name__} is not plain data")
+
+    def end(self):
+        """Close the case and wait until the runner reports it over; `broken` is set if it does not."""
+        if self.broken or self.case_over:
+            return
+        signal.setitimer(signal.ITIMER_REAL, DRAIN_TIMEOUT_S)
+        try:
+            _plain.send(self.calls_w, {"op": "end"})
+            while not self.case_over:
+                self._reply()
+        except CandidateLost:
+            pass
+        except (CaseTimeout, OSError):
+            self.broken = "candidate's runner stopped answering"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class Remote:
+    """A function, or another object, of the candidate's: callable, with attributes read over the link.
+
+    Never compared by value: `==` is identity and truth testing raises, so an object with a custom
+    `__eq__` or `__bool__` in the candidate cannot make a test's comparison or `assert` true.
+    """
+
+    def __init__(self, link, target):
+        self._link, self._target = link, target
+
+    def __call__(self, *args, **kwargs):
+        return self._link.request(self._target, "call", args, kwargs)
+
+    def __getattr__(self, attr):
+        if attr.startswith("_") or "ref" not in self.__dict__.get("_target", {}):  # no dunder probes go remote
+            raise AttributeError(attr)
+        return self._link.request(self._target, "getattr", attr=attr)
+
+    def __bool__(self):
+        raise TypeError(f"{self!r} has no truth value in a test (compare a plain value instead)")
+
+    def __repr__(self):
+        what = self._target.get("name") or f"object #{self._target.get('ref')}"
+        return f"<candidate's {what}>"
+
+
+def trusted_scope(job, link, names):
+    """For a function-stub task: the task's own stub (helpers like HumanEval's `poly` or `encode_cyclic`,
+    which its tests call to judge the answer), executed here, plus the candidate's entry point; None if
+    there is no stub or it does not run on its own. A program cannot redefine the helpers its tests use."""
+    stub, entry = job.get("stub"), job.get("entry_point")
+    if not (isinstance(stub, str) and isinstance(entry, str)):
+        return None
+    scope = {"__name__": "solution", "__builtins__": builtins}
+    try:
+        exec(compile(stub, "<stub>", "exec"), scope)
+    except Exception:
+        return None
+    scope.pop(entry, None)
+    if (names.get(entry) or {}).get("callable") is True:
+        scope[entry] = Remote(link, {"name": entry})
+    return scope
+
+
+def program_scope(job, link, names):
+    """The program's names, as proxies (functions), copies (plain values) or stdlib modules."""
+    scope = {"__name__": "solution", "__builtins__": builtins}
+    for name, what in names.items():
+        if not (type(name) is str and name.isidentifier()) or name.startswith("__") or type(what) is not dict:
+            continue  # never `__builtins__` or `__name__` from the candidate
+        if hasattr(builtins, name) and name != job.get("entry_point"):  # its own `len` must not judge its output
+            continue
+        if what.get("callable") is True:
+            scope[name] = Remote(link, {"name": name})
+        elif "value" in what:
+            with contextlib.suppress(ValueError):
+                scope[name] = _plain.decode(what["value"])
+        elif type(what.get("module")) is str and what["module"].split(".")[0] in IMPORTABLE:
+            with contextlib.suppress(Exception):
+                scope[name] = importlib.import_module(what["module"])
+    return scope
+
+
+def last_line(e):
+    lines = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def run_case(job, link, case, test_code):
+    if link.broken:
+        return {"ok": False, "reason": link.broken}
+    verdict = {"ok": False, "reason": "tests did not complete"}
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, job["case_timeout_s"])
+            names = link.begin(case)
+            scope = trusted_scope(job, link, names) or program_scope(job, link, names)
+            exec(compile(test_code, "<tests>", "exec"), scope)
+            verdict = {"ok": True, "reason": ""}
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except CaseTimeout:
+        verdict = {"ok": False, "reason": f"timeout after {job['case_timeout_s']:g}s"}
+    except CandidateLost as e:
+        verdict = {"ok": False, "reason": str(e)}
+    except BaseException as e:
+        verdict = {"ok": False, "reason": last_line(e)}
+    try:
+        link.end()
+    except CaseTimeout:  # the drain's alarm, delivered just as it was disarmed
+        link.broken = "candidate's runner stopped answering"
+    return verdict
+
+
+def run_item(job, calls_w, replies_r, out):
+    """In a forked child: run the item's cases and write its verdicts; never returns."""
     code = 1
     try:
-        os.setpgid(0, 0)
-        os.dup2(input_fd, 0)
-        os.dup2(out_w if job["mode"] == "stdio" else os.open("/dev/null", os.O_WRONLY), 1)
-        os.dup2(err_w, 2)
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives until _exit
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-        cpu = max(1, math.ceil(job["case_timeout_s"]))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        name = "__main__" if job["mode"] == "stdio" else "solution"
-        scope = {"__name__": name, "__builtins__": __builtins__}
-        try:
-            exec(compile(job["program"], "<solution>", "exec"), scope)
-            if job["mode"] == "assert":
-                exec(compile(case, "<tests>", "exec"), scope)
-                os.write(out_w, job["nonce"].encode())
-            code = 0
-        except SystemExit as e:
-            code = 0 if job["mode"] == "stdio" and e.code in (None, 0) else 1
-        except BaseException:
-            traceback.print_exc(limit=3)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        signal.signal(signal.SIGALRM, on_alarm)
+        link = Link(calls_w, replies_r, job["max_message_bytes"])
+        link.wait_ready()
+        results = [run_case(job, link, i, test_code) for i, test_code in enumerate(job["cases"])]
+        _plain.send(out, {"results": results})
+        code = 0
     finally:
         os._exit(code)
 
 
-def inside_sandbox():
-    """True only in our bubblewrap sandbox (non-root, bwrap is pid 1 of our pid namespace)."""
-    try:
-        with open("/proc/1/cmdline", "rb") as f:
-            return os.getuid() != 0 and f.read().startswith(b"bwrap\0")
-    except OSError:
-        return False
-
-
-def kill_leftovers():
-    """Kill every other process this uid can see (only this sandbox's, thanks to the pid namespace)."""
-    if INSIDE_SANDBOX:  # outside one, kill(-1) would hit the user's own processes
-        with contextlib.suppress(OSError):
-            os.kill(-1, signal.SIGKILL)
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                break
-        except ChildProcessError:
-            break
-
-
-def run_case(job, case, index):
-    limit = job["max_output_bytes"]
-    input_fd = os.open("/dev/null", os.O_RDONLY)
-    if job["mode"] == "stdio":
-        path = f"/tmp/.case-{index}.in"
-        with open(path, "w") as f:
-            f.write(case.get("input", ""))
-        input_fd = os.open(path, os.O_RDONLY)
-        os.unlink(path)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(out_r)
-        os.close(err_r)
-        child(job, case, out_w, err_w, input_fd)
-    for fd in (out_w, err_w, input_fd):
-        os.close(fd)
-    deadline = time.monotonic() + job["case_timeout_s"]
-    bufs = {out_r: bytearray(), err_r: bytearray()}
-    open_fds, reason = [out_r, err_r], None
-    while open_fds:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            reason = f"timeout after {job['case_timeout_s']:g}s"
-            break
-        ready, _, _ = select.select(open_fds, [], [], left)
-        for fd in ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                open_fds.remove(fd)
-            bufs[fd] += chunk
-        if len(bufs[out_r]) > limit:
-            reason = f"output over {limit} bytes"
-            break
-    status = None
-    while reason is None:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            reason = f"timeout after {job['case_timeout_s']:g}s"
-            break
-        time.sleep(0.002)
-    for fd in (out_r, err_r):
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        os.killpg(pid, signal.SIGKILL)
-    kill_leftovers()
-    if reason is not None:
-        return {"ok": False, "reason": reason}
-    err_lines = bufs[err_r].decode("utf-8", "replace").strip().splitlines()
-    last_err = err_lines[-1][:300] if err_lines else ""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        why = "cpu time limit" if sig == signal.SIGXCPU else f"killed by signal {sig}"
-        return {"ok": False, "reason": why}
-    if job["mode"] == "assert":
-        ok = bytes(bufs[out_r]) == job["nonce"].encode()
-        return {"ok": ok, "reason": "" if ok else (last_err or "tests did not complete")}
-    if os.WEXITSTATUS(status) != 0:
-        return {"ok": False, "reason": last_err or f"exit code {os.WEXITSTATUS(status)}"}
-    got = [line.rstrip() for line in bufs[out_r].decode("utf-8", "replace").rstrip().splitlines()]
-    want = [line.rstrip() for line in str(case.get("output", "")).rstrip().splitlines()]
-    if got == want:
-        return {"ok": True, "reason": ""}
-    return {"ok": False, "reason": f"wrong output: got {chr(10).join(got)[:100]!r}, want {chr(10).join(want)[:100]!r}"}
-
-
 def main():
-    global INSIDE_SANDBOX
-    INSIDE_SANDBOX = inside_sandbox()
-    job = json.loads(sys.stdin.buffer.read())
+    sock = socket.socket(fileno=int(sys.argv[1]))
     out = os.dup(1)
     null = os.open("/dev/null", os.O_RDWR)
-    os.dup2(null, 0)
     os.dup2(null, 1)
-    set_limits(job)
-    results = [run_case(job, case, i) for i, case in enumerate(job["cases"])]
-    os.write(out, json.dumps({"results": results}).encode())
+    mb = 1 << 20
+    limits = json.loads(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_AS, (limits["memory_mb"] * mb, limits["memory_mb"] * mb))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    while True:
+        job = _plain.recv(0, 1 << 30)
+        if job is None:
+            return
+        _, fds, _, _ = socket.recv_fds(sock, 1, 2)
+        if len(fds) != 2:
+            _plain.send(out, {"error": "the item's pipes did not arrive"})
+            continue
+        pid = os.fork()
+        if pid == 0:
+            os.close(sock.fileno())
+            run_item(job, *fds, out)
+        for fd in fds:
+            os.close(fd)  # the runner sees end of file once the child is done with them too
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            _plain.send(out, {"error": f"test harness child failed (wait status {status})"})
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def inside_sandbox():
     """True only in our bubblewrap sandbox (non-root, bwrap is pid 1 of our pid namespace)."""
     try:
         with open("/proc/1/cmdline", "rb") as f:
-            return os.getuid() != 0 and f.read().startswith(b"bwrap\0")
+            argv0 = f.read().split(b"\0")[0]
+        return os.getuid() != 0 and os.path.basename(argv0) == b"bwrap"
     except OSError:
         return False
 

@@ -1,4 +1,4 @@
-"""Code correctness: extract the model's program and run it against tests in the sandbox.
+"""Code correctness: extract the model's program and run it against tests in sandboxes.
 
 Tests come from the example, in one of these shapes:
 - `tests: str` - assert-style test code run after the program (one case);
@@ -9,16 +9,30 @@ Tests come from the example, in one of these shapes:
 
 With a function stub, a completion that re-defines the entry point is appended
 to the stub (imports stay available); otherwise it is taken as the body that
-continues the stub. Every item gets its own sandbox (`verifiers.sandbox`), its
-cases run one after another in fresh processes inside it with per-case CPU and
-wall-clock limits, and the whole run is killed at the item timeout.
+continues the stub.
+
+No process that runs model code ever holds an expected output or a pass/fail
+signal (threat model: docs/security.md, "Model-written code"):
+- stdin/stdout: one sandbox runs the program once per input
+  (`_code_runner.py stdio`) and returns what it printed; this process, outside
+  the sandbox, compares it with the expected output.
+- assert-style: two sandboxes, joined only by two pipes. The program runs in a
+  fresh one per item (`_code_runner.py serve`), the test code in a persistent
+  test-harness sandbox (`_code_harness.py`, one per concurrent item, which
+  never runs model code), which runs the task's stub itself, calls the
+  program's functions remotely with plain data (other objects come back as
+  references) and returns a verdict per case to this process.
+Every case gets a fresh copy of the program with per-case CPU and wall-clock
+limits, and the whole item is killed at the item timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import secrets
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +44,8 @@ from verifiers.extract import extract_code
 from verifiers.sandbox import SCRIPTS, SandboxSpec, bwrap_argv, python_command, require_sandbox
 
 HARNESS = Path(__file__).with_name("_code_harness.py")
+RUNNER = Path(__file__).with_name("_code_runner.py")
+PLAIN = Path(__file__).with_name("_plain.py")
 
 
 class CodeParams(BaseModel):
@@ -55,13 +71,20 @@ class CodeParams(BaseModel):
     """Sandboxes running at once (None: the pool's worker count)."""
 
 
+def function_stub(example: Example) -> str | None:
+    """The task's function stub (HumanEval `code_prompt` or `prompt`), if it has one and an entry point."""
+    entry = example.get("entry_point")
+    stub = example.get("code_prompt") or (example.get("prompt") if entry and "test" in example else None)
+    return stub if isinstance(stub, str) and isinstance(entry, str) and entry else None
+
+
 def build_job(completion: str, example: Example) -> tuple[str, str, list[Any]] | str:
     """(program, mode, cases) for an example, or the reason it has no usable tests."""
     code = extract_code(completion)
     tests = example.get("tests")
     entry = example.get("entry_point")
-    stub = example.get("code_prompt") or (example.get("prompt") if entry and "test" in example else None)
-    if isinstance(stub, str) and entry:
+    stub = function_stub(example)
+    if stub is not None and entry:
         program = stub + code if f"def {entry}(" not in code else stub + "\n\n" + code
     else:
         program = code
@@ -76,20 +99,61 @@ def build_job(completion: str, example: Example) -> tuple[str, str, list[Any]] |
     return "example has no usable tests (`tests`, or HumanEval `test` + `entry_point`)"
 
 
+class _SandboxFailed(Exception):
+    """An item's sandbox timed out, died or answered nonsense: the item scores 0 with this reason."""
+
+
+def _compare(stdout: str, error: str, expected: str) -> tuple[bool, str]:
+    """Trailing whitespace on lines and at the end is ignored."""
+    if error:
+        return False, error
+    got = [line.rstrip() for line in stdout.rstrip().splitlines()]
+    want = [line.rstrip() for line in expected.rstrip().splitlines()]
+    if got == want:
+        return True, ""
+    return False, f"wrong output: got {chr(10).join(got)[:100]!r}, want {chr(10).join(want)[:100]!r}"
+
+
+class _Harness:
+    """A persistent sandboxed test harness and the unix socket that hands it each item's pipe ends."""
+
+    def __init__(self, argv: list[str], limits: str) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            fd = theirs.fileno()
+            self.child = ChildProcess([*argv, str(fd), limits], pass_fds=(fd,), max_output=16 << 20)
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock.setblocking(False)  # one byte and two fds per item: never fills the buffer
+
+    def hand_over(self, fds: tuple[int, int]) -> None:
+        socket.send_fds(self.sock, [b"p"], list(fds))
+
+    def kill(self) -> None:
+        self.child.kill()
+        self.sock.close()
+
+
 class CodeTerm:
-    """The `code` reward term: one sandbox per item, at most `concurrency` at a time."""
+    """The `code` reward term: a fresh program sandbox per item, at most `concurrency` items at a time."""
 
     def __init__(self, params: dict[str, Any], *, timeout_s: float, concurrency: int) -> None:
         require_sandbox()
         self.params = CodeParams(**params)
         self.timeout_s = self.params.timeout_s or timeout_s
-        self._python, roots = python_command(with_site_packages=False)
-        script = f"{SCRIPTS}/{HARNESS.name}"
-        spec = SandboxSpec(ro_paths=roots, ro_files=((str(HARNESS), script),), tmpfs_mb=self.params.tmpfs_mb)
-        self._argv = bwrap_argv(spec, [*self._python, script])
-        self._slots: IdleSet[int] = IdleSet()
-        for slot in range(self.params.concurrency or concurrency):
-            self._slots.release(slot)
+        python, roots = python_command(with_site_packages=False)
+        files = tuple((str(path), f"{SCRIPTS}/{path.name}") for path in (PLAIN, RUNNER, HARNESS))
+        spec = SandboxSpec(ro_paths=roots, ro_files=files, tmpfs_mb=self.params.tmpfs_mb)
+        self._runner_argv = bwrap_argv(spec, [*python, f"{SCRIPTS}/{RUNNER.name}"])
+        self._harness_argv = bwrap_argv(spec, [*python, f"{SCRIPTS}/{HARNESS.name}"])
+        # A slot per concurrent item; it holds that slot's test harness once an assert-style item started one.
+        self._slots: IdleSet[_Harness | None] = IdleSet()
+        for _ in range(self.params.concurrency or concurrency):
+            self._slots.release(None)
+        self._harnesses: set[_Harness] = set()
         self.timeouts = 0
         self.errors = 0
 
@@ -103,56 +167,143 @@ class CodeTerm:
         program, mode, cases = job
         slot = await self._slots.acquire()
         try:
-            return await self._run(program, mode, cases)
+            if mode == "stdio":
+                oks, reasons = await self._run_stdio(program, cases)
+            else:
+                slot = slot if slot is not None and slot.child.alive() else self._start_harness(slot)
+                trusted = {"entry_point": example.get("entry_point"), "stub": function_stub(example)}
+                oks, reasons = await self._run_asserts(slot, program, cases, trusted)
+        except _SandboxFailed as e:
+            return failed(str(e), passed=0.0)
+        except BaseException:
+            if slot is not None:  # e.g. cancelled mid-item: its verdict may still arrive, out of step
+                self._retire(slot)
+                slot = None
+            raise
         finally:
+            if slot is not None and not slot.child.alive():  # killed after a timeout or a protocol error
+                self._retire(slot)
+                slot = None
             self._slots.release(slot)
-
-    async def _run(self, program: str, mode: str, cases: list[Any]) -> Reward:
         p = self.params
-        nonce = secrets.token_hex(16)
-        payload = {
-            "program": program,
-            "mode": mode,
-            "cases": cases,
-            "nonce": nonce,
-            "case_timeout_s": min(p.case_timeout_s, self.timeout_s),
-            "memory_mb": p.memory_mb,
-            "max_processes": p.max_processes,
-            "file_size_mb": p.file_size_mb,
-            "max_output_bytes": p.max_output_kb << 10,
-        }
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        child = ChildProcess(self._argv, max_output=(p.max_output_kb << 10) * (len(cases) + 1) + 65536)
-        try:
-            await child.write(json.dumps(payload).encode(), deadline)
-            child.close_stdin()
-            raw = await child.read_all(deadline)
-        except TimeoutError:
-            self.timeouts += 1
-            return failed(f"timeout after {self.timeout_s:g}s (sandbox killed)", passed=0.0)
-        except ChildDied as e:
-            self.errors += 1
-            return failed(f"sandbox failed: {e}", passed=0.0)
-        finally:
-            stderr = child.stderr_text()
-            child.kill()
-        try:
-            results = json.loads(raw)["results"]
-            oks = [bool(r["ok"]) for r in results]
-            reasons = [str(r.get("reason", "")) for r in results]
-        except (ValueError, KeyError, TypeError):
-            self.errors += 1
-            return failed(f"sandbox gave no result: {stderr[-300:] or 'no output'}", passed=0.0)
-        if len(oks) != len(cases):
-            return failed("sandbox returned the wrong number of results", passed=0.0)
         frac = sum(oks) / len(oks)
         value = frac if p.partial else float(all(oks))
         first_fail = next((f"case {i}: {r}" for i, (ok, r) in enumerate(zip(oks, reasons, strict=True)) if not ok), "")
         return Reward(value, {"passed": frac}, first_fail)
 
+    def _limits(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "case_timeout_s": min(p.case_timeout_s, self.timeout_s),
+            "memory_mb": p.memory_mb,
+            "max_processes": p.max_processes,
+            "file_size_mb": p.file_size_mb,
+            "max_output_bytes": p.max_output_kb << 10,
+            "max_message_bytes": (p.max_output_kb << 10) + 4096,
+        }
+
+    async def _run_stdio(self, program: str, cases: list[dict[str, str]]) -> tuple[list[bool], list[str]]:
+        """Run the program per input in one sandbox; compare what it printed here, outside it."""
+        limits = self._limits()
+        job = {"mode": "stdio", "program": program, "inputs": [c["input"] for c in cases], **limits}
+        runner = ChildProcess(self._runner_argv, max_output=(limits["max_output_bytes"] + 4096) * len(cases) * 2)
+        try:
+            raw = await self._exchange(runner, job)
+        finally:
+            runner.kill()
+        try:
+            runs = json.loads(raw)["runs"]
+            got = [(r["stdout"], r["error"]) for r in runs]
+            if len(got) != len(cases) or not all(isinstance(o, str) and isinstance(e, str) for o, e in got):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            self.errors += 1
+            raise _SandboxFailed(f"sandbox gave no result: {runner.stderr_text()[-300:] or 'no output'}") from None
+        verdicts = [_compare(out, err, case["output"]) for (out, err), case in zip(got, cases, strict=True)]
+        return [ok for ok, _ in verdicts], [why for _, why in verdicts]
+
+    def _start_harness(self, old: _Harness | None) -> _Harness:
+        if old is not None:
+            self._retire(old)
+        limits = json.dumps({"memory_mb": self.params.memory_mb})
+        harness = _Harness(self._harness_argv, limits)
+        self._harnesses.add(harness)
+        return harness
+
+    def _retire(self, harness: _Harness) -> None:
+        harness.kill()
+        self._harnesses.discard(harness)
+
+    async def _run_asserts(
+        self, harness: _Harness, program: str, cases: list[str], trusted: dict[str, Any]
+    ) -> tuple[list[bool], list[str]]:
+        """The program in a fresh sandbox, the tests (with the task's stub) in the slot's harness, joined by
+        two pipes."""
+        limits = self._limits()
+        calls_r, calls_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        runner = None
+        try:
+            runner = ChildProcess(self._runner_argv, pass_fds=(calls_r, replies_w), max_output=65536)
+            harness.hand_over((calls_w, replies_r))
+        except OSError as e:
+            if runner is not None:
+                runner.kill()
+            harness.kill()  # its stream may be out of step now; the slot starts a fresh one
+            self.errors += 1
+            raise _SandboxFailed(f"cannot start the item's sandboxes: {e}") from None
+        finally:
+            for fd in (calls_r, calls_w, replies_r, replies_w):
+                os.close(fd)  # the sandboxes hold their ends; a dead one's peer then sees end of file
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        serve = {"mode": "serve", "program": program, "call_fds": [calls_r, replies_w], **limits}
+        tests = {"cases": cases, "call_fds": [calls_w, replies_r], **trusted, **limits}
+        try:
+            with contextlib.suppress(ChildDied):  # a runner that died at once fails the cases, below
+                await runner.write(json.dumps(serve).encode(), deadline)
+            runner.close_stdin()
+            await harness.child.send_frame(json.dumps(tests).encode(), deadline)
+            reply = json.loads(await harness.child.read_frame(deadline))
+        except TimeoutError:
+            self.timeouts += 1
+            harness.kill()  # its verdict may still come: the slot starts a fresh harness
+            raise _SandboxFailed(f"timeout after {self.timeout_s:g}s (sandboxes killed)") from None
+        except (ChildDied, ValueError) as e:
+            self.errors += 1
+            harness.kill()
+            raise _SandboxFailed(f"test harness failed: {e}") from None
+        finally:
+            runner.kill()
+        try:
+            if "error" in reply:
+                raise _SandboxFailed(f"test harness failed: {str(reply['error'])[:300]}")
+            oks = [r["ok"] for r in reply["results"]]
+            reasons = [str(r["reason"]) for r in reply["results"]]
+            if len(oks) != len(cases) or not all(isinstance(ok, bool) for ok in oks):
+                raise TypeError
+        except (KeyError, TypeError):
+            self.errors += 1
+            raise _SandboxFailed("test harness answered out of protocol") from None
+        return oks, reasons
+
+    async def _exchange(self, child: ChildProcess, job: dict[str, Any]) -> bytes:
+        """Send `job` as the child's whole stdin and read its whole stdout, within the item timeout."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        try:
+            await child.write(json.dumps(job).encode(), deadline)
+            child.close_stdin()
+            return await child.read_all(deadline)
+        except TimeoutError:
+            self.timeouts += 1
+            raise _SandboxFailed(f"timeout after {self.timeout_s:g}s (sandbox killed)") from None
+        except ChildDied as e:
+            self.errors += 1
+            raise _SandboxFailed(f"sandbox failed: {e}") from None
+
     def metrics(self) -> dict[str, float]:
         return {"timeouts": float(self.timeouts), "errors": float(self.errors)}
 
     def close(self) -> None:
-        """Nothing persistent: each sandbox is killed when its item ends."""
+        """Kill the test harnesses (program sandboxes die with their items)."""
+        for harness in list(self._harnesses):
+            self._retire(harness)

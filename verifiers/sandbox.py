@@ -6,7 +6,10 @@ What a sandboxed process gets:
 - a root filesystem that is an empty tmpfs with read-only binds of `/usr` and of
   the Python installation it needs, nothing else: no home directory, no /etc, no
   repository, no host /tmp; a size-limited tmpfs work dir (`/sandbox`, also /tmp);
-- a cleared environment (no tokens or secrets from the host);
+- an empty environment from the start: bwrap itself is launched through
+  `env -i`, because bwrap stays in the sandbox as its pid 1 and a non-root
+  caller's sandbox runs under the same uid, free to read `/proc/1/environ`;
+  inside, only a fixed PATH/HOME/LANG set (no tokens or secrets from the host);
 - a non-root uid (65534) without capabilities and with `no_new_privs`;
 - resource limits set by the sandboxed program itself before it runs untrusted
   code (CPU, address space, processes, file size, open files), and a wall-clock
@@ -107,7 +110,9 @@ def bwrap_argv(spec: SandboxSpec, command: list[str]) -> list[str]:
         namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
     else:
         namespaces = ["--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
-    argv = ["bwrap", *namespaces, "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+    empty_env = [shutil.which("env") or "/usr/bin/env", "-i"]  # bwrap (pid 1 inside) must not hold host secrets
+    argv = [*empty_env, shutil.which("bwrap") or "bwrap", *namespaces, "--die-with-parent", "--new-session"]
+    argv += ["--hostname", "sandbox"]
     argv += ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/lib", "/lib64", "/lib32", "/sbin"):  # merged-/usr links, or real dirs elsewhere
         if os.path.islink(top):
