@@ -277,6 +277,8 @@ class HubConfig(Section):
     """Largest accepted request body."""
     buffer_size: int = Field(256, ge=1)
     """Scored groups the hub holds for the trainer before it stops leasing."""
+    weights_url: str | None = Field(None, pattern=r"^https?://")
+    """HTTP cache or mirror of the hub's `/v1/blobs/` that workers try first (`rl rollout --weights-url` wins)."""
 
 
 class CheckpointConfig(Section):

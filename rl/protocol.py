@@ -14,6 +14,7 @@ Routes:
   POST   /v1/rollouts                    SubmitRequest    -> SubmitResponse         (worker)
   GET    /v1/policy                                       -> PolicyManifest         (worker)
   GET    /v1/policy/{version}/files/{name}   raw bytes, HTTP Range supported        (worker)
+  GET    /v1/blobs/{sha256}              a policy file by hash, cacheable (immutable)  (worker)
   GET    /v1/status                                       -> HubStatus              (worker)
   GET    /healthz                                         -> {"ok": true}           (none)
   POST   /v1/batches                     BatchRequest     -> Batch                  (admin)
@@ -103,6 +104,8 @@ class RegisterResponse(Wire):
     max_model_len: int
     dtype: str
     sampling: SamplingParamsWire
+    weights_url: str | None = None
+    """An HTTP cache or mirror of `/v1/blobs/` to download policy files from first (`hub.weights_url`)."""
 
 
 class HeartbeatRequest(Wire):
@@ -258,6 +261,13 @@ class WorkerStatus(Wire):
     completed_tasks: int
 
 
+class WeightsServed(Wire):
+    files: int = 0
+    """Responses with a policy file's bytes (blobs and named files; 304s not counted)."""
+    bytes: int = 0
+    """Body bytes of those responses."""
+
+
 class HubStatus(Wire):
     policy_version: int
     workers: list[WorkerStatus]
@@ -276,6 +286,8 @@ class HubStatus(Wire):
     tokens_generated: int
     verifier: dict[str, float] = Field(default_factory=dict)
     uptime_s: float
+    weights_served: WeightsServed = Field(default_factory=WeightsServed)
+    """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
 
 
 # --------------------------------------------------------------------------- evaluation

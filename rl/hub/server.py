@@ -20,10 +20,11 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.config import RunConfig
+from rl.hub.blobs import BlobIndex
 from rl.hub.state import HubState
 from rl.hub.tokens import Tokens
 from rl.protocol import (
@@ -95,6 +96,8 @@ class Hub:
     def __init__(self, cfg: RunConfig, state: HubState, pool, tokenizer, policy_dir: Path, tokens: Tokens):
         self.cfg, self.state, self.pool, self.tokenizer = cfg, state, pool, tokenizer
         self.policy_dir, self.tokens = Path(policy_dir), tokens
+        self.blobs = BlobIndex(self.policy_dir)
+        """Policy files by sha256 (`GET /v1/blobs/{sha256}`) and the count of bytes served."""
         self.changed = asyncio.Event()
         """Set when a scored group arrives (wakes batch pulls)."""
         self.work = asyncio.Event()
@@ -271,11 +274,17 @@ def create_app(hub: Hub) -> FastAPI:
             raise HubError(404, "unknown_version", f"policy version {version} is not available")
         if name not in allowed:  # also rules out any path traversal
             raise HubError(404, "unknown_file", f"{name} is not a file of policy version {version}")
-        return FileResponse(directory / name, media_type="application/octet-stream")
+        return hub.blobs.file_response(directory / name)
+
+    @app.get("/v1/blobs/{sha256}")
+    async def blob(sha256: str, request: Request, who: str | None = Depends(caller)):
+        return hub.blobs.response(sha256, request.headers.get("if-none-match"))
 
     @app.get("/v1/status", response_model=HubStatus)
     async def status(who: str | None = Depends(caller)):
-        return state.status(time.monotonic(), hub.pool.metrics())
+        return state.status(time.monotonic(), hub.pool.metrics()).model_copy(
+            update={"weights_served": hub.blobs.stats()}
+        )
 
     @app.post("/v1/batches", response_model=Batch, dependencies=[Depends(admin)])
     async def batches(req: BatchRequest):

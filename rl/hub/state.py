@@ -163,6 +163,7 @@ class HubState:
             max_model_len=self.cfg.model.max_model_len,
             dtype=self.cfg.rollout.dtype or self.cfg.model.dtype,
             sampling=self.sampling_params(),
+            weights_url=self.cfg.hub.weights_url,
         )
 
     def sampling_params(self) -> SamplingParamsWire:
