@@ -121,6 +121,13 @@ def rollout(
     prompts_per_lease: Annotated[int, typer.Option(min=1, help="Prompts to take per lease.")] = 4,
     seed: Annotated[int, typer.Option(help="Sampling seed (give each worker its own).")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Where downloaded policy versions are kept.")] = None,
+    weights_url: Annotated[
+        str | None,
+        typer.Option(
+            "--weights-url",
+            help="HTTP cache or mirror of the hub's /v1/blobs/ to fetch weights from first (hashes still checked).",
+        ),
+    ] = None,
 ) -> None:
     """Join a run as a rollout worker (outbound HTTP only; start as many as you like)."""
     if engine not in ("vllm", "hf"):
@@ -140,6 +147,7 @@ def rollout(
             prompts_per_lease=prompts_per_lease,
             seed=seed,
             cache_dir=cache_dir,
+            weights_url=weights_url,
         )
     )
 

@@ -16,6 +16,14 @@ the manifest's sha256; a mismatch deletes the part and fetches again, up to
 `max_hash_failures` times, then `WeightSyncError`. Transport errors and 5xx
 are retried like every other hub call (HubClient policy). `prune` removes
 versions that are no longer needed.
+
+Mirrors: with `weights_url` (`rl rollout --weights-url`, else the hub's advertised
+`hub.weights_url`) each file is first fetched by hash, `GET {weights_url}/v1/blobs/<sha256>`,
+from an HTTP cache in front of the hub (configs/nginx/) or any mirror of that path. A
+mirror is never trusted: the manifest comes from the hub, every file is checked against
+its sha256, and on any failure (refused, cut, 404, wrong bytes) the worker logs it and
+fetches that file from the hub. After a failure other than a 404 the mirror is skipped
+for `MIRROR_COOLDOWN_S`. `bytes_from` counts what came from where.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +52,64 @@ log = logging.getLogger(__name__)
 COMPLETE = ".complete"
 VERIFIED = ".verified.json"
 CHUNK = 1 << 20
+MIRROR_COOLDOWN_S = 60.0
+"""After a mirror failed (not a plain 404), files come straight from the hub for this long."""
+MIRROR_READ_TIMEOUT_S = 300.0
+"""Generous: a cache that is filling a file for another worker (nginx `proxy_cache_lock`) sends nothing meanwhile."""
 
 
 class WeightSyncError(RuntimeError):
     """A policy version could not be downloaded intact."""
+
+
+class MirrorError(RuntimeError):
+    """A mirror answered with an error status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status} {detail}")
+        self.status = status
+
+
+class Mirror:
+    """An HTTP cache or mirror of the hub's `/v1/blobs/`: a place bytes may come from, never an authority.
+
+    It gets the worker's bearer token, so an HTTP cache in front of the hub can forward it on a
+    miss (docs/security.md, "Weight mirrors"); point workers only at mirrors you would trust with it.
+    """
+
+    def __init__(self, url: str, authorization: str | None, *, connect_timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": authorization} if authorization else None,
+            timeout=httpx.Timeout(MIRROR_READ_TIMEOUT_S, connect=connect_timeout_s),
+            follow_redirects=True,
+        )
+        self.skip_until = 0.0
+        self.failures = 0
+
+    @staticmethod
+    def blob_path(sha256: str) -> str:
+        return f"/v1/blobs/{sha256}"
+
+    def available(self) -> bool:
+        return time.monotonic() >= self.skip_until
+
+    def failed(self, cool_down: bool = True) -> None:
+        self.failures += 1
+        if cool_down:
+            self.skip_until = time.monotonic() + MIRROR_COOLDOWN_S
+
+    @contextlib.contextmanager
+    def stream(self, path: str, headers: dict[str, str] | None = None) -> Iterator[httpx.Response]:
+        """GET `path` as a stream; any status >= 400 raises MirrorError (the same shape as HubHTTP.stream)."""
+        with self.http.stream("GET", path, headers=headers) as response:
+            if response.status_code >= 400:
+                raise MirrorError(response.status_code, response.reason_phrase)
+            yield response
+
+    def close(self) -> None:
+        self.http.close()
 
 
 @dataclass(frozen=True)
@@ -77,12 +140,37 @@ def _safe_name(name: str) -> str:
 class WeightSync:
     """Fetches policy versions for one hub into `cache_dir`."""
 
-    def __init__(self, client: HubClient, cache_dir: Path | None = None, *, max_hash_failures: int = 3) -> None:
+    def __init__(
+        self,
+        client: HubClient,
+        cache_dir: Path | None = None,
+        *,
+        max_hash_failures: int = 3,
+        weights_url: str | None = None,
+    ) -> None:
         self.client = client
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(client.base_url)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_hash_failures = max_hash_failures
+        self.weights_url = weights_url
+        """Mirror to try first; None: the one the hub advertised at registration, if any."""
+        self._mirror: Mirror | None = None
         self.bytes_downloaded = 0
+        self.bytes_from: Counter[str] = Counter()
+        """Bytes received per source: "mirror" (including discarded ones) and "hub"."""
+
+    def mirror(self) -> Mirror | None:
+        """The mirror in use: `weights_url`, else the hub's advertised one (known after registering)."""
+        registration = self.client.registration
+        url = self.weights_url or (registration.weights_url if registration is not None else None)
+        if not url:
+            return None
+        if self._mirror is None or self._mirror.url != url.rstrip("/"):
+            if self._mirror is not None:
+                self._mirror.close()
+            self._mirror = Mirror(url, self.client.http.headers.get("authorization"))
+            log.info("policy files come from mirror %s first (checked against the hub's hashes)", url)
+        return self._mirror
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -145,7 +233,7 @@ class WeightSync:
             cached = self.local(manifest.version, expected=manifest)
             if cached is not None:
                 return cached
-            start, before = time.perf_counter(), self.bytes_downloaded
+            start, before, before_from = time.perf_counter(), self.bytes_downloaded, self.bytes_from.copy()
             base = self.cache_dir / "base"
             self._sync_base(base, manifest.base_files)
             vdir = self.version_dir(manifest.version)
@@ -164,12 +252,15 @@ class WeightSync:
             (vdir / COMPLETE).write_text(manifest.model_dump_json())
             size = self.bytes_downloaded - before
             seconds = time.perf_counter() - start
+            sources = self.bytes_from - before_from
             log.info(
-                "downloaded policy v%d: %.1f MB in %.1f s (%.1f MB/s)",
+                "downloaded policy v%d: %.1f MB in %.1f s (%.1f MB/s; %.1f MB from the mirror, %.1f MB from the hub)",
                 manifest.version,
                 size / 1e6,
                 seconds,
                 size / 1e6 / max(seconds, 1e-9),
+                sources["mirror"] / 1e6,
+                sources["hub"] / 1e6,
             )
             return LocalPolicy(manifest.version, vdir, [vdir / f.name for f in manifest.files])
 
@@ -190,8 +281,13 @@ class WeightSync:
             record.write_text(json.dumps([f.model_dump() for f in verified.values()]))
 
     def _download(self, url_path: str, dest: Path, entry: PolicyFile) -> None:
-        """Stream `url_path` into `dest`, resuming `dest.part`, verifying size and sha256."""
+        """Fill `dest` with the file `entry`: from the mirror by hash if there is one, else (or on
+        any failure there) from the hub's `url_path`; resuming `dest.part`, verifying size and sha256."""
         part = dest.with_name(dest.name + ".part")
+        mirror = self.mirror()
+        if mirror is not None and mirror.available() and self._from_mirror(mirror, part, entry):
+            os.replace(part, dest)
+            return
         for failure in range(1, self.max_hash_failures + 1):
             self.client.with_retries(lambda: self._stream_into(url_path, part, entry))
             digest = _sha256(part)
@@ -212,8 +308,43 @@ class WeightSync:
             f"{self.max_hash_failures} times (corrupting proxy or disk?)"
         )
 
-    def _stream_into(self, url_path: str, part: Path, entry: PolicyFile) -> None:
-        """Fill `part` up to `entry.size` bytes; raises transport errors so the caller retries (resumes)."""
+    def _from_mirror(self, mirror: Mirror, part: Path, entry: PolicyFile) -> bool:
+        """One try at the mirror; True when `part` is whole and has the manifest's sha256."""
+        try:
+            self._stream_into(mirror.blob_path(entry.sha256), part, entry, source=mirror)
+        except (httpx.HTTPError, MirrorError, OSError) as e:
+            not_there = isinstance(e, MirrorError) and e.status == 404
+            log.warning(
+                "mirror %s failed for %s (%s: %s); fetching it from the hub%s",
+                mirror.url,
+                entry.name,
+                type(e).__name__,
+                e,
+                "" if not_there else f", and skipping the mirror for {MIRROR_COOLDOWN_S:.0f} s",
+            )
+            mirror.failed(cool_down=not not_there)
+            return False
+        digest = _sha256(part)
+        if digest == entry.sha256:
+            return True
+        log.warning(
+            "mirror %s sent %s with sha256 %s, but the hub's manifest says %s: discarded; fetching it from the hub "
+            "and skipping the mirror for %.0f s",
+            mirror.url,
+            entry.name,
+            digest[:12],
+            entry.sha256[:12],
+            MIRROR_COOLDOWN_S,
+        )
+        part.unlink(missing_ok=True)
+        mirror.failed()
+        return False
+
+    def _stream_into(self, url_path: str, part: Path, entry: PolicyFile, source: Mirror | None = None) -> None:
+        """Fill `part` up to `entry.size` bytes from `source` (default: the hub); raises transport
+        errors so the caller retries (resumes)."""
+        origin = "hub" if source is None else "mirror"
+        source = source or self.client
         offset = part.stat().st_size if part.exists() else 0
         if offset > entry.size:
             part.unlink()
@@ -224,19 +355,23 @@ class WeightSync:
         if offset:
             log.info("resuming %s at byte %d of %d", entry.name, offset, entry.size)
         try:
-            with self.client.stream(url_path, headers=headers) as response:
+            with source.stream(url_path, headers=headers) as response:
                 if offset and response.status_code != 206:
                     offset = 0  # the server ignored the Range: start over
                 with open(part, "ab" if offset else "wb") as f:
                     for chunk in response.iter_bytes():  # unbuffered: a cut keeps what arrived
+                        chunk = chunk[: entry.size - f.tell()]  # never more than the manifest's size
                         f.write(chunk)
                         self.bytes_downloaded += len(chunk)
-        except HubError as e:
+                        self.bytes_from[origin] += len(chunk)
+                        if f.tell() >= entry.size:
+                            break  # the sha256 check decides about these bytes; ignore any excess
+        except (HubError, MirrorError) as e:
             if e.status != 416 or not offset:
                 raise
-            log.warning("%s: the hub refused to resume at byte %d; starting over", entry.name, offset)
+            log.warning("%s: the %s refused to resume at byte %d; starting over", entry.name, origin, offset)
             part.unlink(missing_ok=True)
-            return self._stream_into(url_path, part, entry)
+            return self._stream_into(url_path, part, entry, source if origin == "mirror" else None)
         written = part.stat().st_size
         if written < entry.size:
             raise httpx.ReadError(f"{entry.name}: connection ended at byte {written} of {entry.size}")

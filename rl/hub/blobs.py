@@ -77,7 +77,8 @@ class CountingFileResponse(FileResponse):
                 self.counter.bytes_served += len(message.get("body", b""))
             await send(message)
 
-        self.counter.files_served += 1
+        if scope["method"] != "HEAD":
+            self.counter.files_served += 1
         await super().__call__(scope, receive, counting_send)
 
 
@@ -89,7 +90,7 @@ class BlobIndex:
         self._paths: dict[str, Path] = {}
         self._scanned_mtime: int | None = None
         self.files_served = 0
-        """Blob and policy-file responses with a body (not 304s) since the hub started."""
+        """Blob and policy-file responses with a body (not 304s, not HEADs) since the hub started."""
         self.bytes_served = 0
         """Body bytes of those responses: what an HTTP cache in front of the hub saves."""
 

@@ -276,7 +276,8 @@ def create_app(hub: Hub) -> FastAPI:
             raise HubError(404, "unknown_file", f"{name} is not a file of policy version {version}")
         return hub.blobs.file_response(directory / name)
 
-    @app.get("/v1/blobs/{sha256}")
+    # HEAD too: an HTTP cache's auth check (nginx auth_request) asks for the headers only.
+    @app.api_route("/v1/blobs/{sha256}", methods=["GET", "HEAD"])
     async def blob(sha256: str, request: Request, who: str | None = Depends(caller)):
         return hub.blobs.response(sha256, request.headers.get("if-none-match"))
 
