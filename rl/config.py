@@ -253,9 +253,17 @@ class WeightsConfig(Section):
     publish_every: int = Field(1, ge=1)
     """Publish a new policy version to the workers every this many steps."""
     format: Literal["full", "lora", "delta"] = "full"
-    """Published format: full safetensors, a LoRA adapter, or a sparse delta."""
+    """Published format: full safetensors shards, a LoRA adapter (not yet), or sparse deltas between versions."""
     keep_versions: int = Field(2, ge=1)
-    """Versions kept on disk beyond those a connected worker still uses."""
+    """Versions kept on disk beyond those a connected worker still uses (and the delta chain from the keyframe)."""
+    shard_mb: float = Field(2048.0, gt=0.0, le=65536.0)
+    """Largest safetensors shard of a version (MB, rollout dtype); a bigger tensor gets a shard of its own."""
+    keyframe_every: int = Field(10, ge=1)
+    """delta: every this many published versions is a full one (a keyframe); the trainer's first always is."""
+    background: bool = True
+    """Write, hash and announce versions in a background thread from a host copy in the rollout dtype
+    (the model's size in rank 0's RAM); off: stream shards straight from the gather (about one shard of
+    extra memory) while the training loop waits."""
 
 
 class HubConfig(Section):
@@ -365,10 +373,8 @@ class RunConfig(Section):
                 f"data.max_prompt_tokens + sampling.max_tokens ({self.data.max_prompt_tokens} + "
                 f"{self.sampling.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})"
             )
-        if self.weights.format != "full":
-            raise ValueError(
-                f"weights.format {self.weights.format!r} is not implemented yet in this version; use 'full'"
-            )
+        if self.weights.format == "lora":
+            raise ValueError("weights.format 'lora' is not implemented yet in this version; use 'full' or 'delta'")
         if self.async_.max_staleness < self.weights.publish_every - 1:
             raise ValueError(
                 f"async.max_staleness ({self.async_.max_staleness}) must be at least weights.publish_every - 1 "

@@ -13,6 +13,7 @@ Routes:
   POST   /v1/leases                      LeaseRequest     -> Lease                  (worker)
   POST   /v1/rollouts                    SubmitRequest    -> SubmitResponse         (worker)
   GET    /v1/policy                                       -> PolicyManifest         (worker)
+  GET    /v1/policy/{version}                             -> PolicyManifest         (worker)
   GET    /v1/policy/{version}/files/{name}   raw bytes, HTTP Range supported        (worker)
   GET    /v1/blobs/{sha256}              a policy file by hash, cacheable (immutable)  (worker)
   GET    /v1/status                                       -> HubStatus              (worker)
@@ -113,6 +114,10 @@ class HeartbeatRequest(Wire):
     """Version currently loaded by the worker (-1: none yet)."""
     tokens_per_s: float = Field(0.0, ge=0.0)
     busy: bool = False
+    fetch_s: float = Field(0.0, ge=0.0)
+    """Seconds the last policy update spent downloading (and rebuilding) the version."""
+    load_s: float = Field(0.0, ge=0.0)
+    """Seconds the last policy update spent loading it into the engine."""
 
 
 class HeartbeatResponse(Wire):
@@ -187,12 +192,31 @@ class PolicyFile(Wire):
 
 
 class PolicyManifest(Wire):
+    """One policy version. Workers verify every file they download, and every shard they rebuild.
+
+    `full`: `files` are the safetensors shards (+ `model.safetensors.index.json` when there are
+    several). `delta`: `files` are one `<shard>.delta.zst` per changed shard (+ the index); a
+    worker holding `base_version` applies them and must get exactly `shards` (sha256), else it
+    rebuilds from `keyframe_version` (a full version) and the deltas after it (rl/weight_files.py).
+    """
+
     version: int
     format: Literal["full", "lora", "delta"] = "full"
     files: list[PolicyFile]
-    """Weight files of this version."""
+    """What a worker downloads for this version (`GET /v1/policy/{version}/files/{name}`)."""
     base_files: list[PolicyFile] = Field(default_factory=list)
     """Version-independent files (config, tokenizer) under `GET /v1/policy/base/files/{name}`."""
+    shards: list[PolicyFile] = Field(default_factory=list)
+    """The full safetensors shards this version is (or rebuilds to), in order; empty: the `.safetensors` of `files`."""
+    base_version: int | None = None
+    """delta: the version its deltas apply to."""
+    keyframe_version: int | None = None
+    """The latest full version at or before this one: where a worker without `base_version` starts."""
+    bytes_full: int = 0
+    """Size of the full version in the rollout dtype (sum of `shards`)."""
+
+    def full_shards(self) -> list[PolicyFile]:
+        return self.shards or [f for f in self.files if f.name.endswith(".safetensors")]
 
 
 class PublishRequest(Wire):
@@ -259,6 +283,10 @@ class WorkerStatus(Wire):
     last_seen_s: float
     leased_tasks: int
     completed_tasks: int
+    fetch_s: float = 0.0
+    """Last policy update: download (+ rebuild) seconds, as the worker reported."""
+    load_s: float = 0.0
+    """Last policy update: engine load seconds, as the worker reported."""
 
 
 class WeightsServed(Wire):

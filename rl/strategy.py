@@ -479,35 +479,57 @@ class DeepSpeedStrategy:
         Keys are those `save_pretrained` writes: a tied parameter (lm_head tied to
         the embeddings) appears once, under its first name.
         """
+        out = dict(self.iter_state_dict())
+        if not self.is_main:
+            return None
+        return {name: out[name] for name in self._state_names()}
+
+    def _state_names(self) -> list[str]:
+        """state_dict names, a tied parameter once (under its first name)."""
         module = self.module
-        params = dict(module.named_parameters())  # one name per shared parameter
+        params = dict(module.named_parameters())
         tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - set(params)
-        entries = {name: t for name, t in module.state_dict(keep_vars=True).items() if name not in tied}
-        out: dict[str, Tensor] = {}
+        return [name for name in module.state_dict(keep_vars=True) if name not in tied]
+
+    def weight_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, full shape) of every tensor `iter_state_dict` yields, in its order; any rank, no collective."""
+        params = dict(self.module.named_parameters())
+        out = [(name, tuple(getattr(p, "ds_shape", None) or p.shape)) for name, p in params.items()]
+        state = self.module.state_dict(keep_vars=True)
+        out += [(name, tuple(state[name].shape)) for name in self._state_names() if name not in params]
+        return out
+
+    def iter_state_dict(self, budget_bytes: int = _GATHER_BUDGET) -> Iterator[tuple[str, Tensor]]:
+        """Rank 0: (name, CPU copy in the training dtype) of every weight, in `weight_layout` order.
+
+        Under ZeRO-3 the parameters are gathered about `budget_bytes` at a time and each group is
+        released before the next, so a consumer that writes tensors as they come (rl/weight_files.py)
+        holds about one group, not the model. Every rank must run the iterator to its end (the
+        gathers are collectives); the other ranks get nothing from it.
+        """
+        params = dict(self.module.named_parameters())  # one name per shared parameter
         group: list[tuple[str, torch.nn.Parameter]] = []
         size = 0
 
-        def flush() -> None:
+        def flush() -> list[tuple[str, Tensor]]:
             with self._full_parameters([p for _, p in group]):
-                if self.is_main:
-                    for name, p in group:
-                        out[name] = p.data.detach().to("cpu", copy=True)
+                copies = [(name, p.data.detach().to("cpu", copy=True)) for name, p in group] if self.is_main else []
             group.clear()
+            return copies
 
         for name, p in params.items():
             group.append((name, p))
             size += p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
-            if size >= _GATHER_BUDGET:
-                flush()
+            if size >= budget_bytes:
+                yield from flush()
                 size = 0
         if group:
-            flush()
-        if not self.is_main:
-            return None
-        for name, tensor in entries.items():  # persistent buffers (never partitioned)
-            if name not in out:
-                out[name] = tensor.detach().to("cpu", copy=True)
-        return {name: out[name] for name in entries}
+            yield from flush()
+        if self.is_main:
+            state = self.module.state_dict(keep_vars=True)
+            for name in self._state_names():  # persistent buffers (never partitioned)
+                if name not in params:
+                    yield name, state[name].detach().to("cpu", copy=True)
 
     def save_hf(self, directory: Path, tokenizer: Any = None) -> None:
         """Write a plain HF directory (config, safetensors, tokenizer) on rank 0; all ranks call."""

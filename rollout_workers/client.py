@@ -146,5 +146,6 @@ class HubClient(HubHTTP):
         log.info("left the hub (worker %s)", self.worker_id)
         return True
 
-    def policy(self) -> PolicyManifest:
-        return self.call("GET", "/v1/policy", PolicyManifest)
+    def policy(self, version: int | None = None) -> PolicyManifest:
+        """The latest version's manifest, or that of `version` (404 when the hub no longer has it)."""
+        return self.call("GET", "/v1/policy" if version is None else f"/v1/policy/{version}", PolicyManifest)

@@ -5,10 +5,19 @@ Cache layout (default `~/.cache/scatter-rl/worker/<host>-<port>/`, or
 
   base/                 config + tokenizer files (`GET /v1/policy/base/files/{name}`)
   base/.verified.json   the base entries already checked, so they are not hashed again
-  v<N>/                 a loadable HF directory: the version's weight files
-                        (`GET /v1/policy/{N}/files/{name}`) + hard links to base/
-  v<N>/.complete        written last: the version is whole and verified
+  v<N>/                 a loadable HF directory: the version's safetensors shards (+ index)
+                        + hard links to base/
+  v<N>/.complete        written last: the version is whole and verified (holds its manifest)
   .lock                 flock: workers on one machine share the cache safely
+
+A `full` version's shards are downloaded (`GET /v1/policy/{N}/files/{name}`). A `delta`
+version is rebuilt: its `<shard>.delta.zst` files are downloaded and applied to the
+cached base version's shards (rl/weight_files.py), unchanged shards are hard-linked,
+and every rebuilt shard must hash to the manifest's sha256. A worker without the base
+(new, restarted, pruned) walks the chain back to a cached version or to the keyframe
+(`GET /v1/policy/{N}` for each manifest); a mismatch, a truncated or foreign delta
+drops the cached chain and rebuilds from a freshly downloaded keyframe. Only then does
+it give up (`WeightSyncError`): never a silently wrong model.
 
 A file is streamed into `<name>.part`; after a dropped connection the next
 attempt continues it with an HTTP Range request. Every file is checked against
@@ -45,6 +54,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from rl.protocol import PolicyFile, PolicyManifest
+from rl.weight_files import WeightFileError, apply_delta, read_shard, shard_spec_of, write_shards
 from rollout_workers.client import HubClient, HubError
 
 log = logging.getLogger(__name__)
@@ -120,7 +130,7 @@ class LocalPolicy:
     model_dir: Path
     """A normal HF directory (config, tokenizer, weights): what an engine starts from."""
     weight_files: list[Path]
-    """The version's weight files inside `model_dir` (what an engine reloads)."""
+    """The version's safetensors shards inside `model_dir`, in order (what an engine reloads)."""
 
 
 def default_cache_dir(hub_url: str) -> Path:
@@ -199,15 +209,23 @@ class WeightSync:
         except ValueError:
             return None
         if expected is not None and (
-            _fingerprint(manifest.files) != _fingerprint(expected.files)
+            _fingerprint(manifest.full_shards()) != _fingerprint(expected.full_shards())
             or _fingerprint(manifest.base_files) != _fingerprint(expected.base_files)
         ):
             log.info("cached policy v%d is not the hub's v%d (different hashes); downloading again", version, version)
             return None
-        files = [vdir / f.name for f in manifest.files]
-        if not all(p.is_file() and p.stat().st_size == f.size for p, f in zip(files, manifest.files, strict=True)):
+        shards = manifest.full_shards()
+        files = [vdir / f.name for f in shards]
+        if not all(p.is_file() and p.stat().st_size == f.size for p, f in zip(files, shards, strict=True)):
             return None
         return LocalPolicy(version=version, model_dir=vdir, weight_files=files)
+
+    def cached_manifest(self, version: int) -> PolicyManifest | None:
+        """The manifest a complete cached version was verified against."""
+        try:
+            return PolicyManifest.model_validate_json((self.version_dir(version) / COMPLETE).read_text())
+        except (OSError, ValueError):
+            return None
 
     def fetch(self, manifest: PolicyManifest | None = None) -> LocalPolicy:
         """Download the version of `manifest` (default: the hub's latest) unless cached; return it.
@@ -216,7 +234,7 @@ class WeightSync:
         """
         for _ in range(5):
             manifest = manifest or self.client.policy()
-            if manifest.format != "full":
+            if manifest.format not in ("full", "delta"):
                 raise WeightSyncError(f"policy format {manifest.format!r} is not supported by this worker yet")
             try:
                 return self._fetch(manifest)
@@ -234,35 +252,127 @@ class WeightSync:
             if cached is not None:
                 return cached
             start, before, before_from = time.perf_counter(), self.bytes_downloaded, self.bytes_from.copy()
-            base = self.cache_dir / "base"
-            self._sync_base(base, manifest.base_files)
-            vdir = self.version_dir(manifest.version)
-            (vdir / COMPLETE).unlink(missing_ok=True)
-            for old in vdir.glob("*") if vdir.is_dir() else []:
-                if old.is_file() and not old.name.endswith(".part"):
-                    old.unlink()  # stale files of another v<N>; never rewrite a hard-linked inode in place
-            vdir.mkdir(parents=True, exist_ok=True)
-            for entry in manifest.files:
-                name = _safe_name(entry.name)
-                self._download(f"/v1/policy/{manifest.version}/files/{quote(name)}", vdir / name, entry)
-            weight_names = {f.name for f in manifest.files}
-            for entry in manifest.base_files:
-                if entry.name not in weight_names:
-                    _link(base / entry.name, vdir / entry.name)
-            (vdir / COMPLETE).write_text(manifest.model_dump_json())
+            self._sync_base(self.cache_dir / "base", manifest.base_files)
+            if manifest.format == "full":
+                self._download_full(manifest)
+            else:
+                self._rebuild(manifest)
             size = self.bytes_downloaded - before
             seconds = time.perf_counter() - start
             sources = self.bytes_from - before_from
             log.info(
-                "downloaded policy v%d: %.1f MB in %.1f s (%.1f MB/s; %.1f MB from the mirror, %.1f MB from the hub)",
+                "%s policy v%d: %.1f MB downloaded (full version: %.1f MB) in %.1f s (%.1f MB/s; "
+                "%.1f MB from the mirror, %.1f MB from the hub)",
+                "downloaded" if manifest.format == "full" else "rebuilt",
                 manifest.version,
                 size / 1e6,
+                sum(f.size for f in manifest.full_shards()) / 1e6,
                 seconds,
                 size / 1e6 / max(seconds, 1e-9),
                 sources["mirror"] / 1e6,
                 sources["hub"] / 1e6,
             )
-            return LocalPolicy(manifest.version, vdir, [vdir / f.name for f in manifest.files])
+            local = self.local(manifest.version, expected=manifest)
+            assert local is not None, "a version just completed must be complete"
+            return local
+
+    def _fresh_version_dir(self, version: int) -> Path:
+        vdir = self.version_dir(version)
+        (vdir / COMPLETE).unlink(missing_ok=True)
+        for old in vdir.glob("*") if vdir.is_dir() else []:
+            if old.is_file() and not old.name.endswith(".part"):
+                old.unlink()  # stale files of another v<N>; never rewrite a hard-linked inode in place
+        vdir.mkdir(parents=True, exist_ok=True)
+        return vdir
+
+    def _download_files(self, manifest: PolicyManifest, vdir: Path) -> None:
+        for entry in manifest.files:
+            name = _safe_name(entry.name)
+            self._download(f"/v1/policy/{manifest.version}/files/{quote(name)}", vdir / name, entry)
+
+    def _complete(self, manifest: PolicyManifest, vdir: Path) -> None:
+        """Link the base files in and mark `vdir` whole."""
+        weight_names = {f.name for f in manifest.files} | {f.name for f in manifest.full_shards()}
+        for entry in manifest.base_files:
+            if entry.name not in weight_names:
+                _link(self.cache_dir / "base" / entry.name, vdir / entry.name)
+        (vdir / COMPLETE).write_text(manifest.model_dump_json())
+
+    def _download_full(self, manifest: PolicyManifest) -> None:
+        vdir = self._fresh_version_dir(manifest.version)
+        self._download_files(manifest, vdir)
+        self._complete(manifest, vdir)
+
+    # ------------------------------------------------------------------ delta versions
+
+    def _rebuild(self, target: PolicyManifest) -> None:
+        """Make `target` (a delta version) complete in the cache: from a cached ancestor, else the keyframe."""
+        for attempt in ("cached", "keyframe"):
+            chain = [target]  # newest first; ends at a version to start from
+            try:
+                while chain[-1].format == "delta":
+                    if chain[-1].base_version is None:
+                        raise WeightFileError(f"delta version v{chain[-1].version} names no base version")
+                    base = self.client.policy(chain[-1].base_version)
+                    chain.append(base)
+                    if attempt == "cached" and self.local(base.version, expected=base) is not None:
+                        break
+                start = chain.pop()
+                if attempt == "keyframe" or self.local(start.version, expected=start) is None:
+                    if start.format != "full":
+                        raise WeightFileError(f"v{target.version}: chain ends at v{start.version}, not a keyframe")
+                    self._download_full(start)
+                for manifest in reversed(chain):
+                    self._apply(manifest)
+                return
+            except (WeightFileError, WeightSyncError) as e:
+                bad = e
+            except HubError as e:
+                if e.status != 404 or attempt == "keyframe":
+                    raise
+                bad = e
+            for manifest in chain:  # drop what this attempt built: the next one starts clean
+                shutil.rmtree(self.version_dir(manifest.version), ignore_errors=True)
+            if attempt == "cached":
+                log.warning(
+                    "policy v%d: rebuilding from cached versions failed (%s); starting over from keyframe v%s",
+                    target.version,
+                    bad,
+                    target.keyframe_version,
+                )
+                if target.keyframe_version is not None:
+                    shutil.rmtree(self.version_dir(target.keyframe_version), ignore_errors=True)
+        raise WeightSyncError(f"policy v{target.version} could not be rebuilt from its keyframe: {bad}")
+
+    def _apply(self, manifest: PolicyManifest) -> None:
+        """Rebuild delta version `manifest` from its cached base version; every shard checked by sha256."""
+        base_manifest = self.cached_manifest(manifest.base_version)
+        base = self.local(manifest.base_version, expected=base_manifest) if base_manifest else None
+        if base is None:
+            raise WeightFileError(f"base v{manifest.base_version} of v{manifest.version} is not in the cache")
+        base_shards = {f.name: f for f in base_manifest.full_shards()}
+        vdir = self._fresh_version_dir(manifest.version)
+        self._download_files(manifest, vdir)
+        deltas = {f.name for f in manifest.files}
+        for entry in manifest.full_shards():
+            name = _safe_name(entry.name)
+            if name not in base_shards:
+                raise WeightFileError(f"v{manifest.version}: shard {name} is not a shard of base v{base.version}")
+            source = base.model_dir / name
+            spec = shard_spec_of(source)
+            if spec.delta_name in deltas:
+                with open(vdir / spec.delta_name, "rb") as f:
+                    [rebuilt] = write_shards(vdir, [spec], apply_delta(read_shard(source, spec), f.read()))
+                (vdir / spec.delta_name).unlink()
+            else:  # unchanged since the base: the same file
+                _link(source, vdir / name)
+                rebuilt = base_shards[name]
+            if rebuilt.sha256 != entry.sha256 or rebuilt.size != entry.size:
+                raise WeightFileError(
+                    f"v{manifest.version}: shard {name} rebuilt from v{base.version} hashes to "
+                    f"{rebuilt.sha256[:12]}, the hub's is {entry.sha256[:12]}"
+                )
+        self._complete(manifest, vdir)
 
     def _sync_base(self, base: Path, entries: list[PolicyFile]) -> None:
         base.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,10 @@ class Worker:
         self.registrations_seen = 0
         self.prompts_done = 0
         self.tokens_per_s = 0.0
+        self.fetch_s = 0.0
+        """Seconds the last policy update took to download (and rebuild) its version."""
+        self.load_s = 0.0
+        """Seconds the last in-place reload took (engine start-up is not counted)."""
         self.busy = False
         self.fatal: BaseException | None = None
         self._heartbeat: threading.Thread | None = None
@@ -163,9 +167,10 @@ class Worker:
                 self._wait(0.5)
             return
         self.target_version = manifest.version
+        start = time.perf_counter()
         local = self.sync.fetch(manifest)
-        if len(local.weight_files) != 1:
-            raise WeightSyncError(f"policy v{local.version} has {len(local.weight_files)} weight files; expected 1")
+        loaded = time.perf_counter()
+        self.fetch_s = loaded - start
         reg = self.client.registration
         if self.engine is None:
             log.info("starting %s engine for policy v%d (%s)", self.engine_kind, local.version, local.model_dir)
@@ -180,9 +185,10 @@ class Worker:
             )
             self.engine_shape = (reg.max_model_len, reg.dtype)
         else:
-            self.engine.load_weights(local.weight_files[0])
+            self.engine.load_weights(local.weight_files)
+            self.load_s = time.perf_counter() - loaded
         self.loaded_version = local.version
-        log.info("loaded policy v%d", local.version)
+        log.info("loaded policy v%d (fetch %.2f s, load %.2f s)", local.version, self.fetch_s, self.load_s)
         self.sync.prune(keep={local.version})
 
     # ------------------------------------------------------------------ work
@@ -272,7 +278,11 @@ class Worker:
         interval = self.client.registration.heartbeat_interval_s
         while not self.stop.wait(interval):
             beat = HeartbeatRequest(
-                policy_version=max(-1, self.loaded_version), tokens_per_s=self.tokens_per_s, busy=self.busy
+                policy_version=max(-1, self.loaded_version),
+                tokens_per_s=self.tokens_per_s,
+                busy=self.busy,
+                fetch_s=self.fetch_s,
+                load_s=self.load_s,
             )
             try:
                 answer = self.client.heartbeat(beat)

@@ -33,7 +33,7 @@ from rl.protocol import (
     SubmitRequest,
     SubmitResponse,
 )
-from rl.weights import BASE, published_versions, read_manifest, version_dir
+from rl.weights import BASE, MANIFEST, published_versions, read_manifest, version_dir
 
 TOKEN = "worker-token"
 
@@ -69,6 +69,10 @@ class StubHub:
         self.corrupt_always: set[str] = set()
         self.cut_once: set[str] = set()
         """File names whose first full download is cut off halfway."""
+        self.truncate_always: set[str] = set()
+        """File names served without their second half (a short but complete response)."""
+        self.hidden_manifests: set[int] = set()
+        """Versions whose `GET /v1/policy/{version}` answers 404 (garbage-collected meanwhile)."""
         self._task_id = 0
         self._lock = threading.Lock()
         self.app = self._build()
@@ -167,6 +171,12 @@ class StubHub:
         def policy():
             return read_manifest(hub.policy_dir, hub.latest())
 
+        @app.get("/v1/policy/{version}", response_model=None)
+        def policy_version(version: int):
+            if version in hub.hidden_manifests or not (version_dir(hub.policy_dir, version) / MANIFEST).is_file():
+                return error(404, "unknown_version")
+            return read_manifest(hub.policy_dir, version)
+
         @app.get("/v1/policy/{version}/files/{name}", response_model=None)
         def policy_file(version: str, name: str, request: Request):
             folder = hub.policy_dir / BASE if version == BASE else version_dir(hub.policy_dir, int(version))
@@ -184,6 +194,8 @@ class StubHub:
             data = bytearray(path.read_bytes())
             data[len(data) // 2] ^= 0xFF
             return Response(bytes(data), media_type="application/octet-stream")
+        if name in self.truncate_always:
+            return Response(path.read_bytes()[: path.stat().st_size // 2], media_type="application/octet-stream")
         if name in self.cut_once and request.headers.get("range") is None:
             self.cut_once.discard(name)
             data = path.read_bytes()
@@ -233,6 +245,38 @@ def make_policy_store(model_dir: Path, policy_dir: Path, versions: int = 1, scal
     write_version(policy_dir, 0, state, "float32")
     for v in range(1, versions):
         write_version(policy_dir, v, perturbed(state, seed=v, scale=scale), "float32")
+
+
+def sparse_steps(state: dict, steps: int, fraction: float = 0.02, scale: float = 0.01) -> list[dict]:
+    """`state` then `steps` updates, each changing about `fraction` of the elements (an RL step in bf16)."""
+    import torch
+
+    out = [state]
+    for seed in range(1, steps + 1):
+        g = torch.Generator().manual_seed(seed)
+        out.append(
+            {
+                k: t + scale * torch.randn(t.shape, generator=g) * (torch.rand(t.shape, generator=g) < fraction)
+                for k, t in out[-1].items()
+            }
+        )
+    return out
+
+
+def make_sharded_store(
+    model_dir: Path, policy_dir: Path, states: list[dict], *, fmt: str, shard_bytes: int, keyframe_every: int = 100
+) -> None:
+    """Publish `states` as v0, v1, ... in format `fmt` (bf16 shards of at most `shard_bytes`)."""
+    import torch
+
+    from rl.weight_files import TensorSpec
+    from rl.weights import PolicyWriter, write_base
+
+    write_base(policy_dir, model_dir)
+    layout = [TensorSpec(k, tuple(t.shape), torch.bfloat16) for k, t in states[0].items()]
+    writer = PolicyWriter(policy_dir, layout, shard_bytes=shard_bytes, fmt=fmt, keyframe_every=keyframe_every)
+    for version, state in enumerate(states):
+        writer.write(version, state.items())
 
 
 def perturbed(state: dict, seed: int, scale: float = 0.05) -> dict:

@@ -49,7 +49,7 @@ from rl.protocol import (
     SubmitRequest,
     SubmitResponse,
 )
-from rl.weights import BASE, garbage_collect, read_manifest, version_dir
+from rl.weights import BASE, MANIFEST, garbage_collect, read_manifest, version_dir
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
     async def heartbeat(worker_id: str, req: HeartbeatRequest, who: str | None = Depends(caller)):
-        state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic())
+        state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic(), req.fetch_s, req.load_s)
         return HeartbeatResponse(policy_version=state.policy_version, lease_ttl_s=hub.cfg.hub.lease_ttl_s)
 
     @app.delete("/v1/workers/{worker_id}", response_model=Ack)
@@ -261,6 +261,13 @@ def create_app(hub: Hub) -> FastAPI:
         if state.policy_version < 0:
             raise HubError(503, "no_policy", "no policy version published yet; retry shortly")
         return read_manifest(hub.policy_dir, state.policy_version)
+
+    @app.get("/v1/policy/{version}", response_model=PolicyManifest)
+    async def policy_version(version: int, who: str | None = Depends(caller)):
+        """One version's manifest: a worker rebuilding a delta chain reads the versions it lacks."""
+        if not 0 <= version <= state.policy_version or not (version_dir(hub.policy_dir, version) / MANIFEST).is_file():
+            raise HubError(404, "unknown_version", f"policy version {version} is not available")
+        return read_manifest(hub.policy_dir, version)
 
     @app.get("/v1/policy/{version}/files/{name}")
     async def policy_file(version: str, name: str, who: str | None = Depends(caller)):

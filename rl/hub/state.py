@@ -58,6 +58,8 @@ class WorkerRecord:
     last_seen: float
     policy_version: int = -1
     tokens_per_s: float = 0.0
+    fetch_s: float = 0.0
+    load_s: float = 0.0
     leases: set[str] = field(default_factory=set)
     completed_tasks: int = 0
 
@@ -186,9 +188,13 @@ class HubState:
             raise HubError(403, "not_your_worker", f"worker {worker_id} was registered with another token")
         return rec
 
-    def heartbeat(self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float) -> None:
+    def heartbeat(
+        self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float,
+        fetch_s: float = 0.0, load_s: float = 0.0,
+    ) -> None:  # fmt: skip
         rec = self.worker(worker_id, caller)
         rec.last_seen, rec.policy_version, rec.tokens_per_s = now, version, tokens_per_s
+        rec.fetch_s, rec.load_s = fetch_s, load_s
 
     def leave(self, worker_id: str, caller: str | None) -> int:
         rec = self.worker(worker_id, caller)
@@ -507,6 +513,8 @@ class HubState:
                     last_seen_s=round(now - w.last_seen, 2),
                     leased_tasks=sum(len(self.leases[lid].task_ids) for lid in w.leases if lid in self.leases),
                     completed_tasks=w.completed_tasks,
+                    fetch_s=w.fetch_s,
+                    load_s=w.load_s,
                 )
                 for w in self.workers.values()
             ],
