@@ -128,12 +128,31 @@ def rollout(
             help="HTTP cache or mirror of the hub's /v1/blobs/ to fetch weights from first (hashes still checked).",
         ),
     ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="The run's base model on this machine (directory or alias): verified, then not downloaded.",
+        ),
+    ] = None,
 ) -> None:
     """Join a run as a rollout worker (outbound HTTP only; start as many as you like)."""
     if engine not in ("vllm", "hf"):
         err.print(f"[red]error:[/red] --engine must be vllm or hf, got {engine!r}")
         raise typer.Exit(2)
     _setup_logging()
+    base_dir = None
+    if base_model is not None:
+        from rl.models import ModelError, resolve_model
+
+        try:
+            base_dir = Path(resolve_model(base_model))
+        except ModelError as e:
+            err.print(f"[red]error:[/red] --base-model: {e}")
+            raise typer.Exit(2) from None
+        if not base_dir.is_dir():
+            err.print(f"[red]error:[/red] --base-model must be a local directory or an alias, got {base_model!r}")
+            raise typer.Exit(2)
     from rollout_workers.worker import run_worker
 
     sys.exit(
@@ -148,6 +167,7 @@ def rollout(
             seed=seed,
             cache_dir=cache_dir,
             weights_url=weights_url,
+            base_model=base_dir,
         )
     )
 

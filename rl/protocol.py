@@ -16,6 +16,7 @@ Routes:
   GET    /v1/policy/{version}                             -> PolicyManifest         (worker)
   GET    /v1/policy/{version}/files/{name}   raw bytes, HTTP Range supported        (worker)
   GET    /v1/blobs/{sha256}              a policy file by hash, cacheable (immutable)  (worker)
+  GET    /v1/policy/base/weights                          -> BaseWeights            (worker)
   GET    /v1/status                                       -> HubStatus              (worker)
   GET    /healthz                                         -> {"ok": true}           (none)
   POST   /v1/batches                     BatchRequest     -> Batch                  (admin)
@@ -217,6 +218,27 @@ class PolicyManifest(Wire):
 
     def full_shards(self) -> list[PolicyFile]:
         return self.shards or [f for f in self.files if f.name.endswith(".safetensors")]
+
+
+class ShardLayout(Wire):
+    """One safetensors shard's tensors in file order: `[name, shape, dtype code]` ("BF16", "F32", ...)."""
+
+    name: str
+    tensors: list[tuple[str, list[int], str]]
+
+
+class BaseWeights(Wire):
+    """The weights as first published (version 0), kept after that version is collected.
+
+    A worker that has the base model on disk writes these shards itself (rl/weight_files.py
+    writes the same bytes for the same tensors) and uses each one whose sha256 matches
+    instead of downloading it (`rl rollout --base-model`).
+    """
+
+    version: int
+    shards: list[PolicyFile]
+    layout: list[ShardLayout]
+    """The tensors of each of `shards`, same order."""
 
 
 class PublishRequest(Wire):

@@ -53,73 +53,21 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from rl.protocol import PolicyFile, PolicyManifest
+from rl.protocol import BaseWeights, PolicyFile, PolicyManifest
 from rl.weight_files import WeightFileError, apply_delta, read_shard, shard_spec_of, write_shards
+from rollout_workers.base_model import rebuild_base_shards
 from rollout_workers.client import HubClient, HubError
+from rollout_workers.mirror import MIRROR_COOLDOWN_S, Mirror, MirrorError
 
 log = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
 VERIFIED = ".verified.json"
 CHUNK = 1 << 20
-MIRROR_COOLDOWN_S = 60.0
-"""After a mirror failed (not a plain 404), files come straight from the hub for this long."""
-MIRROR_READ_TIMEOUT_S = 300.0
-"""Generous: a cache that is filling a file for another worker (nginx `proxy_cache_lock`) sends nothing meanwhile."""
 
 
 class WeightSyncError(RuntimeError):
     """A policy version could not be downloaded intact."""
-
-
-class MirrorError(RuntimeError):
-    """A mirror answered with an error status."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"{status} {detail}")
-        self.status = status
-
-
-class Mirror:
-    """An HTTP cache or mirror of the hub's `/v1/blobs/`: a place bytes may come from, never an authority.
-
-    It gets the worker's bearer token, so an HTTP cache in front of the hub can forward it on a
-    miss (docs/security.md, "Weight mirrors"); point workers only at mirrors you would trust with it.
-    """
-
-    def __init__(self, url: str, authorization: str | None, *, connect_timeout_s: float = 5.0) -> None:
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(
-            base_url=self.url,
-            headers={"Authorization": authorization} if authorization else None,
-            timeout=httpx.Timeout(MIRROR_READ_TIMEOUT_S, connect=connect_timeout_s),
-            follow_redirects=True,
-        )
-        self.skip_until = 0.0
-        self.failures = 0
-
-    @staticmethod
-    def blob_path(sha256: str) -> str:
-        return f"/v1/blobs/{sha256}"
-
-    def available(self) -> bool:
-        return time.monotonic() >= self.skip_until
-
-    def failed(self, cool_down: bool = True) -> None:
-        self.failures += 1
-        if cool_down:
-            self.skip_until = time.monotonic() + MIRROR_COOLDOWN_S
-
-    @contextlib.contextmanager
-    def stream(self, path: str, headers: dict[str, str] | None = None) -> Iterator[httpx.Response]:
-        """GET `path` as a stream; any status >= 400 raises MirrorError (the same shape as HubHTTP.stream)."""
-        with self.http.stream("GET", path, headers=headers) as response:
-            if response.status_code >= 400:
-                raise MirrorError(response.status_code, response.reason_phrase)
-            yield response
-
-    def close(self) -> None:
-        self.http.close()
 
 
 @dataclass(frozen=True)
@@ -157,6 +105,7 @@ class WeightSync:
         *,
         max_hash_failures: int = 3,
         weights_url: str | None = None,
+        base_model: Path | None = None,
     ) -> None:
         self.client = client
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(client.base_url)
@@ -167,7 +116,64 @@ class WeightSync:
         self._mirror: Mirror | None = None
         self.bytes_downloaded = 0
         self.bytes_from: Counter[str] = Counter()
-        """Bytes received per source: "mirror" (including discarded ones) and "hub"."""
+        """Bytes per source: "mirror" (including discarded ones), "hub", and "local" (from `base_model`)."""
+        self.base_model = Path(base_model) if base_model else None
+        """A local copy of the base model: the hub's version-0 shards are written from it, not downloaded."""
+        self._base_model_checked = False
+
+    @property
+    def blob_dir(self) -> Path:
+        """Files by sha256 this worker already has (written from `base_model`)."""
+        return self.cache_dir / "blobs"
+
+    def _use_base_model(self, manifest: PolicyManifest) -> None:
+        """Once: write the hub's base shards (and config/tokenizer files) from `base_model`, keep those that match."""
+        if self.base_model is None or self._base_model_checked:
+            return
+        self._base_model_checked = True
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        have = {p.name for p in self.blob_dir.iterdir()}
+        for entry in manifest.base_files:  # config, tokenizer: the hub copied them from the same directory
+            local = self.base_model / entry.name
+            fits = local.is_file() and local.stat().st_size == entry.size
+            if entry.sha256 not in have and fits and _sha256(local) == entry.sha256:
+                shutil.copyfile(local, self.blob_dir / f".{entry.sha256}.tmp")
+                os.replace(self.blob_dir / f".{entry.sha256}.tmp", self.blob_dir / entry.sha256)
+        try:
+            base = self.client.call("GET", "/v1/policy/base/weights", BaseWeights)
+        except HubError as e:
+            log.warning("--base-model %s not used: the hub has no base weights (%s)", self.base_model, e)
+            return
+        start = time.perf_counter()
+        try:
+            matched, problems = rebuild_base_shards(self.base_model, base, self.blob_dir, have)
+        except WeightFileError as e:
+            log.warning("--base-model %s not used: %s", self.base_model, e)
+            return
+        for problem in problems:
+            log.warning(
+                "base model %s differs from the hub's v%d in %s; downloading it", self.base_model, base.version, problem
+            )
+        ready = [s for s in base.shards if (self.blob_dir / s.sha256).is_file()]
+        log.info(
+            "base model %s: %d of %d shards of the hub's v%d verified on disk (%.1f MB that need no download; %.1f s)",
+            self.base_model,
+            len(ready),
+            len(base.shards),
+            base.version,
+            sum(s.size for s in ready) / 1e6,
+            time.perf_counter() - start,
+        )
+
+    def _from_local(self, dest: Path, entry: PolicyFile) -> bool:
+        """Link `dest` to a file with `entry`'s hash this worker already has (from `base_model`)."""
+        blob = self.blob_dir / entry.sha256
+        if not blob.is_file() or blob.stat().st_size != entry.size:
+            return False
+        _link(blob, dest)
+        dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+        self.bytes_from["local"] += entry.size
+        return True
 
     def mirror(self) -> Mirror | None:
         """The mirror in use: `weights_url`, else the hub's advertised one (known after registering)."""
@@ -252,6 +258,7 @@ class WeightSync:
             if cached is not None:
                 return cached
             start, before, before_from = time.perf_counter(), self.bytes_downloaded, self.bytes_from.copy()
+            self._use_base_model(manifest)
             self._sync_base(self.cache_dir / "base", manifest.base_files)
             if manifest.format == "full":
                 self._download_full(manifest)
@@ -262,7 +269,7 @@ class WeightSync:
             sources = self.bytes_from - before_from
             log.info(
                 "%s policy v%d: %.1f MB downloaded (full version: %.1f MB) in %.1f s (%.1f MB/s; "
-                "%.1f MB from the mirror, %.1f MB from the hub)",
+                "%.1f MB from the mirror, %.1f MB from the hub, %.1f MB from the base model)",
                 "downloaded" if manifest.format == "full" else "rebuilt",
                 manifest.version,
                 size / 1e6,
@@ -271,6 +278,7 @@ class WeightSync:
                 size / 1e6 / max(seconds, 1e-9),
                 sources["mirror"] / 1e6,
                 sources["hub"] / 1e6,
+                sources["local"] / 1e6,
             )
             local = self.local(manifest.version, expected=manifest)
             assert local is not None, "a version just completed must be complete"
@@ -393,6 +401,8 @@ class WeightSync:
     def _download(self, url_path: str, dest: Path, entry: PolicyFile) -> None:
         """Fill `dest` with the file `entry`: from the mirror by hash if there is one, else (or on
         any failure there) from the hub's `url_path`; resuming `dest.part`, verifying size and sha256."""
+        if self._from_local(dest, entry):
+            return
         part = dest.with_name(dest.name + ".part")
         mirror = self.mirror()
         if mirror is not None and mirror.available() and self._from_mirror(mirror, part, entry):

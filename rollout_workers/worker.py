@@ -69,6 +69,7 @@ class Worker:
         prompts_per_lease: int = 4,
         kv_cache_gib: float = 1.0,
         weights_url: str | None = None,
+        base_model: Path | None = None,
     ) -> None:
         self.client = client
         self.stop = client.stop_event
@@ -79,7 +80,7 @@ class Worker:
         self.seed = seed
         self.prompts_per_lease = prompts_per_lease
         self.kv_cache_gib = kv_cache_gib
-        self.sync = WeightSync(client, cache_dir, weights_url=weights_url)
+        self.sync = WeightSync(client, cache_dir, weights_url=weights_url, base_model=base_model)
         self.engine: Engine | None = None
         self.engine_shape: tuple[int, str] | None = None
         self.loaded_version = -1
@@ -351,12 +352,14 @@ def run_worker(
     kv_cache_gib: float | None = None,
     max_retry_s: float | None = None,
     weights_url: str | None = None,
+    base_model: Path | None = None,
 ) -> int:
     """Join the hub at `hub` as a rollout worker until stopped; returns the process exit code.
 
     `max_retry_s`: how long to keep retrying an unreachable hub (None: for ever).
     `kv_cache_gib`: vLLM-CPU KV cache (default: $VLLM_CPU_KVCACHE_SPACE, else 1).
     `weights_url`: an HTTP cache or mirror of the hub's `/v1/blobs/` to fetch policy files from first.
+    `base_model`: a local directory with the run's base model: matching base shards are not downloaded.
     """
     if kv_cache_gib is None:
         kv_cache_gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1.0)
@@ -374,6 +377,7 @@ def run_worker(
         prompts_per_lease=prompts_per_lease,
         kv_cache_gib=kv_cache_gib,
         weights_url=weights_url,
+        base_model=base_model,
     )
     try:
         return worker.run()

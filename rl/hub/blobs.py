@@ -16,6 +16,11 @@ poison them (rollout_workers/weight_sync.py).
 `BlobIndex` maps a hash to a file of a version still on disk. It rescans the policy
 store's manifests only when the store's directory changed (a version published or
 garbage-collected renames an entry in it), so requests for unknown hashes cost a stat.
+
+It also keeps the base weights' description (`GET /v1/policy/base/weights`): the shards
+of version 0, their hashes and tensor layout, in `policy/base-weights.json`, written when
+version 0 is published so it outlives that version. A worker with the base model on disk
+writes those shards itself and downloads only the ones that do not match.
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ from pathlib import Path
 from pydantic import BaseModel
 from starlette.responses import FileResponse, Response
 
-from rl.protocol import HubError, PolicyFile, WeightsServed
+from rl.protocol import BaseWeights, HubError, PolicyFile, ShardLayout, WeightsServed
+from rl.weight_files import _DTYPE_CODES, WeightFileError, shard_spec_of
 from rl.weights import BASE, published_versions, read_manifest, version_dir
 
 log = logging.getLogger(__name__)
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+BASE_WEIGHTS = "base-weights.json"
+BASE_VERSION = 0
+"""The version a worker's `--base-model` is compared with: the weights before any optimizer step."""
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 """One year (the longest RFC 9111 advises) and `immutable`: revalidation is never needed."""
 
@@ -107,10 +116,12 @@ class BlobIndex:
                 manifest = read_manifest(self.policy_dir, version)
             except (OSError, ValueError):
                 continue  # garbage-collected while we read
-            for entry in manifest.base_files:
-                paths[entry.sha256] = self.policy_dir / BASE / entry.name
-            for entry in manifest_files(manifest):
-                paths[entry.sha256] = version_dir(self.policy_dir, version) / entry.name
+            candidates = [(e, self.policy_dir / BASE / e.name) for e in manifest.base_files]
+            candidates += [(e, version_dir(self.policy_dir, version) / e.name) for e in manifest_files(manifest)]
+            for entry, path in candidates:
+                # Only files on disk: a delta version also lists the shards it rebuilds to, which it does not hold.
+                if path.is_file():
+                    paths[entry.sha256] = path
         self._paths, self._scanned_mtime = paths, mtime
 
     def path(self, sha256: str) -> Path:
@@ -134,6 +145,40 @@ class BlobIndex:
         if etag_matches(if_none_match, sha256):
             return Response(status_code=304, headers=headers)
         return CountingFileResponse(path, self, headers=headers, media_type="application/octet-stream")
+
+    def base_weights(self) -> BaseWeights:
+        """Version 0's shards and layout (recorded now if version 0 is still on disk); 404 if unknown."""
+        path = self.policy_dir / BASE_WEIGHTS
+        if path.is_file():
+            return BaseWeights.model_validate_json(path.read_text())
+        if BASE_VERSION not in published_versions(self.policy_dir):
+            raise HubError(404, "no_base_weights", f"policy version {BASE_VERSION} was never published on this hub")
+        return self.record_base_weights()
+
+    def record_base_weights(self) -> BaseWeights:
+        """Describe version 0 in `policy/base-weights.json` (when it is published: it outlives the version)."""
+        manifest = read_manifest(self.policy_dir, BASE_VERSION)
+        if manifest.format != "full":
+            raise HubError(404, "no_base_weights", f"policy version {BASE_VERSION} is not a full version")
+        vdir = version_dir(self.policy_dir, BASE_VERSION)
+        try:
+            specs = [shard_spec_of(vdir / shard.name) for shard in manifest.full_shards()]
+        except WeightFileError as e:
+            raise HubError(404, "no_base_weights", f"version {BASE_VERSION}: {e}") from None
+        base = BaseWeights(
+            version=BASE_VERSION,
+            shards=manifest.full_shards(),
+            layout=[
+                ShardLayout(
+                    name=spec.name, tensors=[(t.name, list(t.shape), _DTYPE_CODES[t.dtype]) for t in spec.tensors]
+                )
+                for spec in specs
+            ],
+        )
+        tmp = self.policy_dir / f".{BASE_WEIGHTS}.tmp"
+        tmp.write_text(base.model_dump_json())
+        os.replace(tmp, self.policy_dir / BASE_WEIGHTS)
+        return base
 
     def stats(self) -> WeightsServed:
         return WeightsServed(files=self.files_served, bytes=self.bytes_served)

@@ -29,6 +29,7 @@ from rl.hub.state import HubState
 from rl.hub.tokens import Tokens
 from rl.protocol import (
     Ack,
+    BaseWeights,
     Batch,
     BatchRequest,
     EvalJob,
@@ -269,6 +270,10 @@ def create_app(hub: Hub) -> FastAPI:
             raise HubError(404, "unknown_version", f"policy version {version} is not available")
         return read_manifest(hub.policy_dir, version)
 
+    @app.get("/v1/policy/base/weights", response_model=BaseWeights)
+    async def base_weights(who: str | None = Depends(caller)):
+        return hub.blobs.base_weights()
+
     @app.get("/v1/policy/{version}/files/{name}")
     async def policy_file(version: str, name: str, who: str | None = Depends(caller)):
         if version == BASE:
@@ -322,6 +327,11 @@ def create_app(hub: Hub) -> FastAPI:
         except (OSError, ValueError) as e:
             raise HubError(422, "bad_policy", f"version {req.version} has no readable manifest: {e}") from None
         state.policy_version = req.version
+        if req.version == 0:  # the base weights: described before the version can be collected
+            try:
+                hub.blobs.record_base_weights()
+            except (HubError, OSError) as e:
+                log.warning("could not describe the base weights of version 0: %s", e)
         hub.poke()
         garbage_collect(hub.policy_dir, state.versions_in_use() | {req.version}, hub.cfg.weights.keep_versions)
         log.info("policy version %d published", req.version)
