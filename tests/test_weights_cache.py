@@ -9,12 +9,23 @@ file from the hub instead: the model on disk is bit-identical to the hub's.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
-from hub_fixtures import ADMIN, OTHER_WORKER, WORKER, free_port, publish_initial_policy, start_hub, write_config
+from hub_fixtures import (
+    ADMIN,
+    OTHER_WORKER,
+    WORKER,
+    free_port,
+    publish_initial_policy,
+    start_hub,
+    start_worker,
+    stop_process,
+    write_config,
+)
 from mirror_fixtures import NGINX_CONF, CorruptingMirror, start_nginx
 
 from rl.protocol import PolicyManifest, RegisterRequest
@@ -144,3 +155,25 @@ def test_example_config_is_the_documented_one():
     """docs/operations.md shows configs/nginx/weights-cache.conf verbatim (the file this test runs)."""
     docs = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
     assert NGINX_CONF.read_text().strip() in docs
+
+
+def test_rollout_cli_with_weights_url_and_base_model(site, tmp_path, tiny_model_dir):
+    """`rl rollout --weights-url` and `--base-model` as real worker processes: weights from the cache, or from disk."""
+    hub, nginx = site
+    mirror_log, base_log = tmp_path / "mirror.log", tmp_path / "base.log"
+    workers = [
+        start_worker(hub.url, mirror_log, tmp_path / "a", name="via-cache", engine="hf",
+                     extra=["--max-prompts", "1", "--weights-url", nginx.url]),
+        start_worker(hub.url, base_log, tmp_path / "b", name="has-base", engine="hf",
+                     extra=["--max-prompts", "1", "--base-model", str(tiny_model_dir)]),
+    ]  # fmt: skip
+    try:
+        codes = [w.wait(180) for w in workers]
+    finally:
+        for w in workers:
+            stop_process(w)
+    assert codes == [0, 0], mirror_log.read_text()[-3000:] + base_log.read_text()[-3000:]
+    mirror_text, base_text = mirror_log.read_text(), base_log.read_text()
+    assert re.search(r"downloaded policy v0: .* MB from the mirror, 0\.0 MB from the hub", mirror_text), mirror_text
+    assert "1 of 1 shards of the hub's v0 verified on disk" in base_text, base_text
+    assert re.search(r"0\.0 MB from the hub, [1-9][0-9.]* MB from the base model", base_text), base_text
