@@ -20,12 +20,15 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from rl.protocol import BaseWeights, PolicyFile, ShardLayout
+from rl.client import HubHTTP
+from rl.models import sha256_file
+from rl.protocol import BaseWeights, HubError, PolicyFile, ShardLayout
 from rl.weight_files import ShardSpec, TensorSpec, WeightFileError, write_shards
 
 log = logging.getLogger(__name__)
@@ -120,4 +123,40 @@ def rebuild_base_shards(
     return matched, problems
 
 
-__all__ = ["LocalCheckpoint", "rebuild_base_shards", "shard_spec"]
+def seed_from_base_model(client: HubHTTP, model_dir: Path, base_files: list[PolicyFile], blob_dir: Path) -> None:
+    """Put into `blob_dir` (as `<sha256>`) every file of the hub's base weights and `base_files`
+    (config, tokenizer) that `model_dir` reproduces exactly; log what matched and what did not."""
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    have = {p.name for p in blob_dir.iterdir()}
+    for entry in base_files:  # config, tokenizer: the hub copied them from the same kind of directory
+        local = Path(model_dir) / entry.name
+        fits = local.is_file() and local.stat().st_size == entry.size
+        if entry.sha256 not in have and fits and sha256_file(local) == entry.sha256:
+            shutil.copyfile(local, blob_dir / f".{entry.sha256}.tmp")
+            os.replace(blob_dir / f".{entry.sha256}.tmp", blob_dir / entry.sha256)
+    try:
+        base = client.call("GET", "/v1/policy/base/weights", BaseWeights)
+    except HubError as e:
+        log.warning("--base-model %s not used: the hub has no base weights (%s)", model_dir, e)
+        return
+    start = time.perf_counter()
+    try:
+        _, problems = rebuild_base_shards(model_dir, base, blob_dir, have)
+    except WeightFileError as e:
+        log.warning("--base-model %s not used: %s", model_dir, e)
+        return
+    for problem in problems:
+        log.warning("base model %s differs from the hub's v%d in %s; downloading it", model_dir, base.version, problem)
+    ready = [s for s in base.shards if (blob_dir / s.sha256).is_file()]
+    log.info(
+        "base model %s: %d of %d shards of the hub's v%d verified on disk (%.1f MB that need no download; %.1f s)",
+        model_dir,
+        len(ready),
+        len(base.shards),
+        base.version,
+        sum(s.size for s in ready) / 1e6,
+        time.perf_counter() - start,
+    )
+
+
+__all__ = ["LocalCheckpoint", "rebuild_base_shards", "seed_from_base_model", "shard_spec"]

@@ -53,9 +53,9 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from rl.protocol import BaseWeights, PolicyFile, PolicyManifest
+from rl.protocol import PolicyFile, PolicyManifest
 from rl.weight_files import WeightFileError, apply_delta, read_shard, shard_spec_of, write_shards
-from rollout_workers.base_model import rebuild_base_shards
+from rollout_workers.base_model import seed_from_base_model
 from rollout_workers.client import HubClient, HubError
 from rollout_workers.mirror import MIRROR_COOLDOWN_S, Mirror, MirrorError
 
@@ -127,43 +127,10 @@ class WeightSync:
         return self.cache_dir / "blobs"
 
     def _use_base_model(self, manifest: PolicyManifest) -> None:
-        """Once: write the hub's base shards (and config/tokenizer files) from `base_model`, keep those that match."""
-        if self.base_model is None or self._base_model_checked:
-            return
-        self._base_model_checked = True
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        have = {p.name for p in self.blob_dir.iterdir()}
-        for entry in manifest.base_files:  # config, tokenizer: the hub copied them from the same directory
-            local = self.base_model / entry.name
-            fits = local.is_file() and local.stat().st_size == entry.size
-            if entry.sha256 not in have and fits and _sha256(local) == entry.sha256:
-                shutil.copyfile(local, self.blob_dir / f".{entry.sha256}.tmp")
-                os.replace(self.blob_dir / f".{entry.sha256}.tmp", self.blob_dir / entry.sha256)
-        try:
-            base = self.client.call("GET", "/v1/policy/base/weights", BaseWeights)
-        except HubError as e:
-            log.warning("--base-model %s not used: the hub has no base weights (%s)", self.base_model, e)
-            return
-        start = time.perf_counter()
-        try:
-            matched, problems = rebuild_base_shards(self.base_model, base, self.blob_dir, have)
-        except WeightFileError as e:
-            log.warning("--base-model %s not used: %s", self.base_model, e)
-            return
-        for problem in problems:
-            log.warning(
-                "base model %s differs from the hub's v%d in %s; downloading it", self.base_model, base.version, problem
-            )
-        ready = [s for s in base.shards if (self.blob_dir / s.sha256).is_file()]
-        log.info(
-            "base model %s: %d of %d shards of the hub's v%d verified on disk (%.1f MB that need no download; %.1f s)",
-            self.base_model,
-            len(ready),
-            len(base.shards),
-            base.version,
-            sum(s.size for s in ready) / 1e6,
-            time.perf_counter() - start,
-        )
+        """Once per process: write the hub's base shards from `base_model` into `blob_dir`, keeping matches."""
+        if self.base_model is not None and not self._base_model_checked:
+            self._base_model_checked = True
+            seed_from_base_model(self.client, self.base_model, manifest.base_files, self.blob_dir)
 
     def _from_local(self, dest: Path, entry: PolicyFile) -> bool:
         """Link `dest` to a file with `entry`'s hash this worker already has (from `base_model`)."""
