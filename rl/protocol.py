@@ -196,7 +196,8 @@ class PolicyManifest(Wire):
     """One policy version. Workers verify every file they download, and every shard they rebuild.
 
     `full`: `files` are the safetensors shards (+ `model.safetensors.index.json` when there are
-    several). `delta`: `files` are one `<shard>.delta.zst` per changed shard (+ the index); a
+    several). `delta`: `files` are one `<shard>.delta.zst` per changed shard, or the shard itself
+    where the delta would not be much smaller (+ the index); a
     worker holding `base_version` applies them and must get exactly `shards` (sha256), else it
     rebuilds from `keyframe_version` (a full version) and the deltas after it (rl/weight_files.py).
     """

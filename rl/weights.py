@@ -4,7 +4,8 @@ Layout under `run_dir/policy/`:
   base/            config.json, tokenizer files, generation_config.json (+ manifest.json)
   v<N>/            one directory per published version (+ manifest.json):
                      full:  the safetensors shards (+ model.safetensors.index.json when several)
-                     delta: one <shard>.delta.zst per changed shard (+ the index)
+                     delta: one <shard>.delta.zst per changed shard, or the shard itself where
+                            the delta would not be much smaller (+ the index)
   current/         the trainer's copy of the newest version's full shards: what the next delta
                    is computed against (never served)
 
@@ -49,6 +50,8 @@ MANIFEST = "manifest.json"
 BASE = "base"
 CURRENT = "current"
 WEIGHTS_FILE = "model.safetensors"
+DENSE_SHIP_WHOLE = 0.8
+"""A delta at least this fraction of its shard's size ships the shard instead (rebuilding costs the worker CPU)."""
 BASE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
@@ -151,8 +154,12 @@ class PolicyWriter:
                         continue  # unchanged shard: nothing to ship
                     old_tensors = read_shard(current / spec.name, spec)
                     blob, count = encode_delta(old_tensors, read_shard(staged / spec.name, spec))
-                    (tmp / spec.delta_name).write_bytes(blob)
                     changed.append(count)
+                    if len(blob) >= DENSE_SHIP_WHOLE * new.size:  # a dense change: ship the shard itself
+                        os.link(staged / spec.name, tmp / spec.name)
+                        files.append(new)
+                        continue
+                    (tmp / spec.delta_name).write_bytes(blob)
                     files.append(_entry(tmp / spec.delta_name))
                 base, key = self.previous.version, self.previous.keyframe_version
             if index is not None:

@@ -12,7 +12,8 @@ Cache layout (default `~/.cache/scatter-rl/worker/<host>-<port>/`, or
 
 A `full` version's shards are downloaded (`GET /v1/policy/{N}/files/{name}`). A `delta`
 version is rebuilt: its `<shard>.delta.zst` files are downloaded and applied to the
-cached base version's shards (rl/weight_files.py), unchanged shards are hard-linked,
+cached base version's shards (rl/weight_files.py), shards it ships whole are downloaded
+(a dense change), unchanged shards are hard-linked,
 and every rebuilt shard must hash to the manifest's sha256. A worker without the base
 (new, restarted, pruned) walks the chain back to a cached version or to the keyframe
 (`GET /v1/policy/{N}` for each manifest); a mismatch, a truncated or foreign delta
@@ -335,7 +336,9 @@ class WeightSync:
                 raise WeightFileError(f"v{manifest.version}: shard {name} is not a shard of base v{base.version}")
             source = base.model_dir / name
             spec = shard_spec_of(source)
-            if spec.delta_name in deltas:
+            if name in deltas:  # shipped whole (a dense change): downloaded and verified already
+                rebuilt = entry
+            elif spec.delta_name in deltas:
                 with open(vdir / spec.delta_name, "rb") as f:
                     [rebuilt] = write_shards(vdir, [spec], apply_delta(read_shard(source, spec), f.read()))
                 (vdir / spec.delta_name).unlink()
