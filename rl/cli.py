@@ -140,6 +140,9 @@ def rollout(
     if engine not in ("vllm", "hf"):
         err.print(f"[red]error:[/red] --engine must be vllm or hf, got {engine!r}")
         raise typer.Exit(2)
+    if weights_url is not None and not weights_url.startswith(("http://", "https://")):
+        err.print(f"[red]error:[/red] --weights-url must be an http:// or https:// URL, got {weights_url!r}")
+        raise typer.Exit(2)
     _setup_logging()
     base_dir = None
     if base_model is not None:

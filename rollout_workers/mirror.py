@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 
@@ -35,11 +35,12 @@ class Mirror:
     miss (docs/security.md, "Weight mirrors"); point workers only at mirrors you would trust with it.
     """
 
-    def __init__(self, url: str, authorization: str | None, *, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, authorization: Callable[[], str | None], *, connect_timeout_s: float = 5.0) -> None:
         self.url = url.rstrip("/")
+        self.authorization = authorization
+        """The worker's current `Authorization` header for the hub (read per request: it may change)."""
         self.http = httpx.Client(
             base_url=self.url,
-            headers={"Authorization": authorization} if authorization else None,
             timeout=httpx.Timeout(MIRROR_READ_TIMEOUT_S, connect=connect_timeout_s),
             follow_redirects=True,
         )
@@ -61,6 +62,8 @@ class Mirror:
     @contextlib.contextmanager
     def stream(self, path: str, headers: dict[str, str] | None = None) -> Iterator[httpx.Response]:
         """GET `path` as a stream; any status >= 400 raises MirrorError (the same shape as HubHTTP.stream)."""
+        auth = self.authorization()
+        headers = {**(headers or {}), **({"Authorization": auth} if auth else {})}
         with self.http.stream("GET", path, headers=headers) as response:
             if response.status_code >= 400:
                 raise MirrorError(response.status_code, response.reason_phrase)

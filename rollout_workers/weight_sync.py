@@ -152,7 +152,7 @@ class WeightSync:
         if self._mirror is None or self._mirror.url != url.rstrip("/"):
             if self._mirror is not None:
                 self._mirror.close()
-            self._mirror = Mirror(url, self.client.http.headers.get("authorization"))
+            self._mirror = Mirror(url, lambda: self.client.http.headers.get("authorization"))
             log.info("policy files come from mirror %s first (checked against the hub's hashes)", url)
         return self._mirror
 

@@ -128,3 +128,25 @@ def test_delta_files_and_rebuilt_shards_by_hash(hub):
     with pytest.raises(HubError) as info:
         index.path(later[0].sha256)
     assert info.value.status == 404
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--base-model", "/nonexistent/model", "--base-model"),
+        ("--base-model", "someorg/somemodel", "must be a local directory or an alias"),
+        ("--weights-url", "ftp://mirror.example", "must be an http:// or https:// URL"),
+    ],
+)
+def test_rollout_refuses_a_bad_base_model_or_weights_url(flag, value, message):
+    import subprocess
+    import sys
+
+    from hub_fixtures import ROOT
+
+    res = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "rollout", "--hub", "http://127.0.0.1:9", "--token", "t", flag, value],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
