@@ -15,7 +15,8 @@ poison them (rollout_workers/weight_sync.py).
 
 `BlobIndex` maps a hash to a file of a version still on disk. It rescans the policy
 store's manifests only when the store's directory changed (a version published or
-garbage-collected renames an entry in it), so requests for unknown hashes cost a stat.
+garbage-collected renames an entry in it) or `RESCAN_AFTER_S` passed, so requests for
+unknown hashes cost a stat.
 
 It also keeps the base weights' description (`GET /v1/policy/base/weights`): the shards
 of version 0, their hashes and tensor layout, in `policy/base-weights.json`, written when
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +46,8 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 BASE_WEIGHTS = "base-weights.json"
 BASE_VERSION = 0
 """The version a worker's `--base-model` is compared with: the weights before any optimizer step."""
+RESCAN_AFTER_S = 2.0
+"""A miss rescans anyway after this long (a filesystem with coarse timestamps may hide a change)."""
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 """One year (the longest RFC 9111 advises) and `immutable`: revalidation is never needed."""
 
@@ -98,6 +102,7 @@ class BlobIndex:
         self.policy_dir = Path(policy_dir)
         self._paths: dict[str, Path] = {}
         self._scanned_mtime: int | None = None
+        self._scanned_at = 0.0
         self.files_served = 0
         """Blob and policy-file responses with a body (not 304s, not HEADs) since the hub started."""
         self.bytes_served = 0
@@ -108,7 +113,8 @@ class BlobIndex:
             mtime = os.stat(self.policy_dir).st_mtime_ns
         except FileNotFoundError:
             return
-        if mtime == self._scanned_mtime:
+        now = time.monotonic()
+        if mtime == self._scanned_mtime and now - self._scanned_at < RESCAN_AFTER_S:
             return
         paths: dict[str, Path] = {}
         for version in published_versions(self.policy_dir):  # newest last: it wins a shared hash
@@ -122,7 +128,7 @@ class BlobIndex:
                 # Only files on disk: a delta version also lists the shards it rebuilds to, which it does not hold.
                 if path.is_file():
                     paths[entry.sha256] = path
-        self._paths, self._scanned_mtime = paths, mtime
+        self._paths, self._scanned_mtime, self._scanned_at = paths, mtime, now
 
     def path(self, sha256: str) -> Path:
         """The file with this hash; HubError 422 for a malformed hash, 404 for an unknown one."""
