@@ -49,7 +49,7 @@ BASE_VERSION = 0
 RESCAN_AFTER_S = 2.0
 """A miss rescans anyway after this long (a filesystem with coarse timestamps may hide a change)."""
 CACHE_CONTROL = "public, max-age=31536000, immutable"
-"""One year (the longest RFC 9111 advises) and `immutable`: revalidation is never needed."""
+"""One year (the customary maximum) and `immutable`: the bytes under a hash never change, so never revalidate."""
 
 
 def manifest_files(manifest: BaseModel) -> Iterator[PolicyFile]:
