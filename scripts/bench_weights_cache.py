@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -126,6 +127,7 @@ def main() -> None:
     finally:
         nginx.stop()
         hub.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # ~2 GB of policy store and worker caches
 
     header = (
         f"{model_dir.name}, bf16, {len(latest.full_shards())} shards of <= {args.shard_mb} MB "
