@@ -131,6 +131,20 @@ def rollout(
         bool | None,
         typer.Option("--enforce-eager/--no-enforce-eager", help="Skip vLLM compilation (default: eager on CPU only)."),
     ] = None,
+    weights_url: Annotated[
+        str | None,
+        typer.Option(
+            "--weights-url",
+            help="HTTP cache or mirror of the hub's /v1/blobs/ to fetch weights from first (hashes still checked).",
+        ),
+    ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="The run's base model on this machine (directory or alias): verified, then not downloaded.",
+        ),
+    ] = None,
 ) -> None:
     """Join a run as a rollout worker (outbound HTTP only; start as many as you like)."""
     from rollout_workers.engines import EngineSpec
@@ -141,7 +155,22 @@ def rollout(
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    if weights_url is not None and not weights_url.startswith(("http://", "https://")):
+        err.print(f"[red]error:[/red] --weights-url must be an http:// or https:// URL, got {weights_url!r}")
+        raise typer.Exit(2)
     _setup_logging()
+    base_dir = None
+    if base_model is not None:
+        from rl.models import ModelError, resolve_model
+
+        try:
+            base_dir = Path(resolve_model(base_model))
+        except ModelError as e:
+            err.print(f"[red]error:[/red] --base-model: {e}")
+            raise typer.Exit(2) from None
+        if not base_dir.is_dir():
+            err.print(f"[red]error:[/red] --base-model must be a local directory or an alias, got {base_model!r}")
+            raise typer.Exit(2)
     from rollout_workers.worker import run_worker
 
     sys.exit(
@@ -153,6 +182,8 @@ def rollout(
             name=name,
             prompts_per_lease=prompts_per_lease,
             cache_dir=cache_dir,
+            weights_url=weights_url,
+            base_model=base_dir,
         )
     )
 

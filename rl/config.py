@@ -282,9 +282,18 @@ class WeightsConfig(Section):
     publish_every: int = Field(1, ge=1)
     """Publish a new policy version to the workers every this many steps."""
     format: Literal["full", "lora", "delta"] = "full"
-    """Published format: full safetensors, LoRA adapters only (needs `trainer.lora`), or a sparse delta."""
+    """Published format: full safetensors shards, LoRA adapters only (needs `trainer.lora`), or sparse deltas
+    between versions."""
     keep_versions: int = Field(2, ge=1)
-    """Versions kept on disk beyond those a connected worker still uses."""
+    """Versions kept on disk beyond those a connected worker still uses (and the delta chain from the keyframe)."""
+    shard_mb: float = Field(2048.0, gt=0.0, le=65536.0)
+    """Largest safetensors shard of a version (MB, rollout dtype); a bigger tensor gets a shard of its own."""
+    keyframe_every: int = Field(10, ge=1)
+    """delta: every this many published versions is a full one (a keyframe); the trainer's first always is."""
+    background: bool = True
+    """Write, hash and announce versions in a background thread from a host copy in the rollout dtype
+    (the model's size in rank 0's RAM); off: stream shards straight from the gather (about one shard of
+    extra memory) while the training loop waits."""
 
 
 class HubConfig(Section):
@@ -306,6 +315,8 @@ class HubConfig(Section):
     """Largest accepted request body."""
     buffer_size: int = Field(256, ge=1)
     """Scored groups the hub holds for the trainer before it stops leasing."""
+    weights_url: str | None = Field(None, pattern=r"^https?://")
+    """HTTP cache or mirror of the hub's `/v1/blobs/` that workers try first (`rl rollout --weights-url` wins)."""
 
 
 class CheckpointConfig(Section):
@@ -394,10 +405,6 @@ class RunConfig(Section):
             )
         if self.weights.format == "lora" and self.trainer.lora is None:
             raise ValueError("weights.format 'lora' ships adapters only: it needs trainer.lora (the adapters to train)")
-        if self.weights.format not in ("full", "lora"):
-            raise ValueError(
-                f"weights.format {self.weights.format!r} is not implemented yet in this version; use 'full'"
-            )
         if self.async_.max_staleness < self.weights.publish_every - 1:
             raise ValueError(
                 f"async.max_staleness ({self.async_.max_staleness}) must be at least weights.publish_every - 1 "

@@ -20,7 +20,7 @@ the final norm) ship as their own tensors under their HF names and replace the b
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -112,6 +112,48 @@ def merged_state_dict(state: Mapping[str, Tensor], scaling: float) -> dict[str, 
     """A peft model's gathered state -> the merged model's state under the model's own names."""
     base, adapters = split_state(state)
     return merge_adapter(base, adapters, scaling)
+
+
+def merged_names(peft_names: Iterable[str]) -> list[str]:
+    """The merged model's tensor names, in order, for a peft model's names (adapters and the frozen
+    originals of saved modules left out)."""
+    out = []
+    for name in peft_names:
+        plain = hf_name(name)
+        if is_adapter(plain) or ".original_module." in name:
+            continue
+        out.append(plain)
+    return list(dict.fromkeys(out))
+
+
+def merge_stream(items: Iterable[tuple[str, Tensor]], scaling: float) -> Iterator[tuple[str, Tensor]]:
+    """Merge while streaming: (peft name, tensor) in parameter order -> (HF name, merged tensor).
+
+    peft registers an adapted layer's base weight before its lora_A and lora_B, so each base weight
+    waits only until its two adapters arrive (a few layers at most), never the whole model.
+    """
+    pending: dict[str, dict[str, Tensor]] = {}
+    for name, tensor in items:
+        if ".original_module." in name:
+            continue  # a saved module's frozen original: its trained copy is what ships
+        plain = hf_name(name)
+        if is_adapter(plain):
+            module, part = plain.removesuffix(".weight").rsplit(".", 1)
+        elif ".base_layer." in name and plain.endswith(".weight"):
+            module, part = plain.removesuffix(".weight"), "weight"
+        else:
+            yield plain, tensor
+            continue
+        parts = pending.setdefault(module, {})
+        parts[part] = tensor
+        if len(parts) == 3:
+            del pending[module]
+            merged = merge_adapter({f"{module}.weight": parts["weight"]},
+                                   {f"{module}.lora_A": parts["lora_A"], f"{module}.lora_B": parts["lora_B"]},
+                                   scaling)  # fmt: skip
+            yield f"{module}.weight", merged[f"{module}.weight"]
+    if pending:
+        raise ValueError(f"adapted layers without all of weight, lora_A, lora_B: {sorted(pending)[:4]}")
 
 
 def adapter_metadata(cfg: LoraConfig, version: int) -> dict[str, str]:

@@ -13,7 +13,10 @@ Routes:
   POST   /v1/leases                      LeaseRequest     -> Lease                  (worker)
   POST   /v1/rollouts                    SubmitRequest    -> SubmitResponse         (worker)
   GET    /v1/policy                                       -> PolicyManifest         (worker)
+  GET    /v1/policy/{version}                             -> PolicyManifest         (worker)
   GET    /v1/policy/{version}/files/{name}   raw bytes, HTTP Range supported        (worker)
+  GET    /v1/blobs/{sha256}              a policy file by hash, cacheable (immutable)  (worker)
+  GET    /v1/policy/base/weights                          -> BaseWeights            (worker)
   GET    /v1/status                                       -> HubStatus              (worker)
   GET    /healthz                                         -> {"ok": true}           (none)
   POST   /v1/batches                     BatchRequest     -> Batch                  (admin)
@@ -103,6 +106,8 @@ class RegisterResponse(Wire):
     max_model_len: int
     dtype: str
     sampling: SamplingParamsWire
+    weights_url: str | None = None
+    """An HTTP cache or mirror of `/v1/blobs/` to download policy files from first (`hub.weights_url`)."""
 
 
 class HeartbeatRequest(Wire):
@@ -110,6 +115,10 @@ class HeartbeatRequest(Wire):
     """Version currently loaded by the worker (-1: none yet)."""
     tokens_per_s: float = Field(0.0, ge=0.0)
     busy: bool = False
+    fetch_s: float = Field(0.0, ge=0.0)
+    """Seconds the last policy update spent downloading (and rebuilding) the version."""
+    load_s: float = Field(0.0, ge=0.0)
+    """Seconds the last policy update spent loading it into the engine."""
 
 
 class HeartbeatResponse(Wire):
@@ -184,14 +193,55 @@ class PolicyFile(Wire):
 
 
 class PolicyManifest(Wire):
+    """One policy version. Workers verify every file they download, and every shard they rebuild.
+
+    `full`: `files` are the safetensors shards (+ `model.safetensors.index.json` when there are
+    several). `delta`: `files` are one `<shard>.delta.zst` per changed shard, or the shard itself
+    where the delta would not be much smaller (+ the index); a
+    worker holding `base_version` applies them and must get exactly `shards` (sha256), else it
+    rebuilds from `keyframe_version` (a full version) and the deltas after it (rl/weight_files.py).
+    """
+
     version: int
     format: Literal["full", "lora", "delta"] = "full"
     files: list[PolicyFile]
-    """Weight files of this version."""
+    """What a worker downloads for this version (`GET /v1/policy/{version}/files/{name}`)."""
     base_files: list[PolicyFile] = Field(default_factory=list)
     """Version-independent files (config, tokenizer) under `GET /v1/policy/base/files/{name}`."""
     lora_base_version: int | None = None
     """`lora` versions: the full version whose weights the adapters in `files` are merged into."""
+    shards: list[PolicyFile] = Field(default_factory=list)
+    """The full safetensors shards this version is (or rebuilds to), in order; empty: the `.safetensors` of `files`."""
+    base_version: int | None = None
+    """delta: the version its deltas apply to."""
+    keyframe_version: int | None = None
+    """The latest full version at or before this one: where a worker without `base_version` starts."""
+    bytes_full: int = 0
+    """Size of the full version in the rollout dtype (sum of `shards`)."""
+
+    def full_shards(self) -> list[PolicyFile]:
+        return self.shards or [f for f in self.files if f.name.endswith(".safetensors")]
+
+
+class ShardLayout(Wire):
+    """One safetensors shard's tensors in file order: `[name, shape, dtype code]` ("BF16", "F32", ...)."""
+
+    name: str
+    tensors: list[tuple[str, list[int], str]]
+
+
+class BaseWeights(Wire):
+    """The weights as first published (version 0), kept after that version is collected.
+
+    A worker that has the base model on disk writes these shards itself (rl/weight_files.py
+    writes the same bytes for the same tensors) and uses each one whose sha256 matches
+    instead of downloading it (`rl rollout --base-model`).
+    """
+
+    version: int
+    shards: list[PolicyFile]
+    layout: list[ShardLayout]
+    """The tensors of each of `shards`, same order."""
 
 
 class PublishRequest(Wire):
@@ -258,6 +308,17 @@ class WorkerStatus(Wire):
     last_seen_s: float
     leased_tasks: int
     completed_tasks: int
+    fetch_s: float = 0.0
+    """Last policy update: download (+ rebuild) seconds, as the worker reported."""
+    load_s: float = 0.0
+    """Last policy update: engine load seconds, as the worker reported."""
+
+
+class WeightsServed(Wire):
+    files: int = 0
+    """Responses with a policy file's bytes (blobs and named files; 304s not counted)."""
+    bytes: int = 0
+    """Body bytes of those responses."""
 
 
 class HubStatus(Wire):
@@ -284,6 +345,8 @@ class HubStatus(Wire):
     """Tasks given up after failing scoring `MAX_SCORING_ATTEMPTS` times (training tasks leave the ledger)."""
     last_scoring_error: str | None = None
     """The last scoring failure, e.g. "task 12 (attempt 2/3): RuntimeError: ..."."""
+    weights_served: WeightsServed = Field(default_factory=WeightsServed)
+    """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
 
 
 # --------------------------------------------------------------------------- evaluation

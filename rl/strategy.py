@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rl.config import ModelConfig, TrainerConfig
-from rl.lora import apply_lora, hf_name, is_adapter, merged_state_dict
+from rl.lora import apply_lora, hf_name, is_adapter, merge_stream, merged_names
 from rl.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -485,41 +485,18 @@ class DeepSpeedStrategy:
         Keys are those `save_pretrained` writes: a tied parameter (lm_head tied to
         the embeddings) appears once, under its first name.
         """
-        module = self.module
-        params = dict(module.named_parameters())  # one name per shared parameter
-        tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - set(params)
-        entries = {name: t for name, t in module.state_dict(keep_vars=True).items() if name not in tied}
-        out: dict[str, Tensor] = {}
-        group: list[tuple[str, torch.nn.Parameter]] = []
-        size = 0
-
-        def flush() -> None:
-            with self._full_parameters([p for _, p in group]):
-                if self.is_main:
-                    for name, p in group:
-                        out[name] = p.data.detach().to("cpu", copy=True)
-            group.clear()
-
-        for name, p in params.items():
-            group.append((name, p))
-            size += p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
-            if size >= _GATHER_BUDGET:
-                flush()
-                size = 0
-        if group:
-            flush()
+        out = dict(self.iter_state_dict())
         if not self.is_main:
             return None
-        for name, tensor in entries.items():  # persistent buffers (never partitioned)
-            if name not in out:
-                out[name] = tensor.detach().to("cpu", copy=True)
-        state = {name: out[name] for name in entries}
-        if self.lora is not None:  # the merged model, under the model's own names
-            state = merged_state_dict(state, self.lora.alpha / self.lora.r)
-        return state
+        return {name: out[name] for name in self._state_names()}
+
+    @property
+    def _lora_scaling(self) -> float:
+        return self.lora.alpha / self.lora.r
 
     def gather_adapter_state(self) -> dict[str, Tensor] | None:
-        """LoRA adapters only (`<module>.lora_A/B`, CPU fp32) on rank 0, None elsewhere; all ranks call."""
+        """LoRA: what trains (`<module>.lora_A/B`, saved modules under their names; CPU fp32) on rank 0,
+        None elsewhere; all ranks call."""
         if self.lora is None:
             raise RuntimeError("gather_adapter_state needs trainer.lora")
         trained = [(name, p) for name, p in self.module.named_parameters() if p.requires_grad]
@@ -531,6 +508,71 @@ class DeepSpeedStrategy:
                     key = plain.removesuffix(".weight") if is_adapter(plain) else plain
                     out[key] = p.data.detach().to("cpu", torch.float32, copy=True)
         return out if self.is_main else None
+
+    def _state_names(self) -> list[str]:
+        """state_dict names, a tied parameter once (under its first name); with LoRA the merged model's."""
+        module = self.module
+        params = dict(module.named_parameters())
+        tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - set(params)
+        names = [name for name in module.state_dict(keep_vars=True) if name not in tied]
+        return merged_names(names) if self.lora is not None else names
+
+    def _raw_state_names(self) -> list[str]:
+        module = self.module
+        params = dict(module.named_parameters())
+        tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - set(params)
+        return [name for name in module.state_dict(keep_vars=True) if name not in tied]
+
+    def weight_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, full shape) of every tensor `iter_state_dict` yields, in its order; any rank, no collective."""
+        params = dict(self.module.named_parameters())
+        out = [(name, tuple(getattr(p, "ds_shape", None) or p.shape)) for name, p in params.items()]
+        state = self.module.state_dict(keep_vars=True)
+        if self.lora is not None:  # the merged model's tensors: adapters and frozen originals left out
+            shapes = dict(out) | {name: tuple(state[name].shape) for name in state if name not in params}
+            keep = set(merged_names(shapes))
+            out = [(n, shapes[p]) for p in shapes if (n := hf_name(p.replace(".original_module.", "."))) in keep
+                   and not is_adapter(hf_name(p)) and ".original_module." not in p]  # fmt: skip
+            return list(dict(out).items())
+        out += [(name, tuple(state[name].shape)) for name in self._state_names() if name not in params]
+        return out
+
+    def iter_state_dict(self, budget_bytes: int = _GATHER_BUDGET) -> Iterator[tuple[str, Tensor]]:
+        """See `_iter_gathered`; with LoRA the adapters are merged in as the tensors stream by (rl/lora.py)."""
+        items = self._iter_gathered(budget_bytes)
+        return merge_stream(items, self._lora_scaling) if self.lora is not None else items
+
+    def _iter_gathered(self, budget_bytes: int = _GATHER_BUDGET) -> Iterator[tuple[str, Tensor]]:
+        """Rank 0: (name, CPU copy in the training dtype) of every weight, in `weight_layout` order.
+
+        Under ZeRO-3 the parameters are gathered about `budget_bytes` at a time and each group is
+        released before the next, so a consumer that writes tensors as they come (rl/weight_files.py)
+        holds about one group, not the model. Every rank must run the iterator to its end (the
+        gathers are collectives); the other ranks get nothing from it.
+        """
+        params = dict(self.module.named_parameters())  # one name per shared parameter
+        group: list[tuple[str, torch.nn.Parameter]] = []
+        size = 0
+
+        def flush() -> list[tuple[str, Tensor]]:
+            with self._full_parameters([p for _, p in group]):
+                copies = [(name, p.data.detach().to("cpu", copy=True)) for name, p in group] if self.is_main else []
+            group.clear()
+            return copies
+
+        for name, p in params.items():
+            group.append((name, p))
+            size += p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
+            if size >= budget_bytes:
+                yield from flush()
+                size = 0
+        if group:
+            yield from flush()
+        if self.is_main:
+            state = self.module.state_dict(keep_vars=True)
+            for name in self._raw_state_names():  # persistent buffers (never partitioned)
+                if name not in params:
+                    yield name, state[name].detach().to("cpu", copy=True)
 
     def save_hf(self, directory: Path, tokenizer: Any = None) -> None:
         """Write a plain HF directory (config, safetensors, tokenizer) on rank 0; all ranks call."""

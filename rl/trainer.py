@@ -47,8 +47,10 @@ from rl.hub.admin import HubAdmin
 from rl.lora import adapter_metadata
 from rl.loss import LossNorm, policy_loss, reduce_metrics
 from rl.protocol import EvalRequest
+from rl.publisher import Publisher
 from rl.tracking import Progress
-from rl.weights import version_dir, write_base, write_lora_version, write_version
+from rl.weight_files import TensorSpec
+from rl.weights import PolicyWriter, version_dir, write_base, write_lora_version
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ _WAIT = "wait"
 """Rank 0 -> other ranks: still waiting on the hub, keep waiting."""
 _TICK_S = 2.0
 """Longest a stop request or a rank-0 wait goes unnoticed (also the hub long-poll timeout)."""
+_GATHER_BUDGET = 256 * 2**20
+"""Bytes of full (ZeRO-3) parameters gathered at once into a background publication's snapshot."""
 
 
 class StopRequest:
@@ -103,6 +107,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = 0
         self.published_version = -1
+        self.publisher: Publisher | None = None
         self.initial_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
         self.stop = stop or StopRequest()
@@ -124,17 +129,22 @@ class Trainer:
     # ------------------------------------------------------------------ policy
 
     def publish(self) -> float:
-        """Write the current weights as version `step` and announce it; returns seconds taken."""
+        """All ranks: hand the current weights to the publisher as version `step` (rl/publisher.py);
+        returns the seconds the loop was blocked (the whole publication unless `weights.background`)."""
         start = time.perf_counter()
         if self.cfg.weights.format == "lora" and self.step > 0:
             self._publish_adapters()
             return time.perf_counter() - start
-        state = self.strategy.gather_state_dict()
+        wcfg = self.cfg.weights
+        shard_bytes = int(wcfg.shard_mb * 2**20)
+        tensors = self.strategy.iter_state_dict(shard_bytes if not wcfg.background else _GATHER_BUDGET)
         if self.is_main:
-            if not (self.policy_dir / "base").is_dir():
-                write_base(self.policy_dir, Path(self.strategy.model_path))
-            write_version(self.policy_dir, self.step, state, self.cfg.rollout.dtype or self.cfg.model.dtype)
-            self.hub.publish(self.step)
+            if self.publisher is None:
+                self.publisher = self._make_publisher(shard_bytes)
+            self.publisher.publish(self.step, tensors)
+        else:
+            for _ in tensors:  # the gather's collectives
+                pass
         self.published_version = self.step
         self.strategy.barrier()
         return time.perf_counter() - start
@@ -143,6 +153,7 @@ class Trainer:
         """`weights.format: lora`: version `step` is the adapters alone, merged by workers into version 0."""
         adapters = self.strategy.gather_adapter_state()
         if self.is_main:
+            self._published()  # the full base version (v0) may still be written in the background
             if not (version_dir(self.policy_dir, LORA_BASE_VERSION) / "manifest.json").is_file():
                 raise RuntimeError(
                     f"weights.format lora: the full base version v{LORA_BASE_VERSION} is missing from "
@@ -153,6 +164,21 @@ class Trainer:
             self.hub.publish(self.step)
         self.published_version = self.step
         self.strategy.barrier()
+    def _make_publisher(self, shard_bytes: int) -> Publisher:
+        if not (self.policy_dir / "base").is_dir():
+            write_base(self.policy_dir, Path(self.strategy.model_path))
+        dtype = getattr(torch, self.cfg.rollout.dtype or self.cfg.model.dtype)
+        layout = [TensorSpec(name, shape, dtype) for name, shape in self.strategy.weight_layout()]
+        wcfg = self.cfg.weights
+        fmt = "full" if wcfg.format == "lora" else wcfg.format  # lora: only the full base goes through here
+        writer = PolicyWriter(self.policy_dir, layout, shard_bytes=shard_bytes, fmt=fmt,
+                              keyframe_every=wcfg.keyframe_every)  # fmt: skip
+        return Publisher(writer, self.hub.publish, dtype, background=wcfg.background)
+
+    def _published(self) -> None:
+        """Rank 0: until the newest version is announced to the hub (before evaluating or checkpointing it)."""
+        if self.publisher is not None:
+            self.publisher.wait()
 
     # ------------------------------------------------------------------ data
 
@@ -313,6 +339,7 @@ class Trainer:
         start = time.perf_counter()
 
         def run_passes() -> list:
+            self._published()
             requests = [EvalRequest(version=self.published_version, num_prompts=ecfg.num_prompts, n=n,
                                     temperature=temperature) for _, n, temperature in passes]  # fmt: skip
             return [(prefix, self.hub.evaluate(req)) for (prefix, _, _), req in zip(passes, requests, strict=True)]
@@ -343,14 +370,17 @@ class Trainer:
             exit_code = EXIT_INTERRUPTED
             raise
         finally:
+            if self.publisher is not None:
+                try:
+                    self.publisher.wait()
+                except RuntimeError as e:
+                    log.error("%s", e)
             if self.tracker is not None:
                 self.tracker.finish(exit_code)
 
     def _loop(self) -> int:
         cfg = self.cfg
-        publish_s = self.publish()
-        if self.is_main:
-            log.info("published policy version %d (%.1fs)", self.step, publish_s)
+        self.publish()
         if self.step == 0:
             self.initial_eval = self.evaluate()
             if self.initial_eval:
@@ -391,7 +421,9 @@ class Trainer:
         last = self.step == cfg.trainer.max_steps
         evaluate = (cfg.eval.every and self.step % cfg.eval.every == 0) or last
         if self.step % cfg.weights.publish_every == 0 or last or evaluate:
-            metrics["weights/publish_s"] = self.publish()
+            metrics["weights/publish_blocking_s"] = self.publish()
+        if self.publisher is not None:  # the newest version out (a background one: maybe the previous)
+            metrics |= self.publisher.take_metrics()
         metrics |= rollout_metrics(groups, step_for_data, cfg.sampling.max_tokens, self.accuracy_term)
         metrics |= {
             "perf/trainer_tokens_per_s": float(batch.attention_mask.sum()) / max(train_s, 1e-9),
@@ -425,12 +457,15 @@ class Trainer:
             "workers": float(len(st.workers)),
             "perf/worker_tokens_per_s": sum(w.tokens_per_s for w in st.workers),
             "hub/stale_dropped_total": float(st.stale_dropped),
+            **_worker_weight_times(st.workers),
             **st.verifier,
         }
 
     def checkpoint(self) -> None:
         """All ranks: DeepSpeed state, RNG, trainer state, and (rank 0) the hub's ledger at this step."""
         self.last_checkpoint = self.step
+        if self.is_main:
+            self._published()
         ledger = self.hub.ledger() if self.is_main else None
         state = {"policy_version": self.published_version}
         save_checkpoint(self.strategy, self.run_dir, self.step, state, ledger, self.cfg.checkpoint.keep)
@@ -440,3 +475,14 @@ class Trainer:
         out = self.paths.final
         self.strategy.save_hf(out, self.tokenizer)
         return out
+
+
+def _worker_weight_times(workers: list) -> dict[str, float]:
+    """Mean over workers of their last policy update's download and load seconds (heartbeats)."""
+    updated = [w for w in workers if w.fetch_s > 0 or w.load_s > 0]
+    if not updated:
+        return {}
+    return {
+        "weights/fetch_s": sum(w.fetch_s for w in updated) / len(updated),
+        "weights/load_s": sum(w.load_s for w in updated) / len(updated),
+    }

@@ -147,5 +147,5 @@ class HubClient(HubHTTP):
         return True
 
     def policy(self, version: int | None = None) -> PolicyManifest:
-        """The latest version's manifest, or that of `version` (while the hub still has it)."""
+        """The latest version's manifest, or that of `version` (404 when the hub no longer has it)."""
         return self.call("GET", "/v1/policy" if version is None else f"/v1/policy/{version}", PolicyManifest)

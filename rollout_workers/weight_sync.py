@@ -5,10 +5,20 @@ Cache layout (default `~/.cache/scatter-rl/worker/<host>-<port>/`, or
 
   base/                 config + tokenizer files (`GET /v1/policy/base/files/{name}`)
   base/.verified.json   the base entries already checked, so they are not hashed again
-  v<N>/                 a loadable HF directory: the version's weight files
-                        (`GET /v1/policy/{N}/files/{name}`) + hard links to base/
-  v<N>/.complete        written last: the version is whole and verified
+  v<N>/                 a loadable HF directory: the version's safetensors shards (+ index)
+                        + hard links to base/
+  v<N>/.complete        written last: the version is whole and verified (holds its manifest)
   .lock                 flock: workers on one machine share the cache safely
+
+A `full` version's shards are downloaded (`GET /v1/policy/{N}/files/{name}`). A `delta`
+version is rebuilt: its `<shard>.delta.zst` files are downloaded and applied to the
+cached base version's shards (rl/weight_files.py), shards it ships whole are downloaded
+(a dense change), unchanged shards are hard-linked,
+and every rebuilt shard must hash to the manifest's sha256. A worker without the base
+(new, restarted, pruned) walks the chain back to a cached version or to the keyframe
+(`GET /v1/policy/{N}` for each manifest); a mismatch, a truncated or foreign delta
+drops the cached chain and rebuilds from a freshly downloaded keyframe. Only then does
+it give up (`WeightSyncError`): never a silently wrong model.
 
 A file is streamed into `<name>.part`; after a dropped connection the next
 attempt continues it with an HTTP Range request. Every file is checked against
@@ -16,6 +26,14 @@ the manifest's sha256; a mismatch deletes the part and fetches again, up to
 `max_hash_failures` times, then `WeightSyncError`. Transport errors and 5xx
 are retried like every other hub call (HubClient policy). `prune` removes
 versions that are no longer needed.
+
+Mirrors: with `weights_url` (`rl rollout --weights-url`, else the hub's advertised
+`hub.weights_url`) each file is first fetched by hash, `GET {weights_url}/v1/blobs/<sha256>`,
+from an HTTP cache in front of the hub (configs/nginx/) or any mirror of that path. A
+mirror is never trusted: the manifest comes from the hub, every file is checked against
+its sha256, and on any failure (refused, cut, 404, wrong bytes) the worker logs it and
+fetches that file from the hub. After a failure other than a 404 the mirror is skipped
+for `MIRROR_COOLDOWN_S`. `bytes_from` counts what came from where.
 """
 
 from __future__ import annotations
@@ -28,6 +46,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +55,10 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from rl.protocol import PolicyFile, PolicyManifest
+from rl.weight_files import WeightFileError, apply_delta, read_shard, shard_spec_of, write_shards
+from rollout_workers.base_model import seed_from_base_model
 from rollout_workers.client import HubClient, HubError
+from rollout_workers.mirror import MIRROR_COOLDOWN_S, Mirror, MirrorError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +79,7 @@ class LocalPolicy:
     model_dir: Path
     """A normal HF directory (config, tokenizer, weights): what an engine starts from."""
     weight_files: list[Path]
-    """The version's weight files inside `model_dir` (what an engine reloads)."""
+    """The version's safetensors shards inside `model_dir`, in order (what an engine reloads)."""
 
 
 def default_cache_dir(hub_url: str) -> Path:
@@ -77,12 +99,62 @@ def _safe_name(name: str) -> str:
 class WeightSync:
     """Fetches policy versions for one hub into `cache_dir`."""
 
-    def __init__(self, client: HubClient, cache_dir: Path | None = None, *, max_hash_failures: int = 3) -> None:
+    def __init__(
+        self,
+        client: HubClient,
+        cache_dir: Path | None = None,
+        *,
+        max_hash_failures: int = 3,
+        weights_url: str | None = None,
+        base_model: Path | None = None,
+    ) -> None:
         self.client = client
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(client.base_url)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_hash_failures = max_hash_failures
+        self.weights_url = weights_url
+        """Mirror to try first; None: the one the hub advertised at registration, if any."""
+        self._mirror: Mirror | None = None
         self.bytes_downloaded = 0
+        self.bytes_from: Counter[str] = Counter()
+        """Bytes per source: "mirror" (including discarded ones), "hub", and "local" (from `base_model`)."""
+        self.base_model = Path(base_model) if base_model else None
+        """A local copy of the base model: the hub's version-0 shards are written from it, not downloaded."""
+        self._base_model_checked = False
+
+    @property
+    def blob_dir(self) -> Path:
+        """Files by sha256 this worker already has (written from `base_model`)."""
+        return self.cache_dir / "blobs"
+
+    def _use_base_model(self, manifest: PolicyManifest) -> None:
+        """Once per process: write the hub's base shards from `base_model` into `blob_dir`, keeping matches."""
+        if self.base_model is not None and not self._base_model_checked:
+            self._base_model_checked = True
+            seed_from_base_model(self.client, self.base_model, manifest.base_files, self.blob_dir)
+
+    def _from_local(self, dest: Path, entry: PolicyFile) -> bool:
+        """Link `dest` to a file with `entry`'s hash this worker already has (from `base_model`)."""
+        blob = self.blob_dir / entry.sha256
+        if not blob.is_file() or blob.stat().st_size != entry.size:
+            return False
+        _link(blob, dest)
+        dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+        self.bytes_from["local"] += entry.size
+        return True
+
+    def mirror(self) -> Mirror | None:
+        """The mirror in use: `weights_url`, else the hub's advertised one (known after registering)."""
+        registration = self.client.registration
+        url = self.weights_url or (registration.weights_url if registration is not None else None)
+        if not url:
+            return None
+        if self._mirror is None or self._mirror.url != url.rstrip("/"):
+            if self._mirror is not None:
+                self._mirror.close()
+            self._mirror = Mirror(url, lambda: self.client.http.headers.get("authorization"))
+            log.info("policy files come from mirror %s first (checked against the hub's hashes)", url)
+        return self._mirror
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -111,19 +183,27 @@ class WeightSync:
         except ValueError:
             return None
         if expected is not None and (
-            _fingerprint(manifest.files) != _fingerprint(expected.files)
+            _fingerprint(manifest.full_shards()) != _fingerprint(expected.full_shards())
             or _fingerprint(manifest.base_files) != _fingerprint(expected.base_files)
         ):
             log.info("cached policy v%d is not the hub's v%d (different hashes); downloading again", version, version)
             return None
-        files = [vdir / f.name for f in manifest.files]
-        if not all(p.is_file() and p.stat().st_size == f.size for p, f in zip(files, manifest.files, strict=True)):
+        shards = manifest.full_shards()
+        files = [vdir / f.name for f in shards]
+        if not all(p.is_file() and p.stat().st_size == f.size for p, f in zip(files, shards, strict=True)):
             return None
         if manifest.format == "lora":  # the engine loads the merged weights, not the adapters
             files = sorted(p for p in vdir.glob("*.safetensors") if p.name != "adapter.safetensors")
             if not files:
                 return None
         return LocalPolicy(version=version, model_dir=vdir, weight_files=files)
+
+    def cached_manifest(self, version: int) -> PolicyManifest | None:
+        """The manifest a complete cached version was verified against."""
+        try:
+            return PolicyManifest.model_validate_json((self.version_dir(version) / COMPLETE).read_text())
+        except (OSError, ValueError):
+            return None
 
     def fetch(self, manifest: PolicyManifest | None = None) -> LocalPolicy:
         """Download the version of `manifest` (default: the hub's latest) unless cached; return it.
@@ -132,7 +212,7 @@ class WeightSync:
         """
         for _ in range(5):
             manifest = manifest or self.client.policy()
-            if manifest.format not in ("full", "lora"):
+            if manifest.format not in ("full", "delta", "lora"):
                 raise WeightSyncError(f"policy format {manifest.format!r} is not supported by this worker yet")
             try:
                 return self._fetch_lora(manifest) if manifest.format == "lora" else self._fetch(manifest)
@@ -149,33 +229,132 @@ class WeightSync:
             cached = self.local(manifest.version, expected=manifest)
             if cached is not None:
                 return cached
-            start, before = time.perf_counter(), self.bytes_downloaded
-            base = self.cache_dir / "base"
-            self._sync_base(base, manifest.base_files)
-            vdir = self.version_dir(manifest.version)
-            (vdir / COMPLETE).unlink(missing_ok=True)
-            for old in vdir.glob("*") if vdir.is_dir() else []:
-                if old.is_file() and not old.name.endswith(".part"):
-                    old.unlink()  # stale files of another v<N>; never rewrite a hard-linked inode in place
-            vdir.mkdir(parents=True, exist_ok=True)
-            for entry in manifest.files:
-                name = _safe_name(entry.name)
-                self._download(f"/v1/policy/{manifest.version}/files/{quote(name)}", vdir / name, entry)
-            weight_names = {f.name for f in manifest.files}
-            for entry in manifest.base_files:
-                if entry.name not in weight_names:
-                    _link(base / entry.name, vdir / entry.name)
-            (vdir / COMPLETE).write_text(manifest.model_dump_json())
+            start, before, before_from = time.perf_counter(), self.bytes_downloaded, self.bytes_from.copy()
+            self._use_base_model(manifest)
+            self._sync_base(self.cache_dir / "base", manifest.base_files)
+            if manifest.format == "full":
+                self._download_full(manifest)
+            else:
+                self._rebuild(manifest)
             size = self.bytes_downloaded - before
             seconds = time.perf_counter() - start
+            sources = self.bytes_from - before_from
             log.info(
-                "downloaded policy v%d: %.1f MB in %.1f s (%.1f MB/s)",
+                "%s policy v%d: %.1f MB downloaded (full version: %.1f MB) in %.1f s (%.1f MB/s; "
+                "%.1f MB from the mirror, %.1f MB from the hub, %.1f MB from the base model)",
+                "downloaded" if manifest.format == "full" else "rebuilt",
                 manifest.version,
                 size / 1e6,
+                sum(f.size for f in manifest.full_shards()) / 1e6,
                 seconds,
                 size / 1e6 / max(seconds, 1e-9),
+                sources["mirror"] / 1e6,
+                sources["hub"] / 1e6,
+                sources["local"] / 1e6,
             )
-            return LocalPolicy(manifest.version, vdir, [vdir / f.name for f in manifest.files])
+            local = self.local(manifest.version, expected=manifest)
+            assert local is not None, "a version just completed must be complete"
+            return local
+
+    def _fresh_version_dir(self, version: int) -> Path:
+        vdir = self.version_dir(version)
+        (vdir / COMPLETE).unlink(missing_ok=True)
+        for old in vdir.glob("*") if vdir.is_dir() else []:
+            if old.is_file() and not old.name.endswith(".part"):
+                old.unlink()  # stale files of another v<N>; never rewrite a hard-linked inode in place
+        vdir.mkdir(parents=True, exist_ok=True)
+        return vdir
+
+    def _download_files(self, manifest: PolicyManifest, vdir: Path) -> None:
+        for entry in manifest.files:
+            name = _safe_name(entry.name)
+            self._download(f"/v1/policy/{manifest.version}/files/{quote(name)}", vdir / name, entry)
+
+    def _complete(self, manifest: PolicyManifest, vdir: Path) -> None:
+        """Link the base files in and mark `vdir` whole."""
+        weight_names = {f.name for f in manifest.files} | {f.name for f in manifest.full_shards()}
+        for entry in manifest.base_files:
+            if entry.name not in weight_names:
+                _link(self.cache_dir / "base" / entry.name, vdir / entry.name)
+        (vdir / COMPLETE).write_text(manifest.model_dump_json())
+
+    def _download_full(self, manifest: PolicyManifest) -> None:
+        vdir = self._fresh_version_dir(manifest.version)
+        self._download_files(manifest, vdir)
+        self._complete(manifest, vdir)
+
+    # ------------------------------------------------------------------ delta versions
+
+    def _rebuild(self, target: PolicyManifest) -> None:
+        """Make `target` (a delta version) complete in the cache: from a cached ancestor, else the keyframe."""
+        for attempt in ("cached", "keyframe"):
+            chain = [target]  # newest first; ends at a version to start from
+            try:
+                while chain[-1].format == "delta":
+                    if chain[-1].base_version is None:
+                        raise WeightFileError(f"delta version v{chain[-1].version} names no base version")
+                    base = self.client.policy(chain[-1].base_version)
+                    chain.append(base)
+                    if attempt == "cached" and self.local(base.version, expected=base) is not None:
+                        break
+                start = chain.pop()
+                if attempt == "keyframe" or self.local(start.version, expected=start) is None:
+                    if start.format != "full":
+                        raise WeightFileError(f"v{target.version}: chain ends at v{start.version}, not a keyframe")
+                    self._download_full(start)
+                for manifest in reversed(chain):
+                    self._apply(manifest)
+                return
+            except (WeightFileError, WeightSyncError) as e:
+                bad = e
+            except HubError as e:
+                if e.status != 404 or attempt == "keyframe":
+                    raise
+                bad = e
+            for manifest in chain:  # drop what this attempt built: the next one starts clean
+                shutil.rmtree(self.version_dir(manifest.version), ignore_errors=True)
+            if attempt == "cached":
+                log.warning(
+                    "policy v%d: rebuilding from cached versions failed (%s); starting over from keyframe v%s",
+                    target.version,
+                    bad,
+                    target.keyframe_version,
+                )
+                if target.keyframe_version is not None:
+                    shutil.rmtree(self.version_dir(target.keyframe_version), ignore_errors=True)
+        raise WeightSyncError(f"policy v{target.version} could not be rebuilt from its keyframe: {bad}")
+
+    def _apply(self, manifest: PolicyManifest) -> None:
+        """Rebuild delta version `manifest` from its cached base version; every shard checked by sha256."""
+        base_manifest = self.cached_manifest(manifest.base_version)
+        base = self.local(manifest.base_version, expected=base_manifest) if base_manifest else None
+        if base is None:
+            raise WeightFileError(f"base v{manifest.base_version} of v{manifest.version} is not in the cache")
+        base_shards = {f.name: f for f in base_manifest.full_shards()}
+        vdir = self._fresh_version_dir(manifest.version)
+        self._download_files(manifest, vdir)
+        deltas = {f.name for f in manifest.files}
+        for entry in manifest.full_shards():
+            name = _safe_name(entry.name)
+            if name not in base_shards:
+                raise WeightFileError(f"v{manifest.version}: shard {name} is not a shard of base v{base.version}")
+            source = base.model_dir / name
+            spec = shard_spec_of(source)
+            if name in deltas:  # shipped whole (a dense change): downloaded and verified already
+                rebuilt = entry
+            elif spec.delta_name in deltas:
+                with open(vdir / spec.delta_name, "rb") as f:
+                    [rebuilt] = write_shards(vdir, [spec], apply_delta(read_shard(source, spec), f.read()))
+                (vdir / spec.delta_name).unlink()
+            else:  # unchanged since the base: the same file
+                _link(source, vdir / name)
+                rebuilt = base_shards[name]
+            if rebuilt.sha256 != entry.sha256 or rebuilt.size != entry.size:
+                raise WeightFileError(
+                    f"v{manifest.version}: shard {name} rebuilt from v{base.version} hashes to "
+                    f"{rebuilt.sha256[:12]}, the hub's is {entry.sha256[:12]}"
+                )
+        self._complete(manifest, vdir)
 
     def _fetch_lora(self, manifest: PolicyManifest) -> LocalPolicy:
         """A `lora` version: its full base version (cached after the first time), the adapters (a few MB,
@@ -247,8 +426,15 @@ class WeightSync:
             record.write_text(json.dumps([f.model_dump() for f in verified.values()]))
 
     def _download(self, url_path: str, dest: Path, entry: PolicyFile) -> None:
-        """Stream `url_path` into `dest`, resuming `dest.part`, verifying size and sha256."""
+        """Fill `dest` with the file `entry`: from the mirror by hash if there is one, else (or on
+        any failure there) from the hub's `url_path`; resuming `dest.part`, verifying size and sha256."""
+        if self._from_local(dest, entry):
+            return
         part = dest.with_name(dest.name + ".part")
+        mirror = self.mirror()
+        if mirror is not None and mirror.available() and self._from_mirror(mirror, part, entry):
+            os.replace(part, dest)
+            return
         for failure in range(1, self.max_hash_failures + 1):
             self.client.with_retries(lambda: self._stream_into(url_path, part, entry))
             digest = _sha256(part)
@@ -269,8 +455,43 @@ class WeightSync:
             f"{self.max_hash_failures} times (corrupting proxy or disk?)"
         )
 
-    def _stream_into(self, url_path: str, part: Path, entry: PolicyFile) -> None:
-        """Fill `part` up to `entry.size` bytes; raises transport errors so the caller retries (resumes)."""
+    def _from_mirror(self, mirror: Mirror, part: Path, entry: PolicyFile) -> bool:
+        """One try at the mirror; True when `part` is whole and has the manifest's sha256."""
+        try:
+            self._stream_into(mirror.blob_path(entry.sha256), part, entry, source=mirror)
+        except (httpx.HTTPError, MirrorError, OSError) as e:
+            not_there = isinstance(e, MirrorError) and e.status == 404
+            log.warning(
+                "mirror %s failed for %s (%s: %s); fetching it from the hub%s",
+                mirror.url,
+                entry.name,
+                type(e).__name__,
+                e,
+                "" if not_there else f", and skipping the mirror for {MIRROR_COOLDOWN_S:.0f} s",
+            )
+            mirror.failed(cool_down=not not_there)
+            return False
+        digest = _sha256(part)
+        if digest == entry.sha256:
+            return True
+        log.warning(
+            "mirror %s sent %s with sha256 %s, but the hub's manifest says %s: discarded; fetching it from the hub "
+            "and skipping the mirror for %.0f s",
+            mirror.url,
+            entry.name,
+            digest[:12],
+            entry.sha256[:12],
+            MIRROR_COOLDOWN_S,
+        )
+        part.unlink(missing_ok=True)
+        mirror.failed()
+        return False
+
+    def _stream_into(self, url_path: str, part: Path, entry: PolicyFile, source: Mirror | None = None) -> None:
+        """Fill `part` up to `entry.size` bytes from `source` (default: the hub); raises transport
+        errors so the caller retries (resumes)."""
+        origin = "hub" if source is None else "mirror"
+        source = source or self.client
         offset = part.stat().st_size if part.exists() else 0
         if offset > entry.size:
             part.unlink()
@@ -281,19 +502,23 @@ class WeightSync:
         if offset:
             log.info("resuming %s at byte %d of %d", entry.name, offset, entry.size)
         try:
-            with self.client.stream(url_path, headers=headers) as response:
+            with source.stream(url_path, headers=headers) as response:
                 if offset and response.status_code != 206:
                     offset = 0  # the server ignored the Range: start over
                 with open(part, "ab" if offset else "wb") as f:
                     for chunk in response.iter_bytes():  # unbuffered: a cut keeps what arrived
+                        chunk = chunk[: entry.size - f.tell()]  # never more than the manifest's size
                         f.write(chunk)
                         self.bytes_downloaded += len(chunk)
-        except HubError as e:
+                        self.bytes_from[origin] += len(chunk)
+                        if f.tell() >= entry.size:
+                            break  # the sha256 check decides about these bytes; ignore any excess
+        except (HubError, MirrorError) as e:
             if e.status != 416 or not offset:
                 raise
-            log.warning("%s: the hub refused to resume at byte %d; starting over", entry.name, offset)
+            log.warning("%s: the %s refused to resume at byte %d; starting over", entry.name, origin, offset)
             part.unlink(missing_ok=True)
-            return self._stream_into(url_path, part, entry)
+            return self._stream_into(url_path, part, entry, source if origin == "mirror" else None)
         written = part.stat().st_size
         if written < entry.size:
             raise httpx.ReadError(f"{entry.name}: connection ended at byte {written} of {entry.size}")

@@ -65,6 +65,8 @@ class Worker:
         name: str | None = None,
         cache_dir: Path | None = None,
         prompts_per_lease: int = 4,
+        weights_url: str | None = None,
+        base_model: Path | None = None,
     ) -> None:
         self.client = client
         self.stop = client.stop_event
@@ -72,7 +74,7 @@ class Worker:
         self.max_prompts = max_prompts
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.prompts_per_lease = prompts_per_lease
-        self.sync = WeightSync(client, cache_dir)
+        self.sync = WeightSync(client, cache_dir, weights_url=weights_url, base_model=base_model)
         self.engine: Engine | None = None
         self.engine_shape: tuple[int, str] | None = None
         self.loaded_version = -1
@@ -81,6 +83,10 @@ class Worker:
         self.registrations_seen = 0
         self.prompts_done = 0
         self.tokens_per_s = 0.0
+        self.fetch_s = 0.0
+        """Seconds the last policy update took to download (and rebuild) its version."""
+        self.load_s = 0.0
+        """Seconds the last in-place reload took (engine start-up is not counted)."""
         self.busy = False
         self.fatal: BaseException | None = None
         self._heartbeat: threading.Thread | None = None
@@ -158,18 +164,20 @@ class Worker:
                 self._wait(0.5)
             return
         self.target_version = manifest.version
+        start = time.perf_counter()
         local = self.sync.fetch(manifest)
-        if len(local.weight_files) != 1:
-            raise WeightSyncError(f"policy v{local.version} has {len(local.weight_files)} weight files; expected 1")
+        loaded = time.perf_counter()
+        self.fetch_s = loaded - start
         reg = self.client.registration
         if self.engine is None:
             log.info("starting %s engine for policy v%d (%s)", self.spec.kind, local.version, local.model_dir)
             self.engine = make_engine(self.spec, local.model_dir, max_model_len=reg.max_model_len, dtype=reg.dtype)
             self.engine_shape = (reg.max_model_len, reg.dtype)
         else:
-            self.engine.load_weights(local.weight_files[0])
+            self.engine.load_weights(local.weight_files)
+            self.load_s = time.perf_counter() - loaded
         self.loaded_version = local.version
-        log.info("loaded policy v%d", local.version)
+        log.info("loaded policy v%d (fetch %.2f s, load %.2f s)", local.version, self.fetch_s, self.load_s)
         self.sync.prune(keep={local.version})
 
     # ------------------------------------------------------------------ work
@@ -259,7 +267,11 @@ class Worker:
         interval = self.client.registration.heartbeat_interval_s
         while not self.stop.wait(interval):
             beat = HeartbeatRequest(
-                policy_version=max(-1, self.loaded_version), tokens_per_s=self.tokens_per_s, busy=self.busy
+                policy_version=max(-1, self.loaded_version),
+                tokens_per_s=self.tokens_per_s,
+                busy=self.busy,
+                fetch_s=self.fetch_s,
+                load_s=self.load_s,
             )
             try:
                 answer = self.client.heartbeat(beat)
@@ -324,17 +336,22 @@ def run_worker(
     cache_dir: Path | None = None,
     prompts_per_lease: int = 4,
     max_retry_s: float | None = None,
+    weights_url: str | None = None,
+    base_model: Path | None = None,
 ) -> int:
     """Join the hub at `hub` as a rollout worker until stopped; returns the process exit code.
 
     `spec`: how to build the engine. `max_retry_s`: how long to keep retrying an unreachable hub
     (None: for ever).
+    `weights_url`: an HTTP cache or mirror of the hub's `/v1/blobs/` to fetch policy files from first.
+    `base_model`: a local directory with the run's base model: matching base shards are not downloaded.
     """
     stop = threading.Event()
     previous = _install_signal_handlers(stop)
     client = HubClient(hub, token, stop_event=stop, max_retry_s=max_retry_s)
     worker = Worker(
-        client, spec=spec, max_prompts=max_prompts, name=name, cache_dir=cache_dir, prompts_per_lease=prompts_per_lease
+        client, spec=spec, max_prompts=max_prompts, name=name, cache_dir=cache_dir, prompts_per_lease=prompts_per_lease,
+        weights_url=weights_url, base_model=base_model,
     )
     try:
         return worker.run()

@@ -3,6 +3,7 @@
 #   - torch first (the CPU wheel; CUDA vLLM on machines where nvidia-smi works)
 #   - the package with its extras, then the known CPU fix-ups (PLATFORM.md)
 #   - bubblewrap for the code sandbox, via apt when missing and possible
+#   - nginx-light for the weight-cache tests, the same way
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -61,5 +62,21 @@ if ! command -v bwrap >/dev/null 2>&1; then
   fi
 else
   say "bubblewrap present: $(command -v bwrap)"
+fi
+
+# nginx: only the tests of the HTTP weight cache run it (configs/nginx/, docs/operations.md).
+if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
+  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    say "installing nginx-light (weight-cache tests) with apt"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) >/dev/null \
+      || say "WARNING: apt could not install nginx-light; the weight-cache tests will be skipped"
+    # The tests start their own nginx; the Debian package may have started a default site on :80.
+    (systemctl disable --now nginx || service nginx stop) >/dev/null 2>&1 || true
+  else
+    say "WARNING: nginx is missing and cannot be installed here (need root + apt); the weight-cache"
+    say "         tests will be skipped. Install it: apt-get install nginx-light"
+  fi
+else
+  say "nginx present: $(command -v nginx || echo /usr/sbin/nginx)"
 fi
 say "done. Activate with: source $VENV/bin/activate  (or call $VENV/bin/rl)"

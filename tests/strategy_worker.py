@@ -4,7 +4,8 @@ Launched by tests/test_strategy_multirank.py as
 `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/strategy_worker.py
 --stage 3 --model DIR --out DIR`. Rank 0 builds the batch and broadcasts it; every rank
 trains on its half with a per-step micro-batch count that changes between steps; then
-the ranks gather, export, checkpoint, step once more, reload and repeat that step.
+the ranks gather, publish a policy version in streamed shards, export, checkpoint, step
+once more, reload and repeat that step.
 Rank 0 writes everything the test compares to OUT/result.pt.
 """
 
@@ -99,6 +100,22 @@ def uneven_logprobs_agree(strategy: DeepSpeedStrategy, batch: dict[str, torch.Te
     return all(ok)
 
 
+def publish_streamed(strategy: DeepSpeedStrategy, policy_dir: Path) -> dict | None:
+    """Stream the weights into >= 3 shards, gathering a quarter of the model at a time (rank 0 writes)."""
+    from rl.weight_files import TensorSpec
+    from rl.weights import PolicyWriter
+
+    layout = [TensorSpec(name, shape, torch.float32) for name, shape in strategy.weight_layout()]
+    shard_bytes = sum(t.nbytes for t in layout) // 4
+    tensors = strategy.iter_state_dict(budget_bytes=shard_bytes)
+    if not strategy.is_main:
+        for _ in tensors:  # the gathers are collectives
+            pass
+        return None
+    writer = PolicyWriter(policy_dir, layout, shard_bytes=shard_bytes, fmt="full")
+    return writer.write(0, tensors).manifest.model_dump()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", type=int, required=True)
@@ -112,6 +129,7 @@ def main() -> None:
     metrics = run_schedule(strategy, batch)
     uneven_ok = uneven_logprobs_agree(strategy, batch)
     state = strategy.gather_state_dict()
+    published = publish_streamed(strategy, args.out / "policy")
 
     sums = full_parameters_on_every_rank(strategy)
     all_sums: list = [None] * strategy.world_size
@@ -131,6 +149,7 @@ def main() -> None:
         result = {
             "metrics": metrics,
             "state": state,
+            "published": published,
             "ranks_agree": all(s == all_sums[0] for s in all_sums),
             "uneven_ok": uneven_ok,
             "next_metrics": next_metrics,

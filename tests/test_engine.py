@@ -102,13 +102,13 @@ def test_stop_strings(engine: Engine, tiny_tokenizer):
 
 
 def test_logprobs_match_hf_after_reload(engine: Engine, weights, tiny_model_dir):
-    engine.load_weights(weights["v1_path"])
+    engine.load_weights([weights["v1_path"]])
     outputs = engine.generate(PROMPTS, sampling(max_tokens=16))
     assert max_logprob_diff(tiny_model_dir, weights["v1"], PROMPTS, outputs) < 1e-3
     # and they are not the old policy's: the reload really happened
     assert max_logprob_diff(tiny_model_dir, weights["v0"], PROMPTS, outputs) > 1e-2
     # back to v0 in place works too
-    engine.load_weights(weights["v0_path"])
+    engine.load_weights([weights["v0_path"]])
     outputs = engine.generate(PROMPTS[:1], sampling(max_tokens=8))
     assert max_logprob_diff(tiny_model_dir, weights["v0"], PROMPTS[:1], outputs) < 1e-3
 
@@ -116,7 +116,7 @@ def test_logprobs_match_hf_after_reload(engine: Engine, weights, tiny_model_dir)
 def test_greedy_is_the_hf_argmax(engine: Engine, weights, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    engine.load_weights(weights["v1_path"])
+    engine.load_weights([weights["v1_path"]])
     outputs = engine.generate(PROMPTS[:2], sampling(n=2, temperature=0.0, max_tokens=8))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.load_state_dict(weights["v1"], strict=False)

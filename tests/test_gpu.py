@@ -23,7 +23,7 @@ def test_vllm_cuda_reload_matches_hf(tiny_model_dir, tmp_path):
     spec = EngineSpec(gpu_memory_utilization=0.3, enforce_eager=True)  # rollout.* settings reach vLLM on GPUs
     engine = make_engine(spec, tiny_model_dir, max_model_len=128, dtype="float32")
     try:
-        engine.load_weights(v1)
+        engine.load_weights([v1])
         prompt = [1, 20, 30, 40]
         params = SamplingParamsWire(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=8)
         completions = engine.generate([prompt], params)[0]

@@ -1,7 +1,8 @@
 """DeepSpeedStrategy on 2 ranks (`torchrun --nproc_per_node 2`, gloo on CPU), ZeRO-2 and ZeRO-3.
 
 Each rank trains on half of a batch that rank 0 broadcasts (tests/strategy_worker.py).
-The gathered weights must equal a single-process run on the whole batch, the exported
+The gathered weights must equal a single-process run on the whole batch, a policy version
+streamed from the gather into shards must hold them bit for bit, the exported
 HF directory must hold exactly the gathered weights, every rank must see the same
 full weights, and a checkpoint reload must repeat the next step exactly.
 """
@@ -62,6 +63,15 @@ def test_two_ranks_match_one_process(tiny_model_dir, tmp_path, stage):
     assert [m["lr"] for m in result["metrics"]] == [5e-4, 1e-3, 1e-3]
     assert result["ranks_agree"]
     assert result["uneven_ok"]
+
+    # A policy version streamed from the gather into >= 3 shards holds the gathered weights bit for bit.
+    shards = [tmp_path / "policy" / "v0" / f["name"] for f in result["published"]["shards"]]
+    assert len(shards) >= 3
+    published = {}
+    for path in shards:
+        published.update(load_file(path))
+    assert list(published) == list(gathered)
+    assert all(torch.equal(published[k], gathered[k]) for k in gathered)
 
     # The exported (publishable) weights are exactly the gathered ones and load cleanly.
     assert max_diff(load_file(tmp_path / "hf" / "model.safetensors"), gathered) == 0.0

@@ -1,16 +1,20 @@
-"""WeightSync against the real hub serving a real policy store: verify, re-fetch, resume, cache, prune.
+"""WeightSync against the real hub serving a real policy store: verify, re-fetch, resume, cache, prune;
+sharded versions, and delta versions rebuilt bit for bit (or from the keyframe when anything is off).
 
 Downloads go through `FaultProxy`, which corrupts bytes or cuts a download halfway when a test asks.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.hub import WORKER, LiveHub, live_config
 from helpers.policy import make_policy_store
+from test_worker_helpers import TOKEN, StubHub, make_sharded_store, serve, sparse_steps
 
 from rl.models import sha256_file
 from rl.weights import WEIGHTS_FILE, read_manifest, version_dir
@@ -146,3 +150,137 @@ def test_cached_version_from_another_run_is_not_reused(hub, policy_dir, tmp_path
     again = WeightSync(hub.client, tmp_path).fetch()
     assert len(weight_gets(hub, 2)) == before + 1
     assert sha256_file(again.weight_files[0]) == read_manifest(policy_dir, 2).files[0].sha256
+
+
+# --------------------------------------------------------------------------- sharded and delta versions
+
+VERSIONS = 6
+
+
+def random_bits(shape, generator) -> torch.Tensor:
+    """float32 tensor of uniformly random bit patterns (NaNs included): incompressible."""
+    return torch.randint(-(2**31), 2**31 - 1, shape, generator=generator, dtype=torch.int32).view(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """The same 6 versions (sparse bf16 updates, one dense) as full and as delta versions, in >= 3 shards each."""
+    from safetensors.torch import load_file
+
+    states = sparse_steps(load_file(str(tiny_model_dir / "model.safetensors")), steps=VERSIONS - 1)
+    # v5 draws the last layer anew (every element, random bits): the shard holding only it ships whole.
+    g = torch.Generator().manual_seed(99)
+    states[-1] = {k: random_bits(t.shape, g) if k.startswith(("model.layers.1.", "model.norm")) else t
+                  for k, t in states[-1].items()}  # fmt: skip
+    shard_bytes = sum(t.numel() * 2 for t in states[0].values()) // 3
+    out = {}
+    for fmt in ("full", "delta"):
+        out[fmt] = tmp_path_factory.mktemp(fmt)
+        make_sharded_store(tiny_model_dir, out[fmt], states, fmt=fmt, shard_bytes=shard_bytes, keyframe_every=4)
+    return out
+
+
+@contextlib.contextmanager
+def stub_for(policy_dir: Path):
+    stub = StubHub(policy_dir)
+    with serve(stub.app) as url, HubClient(url, TOKEN, max_backoff_s=0.2) as client:
+        stub.client = client
+        yield stub
+
+
+def shard_bytes_of(local) -> list[bytes]:
+    return [p.read_bytes() for p in local.weight_files]
+
+
+def test_sharded_full_version_loads_in_transformers(stores, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    with stub_for(stores["full"]) as hub:
+        local = WeightSync(hub.client, tmp_path).fetch()
+    assert len(local.weight_files) >= 3
+    model, info = AutoModelForCausalLM.from_pretrained(local.model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    shards = {}
+    for p in local.weight_files:
+        shards.update(load_file(str(p)))
+    for name, tensor in model.state_dict().items():
+        if name in shards:  # bit patterns: v5 holds NaNs
+            assert torch.equal(tensor.to(torch.bfloat16).view(torch.int16), shards[name].view(torch.int16))
+
+
+def test_delta_worker_is_bit_identical_to_full_worker(stores, tmp_path):
+    """Follow every version in both formats: the delta worker rebuilds exactly the full worker's shards."""
+    with stub_for(stores["full"]) as full_hub, stub_for(stores["delta"]) as delta_hub:
+        full_sync = WeightSync(full_hub.client, tmp_path / "full")
+        delta_sync = WeightSync(delta_hub.client, tmp_path / "delta")
+        for v in range(VERSIONS):
+            a = full_sync.fetch(read_manifest(stores["full"], v))
+            b = delta_sync.fetch(read_manifest(stores["delta"], v))
+            assert [p.name for p in a.weight_files] == [p.name for p in b.weight_files]
+            assert shard_bytes_of(a) == shard_bytes_of(b), f"v{v} differs"
+            assert (b.model_dir / "model.safetensors.index.json").is_file()
+            assert not list(b.model_dir.glob("*.delta.zst"))  # applied, then removed
+    assert any(f.name.endswith(".safetensors") for f in read_manifest(stores["delta"], 5).files)
+    # Deltas (v1-v3, v5) cost a fraction of the full versions; keyframes v0, v4 cost a full version.
+    assert delta_sync.bytes_downloaded < 0.5 * full_sync.bytes_downloaded
+    fetched = {p.split("/")[3] for _, p, _ in delta_hub.requests if "/files/" in p and "/base/" not in p}
+    assert fetched == {str(v) for v in range(VERSIONS)}
+
+
+def test_late_worker_rebuilds_from_keyframe(stores, tmp_path):
+    """A worker that joins at v3 (delta; keyframe v0) downloads v0 whole and the deltas v1..v3."""
+    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
+        local = WeightSync(hub.client, tmp_path / "late").fetch(read_manifest(stores["delta"], 3))
+        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
+    assert local.version == 3 and shard_bytes_of(local) == shard_bytes_of(reference)
+    assert [p for _, p, _ in hub.requests if p.startswith("/v1/policy/") and "/files/" not in p] == [
+        "/v1/policy/2", "/v1/policy/1", "/v1/policy/0"]  # fmt: skip
+    shard_gets = {p for _, p, _ in hub.requests if p.endswith(".safetensors")}
+    assert shard_gets and all(p.startswith("/v1/policy/0/") for p in shard_gets)
+
+
+def test_corrupt_cached_base_falls_back_to_keyframe(stores, tmp_path, caplog):
+    """A cached base whose bytes rotted (same size): the rebuilt shard's hash fails, the worker
+    starts over from the keyframe and still ends with exactly the right version."""
+    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
+        sync = WeightSync(hub.client, tmp_path / "w")
+        held = sync.fetch(read_manifest(stores["delta"], 2))
+        data = bytearray(held.weight_files[0].read_bytes())
+        data[-3] ^= 0x01  # inside the last tensor
+        held.weight_files[0].unlink()  # (a hard link may share the inode with v1's shard)
+        held.weight_files[0].write_bytes(bytes(data))
+        hub.requests.clear()
+        with caplog.at_level("WARNING"):
+            local = sync.fetch(read_manifest(stores["delta"], 3))
+        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
+    assert shard_bytes_of(local) == shard_bytes_of(reference)
+    assert "starting over from keyframe v0" in caplog.text
+    assert any(p.startswith("/v1/policy/0/files/model-") for _, p, _ in hub.requests)
+
+
+def test_hash_mismatched_delta_is_fetched_again_then_refused(stores, tmp_path):
+    delta_name = read_manifest(stores["delta"], 1).files[0].name
+    assert delta_name.endswith(".delta.zst")
+    with stub_for(stores["delta"]) as hub:
+        sync = WeightSync(hub.client, tmp_path, max_hash_failures=2)
+        sync.fetch(read_manifest(stores["delta"], 0))
+        hub.corrupt_once = {delta_name}
+        assert sync.fetch(read_manifest(stores["delta"], 1)).version == 1  # one bad copy: fetched again
+        hub.corrupt_always = {read_manifest(stores["delta"], 2).files[0].name}
+        with pytest.raises(WeightSyncError, match="could not be rebuilt from its keyframe"):
+            sync.fetch(read_manifest(stores["delta"], 2))
+    assert sync.local(2) is None  # nothing half-built is taken for a version
+
+
+def test_delta_whose_chain_the_hub_lost_moves_to_the_latest(stores, tmp_path):
+    """Rebuilding v3 needs v2's manifest, which the hub no longer has (404): the worker does not guess;
+    it takes the hub's latest version instead (keyframe v4 + delta v5), exactly."""
+    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
+        sync = WeightSync(hub.client, tmp_path / "w")
+        sync.fetch(read_manifest(stores["delta"], 1))
+        hub.hidden_manifests = {2}
+        local = sync.fetch(read_manifest(stores["delta"], 3))
+        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 5))
+    assert local.version == 5 and shard_bytes_of(local) == shard_bytes_of(reference)
+    assert sync.local(3) is None

@@ -24,15 +24,17 @@ from pathlib import Path
 import pydantic_core
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.config import RunConfig
+from rl.hub.blobs import BlobIndex
 from rl.hub.state import HubState, ScoringJob
 from rl.hub.tokens import Tokens
 from rl.protocol import (
     Ack,
+    BaseWeights,
     Batch,
     BatchRequest,
     EvalJob,
@@ -51,7 +53,7 @@ from rl.protocol import (
     SubmitRequest,
     SubmitResponse,
 )
-from rl.weights import BASE, garbage_collect, published_versions, read_manifest, version_dir
+from rl.weights import BASE, MANIFEST, garbage_collect, published_versions, read_manifest, version_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,8 @@ class Hub:
     def __init__(self, cfg: RunConfig, state: HubState, pool, tokenizer, policy_dir: Path, tokens: Tokens):
         self.cfg, self.state, self.pool, self.tokenizer = cfg, state, pool, tokenizer
         self.policy_dir, self.tokens = Path(policy_dir), tokens
+        self.blobs = BlobIndex(self.policy_dir)
+        """Policy files by sha256 (`GET /v1/blobs/{sha256}`) and the count of bytes served."""
         self.changed = asyncio.Event()
         """Set when a scored group arrives (wakes batch pulls)."""
         self.work = asyncio.Event()
@@ -223,7 +227,8 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
     async def heartbeat(worker_id: str, req: HeartbeatRequest, who: str | None = Depends(caller)):
-        return state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic())
+        return state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic(),
+                               req.fetch_s, req.load_s)  # fmt: skip
 
     @app.delete("/v1/workers/{worker_id}", response_model=Ack)
     async def leave(worker_id: str, who: str | None = Depends(caller)):
@@ -259,9 +264,14 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/v1/policy/{version}", response_model=PolicyManifest)
     async def policy_version(version: int, who: str | None = Depends(caller)):
-        if not 0 <= version <= max(state.policy_version, 0) or not (version_dir(hub.policy_dir, version)).is_dir():
+        """One version's manifest: a worker rebuilding a delta chain reads the versions it lacks."""
+        if not 0 <= version <= state.policy_version or not (version_dir(hub.policy_dir, version) / MANIFEST).is_file():
             raise HubError(404, "unknown_version", f"policy version {version} is not available")
         return read_manifest(hub.policy_dir, version)
+
+    @app.get("/v1/policy/base/weights", response_model=BaseWeights)
+    async def base_weights(who: str | None = Depends(caller)):
+        return hub.blobs.base_weights()
 
     @app.get("/v1/policy/{version}/files/{name}")
     async def policy_file(version: str, name: str, who: str | None = Depends(caller)):
@@ -275,11 +285,18 @@ def create_app(hub: Hub) -> FastAPI:
             raise HubError(404, "unknown_version", f"policy version {version} is not available")
         if name not in allowed:  # also rules out any path traversal
             raise HubError(404, "unknown_file", f"{name} is not a file of policy version {version}")
-        return FileResponse(directory / name, media_type="application/octet-stream")
+        return hub.blobs.file_response(directory / name)
+
+    # HEAD too: an HTTP cache's auth check (nginx auth_request) asks for the headers only.
+    @app.api_route("/v1/blobs/{sha256}", methods=["GET", "HEAD"])
+    async def blob(sha256: str, request: Request, who: str | None = Depends(caller)):
+        return hub.blobs.response(sha256, request.headers.get("if-none-match"))
 
     @app.get("/v1/status", response_model=HubStatus)
     async def status(who: str | None = Depends(caller)):
-        return state.status(time.monotonic(), hub.pool.metrics())
+        return state.status(time.monotonic(), hub.pool.metrics()).model_copy(
+            update={"weights_served": hub.blobs.stats()}
+        )
 
     @app.post("/v1/batches", response_model=Batch, dependencies=[Depends(admin)])
     async def batches(req: BatchRequest):
@@ -310,6 +327,11 @@ def create_app(hub: Hub) -> FastAPI:
         except (OSError, ValueError) as e:
             raise HubError(422, "bad_policy", f"version {req.version} has no readable manifest: {e}") from None
         keep = state.publish(req.version)
+        if req.version == 0:  # the base weights: described before the version can be collected
+            try:
+                hub.blobs.record_base_weights()
+            except (HubError, OSError) as e:
+                log.warning("could not describe the base weights of version 0: %s", e)
         garbage_collect(hub.policy_dir, keep, hub.cfg.weights.keep_versions)
         log.info("policy version %d published", req.version)
         return Ack()

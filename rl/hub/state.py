@@ -83,6 +83,8 @@ class WorkerRecord:
     last_seen: float
     policy_version: int = -1
     tokens_per_s: float = 0.0
+    fetch_s: float = 0.0
+    load_s: float = 0.0
     leases: set[str] = field(default_factory=set)
     completed_tasks: int = 0
 
@@ -199,6 +201,7 @@ class HubState:
             max_model_len=self.cfg.model.max_model_len,
             dtype=self.cfg.rollout.dtype or self.cfg.model.dtype,
             sampling=self.sampling_params(),
+            weights_url=self.cfg.hub.weights_url,
         )
 
     def sampling_params(self) -> SamplingParamsWire:
@@ -222,10 +225,12 @@ class HubState:
         return rec
 
     def heartbeat(
-        self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float
-    ) -> HeartbeatResponse:
+        self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float,
+        fetch_s: float = 0.0, load_s: float = 0.0,
+    ) -> HeartbeatResponse:  # fmt: skip
         rec = self.worker(worker_id, caller)
         rec.last_seen, rec.policy_version, rec.tokens_per_s = now, version, tokens_per_s
+        rec.fetch_s, rec.load_s = fetch_s, load_s
         return HeartbeatResponse(policy_version=self.policy_version, lease_ttl_s=self.cfg.hub.lease_ttl_s)
 
     def leave(self, worker_id: str, caller: str | None) -> int:
@@ -598,6 +603,8 @@ class HubState:
                     last_seen_s=round(now - w.last_seen, 2),
                     leased_tasks=sum(len(self.leases[lid].task_ids) for lid in w.leases if lid in self.leases),
                     completed_tasks=w.completed_tasks,
+                    fetch_s=w.fetch_s,
+                    load_s=w.load_s,
                 )
                 for w in self.workers.values()
             ],

@@ -83,8 +83,8 @@ class Engine(ABC):
         """
 
     @abstractmethod
-    def load_weights(self, safetensors_path: Path) -> None:
-        """Replace the weights in place from a full safetensors file (same architecture)."""
+    def load_weights(self, shards: list[Path]) -> None:
+        """Replace the weights in place from the safetensors shards of a full version (same architecture)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's memory and processes."""

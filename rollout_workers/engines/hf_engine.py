@@ -101,21 +101,24 @@ class HFEngine(Engine):
             return end, "stop"
         return min(len(tokens), room), "length"
 
-    def load_weights(self, safetensors_path: Path) -> None:
+    def load_weights(self, shards: list[Path]) -> None:
         from safetensors.torch import load_file
 
         start = time.perf_counter()
-        state = load_file(str(safetensors_path), device=str(self.device))
+        state = {}
+        for path in shards:
+            state.update(load_file(str(path), device=str(self.device)))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         missing = [k for k in missing if k not in tied and not k.startswith("lm_head.")]
         if missing or unexpected:
             raise ValueError(
-                f"{safetensors_path} does not fit the model: missing={missing[:5]} unexpected={unexpected[:5]}"
+                f"{len(shards)} shard(s) from {Path(shards[0]).parent} do not fit the model: "
+                f"missing={missing[:5]} unexpected={unexpected[:5]}"
             )
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
-        log.info("reloaded weights from %s in %.2f s", safetensors_path, time.perf_counter() - start)
+        log.info("reloaded %d shard(s) in %.2f s", len(shards), time.perf_counter() - start)
 
     def close(self) -> None:
         self.model = None

@@ -110,10 +110,10 @@ class VLLMEngine(Engine):
             out[i].extend(_completion(c) for c in result.outputs)
         return out
 
-    def load_weights(self, safetensors_path: Path) -> None:
-        seconds = self.llm.collective_rpc("update_weights_from_file", args=(str(safetensors_path),))
+    def load_weights(self, shards: list[Path]) -> None:
+        seconds = self.llm.collective_rpc("update_weights_from_files", args=([str(p) for p in shards],))
         self.llm.reset_prefix_cache()
-        log.info("reloaded weights from %s in %.2f s", safetensors_path, max(seconds or [0.0]))
+        log.info("reloaded %d shard(s) in %.2f s", len(shards), max(seconds or [0.0]))
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -1,9 +1,9 @@
-"""vLLM worker extension: reload weights in place from a safetensors file.
+"""vLLM worker extension: reload weights in place from safetensors shards.
 
 vLLM mixes this class into each of its worker processes
 (`LLM(worker_extension_cls="rollout_workers.engines.vllm_ext.WeightUpdateExtension")`),
-so `llm.collective_rpc("update_weights_from_file", args=(path,))` runs the method
-on every tensor-parallel rank next to the model. Only a path crosses the process
+so `llm.collective_rpc("update_weights_from_files", args=(paths,))` runs the method
+on every tensor-parallel rank next to the model. Only paths cross the process
 boundary (tensors do not pickle through the multiprocess engine).
 
 Keep this module light: vLLM imports it by name in every worker process.
@@ -20,17 +20,22 @@ log = logging.getLogger(__name__)
 class WeightUpdateExtension:
     """Methods added to vLLM's Worker; `self` is the worker (has `reload_weights`, `model_runner`)."""
 
-    def update_weights_from_file(self, path: str) -> float:
-        """Load every tensor of `path` (checkpoint names) into the running model; returns seconds taken."""
-        from safetensors import safe_open
-
+    def update_weights_from_files(self, paths: list[str]) -> float:
+        """Load every tensor of the shards `paths` (checkpoint names) into the running model; returns seconds."""
         start = time.perf_counter()
-        with safe_open(path, framework="pt", device="cpu") as f:
-            # A generator: one tensor in host memory at a time (each TP rank reads the file).
-            weights = ((name, f.get_tensor(name)) for name in f.keys())  # noqa: SIM118 - not a dict
-            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        # A generator: one tensor in host memory at a time (each TP rank reads the files).
+        self.reload_weights(weights_iterator=_tensors(paths), is_checkpoint_format=True)
         _refresh_cpu_lm_head(self.model_runner.get_model())
         return time.perf_counter() - start
+
+
+def _tensors(paths: list[str]):
+    from safetensors import safe_open
+
+    for path in paths:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - not a dict
+                yield name, f.get_tensor(name)
 
 
 def _refresh_cpu_lm_head(model) -> None:
