@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from hub_fixtures import ADMIN, WORKER, free_port, start_hub, write_config  # noqa: E402
+from helpers.hub import ADMIN, WORKER, free_port, start_hub, write_config  # noqa: E402
 from mirror_fixtures import start_nginx  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hub_fixtures import ROOT, free_port
+from helpers.hub import ROOT, free_port
 
 NGINX_CONF = ROOT / "configs" / "nginx" / "weights-cache.conf"
 EXAMPLE_HUB = "server trainer.example:8000;"

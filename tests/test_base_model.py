@@ -12,7 +12,7 @@ import logging
 import shutil
 
 import pytest
-from hub_fixtures import WORKER, start_hub, write_config
+from helpers.hub import WORKER, start_hub, write_config
 from test_worker_helpers import make_sharded_store, sparse_steps
 
 from rl.hub.blobs import BASE_WEIGHTS, BlobIndex
@@ -142,7 +142,7 @@ def test_rollout_refuses_a_bad_base_model_or_weights_url(flag, value, message):
     import subprocess
     import sys
 
-    from hub_fixtures import ROOT
+    from helpers.hub import ROOT
 
     res = subprocess.run(
         [sys.executable, "-m", "rl.cli", "rollout", "--hub", "http://127.0.0.1:9", "--token", "t", flag, value],

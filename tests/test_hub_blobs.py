@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from hub_fixtures import ADMIN, WORKER, publish_initial_policy, start_hub, write_config
+from helpers.hub import ADMIN, WORKER, publish_initial_policy, start_hub, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hub_fixtures import (
+from helpers.hub import (
     ADMIN,
     OTHER_WORKER,
     WORKER,
