@@ -202,8 +202,8 @@ class Trainer:
         algo, mb = self.cfg.algorithm, self.cfg.trainer.micro_batch_size
         advantages, adv_stats = group_advantages(batch.rewards, batch.group_size, algo.advantage, algo.scale_rewards)
         full = batch
-        local = self._my_rows(batch)
-        local_adv = advantages[self.strategy.rank :: self.strategy.world_size]
+        local = self._my_rows(batch).to(self.strategy.device)  # the loss meets the log-probs on the GPU
+        local_adv = advantages[self.strategy.rank :: self.strategy.world_size].to(self.strategy.device)
         max_tokens = algo.dr_grpo_max_tokens or self.cfg.sampling.max_tokens
         norm = LossNorm.from_batch(full.completion_mask, micro_batch_size=mb * self.strategy.world_size,
                                    max_tokens=max_tokens)  # fmt: skip

@@ -52,3 +52,16 @@ def test_strategy_bf16_step_on_cuda(tiny_model_dir):
     strategy.backward(-logp.sum())
     stats = strategy.step()
     assert stats["grad_norm"] > 0
+
+
+def test_cuda_rng_state_round_trips(tmp_path):
+    from rl.checkpoint import rng_state, set_rng_state
+
+    torch.cuda.manual_seed_all(5)
+    state = rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    torch.save(state, tmp_path / "rng.pt")
+    first = torch.rand(8, device="cuda")
+    assert not torch.equal(torch.rand(8, device="cuda"), first)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False))
+    assert torch.equal(torch.rand(8, device="cuda"), first)
