@@ -378,6 +378,8 @@ class Trainer:
             "zero_variance_skipped": float(info["zero_variance_skipped"]),
             "policy_version": float(self.published_version),
         }
+        if self.strategy.device.type == "cuda":  # this rank's high-water mark since start (allocated, not cached)
+            metrics["perf/gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         if evaluate:
             evals = self.evaluate()
             metrics |= evals
