@@ -195,14 +195,15 @@ class DeepSpeedStrategy:
         self.trainer_cfg = trainer_cfg
         torch.set_num_threads(trainer_cfg.threads)
         self._launched = "RANK" in os.environ  # by torchrun / the deepspeed launcher
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        accel = get_accelerator()
+        if accel.device_name() != "cpu":
+            # Before the process group: NCCL's barriers and communicators use the current device.
+            accel.set_device(local_rank)
         init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_main = self.rank == 0
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        accel = get_accelerator()
-        if accel.device_name() != "cpu":
-            accel.set_device(local_rank)
         self.device = torch.device(accel.device_name(local_rank))
         set_seed(trainer_cfg.seed)
 

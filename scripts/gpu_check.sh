@@ -33,7 +33,7 @@ while (($#)); do
     --steps) STEPS=$2; shift 2 ;;
     --skip-pytest) PYTEST=0; shift ;;
     --cpu-dry-run) CPU=1; SIZE=tiny; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
