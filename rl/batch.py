@@ -49,6 +49,21 @@ class TrainBatch:
             self.versions,
         )
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with its tensors on `device` (the trainer's GPU); a no-op where they are."""
+        return TrainBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+            self.behaviour_logprobs.to(device),
+            self.prompt_lengths.to(device),
+            self.rewards.to(device),
+            self.group_size,
+            self.task_ids,
+            self.row_indices,
+            self.versions,
+        )
+
 
 def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
     if not groups:

@@ -1,9 +1,9 @@
 """Checkpoints: `run_dir/checkpoints/step_<N>/`, written under a temporary name, then renamed.
 
 A checkpoint holds the DeepSpeed state (model, optimizer, LR schedule), the
-trainer state (step, policy version), every rank's RNG states, and the hub's
-ledger at that step, so `rl train --resume` continues with the same data order
-and no prompt consumed twice or lost. What a run did after its last checkpoint
+trainer state (step, policy version), every rank's RNG states (python, numpy, torch,
+CUDA), and the hub's ledger at that step, so `rl train --resume` continues with the
+same data order and no prompt consumed twice or lost. What a run did after its last checkpoint
 (a crash, a SIGKILL) is lost: `discard_after` removes its traces (policy versions,
 metric and batch records) before the run continues, so they are redone once.
 """
@@ -93,13 +93,30 @@ def prepare_fresh(run_dir: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states: python, numpy, torch CPU, and every visible CUDA device's (if any)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`; CUDA states are restored on as many devices as this process sees."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is None:
+        return
+    if not torch.cuda.is_available():
+        log.warning("checkpoint holds CUDA RNG states but CUDA is not available here: not restored")
+        return
+    visible = torch.cuda.device_count()
+    if len(cuda) != visible:
+        log.warning("checkpoint holds CUDA RNG states of %d devices, %d visible: restoring %d",
+                    len(cuda), visible, min(len(cuda), visible))  # fmt: skip
+    for device, device_state in enumerate(cuda[:visible]):
+        torch.cuda.set_rng_state(device_state, device)
 
 
 def save_checkpoint(strategy, run_dir: Path, step: int, state: dict, ledger: Ledger | None, keep: int) -> Path:

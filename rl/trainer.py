@@ -251,8 +251,8 @@ class Trainer:
         algo, mb = self.cfg.algorithm, self.cfg.trainer.micro_batch_size
         advantages, adv_stats = group_advantages(batch.rewards, batch.group_size, algo.advantage, algo.scale_rewards)
         full = batch
-        local = self._my_rows(batch)
-        local_adv = advantages[self.strategy.rank :: self.strategy.world_size]
+        local = self._my_rows(batch).to(self.strategy.device)  # the loss meets the log-probs on the GPU
+        local_adv = advantages[self.strategy.rank :: self.strategy.world_size].to(self.strategy.device)
         max_tokens = algo.dr_grpo_max_tokens or self.cfg.sampling.max_tokens
         norm = LossNorm.from_batch(full.completion_mask, micro_batch_size=mb * self.strategy.world_size,
                                    max_tokens=max_tokens)  # fmt: skip
@@ -433,6 +433,8 @@ class Trainer:
             "zero_variance_skipped": float(info["zero_variance_skipped"]),
             "policy_version": float(self.published_version),
         }
+        if self.strategy.device.type == "cuda":  # this rank's high-water mark since start (allocated, not cached)
+            metrics["perf/gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         if evaluate:
             evals = self.evaluate()
             metrics |= evals
