@@ -154,13 +154,13 @@ def test_zero3_offload_steps_on_cuda(tiny_model_dir, tmp_path):
 
 def test_hf_engine_logprobs_match_the_trainer_on_cuda(tiny_model_dir):
     from rl.config import ModelConfig, TrainerConfig
-    from rl.hub.protocol import SamplingParamsWire
+    from rl.protocol import SamplingParamsWire
     from rl.strategy import DeepSpeedStrategy
-    from rollout_workers.engines import make_engine
+    from rollout_workers.engines import EngineSpec, make_engine
 
     prompt = [1, 20, 30, 40, 50]
     params = SamplingParamsWire(n=4, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=12)
-    engine = make_engine("hf", tiny_model_dir, max_model_len=64, dtype="float32")
+    engine = make_engine(EngineSpec(kind="hf"), tiny_model_dir, max_model_len=64, dtype="float32")
     try:
         assert engine.device.type == "cuda"
         completions = engine.generate([prompt], params)[0]
