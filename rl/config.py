@@ -277,6 +277,8 @@ class HubConfig(Section):
     """Largest accepted request body."""
     buffer_size: int = Field(256, ge=1)
     """Scored groups the hub holds for the trainer before it stops leasing."""
+    max_restarts: int = Field(3, ge=0)
+    """Times `rl train` restarts a hub that died mid-run (from its ledger, run_dir/hub.sqlite) before failing."""
 
 
 class CheckpointConfig(Section):
