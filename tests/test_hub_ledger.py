@@ -195,3 +195,22 @@ def test_hub_restored_from_the_database_loses_nothing_and_repeats_nothing(tmp_pa
     assert not set(handed) & set(trained)  # consumed stays consumed
     for t in handed:
         assert restored.task_rows[t] == state.order.index_of(t)  # same id, same prompt
+
+
+def test_restarted_hub_serves_the_newest_version_on_disk(tmp_path, caplog):
+    """v2 was written and announced, but the hub died before recording it: the files win, the ledger follows."""
+    import torch
+
+    from rl.hub.server import Hub
+    from rl.weights import write_version
+
+    policy = tmp_path / "policy"
+    for version in (0, 1, 2):
+        write_version(policy, version, {"w": torch.zeros(2)}, "float32")
+    store = LedgerStore(tmp_path / "hub.sqlite")
+    store.save(make_state().ledger(), 1)
+    state = make_state(store.ledger)
+    state.policy_version = -1  # as a new hub starts
+    Hub(state.cfg, state, pool=None, tokenizer=None, policy_dir=policy, tokens=None, store=store)
+    assert state.policy_version == 2 and store.policy_version == 2
+    assert "the ledger says policy version 1 was published, the newest on disk is 2" in caplog.text
