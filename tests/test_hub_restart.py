@@ -187,3 +187,19 @@ def test_train_survives_two_hub_kills(tiny_model_dir, tmp_path):
     # The run kept training through the kills: the versions trained stay within the staleness window.
     assert all(0 <= step - 1 - v <= 1 for step, r in records.items() for v in r["versions"])
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_hub_dying_past_max_restarts_fails_the_run(tiny_model_dir, tmp_path):
+    """hub.max_restarts bounds the restarts: one death more fails the run (exit 1), naming the hub's log."""
+    run_dir = tmp_path / "run"
+    config = h.train_config(run_dir, tiny_model_dir, trainer={"max_steps": 200}, hub={"max_restarts": 0})
+    log = tmp_path / "train.log"
+    proc = h.start_train(config, log)
+    train = psutil.Process(proc.pid)
+    # Once it answered (`rl train` logs its address), a dead hub counts as a crash mid-run.
+    h.wait_for(lambda: "hub at http" in log.read_text() and _hub_process(train) is not None, "the hub", proc, log,
+               timeout=300)  # fmt: skip
+    _hub_process(train).send_signal(signal.SIGKILL)
+    assert h.finish(proc, log, timeout=120) == 1, h.tail(log)
+    text = log.read_text()
+    assert "hub.max_restarts=0" in text and "logs/hub.log" in text and "restarting it" not in text

@@ -65,14 +65,15 @@ def remove(path: Path) -> None:
 
 
 class LedgerStore:
-    """One hub's connection to its ledger database; used from the hub's event loop only."""
+    """One hub's connection to its ledger database. Not thread-safe: the caller runs one call at a time."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # isolation_level=None: we open transactions ourselves, so one save is one commit.
-            self.db = sqlite3.connect(self.path, isolation_level=None)
+            # check_same_thread=False: the hub writes from a worker thread, one write at a time.
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)

@@ -107,6 +107,8 @@ class Hub:
         """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
         self._scoring_tasks: set[asyncio.Task] = set()
+        self._ledger_lock = asyncio.Lock()
+        """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
         self._adopt_published_policy()
         self.flush_ledger()
 
@@ -125,18 +127,32 @@ class Hub:
                         recorded, self.state.policy_version, self.state.policy_version)  # fmt: skip
 
     def flush_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
-        """Commit the ledger's changes (and a batch answer about to be sent) to the database, if any."""
+        """Commit the ledger's changes (and a batch answer about to be sent) to the database, if any.
+
+        Blocking: for start-up and shutdown. While serving, `write_ledger`.
+        """
         if self.store is not None:
             self.store.save(self.state.ledger(), self.state.policy_version, batch)
 
-    def record_batch(self, pull_id: str | None, body: bytes) -> None:
+    async def write_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
+        """`flush_ledger` in a thread, so a large batch's write never stalls leases and submissions.
+
+        The snapshot is taken under the lock: a write never replaces a newer snapshot with an older one.
+        """
+        if self.store is None:
+            return
+        async with self._ledger_lock:
+            ledger, version = self.state.ledger(), self.state.policy_version
+            await asyncio.to_thread(self.store.save, ledger, version, batch)
+
+    async def record_batch(self, pull_id: str | None, body: bytes) -> None:
         """Commit a batch about to be answered, or exit: a hub that cannot record a batch must not hand it out.
 
         Its groups already left the in-memory buffer; exiting is a crash like any other, and the
         restarted hub re-queues them from the database (`rl train` restarts it).
         """
         try:
-            self.flush_ledger((pull_id or "", body))
+            await self.write_ledger((pull_id or "", body))
         except Exception:
             log.critical("cannot record the batch in %s; exiting (restarted from the database by rl train)",
                          self.store.path if self.store else None, exc_info=True)  # fmt: skip
@@ -147,7 +163,7 @@ class Hub:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
-                self.flush_ledger()
+                await self.write_ledger()
             except Exception:  # a full disk: the next flush (or the next batch pull) tries again
                 log.exception("writing the ledger to %s failed", self.store.path if self.store else None)
 
@@ -342,7 +358,7 @@ def create_app(hub: Hub) -> FastAPI:
                 )
                 body = batch.model_dump_json().encode()
                 if groups:  # consumed on disk before the trainer can have it (rl/hub/ledger.py)
-                    hub.record_batch(req.pull_id, body)
+                    await hub.record_batch(req.pull_id, body)
                 return Response(body, media_type="application/json")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(hub.changed.wait(), timeout=min(remaining, 1.0))
@@ -354,7 +370,7 @@ def create_app(hub: Hub) -> FastAPI:
         except (OSError, ValueError) as e:
             raise HubError(422, "bad_policy", f"version {req.version} has no readable manifest: {e}") from None
         state.policy_version = req.version
-        hub.flush_ledger()
+        await hub.write_ledger()
         hub.poke()
         garbage_collect(hub.policy_dir, state.versions_in_use() | {req.version}, hub.cfg.weights.keep_versions)
         log.info("policy version %d published", req.version)
@@ -477,8 +493,10 @@ def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
         finally:
             watcher.cancel()
             hub.pool.close()
-            hub.flush_ledger()
-            store.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:  # after the loop, whose exit waited for any ledger write still running in a thread
+        hub.flush_ledger()
+        store.close()
     return 0
