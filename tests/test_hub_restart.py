@@ -18,11 +18,11 @@ import threading
 import time
 from pathlib import Path
 
+import helpers.train as h
 import httpx
 import psutil
 import pytest
-import train_helpers as h
-from hub_fixtures import (
+from helpers.hub import (
     ADMIN,
     WORKER,
     AnswerLosingProxy,
@@ -31,7 +31,7 @@ from hub_fixtures import (
     start_hub,
     write_config,
 )
-from test_worker_helpers import serve
+from helpers.net import serve
 
 from rl.data import PromptOrder
 from rl.hub.admin import HubAdmin
