@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.hub import WORKER, LiveHub, live_config
-from helpers.policy import make_policy_store
-from test_worker_helpers import TOKEN, StubHub, make_sharded_store, serve, sparse_steps
+from helpers.policy import make_policy_store, make_sharded_store, sparse_steps
+from test_worker_helpers import TOKEN, StubHub, serve
 
 from rl.models import sha256_file
 from rl.weights import WEIGHTS_FILE, read_manifest, version_dir
