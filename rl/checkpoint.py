@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rl.hub.ledger import remove as remove_ledger_db
 from rl.protocol import Ledger
 from rl.rundir import RunDir
 
@@ -88,8 +89,9 @@ def prepare_fresh(run_dir: Path) -> None:
         )
     for directory in (*paths.versioned, paths.final, paths.checkpoints):
         shutil.rmtree(directory, ignore_errors=True)
-    for path in (*paths.step_logs, paths.curves, paths.wandb_run_id, paths.hub_db):
+    for path in (*paths.step_logs, paths.curves, paths.wandb_run_id):
         path.unlink(missing_ok=True)
+    remove_ledger_db(paths.hub_db)
 
 
 def rng_state() -> dict:

@@ -94,7 +94,10 @@ def hub(
     overrides: OverridesArg = None,
     host: Annotated[str | None, typer.Option(help="Listen address (overrides hub.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (overrides hub.port).")] = None,
-    ledger: Annotated[Path | None, typer.Option(help="Resume the data ledger saved in a checkpoint.")] = None,
+    ledger: Annotated[
+        Path | None,
+        typer.Option(help="Start from a checkpoint's ledger.json (else from run_dir/hub.sqlite, if there)."),
+    ] = None,
 ) -> None:
     """Serve the control plane (leases, submissions, scoring, policy files) for a run."""
     cfg = _load(config, overrides)

@@ -317,6 +317,8 @@ class HubConfig(Section):
     """Scored groups the hub holds for the trainer before it stops leasing."""
     weights_url: str | None = Field(None, pattern=r"^https?://")
     """HTTP cache or mirror of the hub's `/v1/blobs/` that workers try first (`rl rollout --weights-url` wins)."""
+    max_restarts: int = Field(3, ge=0)
+    """Times `rl train` restarts a hub that died mid-run (from its ledger, run_dir/hub.sqlite) before failing."""
 
 
 class CheckpointConfig(Section):

@@ -11,8 +11,12 @@ Lifecycle:
   a killed run leaves no orphans. They do not inherit RANK/WORLD_SIZE/MASTER_*.
 - First SIGINT/SIGTERM: finish the current step, checkpoint, exit 130. A second
   one exits at once (the last checkpoint stays valid).
-- A watchdog thread watches the children. A dead hub fails the run at once;
-  when every local worker died and no remote worker is connected, the trainer
+- A watchdog thread watches the children. A hub that dies mid-run is restarted
+  from its ledger database (run_dir/hub.sqlite, rl/hub/ledger.py) on the same port,
+  up to `hub.max_restarts` times: the trainer's calls wait for it (HubAdmin retries),
+  workers register again, prompts in flight are generated again, none is lost or
+  trained twice. One more death (or one before the hub first answered) fails the run.
+  When every local worker died and no remote worker is connected, the trainer
   checkpoints and the run exits 1. Either way the message names the child's log.
 - On exit, success or not, workers get SIGTERM (they return their leases), then
   the hub is asked to shut down.
@@ -38,6 +42,7 @@ from rl.checkpoint import CheckpointError, checkpoint_step, discard_after, lates
 from rl.client import HubHTTP
 from rl.config import RunConfig, dump_config
 from rl.data import DataError
+from rl.hub import ledger as hub_ledger
 from rl.hub.admin import HubAdmin
 from rl.hub.tokens import Tokens
 from rl.models import ModelError, resolve_model
@@ -126,16 +131,24 @@ class Child:
 class Watchdog:
     """A thread that polls the children every second and tells the trainer when one dies.
 
-    When the hub died it sets `hub_failure` and signals the main thread (SIGUSR1),
-    whose handler raises at once: without the hub there is no ledger to checkpoint.
-    A run whose local workers all died (and no remote worker is connected) is asked
-    to stop through the trainer's `StopRequest` (checkpoint first).
+    A hub that died after it first answered is restarted from its database (`Launch.restart_hub`),
+    up to `hub.max_restarts` times. Past that (or a hub that never came up) it sets `hub_failure`
+    and signals the main thread (SIGUSR1), whose handler raises at once: without the hub there is
+    no ledger to checkpoint. A run whose local workers all died (and no remote worker is
+    connected) is asked to stop through the trainer's `StopRequest` (checkpoint first).
+
+    A hub it restarted is its child: the kernel's parent-death signal (`_die_with`) follows the
+    thread that spawned a process, not the process. So the thread outlives its watching, until
+    `release()` once the children were stopped, or the restarted hub would die with it.
     """
 
     def __init__(self, launch: Launch, stop: StopRequest, admin: HubAdmin):
         self.launch, self.stop, self.admin = launch, stop, admin
         self.hub_failure: str | None = None
+        self.hub_restarts = 0
         self._done = threading.Event()
+        self._released = threading.Event()
+        self._lock = threading.Lock()  # a restart and `close` never interleave
         self._main = threading.main_thread().ident
         self._thread = threading.Thread(target=self._run, name="rl-watchdog", daemon=True)
         self._thread.start()
@@ -145,16 +158,28 @@ class Watchdog:
         return not self._done.is_set()
 
     def close(self) -> None:
+        """Stop watching (no restart after this); the thread waits for `release()`."""
+        with self._lock:
+            self._done.set()
+
+    def release(self) -> None:
+        """Let the thread end, once the children it may have spawned are stopped."""
         self._done.set()
+        self._released.set()
         self._thread.join(timeout=5.0)
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            self._released.wait()
+
+    def _watch(self) -> None:
         dead: set[str] = set()
         while not self._done.wait(1.0):
-            if self.launch.hub.proc.poll() is not None:
-                self.hub_failure = self.launch.hub.exit_message()
-                self._alert(f"the hub exited (see {self.launch.hub.log_path})")
-                return
+            with self._lock:
+                if self.launch.hub.proc.poll() is not None and not self._restart_hub():
+                    return
             for w in self.launch.workers:
                 if w.proc.poll() is not None and w.name not in dead:
                     dead.add(w.name)
@@ -164,6 +189,22 @@ class Watchdog:
                 logs = ", ".join(str(w.log_path) for w in workers)
                 self._alert(f"every local rollout worker exited and no remote worker is connected (see {logs})")
                 return
+
+    def _restart_hub(self) -> bool:
+        """The hub exited: restart it if allowed (True), else fail the run (False)."""
+        hub, limit = self.launch.hub, self.launch.cfg.hub.max_restarts
+        if self._done.is_set():  # the run is shutting down: the hub is meant to go
+            return False
+        if not self.launch.hub_ready or self.hub_restarts >= limit:
+            why = "before it answered" if not self.launch.hub_ready else f"after {self.hub_restarts} restarts"
+            self.hub_failure = f"{hub.exit_message()}\n(the hub exited {why}; hub.max_restarts={limit})"
+            self._alert(f"the hub exited (see {hub.log_path})")
+            return False
+        self.hub_restarts += 1
+        log.error("the hub exited with code %s; restarting it from its ledger %s (restart %d of %d, log %s)",
+                  hub.proc.returncode, self.launch.paths.hub_db, self.hub_restarts, limit, hub.log_path)  # fmt: skip
+        self.launch.restart_hub()
+        return True
 
     def _remote_workers(self) -> bool:
         try:
@@ -186,6 +227,10 @@ class Launch:
         self.paths = RunDir(self.run_dir)
         self.logs = self.paths.logs
         self.hub: Child | None = None
+        self.hub_ready = False
+        """Set once the hub answered: a hub that dies later is restarted, one that never came up is not."""
+        self._hub_cmd: list[str] = []
+        self._hub_env: dict[str, str] = {}
         self.workers: list[Child] = []
         self.watchdog: Watchdog | None = None
         self.tokens, _ = Tokens.from_config(cfg)
@@ -218,12 +263,21 @@ class Launch:
         env = child_env(RL_HUB_ADMIN_TOKEN=self.tokens.admin, RL_HUB_WORKER_TOKENS=",".join(self.tokens.workers),
                         OMP_NUM_THREADS="1")  # fmt: skip
         cmd = [sys.executable, "-m", "rl.cli", "hub", str(config_path), "--host", cfg.hub.host, "--port", str(port)]
+        self._hub_cmd, self._hub_env = cmd, env
         if ckpt is not None and (ckpt / "ledger.json").is_file():
-            cmd += ["--ledger", str(ckpt / "ledger.json")]
+            # The trainer rolls back to the checkpoint: its ledger wins over the database's.
+            cmd = [*cmd, "--ledger", str(ckpt / "ledger.json")]
             log.info("resuming from %s: the hub restores its data ledger", ckpt)
+        elif ckpt is not None:
+            hub_ledger.remove(self.paths.hub_db)  # a checkpoint without a ledger: start the data over
         self.hub = Child("hub", cmd, env, self.logs / "hub.log")
         self.watchdog = Watchdog(self, stop, HubAdmin(self.url, self.tokens.admin, patience_s=5.0))
         return HubAdmin(self.url, self.tokens.admin)
+
+    def restart_hub(self) -> None:
+        """Start the hub again after it died: same port and tokens, ledger from its database."""
+        self.hub.log_file.close()
+        self.hub = Child("hub", self._hub_cmd, self._hub_env, self.logs / "hub.log")
 
     def start_workers(self) -> None:
         """Once the hub answers: spawn the local workers and print how to add remote ones."""
@@ -248,6 +302,7 @@ class Launch:
                 if self.hub.proc.poll() is not None:
                     raise LaunchError(self.hub.exit_message())
                 if probe.healthy():
+                    self.hub_ready = True
                     return
                 time.sleep(0.5)
         raise LaunchError(f"hub did not become healthy in {timeout:.0f}s; see {self.hub.log_path}")
@@ -266,6 +321,8 @@ class Launch:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.hub.proc.wait(10)
             self.hub.stop()
+        if self.watchdog is not None:
+            self.watchdog.release()
 
 
 def _install_signal_handlers(stop: StopRequest, launch: Launch | None) -> Callable[[], None]:

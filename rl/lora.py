@@ -20,6 +20,7 @@ the final norm) ship as their own tensors under their HF names and replace the b
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -127,12 +128,14 @@ def merged_names(peft_names: Iterable[str]) -> list[str]:
 
 
 def merge_stream(items: Iterable[tuple[str, Tensor]], scaling: float) -> Iterator[tuple[str, Tensor]]:
-    """Merge while streaming: (peft name, tensor) in parameter order -> (HF name, merged tensor).
+    """Merge while streaming: (peft name, tensor) in parameter order -> (HF name, merged tensor), same order.
 
     peft registers an adapted layer's base weight before its lora_A and lora_B, so each base weight
-    waits only until its two adapters arrive (a few layers at most), never the whole model.
+    (and what follows it, to keep the order) waits only until its two adapters arrive: a layer or
+    two, never the whole model.
     """
-    pending: dict[str, dict[str, Tensor]] = {}
+    queue: deque[list] = deque()  # [HF name, tensor or None while its adapters are missing]
+    pending: dict[str, dict] = {}  # module -> {"slot": queue entry, "weight"/"lora_A"/"lora_B": tensor}
     for name, tensor in items:
         if ".original_module." in name:
             continue  # a saved module's frozen original: its trained copy is what ships
@@ -141,18 +144,25 @@ def merge_stream(items: Iterable[tuple[str, Tensor]], scaling: float) -> Iterato
             module, part = plain.removesuffix(".weight").rsplit(".", 1)
         elif ".base_layer." in name and plain.endswith(".weight"):
             module, part = plain.removesuffix(".weight"), "weight"
+            slot = [plain, None]
+            queue.append(slot)
+            pending.setdefault(module, {})["slot"] = slot
         else:
-            yield plain, tensor
-            continue
-        parts = pending.setdefault(module, {})
-        parts[part] = tensor
-        if len(parts) == 3:
-            del pending[module]
-            merged = merge_adapter({f"{module}.weight": parts["weight"]},
-                                   {f"{module}.lora_A": parts["lora_A"], f"{module}.lora_B": parts["lora_B"]},
-                                   scaling)  # fmt: skip
-            yield f"{module}.weight", merged[f"{module}.weight"]
-    if pending:
+            queue.append([plain, tensor])
+            module = None
+        if module is not None:
+            parts = pending.setdefault(module, {})
+            parts[part] = tensor
+            if {"slot", "weight", "lora_A", "lora_B"} <= parts.keys():
+                del pending[module]
+                merged = merge_adapter({f"{module}.weight": parts["weight"]},
+                                       {f"{module}.lora_A": parts["lora_A"], f"{module}.lora_B": parts["lora_B"]},
+                                       scaling)  # fmt: skip
+                parts["slot"][1] = merged[f"{module}.weight"]
+        while queue and queue[0][1] is not None:
+            out_name, out = queue.popleft()
+            yield out_name, out
+    if pending or queue:
         raise ValueError(f"adapted layers without all of weight, lora_A, lora_B: {sorted(pending)[:4]}")
 
 

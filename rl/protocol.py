@@ -258,6 +258,8 @@ class BatchRequest(Wire):
     timeout_s: float = Field(30.0, ge=0.0, le=600.0)
     skip_zero_variance: bool = False
     """DAPO dynamic sampling: drop groups whose rewards are all equal (counted, not re-queued)."""
+    pull_id: str | None = Field(None, min_length=1, max_length=64)
+    """Idempotency key: a pull re-sent with the same id (its answer was lost, the hub restarted) gets the same batch."""
 
 
 class ScoredCompletion(Wire):

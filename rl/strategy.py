@@ -543,7 +543,7 @@ class DeepSpeedStrategy:
         out = [(name, tuple(getattr(p, "ds_shape", None) or p.shape)) for name, p in params.items()]
         state = self.module.state_dict(keep_vars=True)
         if self.lora is not None:  # the merged model's tensors: adapters and frozen originals left out
-            shapes = dict(out) | {name: tuple(state[name].shape) for name in state if name not in params}
+            shapes = dict(out) | {n: tuple(state[n].shape) for n in self._raw_state_names() if n not in params}
             keep = set(merged_names(shapes))
             out = [(n, shapes[p]) for p in shapes if (n := hf_name(p.replace(".original_module.", "."))) in keep
                    and not is_adapter(hf_name(p)) and ".original_module." not in p]  # fmt: skip

@@ -145,3 +145,23 @@ def test_worker_merges_lora_version_from_a_real_hub(tiny_model_dir, tmp_path):
             assert sync.local(2) is None
     finally:
         hub.stop()
+
+
+def test_merge_stream_keeps_order_and_equals_the_merged_state(tiny_model_dir):
+    """Streaming merge (what a sharded publish consumes): the merged model's tensors in the model's own
+    order (a bias after its weight), equal to merging the whole state at once."""
+    from rl.lora import merge_stream, merged_names
+
+    model = lora_model(tiny_model_dir)
+    model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias = torch.nn.Parameter(torch.ones(64))
+    state = model.state_dict()
+    streamed = list(merge_stream(state.items(), LORA.alpha / LORA.r))
+    assert [n for n, _ in streamed] == merged_names(state)
+    names = [n for n, _ in streamed]
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert names.index(f"{q_proj}.bias") == names.index(f"{q_proj}.weight") + 1
+    whole = merged_state_dict(state, LORA.alpha / LORA.r)
+    for name, tensor in streamed:
+        assert torch.equal(tensor, whole[name]), name
+    with pytest.raises(ValueError, match="without all of weight"):
+        list(merge_stream([(n, t) for n, t in state.items() if "lora_B" not in n], 1.0))

@@ -9,12 +9,26 @@ and raises the hub's `HubError` at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+import uuid
 
 import httpx
 
 from rl.client import HubHTTP
-from rl.protocol import Ack, Batch, BatchRequest, EvalJob, EvalRequest, HubStatus, Ledger, PublishRequest
+from rl.protocol import (
+    Ack,
+    Batch,
+    BatchRequest,
+    EvalJob,
+    EvalRequest,
+    HubError,
+    HubStatus,
+    Ledger,
+    PublishRequest,
+)
+
+log = logging.getLogger(__name__)
 
 
 class HubAdmin(HubHTTP):
@@ -27,7 +41,9 @@ class HubAdmin(HubHTTP):
         return self.base_url
 
     def pull(self, num_groups: int, step: int, *, timeout_s: float = 30.0, skip_zero_variance: bool = False) -> Batch:
-        req = BatchRequest(num_groups=num_groups, step=step, timeout_s=timeout_s, skip_zero_variance=skip_zero_variance)
+        # One id per pull, the same for its retries: a batch whose answer was lost is handed out again, not lost.
+        req = BatchRequest(num_groups=num_groups, step=step, timeout_s=timeout_s, skip_zero_variance=skip_zero_variance,
+                           pull_id=uuid.uuid4().hex)  # fmt: skip
         return self.call("POST", "/v1/batches", Batch, json=req)
 
     def publish(self, version: int) -> None:
@@ -41,7 +57,14 @@ class HubAdmin(HubHTTP):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"eval job {job.job_id}: {job.done}/{job.total} after {timeout_s:.0f}s")
             time.sleep(poll_s)
-            job = self.call("GET", f"/v1/evals/{job.job_id}", EvalJob)
+            try:
+                job = self.call("GET", f"/v1/evals/{job.job_id}", EvalJob)
+            except HubError as e:
+                if e.reason != "unknown_eval":
+                    raise
+                # Eval jobs live only in the hub's memory: a restarted hub forgot it. Run it again.
+                log.warning("the hub forgot eval job %s (restarted?); starting it again", job.job_id)
+                job = self.call("POST", "/v1/evals", EvalJob, json=req)
         return job
 
     def ledger(self) -> Ledger:

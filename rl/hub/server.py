@@ -8,6 +8,9 @@ serialises the answer; long polls wait on events the state fires (`on_work`,
 the verifier pool's processes, so a slow or hostile completion never stalls
 leases or submissions. Every rejection is a 4xx with `{"reason", "detail"}`
 and leaves the state as it was (the state checks before it changes).
+The ledger is kept in run_dir/hub.sqlite (rl/hub/ledger.py): a batch is recorded
+there before it is answered, the rest every half second, so a hub that dies is
+restarted from it (by `rl train`) with nothing lost or trained twice.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -30,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.config import RunConfig
 from rl.hub.blobs import BlobIndex
+from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.hub.state import HubState, ScoringJob
 from rl.hub.tokens import Tokens
 from rl.protocol import (
@@ -126,11 +131,12 @@ async def _send_error(send, status: int, reason: str, detail: str) -> None:
 
 
 class Hub:
-    """The running hub: state, verifier pool, tokenizer for decoding, policy directory."""
+    """The running hub: state, verifier pool, tokenizer for decoding, policy directory, ledger database."""
 
-    def __init__(self, cfg: RunConfig, state: HubState, pool, tokenizer, policy_dir: Path, tokens: Tokens):
+    def __init__(self, cfg: RunConfig, state: HubState, pool, tokenizer, policy_dir: Path, tokens: Tokens,
+                 store: LedgerStore | None = None):  # fmt: skip
         self.cfg, self.state, self.pool, self.tokenizer = cfg, state, pool, tokenizer
-        self.policy_dir, self.tokens = Path(policy_dir), tokens
+        self.policy_dir, self.tokens, self.store = Path(policy_dir), tokens, store
         self.blobs = BlobIndex(self.policy_dir)
         """Policy files by sha256 (`GET /v1/blobs/{sha256}`) and the count of bytes served."""
         self.changed = asyncio.Event()
@@ -140,9 +146,63 @@ class Hub:
         self.shutdown_requested = asyncio.Event()
         self._scoring_tasks: set[asyncio.Task] = set()
         state.on_work, state.on_scored = self.poke, self.changed.set
+        self._ledger_lock = asyncio.Lock()
+        """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
+        self._adopt_published_policy()
+        self.flush_ledger()
+
+    def _adopt_published_policy(self) -> None:
         versions = published_versions(self.policy_dir) if self.policy_dir.exists() else []
         if versions:  # a restarted hub serves what the trainer already published
-            state.publish(versions[-1])
+            self.state.publish(versions[-1])
+        recorded = self.store.policy_version if self.store is not None else -1
+        if recorded >= 0 and recorded != self.state.policy_version:
+            # The files are what workers load: they win. Newer on disk is a publish the trainer
+            # wrote but the dead hub had not recorded (the trainer re-announces it); older means
+            # versions were deleted by hand.
+            log.warning("the ledger says policy version %d was published, the newest on disk is %d: using %d",
+                        recorded, self.state.policy_version, self.state.policy_version)  # fmt: skip
+
+    def flush_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
+        """Commit the ledger's changes (and a batch answer about to be sent) to the database, if any.
+
+        Blocking: for start-up and shutdown. While serving, `write_ledger`.
+        """
+        if self.store is not None:
+            self.store.save(self.state.ledger(), self.state.policy_version, batch)
+
+    async def write_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
+        """`flush_ledger` in a thread, so a large batch's write never stalls leases and submissions.
+
+        The snapshot is taken under the lock: a write never replaces a newer snapshot with an older one.
+        """
+        if self.store is None:
+            return
+        async with self._ledger_lock:
+            ledger, version = self.state.ledger(), self.state.policy_version
+            await asyncio.to_thread(self.store.save, ledger, version, batch)
+
+    async def record_batch(self, pull_id: str | None, body: bytes) -> None:
+        """Commit a batch about to be answered, or exit: a hub that cannot record a batch must not hand it out.
+
+        Its groups already left the in-memory buffer; exiting is a crash like any other, and the
+        restarted hub re-queues them from the database (`rl train` restarts it).
+        """
+        try:
+            await self.write_ledger((pull_id or "", body))
+        except Exception:
+            log.critical("cannot record the batch in %s; exiting (restarted from the database by rl train)",
+                         self.store.path if self.store else None, exc_info=True)  # fmt: skip
+            logging.shutdown()
+            os._exit(75)
+
+    async def flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                await self.write_ledger()
+            except Exception:  # a full disk: the next flush (or the next batch pull) tries again
+                log.exception("writing the ledger to %s failed", self.store.path if self.store else None)
 
     async def score(self, job: ScoringJob) -> None:
         """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
@@ -187,8 +247,10 @@ def create_app(hub: Hub) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         keeper = asyncio.create_task(hub.housekeeping())
+        flusher = asyncio.create_task(hub.flush_periodically())
         yield
         keeper.cancel()
+        flusher.cancel()
 
     app = FastAPI(title="scatter-rl hub", version="1", lifespan=lifespan)
     app.router.route_class = FastJSONRoute
@@ -300,6 +362,8 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.post("/v1/batches", response_model=Batch, dependencies=[Depends(admin)])
     async def batches(req: BatchRequest):
+        if hub.store is not None and (again := hub.store.replay(req.pull_id)) is not None:
+            return Response(again, media_type="application/json")  # a retry: its answer was lost
         deadline = time.monotonic() + req.timeout_s
         stale_total = skipped_total = 0
         while True:
@@ -314,9 +378,10 @@ def create_app(hub: Hub) -> FastAPI:
                     stale_dropped=stale_total,
                     zero_variance_skipped=skipped_total,
                 )
-                # Serialised once here: through response_model FastAPI would validate the (large) batch
-                # again and then serialise it.
-                return Response(batch.model_dump_json(), media_type="application/json")
+                body = batch.model_dump_json().encode()
+                if groups:  # consumed on disk before the trainer can have it (rl/hub/ledger.py)
+                    await hub.record_batch(req.pull_id, body)
+                return Response(body, media_type="application/json")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(hub.changed.wait(), timeout=min(remaining, 1.0))
 
@@ -332,6 +397,7 @@ def create_app(hub: Hub) -> FastAPI:
                 hub.blobs.record_base_weights()
             except (HubError, OSError) as e:
                 log.warning("could not describe the base weights of version 0: %s", e)
+        await hub.write_ledger()
         garbage_collect(hub.policy_dir, keep, hub.cfg.weights.keep_versions)
         log.info("policy version %d published", req.version)
         return Ack()
@@ -368,8 +434,13 @@ class BodyLimitApp(BodyLimit):
         return getattr(self.app, name)
 
 
-def build_hub(cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | None = None) -> Hub:
-    """Load tokenizer and prompts, start the verifier pool; everything a hub needs but a socket."""
+def build_hub(
+    cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | None = None, store: LedgerStore | None = None
+) -> Hub:
+    """Load tokenizer and prompts, start the verifier pool; everything a hub needs but a socket.
+
+    `ledger` restores the data position; `store` is where the ledger is kept from then on.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     from rl.data import PromptSet, load_rows
@@ -387,7 +458,27 @@ def build_hub(cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | Non
     pool = VerifierPool.from_config(cfg.rewards)
     if tokens is None:
         tokens, _ = Tokens.from_config(cfg)
-    return Hub(cfg, state, pool, tokenizer, cfg.paths.policy, tokens)
+    return Hub(cfg, state, pool, tokenizer, cfg.paths.policy, tokens, store)
+
+
+def open_ledger(cfg: RunConfig, ledger_path: Path | None) -> tuple[LedgerStore, Ledger | None]:
+    """The run's ledger database and the ledger to start from.
+
+    With `ledger_path` (a checkpoint's ledger.json: `rl train --resume`) that ledger wins and
+    the database is reset to it; otherwise the database's own (a restart after a crash), if any.
+    """
+    store = LedgerStore(cfg.paths.hub_db)
+    if ledger_path is not None:
+        ledger = Ledger.model_validate_json(Path(ledger_path).read_text())
+        store.reset(ledger)
+        log.info("hub ledger reset to %s", ledger_path)
+        return store, ledger
+    ledger = store.ledger
+    if ledger is not None:
+        log.warning("hub ledger restored from %s: position %d, %d batches taken, %d pending tasks re-queued "
+                    "(delete the file to start the data over)", store.path, ledger.position, ledger.batches,
+                    len(ledger.pending))  # fmt: skip
+    return store, ledger
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -407,8 +498,8 @@ def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
     import uvicorn
 
     tokens, generated = Tokens.from_config(cfg)
-    ledger = Ledger.model_validate_json(Path(ledger_path).read_text()) if ledger_path else None
-    hub = build_hub(cfg, ledger, tokens)
+    store, ledger = open_ledger(cfg, ledger_path)
+    hub = build_hub(cfg, ledger, tokens, store)
     sock = listening_socket(cfg.hub.host, cfg.hub.port)
     port = sock.getsockname()[1]
     url = cfg.hub.public_url or f"http://{cfg.hub.host}:{port}"
@@ -439,9 +530,13 @@ def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
             hub.pool.close()
 
     try:
-        import uvloop  # uvicorn[standard] brings it: a faster event loop than asyncio's default
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+        try:
+            import uvloop  # uvicorn[standard] brings it: a faster event loop than asyncio's default
+        except ImportError:
+            asyncio.run(main())
+        else:
+            uvloop.run(main())
+    finally:  # after the loop, whose exit waited for any ledger write still running in a thread
+        hub.flush_ledger()
+        store.close()
     return 0
