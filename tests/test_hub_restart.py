@@ -31,7 +31,7 @@ from hub_fixtures import (
     start_hub,
     write_config,
 )
-from test_worker_helpers import serve
+from helpers.net import serve
 
 from rl.data import PromptOrder
 from rl.hub.admin import HubAdmin
