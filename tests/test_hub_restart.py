@@ -18,11 +18,11 @@ import threading
 import time
 from pathlib import Path
 
+import helpers.train as h
 import httpx
 import psutil
 import pytest
-import train_helpers as h
-from hub_fixtures import (
+from helpers.hub import (
     ADMIN,
     WORKER,
     AnswerLosingProxy,

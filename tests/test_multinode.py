@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers.train as h
 import pytest
-import train_helpers as h
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
