@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from helpers.hub import ADMIN, WORKER, free_port, start_hub, write_config  # noqa: E402
-from mirror_fixtures import start_nginx  # noqa: E402
+from helpers.mirror import start_nginx  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Weight transport"

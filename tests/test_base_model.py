@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 from helpers.hub import WORKER, start_hub, write_config
-from test_worker_helpers import make_sharded_store, sparse_steps
+from helpers.policy import make_sharded_store, sparse_steps
 
 from rl.hub.blobs import BASE_WEIGHTS, BlobIndex
 from rl.protocol import BaseWeights, HubError

@@ -8,19 +8,14 @@ bit, and anything that does not fit (truncated, reordered, foreign) is refused l
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.policy import make_sharded_store, sparse_steps
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_worker_helpers import make_sharded_store, sparse_steps  # noqa: E402
-
-from rl.models import sha256_file  # noqa: E402
-from rl.weight_files import (  # noqa: E402
+from rl.models import sha256_file
+from rl.weight_files import (
     INDEX_FILE,
     TensorSpec,
     WeightFileError,
@@ -31,7 +26,7 @@ from rl.weight_files import (  # noqa: E402
     shard_spec_of,
     write_shards,
 )
-from rl.weights import CURRENT, garbage_collect, published_versions, read_manifest, version_dir  # noqa: E402
+from rl.weights import CURRENT, garbage_collect, published_versions, read_manifest, version_dir
 
 
 @pytest.fixture(scope="module")

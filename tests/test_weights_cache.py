@@ -26,7 +26,7 @@ from helpers.hub import (
     stop_process,
     write_config,
 )
-from mirror_fixtures import NGINX_CONF, CorruptingMirror, start_nginx
+from helpers.mirror import NGINX_CONF, CorruptingMirror, start_nginx
 
 from rl.protocol import PolicyManifest, RegisterRequest
 from rl.weights import BASE, version_dir

@@ -1,20 +1,21 @@
 """WeightSync against the real hub serving a real policy store: verify, re-fetch, resume, cache, prune;
 sharded versions, and delta versions rebuilt bit for bit (or from the keyframe when anything is off).
 
-Downloads go through `FaultProxy`, which corrupts bytes or cuts a download halfway when a test asks.
+Every hub here is the real app (`LiveHub`); downloads go through its `FaultProxy`, which corrupts
+bytes or cuts a download halfway when a test asks. A version the hub lost is deleted from its disk.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.hub import WORKER, LiveHub, live_config
-from helpers.policy import make_policy_store
-from test_worker_helpers import TOKEN, StubHub, make_sharded_store, serve, sparse_steps
+from helpers.policy import make_policy_store, make_sharded_store, sparse_steps
 
 from rl.models import sha256_file
 from rl.weights import WEIGHTS_FILE, read_manifest, version_dir
@@ -35,14 +36,20 @@ def policy_dir(live) -> Path:
     return live.hub.policy_dir
 
 
-@pytest.fixture
-def hub(live):
-    live.proxy.exchanges.clear()
-    live.proxy.corrupt, live.proxy.cut = Counter(), Counter()
+@contextlib.contextmanager
+def connected(live: LiveHub) -> Iterator[LiveHub]:
+    """`live` with its faults disarmed and its exchanges forgotten, and a worker's client as `live.client`."""
+    live.proxy.reset()
     with HubClient(live.url, WORKER, max_backoff_s=0.2) as client:
         live.client = client
         live.policy_dir = live.hub.policy_dir
         yield live
+
+
+@pytest.fixture
+def hub(live):
+    with connected(live) as hub:
+        yield hub
 
 
 def weight_gets(hub: LiveHub, version: int) -> list[str | None]:
@@ -164,7 +171,8 @@ def random_bits(shape, generator) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def stores(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """The same 6 versions (sparse bf16 updates, one dense) as full and as delta versions, in >= 3 shards each."""
+    """The same 6 versions (sparse bf16 updates, one dense) as full and as delta versions, in >= 3 shards each:
+    the policy directories of two runs (`<run>/policy`)."""
     from safetensors.torch import load_file
 
     states = sparse_steps(load_file(str(tiny_model_dir / "model.safetensors")), steps=VERSIONS - 1)
@@ -175,29 +183,41 @@ def stores(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     shard_bytes = sum(t.numel() * 2 for t in states[0].values()) // 3
     out = {}
     for fmt in ("full", "delta"):
-        out[fmt] = tmp_path_factory.mktemp(fmt)
+        out[fmt] = tmp_path_factory.mktemp(fmt) / "policy"
         make_sharded_store(tiny_model_dir, out[fmt], states, fmt=fmt, shard_bytes=shard_bytes, keyframe_every=4)
     return out
 
 
-@contextlib.contextmanager
-def stub_for(policy_dir: Path):
-    stub = StubHub(policy_dir)
-    with serve(stub.app) as url, HubClient(url, TOKEN, max_backoff_s=0.2) as client:
-        stub.client = client
-        yield stub
+@pytest.fixture(scope="module")
+def sharded(stores, tiny_model_dir) -> Iterator[dict[str, LiveHub]]:
+    """A real hub for each store, by format."""
+    with contextlib.ExitStack() as stack:
+        yield {fmt: stack.enter_context(LiveHub(live_config(policy.parent, tiny_model_dir)))
+               for fmt, policy in stores.items()}  # fmt: skip
+
+
+@pytest.fixture
+def full_hub(sharded) -> Iterator[LiveHub]:
+    with connected(sharded["full"]) as hub:
+        yield hub
+
+
+@pytest.fixture
+def delta_hub(sharded) -> Iterator[LiveHub]:
+    with connected(sharded["delta"]) as hub:
+        yield hub
 
 
 def shard_bytes_of(local) -> list[bytes]:
     return [p.read_bytes() for p in local.weight_files]
 
 
-def test_sharded_full_version_loads_in_transformers(stores, tmp_path):
+def test_sharded_full_version_loads_in_transformers(full_hub, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    with stub_for(stores["full"]) as hub:
-        local = WeightSync(hub.client, tmp_path).fetch()
+    local = WeightSync(full_hub.client, tmp_path).fetch()
+    assert local.version == VERSIONS - 1
     assert len(local.weight_files) >= 3
     model, info = AutoModelForCausalLM.from_pretrained(local.model_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -209,78 +229,79 @@ def test_sharded_full_version_loads_in_transformers(stores, tmp_path):
             assert torch.equal(tensor.to(torch.bfloat16).view(torch.int16), shards[name].view(torch.int16))
 
 
-def test_delta_worker_is_bit_identical_to_full_worker(stores, tmp_path):
+def test_delta_worker_is_bit_identical_to_full_worker(stores, full_hub, delta_hub, tmp_path):
     """Follow every version in both formats: the delta worker rebuilds exactly the full worker's shards."""
-    with stub_for(stores["full"]) as full_hub, stub_for(stores["delta"]) as delta_hub:
-        full_sync = WeightSync(full_hub.client, tmp_path / "full")
-        delta_sync = WeightSync(delta_hub.client, tmp_path / "delta")
-        for v in range(VERSIONS):
-            a = full_sync.fetch(read_manifest(stores["full"], v))
-            b = delta_sync.fetch(read_manifest(stores["delta"], v))
-            assert [p.name for p in a.weight_files] == [p.name for p in b.weight_files]
-            assert shard_bytes_of(a) == shard_bytes_of(b), f"v{v} differs"
-            assert (b.model_dir / "model.safetensors.index.json").is_file()
-            assert not list(b.model_dir.glob("*.delta.zst"))  # applied, then removed
+    full_sync = WeightSync(full_hub.client, tmp_path / "full")
+    delta_sync = WeightSync(delta_hub.client, tmp_path / "delta")
+    for v in range(VERSIONS):
+        a = full_sync.fetch(read_manifest(stores["full"], v))
+        b = delta_sync.fetch(read_manifest(stores["delta"], v))
+        assert [p.name for p in a.weight_files] == [p.name for p in b.weight_files]
+        assert shard_bytes_of(a) == shard_bytes_of(b), f"v{v} differs"
+        assert (b.model_dir / "model.safetensors.index.json").is_file()
+        assert not list(b.model_dir.glob("*.delta.zst"))  # applied, then removed
     assert any(f.name.endswith(".safetensors") for f in read_manifest(stores["delta"], 5).files)
     # Deltas (v1-v3, v5) cost a fraction of the full versions; keyframes v0, v4 cost a full version.
     assert delta_sync.bytes_downloaded < 0.5 * full_sync.bytes_downloaded
-    fetched = {p.split("/")[3] for _, p, _ in delta_hub.requests if "/files/" in p and "/base/" not in p}
+    fetched = {p.split("/")[3] for p in paths(delta_hub) if "/files/" in p and "/base/" not in p}
     assert fetched == {str(v) for v in range(VERSIONS)}
 
 
-def test_late_worker_rebuilds_from_keyframe(stores, tmp_path):
+def test_late_worker_rebuilds_from_keyframe(stores, full_hub, delta_hub, tmp_path):
     """A worker that joins at v3 (delta; keyframe v0) downloads v0 whole and the deltas v1..v3."""
-    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
-        local = WeightSync(hub.client, tmp_path / "late").fetch(read_manifest(stores["delta"], 3))
-        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
+    local = WeightSync(delta_hub.client, tmp_path / "late").fetch(read_manifest(stores["delta"], 3))
+    reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
     assert local.version == 3 and shard_bytes_of(local) == shard_bytes_of(reference)
-    assert [p for _, p, _ in hub.requests if p.startswith("/v1/policy/") and "/files/" not in p] == [
+    assert [p for p in paths(delta_hub) if p.startswith("/v1/policy/") and "/files/" not in p] == [
         "/v1/policy/2", "/v1/policy/1", "/v1/policy/0"]  # fmt: skip
-    shard_gets = {p for _, p, _ in hub.requests if p.endswith(".safetensors")}
+    shard_gets = {p for p in paths(delta_hub) if p.endswith(".safetensors")}
     assert shard_gets and all(p.startswith("/v1/policy/0/") for p in shard_gets)
 
 
-def test_corrupt_cached_base_falls_back_to_keyframe(stores, tmp_path, caplog):
+def test_corrupt_cached_base_falls_back_to_keyframe(stores, full_hub, delta_hub, tmp_path, caplog):
     """A cached base whose bytes rotted (same size): the rebuilt shard's hash fails, the worker
     starts over from the keyframe and still ends with exactly the right version."""
-    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
-        sync = WeightSync(hub.client, tmp_path / "w")
-        held = sync.fetch(read_manifest(stores["delta"], 2))
-        data = bytearray(held.weight_files[0].read_bytes())
-        data[-3] ^= 0x01  # inside the last tensor
-        held.weight_files[0].unlink()  # (a hard link may share the inode with v1's shard)
-        held.weight_files[0].write_bytes(bytes(data))
-        hub.requests.clear()
-        with caplog.at_level("WARNING"):
-            local = sync.fetch(read_manifest(stores["delta"], 3))
-        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
+    sync = WeightSync(delta_hub.client, tmp_path / "w")
+    held = sync.fetch(read_manifest(stores["delta"], 2))
+    data = bytearray(held.weight_files[0].read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor
+    held.weight_files[0].unlink()  # (a hard link may share the inode with v1's shard)
+    held.weight_files[0].write_bytes(bytes(data))
+    delta_hub.proxy.exchanges.clear()
+    with caplog.at_level("WARNING"):
+        local = sync.fetch(read_manifest(stores["delta"], 3))
+    reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
     assert shard_bytes_of(local) == shard_bytes_of(reference)
     assert "starting over from keyframe v0" in caplog.text
-    assert any(p.startswith("/v1/policy/0/files/model-") for _, p, _ in hub.requests)
+    assert any(p.startswith("/v1/policy/0/files/model-") for p in paths(delta_hub))
 
 
-def test_hash_mismatched_delta_is_fetched_again_then_refused(stores, tmp_path):
+def test_hash_mismatched_delta_is_fetched_again_then_refused(stores, delta_hub, tmp_path):
     delta_name = read_manifest(stores["delta"], 1).files[0].name
     assert delta_name.endswith(".delta.zst")
-    with stub_for(stores["delta"]) as hub:
-        sync = WeightSync(hub.client, tmp_path, max_hash_failures=2)
-        sync.fetch(read_manifest(stores["delta"], 0))
-        hub.corrupt_once = {delta_name}
-        assert sync.fetch(read_manifest(stores["delta"], 1)).version == 1  # one bad copy: fetched again
-        hub.corrupt_always = {read_manifest(stores["delta"], 2).files[0].name}
-        with pytest.raises(WeightSyncError, match="could not be rebuilt from its keyframe"):
-            sync.fetch(read_manifest(stores["delta"], 2))
+    sync = WeightSync(delta_hub.client, tmp_path, max_hash_failures=2)
+    sync.fetch(read_manifest(stores["delta"], 0))
+    delta_hub.proxy.corrupt[delta_name] = 1
+    assert sync.fetch(read_manifest(stores["delta"], 1)).version == 1  # one bad copy: fetched again
+    assert delta_hub.proxy.corrupted == [f"/v1/policy/1/files/{delta_name}"]
+    delta_hub.proxy.corrupt[read_manifest(stores["delta"], 2).files[0].name] = 1000  # every copy is bad
+    with pytest.raises(WeightSyncError, match="could not be rebuilt from its keyframe"):
+        sync.fetch(read_manifest(stores["delta"], 2))
     assert sync.local(2) is None  # nothing half-built is taken for a version
 
 
-def test_delta_whose_chain_the_hub_lost_moves_to_the_latest(stores, tmp_path):
-    """Rebuilding v3 needs v2's manifest, which the hub no longer has (404): the worker does not guess;
-    it takes the hub's latest version instead (keyframe v4 + delta v5), exactly."""
-    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
+def test_delta_whose_chain_the_hub_lost_moves_to_the_latest(stores, full_hub, tiny_model_dir, tmp_path):
+    """Rebuilding v3 needs v2's manifest, which the hub no longer has (deleted from its disk: 404): the
+    worker does not guess; it takes the hub's latest version instead (keyframe v4 + delta v5), exactly."""
+    policy = tmp_path / "run" / "policy"
+    shutil.copytree(stores["delta"], policy)  # this hub loses a version: not the store other tests share
+    with LiveHub(live_config(policy.parent, tiny_model_dir)) as live, connected(live) as hub:
         sync = WeightSync(hub.client, tmp_path / "w")
-        sync.fetch(read_manifest(stores["delta"], 1))
-        hub.hidden_manifests = {2}
-        local = sync.fetch(read_manifest(stores["delta"], 3))
-        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 5))
+        sync.fetch(read_manifest(policy, 1))
+        v3 = read_manifest(policy, 3)
+        shutil.rmtree(version_dir(policy, 2))  # garbage-collected meanwhile
+        local = sync.fetch(v3)
+        assert hub.proxy.calls("GET", "/v1/policy/2", 404)
+    reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 5))
     assert local.version == 5 and shard_bytes_of(local) == shard_bytes_of(reference)
     assert sync.local(3) is None

@@ -54,6 +54,14 @@ class FaultProxy:
         """Paths of the downloads that were corrupted, in order."""
         self.exchanges: list[Exchange] = []
 
+    def reset(self) -> None:
+        """Disarm every fault and forget the exchanges (a hub shared by several tests starts each one clean)."""
+        self.fail_5xx = 0
+        self.corrupt.clear()
+        self.cut.clear()
+        self.corrupted.clear()
+        self.exchanges.clear()
+
     # ------------------------------------------------------------------ views for tests
 
     def calls(self, method: str, path: str, status: int | None = None) -> list[Exchange]:

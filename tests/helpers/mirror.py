@@ -2,8 +2,8 @@
 
 `start_nginx` runs the shipped example config (configs/nginx/weights-cache.conf, the text
 docs/operations.md shows) with only its addresses and cache path replaced, wrapped in a
-minimal main config in a temp dir. `CorruptingMirror` relays blobs from the hub and flips
-one byte of each: what a broken or hostile mirror looks like to a worker.
+minimal main config in a temp dir. `CorruptingMirror` relays blobs from the hub and damages
+each (a byte flipped, halves swapped, or cut short): what a broken or hostile mirror looks like to a worker.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers.hub import ROOT, free_port
+
+from helpers.hub import ROOT
+from helpers.net import free_port
 
 NGINX_CONF = ROOT / "configs" / "nginx" / "weights-cache.conf"
 EXAMPLE_HUB = "server trainer.example:8000;"
