@@ -327,10 +327,12 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
             target=lambda: asyncio.run(trainer_main("127.0.0.1", port, start_at, seconds, consumed)), daemon=True
         )
         trainer.start()
+        # Hub CPU over exactly the measured window (the load processes count what completes inside it).
         time.sleep(max(0.0, start_at - time.time()))
-        cpu0, t0 = cpu_seconds(hub.pid), time.monotonic()
-        results = [queue.get(timeout=seconds + 600) for _ in procs]
-        hub_cpu_s, wall = cpu_seconds(hub.pid) - cpu0, time.monotonic() - t0
+        cpu0 = cpu_seconds(hub.pid)
+        time.sleep(seconds)
+        hub_cpu_s, wall = cpu_seconds(hub.pid) - cpu0, seconds
+        results = [queue.get(timeout=600) for _ in procs]
         for p in procs:
             p.join()
         trainer.join(timeout=seconds + 60)
