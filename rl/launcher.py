@@ -208,7 +208,7 @@ class Watchdog:
 
     def _remote_workers(self) -> bool:
         try:
-            return any(not w.name.startswith("local-") for w in self.admin.status().workers)
+            return any(not w.name.startswith("local-") for w in self.admin.status(limit=100_000).workers)
         except Exception:  # the hub is going away: the next poll sees it
             return False
 

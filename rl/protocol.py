@@ -323,9 +323,25 @@ class WeightsServed(Wire):
     """Body bytes of those responses."""
 
 
+class WorkersSummary(Wire):
+    """Every registered worker at a glance (the `workers` list of a status is one page of them)."""
+
+    total: int = 0
+    by_version: dict[str, int] = Field(default_factory=dict)
+    """Workers per loaded policy version ("-1": none loaded yet)."""
+    tokens_per_s: float = 0.0
+    """Sum of the workers' reported generation speeds."""
+    fetch_s: float = 0.0
+    """Mean over workers that updated of their last policy download's seconds."""
+    load_s: float = 0.0
+    """Mean over workers that updated of their last policy load's seconds."""
+
+
 class HubStatus(Wire):
     policy_version: int
     workers: list[WorkerStatus]
+    """One page of the workers (`GET /v1/status?offset=&limit=`, registration order); see `worker_summary`."""
+    worker_summary: WorkersSummary = Field(default_factory=WorkersSummary)
     queued: int
     leased: int
     scoring: int

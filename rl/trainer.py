@@ -205,7 +205,7 @@ class Trainer:
             if waited % 6 == 0:
                 st = self.hub.status()
                 log.info("step %d: waiting for rollouts (%d buffered, %d leased, %d workers)",
-                         self.step, st.buffered, st.leased, len(st.workers))  # fmt: skip
+                         self.step, st.buffered, st.leased, st.worker_summary.total)  # fmt: skip
         info = {"wait_s": time.perf_counter() - start, "stale_dropped": stale, "zero_variance_skipped": skipped}
         return self.strategy.broadcast_object((batch.groups, info))
 
@@ -456,10 +456,10 @@ class Trainer:
     def _hub_metrics(self) -> dict[str, float]:
         st = self.hub.status()
         return {
-            "workers": float(len(st.workers)),
-            "perf/worker_tokens_per_s": sum(w.tokens_per_s for w in st.workers),
+            "workers": float(st.worker_summary.total),
+            "perf/worker_tokens_per_s": st.worker_summary.tokens_per_s,
             "hub/stale_dropped_total": float(st.stale_dropped),
-            **_worker_weight_times(st.workers),
+            **_worker_weight_times(st.worker_summary),
             **st.verifier,
         }
 
@@ -479,12 +479,8 @@ class Trainer:
         return out
 
 
-def _worker_weight_times(workers: list) -> dict[str, float]:
+def _worker_weight_times(summary) -> dict[str, float]:
     """Mean over workers of their last policy update's download and load seconds (heartbeats)."""
-    updated = [w for w in workers if w.fetch_s > 0 or w.load_s > 0]
-    if not updated:
+    if summary.fetch_s == 0 and summary.load_s == 0:
         return {}
-    return {
-        "weights/fetch_s": sum(w.fetch_s for w in updated) / len(updated),
-        "weights/load_s": sum(w.load_s for w in updated) / len(updated),
-    }
+    return {"weights/fetch_s": summary.fetch_s, "weights/load_s": summary.load_s}

@@ -231,6 +231,16 @@ def test_hub_survives_and_still_serves(hub):
         assert c.get("/healthz").status_code == 200
 
 
+def test_status_lists_a_page_of_workers(hub):
+    """`?offset=&limit=` page the worker list (thousands of workers); bad values are a 422, not a 5xx."""
+    with hub.client(ADMIN) as c:
+        full = c.get("/v1/status").json()
+        none = c.get("/v1/status", params={"limit": 0}).json()
+        assert none["workers"] == [] and none["worker_summary"]["total"] == full["worker_summary"]["total"] > 0
+        assert c.get("/v1/status", params={"limit": -1}).status_code == 422
+        assert c.get("/v1/status", params={"offset": "x"}).json()["reason"] == "invalid_request"
+
+
 def test_lease_long_poll_answers_when_work_appears(tmp_path, tiny_model_dir):
     """`wait_s` holds an empty lease until work appears: tasks re-queued by a leaving worker, a new policy."""
     import threading

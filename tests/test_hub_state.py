@@ -300,3 +300,19 @@ def test_workers_generate_in_rollout_dtype():
     assert make_state().register(RegisterRequest(name="w"), "tok-a", 0.0).dtype == "float32"
     state = make_state(**{"model.dtype": "float32", "rollout.dtype": "bfloat16"})
     assert state.register(RegisterRequest(name="w"), "tok-a", 0.0).dtype == "bfloat16"
+
+
+def test_status_pages_workers_and_summarises_all():
+    """With thousands of workers a status lists one page of them; the summary still counts every one."""
+    state = make_state()
+    ids = [register(state) for _ in range(250)]
+    for i, wid in enumerate(ids):
+        state.heartbeat(wid, "tok-a", -1 if i % 5 else 0, 10.0, 1.0, fetch_s=2.0 if i < 10 else 0.0)
+    first = state.status(2.0, {})
+    assert [w.worker_id for w in first.workers] == ids[:100]
+    page = state.status(2.0, {}, offset=200, limit=100)
+    assert [w.worker_id for w in page.workers] == ids[200:]
+    summary = page.worker_summary
+    assert summary.total == 250 and summary.by_version == {"-1": 200, "0": 50}
+    assert summary.tokens_per_s == 2500.0 and summary.fetch_s == 2.0
+    assert state.status(2.0, {}, limit=0).workers == []

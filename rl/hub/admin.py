@@ -70,8 +70,9 @@ class HubAdmin(HubHTTP):
     def ledger(self) -> Ledger:
         return self.call("GET", "/v1/ledger", Ledger)
 
-    def status(self) -> HubStatus:
-        return self.call("GET", "/v1/status", HubStatus)
+    def status(self, limit: int = 100) -> HubStatus:
+        """The hub's status, listing at most `limit` workers (`worker_summary` counts all of them)."""
+        return self.call("GET", f"/v1/status?limit={limit}", HubStatus)
 
     def shutdown(self) -> None:
         with contextlib.suppress(httpx.HTTPError):  # already gone is fine

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pydantic_core
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -355,8 +355,12 @@ def create_app(hub: Hub) -> FastAPI:
         return hub.blobs.response(sha256, request.headers.get("if-none-match"))
 
     @app.get("/v1/status", response_model=HubStatus)
-    async def status(who: str | None = Depends(caller)):
-        return state.status(time.monotonic(), hub.pool.metrics()).model_copy(
+    async def status(
+        who: str | None = Depends(caller),
+        offset: int = Query(0, ge=0, description="First worker listed (registration order)."),
+        limit: int = Query(100, ge=0, le=100_000, description="Workers listed; `worker_summary` covers all."),
+    ):
+        return state.status(time.monotonic(), hub.pool.metrics(), offset, limit).model_copy(
             update={"weights_served": hub.blobs.stats()}
         )
 

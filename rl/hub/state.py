@@ -33,6 +33,7 @@ worker at version w may lease new tasks only while
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import time
@@ -62,6 +63,7 @@ from rl.protocol import (
     ScoredGroup,
     SubmitRequest,
     SubmitResponse,
+    WorkersSummary,
     WorkerStatus,
 )
 
@@ -590,9 +592,21 @@ class HubState:
 
     # ------------------------------------------------------------------ status
 
-    def status(self, now: float, verifier: dict[str, float]) -> HubStatus:
+    def status(self, now: float, verifier: dict[str, float], offset: int = 0, limit: int = 100) -> HubStatus:
+        """The hub at a glance; `workers` lists `limit` workers from `offset` (registration order), so the
+        answer stays small with thousands of them (`worker_summary` covers all)."""
+        page = list(itertools.islice(self.workers.values(), offset, offset + limit))
+        updated = [w for w in self.workers.values() if w.fetch_s > 0 or w.load_s > 0]
+        summary = WorkersSummary(
+            total=len(self.workers),
+            by_version={str(k): v for k, v in sorted(Counter(w.policy_version for w in self.workers.values()).items())},
+            tokens_per_s=sum(w.tokens_per_s for w in self.workers.values()),
+            fetch_s=sum(w.fetch_s for w in updated) / len(updated) if updated else 0.0,
+            load_s=sum(w.load_s for w in updated) / len(updated) if updated else 0.0,
+        )
         return HubStatus(
             policy_version=self.policy_version,
+            worker_summary=summary,
             workers=[
                 WorkerStatus(
                     worker_id=w.worker_id,
@@ -606,7 +620,7 @@ class HubState:
                     fetch_s=w.fetch_s,
                     load_s=w.load_s,
                 )
-                for w in self.workers.values()
+                for w in page
             ],
             queued=len(self.queue),
             leased=len(self.leased),

@@ -19,7 +19,9 @@ def fetch_status(client: HubHTTP) -> HubStatus:
 
 
 def render(status: HubStatus) -> Group:
-    workers = Table(title=f"workers ({len(status.workers)})", expand=False)
+    summary = status.worker_summary
+    shown = f"{len(status.workers)} of {summary.total}" if summary.total > len(status.workers) else str(summary.total)
+    workers = Table(title=f"workers ({shown})", expand=False)
     for col in ("name", "id", "engine", "version", "tokens/s", "leased", "done", "last seen"):
         if col in ("name", "id"):  # identities: fold onto more lines in a narrow terminal, never cut with "…"
             workers.add_column(col, overflow="fold")
@@ -35,6 +37,8 @@ def render(status: HubStatus) -> Group:
     run.add_column("value", justify="right")
     rows = {
         "policy version": status.policy_version,
+        "workers by loaded version": ", ".join(f"v{k}: {v}" for k, v in summary.by_version.items()) or "-",
+        "workers' tokens/s": f"{summary.tokens_per_s:.0f}",
         "trainer batches": status.batches,
         "queued / leased / scoring / buffered": (
             f"{status.queued} / {status.leased} / {status.scoring} / {status.buffered}"
