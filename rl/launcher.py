@@ -232,7 +232,8 @@ class Launch:
         self._wait_healthy()
         for i in range(cfg.rollout.local_workers):
             wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.tokens.workers[0],
-                             VLLM_CPU_KVCACHE_SPACE=str(max(1, math.ceil(cfg.rollout.kv_cache_gib))))  # fmt: skip
+                             VLLM_CPU_KVCACHE_SPACE=str(max(1, math.ceil(cfg.rollout.kv_cache_gib))),
+                             SCATTER_RL_HUB_POLICY_DIR=str(self.paths.policy))  # fmt: skip
             wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, "--engine", cfg.rollout.engine,
                     "--tp", str(cfg.rollout.tensor_parallel), "--name", f"local-{i}",
                     "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),

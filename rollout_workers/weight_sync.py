@@ -20,6 +20,10 @@ and every rebuilt shard must hash to the manifest's sha256. A worker without the
 drops the cached chain and rebuilds from a freshly downloaded keyframe. Only then does
 it give up (`WeightSyncError`): never a silently wrong model.
 
+A worker on the hub's machine (`rl train`'s local workers: $SCATTER_RL_HUB_POLICY_DIR)
+hard-links a version's files from the hub's policy directory instead of downloading
+them, with the same sha256 checks; anything missing or different is downloaded.
+
 A file is streamed into `<name>.part`; after a dropped connection the next
 attempt continues it with an HTTP Range request. Every file is checked against
 the manifest's sha256; a mismatch deletes the part and fetches again, up to
@@ -52,6 +56,7 @@ from rollout_workers.client import HubClient, HubError
 log = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
+HUB_POLICY_DIR_ENV = "SCATTER_RL_HUB_POLICY_DIR"
 VERIFIED = ".verified.json"
 CHUNK = 1 << 20
 
@@ -88,9 +93,21 @@ def _safe_name(name: str) -> str:
 class WeightSync:
     """Fetches policy versions for one hub into `cache_dir`."""
 
-    def __init__(self, client: HubClient, cache_dir: Path | None = None, *, max_hash_failures: int = 3) -> None:
+    def __init__(
+        self,
+        client: HubClient,
+        cache_dir: Path | None = None,
+        *,
+        max_hash_failures: int = 3,
+        hub_policy_dir: Path | None = None,
+    ) -> None:
+        """`hub_policy_dir` (default: $SCATTER_RL_HUB_POLICY_DIR): the hub's own policy directory, for a worker
+        on the hub's machine: version files are hard-linked (or copied) from there and hashed like downloads."""
         self.client = client
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(client.base_url)
+        local = hub_policy_dir or os.environ.get(HUB_POLICY_DIR_ENV)
+        self.hub_policy_dir = Path(local) if local else None
+        self.bytes_local = 0
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_hash_failures = max_hash_failures
         self.bytes_downloaded = 0
@@ -164,7 +181,7 @@ class WeightSync:
             cached = self.local(manifest.version, expected=manifest)
             if cached is not None:
                 return cached
-            start, before = time.perf_counter(), self.bytes_downloaded
+            start, before, before_local = time.perf_counter(), self.bytes_downloaded, self.bytes_local
             self._sync_base(self.cache_dir / "base", manifest.base_files)
             if manifest.format == "full":
                 self._download_full(manifest)
@@ -173,10 +190,12 @@ class WeightSync:
             size = self.bytes_downloaded - before
             seconds = time.perf_counter() - start
             log.info(
-                "%s policy v%d: %.1f MB downloaded (full version: %.1f MB) in %.1f s (%.1f MB/s)",
+                "%s policy v%d: %.1f MB downloaded, %.1f MB linked from the hub's directory (full version: "
+                "%.1f MB) in %.1f s (%.1f MB/s)",
                 "downloaded" if manifest.format == "full" else "rebuilt",
                 manifest.version,
                 size / 1e6,
+                (self.bytes_local - before_local) / 1e6,
                 sum(f.size for f in manifest.full_shards()) / 1e6,
                 seconds,
                 size / 1e6 / max(seconds, 1e-9),
@@ -197,7 +216,27 @@ class WeightSync:
     def _download_files(self, manifest: PolicyManifest, vdir: Path) -> None:
         for entry in manifest.files:
             name = _safe_name(entry.name)
+            if self._take_local(manifest.version, entry, vdir / name):
+                continue
             self._download(f"/v1/policy/{manifest.version}/files/{quote(name)}", vdir / name, entry)
+
+    def _take_local(self, version: int, entry: PolicyFile, dest: Path) -> bool:
+        """Link `entry` from the hub's own version directory (same machine) if it is there and intact."""
+        if self.hub_policy_dir is None:
+            return False
+        src = self.hub_policy_dir / f"v{version}" / entry.name
+        try:
+            if src.stat().st_size != entry.size:
+                return False
+            _link(src, dest)
+        except OSError:
+            return False  # not there (garbage-collected, another machine): download it
+        if _sha256(dest) != entry.sha256:
+            log.warning("%s in %s does not match the manifest; downloading it", entry.name, src.parent)
+            dest.unlink(missing_ok=True)
+            return False
+        self.bytes_local += entry.size
+        return True
 
     def _complete(self, manifest: PolicyManifest, vdir: Path) -> None:
         """Link the base files in and mark `vdir` whole."""

@@ -269,3 +269,29 @@ def test_delta_whose_chain_the_hub_lost_moves_to_the_latest(stores, tmp_path):
         reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 5))
     assert local.version == 5 and shard_bytes_of(local) == shard_bytes_of(reference)
     assert sync.local(3) is None
+
+
+def test_worker_on_the_hub_machine_links_files_and_still_verifies(stores, tmp_path):
+    """With the hub's policy directory at hand, version files are hard-linked, not downloaded; a file
+    there that does not match the manifest is downloaded instead."""
+    import shutil
+
+    hub_dir = tmp_path / "hub-policy"
+    shutil.copytree(stores["delta"], hub_dir)
+    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
+        sync = WeightSync(hub.client, tmp_path / "w", hub_policy_dir=hub_dir)
+        for v in range(3):
+            local = sync.fetch(read_manifest(stores["delta"], v))
+        assert not [p for _, p, _ in hub.requests if "/files/" in p and "/base/" not in p]
+        assert sync.bytes_local > 0
+        v0 = read_manifest(stores["delta"], 0).shards[0].name
+        assert (sync.version_dir(0) / v0).stat().st_ino == (hub_dir / "v0" / v0).stat().st_ino
+        # A rotted file in the hub's directory (same size) is caught by the hash and downloaded.
+        bad = read_manifest(stores["delta"], 3).files[0].name
+        data = bytearray((hub_dir / "v3" / bad).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (hub_dir / "v3" / bad).write_bytes(bytes(data))
+        local = sync.fetch(read_manifest(stores["delta"], 3))
+        assert [p for _, p, _ in hub.requests if "/files/" in p and "/base/" not in p] == [f"/v1/policy/3/files/{bad}"]
+        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
+    assert shard_bytes_of(local) == shard_bytes_of(reference)
