@@ -11,7 +11,8 @@ Cache layout (default `~/.cache/scatter-rl/worker/<host>-<port>/`, or
   .lock                 flock: workers on one machine share the cache safely
 
 A `full` version's shards are downloaded (`GET /v1/policy/{N}/files/{name}`). A `delta`
-version is rebuilt: its `<shard>.delta.zst` files are downloaded and applied to the
+version (or a keyframe's `deltas`, by a worker holding the version before it) is
+rebuilt: its `<shard>.delta.zst` files are downloaded and applied to the
 cached base version's shards (rl/weight_files.py), shards it ships whole are downloaded
 (a dense change), unchanged shards are hard-linked,
 and every rebuilt shard must hash to the manifest's sha256. A worker without the base
@@ -183,16 +184,18 @@ class WeightSync:
                 return cached
             start, before, before_local = time.perf_counter(), self.bytes_downloaded, self.bytes_local
             self._sync_base(self.cache_dir / "base", manifest.base_files)
-            if manifest.format == "full":
-                self._download_full(manifest)
-            else:
+            how = "rebuilt"
+            if manifest.format == "delta":
                 self._rebuild(manifest)
+            elif not (manifest.deltas and self._keyframe_from_deltas(manifest)):
+                self._download_full(manifest)
+                how = "downloaded"
             size = self.bytes_downloaded - before
             seconds = time.perf_counter() - start
             log.info(
                 "%s policy v%d: %.1f MB downloaded, %.1f MB linked from the hub's directory (full version: "
                 "%.1f MB) in %.1f s (%.1f MB/s)",
-                "downloaded" if manifest.format == "full" else "rebuilt",
+                how,
                 manifest.version,
                 size / 1e6,
                 (self.bytes_local - before_local) / 1e6,
@@ -213,8 +216,8 @@ class WeightSync:
         vdir.mkdir(parents=True, exist_ok=True)
         return vdir
 
-    def _download_files(self, manifest: PolicyManifest, vdir: Path) -> None:
-        for entry in manifest.files:
+    def _download_files(self, manifest: PolicyManifest, vdir: Path, files: list[PolicyFile] | None = None) -> None:
+        for entry in manifest.files if files is None else files:
             name = _safe_name(entry.name)
             if self._take_local(manifest.version, entry, vdir / name):
                 continue
@@ -269,7 +272,8 @@ class WeightSync:
                 if attempt == "keyframe" or self.local(start.version, expected=start) is None:
                     if start.format != "full":
                         raise WeightFileError(f"v{target.version}: chain ends at v{start.version}, not a keyframe")
-                    self._download_full(start)
+                    if attempt == "keyframe" or not (start.deltas and self._keyframe_from_deltas(start)):
+                        self._download_full(start)
                 for manifest in reversed(chain):
                     self._apply(manifest)
                 return
@@ -292,16 +296,30 @@ class WeightSync:
                     shutil.rmtree(self.version_dir(target.keyframe_version), ignore_errors=True)
         raise WeightSyncError(f"policy v{target.version} could not be rebuilt from its keyframe: {bad}")
 
+    def _keyframe_from_deltas(self, manifest: PolicyManifest) -> bool:
+        """A keyframe whose base version we hold: rebuild it from its deltas instead of downloading it."""
+        if manifest.base_version is None or self.cached_manifest(manifest.base_version) is None:
+            return False
+        try:
+            self._apply(manifest)
+            return True
+        except (WeightFileError, WeightSyncError) as e:
+            log.warning("keyframe v%d: rebuilding from v%d failed (%s); downloading it whole",
+                        manifest.version, manifest.base_version, e)  # fmt: skip
+            return False
+
     def _apply(self, manifest: PolicyManifest) -> None:
-        """Rebuild delta version `manifest` from its cached base version; every shard checked by sha256."""
+        """Rebuild `manifest` (a delta version, or a keyframe's `deltas`) from its cached base version;
+        every shard checked by sha256."""
         base_manifest = self.cached_manifest(manifest.base_version)
         base = self.local(manifest.base_version, expected=base_manifest) if base_manifest else None
         if base is None:
             raise WeightFileError(f"base v{manifest.base_version} of v{manifest.version} is not in the cache")
         base_shards = {f.name: f for f in base_manifest.full_shards()}
         vdir = self._fresh_version_dir(manifest.version)
-        self._download_files(manifest, vdir)
-        deltas = {f.name for f in manifest.files}
+        files = manifest.deltas if manifest.format == "full" else manifest.files
+        self._download_files(manifest, vdir, files)
+        deltas = {f.name for f in files}
         for entry in manifest.full_shards():
             name = _safe_name(entry.name)
             if name not in base_shards:

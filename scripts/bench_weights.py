@@ -175,8 +175,8 @@ def publish(args: argparse.Namespace) -> None:
                     blocking = time.perf_counter() - start
                     publisher.wait()
                     m = publisher.take_metrics()
-                    rows.append({"format": fmt, "background": background, "version": version, "blocking_s": blocking,
-                                 **{k.split("/")[1]: v for k, v in m.items()}})  # fmt: skip
+                    rows.append({**{k.split("/")[1]: v for k, v in m.items()}, "format": fmt,
+                                 "background": background, "version": version, "blocking_s": blocking})  # fmt: skip
     print(f"\nSmolLM2-135M-Instruct, bf16 versions, lr {args.lr:g}, shard {args.shard_mb:g} MB")
     print("| format | background | version | loop blocked (s) | publish (s) | full MB | shipped MB | shipped/full "
           "| changed elements |")

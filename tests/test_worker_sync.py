@@ -207,10 +207,13 @@ def test_delta_worker_is_bit_identical_to_full_worker(stores, tmp_path):
             assert (b.model_dir / "model.safetensors.index.json").is_file()
             assert not list(b.model_dir.glob("*.delta.zst"))  # applied, then removed
     assert any(f.name.endswith(".safetensors") for f in read_manifest(stores["delta"], 5).files)
-    # Deltas (v1-v3, v5) cost a fraction of the full versions; keyframes v0, v4 cost a full version.
+    # Deltas cost a fraction of the full versions; only v0 (and v5's dense part) cost a full shard.
     assert delta_sync.bytes_downloaded < 0.5 * full_sync.bytes_downloaded
     fetched = {p.split("/")[3] for _, p, _ in delta_hub.requests if "/files/" in p and "/base/" not in p}
     assert fetched == {str(v) for v in range(VERSIONS)}
+    # Keyframe v4 came as its deltas from v3: only v0 (and v5's dense shards) were downloaded whole.
+    whole = {p.split("/")[3] for _, p, _ in delta_hub.requests if p.endswith(".safetensors")}
+    assert whole == {"0", "5"}
 
 
 def test_late_worker_rebuilds_from_keyframe(stores, tmp_path):
