@@ -303,7 +303,9 @@ class WeightSync:
         try:
             self._apply(manifest)
             return True
-        except (WeightFileError, WeightSyncError) as e:
+        except (WeightFileError, WeightSyncError, HubError) as e:
+            if isinstance(e, HubError) and e.status != 404:
+                raise
             log.warning("keyframe v%d: rebuilding from v%d failed (%s); downloading it whole",
                         manifest.version, manifest.base_version, e)  # fmt: skip
             return False

@@ -298,3 +298,24 @@ def test_worker_on_the_hub_machine_links_files_and_still_verifies(stores, tmp_pa
         assert [p for _, p, _ in hub.requests if "/files/" in p and "/base/" not in p] == [f"/v1/policy/3/files/{bad}"]
         reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
     assert shard_bytes_of(local) == shard_bytes_of(reference)
+
+
+def test_keyframe_comes_as_deltas_unless_they_fail(stores, tmp_path, caplog):
+    """v4 is a keyframe: a worker holding v3 applies its deltas; with a delta that never arrives intact
+    it downloads the keyframe whole instead, and either way holds exactly v4."""
+    keyframe = read_manifest(stores["delta"], 4)
+    assert keyframe.format == "full" and keyframe.base_version == 3 and keyframe.deltas
+    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
+        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 4))
+        for case in ("deltas", "corrupt"):
+            sync = WeightSync(hub.client, tmp_path / case, max_hash_failures=1)
+            sync.fetch(read_manifest(stores["delta"], 3))
+            if case == "corrupt":
+                hub.corrupt_always = {keyframe.deltas[0].name}
+            hub.requests.clear()
+            with caplog.at_level("WARNING"):
+                local = sync.fetch(keyframe)
+            assert shard_bytes_of(local) == shard_bytes_of(reference)
+            whole = [p for _, p, _ in hub.requests if p.endswith(".safetensors")]
+            assert bool(whole) == (case == "corrupt"), (case, whole)
+    assert "downloading it whole" in caplog.text
