@@ -195,8 +195,10 @@ def publish(args: argparse.Namespace) -> None:
                     rows.append({**{k.split("/")[1]: v for k, v in m.items()}, "format": fmt,
                                  "background": background, "version": version, "blocking_s": blocking})  # fmt: skip
     print(f"\nSmolLM2-135M-Instruct, bf16 versions, lr {args.lr:g}, shard {args.shard_mb:g} MB")
-    print("| format | background | version | loop blocked (s) | publish (s) | full MB | shipped MB | shipped/full "
-          "| changed elements |")
+    print(
+        "| format | background | version | loop blocked (s) | publish (s) | full MB | shipped MB | shipped/full "
+        "| changed elements |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         changed = f"{100 * r['changed_fraction']:.2f}%" if "changed_fraction" in r else "keyframe"
