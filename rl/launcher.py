@@ -284,7 +284,8 @@ class Launch:
         cfg = self.cfg
         self._wait_healthy()
         for i in range(cfg.rollout.local_workers):
-            wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.tokens.workers[0])
+            wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.tokens.workers[0],
+                             SCATTER_RL_HUB_POLICY_DIR=str(self.paths.policy))  # fmt: skip
             spec = cfg.rollout.engine_spec(seed=cfg.trainer.seed * 1000 + i)
             wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(),
                     "--name", f"local-{i}", "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),

@@ -212,8 +212,11 @@ class PolicyManifest(Wire):
     """`lora` versions: the full version whose weights the adapters in `files` are merged into."""
     shards: list[PolicyFile] = Field(default_factory=list)
     """The full safetensors shards this version is (or rebuilds to), in order; empty: the `.safetensors` of `files`."""
+    deltas: list[PolicyFile] = Field(default_factory=list)
+    """A keyframe (full) of a delta run: the deltas from `base_version` as well (+ the index), what a
+    worker holding `base_version` downloads instead of `files`."""
     base_version: int | None = None
-    """delta: the version its deltas apply to."""
+    """The version its deltas apply to."""
     keyframe_version: int | None = None
     """The latest full version at or before this one: where a worker without `base_version` starts."""
     bytes_full: int = 0

@@ -423,6 +423,8 @@ class Trainer:
         if self.step % cfg.weights.publish_every == 0 or last or evaluate:
             metrics["weights/publish_blocking_s"] = self.publish()
         if self.publisher is not None:  # the newest version out (a background one: maybe the previous)
+            if last:
+                self.publisher.wait()  # the last record carries the last version
             metrics |= self.publisher.take_metrics()
         metrics |= rollout_metrics(groups, step_for_data, cfg.sampling.max_tokens, self.accuracy_term)
         metrics |= {

@@ -111,7 +111,9 @@ class PolicyWriter:
     `write` takes the tensors in that order. In `delta` format the first version this writer
     writes is a keyframe (full), then every `keyframe_every`-th; the others hold only what
     changed since the previous version, computed against `policy/current/` (the previous
-    version's full shards, one shard in memory at a time).
+    version's full shards, one shard in memory at a time). A keyframe after the first carries
+    those deltas too (`deltas`), so workers that hold the previous version never download a
+    whole version again; only a worker that joins (or falls behind the keyframe) does.
     """
 
     def __init__(
@@ -134,44 +136,29 @@ class PolicyWriter:
     def write(self, version: int, tensors: Iterable[tuple[str, torch.Tensor]]) -> Written:
         start = time.perf_counter()
         keyframe = self.fmt == "full" or self.previous is None or self.since_keyframe + 1 >= self.keyframe_every
-        current = self.policy_dir / CURRENT
         index = index_json(self.shards)
         changed: list[int] = []
 
         def fill(tmp: Path) -> None:
-            if keyframe:
-                shard_files = write_shards(tmp, self.shards, tensors)
-                files = list(shard_files)
-                base, key = None, version
-            else:
-                staged = self.policy_dir / f".{CURRENT}-v{version}"
-                shutil.rmtree(staged, ignore_errors=True)
-                staged.mkdir(parents=True)
-                shard_files = write_shards(staged, self.shards, tensors)
-                files = []
-                for spec, new, old in zip(self.shards, shard_files, self.previous.full_shards(), strict=True):
-                    if new.sha256 == old.sha256:
-                        continue  # unchanged shard: nothing to ship
-                    old_tensors = read_shard(current / spec.name, spec)
-                    blob, count = encode_delta(old_tensors, read_shard(staged / spec.name, spec))
-                    changed.append(count)
-                    if len(blob) >= DENSE_SHIP_WHOLE * new.size:  # a dense change: ship the shard itself
-                        os.link(staged / spec.name, tmp / spec.name)
-                        files.append(new)
-                        continue
-                    (tmp / spec.delta_name).write_bytes(blob)
-                    files.append(_entry(tmp / spec.delta_name))
-                base, key = self.previous.version, self.previous.keyframe_version
+            with_deltas = self.fmt == "delta" and self.previous is not None
+            shard_dir = tmp if keyframe else self.policy_dir / f".{CURRENT}-v{version}"
+            if shard_dir != tmp:
+                shutil.rmtree(shard_dir, ignore_errors=True)
+                shard_dir.mkdir(parents=True)
+            shard_files = write_shards(shard_dir, self.shards, tensors)
+            deltas = self._deltas(shard_dir, shard_files, tmp, changed) if with_deltas else []
+            extra = []
             if index is not None:
                 (tmp / INDEX_FILE).write_bytes(index)
-                files.append(_entry(tmp / INDEX_FILE))
+                extra.append(_entry(tmp / INDEX_FILE))
             manifest = PolicyManifest(
                 version=version,
                 format="full" if keyframe else "delta",
-                files=files,
+                files=(shard_files if keyframe else deltas) + extra,
                 shards=shard_files,
-                base_version=base,
-                keyframe_version=key,
+                deltas=deltas + extra if keyframe and with_deltas else [],
+                base_version=self.previous.version if with_deltas else None,
+                keyframe_version=version if keyframe else self.previous.keyframe_version,
                 bytes_full=sum(f.size for f in shard_files),
             )
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=1))
@@ -187,9 +174,28 @@ class PolicyWriter:
             manifest=manifest,
             seconds=time.perf_counter() - start,
             bytes_full=manifest.bytes_full,
-            bytes_shipped=sum(f.size for f in manifest.files),
-            changed_fraction=None if keyframe else sum(changed) / max(numel, 1),
+            bytes_shipped=sum(f.size for f in manifest.deltas or manifest.files),
+            changed_fraction=sum(changed) / max(numel, 1) if manifest.base_version is not None else None,
         )
+
+    def _deltas(self, shard_dir: Path, shards: list[PolicyFile], tmp: Path, changed: list[int]) -> list[PolicyFile]:
+        """Into `tmp`: per shard that changed since the previous version, its delta, or (a dense change)
+        a link to the shard itself. Returns their entries; `changed` gets the changed element counts."""
+        out = []
+        current = self.policy_dir / CURRENT
+        for spec, new, old in zip(self.shards, shards, self.previous.full_shards(), strict=True):
+            if new.sha256 == old.sha256:
+                continue  # unchanged shard: nothing to ship
+            blob, count = encode_delta(read_shard(current / spec.name, spec), read_shard(shard_dir / spec.name, spec))
+            changed.append(count)
+            if len(blob) >= DENSE_SHIP_WHOLE * new.size:  # a dense change: ship the shard itself
+                if shard_dir != tmp:
+                    os.link(shard_dir / spec.name, tmp / spec.name)
+                out.append(new)
+                continue
+            (tmp / spec.delta_name).write_bytes(blob)
+            out.append(_entry(tmp / spec.delta_name))
+        return out
 
     def _keep_current(self, version: int, keyframe: bool) -> None:
         """Make `policy/current/` the full shards of `version` (the base of the next delta)."""

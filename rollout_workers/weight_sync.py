@@ -11,7 +11,8 @@ Cache layout (default `~/.cache/scatter-rl/worker/<host>-<port>/`, or
   .lock                 flock: workers on one machine share the cache safely
 
 A `full` version's shards are downloaded (`GET /v1/policy/{N}/files/{name}`). A `delta`
-version is rebuilt: its `<shard>.delta.zst` files are downloaded and applied to the
+version (or a keyframe's `deltas`, by a worker holding the version before it) is
+rebuilt: its `<shard>.delta.zst` files are downloaded and applied to the
 cached base version's shards (rl/weight_files.py), shards it ships whole are downloaded
 (a dense change), unchanged shards are hard-linked,
 and every rebuilt shard must hash to the manifest's sha256. A worker without the base
@@ -19,6 +20,10 @@ and every rebuilt shard must hash to the manifest's sha256. A worker without the
 (`GET /v1/policy/{N}` for each manifest); a mismatch, a truncated or foreign delta
 drops the cached chain and rebuilds from a freshly downloaded keyframe. Only then does
 it give up (`WeightSyncError`): never a silently wrong model.
+
+A worker on the hub's machine (`rl train`'s local workers: $SCATTER_RL_HUB_POLICY_DIR)
+hard-links a version's files from the hub's policy directory instead of downloading
+them, with the same sha256 checks; anything missing or different is downloaded.
 
 A file is streamed into `<name>.part`; after a dropped connection the next
 attempt continues it with an HTTP Range request. Every file is checked against
@@ -63,6 +68,7 @@ from rollout_workers.mirror import MIRROR_COOLDOWN_S, Mirror, MirrorError
 log = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
+HUB_POLICY_DIR_ENV = "SCATTER_RL_HUB_POLICY_DIR"
 VERIFIED = ".verified.json"
 CHUNK = 1 << 20
 
@@ -107,9 +113,15 @@ class WeightSync:
         max_hash_failures: int = 3,
         weights_url: str | None = None,
         base_model: Path | None = None,
+        hub_policy_dir: Path | None = None,
     ) -> None:
+        """`hub_policy_dir` (default: $SCATTER_RL_HUB_POLICY_DIR): the hub's own policy directory, for a worker
+        on the hub's machine: version files are hard-linked (or copied) from there and hashed like downloads."""
         self.client = client
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(client.base_url)
+        local = hub_policy_dir or os.environ.get(HUB_POLICY_DIR_ENV)
+        self.hub_policy_dir = Path(local) if local else None
+        self.bytes_local = 0
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_hash_failures = max_hash_failures
         self.weights_url = weights_url
@@ -230,21 +242,26 @@ class WeightSync:
             if cached is not None:
                 return cached
             start, before, before_from = time.perf_counter(), self.bytes_downloaded, self.bytes_from.copy()
+            before_local = self.bytes_local
             self._use_base_model(manifest)
             self._sync_base(self.cache_dir / "base", manifest.base_files)
-            if manifest.format == "full":
-                self._download_full(manifest)
-            else:
+            how = "rebuilt"
+            if manifest.format == "delta":
                 self._rebuild(manifest)
+            elif not (manifest.deltas and self._keyframe_from_deltas(manifest)):
+                self._download_full(manifest)
+                how = "downloaded"
             size = self.bytes_downloaded - before
             seconds = time.perf_counter() - start
             sources = self.bytes_from - before_from
             log.info(
-                "%s policy v%d: %.1f MB downloaded (full version: %.1f MB) in %.1f s (%.1f MB/s; "
-                "%.1f MB from the mirror, %.1f MB from the hub, %.1f MB from the base model)",
-                "downloaded" if manifest.format == "full" else "rebuilt",
+                "%s policy v%d: %.1f MB downloaded, %.1f MB linked from the hub's directory (full version: "
+                "%.1f MB) in %.1f s (%.1f MB/s; %.1f MB from the mirror, %.1f MB from the hub, %.1f MB from the "
+                "base model)",
+                how,
                 manifest.version,
                 size / 1e6,
+                (self.bytes_local - before_local) / 1e6,
                 sum(f.size for f in manifest.full_shards()) / 1e6,
                 seconds,
                 size / 1e6 / max(seconds, 1e-9),
@@ -265,10 +282,30 @@ class WeightSync:
         vdir.mkdir(parents=True, exist_ok=True)
         return vdir
 
-    def _download_files(self, manifest: PolicyManifest, vdir: Path) -> None:
-        for entry in manifest.files:
+    def _download_files(self, manifest: PolicyManifest, vdir: Path, files: list[PolicyFile] | None = None) -> None:
+        for entry in manifest.files if files is None else files:
             name = _safe_name(entry.name)
+            if self._take_local(manifest.version, entry, vdir / name):
+                continue
             self._download(f"/v1/policy/{manifest.version}/files/{quote(name)}", vdir / name, entry)
+
+    def _take_local(self, version: int, entry: PolicyFile, dest: Path) -> bool:
+        """Link `entry` from the hub's own version directory (same machine) if it is there and intact."""
+        if self.hub_policy_dir is None:
+            return False
+        src = self.hub_policy_dir / f"v{version}" / entry.name
+        try:
+            if src.stat().st_size != entry.size:
+                return False
+            _link(src, dest)
+        except OSError:
+            return False  # not there (garbage-collected, another machine): download it
+        if _sha256(dest) != entry.sha256:
+            log.warning("%s in %s does not match the manifest; downloading it", entry.name, src.parent)
+            dest.unlink(missing_ok=True)
+            return False
+        self.bytes_local += entry.size
+        return True
 
     def _complete(self, manifest: PolicyManifest, vdir: Path) -> None:
         """Link the base files in and mark `vdir` whole."""
@@ -301,7 +338,8 @@ class WeightSync:
                 if attempt == "keyframe" or self.local(start.version, expected=start) is None:
                     if start.format != "full":
                         raise WeightFileError(f"v{target.version}: chain ends at v{start.version}, not a keyframe")
-                    self._download_full(start)
+                    if attempt == "keyframe" or not (start.deltas and self._keyframe_from_deltas(start)):
+                        self._download_full(start)
                 for manifest in reversed(chain):
                     self._apply(manifest)
                 return
@@ -324,16 +362,32 @@ class WeightSync:
                     shutil.rmtree(self.version_dir(target.keyframe_version), ignore_errors=True)
         raise WeightSyncError(f"policy v{target.version} could not be rebuilt from its keyframe: {bad}")
 
+    def _keyframe_from_deltas(self, manifest: PolicyManifest) -> bool:
+        """A keyframe whose base version we hold: rebuild it from its deltas instead of downloading it."""
+        if manifest.base_version is None or self.cached_manifest(manifest.base_version) is None:
+            return False
+        try:
+            self._apply(manifest)
+            return True
+        except (WeightFileError, WeightSyncError, HubError) as e:
+            if isinstance(e, HubError) and e.status != 404:
+                raise
+            log.warning("keyframe v%d: rebuilding from v%d failed (%s); downloading it whole",
+                        manifest.version, manifest.base_version, e)  # fmt: skip
+            return False
+
     def _apply(self, manifest: PolicyManifest) -> None:
-        """Rebuild delta version `manifest` from its cached base version; every shard checked by sha256."""
+        """Rebuild `manifest` (a delta version, or a keyframe's `deltas`) from its cached base version;
+        every shard checked by sha256."""
         base_manifest = self.cached_manifest(manifest.base_version)
         base = self.local(manifest.base_version, expected=base_manifest) if base_manifest else None
         if base is None:
             raise WeightFileError(f"base v{manifest.base_version} of v{manifest.version} is not in the cache")
         base_shards = {f.name: f for f in base_manifest.full_shards()}
         vdir = self._fresh_version_dir(manifest.version)
-        self._download_files(manifest, vdir)
-        deltas = {f.name for f in manifest.files}
+        files = manifest.deltas if manifest.format == "full" else manifest.files
+        self._download_files(manifest, vdir, files)
+        deltas = {f.name for f in files}
         for entry in manifest.full_shards():
             name = _safe_name(entry.name)
             if name not in base_shards:

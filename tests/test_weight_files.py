@@ -137,8 +137,11 @@ def test_delta_versions_keyframes_and_gc(tiny_model_dir, state, tmp_path):
         assert d.shards == f.shards  # a delta version names exactly the full version's shards
         assert d.bytes_full == sum(s.size for s in f.shards)
         assert d.keyframe_version == v // 3 * 3
-        if d.format == "delta":
+        if v:
             assert d.base_version == v - 1
+        if d.format == "full" and v:  # a later keyframe carries the deltas from v - 1 too
+            assert d.deltas and sum(x.size for x in d.deltas) < 0.2 * d.bytes_full
+        if d.format == "delta":
             shipped = sum(x.size for x in d.files)
             assert shipped < 0.2 * d.bytes_full, (v, shipped, d.bytes_full)
             assert all(x.name.endswith(".delta.zst") or x.name == INDEX_FILE for x in d.files)

@@ -342,7 +342,8 @@ def create_app(hub: Hub) -> FastAPI:
             allowed = {f.name for f in read_manifest(hub.policy_dir, state.current_policy()).base_files}
         elif version.isdigit() and version_dir(hub.policy_dir, int(version)).is_dir():
             directory = version_dir(hub.policy_dir, int(version))
-            allowed = {f.name for f in read_manifest(hub.policy_dir, int(version)).files}
+            manifest = read_manifest(hub.policy_dir, int(version))
+            allowed = {f.name for f in manifest.files + manifest.deltas}
         else:
             raise HubError(404, "unknown_version", f"policy version {version} is not available")
         if name not in allowed:  # also rules out any path traversal
