@@ -154,8 +154,7 @@ class Trainer:
                 break
             self.strategy.broadcast_object(_WAIT)
             waited += 1
-            if waited % 6 == 0:
-                st = self.hub.status()
+            if waited % 6 == 0 and (st := self._hub_status()) is not None:
                 log.info("step %d: waiting for rollouts (%d buffered, %d leased, %d workers)",
                          self.step, st.buffered, st.leased, len(st.workers))  # fmt: skip
         info = {"wait_s": time.perf_counter() - start, "stale_dropped": stale, "zero_variance_skipped": skipped}
@@ -397,8 +396,18 @@ class Trainer:
                 self.stop.set("stopped by another rank", code)
         return code != 0
 
+    def _hub_status(self):
+        """The hub's status, or None (logged) when it cannot be read: hub metrics never stop training."""
+        try:
+            return self.hub.status()
+        except Exception as e:  # a bad answer (HubError bad_response), an unreachable hub, anything
+            log.warning("could not read the hub's status (metrics skipped this step): %s", e)
+            return None
+
     def _hub_metrics(self) -> dict[str, float]:
-        st = self.hub.status()
+        st = self._hub_status()
+        if st is None:
+            return {}
         return {
             "workers": float(len(st.workers)),
             "perf/worker_tokens_per_s": sum(w.tokens_per_s for w in st.workers),

@@ -77,6 +77,7 @@ class HubClient(HubHTTP):
                 raise HubError(404, "not_a_hub", f"{self.base_url} has no /v1/workers route: is it a hub?") from e
             raise
         with self._lock:
+            self.use_worker_secret(response.worker_secret)
             self._register_request = request
             self.registration = response
             self.registrations += 1
@@ -147,4 +148,12 @@ class HubClient(HubHTTP):
         return True
 
     def policy(self) -> PolicyManifest:
-        return self.call("GET", "/v1/policy", PolicyManifest)
+        """GET /v1/policy; waits (until `stop_event`) while the hub has no version yet (409 `no_policy`)."""
+        while True:
+            try:
+                return self.call("GET", "/v1/policy", PolicyManifest)
+            except HubError as e:
+                if e.reason != "no_policy":
+                    raise
+                if self.stop_event.wait(1.0):
+                    raise HubUnavailable(f"stopped while waiting for a first policy on {self.base_url}") from e

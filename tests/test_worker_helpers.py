@@ -115,6 +115,7 @@ class StubHub:
                 hub.registrations.append(req)
             return RegisterResponse(
                 worker_id=worker_id,
+                worker_secret=f"secret-{worker_id}",
                 heartbeat_interval_s=hub.heartbeat_interval_s,
                 policy_version=hub.latest(),
                 max_model_len=hub.max_model_len,

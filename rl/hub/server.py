@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import re
 import socket
 import sys
 import time
@@ -24,9 +24,12 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.config import RunConfig
+from rl.hub.guard import Guard
 from rl.hub.state import HubState
 from rl.hub.tokens import Tokens
+from rl.hub.trust import Trust
 from rl.protocol import (
+    WORKER_SECRET_HEADER,
     Ack,
     Batch,
     BatchRequest,
@@ -40,9 +43,12 @@ from rl.protocol import (
     LeaseRequest,
     Ledger,
     PolicyManifest,
+    ProvenanceReport,
     PublishRequest,
+    QuarantineRequest,
     RegisterRequest,
     RegisterResponse,
+    RevokeTokenRequest,
     ScoredCompletion,
     ScoredGroup,
     SubmitRequest,
@@ -54,39 +60,8 @@ log = logging.getLogger(__name__)
 
 KEEP_ALIVE_S = 75
 """Seconds an idle worker connection stays open (as nginx's default)."""
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes (declared or streamed) with 413."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_error(send, 413, "body_too_large", f"body over {self.limit} bytes")
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise HubError(413, "body_too_large", f"body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-async def _send_error(send, status: int, reason: str, detail: str) -> None:
-    body = json.dumps({"reason": reason, "detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+VERSION_PATTERN = re.compile(r"[0-9]{1,12}")
+"""A policy version in a file URL: ASCII digits only (str.isdigit also accepts '²', int() does not)."""
 
 
 class Hub:
@@ -100,7 +75,9 @@ class Hub:
         self.work = asyncio.Event()
         """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
+        self.trust = Trust(cfg.trust, state)
         self._scoring_tasks: set[asyncio.Task] = set()
+        self.stop_ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
         self._adopt_published_policy()
 
     def _adopt_published_policy(self) -> None:
@@ -117,7 +94,7 @@ class Hub:
             return
         prompts = self.state.prompts if eval_row is None else self.state.eval_prompts
         row = prompts.rows[row_index]
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in result.completions]
+        texts = [self.scored_text(c.token_ids) for c in result.completions]
         try:
             rewards = await self.pool.score_many([(text, row) for text in texts])
         except Exception:
@@ -150,6 +127,16 @@ class Hub:
         if task_id in self.state.scoring:  # not re-queued meanwhile
             self.state.scored(group)
             self.changed.set()
+            if self.trust.observe_group(group):  # quarantined: its tasks went back to the queue
+                self.poke()
+
+    def scored_text(self, token_ids: list[int]) -> str:
+        """The text a verifier scores: every token the trainer will train on, special tokens included
+        (stripping them would let a worker hide trained-on tokens from the scorer); only a final
+        end-of-sequence token, where generation stopped, is left out."""
+        if token_ids and token_ids[-1] in self.stop_ids:
+            token_ids = token_ids[:-1]
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def poke(self) -> None:
         """Wake the leases waiting for work (see `lease` in create_app)."""
@@ -202,6 +189,12 @@ def create_app(hub: Hub) -> FastAPI:
         if caller(request) is not None:
             raise HubError(403, "admin_only", "this route needs the admin token")
 
+    def act_as(request: Request, worker_id: str) -> str | None:
+        """The caller's token id after checking it may act for `worker_id` (its registration secret)."""
+        who = caller(request)
+        state.authorize(worker_id, who, request.headers.get(WORKER_SECRET_HEADER))
+        return who
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"ok": True}
@@ -213,19 +206,23 @@ def create_app(hub: Hub) -> FastAPI:
         return resp
 
     @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
-    async def heartbeat(worker_id: str, req: HeartbeatRequest, who: str | None = Depends(caller)):
+    async def heartbeat(worker_id: str, req: HeartbeatRequest, request: Request):
+        who = act_as(request, worker_id)
         state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic())
         return HeartbeatResponse(policy_version=state.policy_version, lease_ttl_s=hub.cfg.hub.lease_ttl_s)
 
     @app.delete("/v1/workers/{worker_id}", response_model=Ack)
-    async def leave(worker_id: str, who: str | None = Depends(caller)):
+    async def leave(worker_id: str, request: Request):
+        who = act_as(request, worker_id)
         returned = state.leave(worker_id, who)
         hub.poke()
         log.info("worker %s left; %d tasks re-queued", worker_id, returned)
         return Ack(detail=f"{returned} tasks re-queued")
 
     @app.post("/v1/leases", response_model=Lease)
-    async def lease(req: LeaseRequest, who: str | None = Depends(caller)):
+    async def lease(req: LeaseRequest, request: Request):
+        who = act_as(request, req.worker_id)
+        hub.trust.check(req.worker_id)
         # Long poll: without work, hold the request up to `wait_s`, re-trying whenever poked.
         deadline = time.monotonic() + req.wait_s
         while True:
@@ -240,7 +237,9 @@ def create_app(hub: Hub) -> FastAPI:
                 await asyncio.wait_for(woken.wait(), timeout=min(remaining, 1.0))
 
     @app.post("/v1/rollouts", response_model=SubmitResponse)
-    async def submit(req: SubmitRequest, who: str | None = Depends(caller)):
+    async def submit(req: SubmitRequest, request: Request):
+        who = act_as(request, req.worker_id)
+        hub.trust.check(req.worker_id)
         new, dups = state.validate_submission(req, who)
         if new and (stale := state.stale_submission(req)) is not None:
             hub.poke()  # its tasks were re-queued
@@ -256,15 +255,15 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/v1/policy", response_model=PolicyManifest)
     async def policy(who: str | None = Depends(caller)):
         if state.policy_version < 0:
-            raise HubError(503, "no_policy", "no policy version published yet; retry shortly")
+            raise HubError(409, "no_policy", "no policy version published yet; retry shortly")
         return read_manifest(hub.policy_dir, state.policy_version)
 
     @app.get("/v1/policy/{version}/files/{name}")
     async def policy_file(version: str, name: str, who: str | None = Depends(caller)):
-        if version == BASE:
+        if version == BASE and state.policy_version >= 0:
             directory = hub.policy_dir / BASE
             allowed = {f.name for f in read_manifest(hub.policy_dir, state.policy_version).base_files}
-        elif version.isdigit() and version_dir(hub.policy_dir, int(version)).is_dir():
+        elif VERSION_PATTERN.fullmatch(version) and version_dir(hub.policy_dir, int(version)).is_dir():
             directory = version_dir(hub.policy_dir, int(version))
             allowed = {f.name for f in read_manifest(hub.policy_dir, int(version)).files}
         else:
@@ -275,7 +274,7 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/v1/status", response_model=HubStatus)
     async def status(who: str | None = Depends(caller)):
-        return state.status(time.monotonic(), hub.pool.metrics())
+        return hub.trust.annotate(state.status(time.monotonic(), hub.pool.metrics()), who)
 
     @app.post("/v1/batches", response_model=Batch, dependencies=[Depends(admin)])
     async def batches(req: BatchRequest):
@@ -329,14 +328,41 @@ def create_app(hub: Hub) -> FastAPI:
         hub.shutdown_requested.set()
         return Ack(detail="shutting down")
 
-    return BodyLimitApp(app, int(hub.cfg.hub.max_body_mb * 1024 * 1024))
+    add_trust_routes(app, hub, admin)
+    limit = int(hub.cfg.hub.max_body_mb * 1024 * 1024)
+    return Guard(app, hub.tokens, limit, hub.cfg.hub.body_timeout_s, on_reject=lambda r: state.rejections.update([r]))
 
 
-class BodyLimitApp(BodyLimit):
-    """The app wrapped in the body limit, still exposing FastAPI's attributes (openapi, routes)."""
+def add_trust_routes(app: FastAPI, hub: Hub, admin) -> None:
+    """Admin routes of rl/hub/trust.py: provenance reports, quarantine, revocation."""
+    state = hub.state
 
-    def __getattr__(self, name):
-        return getattr(self.app, name)
+    @app.post("/v1/provenance", response_model=Ack, dependencies=[Depends(admin)])
+    async def provenance(req: ProvenanceReport):
+        if hub.trust.record(req):
+            hub.poke()
+        return Ack()
+
+    @app.post("/v1/admin/workers/{worker_id}/quarantine", response_model=Ack, dependencies=[Depends(admin)])
+    async def quarantine(worker_id: str, req: QuarantineRequest):
+        state.worker(worker_id, None)
+        requeued = hub.trust.quarantine(worker_id, req.reason)
+        hub.poke()
+        return Ack(detail=f"{requeued} tasks re-queued")
+
+    @app.delete("/v1/admin/workers/{worker_id}/quarantine", response_model=Ack, dependencies=[Depends(admin)])
+    async def release(worker_id: str):
+        hub.trust.release(worker_id)
+        return Ack(detail="quarantine lifted")
+
+    @app.post("/v1/admin/tokens/revoke", response_model=Ack, dependencies=[Depends(admin)])
+    async def revoke(req: RevokeTokenRequest):
+        tid = hub.tokens.revoke(req.token)
+        gone = [w for w in list(state.workers.values()) if w.token == tid]
+        returned = sum(state.leave(w.worker_id, None) for w in gone)
+        hub.poke()
+        log.warning("worker token %s revoked: %d workers removed, %d tasks re-queued", tid, len(gone), returned)
+        return Ack(detail=f"{len(gone)} workers removed, {returned} tasks re-queued")
 
 
 def build_hub(cfg: RunConfig, ledger: Ledger | None = None, tokens: Tokens | None = None) -> Hub:
