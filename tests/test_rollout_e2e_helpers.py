@@ -164,7 +164,8 @@ class CorruptingProxy:
         self.app = Starlette(routes=[Route("/{path:path}", self.forward, methods=["GET", "POST", "DELETE"])])
 
     async def forward(self, request: Request) -> Response:
-        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type", "range")}
+        forwarded = ("authorization", "x-worker-secret", "content-type", "range")
+        headers = {k: v for k, v in request.headers.items() if k in forwarded}
         async with httpx.AsyncClient(base_url=self.upstream, timeout=120) as client:
             answer = await client.request(
                 request.method, request.url.path, content=await request.body(), headers=headers

@@ -77,7 +77,7 @@ class Hub:
         self.shutdown_requested = asyncio.Event()
         self.trust = Trust(cfg.trust, state)
         self._scoring_tasks: set[asyncio.Task] = set()
-        self.stop_ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+        self.stop_ids = {tokenizer.eos_token_id} - {None}
         self._adopt_published_policy()
 
     def _adopt_published_policy(self) -> None:
