@@ -298,8 +298,12 @@ class TrustConfig(Section):
     """Largest |claimed - recomputed| logprob of any one token (nats)."""
     typicality_z: float = Field(6.0, gt=0.0)
     """Largest |sum(surprisal - entropy)| / sqrt(sum(variance) + 1) of a sequence under the sampling distribution."""
+    typicality_clip: float = Field(4.0, gt=0.0)
+    """Most nats of surprisal over the entropy one token adds to the typicality sum (one rare token is no proof)."""
     max_outside_fraction: float = Field(0.1, ge=0.0, le=1.0)
     """Largest fraction of a sequence's tokens outside the sampling support (top-k/top-p) of the recomputed policy."""
+    mask_special_tokens: bool = True
+    """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection)."""
     quarantine_min_sequences: int = Field(32, ge=1)
     """Checked sequences of a worker before its rejection rate can quarantine it."""
     quarantine_rejected_fraction: float = Field(0.25, gt=0.0, le=1.0)

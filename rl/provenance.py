@@ -10,16 +10,20 @@ recomputes every token's logprob anyway; from the same logits it checks, per seq
 2. **Typicality** (`atypical_unlikely`, `atypical_likely`): under honest sampling from
    q = softmax(logits / temperature), truncated to top-k/top-p, the surprisal s_t = -log q(x_t)
    of each sampled token has mean H(q_t) (the entropy) and variance V(q_t) = E[log^2 q] - H^2.
-   Their centred sum is a martingale, so z = sum_t (s_t - H_t) / sqrt(sum_t V_t + 1) is about
-   standard normal for honest samples (the +1 keeps a few near-deterministic positions from
-   dividing by ~0). An injected answer (text the policy finds unlikely) has z >> 0; greedy or
-   low-temperature decoding passed off as sampling has z << 0.
+   Their centred sum is a martingale, so z = sum_t min(s_t - H_t, c) / sqrt(sum_t V_t + 1) is about
+   standard normal for honest samples. The +1 keeps a few near-deterministic positions from
+   dividing by ~0, and the clip c (`trust.typicality_clip`) keeps one rare honest token at a
+   confident position (s - H of 7+ nats, variance ~0) from failing a whole sequence. An injected
+   answer (text the policy finds unlikely) has z >> 0; greedy or low-temperature decoding passed
+   off as sampling has z << 0.
 3. **Sampling support** (`outside_sampling_support`): too many tokens the configured top-k/top-p
    could never have produced.
+4. **Special tokens** (`special_token`, `special_token_rows`): a chat-template token (such as
+   `<|im_start|>`) anywhere but a final end-of-sequence token. The hub also scores exactly the
+   tokens that are trained (rl/hub/server.py), so none can hide from the verifier.
 
 A sequence failing any check is masked out of the loss (`mask_rejected`) before the optimizer
-step. Special tokens need no check of their own: the hub scores exactly the tokens that are
-trained (rl/hub/server.py), and injected ones fail the typicality test like any injected text.
+step.
 
 Shapes: B sequences, L positions (prompt + completion, right-padded), V vocabulary.
 """
@@ -37,7 +41,7 @@ RECOMPUTED, SURPRISAL, ENTROPY, VARIANCE, OUTSIDE = range(5)
 NUM_STATS = 5
 """Per-position statistics from `token_statistics`, indexed by the constants above."""
 
-REASONS = ("logprob_mismatch", "outside_sampling_support", "atypical_unlikely", "atypical_likely")
+REASONS = ("logprob_mismatch", "special_token", "outside_sampling_support", "atypical_unlikely", "atypical_likely")
 """Why a sequence was masked, in the order they are checked (code i + 1 in `Verdicts.codes`)."""
 
 
@@ -114,18 +118,34 @@ class Verdicts:
         return {r: int((self.codes == i + 1).sum()) for i, r in enumerate(REASONS) if (self.codes == i + 1).any()}
 
 
-def check_sequences(stats: Tensor, claimed: Tensor, mask: Tensor, cfg: TrustConfig) -> Verdicts:
+def special_token_rows(input_ids: Tensor, mask: Tensor, special_ids: list[int], stop_ids: list[int]) -> Tensor:
+    """[B] bool: rows with a special token among their completion tokens, other than a stop token
+    (end of sequence) in the last completion position. input_ids, mask: [B, L]."""
+    m = mask.bool()
+    special = torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype)) & m
+    positions = torch.arange(mask.shape[1]).expand_as(m)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).max(-1, keepdim=True).values
+    is_stop = torch.isin(input_ids, torch.tensor(stop_ids, dtype=input_ids.dtype)) & (positions == last)
+    return (special & ~is_stop).any(-1)
+
+
+def check_sequences(
+    stats: Tensor, claimed: Tensor, mask: Tensor, cfg: TrustConfig, special: Tensor | None = None
+) -> Verdicts:
     """Verdict per sequence: stats [B, L, NUM_STATS] (token_statistics, aligned with the batch),
-    claimed [B, L] (the worker's logprobs), mask [B, L] (1 on completion tokens)."""
+    claimed [B, L] (the worker's logprobs), mask [B, L] (1 on completion tokens), special [B] bool
+    (`special_token_rows`; None: not checked)."""
     m = mask.float()
     tokens = m.sum(-1)
     diff = (claimed.float() - stats[..., RECOMPUTED]).abs() * m
     abs_sum, max_diff = diff.sum(-1), diff.max(-1).values
-    centred = ((stats[..., SURPRISAL] - stats[..., ENTROPY]) * m).sum(-1)
+    excess = (stats[..., SURPRISAL] - stats[..., ENTROPY]).clamp(max=cfg.typicality_clip)
+    centred = (excess * m).sum(-1)
     z = centred / torch.sqrt((stats[..., VARIANCE] * m).sum(-1) + 1.0)
     outside = (stats[..., OUTSIDE] * m).sum(-1) / tokens.clamp(min=1.0)
     failed = [
         (abs_sum / tokens.clamp(min=1.0) > cfg.max_mean_logprob_diff) | (max_diff > cfg.max_token_logprob_diff),
+        special if special is not None and cfg.mask_special_tokens else torch.zeros_like(tokens, dtype=torch.bool),
         outside > cfg.max_outside_fraction,
         z > cfg.typicality_z,
         z < -cfg.typicality_z,

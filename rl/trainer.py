@@ -48,7 +48,7 @@ from rl.config import RunConfig
 from rl.hub.admin import HubAdmin
 from rl.loss import LossNorm, policy_loss, reduce_metrics
 from rl.protocol import EvalRequest, ProvenanceReport, WorkerVerdicts
-from rl.provenance import NUM_STATS, REASONS, check_sequences, mask_rejected, token_statistics
+from rl.provenance import NUM_STATS, REASONS, check_sequences, mask_rejected, special_token_rows, token_statistics
 from rl.tracking import Progress
 from rl.weights import write_base, write_version
 
@@ -273,7 +273,9 @@ class Trainer:
         fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
                                top_k=sampling.top_k)  # fmt: skip
         stats = self.strategy.token_statistics(local.input_ids, local.attention_mask, fn, NUM_STATS).cpu()
-        v = check_sequences(stats, local.behaviour_logprobs, local.completion_mask, trust)
+        stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        special = special_token_rows(local.input_ids, local.completion_mask, self.tokenizer.all_special_ids, stop_ids)
+        v = check_sequences(stats, local.behaviour_logprobs, local.completion_mask, trust, special)
         rows = torch.zeros(batch.num_sequences, 4)  # per sequence: code, sum |diff|, tokens, z
         rows[torch.arange(rank, batch.num_sequences, world)] = torch.stack(
             [v.codes.float(), v.abs_diff_sum, v.tokens, v.z], dim=1

@@ -17,6 +17,7 @@ from rl.provenance import (
     RECOMPUTED,
     check_sequences,
     mask_rejected,
+    special_token_rows,
     token_statistics,
 )
 
@@ -88,6 +89,12 @@ def test_top_p_support():
     assert token_statistics(logits, outside, 1.0, top_k=2)[..., OUTSIDE].sum() == 10
 
 
+def test_special_tokens_only_as_the_final_stop():
+    ids = torch.tensor([[9, 9, 5, 6, 2], [9, 9, 5, 1, 6], [9, 9, 2, 5, 0], [9, 9, 5, 6, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 0]])
+    assert special_token_rows(ids, mask, [0, 1, 2], [2]).tolist() == [False, True, True, False]
+
+
 def test_mask_rejected_zeroes_rows_and_keeps_the_baseline_honest():
     mask = torch.ones(6, 5)
     rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # groups of 3
@@ -129,7 +136,8 @@ def test_trainer_masks_forged_and_injected_sequences(tmp_path, tiny_model_dir):
     for t in range(4):
         prompt = torch.tensor([[1, 40 + t, 50 + t, 60 + t]])
         out = model.generate(prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
-                             min_new_tokens=16, num_return_sequences=4, pad_token_id=0)  # fmt: skip
+                             min_new_tokens=16, num_return_sequences=4, pad_token_id=0,
+                             suppress_tokens=[0, 1])  # fmt: skip
         with torch.no_grad():
             logp = model(out).logits[:, :-1].log_softmax(-1).gather(-1, out[:, 1:, None]).squeeze(-1)
         comps = []

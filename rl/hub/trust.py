@@ -100,6 +100,8 @@ class Trust:
         """Count a buffered group's mean reward; True if that quarantined its worker (cherry-picking)."""
         mean = sum(c.reward for c in group.completions) / len(group.completions)
         s = self._of(group.worker_id)
+        if s.quarantined:  # a group scored after its worker's quarantine: dropped, not evidence
+            return False
         s.groups += 1
         s.reward_sum += mean
         s.reward_sumsq += mean * mean
@@ -118,10 +120,11 @@ class Trust:
         return False
 
     def reward_z(self, worker_id: str) -> float:
-        """Standard errors between this worker's mean group reward and the other workers' (0: too few groups)."""
+        """Standard errors between this worker's mean group reward and the other (unquarantined)
+        workers' (0: too few groups, or the worker is quarantined)."""
         s = self.stats.get(worker_id)
         n_o = self.groups - (s.groups if s else 0)
-        if s is None or s.groups < self.cfg.reward_min_groups or n_o < self.cfg.reward_min_groups:
+        if s is None or s.quarantined or s.groups < self.cfg.reward_min_groups or n_o < self.cfg.reward_min_groups:
             return 0.0
         m_w = s.reward_sum / s.groups
         m_o = (self.reward_sum - s.reward_sum) / n_o
@@ -133,7 +136,12 @@ class Trust:
 
     def quarantine(self, worker_id: str, reason: str) -> int:
         """Quarantine a worker: no more leases; its leased, scoring and buffered tasks re-queued."""
-        self._of(worker_id).quarantined = reason
+        stats = self._of(worker_id)
+        if not stats.quarantined:  # out of the population the other workers are compared with
+            self.groups -= stats.groups
+            self.reward_sum -= stats.reward_sum
+            self.reward_sumsq -= stats.reward_sumsq
+        stats.quarantined = reason
         requeued = self.state.drop_worker_work(worker_id)
         log.warning("worker %s quarantined (%d tasks re-queued): %s", worker_id, requeued, reason)
         return requeued
@@ -144,9 +152,6 @@ class Trust:
         if stats is None or not stats.quarantined:
             raise HubError(404, "not_quarantined", f"worker {worker_id} is not quarantined")
         self.stats[worker_id] = WorkerStats()
-        self.groups -= stats.groups
-        self.reward_sum -= stats.reward_sum
-        self.reward_sumsq -= stats.reward_sumsq
         log.warning("quarantine of worker %s lifted", worker_id)
 
     # ------------------------------------------------------------------ status
