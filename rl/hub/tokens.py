@@ -15,6 +15,11 @@ from rl.config import RunConfig
 from rl.protocol import HubError
 
 
+def _same(a: str, b: str) -> bool:
+    """Constant-time comparison of any two strings (hmac.compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
 def token_id(token: str) -> str:
     """A short, stable, non-secret name for a token (what the hub stores and shows)."""
     return hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -33,7 +38,7 @@ class Tokens:
     def revoke(self, token_or_id: str) -> str:
         """Refuse a worker token (given as itself or its `token_id`) from now on; returns its id."""
         for w in self.workers:
-            if hmac.compare_digest(w, token_or_id) or token_id(w) == token_or_id:
+            if _same(w, token_or_id) or token_id(w) == token_or_id:
                 self.revoked.add(token_id(w))
                 return token_id(w)
         raise HubError(404, "unknown_token", "no such worker token")
@@ -58,9 +63,9 @@ class Tokens:
         if not header or not header.startswith("Bearer "):
             raise HubError(401, "missing_token", "send Authorization: Bearer <token>")
         token = header[len("Bearer ") :].strip()
-        if hmac.compare_digest(token, self.admin):
+        if _same(token, self.admin):
             return None
-        if any(hmac.compare_digest(token, w) for w in self.workers):
+        if any(_same(token, w) for w in self.workers):
             if token_id(token) in self.revoked:
                 raise HubError(401, "revoked_token", "this worker token was revoked by the operator")
             return token_id(token)
