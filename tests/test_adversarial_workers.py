@@ -333,4 +333,3 @@ def test_no_prompt_lost(battery):
     battery.run.check_ledger()
     counts = Counter(battery.names[g.worker_id] for g in battery.run.pulled)
     assert counts["honest"] > 0, counts
-
