@@ -210,3 +210,40 @@ def test_stale_version_claims_do_not_pin_old_versions():
     assert state.versions_in_use() == {5}  # version 0 is outside the staleness window: collectable
     with pytest.raises(HubError, match="never published"):
         state.heartbeat(new, "tok", 6, 1.0, 0.0)
+
+
+def test_admin_quarantine_release_and_revoke(published):
+    """Operator actions at run time, through `rl admin` (last in this module: it revokes a token)."""
+    import os
+    import subprocess
+    import sys
+
+    from hub_fixtures import ROOT
+
+    def rl_admin(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RL_HUB_ADMIN_TOKEN": ADMIN}
+        cmd = [sys.executable, "-m", "rl.cli", "admin", *args, "--hub", published.url]
+        return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    wid, secret = register(published)
+    other, other_secret = register(published, OTHER_WORKER)
+    assert rl_admin("quarantine", wid, "--reason", "looks odd").returncode == 0
+    with published.client(WORKER, secret) as c:
+        r = c.post("/v1/leases", json={"worker_id": wid, "policy_version": 0})
+        assert r.status_code == 403 and r.json()["reason"] == "quarantined"
+        shown = {w["worker_id"]: w for w in c.get("/v1/status").json()["workers"]}
+        assert shown[wid]["quarantined"] == "looks odd"
+    assert rl_admin("release", wid).returncode == 0
+    with published.client(WORKER, secret) as c:
+        assert c.post("/v1/leases", json={"worker_id": wid, "policy_version": 0}).status_code == 200
+    assert rl_admin("release", wid).returncode == 2  # not quarantined any more: a clear error
+    assert rl_admin("revoke-worker", wid).returncode == 0
+    with published.client(WORKER, secret) as c:
+        assert c.post(f"/v1/workers/{wid}/heartbeat", json={"policy_version": 0}).status_code == 404
+    done = rl_admin("revoke-token", OTHER_WORKER)
+    assert done.returncode == 0 and "1 workers removed" in done.stdout, done.stdout + done.stderr
+    with published.client(OTHER_WORKER, other_secret) as c:
+        r = c.post(f"/v1/workers/{other}/heartbeat", json={"policy_version": 0})
+        assert r.status_code == 401 and r.json()["reason"] == "revoked_token"
+    with published.client(WORKER) as c:  # other tokens are unaffected
+        assert c.get("/v1/status").status_code == 200
