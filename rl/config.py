@@ -311,7 +311,7 @@ class TrustConfig(Section):
     reward_min_groups: int = Field(16, ge=2)
     """Scored groups a worker (and the others) need before the reward comparison can quarantine it."""
     reward_z: float = Field(5.0, gt=0.0)
-    """A worker whose mean group reward is this many standard errors above the others' is quarantined."""
+    """Quarantine a worker whose group rewards are this many standard errors above the others' (same versions)."""
 
 
 class CheckpointConfig(Section):

@@ -124,3 +124,24 @@ def test_cherry_picked_rewards_are_an_outlier():
     submit_and_score(state, trust, picker, 1.0)
     assert trust.stats[picker].quarantined.startswith("reward outlier")
     assert all(not trust.stats[w].quarantined for w in honest)
+
+
+def test_a_late_honest_worker_is_not_an_outlier_while_rewards_rise():
+    """Training raises every reward; a worker joining late scores above the run's all-time mean but not
+    above what the others score at the same time."""
+    import random
+
+    state, trust = make(**{"trust.reward_min_groups": 16, "trust.reward_z": 5.0})
+    rng = random.Random(0)
+
+    def group(worker: str, step: int) -> ScoredGroup:
+        p = min(0.9, 0.1 + step / 400)  # accuracy rising over training
+        comps = [ScoredCompletion(token_ids=[3], logprobs=[-1.0], finish_reason="stop",
+                                  reward=float(rng.random() < p), components={}) for _ in range(8)]  # fmt: skip
+        return ScoredGroup(task_id=step, row_index=0, prompt_token_ids=[1], policy_version=step // 4, worker_id=worker,
+                           worker_name=worker, completions=comps)  # fmt: skip
+
+    for step in range(600):
+        for worker in ("early-1", "early-2", *(("late",) if step >= 300 else ())):
+            assert not trust.observe_group(group(worker, step)), trust.stats[worker].quarantined
+    assert abs(trust.reward_z("late")) < 3.0

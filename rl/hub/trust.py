@@ -5,8 +5,10 @@ Workers are untrusted (docs/security.md). Two kinds of evidence reach this modul
 - the trainer's provenance verdicts (`ProvenanceReport`, `POST /v1/provenance`): per worker, how
   many of its sequences were checked and how many were masked out of the loss, by reason
   (rl/provenance.py), and the mean |claimed - recomputed| logprob;
-- every scored group the hub buffers: its mean reward, compared with the other workers' (a
-  worker that generates k groups and submits the best one has a reward far above the others').
+- every scored group the hub buffers: its mean reward, compared with the other workers' groups
+  generated with the same policy version (a worker that generates k groups and submits the best
+  one has a reward far above the others'). Comparing within a version keeps a worker that joins
+  late, after training raised every reward, from looking like a cheat.
 
 A worker over a threshold (`trust:` in the config) is quarantined: no more leases or accepted
 submissions, and its leased, scoring and buffered tasks go back to the queue, so no prompt is
@@ -28,7 +30,7 @@ from rl.protocol import HubError, HubStatus, ProvenanceReport, ScoredGroup, Work
 log = logging.getLogger(__name__)
 
 REWARD_VAR_FLOOR = 1e-4
-"""Smallest reward variance assumed per group mean (constant rewards would otherwise divide by 0)."""
+"""Smallest variance assumed of a group's mean reward (constant rewards would otherwise divide by 0)."""
 
 
 @dataclass
@@ -38,8 +40,8 @@ class WorkerStats:
     abs_diff_sum: float = 0.0
     tokens: int = 0
     groups: int = 0
-    reward_sum: float = 0.0
-    reward_sumsq: float = 0.0
+    by_version: dict[int, list[float]] = field(default_factory=dict)
+    """Policy version -> [groups, sum, sum of squares of group mean rewards] of this worker."""
     quarantined: str = ""
 
     def view(self, reward_z: float) -> WorkerTrust:
@@ -59,9 +61,8 @@ class Trust:
     def __init__(self, cfg: TrustConfig, state) -> None:
         self.cfg, self.state = cfg, state
         self.stats: dict[str, WorkerStats] = {}
-        self.groups = 0
-        self.reward_sum = 0.0
-        self.reward_sumsq = 0.0
+        self.by_version: dict[int, list[float]] = {}
+        """Policy version -> [groups, sum, sum of squares of group mean rewards] of unquarantined workers."""
 
     def _of(self, worker_id: str) -> WorkerStats:
         return self.stats.setdefault(worker_id, WorkerStats())
@@ -103,44 +104,53 @@ class Trust:
         if s.quarantined:  # a group scored after its worker's quarantine: dropped, not evidence
             return False
         s.groups += 1
-        s.reward_sum += mean
-        s.reward_sumsq += mean * mean
-        self.groups += 1
-        self.reward_sum += mean
-        self.reward_sumsq += mean * mean
+        for totals in (s.by_version, self.by_version):
+            row = totals.setdefault(group.policy_version, [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += mean
+            row[2] += mean * mean
         z = self.reward_z(group.worker_id)
-        if not s.quarantined and z > self.cfg.reward_z:
-            others = (self.reward_sum - s.reward_sum) / max(self.groups - s.groups, 1)
+        if z > self.cfg.reward_z:
             self.quarantine(
                 group.worker_id,
-                f"reward outlier: mean group reward {s.reward_sum / s.groups:.3f} over {s.groups} groups vs "
-                f"{others:.3f} for the other workers (z = {z:.1f} > {self.cfg.reward_z:g}; cherry-picked samples?)",
+                f"reward outlier: its groups' rewards are {z:.1f} standard errors above the other workers' "
+                f"with the same policy versions, over {s.groups} groups (> {self.cfg.reward_z:g}; cherry-picked?)",
             )
             return True
         return False
 
     def reward_z(self, worker_id: str) -> float:
-        """Standard errors between this worker's mean group reward and the other (unquarantined)
-        workers' (0: too few groups, or the worker is quarantined)."""
+        """Standard errors by which this worker's group rewards beat the other workers' groups of the
+        same policy versions (0: fewer than `reward_min_groups` comparable groups on either side)."""
         s = self.stats.get(worker_id)
-        n_o = self.groups - (s.groups if s else 0)
-        if s is None or s.quarantined or s.groups < self.cfg.reward_min_groups or n_o < self.cfg.reward_min_groups:
+        if s is None or s.quarantined or s.groups < self.cfg.reward_min_groups:
             return 0.0
-        m_w = s.reward_sum / s.groups
-        m_o = (self.reward_sum - s.reward_sum) / n_o
-        v_w = max(s.reward_sumsq / s.groups - m_w * m_w, REWARD_VAR_FLOOR)
-        v_o = max((self.reward_sumsq - s.reward_sumsq) / n_o - m_o * m_o, REWARD_VAR_FLOOR)
-        return (m_w - m_o) / math.sqrt(v_w / s.groups + v_o / n_o)
+        excess, n_w, n_o = 0.0, 0, 0
+        for version, (count, total, _) in s.by_version.items():
+            all_count, all_total, _ = self.by_version[version]
+            others = all_count - count
+            if others < 1:
+                continue
+            excess += total - count * (all_total - total) / others
+            n_w, n_o = n_w + count, n_o + others
+        if n_w < self.cfg.reward_min_groups or n_o < self.cfg.reward_min_groups:
+            return 0.0
+        # Spread of a group's mean reward around its version's mean, pooled over versions.
+        within = sum(sq - t * t / c for c, t, sq in self.by_version.values() if c > 1)
+        dof = sum(c - 1 for c, _, _ in self.by_version.values() if c > 1)
+        var = max(within / max(dof, 1), REWARD_VAR_FLOOR)
+        return excess / math.sqrt(n_w * var)
 
     # ------------------------------------------------------------------ actions
 
     def quarantine(self, worker_id: str, reason: str) -> int:
         """Quarantine a worker: no more leases; its leased, scoring and buffered tasks re-queued."""
         stats = self._of(worker_id)
-        if not stats.quarantined:  # out of the population the other workers are compared with
-            self.groups -= stats.groups
-            self.reward_sum -= stats.reward_sum
-            self.reward_sumsq -= stats.reward_sumsq
+        if not stats.quarantined:  # its groups no longer count as the others' evidence
+            for version, mine in stats.by_version.items():
+                every = self.by_version[version]
+                for i in range(3):
+                    every[i] -= mine[i]
         stats.quarantined = reason
         requeued = self.state.drop_worker_work(worker_id)
         log.warning("worker %s quarantined (%d tasks re-queued): %s", worker_id, requeued, reason)
