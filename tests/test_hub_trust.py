@@ -145,3 +145,19 @@ def test_a_late_honest_worker_is_not_an_outlier_while_rewards_rise():
         for worker in ("early-1", "early-2", *(("late",) if step >= 300 else ())):
             assert not trust.observe_group(group(worker, step)), trust.stats[worker].quarantined
     assert abs(trust.reward_z("late")) < 3.0
+
+
+def test_rl_status_shows_masked_sequences_and_quarantine():
+    from rich.console import Console
+
+    from rl.hub.status_view import render
+
+    state, trust = make()
+    bad = state.register(RegisterRequest(name="bad"), "tok", 0.0).worker_id
+    verdicts = WorkerVerdicts(worker_id=bad, sequences=4, rejected={"logprob_mismatch": 3}, tokens=8)
+    trust.record(ProvenanceReport(step=0, workers=[verdicts]))
+    trust.quarantine(bad, "forged logprobs")
+    console = Console(width=240, record=True)
+    console.print(render(trust.annotate(state.status(0.0, {}), None)))
+    text = console.export_text()
+    assert "3/4 (logprob_mismatch:3)" in text and "QUARANTINED: forged logprobs" in text
