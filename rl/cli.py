@@ -1,4 +1,4 @@
-"""The `rl` command line: train, hub, rollout, status, verify, models.
+"""The `rl` command line: train, hub, rollout, status, verify, models, admin.
 
 Each subcommand parses its arguments, loads and validates config, and hands
 off to the module that does the work; errors in user input end with a clear
@@ -300,6 +300,57 @@ def models_list() -> None:
         path = cache_dir() / alias
         state = "not prepared" if not path.exists() else (verify_manifest(path) or "ready")
         out.print(f"{alias:24s} {state:20s} {path}", highlight=False)
+
+
+
+admin_app = typer.Typer(help="Operator actions on a running hub (admin token): quarantine, revoke.",
+                        no_args_is_help=True)  # fmt: skip
+app.add_typer(admin_app, name="admin")
+_HubOpt = Annotated[str, typer.Option("--hub", help="Hub URL.")]
+_AdminTokenOpt = Annotated[str, typer.Option("--token", envvar="RL_HUB_ADMIN_TOKEN", help="The admin token.")]
+
+
+def _admin_call(hub: str, token: str, action) -> None:
+    from rl.client import HubUnavailable
+    from rl.hub.admin import HubAdmin
+    from rl.protocol import HubError
+
+    try:
+        with HubAdmin(hub, token, patience_s=10.0) as admin:
+            out.print(action(admin).detail or "ok", highlight=False)
+    except (HubError, HubUnavailable) as e:
+        err.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+
+
+@admin_app.command("quarantine")
+def admin_quarantine(
+    worker_id: str, hub: _HubOpt, token: _AdminTokenOpt,
+    reason: Annotated[str, typer.Option(help="Shown in `rl status`.")] = "quarantined by an operator",
+) -> None:  # fmt: skip
+    """Quarantine a worker: no more leases; its leased and buffered tasks are re-queued."""
+    _admin_call(hub, token, lambda a: a.quarantine(worker_id, reason))
+
+
+@admin_app.command("release")
+def admin_release(worker_id: str, hub: _HubOpt, token: _AdminTokenOpt) -> None:
+    """Lift a worker's quarantine."""
+    _admin_call(hub, token, lambda a: a.release(worker_id))
+
+
+@admin_app.command("revoke-worker")
+def admin_revoke_worker(worker_id: str, hub: _HubOpt, token: _AdminTokenOpt) -> None:
+    """Remove a worker now (its leases are re-queued; its secret stops working)."""
+    _admin_call(hub, token, lambda a: a.revoke_worker(worker_id))
+
+
+@admin_app.command("revoke-token")
+def admin_revoke_token(
+    worker_token: Annotated[str, typer.Argument(help="The worker token, or its id (hub log).")],
+    hub: _HubOpt, token: _AdminTokenOpt,
+) -> None:  # fmt: skip
+    """Refuse a worker token from now on and remove every worker registered with it."""
+    _admin_call(hub, token, lambda a: a.revoke_token(worker_token))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Every caller of a hub goes through `HubHTTP`: the rollout worker's `HubClient`
 (rollout_workers/client.py), the trainer's `HubAdmin` (rl/hub/admin.py), `rl status`
 (rl/hub/status_view.py) and the launcher's health wait. It owns:
 
-- bearer auth (one token per client);
+- bearer auth (one token per client), and a worker registration's secret (`X-Worker-Secret`)
+  once `use_worker_secret` set it;
 - one retry policy (tenacity): connection errors, timeouts, 5xx and 429 are retried
   with capped, jittered exponential backoff until `max_retry_s` runs out (None: for
   ever), logging a line every `LOG_EVERY_S`; setting `stop_event` ends the wait;
@@ -33,7 +34,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from rl.protocol import HubError
+from rl.protocol import WORKER_SECRET_HEADER, HubError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ class HubHTTP:
             transport=transport,
             follow_redirects=True,
         )
+
+    def use_worker_secret(self, secret: str) -> None:
+        """Send this registration's secret on every later request (the hub checks it on worker routes)."""
+        self.http.headers[WORKER_SECRET_HEADER] = secret
 
     # ------------------------------------------------------------------ retries
 

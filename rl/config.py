@@ -319,6 +319,41 @@ class HubConfig(Section):
     """HTTP cache or mirror of the hub's `/v1/blobs/` that workers try first (`rl rollout --weights-url` wins)."""
     max_restarts: int = Field(3, ge=0)
     """Times `rl train` restarts a hub that died mid-run (from its ledger, run_dir/hub.sqlite) before failing."""
+    body_timeout_s: float = Field(30.0, gt=0.0, le=600.0)
+    """A request body not fully received within this time is refused with 408 (slow-body senders)."""
+    max_workers_per_token: int = Field(64, ge=1, le=100_000)
+    """Registered workers one worker token may hold at once; more registrations get 429."""
+    max_tasks_per_lease: int = Field(64, ge=1, le=4096)
+    """Most tasks one lease grants, whatever `max_tasks` the worker asks for."""
+    max_leased_per_worker: int = Field(256, ge=1, le=65536)
+    """Most tasks one worker may hold leased at once (over all its leases): no worker hoards the queue."""
+
+
+class TrustConfig(Section):
+    """Provenance checks of worker samples (rl/provenance.py) and quarantine (rl/hub/trust.py); docs/security.md."""
+
+    enabled: bool = True
+    """Check every sequence before the optimizer step and mask failures out of the loss."""
+    max_mean_logprob_diff: float = Field(0.5, gt=0.0)
+    """Largest mean |claimed - recomputed| logprob per token of a sequence (nats)."""
+    max_token_logprob_diff: float = Field(8.0, gt=0.0)
+    """Largest |claimed - recomputed| logprob of any one token (nats)."""
+    typicality_z: float = Field(6.0, gt=0.0)
+    """Largest |sum(surprisal - entropy)| / sqrt(sum(variance) + 1) of a sequence under the sampling distribution."""
+    typicality_clip: float = Field(4.0, gt=0.0)
+    """Most nats of surprisal over the entropy one token adds to the typicality sum (one rare token is no proof)."""
+    max_outside_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    """Largest fraction of a sequence's tokens outside the sampling support (top-k/top-p) of the recomputed policy."""
+    mask_special_tokens: bool = True
+    """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection)."""
+    quarantine_min_sequences: int = Field(32, ge=1)
+    """Checked sequences of a worker before its rejection rate can quarantine it."""
+    quarantine_rejected_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    """A worker whose rejected fraction exceeds this (after the minimum) is quarantined."""
+    reward_min_groups: int = Field(16, ge=2)
+    """Scored groups a worker (and the others) need before the reward comparison can quarantine it."""
+    reward_z: float = Field(5.0, gt=0.0)
+    """Quarantine a worker whose group rewards are this many standard errors above the others' (same versions)."""
 
 
 class CheckpointConfig(Section):
@@ -390,6 +425,8 @@ class RunConfig(Section):
     """Logging and W&B."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    trust: TrustConfig = Field(default_factory=TrustConfig)
+    """Untrusted workers: provenance checks and quarantine."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
 

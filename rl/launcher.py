@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -234,6 +235,9 @@ class Launch:
         self.workers: list[Child] = []
         self.watchdog: Watchdog | None = None
         self.tokens, _ = Tokens.from_config(cfg)
+        # Local workers get a token of their own, never the one printed for remote workers: a remote
+        # worker then cannot even see local workers in /v1/status (docs/security.md).
+        self.local_token = f"loc-{secrets.token_urlsafe(24)}"
         self.url = ""
 
     def prepare_run_dir(self) -> Path | None:
@@ -261,7 +265,7 @@ class Launch:
         host = f"[{cfg.hub.host}]" if ":" in cfg.hub.host else cfg.hub.host  # an IPv6 address
         self.url = f"http://{host}:{port}"
         env = child_env(RL_HUB_ADMIN_TOKEN=self.tokens.admin, RL_HUB_WORKER_TOKENS=",".join(self.tokens.workers),
-                        OMP_NUM_THREADS="1")  # fmt: skip
+                        RL_HUB_LOCAL_TOKEN=self.local_token, OMP_NUM_THREADS="1")  # fmt: skip
         cmd = [sys.executable, "-m", "rl.cli", "hub", str(config_path), "--host", cfg.hub.host, "--port", str(port)]
         self._hub_cmd, self._hub_env = cmd, env
         if ckpt is not None and (ckpt / "ledger.json").is_file():
@@ -284,7 +288,7 @@ class Launch:
         cfg = self.cfg
         self._wait_healthy()
         for i in range(cfg.rollout.local_workers):
-            wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.tokens.workers[0],
+            wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.local_token,
                              SCATTER_RL_HUB_POLICY_DIR=str(self.paths.policy))  # fmt: skip
             spec = cfg.rollout.engine_spec(seed=cfg.trainer.seed * 1000 + i)
             wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(),

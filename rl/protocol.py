@@ -25,6 +25,16 @@ Routes:
   POST   /v1/evals                       EvalRequest      -> EvalJob                (admin)
   GET    /v1/evals/{job_id}                               -> EvalJob (results when done) (admin)
   POST   /v1/shutdown                                     -> Ack                    (admin)
+  POST   /v1/provenance                  ProvenanceReport -> Ack                    (admin)
+  POST   /v1/admin/workers/{id}/quarantine  QuarantineRequest -> Ack (quarantine)   (admin)
+  DELETE /v1/admin/workers/{id}/quarantine                -> Ack (lift it)          (admin)
+  POST   /v1/admin/tokens/revoke         RevokeTokenRequest -> Ack                  (admin)
+
+Worker routes that name a worker id (heartbeat, leave, leases, rollouts) also need the
+header `X-Worker-Secret: <RegisterResponse.worker_secret>`: one secret per registration,
+so a worker cannot act for another worker registered with the same token.
+Non-finite numbers (NaN, inf, or 1e999 which JSON parsers read as inf) are rejected
+everywhere, and every list has a length bound.
 """
 
 from __future__ import annotations
@@ -34,10 +44,22 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 API_VERSION = "v1"
+WORKER_SECRET_HEADER = "X-Worker-Secret"
+"""Header carrying a registration's secret on every later call that names its worker id."""
+
+MAX_SEQUENCE_TOKENS = 1_048_576
+"""Upper bound of any token list on the wire (the hub checks the run's own, tighter limits)."""
+MAX_GROUP = 1024
+"""Most completions per task (sampling.n's bound)."""
+MAX_TASKS = 4096
+"""Most tasks per lease or submission (hub.max_tasks_per_lease caps leases further)."""
+MAX_ID = 64
+"""Longest worker, lease or job id."""
 
 
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: NaN/inf (also JSON's 1e999, parsed as inf) never enter the hub's state.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Ack(Wire):
@@ -94,12 +116,14 @@ class SamplingParamsWire(Wire):
     top_p: float
     top_k: int
     max_tokens: int
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
 
 
 class RegisterResponse(Wire):
     worker_id: str
+    worker_secret: str
+    """Send it as `X-Worker-Secret` on every later call for this worker id (heartbeat, leases, rollouts, leave)."""
     heartbeat_interval_s: float
     policy_version: int
     """Latest published policy version; the worker loads it before leasing."""
@@ -131,10 +155,11 @@ class HeartbeatResponse(Wire):
 
 
 class LeaseRequest(Wire):
-    worker_id: str
+    worker_id: str = Field(max_length=MAX_ID)
     policy_version: int = Field(ge=0)
     """Version the worker has loaded; a lease needs at least `min_policy_version`."""
-    max_tasks: int = Field(8, ge=1, le=4096)
+    max_tasks: int = Field(8, ge=1, le=MAX_TASKS)
+    """Most tasks wanted; the hub grants at most `hub.max_tasks_per_lease` (and `hub.max_leased_per_worker` in all)."""
     wait_s: float = Field(0.0, ge=0.0, le=30.0)
     """Long poll: with no work now, the hub holds the request up to this long and answers as soon as there is."""
 
@@ -156,23 +181,23 @@ class Lease(Wire):
 
 
 class Completion(Wire):
-    token_ids: list[int]
-    logprobs: list[float]
+    token_ids: list[int] = Field(max_length=MAX_SEQUENCE_TOKENS)
+    logprobs: list[float] = Field(max_length=MAX_SEQUENCE_TOKENS)
     """Per-token logprob of each sampled token under the behaviour policy."""
     finish_reason: Literal["stop", "length"] = "stop"
 
 
 class TaskResult(Wire):
     task_id: int
-    completions: list[Completion]
+    completions: list[Completion] = Field(max_length=MAX_GROUP)
 
 
 class SubmitRequest(Wire):
-    worker_id: str
-    lease_id: str
+    worker_id: str = Field(max_length=MAX_ID)
+    lease_id: str = Field(max_length=MAX_ID)
     policy_version: int = Field(ge=0)
     """Version the completions were generated with."""
-    results: list[TaskResult] = Field(min_length=1)
+    results: list[TaskResult] = Field(min_length=1, max_length=MAX_TASKS)
     gen_seconds: float = Field(0.0, ge=0.0)
     """Wall time spent generating these results (for tokens/s)."""
 
@@ -304,6 +329,20 @@ class Ledger(Wire):
     batches: int
 
 
+class WorkerTrust(Wire):
+    """Per-worker provenance statistics: what the trainer's checks and the reward comparison found."""
+
+    sequences_checked: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict)
+    """Sequences masked out of the loss, by reason (rl/provenance.py)."""
+    mean_abs_logprob_diff: float = 0.0
+    """Mean |claimed - recomputed| logprob per token over the checked sequences."""
+    groups: int = 0
+    """Scored groups from this worker."""
+    reward_z: float = 0.0
+    """How far this worker's mean group reward lies above the other workers' (standard errors)."""
+
+
 class WorkerStatus(Wire):
     worker_id: str
     name: str
@@ -317,6 +356,11 @@ class WorkerStatus(Wire):
     """Last policy update: download (+ rebuild) seconds, as the worker reported."""
     load_s: float = 0.0
     """Last policy update: engine load seconds, as the worker reported."""
+
+    quarantined: str = ""
+    """Why this worker is quarantined (no leases, its groups dropped); empty when it is not."""
+    trust: WorkerTrust | None = None
+    """Provenance statistics (rl/hub/trust.py); None until the trainer checked any of its sequences."""
 
 
 class WeightsServed(Wire):
@@ -343,8 +387,13 @@ class WorkersSummary(Wire):
 class HubStatus(Wire):
     policy_version: int
     workers: list[WorkerStatus]
-    """One page of the workers (`GET /v1/status?offset=&limit=`, registration order); see `worker_summary`."""
+    """One page of the workers (`GET /v1/status?offset=&limit=`, registration order); a worker token sees
+    only the workers registered with it. See `worker_summary`."""
     worker_summary: WorkersSummary = Field(default_factory=WorkersSummary)
+    workers_total: int = 0
+    """Registered workers (all tokens)."""
+    quarantined: int = 0
+    """Workers in quarantine (all tokens)."""
     queued: int
     leased: int
     scoring: int
@@ -368,6 +417,34 @@ class HubStatus(Wire):
     """The last scoring failure, e.g. "task 12 (attempt 2/3): RuntimeError: ..."."""
     weights_served: WeightsServed = Field(default_factory=WeightsServed)
     """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
+
+
+# --------------------------------------------------------------------------- trust (admin)
+
+
+class WorkerVerdicts(Wire):
+    """What the trainer's provenance checks found in one step's sequences of one worker."""
+
+    worker_id: str = Field(max_length=MAX_ID)
+    sequences: int = Field(ge=0)
+    rejected: dict[str, int] = Field(default_factory=dict, max_length=32)
+    """Sequences masked out of the loss, by reason."""
+    abs_logprob_diff_sum: float = Field(0.0, ge=0.0)
+    tokens: int = Field(0, ge=0)
+
+
+class ProvenanceReport(Wire):
+    step: int = Field(ge=0)
+    workers: list[WorkerVerdicts] = Field(max_length=MAX_TASKS)
+
+
+class QuarantineRequest(Wire):
+    reason: str = Field("quarantined by an operator", max_length=512)
+
+
+class RevokeTokenRequest(Wire):
+    token: str = Field(min_length=1, max_length=512)
+    """The worker token to revoke (or its id as shown by the hub's log); its workers are removed."""
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -367,6 +367,33 @@ class DeepSpeedStrategy:
             entropy = torch.cat(ents) if ents else torch.zeros_like(logp)
         return logp, entropy
 
+    def token_statistics(self, input_ids: Tensor, attention_mask: Tensor, fn, width: int) -> Tensor:
+        """No-grad forward of the policy; `fn(logits [b, t, V], targets [b, t]) -> [b, t, width]` per
+        chunk, returned as [B, T, width] aligned like `token_logprobs` (position 0 and padding 0).
+
+        For checks that need more of the logits than the picked token's logprob (rl/provenance.py).
+        """
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        batch, length = input_ids.shape
+        chunk = self.trainer_cfg.micro_batch_size
+        n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=True)
+        out = torch.zeros(batch, length, width, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for i in range(n_chunks):
+                rows = slice(i * chunk, (i + 1) * chunk)
+                ids, mask = input_ids[rows], attention_mask[rows]
+                if ids.shape[0] == 0:  # this rank ran out of rows: ZeRO-3 forwards to match its peers
+                    dummy = torch.ones(1, 2, dtype=torch.long, device=self.device)
+                    self.engine(input_ids=dummy, attention_mask=dummy, use_cache=False)
+                    continue
+                used = max(int(mask.sum(-1).max()), 1)
+                ids, mask = ids[:, :used], mask[:, :used]
+                logits = self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+                stats = fn(logits, ids[:, 1:]) * mask[:, 1:, None].to(torch.float32)
+                out[rows][:, 1:used] = stats
+        return out
+
     def prompt_sharing_problem(self) -> str | None:
         """Why this model cannot share prompts (None: it can), from a tiny probe run on every rank.
 

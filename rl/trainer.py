@@ -27,6 +27,8 @@ outlives the process-group timeout however long the wait.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -46,7 +48,8 @@ from rl.config import RunConfig
 from rl.hub.admin import HubAdmin
 from rl.lora import adapter_metadata
 from rl.loss import LossNorm, policy_loss, reduce_metrics
-from rl.protocol import EvalRequest
+from rl.protocol import EvalRequest, ProvenanceReport, WorkerVerdicts
+from rl.provenance import NUM_STATS, REASONS, check_sequences, mask_rejected, special_token_rows, token_statistics
 from rl.publisher import Publisher
 from rl.tracking import Progress
 from rl.weight_files import TensorSpec
@@ -202,8 +205,7 @@ class Trainer:
                 break
             self.strategy.broadcast_object(_WAIT)
             waited += 1
-            if waited % 6 == 0:
-                st = self.hub.status()
+            if waited % 6 == 0 and (st := self._hub_status()) is not None:
                 log.info("step %d: waiting for rollouts (%d buffered, %d leased, %d workers)",
                          self.step, st.buffered, st.leased, st.worker_summary.total)  # fmt: skip
         info = {"wait_s": time.perf_counter() - start, "stale_dropped": stale, "zero_variance_skipped": skipped}
@@ -304,6 +306,72 @@ class Trainer:
         metrics.update({"grad_norm": step_stats["grad_norm"], "lr": step_stats["lr"]})
         metrics["advantage/zero_variance_groups"] = adv_stats["zero_variance_groups"]
         return metrics
+
+    def verify(self, batch: TrainBatch, groups: list) -> tuple[TrainBatch, dict[str, float]]:
+        """All ranks: provenance checks of every sequence (rl/provenance.py) before the optimizer step.
+
+        Rejected sequences are masked out of the loss and their group's baseline; the verdicts go
+        to the metrics and (rank 0) to the hub, which keeps per-worker statistics and quarantines.
+        """
+        trust, sampling = self.cfg.trust, self.cfg.sampling
+        if not trust.enabled:
+            return batch, {}
+        rank, world = self.strategy.rank, self.strategy.world_size
+        local = self._my_rows(batch)
+        fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
+                               top_k=sampling.top_k)  # fmt: skip
+        stats = self.strategy.token_statistics(local.input_ids, local.attention_mask, fn, NUM_STATS).cpu()
+        stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        special = special_token_rows(local.input_ids, local.completion_mask, self.tokenizer.all_special_ids, stop_ids)
+        v = check_sequences(stats, local.behaviour_logprobs, local.completion_mask, trust, special)
+        rows = torch.zeros(batch.num_sequences, 4)  # per sequence: code, sum |diff|, tokens, z
+        rows[torch.arange(rank, batch.num_sequences, world)] = torch.stack(
+            [v.codes.float(), v.abs_diff_sum, v.tokens, v.z], dim=1
+        )
+        if world > 1:
+            rows = rows.to(self.strategy.device)
+            dist.all_reduce(rows)  # every row is filled by exactly one rank
+            rows = rows.cpu()
+        codes = rows[:, 0].round().long()
+        mask, rewards = mask_rejected(batch.completion_mask, batch.rewards, codes == 0, batch.group_size)
+        batch = dataclasses.replace(batch, completion_mask=mask, rewards=rewards)
+        rejected = int((codes != 0).sum())
+        metrics = {
+            "trust/masked_sequences": float(rejected),
+            "trust/masked_fraction": rejected / batch.num_sequences,
+            "trust/mean_abs_logprob_diff": float(rows[:, 1].sum() / rows[:, 2].sum().clamp(min=1.0)),
+            "trust/typicality_z_max_abs": float(rows[:, 3].abs().max()),
+        }
+        for i, reason in enumerate(REASONS):
+            metrics[f"trust/rejected/{reason}"] = float((codes == i + 1).sum())
+        if self.is_main:
+            self._report_provenance(groups, batch.group_size, codes, rows, metrics)
+        return batch, metrics
+
+    def _report_provenance(self, groups: list, group_size: int, codes: Tensor, rows: Tensor, metrics: dict) -> None:
+        """Per-worker verdicts to the hub (best effort: a failed report is logged, training goes on)."""
+        per_worker: dict[str, WorkerVerdicts] = {}
+        for g, group in enumerate(groups):
+            v = per_worker.setdefault(group.worker_id, WorkerVerdicts(worker_id=group.worker_id, sequences=0))
+            for r in range(g * group_size, (g + 1) * group_size):
+                v.sequences += 1
+                v.abs_logprob_diff_sum += float(rows[r, 1])
+                v.tokens += int(rows[r, 2])
+                if codes[r] != 0:
+                    reason = REASONS[int(codes[r]) - 1]
+                    v.rejected[reason] = v.rejected.get(reason, 0) + 1
+        for v in per_worker.values():
+            name = next(g.worker_name for g in groups if g.worker_id == v.worker_id)
+            if v.rejected:
+                metrics[f"trust/worker/{name}-{v.worker_id}/masked"] = float(sum(v.rejected.values()))
+                log.warning("step %d: masked %d/%d sequences of worker %s (%s): %s", self.step,
+                            sum(v.rejected.values()), v.sequences, v.worker_id, name, v.rejected)  # fmt: skip
+        if self.hub is None:  # a trainer without a hub (tests)
+            return
+        try:
+            self.hub.report_provenance(ProvenanceReport(step=self.step, workers=list(per_worker.values())))
+        except Exception as e:
+            log.warning("could not send provenance verdicts to the hub: %s", e)
 
     def _share_prompt(self, batch: TrainBatch) -> bool:
         """Prompt sharing for this batch (same answer on every rank: decided on the full batch)."""
@@ -413,8 +481,9 @@ class Trainer:
         """Train on one pulled batch, publish (and evaluate) as configured; returns the step's metrics."""
         cfg = self.cfg
         batch = build_batch(groups, self.pad_id)
+        batch, trust_metrics = self.verify(batch, groups)
         t1 = time.perf_counter()
-        metrics = self.train_step(batch)
+        metrics = self.train_step(batch) | trust_metrics
         train_s = time.perf_counter() - t1
         step_for_data = self.step  # the version the trainer held while training this batch
         self.step += 1
@@ -455,8 +524,18 @@ class Trainer:
                 self.stop.set("stopped by another rank", code)
         return code != 0
 
+    def _hub_status(self):
+        """The hub's status, or None (logged) when it cannot be read: hub metrics never stop training."""
+        try:
+            return self.hub.status()
+        except Exception as e:  # a bad answer (HubError bad_response), an unreachable hub, anything
+            log.warning("could not read the hub's status (metrics skipped this step): %s", e)
+            return None
+
     def _hub_metrics(self) -> dict[str, float]:
-        st = self.hub.status()
+        st = self._hub_status()
+        if st is None:
+            return {}
         return {
             "workers": float(st.worker_summary.total),
             "perf/worker_tokens_per_s": st.worker_summary.tokens_per_s,

@@ -77,6 +77,7 @@ class HubClient(HubHTTP):
                 raise HubError(404, "not_a_hub", f"{self.base_url} has no /v1/workers route: is it a hub?") from e
             raise
         with self._lock:
+            self.use_worker_secret(response.worker_secret)
             self._register_request = request
             self.registration = response
             self.registrations += 1
@@ -147,5 +148,14 @@ class HubClient(HubHTTP):
         return True
 
     def policy(self, version: int | None = None) -> PolicyManifest:
-        """The latest version's manifest, or that of `version` (404 when the hub no longer has it)."""
-        return self.call("GET", "/v1/policy" if version is None else f"/v1/policy/{version}", PolicyManifest)
+        """The latest version's manifest (waiting, until `stop_event`, while the hub has none yet: 409
+        `no_policy`), or that of `version` (404 when the hub no longer has it)."""
+        path = "/v1/policy" if version is None else f"/v1/policy/{version}"
+        while True:
+            try:
+                return self.call("GET", path, PolicyManifest)
+            except HubError as e:
+                if e.reason != "no_policy":
+                    raise
+                if self.stop_event.wait(1.0):
+                    raise HubUnavailable(f"stopped while waiting for a first policy on {self.base_url}") from e

@@ -47,15 +47,24 @@ def state_snapshot(hub) -> dict:
     return st
 
 
+SECRETS: dict[str, str] = {}
+"""worker id -> its registration secret (sent as X-Worker-Secret)."""
+
+
 def register(hub, token=WORKER) -> str:
     with hub.client(token) as c:
         r = c.post("/v1/workers", json={"name": "test", "engine": "hf"})
     assert r.status_code == 200, r.text
+    SECRETS[r.json()["worker_id"]] = r.json()["worker_secret"]
     return r.json()["worker_id"]
 
 
+def as_worker(hub, wid, token=WORKER):
+    return hub.client(token, SECRETS[wid])
+
+
 def lease(hub, wid, token=WORKER, max_tasks=1) -> dict:
-    with hub.client(token) as c:
+    with as_worker(hub, wid, token) as c:
         r = c.post("/v1/leases", json={"worker_id": wid, "policy_version": 0, "max_tasks": max_tasks})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -79,6 +88,10 @@ def submission(wid, lease_body, comps=None, version=0) -> dict:
 def test_health_and_openapi(hub):
     with hub.client(None) as c:
         assert c.get("/healthz").json() == {"ok": True}
+        for path in ("/openapi.json", "/docs", "/redoc"):  # every route but /healthz needs a token
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["reason"] == "missing_token", path
+    with hub.client(WORKER) as c:
         spec = c.get("/openapi.json").json()
     assert "/v1/rollouts" in spec["paths"] and "/v1/leases" in spec["paths"]
 
@@ -120,12 +133,12 @@ def test_bad_submissions_are_rejected_without_side_effects(hub, case):
     wid = register(hub)
     body = lease(hub, wid)
     before = state_snapshot(hub)
-    with hub.client(WORKER) as c:
+    with as_worker(hub, wid) as c:
         r = c.post("/v1/rollouts", json=submission(wid, body, kwargs.get("comps"), kwargs.get("version", 0)))
     assert r.status_code == status, r.text
     assert r.json()["reason"] == reason and r.json()["detail"]
     assert state_snapshot(hub) == before
-    with hub.client(WORKER) as c:
+    with as_worker(hub, wid) as c:
         c.delete(f"/v1/workers/{wid}")
 
 
@@ -133,10 +146,15 @@ def test_nan_logprob_malformed_json_and_oversized_body(hub):
     wid = register(hub)
     body = lease(hub, wid)
     before = state_snapshot(hub)
-    raw = json.dumps(submission(wid, body)).replace("-0.5", "NaN", 1)
-    with hub.client(WORKER) as c:
-        r = c.post("/v1/rollouts", content=raw, headers={"content-type": "application/json"})
-        assert r.status_code == 422 and r.json()["reason"] in ("bad_logprob", "invalid_request")
+    raw = json.dumps(submission(wid, body))
+    with as_worker(hub, wid) as c:
+        for bad in ("NaN", "Infinity", "-Infinity", "-1e999"):
+            content = raw.replace("-0.5", bad, 1)
+            r = c.post("/v1/rollouts", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and r.json()["reason"] == "invalid_request", bad
+        r = c.post(f"/v1/workers/{wid}/heartbeat", content=b'{"policy_version":0,"tokens_per_s":1e999}',
+                   headers={"content-type": "application/json"})  # fmt: skip
+        assert r.status_code == 422 and r.json()["reason"] == "invalid_request"
         r = c.post("/v1/rollouts", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["reason"] == "invalid_request"
         r = c.post("/v1/rollouts", content=b"[" + b"1," * 400_000 + b"1]", headers={"content-type": "application/json"})
@@ -152,7 +170,7 @@ def test_other_workers_lease_and_worker_are_off_limits(hub):
     a, b = register(hub, WORKER), register(hub, OTHER_WORKER)
     body = lease(hub, a)
     before = state_snapshot(hub)
-    with hub.client(OTHER_WORKER) as c:
+    with as_worker(hub, b, OTHER_WORKER) as c:
         r = c.post("/v1/rollouts", json=submission(b, body))
         assert r.status_code == 403 and r.json()["reason"] == "not_your_lease"
         r = c.post("/v1/rollouts", json=submission(a, body))
@@ -163,7 +181,7 @@ def test_other_workers_lease_and_worker_are_off_limits(hub):
         assert r.status_code == 404 and r.json()["reason"] == "unknown_worker"
     assert state_snapshot(hub) == before
     for wid, tok in ((a, WORKER), (b, OTHER_WORKER)):
-        with hub.client(tok) as c:
+        with as_worker(hub, wid, tok) as c:
             c.delete(f"/v1/workers/{wid}")
 
 
@@ -176,7 +194,7 @@ def test_good_submission_is_scored_once_and_batched(hub, tiny_tokenizer):
         {"token_ids": [5, 6], "logprobs": [-1.0, -2.0], "finish_reason": "length"},
     ]
     sub = submission(wid, body, comps)
-    with hub.client(WORKER) as c:
+    with as_worker(hub, wid) as c:
         r = c.post("/v1/rollouts", json=sub)
         assert r.status_code == 200 and sorted(r.json()["accepted"]) == sorted(t["task_id"] for t in body["tasks"])
         again = c.post("/v1/rollouts", json=sub)  # the response was "lost": re-send
@@ -191,7 +209,7 @@ def test_good_submission_is_scored_once_and_batched(hub, tiny_tokenizer):
         assert group["completions"][1]["reward"] == 0.0  # garbage scores 0
         assert group["policy_version"] == 0 and group["worker_id"] == wid
     assert status["submissions"] >= 1 and status["consumed"] >= 2
-    with hub.client(WORKER) as c:
+    with as_worker(hub, wid) as c:
         c.delete(f"/v1/workers/{wid}")
 
 
@@ -256,7 +274,7 @@ def test_lease_long_poll_answers_when_work_appears(tmp_path, tiny_model_dir):
 
         def long_poll(wait_s: float) -> tuple[dict, float]:
             start = time.monotonic()
-            with proc.client(WORKER) as c:
+            with as_worker(proc, b) as c:
                 r = c.post("/v1/leases", json={**ask, "wait_s": wait_s}, timeout=60)
             assert r.status_code == 200, r.text
             return r.json(), time.monotonic() - start
@@ -268,7 +286,7 @@ def test_lease_long_poll_answers_when_work_appears(tmp_path, tiny_model_dir):
         poller = threading.Thread(target=lambda: answers.append(long_poll(30.0)))
         poller.start()
         time.sleep(0.5)
-        with proc.client(WORKER) as c:
+        with as_worker(proc, a) as c:
             assert c.delete(f"/v1/workers/{a}").status_code == 200
         poller.join(timeout=40)
         got, waited = answers[0]
@@ -285,7 +303,7 @@ def test_lease_long_poll_answers_when_work_appears(tmp_path, tiny_model_dir):
         poller.join(timeout=40)
         got, waited = answers[1]
         assert got["lease_id"] is None and got["min_policy_version"] == 1 and waited < 30.0
-        with proc.client(WORKER) as c:
+        with as_worker(proc, b) as c:
             r = c.post("/v1/leases", json={**ask, "wait_s": 31})
         assert r.status_code == 422 and r.json()["reason"] == "invalid_request"
     finally:

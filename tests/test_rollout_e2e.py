@@ -123,7 +123,8 @@ def check_groups(run: Run, groups: list[ScoredGroup], verifier) -> None:
             assert 1 <= len(c.token_ids) <= sampling.max_tokens and len(c.logprobs) == len(c.token_ids)
             assert all(0 <= t < run.vocab_size for t in c.token_ids)
             assert (c.finish_reason == "stop") == (c.token_ids[-1] == eos), (c.finish_reason, c.token_ids)
-            text = run.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            scored = c.token_ids[:-1] if c.token_ids[-1] == eos else c.token_ids  # as the hub scores them
+            text = run.tokenizer.decode(scored, skip_special_tokens=False)
             items.append((text, run.prompts.rows[g.row_index]))
             claimed.append((c.reward, c.components))
         error = run.logprob_error(g, g.policy_version)

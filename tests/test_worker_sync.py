@@ -310,48 +310,50 @@ def test_delta_whose_chain_the_hub_lost_moves_to_the_latest(stores, full_hub, ti
     assert sync.local(3) is None
 
 
-def test_worker_on_the_hub_machine_links_files_and_still_verifies(stores, tmp_path):
+def test_worker_on_the_hub_machine_links_files_and_still_verifies(stores, delta_hub, full_hub, tmp_path):
     """With the hub's policy directory at hand, version files are hard-linked, not downloaded; a file
     there that does not match the manifest is downloaded instead."""
-    import shutil
-
     hub_dir = tmp_path / "hub-policy"
     shutil.copytree(stores["delta"], hub_dir)
-    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
-        sync = WeightSync(hub.client, tmp_path / "w", hub_policy_dir=hub_dir)
-        for v in range(3):
-            local = sync.fetch(read_manifest(stores["delta"], v))
-        assert not [p for _, p, _ in hub.requests if "/files/" in p and "/base/" not in p]
-        assert sync.bytes_local > 0
-        v0 = read_manifest(stores["delta"], 0).shards[0].name
-        assert (sync.version_dir(0) / v0).stat().st_ino == (hub_dir / "v0" / v0).stat().st_ino
-        # A rotted file in the hub's directory (same size) is caught by the hash and downloaded.
-        bad = read_manifest(stores["delta"], 3).files[0].name
-        data = bytearray((hub_dir / "v3" / bad).read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        (hub_dir / "v3" / bad).write_bytes(bytes(data))
-        local = sync.fetch(read_manifest(stores["delta"], 3))
-        assert [p for _, p, _ in hub.requests if "/files/" in p and "/base/" not in p] == [f"/v1/policy/3/files/{bad}"]
-        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
+    hub = delta_hub
+
+    def downloads() -> list[str]:
+        return [e.path for e in hub.proxy.exchanges if "/files/" in e.path and "/base/" not in e.path]
+
+    sync = WeightSync(hub.client, tmp_path / "w", hub_policy_dir=hub_dir)
+    for v in range(3):
+        local = sync.fetch(read_manifest(stores["delta"], v))
+    assert not downloads()
+    assert sync.bytes_local > 0
+    v0 = read_manifest(stores["delta"], 0).shards[0].name
+    assert (sync.version_dir(0) / v0).stat().st_ino == (hub_dir / "v0" / v0).stat().st_ino
+    # A rotted file in the hub's directory (same size) is caught by the hash and downloaded.
+    bad = read_manifest(stores["delta"], 3).files[0].name
+    data = bytearray((hub_dir / "v3" / bad).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (hub_dir / "v3" / bad).write_bytes(bytes(data))
+    local = sync.fetch(read_manifest(stores["delta"], 3))
+    assert downloads() == [f"/v1/policy/3/files/{bad}"]
+    reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 3))
     assert shard_bytes_of(local) == shard_bytes_of(reference)
 
 
-def test_keyframe_comes_as_deltas_unless_they_fail(stores, tmp_path, caplog):
+def test_keyframe_comes_as_deltas_unless_they_fail(stores, delta_hub, full_hub, tmp_path, caplog):
     """v4 is a keyframe: a worker holding v3 applies its deltas; with a delta that never arrives intact
     it downloads the keyframe whole instead, and either way holds exactly v4."""
     keyframe = read_manifest(stores["delta"], 4)
     assert keyframe.format == "full" and keyframe.base_version == 3 and keyframe.deltas
-    with stub_for(stores["delta"]) as hub, stub_for(stores["full"]) as full_hub:
-        reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 4))
-        for case in ("deltas", "corrupt"):
-            sync = WeightSync(hub.client, tmp_path / case, max_hash_failures=1)
-            sync.fetch(read_manifest(stores["delta"], 3))
-            if case == "corrupt":
-                hub.corrupt_always = {keyframe.deltas[0].name}
-            hub.requests.clear()
-            with caplog.at_level("WARNING"):
-                local = sync.fetch(keyframe)
-            assert shard_bytes_of(local) == shard_bytes_of(reference)
-            whole = [p for _, p, _ in hub.requests if p.endswith(".safetensors")]
-            assert bool(whole) == (case == "corrupt"), (case, whole)
+    hub = delta_hub
+    reference = WeightSync(full_hub.client, tmp_path / "ref").fetch(read_manifest(stores["full"], 4))
+    for case in ("deltas", "corrupt"):
+        sync = WeightSync(hub.client, tmp_path / case, max_hash_failures=1)
+        sync.fetch(read_manifest(stores["delta"], 3))
+        if case == "corrupt":
+            hub.proxy.corrupt[keyframe.deltas[0].name] = 1000
+        hub.proxy.exchanges.clear()
+        with caplog.at_level("WARNING"):
+            local = sync.fetch(keyframe)
+        assert shard_bytes_of(local) == shard_bytes_of(reference)
+        whole = [e.path for e in hub.proxy.exchanges if e.path.endswith(".safetensors")]
+        assert bool(whole) == (case == "corrupt"), (case, whole)
     assert "downloading it whole" in caplog.text

@@ -25,7 +25,10 @@ from rl.protocol import (
     HubError,
     HubStatus,
     Ledger,
+    ProvenanceReport,
     PublishRequest,
+    QuarantineRequest,
+    RevokeTokenRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,28 @@ class HubAdmin(HubHTTP):
     def status(self, limit: int = 100) -> HubStatus:
         """The hub's status, listing at most `limit` workers (`worker_summary` counts all of them)."""
         return self.call("GET", f"/v1/status?limit={limit}", HubStatus)
+
+    def report_provenance(self, report: ProvenanceReport) -> None:
+        """The trainer's per-worker provenance verdicts of one step (the hub may quarantine)."""
+        self.call("POST", "/v1/provenance", Ack, json=report, max_retry_s=10.0)
+
+    # ------------------------------------------------------------------ operator actions (rl admin)
+
+    def quarantine(self, worker_id: str, reason: str) -> Ack:
+        request = QuarantineRequest(reason=reason)
+        return self.call("POST", f"/v1/admin/workers/{worker_id}/quarantine", Ack, json=request)
+
+    def release(self, worker_id: str) -> Ack:
+        """Lift a worker's quarantine."""
+        return self.call("DELETE", f"/v1/admin/workers/{worker_id}/quarantine", Ack)
+
+    def revoke_worker(self, worker_id: str) -> Ack:
+        """Remove a worker now (its leases re-queued, its secret dead)."""
+        return self.call("DELETE", f"/v1/workers/{worker_id}", Ack)
+
+    def revoke_token(self, token: str) -> Ack:
+        """Refuse a worker token from now on and remove its workers."""
+        return self.call("POST", "/v1/admin/tokens/revoke", Ack, json=RevokeTokenRequest(token=token))
 
     def shutdown(self) -> None:
         with contextlib.suppress(httpx.HTTPError):  # already gone is fine

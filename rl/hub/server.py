@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -34,10 +34,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.config import RunConfig
 from rl.hub.blobs import BlobIndex
+from rl.hub.guard import Guard
 from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.hub.state import HubState, ScoringJob
 from rl.hub.tokens import Tokens
+from rl.hub.trust import Trust
 from rl.protocol import (
+    WORKER_SECRET_HEADER,
     Ack,
     BaseWeights,
     Batch,
@@ -52,9 +55,12 @@ from rl.protocol import (
     LeaseRequest,
     Ledger,
     PolicyManifest,
+    ProvenanceReport,
     PublishRequest,
+    QuarantineRequest,
     RegisterRequest,
     RegisterResponse,
+    RevokeTokenRequest,
     SubmitRequest,
     SubmitResponse,
 )
@@ -88,46 +94,17 @@ class FastJSONRoute(APIRoute):
         return route
 
 
-def decode_texts(tokenizer, sequences: list[list[int]]) -> list[str]:
-    """`tokenizer.decode(ids, skip_special_tokens=True)` for each sequence, in one call to the Rust
+def decode_texts(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+    """`tokenizer.decode(ids, skip_special_tokens=...)` for each sequence, in one call to the Rust
     tokenizer when there is one (transformers' own decode first copies every id through Python)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return backend.decode_batch(sequences, skip_special_tokens=True)
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences]
+        return backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
+    return [tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes (declared or streamed) with 413."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_error(send, 413, "body_too_large", f"body over {self.limit} bytes")
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise HubError(413, "body_too_large", f"body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-async def _send_error(send, status: int, reason: str, detail: str) -> None:
-    body = json.dumps({"reason": reason, "detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+VERSION_PATTERN = re.compile(r"[0-9]{1,12}")
+"""A policy version in a file URL: ASCII digits only (str.isdigit also accepts '²', int() does not)."""
 
 
 class Hub:
@@ -144,10 +121,12 @@ class Hub:
         self.work = asyncio.Event()
         """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
+        self.trust = Trust(cfg.trust, state)
         self._scoring_tasks: set[asyncio.Task] = set()
         state.on_work, state.on_scored = self.poke, self.changed.set
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
+        self.stop_ids = {tokenizer.eos_token_id} - {None}
         self._adopt_published_policy()
         self.flush_ledger()
 
@@ -206,7 +185,7 @@ class Hub:
 
     async def score(self, job: ScoringJob) -> None:
         """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
-        texts = decode_texts(self.tokenizer, [c.token_ids for c in job.completions])
+        texts = self.scored_texts([c.token_ids for c in job.completions])
         while True:
             try:
                 rewards = await self.pool.score_many([(text, job.example) for text in texts])
@@ -221,7 +200,17 @@ class Hub:
                 job = job.retry()
                 continue
             self.state.finish_scoring(job, rewards)
+            group = self.state.buffer.get(job.task_id)
+            if group is not None and self.trust.observe_group(group):  # quarantined: its tasks went back
+                self.poke()
             return
+
+    def scored_texts(self, sequences: list[list[int]]) -> list[str]:
+        """The texts a verifier scores: every token the trainer will train on, special tokens included
+        (stripping them would let a worker hide trained-on tokens from the scorer); only a final
+        end-of-sequence token, where generation stopped, is left out."""
+        cut = [ids[:-1] if ids and ids[-1] in self.stop_ids else ids for ids in sequences]
+        return decode_texts(self.tokenizer, cut, skip_special_tokens=False)
 
     def poke(self) -> None:
         """Wake the leases waiting for work (see `lease` in create_app)."""
@@ -277,6 +266,12 @@ def create_app(hub: Hub) -> FastAPI:
         if await caller(request) is not None:
             raise HubError(403, "admin_only", "this route needs the admin token")
 
+    def act_as(request: Request, worker_id: str) -> str | None:
+        """The caller's token id after checking it may act for `worker_id` (its registration secret)."""
+        who = caller(request)
+        state.authorize(worker_id, who, request.headers.get(WORKER_SECRET_HEADER))
+        return who
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"ok": True}
@@ -288,18 +283,22 @@ def create_app(hub: Hub) -> FastAPI:
         return resp
 
     @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
-    async def heartbeat(worker_id: str, req: HeartbeatRequest, who: str | None = Depends(caller)):
+    async def heartbeat(worker_id: str, req: HeartbeatRequest, request: Request):
+        who = act_as(request, worker_id)
         return state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic(),
                                req.fetch_s, req.load_s)  # fmt: skip
 
     @app.delete("/v1/workers/{worker_id}", response_model=Ack)
-    async def leave(worker_id: str, who: str | None = Depends(caller)):
+    async def leave(worker_id: str, request: Request):
+        who = act_as(request, worker_id)
         returned = state.leave(worker_id, who)
         log.info("worker %s left; %d tasks re-queued", worker_id, returned)
         return Ack(detail=f"{returned} tasks re-queued")
 
     @app.post("/v1/leases", response_model=Lease)
-    async def lease(req: LeaseRequest, who: str | None = Depends(caller)):
+    async def lease(req: LeaseRequest, request: Request):
+        who = act_as(request, req.worker_id)
+        hub.trust.check(req.worker_id)
         # Long poll: without work, hold the request up to `wait_s`, re-trying whenever poked.
         deadline = time.monotonic() + req.wait_s
         while True:
@@ -314,7 +313,9 @@ def create_app(hub: Hub) -> FastAPI:
                 await asyncio.wait_for(woken.wait(), timeout=min(remaining, 1.0))
 
     @app.post("/v1/rollouts", response_model=SubmitResponse)
-    async def submit(req: SubmitRequest, who: str | None = Depends(caller)):
+    async def submit(req: SubmitRequest, request: Request):
+        who = act_as(request, req.worker_id)
+        hub.trust.check(req.worker_id)
         answer, jobs = state.submit(req, who, time.monotonic())
         for job in jobs:
             hub.spawn(hub.score(job))
@@ -337,10 +338,10 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/v1/policy/{version}/files/{name}")
     async def policy_file(version: str, name: str, who: str | None = Depends(caller)):
-        if version == BASE:
+        if version == BASE and state.policy_version >= 0:
             directory = hub.policy_dir / BASE
             allowed = {f.name for f in read_manifest(hub.policy_dir, state.current_policy()).base_files}
-        elif version.isdigit() and version_dir(hub.policy_dir, int(version)).is_dir():
+        elif VERSION_PATTERN.fullmatch(version) and version_dir(hub.policy_dir, int(version)).is_dir():
             directory = version_dir(hub.policy_dir, int(version))
             manifest = read_manifest(hub.policy_dir, int(version))
             allowed = {f.name for f in manifest.files + manifest.deltas}
@@ -361,9 +362,8 @@ def create_app(hub: Hub) -> FastAPI:
         offset: int = Query(0, ge=0, description="First worker listed (registration order)."),
         limit: int = Query(100, ge=0, le=100_000, description="Workers listed; `worker_summary` covers all."),
     ):
-        return state.status(time.monotonic(), hub.pool.metrics(), offset, limit).model_copy(
-            update={"weights_served": hub.blobs.stats()}
-        )
+        status = state.status(time.monotonic(), hub.pool.metrics(), offset, limit)
+        return hub.trust.annotate(status, who).model_copy(update={"weights_served": hub.blobs.stats()})
 
     @app.post("/v1/batches", response_model=Batch, dependencies=[Depends(admin)])
     async def batches(req: BatchRequest):
@@ -429,14 +429,41 @@ def create_app(hub: Hub) -> FastAPI:
         hub.shutdown_requested.set()
         return Ack(detail="shutting down")
 
-    return BodyLimitApp(app, int(hub.cfg.hub.max_body_mb * 1024 * 1024))
+    add_trust_routes(app, hub, admin)
+    limit = int(hub.cfg.hub.max_body_mb * 1024 * 1024)
+    return Guard(app, hub.tokens, limit, hub.cfg.hub.body_timeout_s, on_reject=lambda r: state.rejections.update([r]))
 
 
-class BodyLimitApp(BodyLimit):
-    """The app wrapped in the body limit, still exposing FastAPI's attributes (openapi, routes)."""
+def add_trust_routes(app: FastAPI, hub: Hub, admin) -> None:
+    """Admin routes of rl/hub/trust.py: provenance reports, quarantine, revocation."""
+    state = hub.state
 
-    def __getattr__(self, name):
-        return getattr(self.app, name)
+    @app.post("/v1/provenance", response_model=Ack, dependencies=[Depends(admin)])
+    async def provenance(req: ProvenanceReport):
+        if hub.trust.record(req):
+            hub.poke()
+        return Ack()
+
+    @app.post("/v1/admin/workers/{worker_id}/quarantine", response_model=Ack, dependencies=[Depends(admin)])
+    async def quarantine(worker_id: str, req: QuarantineRequest):
+        state.worker(worker_id, None)
+        requeued = hub.trust.quarantine(worker_id, req.reason)
+        hub.poke()
+        return Ack(detail=f"{requeued} tasks re-queued")
+
+    @app.delete("/v1/admin/workers/{worker_id}/quarantine", response_model=Ack, dependencies=[Depends(admin)])
+    async def release(worker_id: str):
+        hub.trust.release(worker_id)
+        return Ack(detail="quarantine lifted")
+
+    @app.post("/v1/admin/tokens/revoke", response_model=Ack, dependencies=[Depends(admin)])
+    async def revoke(req: RevokeTokenRequest):
+        tid = hub.tokens.revoke(req.token)
+        gone = [w for w in list(state.workers.values()) if w.token == tid]
+        returned = sum(state.leave(w.worker_id, None) for w in gone)
+        hub.poke()
+        log.warning("worker token %s revoked: %d workers removed, %d tasks re-queued", tid, len(gone), returned)
+        return Ack(detail=f"{len(gone)} workers removed, {returned} tasks re-queued")
 
 
 def build_hub(

@@ -33,6 +33,7 @@ worker at version w may lease new tasks only while
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import math
 import secrets
@@ -83,6 +84,7 @@ class WorkerRecord:
     token: str
     registered_at: float
     last_seen: float
+    secret: str = ""
     policy_version: int = -1
     tokens_per_s: float = 0.0
     fetch_s: float = 0.0
@@ -194,10 +196,17 @@ class HubState:
     # ------------------------------------------------------------------ workers
 
     def register(self, req: RegisterRequest, caller: str | None, now: float) -> RegisterResponse:
-        worker_id = f"w-{secrets.token_hex(4)}"
-        self.workers[worker_id] = WorkerRecord(worker_id, req.name, req.engine, caller or "admin", now, now)
+        token = caller or "admin"
+        cap = self.cfg.hub.max_workers_per_token
+        if caller is not None and sum(w.token == token for w in self.workers.values()) >= cap:
+            raise self.reject(429, "too_many_workers", f"this token already has {cap} registered workers "
+                              "(hub.max_workers_per_token); leave or wait for dead ones to expire")  # fmt: skip
+        worker_id = f"w-{secrets.token_hex(8)}"
+        secret = secrets.token_urlsafe(24)
+        self.workers[worker_id] = WorkerRecord(worker_id, req.name, req.engine, token, now, now, secret)
         return RegisterResponse(
             worker_id=worker_id,
+            worker_secret=secret,
             heartbeat_interval_s=self.cfg.hub.heartbeat_interval_s,
             policy_version=self.policy_version,
             max_model_len=self.cfg.model.max_model_len,
@@ -226,11 +235,31 @@ class HubState:
             raise HubError(403, "not_your_worker", f"worker {worker_id} was registered with another token")
         return rec
 
+    def authorize(self, worker_id: str, caller: str | None, secret: str | None) -> None:
+        """A worker token may act for a worker only with that registration's secret (admin: always)."""
+        rec = self.worker(worker_id, caller)
+        if caller is not None and not hmac.compare_digest((secret or "").encode(), rec.secret.encode()):
+            raise self.reject(403, "bad_worker_secret", f"wrong or missing X-Worker-Secret for worker {worker_id}")
+
+    def drop_worker_work(self, worker_id: str) -> int:
+        """Re-queue everything a worker holds: leases, tasks being scored, buffered groups (quarantine)."""
+        rec = self.workers.get(worker_id)
+        dropped = sum(self._drop_lease(lid) for lid in list(rec.leases)) if rec is not None else 0
+        tids = [t for t, (wid, _) in self.scoring.items() if wid == worker_id]
+        tids += [t for t, g in self.buffer.items() if g.worker_id == worker_id]
+        for tid in tids:
+            self.scoring.pop(tid, None)
+            self.buffer.pop(tid, None)
+        self._requeue(tids)
+        return dropped + len(tids)
+
     def heartbeat(
         self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float,
         fetch_s: float = 0.0, load_s: float = 0.0,
     ) -> HeartbeatResponse:  # fmt: skip
         rec = self.worker(worker_id, caller)
+        if version > self.policy_version:
+            raise self.reject(409, "future_version", f"version {version} was never published")
         rec.last_seen, rec.policy_version, rec.tokens_per_s = now, version, tokens_per_s
         rec.fetch_s, rec.load_s = fetch_s, load_s
         return HeartbeatResponse(policy_version=self.policy_version, lease_ttl_s=self.cfg.hub.lease_ttl_s)
@@ -242,7 +271,9 @@ class HubState:
         return returned
 
     def versions_in_use(self) -> set[int]:
-        return {w.policy_version for w in self.workers.values() if w.policy_version >= 0}
+        """Versions live workers hold that can still produce usable groups (a stale claim keeps nothing)."""
+        oldest = max(0, self.policy_version - self.max_staleness)
+        return {w.policy_version for w in self.workers.values() if w.policy_version >= oldest}
 
     # ------------------------------------------------------------------ policy
 
@@ -253,9 +284,9 @@ class HubState:
         return self.versions_in_use() | {version}
 
     def current_policy(self) -> int:
-        """The current policy version; 503 while nothing is published yet (workers retry)."""
+        """The current policy version; 409 `no_policy` while nothing is published yet (workers wait)."""
         if self.policy_version < 0:
-            raise HubError(503, "no_policy", "no policy version published yet; retry shortly")
+            raise HubError(409, "no_policy", "no policy version published yet; retry shortly")
         return self.policy_version
 
     # ------------------------------------------------------------------ leases
@@ -276,14 +307,16 @@ class HubState:
         min_version = max(0, self.policy_version - self.max_staleness)
         if req.policy_version < min_version:
             return Lease(lease_id=None, min_policy_version=self.policy_version, reason="update policy first")
-        offered = self.evals.next_tasks(req.policy_version, req.max_tasks)
+        offered = self.evals.next_tasks(req.policy_version, min(req.max_tasks, self.cfg.hub.max_tasks_per_lease))
         if offered is not None:
             eval_tasks, sampling = offered
             return self._grant(rec, eval_tasks, sampling, req.policy_version, now)
+        held = sum(len(self.leases[lid].task_ids) for lid in rec.leases if lid in self.leases)
+        want = min(req.max_tasks, self.cfg.hub.max_tasks_per_lease, self.cfg.hub.max_leased_per_worker - held)
         tasks: list[int] = []
-        while self.queue and len(tasks) < req.max_tasks:
+        while self.queue and len(tasks) < want:
             tasks.append(self.queue.popleft())
-        room = min(req.max_tasks - len(tasks), self.capacity(req.policy_version))
+        room = min(want - len(tasks), self.capacity(req.policy_version))
         for _ in range(max(room, 0)):
             seq, index = self.order.next()
             self.task_rows[seq] = index

@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.table import Table
 
 from rl.client import HubHTTP, HubUnavailable
-from rl.protocol import HubError, HubStatus
+from rl.protocol import HubError, HubStatus, WorkerStatus
 
 PIPED_WIDTH = 240
 
@@ -18,11 +18,28 @@ def fetch_status(client: HubHTTP) -> HubStatus:
     return client.call("GET", "/v1/status", HubStatus)
 
 
+def _masked(w: WorkerStatus) -> str:
+    """Sequences the trainer masked of those it checked, by reason (rl/provenance.py)."""
+    t = w.trust
+    if t is None or not t.sequences_checked:
+        return "-"
+    reasons = " ".join(f"{k}:{v}" for k, v in t.rejected.items())
+    return f"{sum(t.rejected.values())}/{t.sequences_checked}" + (f" ({reasons})" if reasons else "")
+
+
+def _trust(w: WorkerStatus) -> str:
+    if w.quarantined:
+        return f"[red]QUARANTINED[/red]: {w.quarantined}"
+    if w.trust is None:
+        return "-"
+    return f"|dlogp| {w.trust.mean_abs_logprob_diff:.3f}, reward z {w.trust.reward_z:+.1f}"
+
+
 def render(status: HubStatus) -> Group:
     summary = status.worker_summary
     shown = f"{len(status.workers)} of {summary.total}" if summary.total > len(status.workers) else str(summary.total)
     workers = Table(title=f"workers ({shown})", expand=False)
-    for col in ("name", "id", "engine", "version", "tokens/s", "leased", "done", "last seen"):
+    for col in ("name", "id", "engine", "version", "tokens/s", "leased", "done", "last seen", "masked", "trust"):
         if col in ("name", "id"):  # identities: fold onto more lines in a narrow terminal, never cut with "…"
             workers.add_column(col, overflow="fold")
         else:
@@ -30,7 +47,7 @@ def render(status: HubStatus) -> Group:
     for w in status.workers:
         workers.add_row(
             w.name, w.worker_id, w.engine, str(w.policy_version), f"{w.tokens_per_s:.0f}",
-            str(w.leased_tasks), str(w.completed_tasks), f"{w.last_seen_s:.1f}s",
+            str(w.leased_tasks), str(w.completed_tasks), f"{w.last_seen_s:.1f}s", _masked(w), _trust(w),
         )  # fmt: skip
     run = Table(title="run", show_header=False)
     run.add_column("metric")
@@ -49,6 +66,7 @@ def render(status: HubStatus) -> Group:
         "tokens generated": status.tokens_generated,
         "staleness histogram": ", ".join(f"{k}: {v}" for k, v in status.staleness_histogram.items()) or "-",
         "rejections": ", ".join(f"{k}: {v}" for k, v in status.rejections.items()) or "-",
+        "workers (all tokens) / quarantined": f"{status.workers_total} / {status.quarantined}",
         "uptime": f"{status.uptime_s:.0f}s",
     }
     if status.scoring_failures:  # the verifier is failing: say so, with the last error

@@ -139,9 +139,11 @@ def forward_to(url: str):
             await send({"type": "lifespan.shutdown.complete"})
             return
         request = Request(scope, receive)
-        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type", "range")}
+        forwarded = ("authorization", "x-worker-secret", "content-type", "range")
+        headers = {k: v for k, v in request.headers.items() if k in forwarded}
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            answer = await client.request(request.method, request.url.path, content=await request.body(),
+            answer = await client.request(request.method, target, content=await request.body(),
                                           headers=headers)  # fmt: skip
         keep = ("content-type", "content-range", "accept-ranges")
         response = Response(answer.content, answer.status_code, {k: v for k, v in answer.headers.items() if k in keep})

@@ -239,7 +239,8 @@ class AnswerLosingProxy:
     async def forward(self, request):
         from starlette.responses import Response
 
-        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type")}
+        forwarded = ("authorization", "x-worker-secret", "content-type")
+        headers = {k: v for k, v in request.headers.items() if k in forwarded}
         async with httpx.AsyncClient(base_url=self.upstream, timeout=120) as client:
             answer = await client.request(request.method, request.url.path, content=await request.body(),
                                           headers=headers)  # fmt: skip

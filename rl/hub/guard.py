@@ -1,0 +1,83 @@
+"""The hub's outer ASGI layer: authenticate, then read the body within size and time limits.
+
+It runs before FastAPI sees a request, so an unauthenticated caller costs the hub one header
+comparison, never a body read or a JSON parse (a 31 MB anonymous body used to block the event
+loop for ~1.2 s before its 401). Order per request:
+
+1. `/healthz` passes untouched (no token: it is the launcher's and load balancers' probe).
+2. Every other path, `/openapi.json`, `/docs` and `/redoc` included, needs a known bearer token
+   (401 `missing_token`/`bad_token` otherwise).
+3. The body is read here, at most `limit` bytes (declared by Content-Length or streamed in
+   chunks: 413 `body_too_large` either way) and within `timeout_s` (408 `body_timeout`), then
+   handed to the app in one piece.
+
+Errors are the hub's `{"reason", "detail"}` bodies, like every other rejection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+
+from rl.hub.tokens import Tokens
+from rl.protocol import HubError
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+async def send_error(send, status: int, reason: str, detail: str) -> None:
+    body = json.dumps({"reason": reason, "detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware: bearer auth before any body byte is read; bounded, timed body reads."""
+
+    def __init__(self, app, tokens: Tokens, limit: int, timeout_s: float, on_reject: Callable[[str], None] = None):
+        self.app, self.tokens, self.limit, self.timeout_s = app, tokens, limit, timeout_s
+        self.on_reject = on_reject or (lambda reason: None)
+
+    def __getattr__(self, name):  # FastAPI's attributes (openapi, routes) stay reachable for tests
+        return getattr(self.app, name)
+
+    async def _refuse(self, send, status: int, reason: str, detail: str) -> None:
+        self.on_reject(reason)
+        await send_error(send, status, reason, detail)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            self.tokens.caller((headers.get(b"authorization") or b"").decode("latin-1") or None)
+        except HubError as e:
+            return await self._refuse(send, e.status, e.reason, e.detail)
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send, 413, "body_too_large", f"body over {self.limit} bytes")
+        body, more, deadline = bytearray(), True, time.monotonic() + self.timeout_s
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                return await self._refuse(send, 408, "body_timeout", f"body not received within {self.timeout_s:g}s")
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(send, 413, "body_too_large", f"body over {self.limit} bytes")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,174 @@
+"""Provenance checks of worker samples on the trusted side: pure functions over tensors.
+
+A worker's token ids, logprobs and claimed policy version are self-reported. The trainer
+recomputes every token's logprob anyway; from the same logits it checks, per sequence:
+
+1. **Claimed vs recomputed logprobs** (`logprob_mismatch`): the mean |claimed - recomputed| per
+   token, and the largest single difference. Fabricated logprobs (made up, or very negative to
+   earn the largest importance weight) differ by nats; an honest bf16 sampler one version
+   behind differs by a few hundredths (docs/security.md has the measured numbers).
+2. **Typicality** (`atypical_unlikely`, `atypical_likely`): under honest sampling from
+   q = softmax(logits / temperature), truncated to top-k/top-p, the surprisal s_t = -log q(x_t)
+   of each sampled token has mean H(q_t) (the entropy) and variance V(q_t) = E[log^2 q] - H^2.
+   Their centred sum is a martingale, so z = sum_t min(s_t - H_t, c) / sqrt(sum_t V_t + 1) is about
+   standard normal for honest samples. The +1 keeps a few near-deterministic positions from
+   dividing by ~0, and the clip c (`trust.typicality_clip`) keeps one rare honest token at a
+   confident position (s - H of 7+ nats, variance ~0) from failing a whole sequence. An injected
+   answer (text the policy finds unlikely) has z >> 0; greedy or low-temperature decoding passed
+   off as sampling has z << 0.
+3. **Sampling support** (`outside_sampling_support`): too many tokens the configured top-k/top-p
+   could never have produced.
+4. **Special tokens** (`special_token`, `special_token_rows`): a chat-template token (such as
+   `<|im_start|>`) anywhere but a final end-of-sequence token. The hub also scores exactly the
+   tokens that are trained (rl/hub/server.py), so none can hide from the verifier.
+
+A sequence failing any check is masked out of the loss (`mask_rejected`) before the optimizer
+step.
+
+Shapes: B sequences, L positions (prompt + completion, right-padded), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rl.config import TrustConfig
+
+RECOMPUTED, SURPRISAL, ENTROPY, VARIANCE, OUTSIDE = range(5)
+NUM_STATS = 5
+"""Per-position statistics from `token_statistics`, indexed by the constants above."""
+
+REASONS = ("logprob_mismatch", "special_token", "outside_sampling_support", "atypical_unlikely", "atypical_likely")
+"""Why a sequence was masked, in the order they are checked (code i + 1 in `Verdicts.codes`)."""
+
+
+def token_statistics(
+    logits: Tensor, targets: Tensor, temperature: float, top_p: float = 1.0, top_k: int = -1
+) -> Tensor:
+    """Per-position provenance statistics: logits [b, t, V], targets [b, t] -> [b, t, NUM_STATS] fp32.
+
+    RECOMPUTED: log softmax(logits)[target] (temperature 1, like the workers' reported logprobs).
+    SURPRISAL, ENTROPY, VARIANCE: -log q(target), H(q), Var_q(-log q) under the sampling
+    distribution q (temperature, top-k, top-p); OUTSIDE: 1 where the target is outside q's
+    support (its surprisal is then 0, counted by OUTSIDE instead). With temperature 0 (greedy)
+    only RECOMPUTED is filled. Computed one row at a time: one fp32 [t, V] temporary.
+    """
+    out = torch.zeros(*targets.shape, NUM_STATS, dtype=torch.float32, device=logits.device)
+    for i, (row, tgt) in enumerate(zip(logits, targets, strict=True)):
+        row = row.float()
+        idx = tgt.unsqueeze(-1)
+        out[i, :, RECOMPUTED] = row.log_softmax(-1).gather(-1, idx).squeeze(-1)
+        if temperature <= 0:
+            continue
+        lq = (row / temperature).log_softmax(-1)
+        if top_k > 0 or top_p < 1.0:
+            lq = lq.masked_fill(~_support(lq, top_p, top_k), float("-inf")).log_softmax(-1)
+        p = lq.exp()
+        finite_lq = torch.where(p > 0, lq, torch.zeros_like(lq))
+        entropy = -(p * finite_lq).sum(-1)
+        second = (p * finite_lq * finite_lq).sum(-1)
+        picked = lq.gather(-1, idx).squeeze(-1)
+        outside = torch.isinf(picked)
+        out[i, :, SURPRISAL] = torch.where(outside, torch.zeros_like(picked), -picked)
+        out[i, :, ENTROPY] = torch.where(outside, torch.zeros_like(entropy), entropy)
+        out[i, :, VARIANCE] = torch.where(outside, torch.zeros_like(entropy), (second - entropy**2).clamp(min=0))
+        out[i, :, OUTSIDE] = outside.float()
+    return out
+
+
+def _support(logq: Tensor, top_p: float, top_k: int) -> Tensor:
+    """Tokens top-k/top-p sampling can produce: [t, V] log-probs -> [t, V] bool (vLLM's rule:
+    the smallest set of most likely tokens whose probability reaches top_p)."""
+    keep = torch.ones_like(logq, dtype=torch.bool)
+    if top_k > 0 and top_k < logq.shape[-1]:
+        kth = logq.topk(top_k, dim=-1).values[..., -1:]
+        keep &= logq >= kth
+    if top_p < 1.0:
+        sorted_lq, order = logq.masked_fill(~keep, float("-inf")).sort(dim=-1, descending=True)
+        probs = sorted_lq.exp()
+        before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        keep_sorted = before < top_p
+        keep &= torch.zeros_like(keep).scatter(-1, order, keep_sorted)
+    return keep
+
+
+@dataclass
+class Verdicts:
+    """Per-sequence outcome of `check_sequences`; all tensors [B]."""
+
+    codes: Tensor
+    """0: accepted; i + 1: rejected for REASONS[i]."""
+    abs_diff_sum: Tensor
+    """Sum over completion tokens of |claimed - recomputed| logprob."""
+    max_abs_diff: Tensor
+    tokens: Tensor
+    """Completion tokens checked."""
+    z: Tensor
+    """Typicality z-score (0 when the sampling temperature is 0)."""
+
+    @property
+    def accepted(self) -> Tensor:
+        return self.codes == 0
+
+    def counts(self) -> dict[str, int]:
+        """Rejected sequences by reason (reasons with none left out)."""
+        return {r: int((self.codes == i + 1).sum()) for i, r in enumerate(REASONS) if (self.codes == i + 1).any()}
+
+
+def special_token_rows(input_ids: Tensor, mask: Tensor, special_ids: list[int], stop_ids: list[int]) -> Tensor:
+    """[B] bool: rows with a special token among their completion tokens, other than a stop token
+    (end of sequence) in the last completion position. input_ids, mask: [B, L]."""
+    m = mask.bool()
+    special = torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype)) & m
+    positions = torch.arange(mask.shape[1]).expand_as(m)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).max(-1, keepdim=True).values
+    is_stop = torch.isin(input_ids, torch.tensor(stop_ids, dtype=input_ids.dtype)) & (positions == last)
+    return (special & ~is_stop).any(-1)
+
+
+def check_sequences(
+    stats: Tensor, claimed: Tensor, mask: Tensor, cfg: TrustConfig, special: Tensor | None = None
+) -> Verdicts:
+    """Verdict per sequence: stats [B, L, NUM_STATS] (token_statistics, aligned with the batch),
+    claimed [B, L] (the worker's logprobs), mask [B, L] (1 on completion tokens), special [B] bool
+    (`special_token_rows`; None: not checked)."""
+    m = mask.float()
+    tokens = m.sum(-1)
+    diff = (claimed.float() - stats[..., RECOMPUTED]).abs() * m
+    abs_sum, max_diff = diff.sum(-1), diff.max(-1).values
+    excess = (stats[..., SURPRISAL] - stats[..., ENTROPY]).clamp(max=cfg.typicality_clip)
+    centred = (excess * m).sum(-1)
+    z = centred / torch.sqrt((stats[..., VARIANCE] * m).sum(-1) + 1.0)
+    outside = (stats[..., OUTSIDE] * m).sum(-1) / tokens.clamp(min=1.0)
+    failed = [
+        (abs_sum / tokens.clamp(min=1.0) > cfg.max_mean_logprob_diff) | (max_diff > cfg.max_token_logprob_diff),
+        special if special is not None and cfg.mask_special_tokens else torch.zeros_like(tokens, dtype=torch.bool),
+        outside > cfg.max_outside_fraction,
+        z > cfg.typicality_z,
+        z < -cfg.typicality_z,
+    ]
+    codes = torch.zeros_like(tokens, dtype=torch.long)
+    for i, bad in reversed(list(enumerate(failed))):  # the first failing check names the reason
+        codes = torch.where(bad & (tokens > 0), torch.full_like(codes, i + 1), codes)
+    return Verdicts(codes, abs_sum, max_diff, tokens, z)
+
+
+def mask_rejected(completion_mask: Tensor, rewards: Tensor, accepted: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Mask rejected sequences out of the loss and out of their group's reward baseline.
+
+    completion_mask [B, L], rewards [B] (groups contiguous), accepted [B] bool -> (mask, rewards).
+    A rejected sequence gets mask 0 everywhere (no gradient, no tokens in the loss normaliser)
+    and, for the advantage computation, the mean reward of its group's accepted sequences, so a
+    forged high reward does not lower the advantages of the honest ones (a fully rejected group
+    keeps its rewards; its mask is all 0 anyway).
+    """
+    keep = accepted.float()
+    mask = completion_mask * keep.unsqueeze(1)
+    r, k = rewards.view(-1, group_size), keep.view(-1, group_size)
+    kept = k.sum(-1, keepdim=True)
+    group_mean = (r * k).sum(-1, keepdim=True) / kept.clamp(min=1.0)
+    fill = torch.where(kept > 0, group_mean.expand_as(r), r)
+    return mask, torch.where(k > 0, r, fill).reshape(-1)
