@@ -56,6 +56,16 @@ _GATHER_BUDGET = 256 * 2**20
 # --------------------------------------------------------------------------- set-up helpers
 
 
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """Whether `torchrun`/the deepspeed launcher started this process. All of its variables, not just RANK:
+    a stray RANK (another library's leftover, e.g. an in-process engine that set up its own group) alone
+    would send DeepSpeed into MPI discovery."""
+    return all(v in os.environ for v in LAUNCH_ENV)
+
+
 def init_distributed() -> None:
     """Join the process group of a `torchrun`/`deepspeed` launch, or make a one-rank group.
 
@@ -67,7 +77,7 @@ def init_distributed() -> None:
     """
     import deepspeed
 
-    if not dist.is_initialized() and "RANK" not in os.environ:
+    if not dist.is_initialized() and not launched():
         dist.init_process_group(_backend_name(), store=dist.HashStore(), rank=0, world_size=1)
         os.environ.setdefault("LOCAL_RANK", "0")
     # With torch.distributed already up, this only creates DeepSpeed's comm backend
@@ -195,7 +205,7 @@ class DeepSpeedStrategy:
         self.model_cfg = model_cfg
         self.trainer_cfg = trainer_cfg
         torch.set_num_threads(trainer_cfg.threads)
-        self._launched = "RANK" in os.environ  # by torchrun / the deepspeed launcher
+        self._launched = launched()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         accel = get_accelerator()
         if accel.device_name() != "cpu":
