@@ -117,7 +117,7 @@ class SamplingParamsWire(Wire):
     top_k: int
     max_tokens: int
     stop: list[str] = Field(default_factory=list, max_length=64)
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=4096)
 
 
 class RegisterResponse(Wire):

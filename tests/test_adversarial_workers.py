@@ -27,8 +27,8 @@ from collections import Counter, defaultdict
 import httpx
 import pytest
 import torch
-from hub_fixtures import ADMIN, WORKER, publish_initial_policy, start_hub, start_worker, stop_process, write_config
-from test_rollout_e2e_helpers import Run
+from helpers.hub import ADMIN, WORKER, publish_initial_policy, start_hub, start_worker, stop_process, write_config
+from helpers.rollout import Run
 
 from rl.batch import build_batch
 from rl.config import load_config

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
-from hub_fixtures import ADMIN, WORKER, publish_initial_policy, start_hub, write_config
+from helpers.hub import ADMIN, WORKER, publish_initial_policy, start_hub, write_config
 from hypothesis import HealthCheck, given, settings
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from hub_fixtures import ADMIN, OTHER_WORKER, WORKER, publish_initial_policy, start_hub, write_config
+from helpers.hub import ADMIN, OTHER_WORKER, WORKER, publish_initial_policy, start_hub, write_config
 
 from rl.config import load_config
 from rl.hub.admin import HubAdmin

@@ -3,15 +3,9 @@ the workers' fetch/load times in /v1/status. A real WeightSync rebuilds the newe
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from hub_fixtures import ADMIN, WORKER, start_hub, write_config  # noqa: E402
-from test_worker_helpers import make_sharded_store, sparse_steps  # noqa: E402
+from helpers.hub import ADMIN, WORKER, start_hub, write_config  # noqa: E402
+from helpers.policy import make_sharded_store, sparse_steps  # noqa: E402
 
 from rl.weights import published_versions, read_manifest  # noqa: E402
 from rollout_workers.client import HubClient  # noqa: E402
@@ -56,9 +50,10 @@ def test_worker_rebuilds_latest_and_reports_times(hub, tmp_path):
             p.read_bytes() == (hub.run_dir.parent / "full" / "v5" / p.name).read_bytes() for p in local.weight_files
         )
         with hub.client(WORKER) as c:
-            wid = c.post("/v1/workers", json={"name": "w", "engine": "hf"}).json()["worker_id"]
+            reg = c.post("/v1/workers", json={"name": "w", "engine": "hf"}).json()
+            wid, secret = reg["worker_id"], {"X-Worker-Secret": reg["worker_secret"]}
             beat = {"policy_version": 5, "fetch_s": 1.25, "load_s": 0.5}
-            assert c.post(f"/v1/workers/{wid}/heartbeat", json=beat).status_code == 200
+            assert c.post(f"/v1/workers/{wid}/heartbeat", json=beat, headers=secret).status_code == 200
             worker = next(w for w in c.get("/v1/status").json()["workers"] if w["worker_id"] == wid)
         assert worker["fetch_s"] == 1.25 and worker["load_s"] == 0.5
 

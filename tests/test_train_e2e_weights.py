@@ -10,8 +10,8 @@ at every step. Also checked: the
 
 from __future__ import annotations
 
+import helpers.train as h
 import pytest
-import train_helpers as h
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

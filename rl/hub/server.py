@@ -126,7 +126,7 @@ class Hub:
         state.on_work, state.on_scored = self.poke, self.changed.set
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
-        self.stop_ids = {tokenizer.eos_token_id} - {None}
+        self.stop_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
         self._adopt_published_policy()
         self.flush_ledger()
 
@@ -268,7 +268,7 @@ def create_app(hub: Hub) -> FastAPI:
 
     def act_as(request: Request, worker_id: str) -> str | None:
         """The caller's token id after checking it may act for `worker_id` (its registration secret)."""
-        who = caller(request)
+        who = hub.tokens.caller(request.headers.get("authorization"))
         state.authorize(worker_id, who, request.headers.get(WORKER_SECRET_HEADER))
         return who
 
