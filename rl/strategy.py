@@ -78,11 +78,29 @@ def init_distributed() -> None:
     import deepspeed
 
     if not dist.is_initialized() and not launched():
+        # DeepSpeed keeps its comm backend (and the groups it wraps) across engines; if something
+        # tore the default group down since (an in-process vLLM engine does, at shutdown), that
+        # backend is stale and would hand the new engine an unregistered group: start it afresh.
+        _forget_deepspeed_groups()
         dist.init_process_group(_backend_name(), store=dist.HashStore(), rank=0, world_size=1)
         os.environ.setdefault("LOCAL_RANK", "0")
     # With torch.distributed already up, this only creates DeepSpeed's comm backend
     # (first use JIT-builds the `deepspeed_shm_comm` op on CPU, ~40 s, then cached).
     deepspeed.init_distributed(dist_backend=_backend_name())
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's comm backend and the process groups it cached (its world-group clone, ...)."""
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    ds_comm.cdb = None
+    for name, value in list(vars(ds_groups).items()):
+        if name.startswith("_") and name.isupper():
+            if isinstance(value, dist.ProcessGroup):
+                setattr(ds_groups, name, None)
+            elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+                value.clear()
 
 
 def _backend_name() -> str:

@@ -47,10 +47,17 @@ def _post(c: httpx.Client, path: str, body: dict) -> dict:
     return r.json()
 
 
+def _register(c: httpx.Client) -> str:
+    """Register a worker on `c`; its later calls on `c` carry the registration's secret."""
+    reg = _post(c, "/v1/workers", {"name": "w", "engine": "hf"})
+    c.headers["X-Worker-Secret"] = reg["worker_secret"]
+    return reg["worker_id"]
+
+
 def _generate(hub, max_tasks: int) -> tuple[str, list[int]]:
     """Register a worker, lease `max_tasks` tasks and submit them (scored by the hub); (worker id, task ids)."""
     with hub.client(WORKER) as c:
-        wid = _post(c, "/v1/workers", {"name": "w", "engine": "hf"})["worker_id"]
+        wid = _register(c)
         lease = _post(c, "/v1/leases", {"worker_id": wid, "policy_version": 0, "max_tasks": max_tasks})
         tids = [t["task_id"] for t in lease["tasks"]]
         comps = [{"token_ids": [5, 6], "logprobs": [-1.0, -2.0], "finish_reason": "length"}] * 2
@@ -112,7 +119,7 @@ def test_killed_hub_restarts_from_its_database(tmp_path, tiny_model_dir):
         with hub.client(WORKER) as c:
             r = c.post("/v1/leases", json={"worker_id": wid, "policy_version": 0, "max_tasks": 8})
             assert r.status_code == 404 and r.json()["reason"] == "unknown_worker"  # the worker registers again
-            wid = _post(c, "/v1/workers", {"name": "w", "engine": "hf"})["worker_id"]
+            wid = _register(c)
             handed = [t["task_id"] for t in _post(c, "/v1/leases", {"worker_id": wid, "policy_version": 0,
                                                                     "max_tasks": 8})["tasks"]]  # fmt: skip
         # Tasks in flight at the crash first, then the ones whose leases were not recorded (same ids, same order).
@@ -141,7 +148,7 @@ def test_eval_job_started_again_after_a_hub_restart(tmp_path, tiny_model_dir):
         hub.proc.wait()
         hub = start_hub(config, log, port=port)
         with hub.client(WORKER) as c:  # play the worker: lease the (new) eval tasks and answer them
-            wid = _post(c, "/v1/workers", {"name": "w", "engine": "hf"})["worker_id"]
+            wid = _register(c)
             deadline = time.monotonic() + 60
             while evaluation.is_alive() and time.monotonic() < deadline:
                 lease = _post(c, "/v1/leases", {"worker_id": wid, "policy_version": 0, "max_tasks": 2})

@@ -72,6 +72,6 @@ def check(case, url: str) -> None:
     for token in (ADMIN, WORKER):
         response = case.call(base_url=url, headers={"Authorization": f"Bearer {token}"})
         assert response.status_code < 500, (case.method, case.formatted_path, response.status_code, response.text[:300])
-        if response.status_code >= 400:
+        if response.status_code >= 400 and case.method != "HEAD":  # a HEAD answer has no body by HTTP
             body = response.json()
             assert set(body) == {"reason", "detail"} and body["reason"], body

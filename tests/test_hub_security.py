@@ -218,7 +218,7 @@ def test_admin_quarantine_release_and_revoke(published):
     import subprocess
     import sys
 
-    from hub_fixtures import ROOT
+    from helpers.hub import ROOT
 
     def rl_admin(*args: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "RL_HUB_ADMIN_TOKEN": ADMIN}

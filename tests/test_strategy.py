@@ -400,3 +400,17 @@ def test_single_rank_communication(tiny_model_dir):
     strategy.barrier()
     strategy.close()
     assert strategy.engine is None
+
+
+def test_strategy_after_the_default_group_was_torn_down(tiny_model_dir):
+    """An in-process vLLM engine destroys torch's default process group when it shuts down; a strategy
+    built afterwards in the same process starts a fresh group instead of DeepSpeed's stale one."""
+    import torch.distributed as dist
+
+    make_strategy(tiny_model_dir, 2).close()
+    dist.destroy_process_group()
+    strategy = make_strategy(tiny_model_dir, 2)
+    ids, mask = make_batch(rows=2)
+    logp, _ = strategy.token_logprobs(ids, mask)
+    strategy.backward(-logp.sum())
+    assert strategy.step()["grad_norm"] > 0
