@@ -79,8 +79,11 @@ class HubProcess:
     log: Path
     config: Path
 
-    def client(self, token: str | None = ADMIN) -> httpx.Client:
+    def client(self, token: str | None = ADMIN, secret: str | None = None) -> httpx.Client:
+        """A plain HTTP client with `token` and (for a worker's own routes) its registration `secret`."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if secret:
+            headers["X-Worker-Secret"] = secret
         return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
     def stop(self) -> None:
