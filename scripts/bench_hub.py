@@ -54,9 +54,11 @@ TEMPLATES = 16
 class Conn:
     """One keep-alive connection; requests are sequential on it (as on a worker's connection)."""
 
-    def __init__(self, host: str, port: int, token: str):
+    def __init__(self, host: str, port: int, token: str, secret: str = ""):
         self.host, self.port = host, port
         self.auth = f"Authorization: Bearer {token}\r\n".encode()
+        if secret:  # a worker registration's secret, sent on every call (docs/protocol.md)
+            self.auth += f"X-Worker-Secret: {secret}\r\n".encode()
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -167,7 +169,7 @@ async def load_main(host, port, ids, start_at, seconds, think, heartbeat_s, voca
     templates = group_templates(vocab, seed)
     stats = {"lease_ms": [], "submit_ms": [], "submissions": 0, "heartbeats": 0, "errors": 0,
              "empty_leases": 0, "bytes": 0}  # fmt: skip
-    conns = [Conn(host, port, WORKER) for _ in ids]
+    conns = [Conn(host, port, WORKER, secret) for _, secret in ids]
     for c in conns:
         await c.open()
     await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -176,7 +178,7 @@ async def load_main(host, port, ids, start_at, seconds, think, heartbeat_s, voca
     await asyncio.gather(
         *(
             sim_worker(c, w, until, think, heartbeat_s, templates, stats, random.Random(rng.random()))
-            for c, w in zip(conns, ids, strict=True)
+            for c, (w, _) in zip(conns, ids, strict=True)
         )
     )
     for c in conns:
@@ -219,7 +221,8 @@ def write_config(run_dir: Path, model: Path, workers: int) -> Path:
         "trainer": {"prompts_per_step": 64, "micro_batch_size": 8},
         "rewards": {"terms": [{"name": "format"}], "workers": 1},
         "async": {"max_staleness": 1_000_000},
-        "hub": {"buffer_size": 1_000_000, "max_body_mb": 4, "heartbeat_interval_s": 10.0, "lease_ttl_s": 600},
+        "hub": {"buffer_size": 1_000_000, "max_body_mb": 4, "heartbeat_interval_s": 10.0, "lease_ttl_s": 600,
+                "max_workers_per_token": max(64, workers)},
         "logging": {"wandb": {"mode": "disabled"}},
     }  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -307,8 +310,8 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {WORKER}"},
                           timeout=60) as c:  # fmt: skip
-            ids = [c.post("/v1/workers", json={"name": f"sim-{i}", "engine": "vllm"}).json()["worker_id"]
-                   for i in range(workers)]  # fmt: skip
+            regs = [c.post("/v1/workers", json={"name": f"sim-{i}", "engine": "vllm"}).json() for i in range(workers)]
+            ids = [(r["worker_id"], r.get("worker_secret", "")) for r in regs]
         start_at = time.time() + 3.0 + workers / 2000
         queue: mp.Queue = mp.get_context("spawn").Queue()
         ctx = mp.get_context("spawn")
