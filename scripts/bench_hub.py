@@ -237,18 +237,16 @@ def start_hub(config: Path, log: Path, port: int, cpu: int) -> subprocess.Popen:
     cmd = ["taskset", "-c", str(cpu), sys.executable, "-m", "rl.cli", "hub", str(config),
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
-    import httpx
+    from rl.client import HubHTTP
 
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hub exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0).status_code == 200:
+    with HubHTTP(f"http://127.0.0.1:{port}", ADMIN) as probe:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"hub exited:\n{log.read_text()[-3000:]}")
+            if probe.healthy():
                 return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+            time.sleep(0.3)
     proc.kill()
     raise RuntimeError("hub did not start")
 
