@@ -55,6 +55,8 @@ MAX_TASKS = 4096
 """Most tasks per lease or submission (hub.max_tasks_per_lease caps leases further)."""
 MAX_ID = 64
 """Longest worker, lease or job id."""
+MAX_COUNT = 2**31 - 1
+"""Largest policy version or optimizer step: the ledger (SQLite) and C code take it, JSON allows far more."""
 
 
 class Wire(BaseModel):
@@ -135,7 +137,7 @@ class RegisterResponse(Wire):
 
 
 class HeartbeatRequest(Wire):
-    policy_version: int = Field(ge=-1)
+    policy_version: int = Field(ge=-1, le=MAX_COUNT)
     """Version currently loaded by the worker (-1: none yet)."""
     tokens_per_s: float = Field(0.0, ge=0.0)
     busy: bool = False
@@ -156,7 +158,7 @@ class HeartbeatResponse(Wire):
 
 class LeaseRequest(Wire):
     worker_id: str = Field(max_length=MAX_ID)
-    policy_version: int = Field(ge=0)
+    policy_version: int = Field(ge=0, le=MAX_COUNT)
     """Version the worker has loaded; a lease needs at least `min_policy_version`."""
     max_tasks: int = Field(8, ge=1, le=MAX_TASKS)
     """Most tasks wanted; the hub grants at most `hub.max_tasks_per_lease` (and `hub.max_leased_per_worker` in all)."""
@@ -195,7 +197,7 @@ class TaskResult(Wire):
 class SubmitRequest(Wire):
     worker_id: str = Field(max_length=MAX_ID)
     lease_id: str = Field(max_length=MAX_ID)
-    policy_version: int = Field(ge=0)
+    policy_version: int = Field(ge=0, le=MAX_COUNT)
     """Version the completions were generated with."""
     results: list[TaskResult] = Field(min_length=1, max_length=MAX_TASKS)
     gen_seconds: float = Field(0.0, ge=0.0)
@@ -273,7 +275,7 @@ class BaseWeights(Wire):
 
 
 class PublishRequest(Wire):
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_COUNT)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -281,7 +283,7 @@ class PublishRequest(Wire):
 
 class BatchRequest(Wire):
     num_groups: int = Field(ge=1, le=65536)
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=MAX_COUNT)
     """The optimizer step the batch will train (= policy version the trainer holds)."""
     timeout_s: float = Field(30.0, ge=0.0, le=600.0)
     skip_zero_variance: bool = False

@@ -166,6 +166,40 @@ def test_nan_logprob_malformed_json_and_oversized_body(hub):
         assert c.get("/healthz").status_code == 200
 
 
+HUGE = 2**64  # past SQLite's and C's integers
+
+
+def test_integers_past_64_bits_are_a_4xx(hub):
+    """Ints JSON allows but SQLite and C do not: in every integer field of every worker body, 4xx and no change."""
+    wid = register(hub)
+    body = lease(hub, wid)
+    before = state_snapshot(hub)
+    huge_token = submission(wid, body, completions(tokens=(5, HUGE)))
+    huge_task = submission(wid, body)
+    huge_task["results"][0]["task_id"] = HUGE
+    with as_worker(hub, wid) as c:
+        for path, payload in [
+            ("/v1/rollouts", submission(wid, body, version=HUGE)),
+            ("/v1/rollouts", huge_token),
+            ("/v1/rollouts", huge_task),
+            ("/v1/leases", {"worker_id": wid, "policy_version": HUGE}),
+            (f"/v1/workers/{wid}/heartbeat", {"policy_version": HUGE}),
+        ]:
+            r = c.post(path, json=payload)
+            assert 400 <= r.status_code < 500 and r.json()["reason"], (path, r.status_code, r.text[:200])
+    with hub.client(ADMIN) as c:
+        for path in (f"/v1/policy/{HUGE}", f"/v1/policy/{HUGE}/files/model.safetensors"):
+            r = c.get(path)
+            assert 400 <= r.status_code < 500 and r.json()["reason"], (path, r.status_code)
+        r = c.post("/v1/batches", json={"num_groups": 1, "step": HUGE, "timeout_s": 0.1})
+        assert 400 <= r.status_code < 500, r.text[:200]
+        r = c.post("/v1/policy", json={"version": HUGE})
+        assert 400 <= r.status_code < 500, r.text[:200]
+    assert state_snapshot(hub) == before
+    with as_worker(hub, wid) as c:
+        c.delete(f"/v1/workers/{wid}")
+
+
 def test_other_workers_lease_and_worker_are_off_limits(hub):
     a, b = register(hub, WORKER), register(hub, OTHER_WORKER)
     body = lease(hub, a)
@@ -257,6 +291,7 @@ def test_status_lists_a_page_of_workers(hub):
         assert none["workers"] == [] and none["worker_summary"]["total"] == full["worker_summary"]["total"] > 0
         assert c.get("/v1/status", params={"limit": -1}).status_code == 422
         assert c.get("/v1/status", params={"offset": "x"}).json()["reason"] == "invalid_request"
+        assert c.get("/v1/status", params={"offset": 2**63}).status_code == 422  # past a C index: no 500
 
 
 def test_lease_long_poll_answers_when_work_appears(tmp_path, tiny_model_dir):

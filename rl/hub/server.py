@@ -359,7 +359,7 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/v1/status", response_model=HubStatus)
     async def status(
         who: str | None = Depends(caller),
-        offset: int = Query(0, ge=0, description="First worker listed (registration order)."),
+        offset: int = Query(0, ge=0, le=2**31 - 1, description="First worker listed (registration order)."),
         limit: int = Query(100, ge=0, le=100_000, description="Workers listed; `worker_summary` covers all."),
     ):
         status = state.status(time.monotonic(), hub.pool.metrics(), offset, limit)
