@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 
 SKIPPED = {"/v1/shutdown"}
 """Stops the hub (tested elsewhere)."""
+EXAMPLES = int(os.environ.get("SCHEMA_EXAMPLES", "8"))
+"""Generated requests per operation and token."""
 LONG_POLLS = ("wait_s", "timeout_s")
 """Body fields that make the hub hold a request; capped so examples stay fast."""
 
@@ -54,7 +56,7 @@ def test_no_server_errors_and_uniform_error_bodies(hub, hub_schema):
     for result in hub_schema.get_all_operations():
         operation = result.ok()
 
-        @settings(max_examples=int(os.environ.get("SCHEMA_EXAMPLES", "8")), deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def examples(case):
             check(case, hub.url)
