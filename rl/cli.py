@@ -302,7 +302,6 @@ def models_list() -> None:
         out.print(f"{alias:24s} {state:20s} {path}", highlight=False)
 
 
-
 admin_app = typer.Typer(help="Operator actions on a running hub (admin token): quarantine, revoke.",
                         no_args_is_help=True)  # fmt: skip
 app.add_typer(admin_app, name="admin")

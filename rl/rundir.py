@@ -1,16 +1,16 @@
 """Names for the places of a run directory: one object instead of path literals spread over modules.
 
-    runs/<run_name>/
-      config.yaml        the fully resolved config the run was started with
-      policy/            published weights: base/ and v<N>/ (rl/weights.py)
-      worker_cache/      local workers' verified copies of policy versions
-      checkpoints/       step_<N>/ (rl/checkpoint.py)
-      final/             the trained policy as a plain HF directory
-      logs/              hub.log, worker-<i>.log
-      hub.sqlite         the hub's ledger (survives a hub crash)
-      metrics.jsonl      one record per step (the same names as in W&B)
-      batches.jsonl      which prompts each step trained on
-      curves.png         reward and accuracy curves
+runs/<run_name>/
+  config.yaml        the fully resolved config the run was started with
+  policy/            published weights: base/ and v<N>/ (rl/weights.py)
+  worker_cache/      local workers' verified copies of policy versions
+  checkpoints/       step_<N>/ (rl/checkpoint.py)
+  final/             the trained policy as a plain HF directory
+  logs/              hub.log, worker-<i>.log
+  hub.sqlite         the hub's ledger (survives a hub crash)
+  metrics.jsonl      one record per step (the same names as in W&B)
+  batches.jsonl      which prompts each step trained on
+  curves.png         reward and accuracy curves
 """
 
 from __future__ import annotations

@@ -167,6 +167,7 @@ class Trainer:
             self.hub.publish(self.step)
         self.published_version = self.step
         self.strategy.barrier()
+
     def _make_publisher(self, shard_bytes: int) -> Publisher:
         if not (self.policy_dir / "base").is_dir():
             write_base(self.policy_dir, Path(self.strategy.model_path))

@@ -350,8 +350,14 @@ def run_worker(
     previous = _install_signal_handlers(stop)
     client = HubClient(hub, token, stop_event=stop, max_retry_s=max_retry_s)
     worker = Worker(
-        client, spec=spec, max_prompts=max_prompts, name=name, cache_dir=cache_dir, prompts_per_lease=prompts_per_lease,
-        weights_url=weights_url, base_model=base_model,
+        client,
+        spec=spec,
+        max_prompts=max_prompts,
+        name=name,
+        cache_dir=cache_dir,
+        prompts_per_lease=prompts_per_lease,
+        weights_url=weights_url,
+        base_model=base_model,
     )
     try:
         return worker.run()

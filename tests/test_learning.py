@@ -72,8 +72,13 @@ def test_reward_goes_up(tmp_path):
     assert after - before >= MIN_EVAL_GAIN, f"greedy eval reward {before:.3f} -> {after:.3f}"
 
 
-LORA_OVERRIDES = ("trainer.lora.r=16", "trainer.lora.modules_to_save=[norm]", "weights.format=lora",
-                  "trainer.lr=0.3", "trust.mask_special_tokens=false")
+LORA_OVERRIDES = (
+    "trainer.lora.r=16",
+    "trainer.lora.modules_to_save=[norm]",
+    "weights.format=lora",
+    "trainer.lr=0.3",
+    "trust.mask_special_tokens=false",
+)
 """LoRA on every linear layer plus the norms trained in full: this random model's logits are bounded by its
 embeddings through the final norm, so adapters alone cannot sharpen them (measured: entropy flat at 6.11).
 Its honest samples hold special tokens mid-sequence (a 458-token vocabulary): not masked here."""
