@@ -78,12 +78,12 @@ def _table_rows(src: JsonlSource | HFDatasetSource) -> list[dict]:
 
 
 def load_rows(data: DataConfig) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) for the configured source."""
+    """(train rows, eval rows) for the configured source; no training row asks an eval row's question."""
     src = data.source
     if isinstance(src, ReasoningGymSource):
         train = _reasoning_gym_rows(src, src.size, data.seed)
         evals = _reasoning_gym_rows(src, data.eval_size, data.seed + EVAL_SEED_OFFSET) if data.eval_size else []
-        return train, evals
+        return _held_out(train, evals), evals
     if isinstance(src, HumanEvalSource):
         from verifiers.humaneval import load_humaneval
 
@@ -93,7 +93,19 @@ def load_rows(data: DataConfig) -> tuple[list[dict], list[dict]]:
     if data.eval_size >= len(rows):
         raise DataError(f"data.eval_size ({data.eval_size}) leaves no training rows (source has {len(rows)})")
     cut = len(rows) - data.eval_size
-    return rows[:cut], rows[cut:]
+    return _held_out(rows[:cut], rows[cut:]), rows[cut:]
+
+
+def _held_out(train: list[dict], evals: list[dict]) -> list[dict]:
+    """`train` without the rows whose question is also an eval question: a small procedural space
+    (one-digit sums) repeats questions, and an eval the policy trained on measures memory, not skill."""
+    asked = {str(row["question"]).strip() for row in evals}
+    kept = [row for row in train if str(row["question"]).strip() not in asked]
+    if len(kept) < len(train):
+        log.info("held out %d of %d training rows that ask an eval question", len(train) - len(kept), len(train))
+    if not kept:
+        raise DataError(f"every training row asks one of the {len(evals)} eval questions: lower data.eval_size")
+    return kept
 
 
 def build_messages(row: dict, data: DataConfig) -> list[dict[str, str]]:

@@ -14,7 +14,10 @@ def test_reasoning_gym_rows_are_deterministic_and_eval_is_disjoint_seeded():
     cfg = load_config("configs/quickstart.yaml").data
     train, evals = load_rows(cfg)
     again, _ = load_rows(cfg)
-    assert train == again and len(train) == cfg.source.size and len(evals) == cfg.eval_size
+    assert train == again and len(evals) == cfg.eval_size
+    asked = {r["question"] for r in evals}
+    assert not any(r["question"] in asked for r in train)  # held out: one-digit sums repeat questions
+    assert cfg.source.size * 0.8 < len(train) < cfg.source.size
     assert train[0]["metadata"]["source_dataset"] == "basic_arithmetic"
     json.dumps(train[0])  # rows cross process/HTTP boundaries as JSON
 
@@ -40,6 +43,18 @@ def test_jsonl_source_and_errors(tmp_path):
         load_rows(cfg)
     path.write_text('{"question": "x"}\n' * 3)
     with pytest.raises(DataError, match="has no column 'q'"):
+        load_rows(cfg)
+
+
+def test_training_rows_never_ask_an_eval_question(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": q, "answer": "1"} for q in ("a", "b", "a", "c", "a ")]  # the eval split asks "c" and "a "
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(None, [f"data.source={{type: jsonl, path: {path}}}", "data.eval_size=2"]).data
+    train, evals = load_rows(cfg)
+    assert [r["question"] for r in train] == ["b"] and [r["question"] for r in evals] == ["c", "a "]
+    path.write_text("\n".join(json.dumps({"prompt": "same", "answer": "1"}) for _ in range(3)))
+    with pytest.raises(DataError, match="every training row asks one of the 2 eval questions"):
         load_rows(cfg)
 
 
