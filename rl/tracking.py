@@ -77,7 +77,8 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
 
     def plot(self) -> Path | None:
-        """reward/accuracy curves as `curves.png` in the run dir (None without matplotlib, e.g. a bare GPU image)."""
+        """`curves.png` in the run dir (None without matplotlib, e.g. a bare GPU image): training reward and
+        accuracy per step, raw (faint) and smoothed (a trailing mean over `SMOOTH_STEPS`), and every eval."""
         try:
             import matplotlib
         except ImportError:
@@ -87,16 +88,27 @@ class Tracker:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = [k for k in ("reward/mean", "accuracy", "eval/accuracy", "eval/accuracy_greedy") if any(
-            k in r and r[k] is not None for r in self.history)]  # fmt: skip
-        if not keys:
+        def series(key: str) -> tuple[list[int], list[float]]:
+            pts = [(r["step"], r[key]) for r in self.history if r.get(key) is not None]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
+        train = [(k, series(k)) for k in ("reward/mean", "accuracy") if series(k)[0]]
+        evals = [(k, series(k)) for k in ("eval/accuracy", "eval/reward") if series(k)[0]]
+        if not train and not evals:
             return None
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in self.history if r.get(k) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if k.startswith("eval") else None, label=k)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, (key, (steps, values)) in enumerate(train):
+            color = f"C{i}"
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+            ax.plot(steps, trailing_mean(values, SMOOTH_STEPS), color=color, linewidth=2.2,
+                    label=f"{key} (train, mean of last {SMOOTH_STEPS} steps)")  # fmt: skip
+        for i, (key, (steps, values)) in enumerate(evals, start=len(train)):
+            ax.plot(steps, values, color=f"C{i}", marker="o", linewidth=2, label=f"{key} (held-out, greedy)")
+            for x, y in zip(steps, values, strict=True):
+                ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
         ax.set_xlabel("step")
-        ax.legend()
+        ax.set_title(f"{self.paths.root.name}: faint lines are per-step values")
+        ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
         out = self.paths.curves
         fig.tight_layout()
@@ -113,6 +125,21 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None
+
+
+SMOOTH_STEPS = 5
+"""Steps averaged by the smoothed curves of curves.png."""
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the `window - 1` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 class Progress:
