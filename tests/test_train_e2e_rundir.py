@@ -72,8 +72,10 @@ def test_child_is_pinned_to_its_cpus(tmp_path):
     """`hub.cpus`/`rollout.cpus` reach a child before it runs: it and what it starts keep them; we do not."""
     ours = os.sched_getaffinity(0)
     cpus = {max(ours)}
-    code = "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); sys.stdout.flush(); " \
-           "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])"
+    code = (
+        "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); sys.stdout.flush(); "
+        "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])"
+    )
     child = Child("probe", [sys.executable, "-c", code], child_env(), tmp_path / "probe.log", cpus)
     assert child.proc.wait(30) == 0
     child.stop()
