@@ -129,6 +129,9 @@ def rollout_metrics(groups: list[ScoredGroup], step: int, max_tokens: int, accur
         out[f"pass@{len(groups[0].completions)}"] = sum(any(c) for c in correct) / len(groups)
     for k in sorted({step - g.policy_version for g in groups}):
         out[f"staleness/hist_{k}"] = float(sum(step - g.policy_version == k for g in groups))
+    if any(g.gen_s > 0 for g in groups):  # timings the hub recorded (a group built elsewhere has none)
+        out["perf/generate_s"] = sum(g.gen_s for g in groups) / len(groups)
+        out["perf/score_s"] = sum(g.score_s for g in groups) / len(groups)
     return out
 
 

@@ -158,6 +158,8 @@ class RolloutConfig(Section):
     """Generation dtype of the workers and of published weights (None: `model.dtype`, the trainer's)."""
     enforce_eager: bool | None = None
     """Skip vLLM graph compilation and CUDA graphs (None: eager on CPU, where compiling is slow; compiled on GPU)."""
+    cpus: list[int] | None = Field(None, min_length=1)
+    """CPU ids the local workers are pinned to (None: those `rl train` was started with); e.g. [1]."""
 
     def engine_spec(self, seed: int) -> EngineSpec:
         """The engine of a local worker (`seed`: its own sampling seed)."""
@@ -267,6 +269,8 @@ class TrainerConfig(Section):
     """Run each group's prompt through the model once per micro-batch (exact; off with gradient checkpointing)."""
     threads: int = Field(2, ge=1)
     """torch CPU threads of the trainer process."""
+    cpus: list[int] | None = Field(None, min_length=1)
+    """CPU ids the trainer process (every rank on the node) is pinned to (None: those it was started with)."""
     seed: int = 0
     """Seed of torch/numpy/python RNGs in the trainer."""
 
@@ -327,6 +331,8 @@ class HubConfig(Section):
     """Most tasks one lease grants, whatever `max_tasks` the worker asks for."""
     max_leased_per_worker: int = Field(256, ge=1, le=65536)
     """Most tasks one worker may hold leased at once (over all its leases): no worker hoards the queue."""
+    cpus: list[int] | None = Field(None, min_length=1)
+    """CPU ids the hub and its verifier processes are pinned to (None: those `rl train` was started with)."""
 
 
 class TrustConfig(Section):

@@ -79,16 +79,44 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _die_with(parent_pid: int) -> Callable[[], None]:
-    """preexec_fn: SIGTERM this child when its parent dies (Linux), even if the parent is SIGKILLed."""
+def _die_with(parent_pid: int, cpus: set[int] | None = None) -> Callable[[], None]:
+    """preexec_fn: SIGTERM this child when its parent dies (Linux), even if the parent is SIGKILLed;
+    pin it to `cpus` (before exec: every thread and process it starts inherits them)."""
 
     def preexec() -> None:
         if _prctl is not None:
             _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
 
     return preexec
+
+
+def check_cpus(cfg: RunConfig) -> None:
+    """A clear error for `*.cpus` ids this process may not use (or no pinning on this OS).
+
+    The `cpus` fields split the CPUs `rl train` was started with (all, or a `taskset -c` set)
+    among the trainer, the hub and the local workers.
+    """
+    fields = {"trainer.cpus": cfg.trainer.cpus, "rollout.cpus": cfg.rollout.cpus, "hub.cpus": cfg.hub.cpus}
+    if not any(fields.values()):
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise LaunchError(f"{', '.join(k for k, v in fields.items() if v)}: pinning to CPUs needs Linux")
+    allowed = os.sched_getaffinity(0)
+    for name, cpus in fields.items():
+        if cpus and (outside := sorted(set(cpus) - allowed)):
+            raise LaunchError(f"{name}: CPU ids {outside} are not among the CPUs rl train may use here "
+                              f"({sorted(allowed)})")  # fmt: skip
+
+
+def pin_this_process(cpus: set[int]) -> None:
+    """Pin every thread of this process (the trainer) to `cpus`; threads it starts later inherit them."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def _free_port(host: str) -> int:
@@ -107,11 +135,11 @@ def _tail(path: Path, lines: int = 15) -> str:
 class Child:
     """A child process in its own session, logging to `log_path`, that dies with this process."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cpus: set[int] | None = None):
         self.name, self.log_path = name, log_path
         self.log_file = open(log_path, "ab")  # noqa: SIM115 (lives as long as the child)
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with(os.getpid()))  # fmt: skip
+                                     start_new_session=True, preexec_fn=_die_with(os.getpid(), cpus))  # fmt: skip
 
     def exit_message(self) -> str:
         code = self.proc.poll()
@@ -239,6 +267,10 @@ class Launch:
         # worker then cannot even see local workers in /v1/status (docs/security.md).
         self.local_token = f"loc-{secrets.token_urlsafe(24)}"
         self.url = ""
+        # A child without `cpus` of its own keeps the CPUs rl train started with, even once the trainer pinned itself.
+        started_with = os.sched_getaffinity(0) if cfg.trainer.cpus and hasattr(os, "sched_getaffinity") else None
+        self.hub_cpus = set(cfg.hub.cpus) if cfg.hub.cpus else started_with
+        self.worker_cpus = set(cfg.rollout.cpus) if cfg.rollout.cpus else started_with
 
     def prepare_run_dir(self) -> Path | None:
         """Resume: drop what happened after the latest checkpoint (returned). Fresh: refuse to overwrite one."""
@@ -274,14 +306,14 @@ class Launch:
             log.info("resuming from %s: the hub restores its data ledger", ckpt)
         elif ckpt is not None:
             hub_ledger.remove(self.paths.hub_db)  # a checkpoint without a ledger: start the data over
-        self.hub = Child("hub", cmd, env, self.logs / "hub.log")
+        self.hub = Child("hub", cmd, env, self.logs / "hub.log", self.hub_cpus)
         self.watchdog = Watchdog(self, stop, HubAdmin(self.url, self.tokens.admin, patience_s=5.0))
         return HubAdmin(self.url, self.tokens.admin)
 
     def restart_hub(self) -> None:
         """Start the hub again after it died: same port and tokens, ledger from its database."""
         self.hub.log_file.close()
-        self.hub = Child("hub", self._hub_cmd, self._hub_env, self.logs / "hub.log")
+        self.hub = Child("hub", self._hub_cmd, self._hub_env, self.logs / "hub.log", self.hub_cpus)
 
     def start_workers(self) -> None:
         """Once the hub answers: spawn the local workers and print how to add remote ones."""
@@ -294,7 +326,7 @@ class Launch:
             wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(),
                     "--name", f"local-{i}", "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
                     "--cache-dir", str(self.paths.worker_cache)]  # fmt: skip
-            self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log"))
+            self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log", self.worker_cpus))
         public = cfg.hub.public_url or self.url
         log.info("hub at %s (logs: %s)", self.url, self.logs)
         log.info("add rollout nodes from any machine that reaches the hub:")
@@ -381,6 +413,9 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
     run_dir = cfg.resolved_run_dir.resolve()
     try:
         resolve_model(cfg.model.name)  # prepare an alias once, before any child needs it
+        check_cpus(cfg)
+        if cfg.trainer.cpus:  # every rank of this node; rank 0's Launch kept the starting set for its children
+            pin_this_process(set(cfg.trainer.cpus))
         admin = launch.start_hub(stop) if launch is not None else None
         trainer = Trainer(cfg, admin, resume=resume, stop=stop)  # loads while the hub starts
         if launch is not None:

@@ -308,6 +308,10 @@ class ScoredGroup(Wire):
     worker_id: str
     worker_name: str
     completions: list[ScoredCompletion]
+    gen_s: float = 0.0
+    """Seconds of the worker's generate call that made this group (one call per lease: shared by its tasks)."""
+    score_s: float = 0.0
+    """Seconds from the hub accepting this group to its last reward (waiting for a verifier process included)."""
 
 
 class Batch(Wire):

@@ -482,6 +482,7 @@ class Trainer:
         """Train on one pulled batch, publish (and evaluate) as configured; returns the step's metrics."""
         cfg = self.cfg
         batch = build_batch(groups, self.pad_id)
+        t_verify = time.perf_counter()
         batch, trust_metrics = self.verify(batch, groups)
         t1 = time.perf_counter()
         metrics = self.train_step(batch) | trust_metrics
@@ -501,6 +502,8 @@ class Trainer:
             "perf/trainer_tokens_per_s": float(batch.attention_mask.sum()) / max(train_s, 1e-9),
             "perf/step_s": time.perf_counter() - t0,
             "perf/wait_s": info["wait_s"],
+            "perf/train_s": train_s,
+            "perf/provenance_s": t1 - t_verify,
             "stale_dropped": float(info["stale_dropped"]),
             "zero_variance_skipped": float(info["zero_variance_skipped"]),
             "policy_version": float(self.published_version),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from rl.batch import eval_metrics
+from rl.batch import eval_metrics, rollout_metrics
 from rl.config import load_config
 from rl.data import PromptOrder, PromptSet
 from rl.hub.state import HubError, HubState, ScoringJob
@@ -158,6 +158,22 @@ def test_take_batch_drops_stale_groups_and_skips_zero_variance():
     groups, stale, skipped = state.take_batch(1, step=2, skip_zero_variance=False)
     assert groups == [] and stale == 1 and list(state.queue) == [tids[3]]
     assert state.staleness_hist == {1: 2} and state.consumed == 3
+
+
+def test_groups_carry_generation_and_scoring_seconds():
+    """The trainer's `perf/generate_s` and `perf/score_s` come from these (rl/batch.py rollout_metrics)."""
+    state = make_state()
+    wid = register(state)
+    lease = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=2), "tok-a", 0)
+    req = SubmitRequest(worker_id=wid, lease_id=lease.lease_id, policy_version=0, gen_seconds=2.5,
+                        results=[good_result(t.task_id) for t in lease.tasks])  # fmt: skip
+    _, jobs = state.submit(req, "tok-a", 1.0)
+    for job, seconds in zip(jobs, (0.25, 0.75), strict=True):
+        state.finish_scoring(job, [Reward(value=r, components={"t": r}) for r in (0.0, 1.0)], score_s=seconds)
+    groups, _, _ = state.take_batch(2, step=0, skip_zero_variance=False)
+    assert [(g.gen_s, g.score_s) for g in groups] == [(2.5, 0.25), (2.5, 0.75)]
+    metrics = rollout_metrics(groups, 0, max_tokens=2, accuracy_term=None)
+    assert metrics["perf/generate_s"] == 2.5 and metrics["perf/score_s"] == 0.5
 
 
 def test_ordered_mode_waits_for_task_order_and_ledger_round_trips():

@@ -3,7 +3,8 @@
 Two runs are shared by several tests (module fixtures):
 - `ordered_run`: 6 steps with `async.ordered` and max_staleness 0 (deterministic batches),
   evaluation before/after, W&B offline. The reference for exact resume, tracking, export.
-- `interrupted_run`: max_staleness 1, stopped by a terminal-style Ctrl-C after a few steps.
+- `interrupted_run`: max_staleness 1, stopped by a terminal-style Ctrl-C after a few steps;
+  on a machine with 2+ CPUs the trainer is pinned to one and the hub and worker to another.
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ def interrupted_run(tiny_model_dir, tmp_path_factory) -> dict:
     """max_staleness 1, unordered; SIGINT to the whole session (a terminal's Ctrl-C) after 4 steps.
 
     It waits for a group trained one version late too (generation overlapping training, which
-    timing makes likely but not certain in any given step).
+    timing makes likely but not certain in any given step). With 2+ CPUs, `trainer.cpus` is one
+    and `hub.cpus`/`rollout.cpus` another; the affinity of every thread and child is recorded.
     """
     run_dir = tmp_path_factory.mktemp("interrupted") / "run"
-    config = h.train_config(run_dir, tiny_model_dir, trainer={"max_steps": 200}, logging={"wandb": {"mode": "offline"}},
-                            **{"async": {"max_staleness": 1}})  # fmt: skip
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    pins = {"trainer": [cpus[0]], "rollout": [cpus[1]], "hub": [cpus[1]]} if len(cpus) == 2 else {}
+    config = h.train_config(run_dir, tiny_model_dir, trainer={"max_steps": 200, "cpus": pins.get("trainer")},
+                            rollout={"cpus": pins.get("rollout")}, hub={"cpus": pins.get("hub")},
+                            logging={"wandb": {"mode": "offline"}}, **{"async": {"max_staleness": 1}})  # fmt: skip
     log = run_dir.parent / "train.log"
     proc = h.start_train(config, log)
     batches = run_dir / "batches.jsonl"
@@ -61,9 +66,10 @@ def interrupted_run(tiny_model_dir, tmp_path_factory) -> dict:
 
     h.wait_for(overlapped, "4 steps and a group trained one version late", proc, log, timeout=180)
     children = h.descendants(proc.pid)
+    affinity = h.affinities(proc.pid, children)
     os.killpg(proc.pid, signal.SIGINT)
     code = h.finish(proc, log, timeout=120)
-    return {"run_dir": run_dir, "code": code, "log": log, "children": children}
+    return {"run_dir": run_dir, "code": code, "log": log, "children": children, "pins": pins, "affinity": affinity}
 
 
 def test_exact_resume_after_sigkill(ordered_run, tiny_model_dir, tmp_path):
@@ -120,6 +126,16 @@ def test_async_staleness(interrupted_run):
         assert m["staleness/max"] == max(step - 1 - v for v in batches[step]["versions"])
 
 
+def test_cpus_pin_trainer_hub_and_workers(interrupted_run):
+    """`trainer.cpus` holds every trainer thread; `hub.cpus` and `rollout.cpus` every process under them."""
+    pins, affinity = interrupted_run["pins"], interrupted_run["affinity"]
+    if not pins:
+        pytest.skip("needs 2 CPUs")
+    assert affinity["trainer"] == {tuple(pins["trainer"])}, affinity
+    assert affinity["hub"] == {tuple(pins["hub"])}, affinity  # the hub and its verifier processes
+    assert affinity["rollout"] == {tuple(pins["rollout"])}, affinity  # the worker and its engine's threads
+
+
 def test_ctrl_c_checkpoints_and_stops_children(interrupted_run):
     """Ctrl-C: the step in progress finishes, a checkpoint is written, children stop, exit code 130."""
     run_dir, log = interrupted_run["run_dir"], interrupted_run["log"]
@@ -142,8 +158,16 @@ def test_tracking_outputs(ordered_run):
     evals = ["eval/reward", "eval/accuracy", "eval/sampled_accuracy", "eval/pass@2"]
     records = h.by_step(h.read_jsonl(ordered_run / "metrics.jsonl"))
     assert sorted(records) == list(range(7))  # step 0: the evaluation before training
+    # Per-phase timing of a step (docs/benchmarks.md): every step has each phase; fetch/load come
+    # from the worker's heartbeats, so only once it has reported a policy update.
+    phases = ["perf/generate_s", "perf/score_s", "perf/wait_s", "perf/provenance_s", "perf/train_s",
+              "weights/publish_blocking_s", "perf/step_s"]  # fmt: skip
     for step in range(1, 7):
         assert all(records[step].get(k) is not None for k in names), (step, sorted(records[step]))
+        assert all(records[step][k] >= 0 for k in phases), (step, sorted(records[step]))
+        assert records[step]["perf/generate_s"] > 0 and records[step]["perf/score_s"] > 0
+        assert records[step]["perf/train_s"] + records[step]["perf/wait_s"] <= records[step]["perf/step_s"]
+    assert all(k in records[6] for k in ("weights/publish_s", "weights/fetch_s", "weights/load_s"))
     assert all(k in records[0] and k in records[6] for k in evals)
 
     history = {row["_step"]: row for row in h.wandb_history(ordered_run)}

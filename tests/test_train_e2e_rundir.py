@@ -7,12 +7,17 @@ the rules: a resume drops what came after the checkpoint, a fresh run never over
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from rl.checkpoint import CheckpointError, discard_after, latest_checkpoint, prepare_fresh
-from rl.launcher import child_env
+from rl.config import load_config
+from rl.launcher import Child, LaunchError, check_cpus, child_env
 from rl.tracking import Progress
 
 
@@ -61,6 +66,55 @@ def test_children_do_not_inherit_the_trainer_process_group(monkeypatch):
     env = child_env(OMP_NUM_THREADS="1")
     assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID"} & set(env)
     assert env["OMP_NUM_THREADS"] == "1" and "PATH" in env
+
+
+def test_child_is_pinned_to_its_cpus(tmp_path):
+    """`hub.cpus`/`rollout.cpus` reach a child before it runs: it and what it starts keep them; we do not."""
+    ours = os.sched_getaffinity(0)
+    cpus = {max(ours)}
+    code = (
+        "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); sys.stdout.flush(); "
+        "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])"
+    )
+    child = Child("probe", [sys.executable, "-c", code], child_env(), tmp_path / "probe.log", cpus)
+    assert child.proc.wait(30) == 0
+    child.stop()
+    assert (tmp_path / "probe.log").read_text().split("\n")[:2] == [str(sorted(cpus))] * 2
+    assert os.sched_getaffinity(0) == ours
+
+
+def test_trainer_pin_holds_every_thread():
+    """`trainer.cpus` pins threads that already run (torch's, DeepSpeed's) and those started later.
+
+    In a fresh interpreter: pinning the test process would leak into the other tests."""
+    code = textwrap.dedent("""
+        import os, threading
+        from rl.launcher import pin_this_process
+        cpus = {max(os.sched_getaffinity(0))}
+        go = threading.Event()
+        early = threading.Thread(target=go.wait)
+        early.start()
+        pin_this_process(cpus)
+        late = threading.Thread(target=go.wait)
+        late.start()
+        print(all(os.sched_getaffinity(t.native_id) == cpus for t in (early, late)), os.sched_getaffinity(0) == cpus)
+        go.set()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+    assert out.stdout.split() == ["True", "True"], out.stderr
+
+
+def test_cpus_outside_this_machine_are_refused_by_name():
+    allowed = sorted(os.sched_getaffinity(0))
+    first, last = allowed[0], allowed[-1]
+    check_cpus(load_config(None, [f"trainer.cpus=[{first}]", f"rollout.cpus=[{last}]", f"hub.cpus=[{last}]"]))
+    check_cpus(load_config(None))
+    missing = max(allowed) + 1
+    with pytest.raises(LaunchError, match=rf"rollout\.cpus: CPU ids \[{missing}\] are not among"):
+        check_cpus(load_config(None, [f"rollout.cpus=[{allowed[0]}, {missing}]"]))
+    with pytest.raises(LaunchError, match=r"hub\.cpus: CPU ids \[-1\]"):
+        check_cpus(load_config(None, ["hub.cpus=[-1]"]))
 
 
 def test_progress_line():

@@ -185,6 +185,7 @@ class Hub:
 
     async def score(self, job: ScoringJob) -> None:
         """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
+        start = time.perf_counter()
         texts = self.scored_texts([c.token_ids for c in job.completions])
         while True:
             try:
@@ -199,7 +200,7 @@ class Hub:
                 await asyncio.sleep(retry_in)
                 job = job.retry()
                 continue
-            self.state.finish_scoring(job, rewards)
+            self.state.finish_scoring(job, rewards, time.perf_counter() - start)
             group = self.state.buffer.get(job.task_id)
             if group is not None and self.trust.observe_group(group):  # quarantined: its tasks went back
                 self.poke()

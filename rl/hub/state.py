@@ -114,6 +114,8 @@ class ScoringJob:
     worker_id: str
     worker_name: str
     attempt: int = 1
+    gen_s: float = 0.0
+    """The submission's generation seconds (carried to the `ScoredGroup`)."""
 
     def retry(self) -> ScoringJob:
         return replace(self, attempt=self.attempt + 1)
@@ -404,6 +406,7 @@ class HubState:
                 policy_version=req.policy_version,
                 worker_id=rec.worker_id,
                 worker_name=rec.name,
+                gen_s=req.gen_seconds,
             )
             for tid in new
         ]
@@ -513,8 +516,10 @@ class HubState:
 
     # ------------------------------------------------------------------ scoring
 
-    def finish_scoring(self, job: ScoringJob, rewards: list) -> None:
-        """The verifier's `Reward`s for `job.completions` (same order): buffer the group, or record the eval."""
+    def finish_scoring(self, job: ScoringJob, rewards: list, score_s: float = 0.0) -> None:
+        """The verifier's `Reward`s for `job.completions` (same order): buffer the group, or record the eval.
+
+        `score_s`: seconds the scoring took, retries included (goes to the group, for the trainer's metrics)."""
         tid = job.task_id
         if tid not in self.scoring:
             return  # given up meanwhile
@@ -542,6 +547,8 @@ class HubState:
                     )
                     for c, r in zip(job.completions, rewards, strict=True)
                 ],
+                gen_s=job.gen_s,
+                score_s=score_s,
             )
         )
 

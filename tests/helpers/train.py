@@ -104,6 +104,28 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def affinities(pid: int, children: list[psutil.Process]) -> dict[str, set[tuple[int, ...]]]:
+    """CPU affinities in use: of every thread of the trainer process `pid`, and of every thread of the
+    hub's and the rollout workers' process trees (`children`: its descendants), as sorted tuples."""
+
+    def threads(p: psutil.Process) -> set[tuple[int, ...]]:
+        out = set()
+        for t in p.threads():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                out.add(tuple(sorted(os.sched_getaffinity(t.id))))
+        return out
+
+    found: dict[str, set[tuple[int, ...]]] = {"trainer": threads(psutil.Process(pid)), "hub": set(), "rollout": set()}
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = [child, *child.children(recursive=True)]
+            cmd = child.cmdline()
+            if "rl.cli" in cmd and ("hub" in cmd or "rollout" in cmd):
+                for p in tree:
+                    found["hub" if "hub" in cmd else "rollout"] |= threads(p)
+    return found
+
+
 def wait_gone(procs: list[psutil.Process], timeout: float = 60) -> list[str]:
     """Processes still alive after `timeout` (described), after waiting for them to exit."""
     _, alive = psutil.wait_procs(procs, timeout=timeout)
