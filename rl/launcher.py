@@ -294,6 +294,8 @@ class Launch:
             wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(),
                     "--name", f"local-{i}", "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
                     "--cache-dir", str(self.paths.worker_cache)]  # fmt: skip
+            if cfg.rollout.max_inflight_prompts is not None:
+                wcmd += ["--max-inflight-prompts", str(cfg.rollout.max_inflight_prompts)]
             self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log"))
         public = cfg.hub.public_url or self.url
         log.info("hub at %s (logs: %s)", self.url, self.logs)
