@@ -436,10 +436,13 @@ class Worker:
             gen_seconds=seconds,
         )
         try:
-            if self.stop.is_set():  # leaving: a stop must not cut the retries of the last submissions short
-                answer = self.client.submit(request, max_retry_s=DRAIN_RETRY_S, stoppable=False)
-            else:
+            try:
                 answer = self.client.submit(request)
+            except HubUnavailable:
+                if not self.stop.is_set():
+                    raise
+                # Leaving: the stop ended the retries; these results were generated, so keep trying a while.
+                answer = self.client.submit(request, max_retry_s=DRAIN_RETRY_S, stoppable=False)
         except AuthError:
             raise
         except (HubError, HubUnavailable) as e:
