@@ -140,7 +140,9 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return self.engine is not None and self.engine.pending > 0
+        """Prompts in the engine (read by the heartbeat thread too, hence the local copy)."""
+        engine = self.engine
+        return engine is not None and engine.pending > 0
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 from helpers.hub import ADMIN, WORKER, publish_initial_policy, start_hub, stop_process, write_yaml_config  # noqa: E402
 
 POLL_S = 0.025
+"""Status polls of the hub during a worker run: the start and end of the window are each found to within this.
+Each poll costs the shared cores a little (hub and poller): charged to the worker's side."""
 
 
 def build_20m_model(out: Path) -> None:
