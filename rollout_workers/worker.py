@@ -237,10 +237,14 @@ class Worker:
 
     def _loop(self) -> None:
         """Keep the engine busy with leased prompts; reload a newer policy once nothing is in flight."""
+        draining = None  # the version an update waits for (logged once)
         while not self._done():
             if self.client.registrations != self.registrations_seen:
                 self._adopt_registration()
             update = self.engine is None or self.target_version != self.loaded_version
+            if update and self.busy and draining != self.target_version:
+                draining = self.target_version
+                log.info("policy v%d announced: finishing %d prompt(s) in flight first", draining, self.engine.pending)
             if update and not self.busy:
                 self._update_policy()
                 with self._count:
