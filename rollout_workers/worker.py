@@ -60,7 +60,7 @@ MIN_LEASE_RETRY_S = 0.05
 IDLE_POLL_S = 0.1
 """How long the idle main loop waits for a lease before looking at policy updates and signals again."""
 DRAIN_RETRY_S = 30.0
-"""On the way out, how long a submission keeps retrying an unreachable hub (the stop no longer cuts it short)."""
+"""On the way out, how long the last submissions keep retrying an unreachable hub (the stop no longer cuts it short)."""
 TOKENS_PER_S_WINDOW_S = 5.0
 """Busy seconds over which the reported tokens/s is averaged."""
 
@@ -136,6 +136,7 @@ class Worker:
         self.prompts_unfinished = 0
         """Leased and not yet generated (queued here or in the engine): what the lease thread keeps topped up."""
         self._window = [0, 0.0]  # tokens, busy seconds since tokens_per_s was last updated
+        self._drain_deadline: float | None = None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -447,8 +448,14 @@ class Worker:
             except HubUnavailable:
                 if not self.stop.is_set():
                     raise
-                # Leaving: the stop ended the retries; these results were generated, so keep trying a while.
-                answer = self.client.submit(request, max_retry_s=DRAIN_RETRY_S, stoppable=False)
+                # Leaving: the stop ended the retries; these results were generated, so keep trying a while
+                # (DRAIN_RETRY_S for all the last submissions together, not each).
+                if self._drain_deadline is None:
+                    self._drain_deadline = time.monotonic() + DRAIN_RETRY_S
+                left = self._drain_deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                answer = self.client.submit(request, max_retry_s=left, stoppable=False)
         except AuthError:
             raise
         except (HubError, HubUnavailable) as e:
