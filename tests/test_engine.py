@@ -174,3 +174,25 @@ def test_vllm_args_carry_the_spec(tiny_model_dir):
         shape = (args["tensor_parallel_size"], args["seed"], args["dtype"], args["max_model_len"])
         assert shape == (2, 5, "bfloat16", 64)
         assert args.get("gpu_memory_utilization") == (None if on_cpu else 0.6)
+
+
+def test_prompts_join_a_running_batch(engine: Engine, weights, tiny_model_dir):
+    """Continuous batching: a prompt added while others run comes back under its key, with correct logprobs."""
+    engine.load_weights([weights["v0_path"]])
+    assert engine.add("a", PROMPTS[0], sampling(max_tokens=16))
+    done = dict(engine.step())  # "a" is running (vLLM: its first token; hf: the whole prompt)
+    assert engine.add("b", PROMPTS[1], sampling(max_tokens=6))
+    assert engine.add("c", PROMPTS[2], sampling(n=2, temperature=0.0, max_tokens=4))  # greedy: n copies
+    assert not engine.add("d", [1] * MAX_MODEL_LEN, sampling())  # no room: refused, nothing started
+    while engine.pending:
+        done.update(engine.step())
+    assert sorted(done) == ["a", "b", "c"] and [len(done[k]) for k in "abc"] == [3, 3, 2]
+    assert done["c"][0].token_ids == done["c"][1].token_ids
+    outputs = [done[k] for k in "abc"]
+    assert max_logprob_diff(tiny_model_dir, weights["v0"], PROMPTS, outputs) < 1e-3
+    # aborting leaves an idle engine that generates as before
+    engine.add("e", PROMPTS[0], sampling(max_tokens=30))
+    engine.step()
+    engine.abort_all()
+    assert engine.pending == 0 and engine.step() == []
+    assert len(engine.generate(PROMPTS[:1], sampling(max_tokens=4))[0]) == 3

@@ -8,33 +8,22 @@ the worker sees is one the real hub makes; the proxy's record shows what the wor
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
-from helpers.hub import WORKER, LiveHub, live_config
-from helpers.policy import hf_logprobs, make_policy_store, perturbed
+from helpers.policy import perturbed
+from helpers.worker import accepted, check_logprobs, live_hub, rollout_cli, start_worker
 from safetensors.torch import load_file
 
-from rl.protocol import Lease, SubmitRequest
 from rl.weights import write_version
 from rollout_workers.engines import EngineSpec
 from rollout_workers.worker import run_worker
 
-REPO = Path(__file__).resolve().parents[1]
 ROOMY = {"trainer": {"prompts_per_step": 4, "micro_batch_size": 4}}
 """4 prompts per step, max_staleness 1: a v0 worker may hold 8 tasks without a trainer pulling."""
 LOCKSTEP = {"trainer": {"prompts_per_step": 2, "micro_batch_size": 4}, "async": {"max_staleness": 0}}
 """On-policy: 2 tasks per version, and a new version sends every older worker to update first."""
-
-
-def live_hub(run_dir: Path, model_dir: Path, **sections) -> LiveHub:
-    make_policy_store(model_dir, run_dir / "policy")
-    return LiveHub(live_config(run_dir, model_dir, **sections))
 
 
 @pytest.fixture(scope="module")
@@ -49,38 +38,6 @@ def hub(shared):
     shared.restart(keep_ledger=False)
     shared.proxy.exchanges.clear()
     return shared
-
-
-def start_worker(url: str, tmp_path: Path, **kw) -> tuple[threading.Thread, dict]:
-    """run_worker (HF engine) in a thread; the exit code lands in result["rc"]."""
-    result: dict = {}
-    kw = {"spec": EngineSpec(kind="hf"), "cache_dir": tmp_path / "cache", "name": "t", **kw}
-
-    def target() -> None:
-        result["rc"] = run_worker(url, WORKER, **kw)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, result
-
-
-def accepted(hub: LiveHub) -> list[SubmitRequest]:
-    """The submissions the hub accepted, in order."""
-    return [SubmitRequest.model_validate_json(e.request) for e in hub.proxy.calls("POST", "/v1/rollouts", status=200)]
-
-
-def leased_prompts(hub: LiveHub) -> dict[int, list[int]]:
-    leases = [Lease.model_validate_json(e.response) for e in hub.proxy.calls("POST", "/v1/leases", status=200)]
-    return {t.task_id: t.prompt_token_ids for lease in leases for t in lease.tasks}
-
-
-def check_logprobs(model_dir: Path, state: dict | None, hub: LiveHub, submissions) -> None:
-    prompt_of = leased_prompts(hub)
-    for sub in submissions:
-        result = sub.results[0]
-        c = result.completions[0]
-        ref = hf_logprobs(model_dir, state, prompt_of[result.task_id], c.token_ids)
-        assert max(abs(a - b) for a, b in zip(ref, c.logprobs, strict=True)) < 1e-3
 
 
 def test_worker_leases_generates_submits_and_leaves(hub, tiny_model_dir, tmp_path):
@@ -147,18 +104,6 @@ def test_worker_rides_out_hub_outage_and_restart(hub, tmp_path):
 
 def test_bad_token_exits_2(hub, tmp_path):
     assert run_worker(hub.url, "wrong", spec=EngineSpec(kind="hf"), cache_dir=tmp_path) == 2
-
-
-def rollout_cli(url: str, tmp_path: Path, *args: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "SCATTER_RL_CACHE": str(tmp_path / "cache"),
-        "PYTHONPATH": str(REPO),
-    }
-    cmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", url, "--token", WORKER, *args]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_cli_sigterm_leaves_cleanly(hub, tmp_path):

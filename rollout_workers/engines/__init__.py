@@ -13,11 +13,18 @@ parallel, seed, vLLM memory and compilation settings), made once from
 through unchanged; the model's shape (max_model_len, dtype) comes from the hub
 at registration. `make_engine(spec, model_dir, ...)` builds it; the heavy
 imports (vllm, transformers) happen only then.
+
+Two ways to generate: `generate(prompts, sampling)` (one call, all prompts), or
+continuous batching for the worker loop: `add(key, prompt, sampling)` whenever a
+prompt arrives and `step()` until the engine is empty, each step returning the
+prompts that finished. vLLM runs every added prompt in one running batch (new ones
+join at the next step); the hf engine runs one prompt per step.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -74,17 +81,49 @@ class Engine(ABC):
         self.max_model_len = max_model_len
         self.dtype = dtype
 
-    @abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingParamsWire) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt (same order as `prompts`).
 
         A completion never exceeds `sampling.max_tokens`, nor `max_model_len` in
         total with its prompt; a prompt that leaves no room gets an empty list.
+        Needs an idle engine (nothing `add`ed and unfinished).
         """
+        if self.pending:
+            raise RuntimeError(f"generate() needs an idle engine; {self.pending} prompt(s) are in flight")
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for i, prompt in enumerate(prompts):
+            self.add(i, prompt, sampling)
+        while self.pending:
+            for i, completions in self.step():
+                out[i] = completions
+        return out
+
+    @abstractmethod
+    def add(self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire) -> bool:
+        """Start `sampling.n` completions of `prompt`; a later `step()` returns them under `key` (unique
+        among the unfinished). False, and nothing started, when the prompt leaves no room under max_model_len."""
+
+    @abstractmethod
+    def step(self) -> list[tuple[Hashable, list[Completion]]]:
+        """Advance generation once; returns the prompts that finished, as (key, their n completions)."""
+
+    @property
+    @abstractmethod
+    def pending(self) -> int:
+        """Prompts added and not yet returned by `step()`."""
+
+    @abstractmethod
+    def abort_all(self) -> None:
+        """Drop every unfinished prompt (the engine is idle afterwards)."""
+
+    def concurrency(self, n: int) -> int:
+        """Prompts of `n` completions each that the engine generates side by side (one step advances them all)."""
+        return 1
 
     @abstractmethod
     def load_weights(self, shards: list[Path]) -> None:
-        """Replace the weights in place from the safetensors shards of a full version (same architecture)."""
+        """Replace the weights in place from the safetensors shards of a full version (same architecture).
+        Needs an idle engine: the caller finishes (or aborts) what is in flight first."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's memory and processes."""

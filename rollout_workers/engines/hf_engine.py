@@ -1,7 +1,7 @@
 """Plain transformers generation engine: the fallback when vLLM is not available.
 
-`model.generate` samples `n` rows per prompt (one prompt at a time, so no
-padding and no position-id subtleties), and each sampled token's logprob is
+`model.generate` samples `n` rows per prompt (one prompt per `step()`, so no
+padding and no position-id subtleties; no batching across prompts), and each sampled token's logprob is
 log_softmax of the *unprocessed* logits (`output_logits=True`): the raw model
 distribution at temperature 1, before top-k/top-p, exactly what vLLM returns
 with `logprobs=0`. Slower than vLLM, but the same contract.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Hashable
 from pathlib import Path
 
 import torch
@@ -38,12 +40,31 @@ class HFEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.generator_seed = seed
+        self.queue: deque[tuple[Hashable, list[int], SamplingParamsWire]] = deque()
         torch.manual_seed(seed)
         log.info("hf engine ready in %.1f s (%s, %s)", time.perf_counter() - start, self.device, dtype)
 
+    def add(self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire) -> bool:
+        if self.room_for(prompt, sampling.max_tokens) == 0:
+            log.warning("prompt of %d tokens leaves no room under max_model_len; skipped", len(prompt))
+            return False
+        self.queue.append((key, prompt, sampling))
+        return True
+
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParamsWire) -> list[list[Completion]]:
-        return [self._generate_one(prompt, sampling) for prompt in prompts]
+    def step(self) -> list[tuple[Hashable, list[Completion]]]:
+        # No batching across prompts: each step samples the n rows of the oldest prompt.
+        if not self.queue:
+            return []
+        key, prompt, sampling = self.queue.popleft()
+        return [(key, self._generate_one(prompt, sampling))]
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def abort_all(self) -> None:
+        self.queue.clear()
 
     def _generate_one(self, prompt: list[int], sampling: SamplingParamsWire) -> list[Completion]:
         from transformers import GenerationConfig

@@ -3,7 +3,8 @@
 Weights are swapped between batches through the worker extension in
 `vllm_ext.py` (`collective_rpc`), which also carries the CPU tied-lm_head fix;
 the prefix cache is reset afterwards so no KV computed with old weights is
-reused. See shared/PLATFORM.md, "vLLM on CPU".
+reused. Prompts go straight into the `LLM`'s engine (`add_request`/`step`, what
+`LLM.generate` does inside), so a worker can add prompts while others run. See shared/PLATFORM.md, "vLLM on CPU".
 
 CPU specifics handled here: `VLLM_CPU_KVCACHE_SPACE` (whole GiB) is set from
 `kv_cache_gib`; the engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
@@ -13,10 +14,13 @@ seeds crash on CPU, so only the engine-wide seed is used.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl.protocol import Completion, SamplingParamsWire
@@ -44,6 +48,10 @@ class VLLMEngine(Engine):
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        self._ids = itertools.count()
+        self._keys: dict[str, Hashable] = {}
+        """Unfinished vLLM request id -> the key it was added under."""
+        self._groups: dict[Hashable, _Group] = {}
         start = time.perf_counter()
         self.llm = LLM(**self.llm_args())
         log.info(
@@ -74,6 +82,7 @@ class VLLMEngine(Engine):
 
     def _sampling_params(self, sampling: SamplingParamsWire, max_tokens: int):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
             n=sampling.n,
@@ -84,33 +93,61 @@ class VLLMEngine(Engine):
             stop=list(sampling.stop) or None,
             stop_token_ids=list(sampling.stop_token_ids) or None,
             logprobs=0,  # the sampled token's logprob only (raw model distribution)
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it finishes
         )
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParamsWire) -> list[list[Completion]]:
+    def add(self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire) -> bool:
         from vllm.inputs import TokensPrompt
 
+        room = self.room_for(prompt, sampling.max_tokens)
+        if room == 0:
+            log.warning("prompt of %d tokens leaves no room under max_model_len; skipped", len(prompt))
+            return False
+        if key in self._groups:
+            raise ValueError(f"key {key!r} is already in flight")
         # vLLM refuses n > 1 with greedy sampling: send n copies of the prompt instead.
         copies = sampling.n if sampling.temperature <= 0.0 else 1
-        per_request = sampling.model_copy(update={"n": sampling.n // copies})
-        out: list[list[Completion]] = [[] for _ in prompts]
-        index, inputs, params = [], [], []
-        for i, prompt in enumerate(prompts):
-            room = self.room_for(prompt, sampling.max_tokens)
-            if room == 0:
-                log.warning("prompt of %d tokens leaves no room under max_model_len; skipped", len(prompt))
+        params = self._sampling_params(sampling.model_copy(update={"n": sampling.n // copies}), room)
+        self._groups[key] = _Group(copies)
+        for _ in range(copies):
+            request_id = f"r{next(self._ids)}"
+            self._keys[request_id] = key
+            # Straight into the running engine: it joins the batch at the next step.
+            self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+        return True
+
+    def step(self) -> list[tuple[Hashable, list[Completion]]]:
+        if not self._groups:
+            return []
+        done = []
+        for output in self.llm.llm_engine.step():
+            if not output.finished:
                 continue
-            for _ in range(copies):
-                index.append(i)
-                inputs.append(TokensPrompt(prompt_token_ids=list(prompt)))
-                params.append(self._sampling_params(per_request, room))
-        if not inputs:
-            return out
-        results = self.llm.generate(inputs, params, use_tqdm=False)
-        for i, result in zip(index, results, strict=True):
-            out[i].extend(_completion(c) for c in result.outputs)
-        return out
+            key = self._keys.pop(output.request_id)
+            group = self._groups[key]
+            group.completions.extend(_completion(c) for c in output.outputs)
+            group.requests -= 1
+            if group.requests == 0:
+                done.append((key, self._groups.pop(key).completions))
+        return done
+
+    @property
+    def pending(self) -> int:
+        return len(self._groups)
+
+    def abort_all(self) -> None:
+        if self._keys:
+            self.llm.llm_engine.abort_request(list(self._keys))
+        self._keys.clear()
+        self._groups.clear()
+
+    def concurrency(self, n: int) -> int:
+        # vLLM runs up to max_num_seqs sequences per step (256 on CPU, 512+ on GPUs); more wait their turn.
+        return max(1, self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs // max(1, n))
 
     def load_weights(self, shards: list[Path]) -> None:
+        if self._groups:
+            raise RuntimeError(f"load_weights() needs an idle engine; {len(self._groups)} prompt(s) in flight")
         seconds = self.llm.collective_rpc("update_weights_from_files", args=([str(p) for p in shards],))
         self.llm.reset_prefix_cache()
         log.info("reloaded %d shard(s) in %.2f s", len(shards), max(seconds or [0.0]))
@@ -128,6 +165,14 @@ class VLLMEngine(Engine):
         import gc
 
         gc.collect()
+
+
+@dataclass
+class _Group:
+    """One added prompt: how many vLLM requests are still running for it, and the completions so far."""
+
+    requests: int
+    completions: list[Completion] = field(default_factory=list)
 
 
 def _completion(output) -> Completion:

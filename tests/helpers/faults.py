@@ -4,6 +4,7 @@ It wraps an ASGI app (the real hub app of `rl.hub.server.create_app`, see `helpe
 `forward_to(url)` (a hub process). Arm faults by setting attributes while it serves:
 
     fail_5xx = N        the next N requests get a 503 HTML page, as a reverse proxy sends while the hub is down
+    fail_path[path] = N the next N requests to `path` (e.g. /v1/rollouts) get that 503
     corrupt[name] = N   the next N downloads of policy file `name` arrive with one byte flipped
     cut[name] = N       the next N whole-file (non-Range) downloads of `name` stop halfway: the connection drops
 
@@ -48,6 +49,7 @@ class FaultProxy:
     def __init__(self, upstream) -> None:
         self.upstream = upstream
         self.fail_5xx = 0
+        self.fail_path: Counter[str] = Counter()
         self.corrupt: Counter[str] = Counter()
         self.cut: Counter[str] = Counter()
         self.corrupted: list[str] = []
@@ -57,6 +59,7 @@ class FaultProxy:
     def reset(self) -> None:
         """Disarm every fault and forget the exchanges (a hub shared by several tests starts each one clean)."""
         self.fail_5xx = 0
+        self.fail_path.clear()
         self.corrupt.clear()
         self.cut.clear()
         self.corrupted.clear()
@@ -79,8 +82,10 @@ class FaultProxy:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or []}
         ex = Exchange(scope["method"], scope["path"], headers.get("range"))
         self.exchanges.append(ex)
+        failing = self.fail_5xx > 0 or self._take(self.fail_path, scope["path"])
         if self.fail_5xx > 0:
             self.fail_5xx -= 1
+        if failing:
             ex.status = 503
             await Response(UNAVAILABLE, 503, media_type="text/html")(scope, receive, send)
             return

@@ -96,12 +96,16 @@ class HubProcess:
                 self.proc.wait()
 
 
-def start_hub(config: Path, log: Path, port: int | None = None, extra: list[str] = ()) -> HubProcess:
-    """`rl hub CONFIG` on 127.0.0.1 (a free port unless given); returns once /healthz answers."""
+def start_hub(
+    config: Path, log: Path, port: int | None = None, extra: list[str] = (), prefix: list[str] = ()
+) -> HubProcess:
+    """`rl hub CONFIG` on 127.0.0.1 (a free port unless given); returns once /healthz answers.
+    `prefix`: a command to run it under (e.g. `taskset -c 0,1`)."""
     port = port or free_port()
     env = {**os.environ, "RL_HUB_ADMIN_TOKEN": ADMIN, "RL_HUB_WORKER_TOKENS": f"{WORKER},{OTHER_WORKER}",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [sys.executable, "-m", "rl.cli", "hub", str(config), "--host", "127.0.0.1", "--port", str(port), *extra]
+    cmd = [*prefix, sys.executable, "-m", "rl.cli", "hub", str(config), "--host", "127.0.0.1", "--port", str(port),
+           *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
     hub = HubProcess(proc, f"http://127.0.0.1:{port}", log, config)
     deadline = time.monotonic() + 120
