@@ -258,13 +258,14 @@ class TrainerConfig(Section):
     deepspeed: str | dict[str, Any] = "configs/deepspeed/zero2.json"
     """DeepSpeed config: a JSON file path, or an inline dict. Batch sizes/optimizer are set from here."""
     zero_stage: int | None = Field(None, ge=0, le=3)
-    """Override of the ZeRO stage in the DeepSpeed config."""
+    """Override of the ZeRO stage in the DeepSpeed config (unset: the JSON's, and ZeRO-0 on one rank without
+    offload)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of all weights (None: full fine-tuning); see `weights.format: lora`."""
     share_prompt: bool = True
-    """Run each group's prompt through the model once per micro-batch (exact; off with gradient checkpointing)."""
+    """Run each group's prompt through the model once per micro-batch (exact: tree-packed, rl/packing.py)."""
     threads: int = Field(2, ge=1)
     """torch CPU threads of the trainer process."""
     seed: int = 0
