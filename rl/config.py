@@ -258,8 +258,7 @@ class TrainerConfig(Section):
     deepspeed: str | dict[str, Any] = "configs/deepspeed/zero2.json"
     """DeepSpeed config: a JSON file path, or an inline dict. Batch sizes/optimizer are set from here."""
     zero_stage: int | None = Field(None, ge=0, le=3)
-    """Override of the ZeRO stage in the DeepSpeed config (unset: the JSON's, and ZeRO-0 on one rank without
-    offload)."""
+    """ZeRO stage, overriding the DeepSpeed JSON's (unset: the JSON's; 1/2 run as 0 on one rank unless offloading)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     lora: LoraConfig | None = None

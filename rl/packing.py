@@ -15,7 +15,9 @@ chunk of positions at a time (`chunked_logprobs`): log p = logit[target] -
 logsumexp(logits), the (no-grad) entropy from the same chunk, and each chunk
 is checkpointed, so the backward recomputes its logits and no [T, vocab]
 logits tensor is ever kept (prime-rl's chunked log-probs, verl's
-remove-padding). `rl/strategy.py` drives both.
+remove-padding). `rl/strategy.py` drives both, and falls back to
+`padded_logprobs` (rows padded to the longest, full logits) for a model that
+cannot be packed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -230,7 +233,11 @@ def packed_logprobs(
 
 
 def packed_logits(
-    model: torch.nn.Module, packed: Packed, *, dtype: torch.dtype, decoder: torch.nn.Module | None,
+    model: torch.nn.Module,
+    packed: Packed,
+    *,
+    dtype: torch.dtype,
+    decoder: torch.nn.Module | None,
     lm_head: torch.nn.Module | None,
 ) -> Iterator[tuple[slice, Tensor]]:
     """(slice of the targets, their logits [n, V]) a chunk at a time, for statistics beyond log-probs."""
@@ -272,3 +279,53 @@ def _final_hidden(model: torch.nn.Module, decoder: torch.nn.Module, packed: Pack
     if len(box) != 1:
         raise RuntimeError(f"the decoder ran {len(box)} times in one forward (expected once)")
     return box[0][0, packed.source]
+
+
+# --------------------------------------------------------------------------- the padded fallback
+# For a model that cannot be packed (`DeepSpeedStrategy.packing_problem`).
+
+
+def padded_logprobs(
+    model: torch.nn.Module, ids: Tensor, mask: Tensor, length: int, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Rows [b, T] right-padded to their longest, one forward with full logits -> [b, length] (position 0
+    and padding 0), and the entropy."""
+    used = max(int(mask.sum(-1).max()), 1)
+    ids, mask = ids[:, :used], mask[:, :used]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    logp, ent = selected_logprobs(logits, ids[:, 1:], temperature, with_entropy)
+    valid = mask[:, 1:].to(logp.dtype)
+    logp = F.pad(logp * valid, (1, length - used))
+    return logp, None if ent is None else F.pad(ent * valid, (1, length - used))
+
+
+def selected_logprobs(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature)[targets] and its (no-grad) entropy: [B, T, V], [B, T] -> [B, T].
+
+    Full-precision logits use gather - logsumexp (one [B, T, V] temporary inside
+    logsumexp); half-precision logits are upcast one row at a time, so no fp32
+    [B, T, V] copy is ever materialised. Results are fp32.
+    """
+    full_precision = logits.dtype in (torch.float32, torch.float64)
+    if full_precision:
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logp = (picked - torch.logsumexp(logits, dim=-1)).float()
+    else:
+        rows = [
+            (row.float() / temperature).log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+            for row, tgt in zip(logits, targets, strict=True)
+        ]
+        logp = torch.stack(rows)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            ents = []
+            for row in logits:
+                lsm = (row.float() / (1.0 if full_precision else temperature)).log_softmax(-1)
+                ents.append(-(lsm.exp() * lsm).sum(-1))
+            entropy = torch.stack(ents)
+    return logp, entropy

@@ -35,14 +35,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from rl.config import ModelConfig, TrainerConfig
 from rl.distributed import init_distributed, launched
 from rl.lora import apply_lora, hf_name, is_adapter, merge_stream, merged_names
 from rl.models import resolve_model
-from rl.packing import pack, packed_logits, packed_logprobs
+from rl.packing import pack, packed_logits, packed_logprobs, padded_logprobs
+from rl.packing import selected_logprobs as selected_logprobs  # re-exported: tests and the planner use it here
 
 log = logging.getLogger(__name__)
 
@@ -132,38 +132,6 @@ def _eval_config(train_cfg: dict[str, Any]) -> dict[str, Any]:
 def warmup_then_constant(warmup_steps: int):
     """LR multiplier of optimizer step s (0-based): (s + 1) / warmup_steps during warm-up, then 1."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-def selected_logprobs(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """log softmax(logits / temperature)[targets] and its (no-grad) entropy: [B, T, V], [B, T] -> [B, T].
-
-    Full-precision logits use gather - logsumexp (one [B, T, V] temporary inside
-    logsumexp); half-precision logits are upcast one row at a time, so no fp32
-    [B, T, V] copy is ever materialised. Results are fp32.
-    """
-    full_precision = logits.dtype in (torch.float32, torch.float64)
-    if full_precision:
-        if temperature != 1.0:
-            logits = logits / temperature
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        logp = (picked - torch.logsumexp(logits, dim=-1)).float()
-    else:
-        rows = [
-            (row.float() / temperature).log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            for row, tgt in zip(logits, targets, strict=True)
-        ]
-        logp = torch.stack(rows)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            ents = []
-            for row in logits:
-                lsm = (row.float() / (1.0 if full_precision else temperature)).log_softmax(-1)
-                ents.append(-(lsm.exp() * lsm).sum(-1))
-            entropy = torch.stack(ents)
-    return logp, entropy
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -328,9 +296,7 @@ class DeepSpeedStrategy:
             prefix = prompt_lengths.cpu()
             if batch and int(prefix.min()) < 1:
                 raise ValueError("prompt sharing needs prompts of at least 1 token")
-        if not self.packing:
-            return self._padded_logprobs(model, input_ids, attention_mask, reference, with_entropy, temperature)
-        decoder, lm_head = self._head(model)
+        decoder, lm_head = self._head(model) if self.packing else (None, None)
         chunk = self.trainer_cfg.micro_batch_size
         n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=reference or not torch.is_grad_enabled())
         logps, ents = [], []
@@ -341,13 +307,18 @@ class DeepSpeedStrategy:
                 if ids.shape[0] == 0:  # this rank ran out of rows: ZeRO-3 forwards to match its peers
                     self._dummy_forward(model)
                     continue
-                packed = pack(ids, mask, prefix[rows])
-                logp, ent = packed_logprobs(model, packed, dtype=_DTYPES[self.model_cfg.dtype], decoder=decoder,
-                                            lm_head=lm_head, temperature=temperature,
-                                            with_entropy=with_entropy)  # fmt: skip
-                logps.append(packed.scatter(logp, (ids.shape[0], length)))
+                if self.packing:
+                    packed = pack(ids, mask, prefix[rows])
+                    logp, ent = packed_logprobs(model, packed, dtype=_DTYPES[self.model_cfg.dtype], decoder=decoder,
+                                                lm_head=lm_head, temperature=temperature,
+                                                with_entropy=with_entropy)  # fmt: skip
+                    shape = (ids.shape[0], length)
+                    logp, ent = packed.scatter(logp, shape), None if ent is None else packed.scatter(ent, shape)
+                else:
+                    logp, ent = padded_logprobs(model, ids, mask, length, temperature, with_entropy)
+                logps.append(logp)
                 if ent is not None:
-                    ents.append(packed.scatter(ent, (ids.shape[0], length)))
+                    ents.append(ent)
         logp = torch.cat(logps) if logps else input_ids.new_zeros(batch, length, dtype=torch.float32)
         entropy = None
         if with_entropy:
@@ -356,7 +327,7 @@ class DeepSpeedStrategy:
 
     def _head(self, model: Any) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
         """The decoder and lm_head that chunked log-probs call apart (None, None: the head runs inside the
-        forward). Multi-rank ZeRO-3 keeps the head inside: each module call there is a collective gather."""
+        forward). ZeRO-3 keeps the head inside: there every module call is a gather, collective over ranks."""
         if self.zero_stage == 3:
             return None, None
         module = getattr(model, "module", model)  # the engine's HF (or peft) model
@@ -365,37 +336,6 @@ class DeepSpeedStrategy:
     def _dummy_forward(self, model: Any) -> None:
         dummy = torch.ones(1, 2, dtype=torch.long, device=self.device)
         model(input_ids=dummy, attention_mask=dummy, use_cache=False)
-
-    def _padded_logprobs(
-        self, model: Any, input_ids: Tensor, attention_mask: Tensor, reference: bool, with_entropy: bool,
-        temperature: float,
-    ) -> tuple[Tensor, Tensor | None]:
-        """The fallback for a model that cannot be packed (`packing_problem`): chunks of rows right-padded
-        to their longest, full logits. Log-probs at every position (prompt sharing off)."""
-        batch, length = input_ids.shape
-        chunk = self.trainer_cfg.micro_batch_size
-        n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=reference or not torch.is_grad_enabled())
-        logps, ents = [], []
-        with torch.no_grad() if reference else nullcontext():
-            for i in range(n_chunks):
-                rows = slice(i * chunk, (i + 1) * chunk)
-                ids, mask = input_ids[rows], attention_mask[rows]
-                if ids.shape[0] == 0:  # this rank ran out of rows: ZeRO-3 forwards to match its peers
-                    self._dummy_forward(model)
-                    continue
-                used = max(int(mask.sum(-1).max()), 1)
-                ids, mask = ids[:, :used], mask[:, :used]
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-                logp, ent = selected_logprobs(logits, ids[:, 1:], temperature, with_entropy)
-                valid = mask[:, 1:].to(logp.dtype)
-                logps.append(F.pad(logp * valid, (1, length - used)))
-                if ent is not None:
-                    ents.append(F.pad(ent * valid, (1, length - used)))
-        logp = torch.cat(logps) if logps else input_ids.new_zeros(batch, length, dtype=torch.float32)
-        entropy = None
-        if with_entropy:
-            entropy = torch.cat(ents) if ents else torch.zeros_like(logp)
-        return logp, entropy
 
     def token_statistics(self, input_ids: Tensor, attention_mask: Tensor, fn, width: int) -> Tensor:
         """No-grad forward of the policy; `fn(logits [b, t, V], targets [b, t]) -> [b, t, width]` per
@@ -410,7 +350,7 @@ class DeepSpeedStrategy:
         chunk = self.trainer_cfg.micro_batch_size
         n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=True)
         out = torch.zeros(batch, length, width, dtype=torch.float32, device=self.device)
-        decoder, lm_head = self._head(self.engine)
+        decoder, lm_head = self._head(self.engine) if self.packing else (None, None)
         with torch.no_grad():
             for i in range(n_chunks):
                 rows = slice(i * chunk, (i + 1) * chunk)
@@ -458,12 +398,13 @@ class DeepSpeedStrategy:
         mask = torch.ones_like(ids)
         mask[1, -1] = 0
         lengths = torch.full((2,), 6)
-        packing, self.packing = self.packing, True
+        packing = self.packing
         try:
             with torch.no_grad():
+                self.packing = False
+                plain, _ = self.token_logprobs(ids, mask)
+                self.packing = True
                 packed, _ = self.token_logprobs(ids, mask, prompt_lengths=lengths)
-                plain, _ = self._padded_logprobs(self.engine, ids.to(self.device), mask.to(self.device), False,
-                                                 False, 1.0)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - any failure means: do not pack
             return f"{type(e).__name__}: {e}"
         finally:
