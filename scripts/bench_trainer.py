@@ -69,9 +69,9 @@ def child(args: argparse.Namespace) -> None:
     ids, mask, plen, completion = make_batch(args, strategy.module.config.vocab_size)
     weight = torch.linspace(-1.0, 1.0, ids.shape[0])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times, first_loss = [], None
+    times, cpu, first_loss = [], [], None
     for _ in range(args.steps + 1):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss_sum = 0.0
         for part in torch.arange(ids.shape[0]).split(args.micro_batch):
             logp, _ = strategy.token_logprobs(ids[part], mask[part], prompt_lengths=plen[part], with_entropy=True)
@@ -80,9 +80,11 @@ def child(args: argparse.Namespace) -> None:
             loss_sum += float(loss.detach())
         strategy.step()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         first_loss = loss_sum if first_loss is None else first_loss
     print(json.dumps({
         "times": times[1:],  # the first step warms up allocators and DeepSpeed buffers
+        "cpu": cpu[1:],  # CPU seconds of the process (all threads): less moved by other work than wall time
         "first_loss": first_loss,
         "zero_stage": strategy.zero_stage,
         "rss_after_init_mb": rss_before,
@@ -150,14 +152,16 @@ def main() -> None:
             for side, code in (("before", Path(tmp)), ("after", ROOT)):
                 out = run_side(code, argv)
                 runs[side].append(out)
-                print(f"repeat {i + 1} {side:6}: ZeRO-{out['zero_stage']} steps "
-                      f"{', '.join(f'{t:.2f}' for t in out['times'])} s, peak RSS {out['peak_rss_mb']:.0f} MB, "
-                      f"first loss {out['first_loss']:.6f}", flush=True)  # fmt: skip
+                wall, cpu = (", ".join(f"{t:.2f}" for t in out[k]) for k in ("times", "cpu"))
+                print(f"repeat {i + 1} {side:6}: ZeRO-{out['zero_stage']} steps {wall} s (CPU {cpu} s), peak RSS "
+                      f"{out['peak_rss_mb']:.0f} MB, first loss {out['first_loss']:.6f}", flush=True)  # fmt: skip
 
-    def summary(side: str) -> tuple[float, float, float, float, int]:
+    def summary(side: str) -> tuple[float, float, float, float, int, float, float, float]:
         times = [t for r in runs[side] for t in r["times"]]
+        cpu = [t for r in runs[side] for t in r["cpu"]]
         peaks = [r["peak_rss_mb"] for r in runs[side]]
-        return statistics.median(times), min(times), max(times), statistics.median(peaks), runs[side][0]["zero_stage"]
+        return (statistics.median(times), min(times), max(times), statistics.median(peaks), runs[side][0]["zero_stage"],
+                statistics.median(cpu), min(cpu), max(cpu))  # fmt: skip
 
     tokens = runs["after"][0]["completion_tokens"]
     b, a = summary("before"), summary("after")
@@ -170,12 +174,15 @@ def main() -> None:
         f"`{head}` (plus uncommitted changes, if any). {args.repeats} interleaved repeats of a fresh process x "
         f"{args.steps} steps after a warm-up; median [min-max] of all steps, median of the processes' peak RSS.",
         "",
-        "| code | ZeRO | step (s) | completion tokens/s | peak RSS (MB) |",
-        "|---|---|---|---|---|",
-        f"| before | {b[4]} | {b[0]:.2f} [{b[1]:.2f}-{b[2]:.2f}] | {tokens / b[0]:.0f} | {b[3]:.0f} |",
-        f"| after | {a[4]} | {a[0]:.2f} [{a[1]:.2f}-{a[2]:.2f}] | {tokens / a[0]:.0f} | {a[3]:.0f} |",
+        "| code | ZeRO | step (s) | step CPU time (s) | completion tokens/s | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
+        f"| before | {b[4]} | {b[0]:.2f} [{b[1]:.2f}-{b[2]:.2f}] | {b[5]:.2f} [{b[6]:.2f}-{b[7]:.2f}] | "
+        f"{tokens / b[0]:.0f} | {b[3]:.0f} |",
+        f"| after | {a[4]} | {a[0]:.2f} [{a[1]:.2f}-{a[2]:.2f}] | {a[5]:.2f} [{a[6]:.2f}-{a[7]:.2f}] | "
+        f"{tokens / a[0]:.0f} | {a[3]:.0f} |",
         "",
-        f"After vs before: {b[0] / a[0]:.2f}x faster per step, peak RSS {a[3] - b[3]:+.0f} MB. First-step loss: "
+        f"After vs before: {b[0] / a[0]:.2f}x faster per step ({b[5] / a[5]:.2f}x less CPU time), "
+        f"peak RSS {a[3] - b[3]:+.0f} MB. First-step loss: "
         f"before {runs['before'][0]['first_loss']:.6f}, after {runs['after'][0]['first_loss']:.6f}.",
         "",
         f"The machine ({os.cpu_count()} CPUs) was shared with other work during the measurement: 1-minute load "
