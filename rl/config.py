@@ -263,13 +263,13 @@ class TrainerConfig(Section):
     deepspeed: str | dict[str, Any] = "configs/deepspeed/zero2.json"
     """DeepSpeed config: a JSON file path, or an inline dict. Batch sizes/optimizer are set from here."""
     zero_stage: int | None = Field(None, ge=0, le=3)
-    """Override of the ZeRO stage in the DeepSpeed config."""
+    """ZeRO stage, overriding the DeepSpeed JSON's (unset: the JSON's; 1/2 run as 0 on one rank unless offloading)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of all weights (None: full fine-tuning); see `weights.format: lora`."""
     share_prompt: bool = True
-    """Run each group's prompt through the model once per micro-batch (exact; off with gradient checkpointing)."""
+    """Run each group's prompt through the model once per micro-batch (exact: tree-packed, rl/packing.py)."""
     threads: int = Field(2, ge=1)
     """torch CPU threads of the trainer process."""
     cpus: list[int] | None = Field(None, min_length=1)

@@ -35,13 +35,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from rl.config import ModelConfig, TrainerConfig
 from rl.distributed import init_distributed, launched
 from rl.lora import apply_lora, hf_name, is_adapter, merge_stream, merged_names
 from rl.models import resolve_model
+from rl.packing import pack, packed_logits, packed_logprobs, padded_logprobs
+from rl.packing import selected_logprobs as selected_logprobs  # re-exported: tests and the planner use it here
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,15 @@ def load_deepspeed_config(source: str | dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"trainer.deepspeed: {path} is not valid JSON: {e}") from None
 
 
-def build_deepspeed_config(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> dict[str, Any]:
-    """The training engine's config: the user's JSON with the fields this class owns overridden."""
+def build_deepspeed_config(
+    model_cfg: ModelConfig, trainer_cfg: TrainerConfig, world_size: int | None = None
+) -> dict[str, Any]:
+    """The training engine's config: the user's JSON with the fields this class owns overridden.
+
+    On one rank (`world_size` 1) ZeRO-1/2 partition over nothing and only add bucketing and
+    copies, so a stage 1/2 JSON runs as stage 0 unless `trainer.zero_stage` says otherwise or
+    the JSON offloads (offload needs ZeRO >= 1). Stage 3 is kept (partitioned loading).
+    """
     cfg = load_deepspeed_config(trainer_cfg.deepspeed)
     for key in ("optimizer", "scheduler"):
         if cfg.pop(key, None) is not None:
@@ -84,6 +92,11 @@ def build_deepspeed_config(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -
     if trainer_cfg.zero_stage is not None:
         zero["stage"] = trainer_cfg.zero_stage
     zero.setdefault("stage", 0)
+    offloads = any((zero.get(k) or {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+    if world_size == 1 and trainer_cfg.zero_stage is None and zero["stage"] in (1, 2) and not offloads:
+        log.info("one rank: ZeRO-%d -> ZeRO-0 (nothing to partition over; set trainer.zero_stage to insist)",
+                 zero["stage"])  # fmt: skip
+        zero["stage"] = 0
     cfg.update(
         train_micro_batch_size_per_gpu=trainer_cfg.micro_batch_size,
         gradient_accumulation_steps=1,
@@ -121,38 +134,6 @@ def warmup_then_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def selected_logprobs(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """log softmax(logits / temperature)[targets] and its (no-grad) entropy: [B, T, V], [B, T] -> [B, T].
-
-    Full-precision logits use gather - logsumexp (one [B, T, V] temporary inside
-    logsumexp); half-precision logits are upcast one row at a time, so no fp32
-    [B, T, V] copy is ever materialised. Results are fp32.
-    """
-    full_precision = logits.dtype in (torch.float32, torch.float64)
-    if full_precision:
-        if temperature != 1.0:
-            logits = logits / temperature
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        logp = (picked - torch.logsumexp(logits, dim=-1)).float()
-    else:
-        rows = [
-            (row.float() / temperature).log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            for row, tgt in zip(logits, targets, strict=True)
-        ]
-        logp = torch.stack(rows)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            ents = []
-            for row in logits:
-                lsm = (row.float() / (1.0 if full_precision else temperature)).log_softmax(-1)
-                ents.append(-(lsm.exp() * lsm).sum(-1))
-            entropy = torch.stack(ents)
-    return logp, entropy
-
-
 # --------------------------------------------------------------------------- the strategy
 
 
@@ -184,7 +165,7 @@ class DeepSpeedStrategy:
         self.device = torch.device(accel.device_name(local_rank))
         set_seed(trainer_cfg.seed)
 
-        self.ds_config = build_deepspeed_config(model_cfg, trainer_cfg)
+        self.ds_config = build_deepspeed_config(model_cfg, trainer_cfg, world_size=self.world_size)
         self.zero_stage: int = self.ds_config["zero_optimization"]["stage"]
         self.model_path = resolve_model(model_cfg.name)
         model = self._load_model()
@@ -220,6 +201,11 @@ class DeepSpeedStrategy:
                 self.ref_engine = ref_model.to(self.device)
         self._backward_calls = 0
         self._last_norm: float | None = None
+        self.packing = True
+        """Padding-free tree-packed forwards (rl/packing.py); False: the padded fallback."""
+        if (problem := self.packing_problem()) is not None:
+            log.warning("this model cannot be tree-packed (%s): padded forwards, no prompt sharing", problem)
+            self.packing = False
         log.info(
             "DeepSpeed ZeRO-%d engine on %s: rank %d/%d, %s, model %s%s",
             self.zero_stage,
@@ -285,19 +271,18 @@ class DeepSpeedStrategy:
         Position 0 and padding positions are 0. Logits are divided by
         `temperature` (use the sampling temperature). The entropy [B, T] is
         computed without grad (for logging). Rows are processed in chunks of
-        `trainer.micro_batch_size`, each trimmed to its longest row, so padding
-        costs no compute beyond the chunk. `reference=True` uses the frozen
-        reference model under no_grad. For training, call it once per
-        micro-batch and `backward()` that micro-batch's loss (chunks share one graph).
+        `trainer.micro_batch_size`, each one padding-free forward (rl/packing.py:
+        the chunk tree-packed into one row, the lm_head a chunk of positions at
+        a time). `reference=True` uses the frozen reference model under no_grad.
+        For training, call it once per micro-batch and `backward()` that
+        micro-batch's loss (chunks share one graph).
 
-        `prompt_lengths` [B] (each >= 2) turns on prompt sharing: the rows of a
-        chunk that start with the same prompt (a GRPO group) run that prompt
-        through the model once, and only the completions attend to its KV
-        cache, with gradients flowing through it. Same log-probs and gradients
-        (to rounding; tests/test_strategy.py) for ~1/group_size of the prompt
-        compute; log-probs are then returned for completion positions
-        (t >= prompt_lengths) only, 0 at prompt positions. Each chunk is two
-        model calls instead of one.
+        `prompt_lengths` [B] (each >= 1) turns on prompt sharing: the rows of a
+        chunk that start with the same prompt (a GRPO group) carry that prompt
+        once, so it costs ~1/group_size of the compute; log-probs are then
+        returned for completion positions (t >= prompt_lengths) only, 0 at
+        prompt positions. Same log-probs and gradients (to rounding;
+        tests/test_packing.py).
         """
         if reference and self.ref_engine is None:
             raise RuntimeError("token_logprobs(reference=True) needs DeepSpeedStrategy(with_reference=True)")
@@ -305,11 +290,13 @@ class DeepSpeedStrategy:
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         batch, length = input_ids.shape
-        share = prompt_lengths is not None
-        if share:
-            prompt_lengths = prompt_lengths.to(self.device)
-            if batch and int(prompt_lengths.min()) < 2:
-                raise ValueError("prompt sharing needs prompts of at least 2 tokens")
+        if prompt_lengths is None:
+            prefix = torch.ones(batch, dtype=torch.long)
+        else:
+            prefix = prompt_lengths.cpu()
+            if batch and int(prefix.min()) < 1:
+                raise ValueError("prompt sharing needs prompts of at least 1 token")
+        decoder, lm_head = self._head(model) if self.packing else (None, None)
         chunk = self.trainer_cfg.micro_batch_size
         n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=reference or not torch.is_grad_enabled())
         logps, ents = [], []
@@ -318,36 +305,44 @@ class DeepSpeedStrategy:
                 rows = slice(i * chunk, (i + 1) * chunk)
                 ids, mask = input_ids[rows], attention_mask[rows]
                 if ids.shape[0] == 0:  # this rank ran out of rows: ZeRO-3 forwards to match its peers
-                    dummy = torch.ones(1, 2, dtype=torch.long, device=self.device)
-                    for _ in range(2 if share else 1):
-                        model(input_ids=dummy, attention_mask=dummy, use_cache=False)
+                    self._dummy_forward(model)
                     continue
-                if share:
-                    logp, ent = self._shared_prompt_logprobs(model, ids, mask, prompt_lengths[rows], temperature,
-                                                             with_entropy)  # fmt: skip
-                    logps.append(logp)
-                    if ent is not None:
-                        ents.append(ent)
-                    continue
-                used = max(int(mask.sum(-1).max()), 1)
-                ids, mask = ids[:, :used], mask[:, :used]
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-                logp, ent = selected_logprobs(logits, ids[:, 1:], temperature, with_entropy)
-                valid = mask[:, 1:].to(logp.dtype)
-                logps.append(F.pad(logp * valid, (1, length - used)))
+                if self.packing:
+                    packed = pack(ids, mask, prefix[rows])
+                    logp, ent = packed_logprobs(model, packed, dtype=_DTYPES[self.model_cfg.dtype], decoder=decoder,
+                                                lm_head=lm_head, temperature=temperature,
+                                                with_entropy=with_entropy)  # fmt: skip
+                    shape = (ids.shape[0], length)
+                    logp, ent = packed.scatter(logp, shape), None if ent is None else packed.scatter(ent, shape)
+                else:
+                    logp, ent = padded_logprobs(model, ids, mask, length, temperature, with_entropy)
+                logps.append(logp)
                 if ent is not None:
-                    ents.append(F.pad(ent * valid, (1, length - used)))
+                    ents.append(ent)
         logp = torch.cat(logps) if logps else input_ids.new_zeros(batch, length, dtype=torch.float32)
         entropy = None
         if with_entropy:
             entropy = torch.cat(ents) if ents else torch.zeros_like(logp)
         return logp, entropy
 
+    def _head(self, model: Any) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+        """The decoder and lm_head that chunked log-probs call apart (None, None: the head runs inside the
+        forward). ZeRO-3 keeps the head inside: there every module call is a gather, collective over ranks."""
+        if self.zero_stage == 3:
+            return None, None
+        module = getattr(model, "module", model)  # the engine's HF (or peft) model
+        return module.get_decoder(), module.get_output_embeddings()
+
+    def _dummy_forward(self, model: Any) -> None:
+        dummy = torch.ones(1, 2, dtype=torch.long, device=self.device)
+        model(input_ids=dummy, attention_mask=dummy, use_cache=False)
+
     def token_statistics(self, input_ids: Tensor, attention_mask: Tensor, fn, width: int) -> Tensor:
         """No-grad forward of the policy; `fn(logits [b, t, V], targets [b, t]) -> [b, t, width]` per
         chunk, returned as [B, T, width] aligned like `token_logprobs` (position 0 and padding 0).
 
         For checks that need more of the logits than the picked token's logprob (rl/provenance.py).
+        Packed like `token_logprobs`: `fn` sees the logits of a chunk of target positions as one row.
         """
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
@@ -355,29 +350,37 @@ class DeepSpeedStrategy:
         chunk = self.trainer_cfg.micro_batch_size
         n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=True)
         out = torch.zeros(batch, length, width, dtype=torch.float32, device=self.device)
+        decoder, lm_head = self._head(self.engine) if self.packing else (None, None)
         with torch.no_grad():
             for i in range(n_chunks):
                 rows = slice(i * chunk, (i + 1) * chunk)
                 ids, mask = input_ids[rows], attention_mask[rows]
                 if ids.shape[0] == 0:  # this rank ran out of rows: ZeRO-3 forwards to match its peers
-                    dummy = torch.ones(1, 2, dtype=torch.long, device=self.device)
-                    self.engine(input_ids=dummy, attention_mask=dummy, use_cache=False)
+                    self._dummy_forward(self.engine)
                     continue
-                used = max(int(mask.sum(-1).max()), 1)
-                ids, mask = ids[:, :used], mask[:, :used]
-                logits = self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-                stats = fn(logits, ids[:, 1:]) * mask[:, 1:, None].to(torch.float32)
-                out[rows][:, 1:used] = stats
+                if not self.packing:
+                    used = max(int(mask.sum(-1).max()), 1)
+                    ids, mask = ids[:, :used], mask[:, :used]
+                    logits = self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+                    stats = fn(logits, ids[:, 1:]) * mask[:, 1:, None].to(torch.float32)
+                    out[rows][:, 1:used] = stats
+                    continue
+                packed = pack(ids, mask, torch.ones(ids.shape[0], dtype=torch.long))
+                block = out[rows]
+                for part, logits in packed_logits(self.engine, packed, dtype=_DTYPES[self.model_cfg.dtype],
+                                                  decoder=decoder, lm_head=lm_head):  # fmt: skip
+                    stats = fn(logits[None], packed.targets[part][None])[0].float()
+                    block[packed.rows[part], packed.cols[part]] = stats
         return out
 
-    def prompt_sharing_problem(self) -> str | None:
-        """Why this model cannot share prompts (None: it can), from a tiny probe run on every rank.
+    def packing_problem(self) -> str | None:
+        """Why this model cannot be tree-packed (None: it can), from a tiny probe run on every rank.
 
-        The probe compares shared and plain log-probs of two rows with one prompt, so a model
-        whose forward rejects `past_key_values`/`logits_to_keep`, or whose cache cannot be
-        indexed by row, is found at start-up rather than mid-run. Sliding-window attention
-        shorter than `model.max_model_len` is refused up front: its cache keeps only the last
-        window of a long prompt, which a short probe cannot show.
+        Refused up front: sliding-window attention shorter than `model.max_model_len` (a custom
+        4D mask replaces the window, which a short probe cannot show) and logit soft-capping or
+        scaling (applied by the model's forward, not by its lm_head). Then packed and padded
+        log-probs of two rows with one prompt are compared, so a model whose forward rejects a
+        4D mask, position ids or `logits_to_keep` is found at start-up rather than mid-run.
         """
         config = self.module.config
         layer_types = getattr(config, "layer_types", None)
@@ -385,72 +388,30 @@ class DeepSpeedStrategy:
         sliding = "sliding_attention" in layer_types if layer_types else window is not None
         if sliding and window is not None and window < self.model_cfg.max_model_len:
             return f"sliding-window attention ({window} tokens) shorter than model.max_model_len"
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                return f"config.{name} is set (the forward transforms the lm_head's logits)"
         vocab = int(config.vocab_size)
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, vocab, (6,), generator=g)
         ids = torch.stack([torch.cat([prompt, torch.randint(0, vocab, (3,), generator=g)]) for _ in range(2)])
         mask = torch.ones_like(ids)
+        mask[1, -1] = 0
         lengths = torch.full((2,), 6)
+        packing = self.packing
         try:
             with torch.no_grad():
+                self.packing = False
                 plain, _ = self.token_logprobs(ids, mask)
-                shared, _ = self.token_logprobs(ids, mask, prompt_lengths=lengths)
-        except Exception as e:  # noqa: BLE001 - any failure means: do not share
+                self.packing = True
+                packed, _ = self.token_logprobs(ids, mask, prompt_lengths=lengths)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not pack
             return f"{type(e).__name__}: {e}"
-        gap = float((plain[:, 6:] - shared[:, 6:].to(plain.device)).abs().mean())
+        finally:
+            self.packing = packing
+        gap = float((plain[:, 6:] - packed[:, 6:]).abs().mean())
         tolerance = 1e-3 if self.model_cfg.dtype == "float32" else 0.05
-        return None if gap <= tolerance else f"shared log-probs differ from plain ones by {gap:.3g} on average"
-
-    def _shared_prompt_logprobs(
-        self, model: Any, ids: Tensor, mask: Tensor, prompt_lengths: Tensor, temperature: float, with_entropy: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """One chunk of `token_logprobs` with each distinct prompt run once (see there).
-
-        Row r is split at s_r = prompt_lengths[r] - 1: the prefix ids[r, :s_r] goes
-        through the model once per distinct prefix (right-padded, no logits), its
-        KV cache is indexed out to the rows, and the suffix ids[r, s_r:] (last
-        prompt token + completion) runs on top with positions s_r, s_r + 1, ...
-        The suffix logits predict exactly the completion tokens.
-        """
-        rows, length = ids.shape
-        lengths = mask.sum(-1)
-        starts = prompt_lengths - 1
-        keys = [tuple(ids[r, : starts[r]].tolist()) for r in range(rows)]
-        distinct = list(dict.fromkeys(keys))
-        where = {k: u for u, k in enumerate(distinct)}
-        index = torch.tensor([where[k] for k in keys], device=self.device)
-        width = max(len(k) for k in distinct)
-        prefix_ids = ids.new_zeros(len(distinct), width)
-        prefix_mask = ids.new_zeros(len(distinct), width)
-        for u, k in enumerate(distinct):
-            prefix_ids[u, : len(k)] = torch.tensor(k, device=self.device)
-            prefix_mask[u, : len(k)] = 1
-        prefix = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1)
-        cache = prefix.past_key_values
-        cache.batch_select_indices(index)
-
-        suffix_lengths = lengths - starts
-        span = int(suffix_lengths.max())
-        offsets = torch.arange(span, device=self.device)
-        gather_at = (starts[:, None] + offsets[None]).clamp(max=length - 1)
-        suffix_mask = (offsets[None] < suffix_lengths[:, None]).long()
-        suffix_ids = ids.gather(1, gather_at) * suffix_mask
-        logits = model(
-            input_ids=suffix_ids,
-            attention_mask=torch.cat([prefix_mask[index], suffix_mask], 1),
-            position_ids=starts[:, None] + offsets[None],
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[:, :-1]
-        logp, ent = selected_logprobs(logits, suffix_ids[:, 1:], temperature, with_entropy)
-        valid = suffix_mask[:, 1:].to(logp.dtype)
-        # Suffix position j predicts token starts + j + 1; place it there (the spare columns catch overflow).
-        place = starts[:, None] + 1 + offsets[None, :-1]
-        out = logp.new_zeros(rows, length + span).scatter(1, place, logp * valid)[:, :length]
-        entropy = None
-        if ent is not None:
-            entropy = ent.new_zeros(rows, length + span).scatter(1, place, ent * valid)[:, :length]
-        return out, entropy
+        return None if gap <= tolerance else f"packed log-probs differ from padded ones by {gap:.3g} on average"
 
     def _agree_on_chunks(self, n_chunks: int, no_grad: bool) -> int:
         """Under multi-rank ZeRO-3 every forward is a collective: run as many as the busiest rank."""

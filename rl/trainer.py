@@ -99,11 +99,7 @@ class Trainer:
         self.paths = cfg.paths
         self.policy_dir = self.paths.policy
         self.strategy = DeepSpeedStrategy(cfg.model, cfg.trainer, with_reference=cfg.algorithm.beta > 0)
-        self.share_prompt = cfg.trainer.share_prompt and not cfg.trainer.gradient_checkpointing
-        if self.share_prompt and (problem := self.strategy.prompt_sharing_problem()) is not None:
-            log.warning("trainer.share_prompt is on but this model cannot share prompts (%s); running "
-                        "each sequence whole", problem)  # fmt: skip
-            self.share_prompt = False
+        self.share_prompt = cfg.trainer.share_prompt and self.strategy.packing
         self.is_main = self.strategy.is_main
         self.hub = hub if self.is_main else None
         self.tokenizer = AutoTokenizer.from_pretrained(self.strategy.model_path)
@@ -376,7 +372,7 @@ class Trainer:
 
     def _share_prompt(self, batch: TrainBatch) -> bool:
         """Prompt sharing for this batch (same answer on every rank: decided on the full batch)."""
-        return self.share_prompt and int(batch.prompt_lengths.min()) >= 2
+        return self.share_prompt and int(batch.prompt_lengths.min()) >= 1
 
     def _all_reduce(self, parts: list[dict]) -> dict[str, float]:
         merged = reduce_metrics(parts) if self.strategy.world_size == 1 else None

@@ -1,37 +1,40 @@
-"""Benchmark one trainer step (forward + backward + AdamW) with and without prompt sharing, per dtype.
+"""Benchmark one trainer step (forward + backward + AdamW), this checkout against an earlier commit.
 
 The batch is shaped like the quickstart's: `--prompts` GRPO groups of `--n`
 completions, prompts of `--prompt-tokens` tokens, completion lengths drawn
 uniformly from 1..`--max-tokens` (random token ids: the cost does not depend on
-them). Each configuration runs the real `DeepSpeedStrategy` (ZeRO-0, one
-process) for `--steps` timed steps after one warm-up step, all in this process,
-so the ratios compare like with like. `trainer.share_prompt` runs each group's
-prompt through the model once per micro-batch instead of once per completion.
+them). Each side runs the real `DeepSpeedStrategy` of its own code with the
+quickstart's trainer settings (default DeepSpeed JSON, no `trainer.zero_stage`,
+prompt sharing on, as `rl train` does) in a fresh process: "before" is
+`--before` (a git ref, extracted with `git archive`), "after" this working
+tree. The sides alternate `--repeats` times; each process times `--steps`
+steps after a warm-up step and reports its peak RSS. The first step's loss of
+both sides is printed: the same weights and batch must give the same loss.
 
-    .venv/bin/python scripts/bench_trainer.py [--model smollm2-135m-instruct] [--dtypes float32 bfloat16]
-        [--prompts 4] [--n 8] [--prompt-tokens 85] [--max-tokens 48] [--micro-batch 16] [--steps 3]
-        [--threads 2] [--write-docs]
+    taskset -c 0,1 .venv/bin/python scripts/bench_trainer.py [--before main] [--model smollm2-135m-instruct]
+        [--dtype float32] [--prompts 4] [--n 8] [--prompt-tokens 150] [--max-tokens 48] [--micro-batch 16]
+        [--steps 2] [--repeats 3] [--threads 2] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from rl.config import ModelConfig, TrainerConfig  # noqa: E402
-from rl.strategy import DeepSpeedStrategy  # noqa: E402
 
 
-def make_batch(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_batch(args: argparse.Namespace, vocab: int):
+    import torch
+
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(args.prompts):
@@ -50,73 +53,142 @@ def make_batch(args: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, torc
     return ids, mask, plen, completion
 
 
-def time_steps(strategy: DeepSpeedStrategy, batch, share: bool, steps: int, micro: int) -> list[float]:
-    ids, mask, plen, completion = batch
+def child(args: argparse.Namespace) -> None:
+    """One side, in its own process: build the strategy its code builds, time the steps, print JSON."""
+    import resource
+
+    import torch
+
+    import rl
+    from rl.config import ModelConfig, TrainerConfig
+    from rl.strategy import DeepSpeedStrategy
+
+    torch.set_num_threads(args.threads)
+    trainer = TrainerConfig(micro_batch_size=args.micro_batch, threads=args.threads, lr=1e-6)
+    strategy = DeepSpeedStrategy(ModelConfig(name=args.model, dtype=args.dtype), trainer)
+    ids, mask, plen, completion = make_batch(args, strategy.module.config.vocab_size)
     weight = torch.linspace(-1.0, 1.0, ids.shape[0])
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        for part in torch.arange(ids.shape[0]).split(micro):
-            logp, _ = strategy.token_logprobs(
-                ids[part], mask[part], prompt_lengths=plen[part] if share else None, with_entropy=True
-            )
-            strategy.backward(-((logp * completion[part]).sum(-1) * weight[part]).sum() / completion.sum())
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times, cpu, first_loss = [], [], None
+    for _ in range(args.steps + 1):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        loss_sum = 0.0
+        for part in torch.arange(ids.shape[0]).split(args.micro_batch):
+            logp, _ = strategy.token_logprobs(ids[part], mask[part], prompt_lengths=plen[part], with_entropy=True)
+            loss = -((logp * completion[part]).sum(-1) * weight[part]).sum() / completion.sum()
+            strategy.backward(loss)
+            loss_sum += float(loss.detach())
         strategy.step()
         times.append(time.perf_counter() - start)
-    return times[1:]  # the first step warms up allocators and DeepSpeed buffers
+        cpu.append(time.process_time() - start_cpu)
+        first_loss = loss_sum if first_loss is None else first_loss
+    print(json.dumps({
+        "times": times[1:],  # the first step warms up allocators and DeepSpeed buffers
+        "cpu": cpu[1:],  # CPU seconds of the process (all threads): less moved by other work than wall time
+        "first_loss": first_loss,
+        "zero_stage": strategy.zero_stage,
+        "rss_after_init_mb": rss_before,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "completion_tokens": int(completion.sum()),
+        "code": str(Path(rl.__file__).parents[1]),
+    }))  # fmt: skip
+
+
+def extract(ref: str, into: Path) -> str:
+    """The packages of commit `ref` under `into`; returns the commit's short hash."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True, capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "rl", "configs", "rollout_workers", "verifiers"],
+                             check=True, capture_output=True).stdout  # fmt: skip
+    with tempfile.TemporaryFile() as f:
+        f.write(archive)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
+            tar.extractall(into, filter="data")
+    return sha
+
+
+def run_side(code: Path, argv: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": argv[argv.index("--threads") + 1]}
+    res = subprocess.run([sys.executable, __file__, "--child", *argv], env=env, capture_output=True, text=True,
+                         cwd=code)  # fmt: skip
+    if res.returncode != 0:
+        raise SystemExit(f"bench child under {code} failed:\n{res.stderr[-3000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if Path(out["code"]).resolve() != code.resolve():
+        raise SystemExit(f"the child imported rl from {out['code']}, not {code}")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", default="main", help="git ref of the 'before' code")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--prompt-tokens", type=int, default=85, help="The quickstart's prompt is 85 tokens.")
+    ap.add_argument("--prompt-tokens", type=int, default=150)
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--micro-batch", type=int, default=16, help="The quickstart's trainer.micro_batch_size.")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.child:
+        child(args)
+        return
+    argv = [a for a in sys.argv[1:] if a != "--write-docs"]
+    if "--threads" not in argv:
+        argv += ["--threads", str(args.threads)]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        sha = extract(args.before, Path(tmp))
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+        runs: dict[str, list[dict]] = {"before": [], "after": []}
+        for i in range(args.repeats):
+            for side, code in (("before", Path(tmp)), ("after", ROOT)):
+                out = run_side(code, argv)
+                runs[side].append(out)
+                wall, cpu = (", ".join(f"{t:.2f}" for t in out[k]) for k in ("times", "cpu"))
+                print(f"repeat {i + 1} {side:6}: ZeRO-{out['zero_stage']} steps {wall} s (CPU {cpu} s), peak RSS "
+                      f"{out['peak_rss_mb']:.0f} MB, first loss {out['first_loss']:.6f}", flush=True)  # fmt: skip
 
-    results: dict[tuple[str, bool], float] = {}
-    for dtype in args.dtypes:
-        trainer = TrainerConfig(zero_stage=0, micro_batch_size=args.micro_batch, threads=args.threads, lr=1e-6)
-        strategy = DeepSpeedStrategy(ModelConfig(name=args.model, dtype=dtype), trainer)
-        batch = make_batch(args, strategy.module.config.vocab_size)
-        for share in (False, True):
-            times = time_steps(strategy, batch, share, args.steps, args.micro_batch)
-            results[dtype, share] = statistics.median(times)
-            print(f"{dtype:9} share_prompt={share!s:5}  step {results[dtype, share]:.2f} s  "
-                  f"(runs: {', '.join(f'{t:.2f}' for t in times)})", flush=True)  # fmt: skip
-        strategy.close()
-        del strategy
-        gc.collect()
+    def summary(side: str) -> tuple[float, float, float, float, int, float, float, float]:
+        times = [t for r in runs[side] for t in r["times"]]
+        cpu = [t for r in runs[side] for t in r["cpu"]]
+        peaks = [r["peak_rss_mb"] for r in runs[side]]
+        return (statistics.median(times), min(times), max(times), statistics.median(peaks), runs[side][0]["zero_stage"],
+                statistics.median(cpu), min(cpu), max(cpu))  # fmt: skip
 
-    base = results[args.dtypes[0], False]
-    tokens = int(batch[3].sum())
+    tokens = runs["after"][0]["completion_tokens"]
+    b, a = summary("before"), summary("after")
+    affinity = sorted(os.sched_getaffinity(0))
     lines = [
-        f"Model `{args.model}`; {args.prompts} groups x {args.n} completions, prompts of {args.prompt_tokens} tokens, "
-        f"completions 1-{args.max_tokens} tokens ({tokens} completion tokens), micro-batch {args.micro_batch}, "
-        f"{args.threads} threads, ZeRO-0, median of {args.steps} steps after a warm-up. One process, one run.",
+        f"Model `{args.model}` ({args.dtype}); {args.prompts} groups x {args.n} completions, prompts of "
+        f"{args.prompt_tokens} tokens, completions 1-{args.max_tokens} tokens ({tokens} completion tokens), "
+        f"micro-batch {args.micro_batch}, {args.threads} threads on CPUs {affinity}; each side the quickstart's "
+        f"trainer settings in its own code (default DeepSpeed JSON, prompt sharing on). Before: `{sha}`; after: "
+        f"`{head}` (plus uncommitted changes, if any). {args.repeats} interleaved repeats of a fresh process x "
+        f"{args.steps} steps after a warm-up; median [min-max] of all steps, median of the processes' peak RSS.",
         "",
-        "| dtype | share_prompt | step (s) | completion tokens/s | speed vs first row |",
-        "|---|---|---|---|---|",
+        "| code | ZeRO | step (s) | step CPU time (s) | completion tokens/s | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
+        f"| before | {b[4]} | {b[0]:.2f} [{b[1]:.2f}-{b[2]:.2f}] | {b[5]:.2f} [{b[6]:.2f}-{b[7]:.2f}] | "
+        f"{tokens / b[0]:.0f} | {b[3]:.0f} |",
+        f"| after | {a[4]} | {a[0]:.2f} [{a[1]:.2f}-{a[2]:.2f}] | {a[5]:.2f} [{a[6]:.2f}-{a[7]:.2f}] | "
+        f"{tokens / a[0]:.0f} | {a[3]:.0f} |",
+        "",
+        f"After vs before: {b[0] / a[0]:.2f}x faster per step ({b[5] / a[5]:.2f}x less CPU time), "
+        f"peak RSS {a[3] - b[3]:+.0f} MB. First-step loss: "
+        f"before {runs['before'][0]['first_loss']:.6f}, after {runs['after'][0]['first_loss']:.6f}.",
+        "",
+        f"The machine ({os.cpu_count()} CPUs) was shared with other work during the measurement: 1-minute load "
+        f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; the interleaving spreads that load "
+        "over both sides, the spread shows how much it moved the steps.",
     ]
-    for (dtype, share), seconds in results.items():
-        lines.append(f"| {dtype} | {share} | {seconds:.2f} | {tokens / seconds:.0f} | {base / seconds:.2f}x |")
-    lines.append("")
-    for dtype in args.dtypes:
-        lines.append(f"Prompt sharing, {dtype}: {results[dtype, False] / results[dtype, True]:.2f}x faster per step.")
-    if len(args.dtypes) > 1:
-        first, other = args.dtypes[0], args.dtypes[1]
-        lines.append(
-            f"{other} weights vs {first}, both sharing: {results[first, True] / results[other, True]:.2f}x "
-            "(on CPUs without fast low-precision training kernels fp32 trains faster; the quickstart trains in fp32 "
-            "and lets the workers generate in bf16 via `rollout.dtype`)."
-        )
     body = "\n".join(lines)
     print("\n" + body)
     if args.write_docs:

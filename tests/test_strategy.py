@@ -188,20 +188,23 @@ def test_shared_prompt_logprobs_match_unshared(tiny_model_dir, stage):
     torch.testing.assert_close(shared, plain * completion, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(shared_ent, plain_ent * completion, atol=2e-5, rtol=1e-5)
     assert (shared[~completion] == 0).all()
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        strategy.token_logprobs(ids, mask, prompt_lengths=torch.ones_like(plen))
+    with pytest.raises(ValueError, match="at least 1 token"):
+        strategy.token_logprobs(ids, mask, prompt_lengths=torch.zeros_like(plen))
 
 
-def test_prompt_sharing_probe(tiny_model_dir):
-    """The start-up probe passes on a model that shares prompts and names the problem where it cannot:
-    with gradient checkpointing, transformers drops the KV cache in training mode."""
-    assert make_strategy(tiny_model_dir).prompt_sharing_problem() is None
-    problem = make_strategy(tiny_model_dir, gradient_checkpointing=True).prompt_sharing_problem()
-    assert problem is not None and "Error" in problem
+def test_packing_probe(tiny_model_dir):
+    """The start-up probe passes on a model that packs (gradient checkpointing included: no KV cache is
+    involved) and names the problem where it cannot."""
+    assert make_strategy(tiny_model_dir).packing_problem() is None
+    assert make_strategy(tiny_model_dir, gradient_checkpointing=True).packing
     strategy = make_strategy(tiny_model_dir)
     strategy.module.config.layer_types = ["full_attention", "sliding_attention"]
     strategy.module.config.sliding_window = 8  # shorter than max_model_len: a long prompt would lose keys
-    assert "sliding-window" in strategy.prompt_sharing_problem()
+    assert "sliding-window" in strategy.packing_problem()
+    strategy.module.config.layer_types = None
+    strategy.module.config.sliding_window = None
+    strategy.module.config.final_logit_softcapping = 30.0  # applied by the forward, not by the lm_head
+    assert "final_logit_softcapping" in strategy.packing_problem()
 
 
 @pytest.mark.parametrize("stage", [0, 3])
