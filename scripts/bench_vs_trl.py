@@ -376,6 +376,9 @@ def run_trl(args: argparse.Namespace, tmp: Path, setup: TrlSetup, tag: str, step
 def choose_trl(args: argparse.Namespace, tmp: Path) -> tuple[TrlSetup, dict]:
     """TRL's strongest configuration that runs here, and the evidence (probe error, tuning table)."""
     samples = args.prompts_per_step * args.n
+    if args.tuning is not None:  # probed and tuned earlier by --tune-only, same shape
+        earlier = json.loads(args.tuning.read_text())
+        return TrlSetup(**earlier["trl_setup"]), earlier["trl_notes"] | {"from": str(args.tuning)}
     notes: dict = {}
     if args.trl_generation in ("auto", "vllm"):
         probe = TrlSetup("vllm", args.trl_dtype == "bfloat16", args.trl_batch or args.micro_batch)
@@ -399,9 +402,17 @@ def choose_trl(args: argparse.Namespace, tmp: Path) -> tuple[TrlSetup, dict]:
             speed = got.samples_per_s if isinstance(got, Run) else math.nan
             tuning.append({**asdict(setup), "samples_per_s": speed, "error": None if isinstance(got, Run) else got})
             print(f"TRL tuning {setup.describe(samples)}: {speed:.3f} samples/s", flush=True)
-    notes["tuning"] = tuning
-    best = max((t for t in tuning if not math.isnan(t["samples_per_s"])), key=lambda t: t["samples_per_s"])
-    return TrlSetup(best["generation"], best["bf16"], best["batch"]), notes
+    notes["tuning"], notes["tune_steps"] = tuning, args.tune_steps
+    return best_tuned(tuning), notes
+
+
+def best_tuned(tuning: list[dict]) -> TrlSetup:
+    """The fastest TRL candidate that ran."""
+    ran = [t for t in tuning if t["error"] is None and not math.isnan(t["samples_per_s"])]
+    if not ran:
+        sys.exit("every TRL tuning candidate failed: " + "; ".join(str(t["error"]) for t in tuning))
+    best = max(ran, key=lambda t: t["samples_per_s"])
+    return TrlSetup(best["generation"], best["bf16"], best["batch"])
 
 
 # --------------------------------------------------------------------------- ours
@@ -502,10 +513,11 @@ def report(args: argparse.Namespace, cfg, trl: list[Run], ours: list[Run], setup
         f"TRL baseline: {setup.describe(samples)}. {vllm_line}",
     ]
     if notes.get("tuning"):
-        lines += ["", f"TRL HF-generate tuning ({args.tune_steps} steps each, one run, steady samples/s): " + "; ".join(
-            f"{TrlSetup(t['generation'], t['bf16'], t['batch']).describe(samples)}: "
-            + (f"{t['samples_per_s']:.3f}" if t["error"] is None else f"failed (`{t['error']}`)")
-            for t in notes["tuning"]) + "."]  # fmt: skip
+        tried = [f"{TrlSetup(t['generation'], t['bf16'], t['batch']).describe(samples)}: "
+                 + (f"{t['samples_per_s']:.3f}" if t["error"] is None else f"failed (`{t['error']}`)")
+                 for t in notes["tuning"]]  # fmt: skip
+        lines += ["", f"TRL HF-generate tuning ({notes['tune_steps']} steps each, one run, steady samples/s): "
+                  + "; ".join(tried) + "."]  # fmt: skip
     lines += [
         "",
         f"{len(trl)} interleaved repeats each; median (min-max). Samples/s: trained completions per second from the "
@@ -560,6 +572,9 @@ def main() -> None:
     ap.add_argument("--trl-batch", type=int, help="TRL per_device_train_batch_size (default --micro-batch).")
     ap.add_argument("--tune-trl", action="store_true", help="Measure TRL's HF candidates first; take the fastest.")
     ap.add_argument("--tune-steps", type=int, default=3)
+    ap.add_argument("--tune-only", action="store_true",
+                    help="Probe vLLM colocate and tune TRL (implies --tune-trl), write --json, stop.")
+    ap.add_argument("--tuning", type=Path, help="A --tune-only JSON (same shape): take TRL's setup from it.")
     ap.add_argument("--eval-prompts", type=int, default=128, help="Held-out prompts.")
     ap.add_argument("--eval-pool", type=int, default=400, help="Eval rows drawn to find the held-out prompts.")
     ap.add_argument("--json", type=Path, help="Write all results (every run) to this JSON file.")
@@ -581,6 +596,7 @@ def main() -> None:
     if args.eval_child is not None:
         eval_child(args.config, args.eval_child, args.rows, args.out)
         return
+    args.tune_trl = args.tune_trl or args.tune_only
     cores = [c for c in args.cores.split(",") if c]
     args.threads = len(cores)
     args.ours_threads = [int(t) for t in args.ours_threads.split(",")]
@@ -600,6 +616,11 @@ def main() -> None:
         cfg = freeze_config(args, tmp / "bench.yaml")
         (tmp / "heldout.json").write_text(json.dumps(heldout_rows(cfg, args.eval_prompts)))
         setup, notes = choose_trl(args, tmp)
+        if args.tune_only:
+            print(f"TRL's best here: {setup.describe(args.prompts_per_step * args.n)}", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"trl_setup": asdict(setup), "trl_notes": notes}, indent=1))
+            return
         base_acc = heldout_accuracy(args, tmp, base_model, "base")
         print(f"TRL baseline: {setup.describe(args.prompts_per_step * args.n)}; base held-out {base_acc:.3f}",
               flush=True)  # fmt: skip
