@@ -23,8 +23,14 @@ What makes it fair (issue 12, part 3):
   step 1 to the end of the last step; start-up (process start, model loads, vLLM start, step 1) is
   the time to the end of step 1, listed separately.
 
-    .venv/bin/python scripts/bench_vs_trl.py [--steps 9] [--prompts-per-step 4] [--repeats 3]
-        [--cores 0,1] [--tune-trl] [--json results.json] [--write-docs]
+On a quiet machine, probe and tune TRL once, then make the timed runs (docs/benchmarks.md):
+
+    .venv/bin/python scripts/bench_vs_trl.py --tune-only --json tuning.json
+    .venv/bin/python scripts/bench_vs_trl.py --tuning tuning.json [--repeats 3] [--steps 9]
+        [--prompts-per-step 4] [--cores 0,1] [--json results.json] [--write-docs]
+
+(`--tune-trl` does both in one invocation; `--model tiny-test --steps 3 --prompts-per-step 2 --n 4
+--max-tokens 16 --micro-batch 4 --repeats 1` is a quick smoke test of the plumbing.)
 """
 
 from __future__ import annotations
