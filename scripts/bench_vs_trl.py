@@ -522,7 +522,8 @@ def report(args: argparse.Namespace, cfg, trl: list[Run], ours: list[Run], setup
         f"loss `{cfg.algorithm.loss}` (eps {cfg.algorithm.epsilon_low:g}/{cfg.algorithm.epsilon_high:g}), "
         f"constant lr {cfg.trainer.lr:g}, no KL, fp32 weights. Every process pinned to cores {args.cores} "
         f"(`taskset`); TRL: {args.threads} torch threads; ours: trainer {args.ours_threads[0]} + one vLLM "
-        f"worker {args.ours_threads[1]} threads (bf16 generation), `async.max_staleness {args.staleness}`.",
+        f"worker {args.ours_threads[1]} threads (bf16 generation), `async.max_staleness {args.staleness}`"
+        + (" (trainer and worker take turns)." if args.staleness == 0 else " (they run at the same time)."),
         "",
         f"TRL baseline: {setup.describe(samples)}. {vllm_line}",
     ]
@@ -577,7 +578,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5, help="Both sides; high enough that 9 steps move the policy.")
     ap.add_argument("--repeats", type=int, default=3, help="Interleaved repeats per side.")
     ap.add_argument("--cores", default="0,1", help="CPU list both sides are pinned to (taskset -c).")
-    ap.add_argument("--ours-threads", default="1,1", help="Our trainer,worker threads (add up to the cores).")
+    ap.add_argument("--ours-threads", default="1,1",
+                    help="Our trainer,worker threads: add up to the cores (--staleness 0: each up to the cores).")
     ap.add_argument("--staleness", type=int, default=1, help="Our async.max_staleness.")
     ap.add_argument("--trl-generation", choices=["auto", "vllm", "hf"], default="auto",
                     help="auto: try TRL's vLLM colocate, fall back to HF generate with the error recorded.")
@@ -616,8 +618,13 @@ def main() -> None:
     args.ours_threads = [int(t) for t in args.ours_threads.split(",")]
     if args.steps < 2:
         ap.error("--steps must be at least 2 (throughput is measured between the first and the last step)")
-    if len(args.ours_threads) != 2 or sum(args.ours_threads) != args.threads:
-        ap.error(f"--ours-threads must be trainer,worker threads adding up to the {args.threads} pinned cores")
+    # Our threads add up to the cores, so we never have more busy threads than TRL. With max_staleness 0
+    # the trainer and the worker take turns (the worker waits for each new policy), so each may use
+    # all the cores.
+    turns = args.staleness == 0 and len(args.ours_threads) == 2 and max(args.ours_threads) <= args.threads
+    if not turns and (len(args.ours_threads) != 2 or sum(args.ours_threads) != args.threads):
+        ap.error(f"--ours-threads must be trainer,worker threads adding up to the {args.threads} pinned cores "
+                 "(or, with --staleness 0, where they take turns, each at most that)")  # fmt: skip
     if (args.prompts_per_step * args.n) % (args.trl_batch or args.micro_batch):
         ap.error("the step's samples (prompts x n) must be a multiple of the TRL batch")
     from rl.models import resolve_model
