@@ -551,18 +551,29 @@ def report(args: argparse.Namespace, cfg, trl: list[Run], ours: list[Run], setup
             f"{spread([r.startup_s for r in runs], '.0f')} | {spread([r.wall_s for r in runs], '.0f')} | "
             f"{spread([r.heldout for r in runs], '.3f')} | {spread([r.cpu_pressure for r in runs], '.0%')} |"
         )
+    # Say when the numbers cannot carry the verdict, rather than leave a reader to spot it.
+    noise = math.sqrt(0.25 / args.eval_prompts)
+    caveats = []
+    if len(trl) < 3:
+        caveats.append(f"only {len(trl)} repeat(s)")
+    pressure = statistics.median(r.cpu_pressure for r in trl + ours)
+    if pressure > 0.1:
+        caveats.append(f"the machine was busy (median CPU pressure {pressure:.0%})")
+    if max(abs(trl_acc - base_acc), abs(ours_acc - base_acc)) < 2 * noise:
+        caveats.append("neither side's held-out accuracy moved from the base model's by 2 std: train longer")
     lines += [
         "",
+        *([f"NOT A VALID MEASUREMENT: {'; '.join(caveats)}.", ""] if caveats else []),
         f"Goal >= 3x TRL's samples/s at equal or better held-out accuracy: {'met' if met else 'not met'} "
         f"({speedup:.2f}x; held-out {ours_acc:.3f} vs TRL {trl_acc:.3f}, base {base_acc:.3f}; a held-out accuracy's "
-        f"std over {args.eval_prompts} prompts is about +-{math.sqrt(0.25 / args.eval_prompts):.3f}).",
+        f"std over {args.eval_prompts} prompts is about +-{noise:.3f}).",
     ]
     results = {
         "args": {k: v for k, v in vars(args).items() if not k.endswith("_child") and k not in ("config", "rows")},
         "trl_setup": asdict(setup), "trl_notes": notes, "base_heldout": base_acc,
         "trl": [asdict(r) | {"samples_per_s": r.samples_per_s, "startup_s": r.startup_s} for r in trl],
         "ours": [asdict(r) | {"samples_per_s": r.samples_per_s, "startup_s": r.startup_s} for r in ours],
-        "speedup_median": speedup, "goal_met": met,
+        "speedup_median": speedup, "goal_met": met, "caveats": caveats,
     }  # fmt: skip
     return "\n".join(lines), results
 
@@ -578,18 +589,32 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5, help="Both sides; high enough that 9 steps move the policy.")
     ap.add_argument("--repeats", type=int, default=3, help="Interleaved repeats per side.")
     ap.add_argument("--cores", default="0,1", help="CPU list both sides are pinned to (taskset -c).")
-    ap.add_argument("--ours-threads", default="1,1",
-                    help="Our trainer,worker threads: add up to the cores (--staleness 0: each up to the cores).")
+    ap.add_argument(
+        "--ours-threads",
+        default="1,1",
+        help="Our trainer,worker threads: add up to the cores (--staleness 0: each up to the cores).",
+    )
     ap.add_argument("--staleness", type=int, default=1, help="Our async.max_staleness.")
-    ap.add_argument("--trl-generation", choices=["auto", "vllm", "hf"], default="auto",
-                    help="auto: try TRL's vLLM colocate, fall back to HF generate with the error recorded.")
-    ap.add_argument("--trl-dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                    help="TRL's compute dtype unless --tune-trl picks (bfloat16: TRL's bf16 autocast).")
+    ap.add_argument(
+        "--trl-generation",
+        choices=["auto", "vllm", "hf"],
+        default="auto",
+        help="auto: try TRL's vLLM colocate, fall back to HF generate with the error recorded.",
+    )
+    ap.add_argument(
+        "--trl-dtype",
+        choices=["float32", "bfloat16"],
+        default="bfloat16",
+        help="TRL's compute dtype unless --tune-trl picks (bfloat16: TRL's bf16 autocast).",
+    )
     ap.add_argument("--trl-batch", type=int, help="TRL per_device_train_batch_size (default --micro-batch).")
     ap.add_argument("--tune-trl", action="store_true", help="Measure TRL's HF candidates first; take the fastest.")
     ap.add_argument("--tune-steps", type=int, default=3)
-    ap.add_argument("--tune-only", action="store_true",
-                    help="Probe vLLM colocate and tune TRL (implies --tune-trl), write --json, stop.")
+    ap.add_argument(
+        "--tune-only",
+        action="store_true",
+        help="Probe vLLM colocate and tune TRL (implies --tune-trl), write --json, stop.",
+    )
     ap.add_argument("--tuning", type=Path, help="A --tune-only JSON (same shape): take TRL's setup from it.")
     ap.add_argument("--eval-prompts", type=int, default=128, help="Held-out prompts.")
     ap.add_argument("--eval-pool", type=int, default=400, help="Eval rows drawn to find the held-out prompts.")

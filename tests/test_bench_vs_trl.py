@@ -63,3 +63,29 @@ def test_throughput_is_steady_state_and_spread_is_median_and_range(bench):
     assert run.startup_s == 30.0
     assert bench.spread([1.0, 3.0, 2.0], ".1f") == "2.0 (1.0-3.0)"
     assert bench.spread([1.0], ".1f") == "1.0"
+
+
+def fake_run(bench, name: str, speed: float, acc: float, pressure: float):
+    return bench.Run(name=name, step_end_s=[10.0, 10.0 + 32 / speed], wall_s=60.0, samples_per_step=32,
+                     rewards=[0.1, 0.2], heldout=acc, cpu_pressure=pressure)  # fmt: skip
+
+
+def test_report_states_trl_setup_and_flags_runs_that_cannot_carry_a_verdict(bench, tmp_path):
+    args = shape(model="tiny-test", steps=2, cores="0,1", threads=2, eval_prompts=128)
+    cfg = bench.freeze_config(args, tmp_path / "bench.yaml")
+    setup = bench.TrlSetup("hf", True, 16)
+    notes = {"vllm_colocate": {"ran": False, "error": "AttributeError: no weight_loader"},
+             "tuning": [{"generation": "hf", "bf16": True, "batch": 16, "samples_per_s": 1.0, "error": None}],
+             "tune_steps": 3}  # fmt: skip
+    trl = [fake_run(bench, "TRL", s, 0.40, 0.01) for s in (1.0, 1.1, 0.9)]
+    ours = [fake_run(bench, "ours", s, 0.42, 0.01) for s in (3.2, 3.0, 3.4)]
+    text, results = bench.report(args, cfg, trl, ours, setup, notes, base_acc=0.20)
+    assert "AttributeError: no weight_loader" in text and "bf16 autocast, batch 16 x 2 accum" in text
+    assert "| 3.200 (3.000-3.400) | 3.20x |" in text  # median (range) over the repeats, vs TRL's median
+    assert results["goal_met"] and not results["caveats"]
+    assert "NOT A VALID" not in text
+
+    busy = [fake_run(bench, "TRL", 1.0, 0.21, 0.5)]
+    text, results = bench.report(args, cfg, busy, [fake_run(bench, "ours", 3.5, 0.21, 0.5)], setup, notes, 0.20)
+    assert "NOT A VALID MEASUREMENT" in text
+    assert len(results["caveats"]) == 3  # one repeat, a busy machine, a policy that did not move
