@@ -337,12 +337,16 @@ class DeepSpeedStrategy:
         dummy = torch.ones(1, 2, dtype=torch.long, device=self.device)
         model(input_ids=dummy, attention_mask=dummy, use_cache=False)
 
-    def token_statistics(self, input_ids: Tensor, attention_mask: Tensor, fn, width: int) -> Tensor:
+    def token_statistics(
+        self, input_ids: Tensor, attention_mask: Tensor, fn, width: int, prompt_lengths: Tensor | None = None
+    ) -> Tensor:
         """No-grad forward of the policy; `fn(logits [b, t, V], targets [b, t]) -> [b, t, width]` per
         chunk, returned as [B, T, width] aligned like `token_logprobs` (position 0 and padding 0).
 
         For checks that need more of the logits than the picked token's logprob (rl/provenance.py).
         Packed like `token_logprobs`: `fn` sees the logits of a chunk of target positions as one row.
+        With `prompt_lengths` (packed path) each group's prompt runs once and only completion
+        positions are computed (prompt positions stay 0): the checks look at completions only.
         """
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
@@ -365,7 +369,8 @@ class DeepSpeedStrategy:
                     stats = fn(logits, ids[:, 1:]) * mask[:, 1:, None].to(torch.float32)
                     out[rows][:, 1:used] = stats
                     continue
-                packed = pack(ids, mask, torch.ones(ids.shape[0], dtype=torch.long))
+                prefix = torch.ones(ids.shape[0], dtype=torch.long) if prompt_lengths is None else prompt_lengths[rows]
+                packed = pack(ids, mask, prefix)
                 block = out[rows]
                 for part, logits in packed_logits(self.engine, packed, dtype=_DTYPES[self.model_cfg.dtype],
                                                   decoder=decoder, lm_head=lm_head):  # fmt: skip

@@ -95,7 +95,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
         "checkpoint.every=0",
         "logging.wandb.mode=disabled",
         "hub.port=0",
-    ]
+    ] + ([f"trainer.prompts_per_step={args.prompts_per_step}"] if args.prompts_per_step else [])
 
 
 def freeze_config(args: argparse.Namespace, path: Path):
@@ -210,6 +210,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="Model alias or directory (tiny-test: quick).")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="Interleaved rounds of (sync, async).")
+    ap.add_argument(
+        "--prompts-per-step", type=int, default=None, help="trainer.prompts_per_step (default: the quickstart's)."
+    )
     ap.add_argument("--trainer-cpus", default="0", help="CPU ids of the trainer, comma-separated.")
     ap.add_argument("--rollout-cpus", default="1", help="CPU ids of the hub and the worker, comma-separated.")
     ap.add_argument("--threads", type=int, default=1, help="Threads of the trainer and of the worker.")

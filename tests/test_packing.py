@@ -200,7 +200,7 @@ def test_lora_packed_matches_padded(tiny_model_dir, small_chunks):
 
 
 def test_token_statistics_packed_matches_padded(tiny_model_dir, small_chunks):
-    ids, mask, _, _ = groups_batch(vocab=300, seed=4)
+    ids, mask, plen, _ = groups_batch(vocab=300, seed=4)
 
     def fn(logits, targets):  # the target's logprob and the max logit: needs the full logits rows
         lsm = logits.float().log_softmax(-1)
@@ -212,6 +212,11 @@ def test_token_statistics_packed_matches_padded(tiny_model_dir, small_chunks):
     padded = strategy.token_statistics(ids, mask, fn, 2)
     assert packed.abs().sum() > 0
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    strategy.packing = True  # prompts shared: the completion positions alone, the same values there
+    shared = strategy.token_statistics(ids, mask, fn, 2, prompt_lengths=plen)
+    completion = (torch.arange(ids.shape[1])[None] >= plen[:, None]) & mask.bool()
+    torch.testing.assert_close(shared[completion], padded[completion], atol=1e-5, rtol=1e-5)
+    assert shared[~completion].abs().sum() == 0 and completion.sum() < mask.sum() - ids.shape[0]
 
 
 def test_one_rank_runs_zero0_unless_told():
