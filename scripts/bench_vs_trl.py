@@ -83,8 +83,12 @@ class Run:
 # --------------------------------------------------------------------------- shared set-up
 
 
+TRAIN_POOL_FACTOR = 16
+"""Training rows generated per row consumed: the quickstart's one-digit task repeats questions."""
+
+
 def run_overrides(args: argparse.Namespace) -> list[str]:
-    """The quickstart, shaped for the benchmark; the training set is exactly the prompts consumed."""
+    """The quickstart, shaped for the benchmark; both sides train on the same first rows in the hub's order."""
     trainer_threads, worker_threads = args.ours_threads
     return [
         f"model.name={args.model}",
@@ -99,7 +103,9 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
         f"rollout.threads={worker_threads}",
         f"rollout.prompts_per_lease={args.prompts_per_step}",
         f"async.max_staleness={args.staleness}",
-        f"data.source.size={args.steps * args.prompts_per_step}",
+        # Rows asking an eval question are dropped (rl.data): generate spare ones; both sides train on
+        # the first steps x prompts rows in the hub's order (`ordered_rows`).
+        f"data.source.size={TRAIN_POOL_FACTOR * args.steps * args.prompts_per_step}",
         f"data.eval_size={args.eval_pool}",
         "eval.num_prompts=0",
         "checkpoint.every=0",

@@ -75,7 +75,8 @@ def interrupted_run(tiny_model_dir, tmp_path_factory) -> dict:
 def test_exact_resume_after_sigkill(ordered_run, tiny_model_dir, tmp_path):
     """SIGKILL after the step-3 checkpoint, then --resume: same batches as an uninterrupted run, no orphans."""
     run_dir = tmp_path / "run"
-    config = h.train_config(run_dir, tiny_model_dir, **ORDERED)
+    # The reference run's eval split too: training rows that ask an eval question are dropped (rl.data).
+    config = h.train_config(run_dir, tiny_model_dir, **ORDERED, data={"eval_size": 4})
     log = tmp_path / "train.log"
     proc = h.start_train(config, log)
     step3 = run_dir / "checkpoints" / "step_3" / "trainer_state.json"

@@ -69,18 +69,31 @@ def test_children_do_not_inherit_the_trainer_process_group(monkeypatch):
 
 
 def test_child_is_pinned_to_its_cpus(tmp_path):
-    """`hub.cpus`/`rollout.cpus` reach a child before it runs: it and what it starts keep them; we do not."""
+    """`hub.cpus`/`rollout.cpus` reach a child before it runs: it and what it starts keep them; we do not.
+
+    The launcher runs in a small interpreter of its own: forking this pytest process (gigabytes of models
+    by now, and `preexec_fn` rules out vfork) can fail with ENOMEM on a busy 24 GiB machine."""
     ours = os.sched_getaffinity(0)
     cpus = {max(ours)}
-    code = (
+    probe = (
         "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); sys.stdout.flush(); "
         "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])"
     )
-    child = Child("probe", [sys.executable, "-c", code], child_env(), tmp_path / "probe.log", cpus)
-    assert child.proc.wait(30) == 0
-    child.stop()
-    assert (tmp_path / "probe.log").read_text().split("\n")[:2] == [str(sorted(cpus))] * 2
-    assert os.sched_getaffinity(0) == ours
+    log = tmp_path / "probe.log"
+    launcher = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from rl.launcher import Child, child_env
+        ours = os.sched_getaffinity(0)
+        child = Child("probe", [sys.executable, "-c", {probe!r}], child_env(), Path({str(log)!r}), {cpus!r})
+        assert child.proc.wait(30) == 0
+        child.stop()
+        print(os.sched_getaffinity(0) == ours)
+    """)
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=90,
+                         env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+    assert out.stdout.split() == ["True"], out.stderr
+    assert log.read_text().split("\n")[:2] == [str(sorted(cpus))] * 2
 
 
 def test_trainer_pin_holds_every_thread():
