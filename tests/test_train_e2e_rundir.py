@@ -17,7 +17,7 @@ import pytest
 
 from rl.checkpoint import CheckpointError, discard_after, latest_checkpoint, prepare_fresh
 from rl.config import load_config
-from rl.launcher import Child, LaunchError, check_cpus, child_env
+from rl.launcher import LaunchError, check_cpus, child_env
 from rl.tracking import Progress
 
 
