@@ -347,7 +347,7 @@ class TrustConfig(Section):
     """Largest mean |claimed - recomputed| logprob per token of a sequence (nats)."""
     max_token_logprob_diff: float = Field(8.0, gt=0.0)
     """Largest |claimed - recomputed| logprob of any one token (nats)."""
-    typicality_z: float = Field(6.0, gt=0.0)
+    typicality_z: float = Field(4.5, gt=0.0)
     """Largest |sum(surprisal - entropy)| / sqrt(sum(variance) + 1) of a sequence under the sampling distribution."""
     typicality_clip: float = Field(4.0, gt=0.0)
     """Most nats of surprisal over the entropy one token adds to the typicality sum (one rare token is no proof)."""

@@ -239,6 +239,39 @@ def test_sample_attacks_are_masked_and_quarantined(battery):
     assert battery.status()[honest].quarantined == ""
 
 
+def test_injected_answers_are_atypical_on_every_prompt(tmp_path, tiny_model_dir):
+    """The battery's injection on each of its 64 prompts, without the hub: the true answer with its true logprobs
+    fails the typicality check at the default threshold, honest samples of the same policy pass it.
+
+    The live test above sees the 3 prompts its attacker happens to lease; this one sees them all (measured:
+    injected z 5.07 to 7.18, median 6.10; honest |z| at most 2.64: the old default 6.0 let 29 of 64 through).
+    """
+    from transformers import AutoTokenizer
+
+    from rl.provenance import REASONS, RECOMPUTED, check_sequences, token_statistics
+
+    v1 = sharpened(tiny_model_dir, tmp_path / "v1")
+    cfg = load_config(write_config(tmp_path, tmp_path / "v1", sampling={"n": N, "max_tokens": MAX_TOKENS}), [])
+    assert cfg.trust.typicality_z == 4.5  # the default
+    tok = AutoTokenizer.from_pretrained(tmp_path / "v1")
+    prompts = PromptSet.build(load_rows(cfg.data)[0], cfg.data, tok)
+    torch.manual_seed(0)
+    codes: dict[str, list[str]] = {"injected": [], "honest": []}
+    for prompt, row in zip(prompts.prompt_ids, prompts.rows, strict=True):
+        injected = tok(f"<answer>{row['answer']}</answer>")["input_ids"] + [2]
+        for kind, seqs in (("injected", [injected]), ("honest", sample(v1, prompt, N))):
+            for seq in seqs:
+                ids = torch.tensor([prompt + seq])
+                with torch.no_grad():
+                    stats = token_statistics(v1(ids).logits[:, :-1], ids[:, 1:], cfg.sampling.temperature)
+                mask = torch.zeros(ids[:, 1:].shape)
+                mask[0, len(prompt) - 1 :] = 1.0
+                code = int(check_sequences(stats, stats[..., RECOMPUTED], mask, cfg.trust).codes[0])
+                codes[kind].append("ok" if code == 0 else REASONS[code - 1])
+    assert Counter(codes["injected"]) == {"atypical_unlikely": len(prompts.rows)}
+    assert Counter(codes["honest"]) == {"ok": N * len(prompts.rows)}
+
+
 def test_cherry_picking_is_a_reward_outlier(tmp_path, tiny_model_dir):
     """Best-of-64 honest samples beside two honest clients: each sequence is a true sample of the policy
     (no per-sequence check can see it), but its rewards are far above the others'; the hub quarantines it.
