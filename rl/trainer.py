@@ -317,7 +317,8 @@ class Trainer:
         local = self._my_rows(batch)
         fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
                                top_k=sampling.top_k)  # fmt: skip
-        stats = self.strategy.token_statistics(local.input_ids, local.attention_mask, fn, NUM_STATS).cpu()
+        lengths = local.prompt_lengths if self._share_prompt(batch) else None  # completions are what is checked
+        stats = self.strategy.token_statistics(local.input_ids, local.attention_mask, fn, NUM_STATS, lengths).cpu()
         stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         special = special_token_rows(local.input_ids, local.completion_mask, self.tokenizer.all_special_ids, stop_ids)
         v = check_sequences(stats, local.behaviour_logprobs, local.completion_mask, trust, special)
