@@ -28,18 +28,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_vs_trl import cpu_stall_us, tail  # noqa: E402 (scripts/ is on sys.path when run as a script)
+from bench_vs_trl import cpu_stall_us, run_train_watched  # noqa: E402 (scripts/ is on sys.path when run as a script)
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
@@ -117,29 +114,8 @@ def run_once(tmp: Path, name: str, staleness: int, threads: int) -> Run:
     cmd = [sys.executable, "-m", "rl.cli", "train", str(tmp / "bench.yaml"), "--run-dir", str(run_dir),
            f"async.max_staleness={staleness}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    seen: dict[int, float] = {}
-    done = threading.Event()
-    start = time.perf_counter()
-
-    def watch() -> None:
-        while not done.is_set():
-            if metrics.is_file():
-                for line in metrics.read_text().splitlines():
-                    if line.strip():
-                        seen.setdefault(json.loads(line)["step"], time.perf_counter() - start)
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    log = tmp / f"{name}.log"
     stall = cpu_stall_us()
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - start
-    done.set()
-    watcher.join()
-    if code != 0:
-        sys.exit(f"rl train failed ({code}); last lines of {log}:\n{tail(log)}")
+    wall, seen = run_train_watched(cmd, env, tmp / f"{name}.log", metrics)
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [r for r in records if "reward/mean" in r]
     return Run(

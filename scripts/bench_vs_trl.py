@@ -438,14 +438,12 @@ def best_tuned(tuning: list[dict]) -> TrlSetup:
 # --------------------------------------------------------------------------- ours
 
 
-def run_ours(args: argparse.Namespace, tmp: Path, tag: str) -> Run:
-    """`rl train` as a user runs it, pinned; the end of each step is when its line lands in metrics.jsonl."""
-    run_dir = tmp / tag
-    metrics = run_dir / "metrics.jsonl"
-    cmd = pinned(args, [sys.executable, "-m", "rl.cli", "train", str(tmp / "bench.yaml"), "--run-dir", str(run_dir)])
+def run_train_watched(cmd: list[str], env: dict[str, str], log: Path, metrics: Path) -> tuple[float, dict[int, float]]:
+    """Run an `rl train` command to the end -> (wall seconds, step -> seconds from the start to when its record
+    landed in `metrics`, the run's metrics.jsonl). Exits with the log's tail if the run fails."""
     seen: dict[int, float] = {}
     done = threading.Event()
-    stall, start = cpu_stall_us(), time.perf_counter()
+    start = time.perf_counter()
 
     def watch() -> None:
         while not done.is_set():
@@ -457,15 +455,23 @@ def run_ours(args: argparse.Namespace, tmp: Path, tag: str) -> Run:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    log = tmp / f"{tag}.log"
     with open(log, "w") as f:
-        env = child_env(args.ours_threads[0])
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - start
     done.set()
     watcher.join()
     if code != 0:
         sys.exit(f"rl train failed ({code}); last lines of {log}:\n{tail(log)}")
+    return wall, seen
+
+
+def run_ours(args: argparse.Namespace, tmp: Path, tag: str) -> Run:
+    """`rl train` as a user runs it, pinned; the end of each step is when its line lands in metrics.jsonl."""
+    run_dir = tmp / tag
+    metrics = run_dir / "metrics.jsonl"
+    cmd = pinned(args, [sys.executable, "-m", "rl.cli", "train", str(tmp / "bench.yaml"), "--run-dir", str(run_dir)])
+    stall = cpu_stall_us()
+    wall, seen = run_train_watched(cmd, child_env(args.ours_threads[0]), tmp / f"{tag}.log", metrics)
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "reward/mean" in r]
     trained = {int(r["sequences"]) for r in steps}
