@@ -343,9 +343,9 @@ class TrustConfig(Section):
 
     enabled: bool = True
     """Check every sequence before the optimizer step and mask failures out of the loss."""
-    max_mean_logprob_diff: float = Field(0.5, gt=0.0)
+    max_mean_logprob_diff: float = Field(2.0, gt=0.0)
     """Largest mean |claimed - recomputed| logprob per token of a sequence (nats)."""
-    max_token_logprob_diff: float = Field(8.0, gt=0.0)
+    max_token_logprob_diff: float = Field(12.0, gt=0.0)
     """Largest |claimed - recomputed| logprob of any one token (nats)."""
     typicality_z: float = Field(4.5, gt=0.0)
     """Largest |sum(surprisal - entropy)| / sqrt(sum(variance) + 1) of a sequence under the sampling distribution."""
