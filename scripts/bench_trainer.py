@@ -185,9 +185,9 @@ def main() -> None:
         f"peak RSS {a[3] - b[3]:+.0f} MB. First-step loss: "
         f"before {runs['before'][0]['first_loss']:.6f}, after {runs['after'][0]['first_loss']:.6f}.",
         "",
-        f"The machine ({os.cpu_count()} CPUs) was shared with other work during the measurement: 1-minute load "
-        f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; the interleaving spreads that load "
-        "over both sides, the spread shows how much it moved the steps.",
+        f"1-minute load average of the machine ({os.cpu_count()} CPUs): {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (the benchmark itself keeps {args.threads} threads busy); above that, other "
+        "work shared the CPUs, which the interleaving spreads over both sides and the spread shows.",
     ]
     body = "\n".join(lines)
     print("\n" + body)
