@@ -36,6 +36,7 @@ from typing import Any
 
 from rl.config import RunConfig
 from rl.model_specs import Architecture, resolve_architecture
+from rl.plan_deepspeed import deepspeed_estimate, import_deepspeed_quietly
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -57,19 +58,6 @@ OFFLOAD_PARAMS_JSON = "configs/deepspeed/zero3_offload_params.json"
 
 class PlanError(ValueError):
     """Input the planner cannot use (no GPUs, an unknown model, ...); the message says which."""
-
-
-def _import_deepspeed_quietly() -> None:
-    """Import DeepSpeed with its start-up logging sent to stderr: stdout may be `rl plan --json`."""
-    import contextlib
-    import sys
-
-    if "deepspeed" not in sys.modules:
-        with contextlib.redirect_stdout(sys.stderr):
-            import deepspeed  # noqa: F401
-            from deepspeed.accelerator import get_accelerator
-
-            get_accelerator()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -140,10 +128,10 @@ class TrainerSetup:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> TrainerSetup:
-        _import_deepspeed_quietly()
+        import_deepspeed_quietly()
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-        from rl.strategy import build_deepspeed_config
+        from rl.deepspeed_config import build_deepspeed_config
 
         try:
             ds = build_deepspeed_config(cfg.model, cfg.trainer)
@@ -312,37 +300,6 @@ def trainer_plan(arch: Architecture, setup: TrainerSetup, hw: Hardware) -> Train
         fits=total <= capacity,
         cpu_fits=cpu_fits,
     )
-
-
-def deepspeed_estimate(
-    arch: Architecture, setup: TrainerSetup, ranks: int, per_node: int
-) -> tuple[int | None, int | None, str]:
-    """DeepSpeed's own model-state estimate (GPU per rank, CPU per node) from parameter counts alone."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    nodes = ranks / per_node
-    note = "assumes 16-bit mixed precision" if setup.dtype == "float32" else ""
-    if setup.zero_stage == 3:
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            total_params=arch.params,
-            largest_layer_params=arch.largest_layer_params,
-            num_gpus_per_node=per_node,
-            num_nodes=nodes,
-            cpu_offload=setup.offload_optimizer,
-            cpu_offload_params=setup.offload_param and setup.offload_optimizer,
-            zero_init=True,
-        )
-        return gpu, cpu, note
-    if setup.zero_stage in (1, 2):
-        cpu, gpu = estimate_zero2_model_states_mem_needs(
-            total_params=arch.params, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=setup.offload_optimizer
-        )
-        if setup.zero_stage == 1:
-            zero1 = "ZeRO-2 formula (DeepSpeed has none for ZeRO-1, whose gradients are not sharded)"
-            note = "; ".join(filter(None, [note, zero1]))
-        return gpu, cpu, note
-    return None, None, "DeepSpeed has no ZeRO-0 estimator"
 
 
 # --------------------------------------------------------------------------- rollout worker

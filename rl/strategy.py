@@ -23,8 +23,6 @@ Two contracts the loop relies on:
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import math
 import os
@@ -38,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rl.config import ModelConfig, TrainerConfig
+from rl.deepspeed_config import build_deepspeed_config, offloads_optimizer, reference_config, warmup_then_constant
 from rl.distributed import init_distributed, launched
 from rl.lora import apply_lora, hf_name, is_adapter, merge_stream, merged_names
 from rl.models import resolve_model
@@ -46,92 +45,12 @@ from rl.packing import selected_logprobs as selected_logprobs  # re-exported: te
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_TAG = "deepspeed"
 """Subdirectory of a checkpoint directory that holds the DeepSpeed state."""
 _CLIENT_KEY = "scatter_rl_client_state"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GATHER_BUDGET = 256 * 2**20
 """Bytes of full (ZeRO-3) parameters materialised at once while gathering."""
-
-
-# --------------------------------------------------------------------------- set-up helpers
-
-
-def load_deepspeed_config(source: str | dict[str, Any]) -> dict[str, Any]:
-    """A DeepSpeed config from an inline dict or a JSON path (relative to the cwd or the repo)."""
-    if isinstance(source, dict):
-        return copy.deepcopy(source)
-    path = Path(source).expanduser()
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path
-    if not path.is_file():
-        raise FileNotFoundError(f"trainer.deepspeed: DeepSpeed config {source!r} not found")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"trainer.deepspeed: {path} is not valid JSON: {e}") from None
-
-
-def build_deepspeed_config(
-    model_cfg: ModelConfig, trainer_cfg: TrainerConfig, world_size: int | None = None
-) -> dict[str, Any]:
-    """The training engine's config: the user's JSON with the fields this class owns overridden.
-
-    On one rank (`world_size` 1) ZeRO-1/2 partition over nothing and only add bucketing and
-    copies, so a stage 1/2 JSON runs as stage 0 unless `trainer.zero_stage` says otherwise or
-    the JSON offloads (offload needs ZeRO >= 1). Stage 3 is kept (partitioned loading).
-    """
-    cfg = load_deepspeed_config(trainer_cfg.deepspeed)
-    for key in ("optimizer", "scheduler"):
-        if cfg.pop(key, None) is not None:
-            log.warning("ignoring %r in the DeepSpeed config: the trainer config sets AdamW and the LR", key)
-    for key in ("train_batch_size", "gradient_accumulation_steps"):
-        cfg.pop(key, None)
-    zero = cfg.setdefault("zero_optimization", {})
-    if trainer_cfg.zero_stage is not None:
-        zero["stage"] = trainer_cfg.zero_stage
-    zero.setdefault("stage", 0)
-    offloads = any((zero.get(k) or {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
-    if world_size == 1 and trainer_cfg.zero_stage is None and zero["stage"] in (1, 2) and not offloads:
-        log.info("one rank: ZeRO-%d -> ZeRO-0 (nothing to partition over; set trainer.zero_stage to insist)",
-                 zero["stage"])  # fmt: skip
-        zero["stage"] = 0
-    cfg.update(
-        train_micro_batch_size_per_gpu=trainer_cfg.micro_batch_size,
-        gradient_accumulation_steps=1,
-        # step() is the only accumulation boundary; backward() never rescales.
-        managed_gradient_accumulation=False,
-        gradient_clipping=trainer_cfg.grad_clip,
-        zero_allow_untested_optimizer=True,  # the client torch AdamW (no fused_adam JIT build)
-    )
-    cfg.setdefault("steps_per_print", 10**9)
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": model_cfg.dtype == "bfloat16"}
-    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": model_cfg.dtype == "float16"}
-    return cfg
-
-
-def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
-    """Whether the config moves optimizer state and step to the CPU (ZeRO-Offload, or NVMe via the CPU)."""
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return offload.get("device", "none") in ("cpu", "nvme")
-
-
-def _eval_config(train_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Config of the frozen reference engine: sharded only when the policy is (ZeRO-3)."""
-    stage = 3 if train_cfg["zero_optimization"]["stage"] == 3 else 0
-    return {
-        "train_micro_batch_size_per_gpu": train_cfg["train_micro_batch_size_per_gpu"],
-        "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": train_cfg["bf16"]["enabled"]},
-        "fp16": {"enabled": train_cfg["fp16"]["enabled"]},
-        "steps_per_print": 10**9,
-    }
-
-
-def warmup_then_constant(warmup_steps: int):
-    """LR multiplier of optimizer step s (0-based): (s + 1) / warmup_steps during warm-up, then 1."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -195,7 +114,7 @@ class DeepSpeedStrategy:
             ref_model.requires_grad_(False)
             ref_model.eval()
             if self.zero_stage == 3:
-                self.ref_engine, *_ = deepspeed.initialize(model=ref_model, config=_eval_config(self.ds_config))
+                self.ref_engine, *_ = deepspeed.initialize(model=ref_model, config=reference_config(self.ds_config))
                 self.ref_engine.eval()
             else:
                 self.ref_engine = ref_model.to(self.device)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -57,20 +56,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-import httpx
-
 from rl.protocol import PolicyFile, PolicyManifest
 from rl.weight_files import WeightFileError, apply_delta, read_shard, shard_spec_of, write_shards
 from rollout_workers.base_model import seed_from_base_model
 from rollout_workers.client import HubClient, HubError
-from rollout_workers.mirror import MIRROR_COOLDOWN_S, Mirror, MirrorError
+from rollout_workers.mirror import Mirror
+from rollout_workers.transfer import from_mirror, sha256_of, stream_into
 
 log = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
 HUB_POLICY_DIR_ENV = "SCATTER_RL_HUB_POLICY_DIR"
 VERIFIED = ".verified.json"
-CHUNK = 1 << 20
 
 
 class WeightSyncError(RuntimeError):
@@ -300,7 +297,7 @@ class WeightSync:
             _link(src, dest)
         except OSError:
             return False  # not there (garbage-collected, another machine): download it
-        if _sha256(dest) != entry.sha256:
+        if sha256_of(dest) != entry.sha256:
             log.warning("%s in %s does not match the manifest; downloading it", entry.name, src.parent)
             dest.unlink(missing_ok=True)
             return False
@@ -479,6 +476,10 @@ class WeightSync:
             verified[entry.name] = entry
             record.write_text(json.dumps([f.model_dump() for f in verified.values()]))
 
+    def _count(self, origin: str, nbytes: int) -> None:
+        self.bytes_downloaded += nbytes
+        self.bytes_from[origin] += nbytes
+
     def _download(self, url_path: str, dest: Path, entry: PolicyFile) -> None:
         """Fill `dest` with the file `entry`: from the mirror by hash if there is one, else (or on
         any failure there) from the hub's `url_path`; resuming `dest.part`, verifying size and sha256."""
@@ -486,12 +487,12 @@ class WeightSync:
             return
         part = dest.with_name(dest.name + ".part")
         mirror = self.mirror()
-        if mirror is not None and mirror.available() and self._from_mirror(mirror, part, entry):
+        if mirror is not None and mirror.available() and from_mirror(mirror, part, entry, self._count):
             os.replace(part, dest)
             return
         for failure in range(1, self.max_hash_failures + 1):
-            self.client.with_retries(lambda: self._stream_into(url_path, part, entry))
-            digest = _sha256(part)
+            self.client.with_retries(lambda: stream_into(self.client, url_path, part, entry, self._count))
+            digest = sha256_of(part)
             if digest == entry.sha256:
                 os.replace(part, dest)
                 return
@@ -508,74 +509,6 @@ class WeightSync:
             f"{entry.name} from {self.client.base_url}{url_path} failed sha256 verification "
             f"{self.max_hash_failures} times (corrupting proxy or disk?)"
         )
-
-    def _from_mirror(self, mirror: Mirror, part: Path, entry: PolicyFile) -> bool:
-        """One try at the mirror; True when `part` is whole and has the manifest's sha256."""
-        try:
-            self._stream_into(mirror.blob_path(entry.sha256), part, entry, source=mirror)
-        except (httpx.HTTPError, MirrorError, OSError) as e:
-            not_there = isinstance(e, MirrorError) and e.status == 404
-            log.warning(
-                "mirror %s failed for %s (%s: %s); fetching it from the hub%s",
-                mirror.url,
-                entry.name,
-                type(e).__name__,
-                e,
-                "" if not_there else f", and skipping the mirror for {MIRROR_COOLDOWN_S:.0f} s",
-            )
-            mirror.failed(cool_down=not not_there)
-            return False
-        digest = _sha256(part)
-        if digest == entry.sha256:
-            return True
-        log.warning(
-            "mirror %s sent %s with sha256 %s, but the hub's manifest says %s: discarded; fetching it from the hub "
-            "and skipping the mirror for %.0f s",
-            mirror.url,
-            entry.name,
-            digest[:12],
-            entry.sha256[:12],
-            MIRROR_COOLDOWN_S,
-        )
-        part.unlink(missing_ok=True)
-        mirror.failed()
-        return False
-
-    def _stream_into(self, url_path: str, part: Path, entry: PolicyFile, source: Mirror | None = None) -> None:
-        """Fill `part` up to `entry.size` bytes from `source` (default: the hub); raises transport
-        errors so the caller retries (resumes)."""
-        origin = "hub" if source is None else "mirror"
-        source = source or self.client
-        offset = part.stat().st_size if part.exists() else 0
-        if offset > entry.size:
-            part.unlink()
-            offset = 0
-        if offset == entry.size:
-            return
-        headers = {"Range": f"bytes={offset}-"} if offset else None
-        if offset:
-            log.info("resuming %s at byte %d of %d", entry.name, offset, entry.size)
-        try:
-            with source.stream(url_path, headers=headers) as response:
-                if offset and response.status_code != 206:
-                    offset = 0  # the server ignored the Range: start over
-                with open(part, "ab" if offset else "wb") as f:
-                    for chunk in response.iter_bytes():  # unbuffered: a cut keeps what arrived
-                        chunk = chunk[: entry.size - f.tell()]  # never more than the manifest's size
-                        f.write(chunk)
-                        self.bytes_downloaded += len(chunk)
-                        self.bytes_from[origin] += len(chunk)
-                        if f.tell() >= entry.size:
-                            break  # the sha256 check decides about these bytes; ignore any excess
-        except (HubError, MirrorError) as e:
-            if e.status != 416 or not offset:
-                raise
-            log.warning("%s: the %s refused to resume at byte %d; starting over", entry.name, origin, offset)
-            part.unlink(missing_ok=True)
-            return self._stream_into(url_path, part, entry, source if origin == "mirror" else None)
-        written = part.stat().st_size
-        if written < entry.size:
-            raise httpx.ReadError(f"{entry.name}: connection ended at byte {written} of {entry.size}")
 
     def prune(self, keep: set[int], keep_latest: int = 2) -> list[int]:
         """Delete cached versions not in `keep` and not among the `keep_latest` newest; returns them."""
@@ -604,14 +537,6 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 __all__ = ["LocalPolicy", "WeightSync", "WeightSyncError", "default_cache_dir"]

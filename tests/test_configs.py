@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from rl.cli import app
 from rl.config import load_config
-from rl.strategy import load_deepspeed_config
+from rl.deepspeed_config import load_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

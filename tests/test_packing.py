@@ -14,9 +14,10 @@ import torch
 
 import rl.packing
 from rl.config import AlgorithmConfig, LoraConfig, ModelConfig, TrainerConfig
+from rl.deepspeed_config import build_deepspeed_config
 from rl.loss import LossNorm, policy_loss
 from rl.packing import pack
-from rl.strategy import DeepSpeedStrategy, build_deepspeed_config
+from rl.strategy import DeepSpeedStrategy
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
 

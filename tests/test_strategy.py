@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from rl.config import ModelConfig, TrainerConfig
-from rl.strategy import DeepSpeedStrategy, build_deepspeed_config, selected_logprobs, warmup_then_constant
+from rl.deepspeed_config import build_deepspeed_config, warmup_then_constant
+from rl.strategy import DeepSpeedStrategy, selected_logprobs
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from rl.config import ModelConfig, TrainerConfig
-from rl.strategy import DeepSpeedStrategy, offloads_optimizer, warmup_then_constant
+from rl.deepspeed_config import offloads_optimizer, warmup_then_constant
+from rl.strategy import DeepSpeedStrategy
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")]
 

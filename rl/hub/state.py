@@ -34,18 +34,24 @@ worker at version w may lease new tasks only while
 from __future__ import annotations
 
 import hmac
-import itertools
 import math
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
 
 from rl.config import RunConfig
 from rl.data import PromptOrder, PromptSet
 from rl.hub.evals import EvalJobs
+from rl.hub.records import (
+    MAX_SCORING_ATTEMPTS,
+    MAX_SCORING_RETRY_S,
+    SCORING_RETRY_S,
+    LeaseRecord,
+    ScoringJob,
+    WorkerRecord,
+)
+from rl.hub.status_report import hub_status
 from rl.protocol import (
     Completion,
     EvalJob,
@@ -64,61 +70,7 @@ from rl.protocol import (
     ScoredGroup,
     SubmitRequest,
     SubmitResponse,
-    WorkersSummary,
-    WorkerStatus,
 )
-
-MAX_SCORING_ATTEMPTS = 3
-"""Scoring attempts of one task before it is dropped (each failure is logged and counted)."""
-SCORING_RETRY_S = 1.0
-"""Pause before the first re-try of a failed scoring; doubled for each further attempt."""
-MAX_SCORING_RETRY_S = 30.0
-"""Longest pause between two scoring attempts."""
-
-
-@dataclass
-class WorkerRecord:
-    worker_id: str
-    name: str
-    engine: str
-    token: str
-    registered_at: float
-    last_seen: float
-    secret: str = ""
-    policy_version: int = -1
-    tokens_per_s: float = 0.0
-    fetch_s: float = 0.0
-    load_s: float = 0.0
-    leases: set[str] = field(default_factory=set)
-    completed_tasks: int = 0
-
-
-@dataclass
-class LeaseRecord:
-    lease_id: str
-    worker_id: str
-    task_ids: set[int]
-    expires_at: float
-    done: set[int] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class ScoringJob:
-    """One accepted task on its way to the verifier: all the scorer needs, so it never reads the state."""
-
-    task_id: int
-    example: dict[str, Any]
-    """The data row the verifier checks the completions against."""
-    completions: list[Completion]
-    policy_version: int
-    worker_id: str
-    worker_name: str
-    attempt: int = 1
-    gen_s: float = 0.0
-    """The submission's generation seconds (carried to the `ScoredGroup`)."""
-
-    def retry(self) -> ScoringJob:
-        return replace(self, attempt=self.attempt + 1)
 
 
 class HubState:
@@ -633,53 +585,8 @@ class HubState:
     # ------------------------------------------------------------------ status
 
     def status(self, now: float, verifier: dict[str, float], offset: int = 0, limit: int = 100) -> HubStatus:
-        """The hub at a glance; `workers` lists `limit` workers from `offset` (registration order), so the
-        answer stays small with thousands of them (`worker_summary` covers all)."""
-        page = list(itertools.islice(self.workers.values(), offset, offset + limit))
-        updated = [w for w in self.workers.values() if w.fetch_s > 0 or w.load_s > 0]
-        summary = WorkersSummary(
-            total=len(self.workers),
-            by_version={str(k): v for k, v in sorted(Counter(w.policy_version for w in self.workers.values()).items())},
-            tokens_per_s=sum(w.tokens_per_s for w in self.workers.values()),
-            fetch_s=sum(w.fetch_s for w in updated) / len(updated) if updated else 0.0,
-            load_s=sum(w.load_s for w in updated) / len(updated) if updated else 0.0,
-        )
-        return HubStatus(
-            policy_version=self.policy_version,
-            worker_summary=summary,
-            workers=[
-                WorkerStatus(
-                    worker_id=w.worker_id,
-                    name=w.name,
-                    engine=w.engine,
-                    policy_version=w.policy_version,
-                    tokens_per_s=w.tokens_per_s,
-                    last_seen_s=round(now - w.last_seen, 2),
-                    leased_tasks=sum(len(self.leases[lid].task_ids) for lid in w.leases if lid in self.leases),
-                    completed_tasks=w.completed_tasks,
-                    fetch_s=w.fetch_s,
-                    load_s=w.load_s,
-                )
-                for w in page
-            ],
-            queued=len(self.queue),
-            leased=len(self.leased),
-            scoring=len(self.scoring),
-            buffered=len(self.buffer),
-            consumed=self.consumed,
-            batches=self.batches,
-            rejections=dict(self.rejections),
-            staleness_histogram={str(k): v for k, v in sorted(self.staleness_hist.items())},
-            stale_dropped=self.stale_dropped,
-            zero_variance_skipped=self.zero_variance_skipped,
-            submissions=self.submissions,
-            tokens_generated=self.tokens_generated,
-            verifier=verifier,
-            uptime_s=round(now - self.started, 1),
-            scoring_failures=self.scoring_failures,
-            scoring_dropped=self.scoring_dropped,
-            last_scoring_error=self.last_scoring_error,
-        )
+        """The hub at a glance (rl/hub/status_report.py)."""
+        return hub_status(self, now, verifier, offset, limit)
 
     def audit(self) -> dict[str, list[int] | int]:
         """Where every training task handed out is now (consumed ones are known to the trainer)."""

@@ -1,0 +1,60 @@
+"""What the hub keeps per worker, per lease and per task on its way to the verifier (rl/hub/state.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from rl.protocol import Completion
+
+MAX_SCORING_ATTEMPTS = 3
+"""Scoring attempts of one task before it is dropped (each failure is logged and counted)."""
+SCORING_RETRY_S = 1.0
+"""Pause before the first re-try of a failed scoring; doubled for each further attempt."""
+MAX_SCORING_RETRY_S = 30.0
+"""Longest pause between two scoring attempts."""
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    name: str
+    engine: str
+    token: str
+    registered_at: float
+    last_seen: float
+    secret: str = ""
+    policy_version: int = -1
+    tokens_per_s: float = 0.0
+    fetch_s: float = 0.0
+    load_s: float = 0.0
+    leases: set[str] = field(default_factory=set)
+    completed_tasks: int = 0
+
+
+@dataclass
+class LeaseRecord:
+    lease_id: str
+    worker_id: str
+    task_ids: set[int]
+    expires_at: float
+    done: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """One accepted task on its way to the verifier: all the scorer needs, so it never reads the state."""
+
+    task_id: int
+    example: dict[str, Any]
+    """The data row the verifier checks the completions against."""
+    completions: list[Completion]
+    policy_version: int
+    worker_id: str
+    worker_name: str
+    attempt: int = 1
+    gen_s: float = 0.0
+    """The submission's generation seconds (carried to the `ScoredGroup`)."""
+
+    def retry(self) -> ScoringJob:
+        return replace(self, attempt=self.attempt + 1)
