@@ -55,9 +55,8 @@ CASES = [
 
 @pytest.mark.parametrize(("gold", "completion", "expected"), CASES)
 def test_math_equivalence(gold: str, completion: str, expected: float) -> None:
-    reward = score(
-        completion, {"answer": gold}, timeout_s=10
-    )  # generous: a loaded machine slows sympy, the answer is what is tested
+    # A generous timeout: a loaded machine slows sympy, and the answer is what is tested.
+    reward = score(completion, {"answer": gold}, timeout_s=10)
     assert reward.value == expected, reward.info
     if expected == 0.0:
         assert reward.info  # a zero always says why
