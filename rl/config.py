@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rl.rundir import RunDir
 
-if TYPE_CHECKING:
-    from rollout_workers.engines import EngineSpec
+WeightsFormat = Literal["full", "lora", "delta"]
+"""How a policy version ships: every shard, only changed elements, or only LoRA adapters (rl/weights/)."""
 
 
 class Section(BaseModel):
@@ -164,14 +164,6 @@ class RolloutConfig(Section):
     cpus: list[int] | None = Field(None, min_length=1)
     """CPU ids the local workers are pinned to (None: those `rl train` was started with); e.g. [1]."""
 
-    def engine_spec(self, seed: int) -> EngineSpec:
-        """The engine of a local worker (`seed`: its own sampling seed)."""
-        from rollout_workers.engines import EngineSpec
-
-        return EngineSpec(kind=self.engine, tensor_parallel=self.tensor_parallel, seed=seed,
-                          kv_cache_gib=self.kv_cache_gib, gpu_memory_utilization=self.gpu_memory_utilization,
-                          enforce_eager=self.enforce_eager)  # fmt: skip
-
 
 # --------------------------------------------------------------------------- rewards
 
@@ -288,7 +280,7 @@ class AsyncConfig(Section):
 class WeightsConfig(Section):
     publish_every: int = Field(1, ge=1)
     """Publish a new policy version to the workers every this many steps."""
-    format: Literal["full", "lora", "delta"] = "full"
+    format: WeightsFormat = "full"
     """Published format: full safetensors shards, LoRA adapters only (needs `trainer.lora`), or sparse deltas
     between versions."""
     keep_versions: int = Field(2, ge=1)

@@ -54,6 +54,12 @@ class RunDir:
     def hub_db(self) -> Path:
         return self.root / "hub.sqlite"
 
+    def remove_hub_db(self) -> None:
+        """Delete the hub's database with its WAL and shared-memory files (a WAL must not outlive its db)."""
+        db = self.hub_db
+        for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            p.unlink(missing_ok=True)
+
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"

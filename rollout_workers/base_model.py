@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from rl.client import HubHTTP
 from rl.models import sha256_file
-from rl.protocol import BaseWeights, HubError, PolicyFile, ShardLayout
-from rl.weight_files import ShardSpec, TensorSpec, WeightFileError, write_shards
+from rl.weights.files import ShardSpec, TensorSpec, WeightFileError, write_shards
+from rl.wire.client import HubHTTP
+from rl.wire.protocol import BaseWeights, HubError, PolicyFile, ShardLayout
 
 log = logging.getLogger(__name__)
 

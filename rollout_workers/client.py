@@ -25,8 +25,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from rl.client import AuthError, HubHTTP, HubUnavailable, UnknownWorker
-from rl.protocol import (
+from rl.wire.client import AuthError, HubHTTP, HubUnavailable, UnknownWorker
+from rl.wire.protocol import (
     Ack,
     HeartbeatRequest,
     HeartbeatResponse,

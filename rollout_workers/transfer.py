@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from rl.protocol import PolicyFile
+from rl.wire.protocol import PolicyFile
 from rollout_workers.client import HubClient, HubError
 from rollout_workers.mirror import MIRROR_COOLDOWN_S, Mirror, MirrorError
 

@@ -54,10 +54,12 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 from urllib.parse import quote, urlsplit
 
-from rl.protocol import PolicyFile, PolicyManifest
-from rl.weight_files import WeightFileError, apply_delta, read_shard, shard_spec_of, write_shards
+from rl.config import WeightsFormat
+from rl.weights.files import WeightFileError, apply_delta, read_shard, shard_spec_of, write_shards
+from rl.wire.protocol import PolicyFile, PolicyManifest
 from rollout_workers.base_model import seed_from_base_model
 from rollout_workers.client import HubClient, HubError
 from rollout_workers.mirror import Mirror
@@ -221,7 +223,7 @@ class WeightSync:
         """
         for _ in range(5):
             manifest = manifest or self.client.policy()
-            if manifest.format not in ("full", "delta", "lora"):
+            if manifest.format not in get_args(WeightsFormat):
                 raise WeightSyncError(f"policy format {manifest.format!r} is not supported by this worker yet")
             try:
                 return self._fetch_lora(manifest) if manifest.format == "lora" else self._fetch(manifest)
@@ -413,7 +415,7 @@ class WeightSync:
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        from rl.lora import ADAPTER_FILE, merge_adapter
+        from rl.weights.lora import ADAPTER_FILE, merge_adapter
 
         if manifest.lora_base_version is None:
             raise WeightSyncError(f"lora policy v{manifest.version} names no base version")

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.protocol import (
+from rl.wire.protocol import (
     Completion,
     HeartbeatRequest,
     Lease,

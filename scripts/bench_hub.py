@@ -237,7 +237,7 @@ def start_hub(config: Path, log: Path, port: int, cpu: int) -> subprocess.Popen:
     cmd = ["taskset", "-c", str(cpu), sys.executable, "-m", "rl.cli", "hub", str(config),
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
-    from rl.client import HubHTTP
+    from rl.wire.client import HubHTTP
 
     deadline = time.monotonic() + 180
     with HubHTTP(f"http://127.0.0.1:{port}", ADMIN) as probe:
@@ -297,7 +297,7 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
     config = write_config(run_dir, model, workers)
     from safetensors.torch import load_file
 
-    from rl.weights import write_base, write_version
+    from rl.weights.store import write_base, write_version
 
     write_base(run_dir / "policy", model)
     write_version(run_dir / "policy", 0, load_file(model / "model.safetensors"), "float32")

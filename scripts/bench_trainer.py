@@ -61,7 +61,7 @@ def child(args: argparse.Namespace) -> None:
 
     import rl
     from rl.config import ModelConfig, TrainerConfig
-    from rl.strategy import DeepSpeedStrategy
+    from rl.trainer.strategy import DeepSpeedStrategy
 
     torch.set_num_threads(args.threads)
     trainer = TrainerConfig(micro_batch_size=args.micro_batch, threads=args.threads, lr=1e-6)

@@ -103,7 +103,7 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
         f"rollout.threads={worker_threads}",
         f"rollout.prompts_per_lease={args.prompts_per_step}",
         f"async.max_staleness={args.staleness}",
-        # Rows asking an eval question are dropped (rl.data): generate spare ones; both sides train on
+        # Rows asking an eval question are dropped (rl.hub.data): generate spare ones; both sides train on
         # the first steps x prompts rows in the hub's order (`ordered_rows`).
         f"data.source.size={TRAIN_POOL_FACTOR * args.steps * args.prompts_per_step}",
         f"data.eval_size={args.eval_pool}",
@@ -125,7 +125,7 @@ def freeze_config(args: argparse.Namespace, path: Path):
 
 def heldout_rows(cfg, count: int) -> list[dict]:
     """`count` eval rows whose question is in no training row (distinct questions, seeded order)."""
-    from rl.data import load_rows
+    from rl.hub.data import load_rows
 
     train, evals = load_rows(cfg.data)
     seen = {str(r["question"]) for r in train}
@@ -141,7 +141,7 @@ def heldout_rows(cfg, count: int) -> list[dict]:
 
 def ordered_rows(cfg, tokenizer, count: int) -> list[dict]:
     """The first `count` training rows in the order the hub hands them out (same filtering too)."""
-    from rl.data import PromptOrder, PromptSet, load_rows
+    from rl.hub.data import PromptOrder, PromptSet, load_rows
 
     train, _ = load_rows(cfg.data)
     prompts = PromptSet.build(train, cfg.data, tokenizer)
@@ -214,7 +214,7 @@ def eval_child(config_path: Path, model_dir: str, rows_path: Path, out: Path) ->
     from vllm import LLM, SamplingParams
 
     from rl.config import load_config
-    from rl.data import build_messages
+    from rl.hub.data import build_messages
 
     cfg = load_config(config_path)
     rows = json.loads(rows_path.read_text())
@@ -266,7 +266,7 @@ def trl_child(config_path: Path, setup: TrlSetup, threads: int, out: Path, save_
     from trl import GRPOConfig, GRPOTrainer
 
     from rl.config import load_config
-    from rl.data import build_messages
+    from rl.hub.data import build_messages
     from rl.models import resolve_model
     from verifiers.formatting import score_format
 

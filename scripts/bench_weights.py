@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rl.config import ModelConfig, TrainerConfig  # noqa: E402
-from rl.publisher import Publisher  # noqa: E402
-from rl.weight_files import TensorSpec  # noqa: E402
-from rl.weights import PolicyWriter  # noqa: E402
+from rl.trainer.publisher import Publisher  # noqa: E402
+from rl.weights.files import TensorSpec  # noqa: E402
+from rl.weights.store import PolicyWriter  # noqa: E402
 
 
 def anon_mb() -> float:
@@ -70,7 +70,7 @@ class PeakSampler:
 
 
 def strategy_for(model_dir: Path, stage: int, lr: float = 5e-6):
-    from rl.strategy import DeepSpeedStrategy
+    from rl.trainer.strategy import DeepSpeedStrategy
 
     for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(var, value)

@@ -43,8 +43,8 @@ def build_store(model_dir: Path, policy_dir: Path, versions: int, shard_mb: int)
     import torch
     from safetensors.torch import load_file
 
-    from rl.weight_files import TensorSpec
-    from rl.weights import PolicyWriter, write_base
+    from rl.weights.files import TensorSpec
+    from rl.weights.store import PolicyWriter, write_base
 
     write_base(policy_dir, model_dir)
     state = {}
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from rl.models import resolve_model
-    from rl.weights import published_versions, read_manifest
+    from rl.weights.store import published_versions, read_manifest
 
     model_dir = Path(resolve_model(args.model))
     tmp = Path(tempfile.mkdtemp(prefix="bench-weights-"))

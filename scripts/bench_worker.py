@@ -165,7 +165,7 @@ def baseline(model: Path, config: Path) -> dict:
     from vllm.platforms import current_platform
 
     from rl.config import load_config
-    from rl.data import PromptSet, load_rows
+    from rl.hub.data import PromptSet, load_rows
 
     cfg = load_config(config, [])
     prompts = PromptSet.build(load_rows(cfg.data)[0], cfg.data, AutoTokenizer.from_pretrained(model)).prompt_ids

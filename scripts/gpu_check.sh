@@ -12,7 +12,7 @@
 #    runs a few real `rl train` steps (bf16, DeepSpeed ZeRO-2 on NCCL, a local HF-engine worker:
 #    no vLLM needed), resumes them from the checkpoint, and prints step time, tokens/s, peak GPU
 #    memory against an estimate, and PASS/FAIL.
-# 3. `pytest -m gpu tests/test_gpu.py` (ZeRO-3 bf16, ZeRO-Offload with DeepSpeed's CPU Adam -- JIT-compiled,
+# 3. `pytest -m gpu tests/trainer/test_gpu.py` (ZeRO-3 bf16, ZeRO-Offload with DeepSpeed's CPU Adam -- JIT-compiled,
 #    needs a C++ compiler --, CUDA RNG in checkpoints, HF engine vs trainer log-probs; vLLM's test is
 #    skipped without vLLM).
 # Exit 0 only if everything passed. --cpu-dry-run does all of it on a CPU (tiny shape, gloo): a check
@@ -80,7 +80,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export SCATTER_RL_CACHE=$WORK/cache
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-"$RUN_PY" -c 'import deepspeed, rl.cli, rl.launcher, rl.trainer, rl.strategy, rollout_workers.worker, verifiers.pool' \
+"$RUN_PY" -c 'import deepspeed, rl.cli, rl.cli.launcher, rl.trainer.loop, rl.trainer.strategy, rollout_workers.worker, verifiers.pool' \
   2> "$WORK/import.log" || { tail -5 "$WORK/import.log"; die "the package does not import"; }
 "$RUN_PY" -c 'import vllm' >/dev/null 2>&1 && say "vLLM present (the check still uses the HF engine)" \
   || say "no vLLM: the HF engine generates"
@@ -94,8 +94,8 @@ if ((CPU)); then checkargs+=(--cpu --max-tokens 32 --n 4); fi
 
 # --- 4. the gpu tests --------------------------------------------------------------------------
 if ((PYTEST)); then
-  say "pytest -m gpu tests/test_gpu.py"
-  "$RUN_PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider || status=1
+  say "pytest -m gpu tests/trainer/test_gpu.py"
+  "$RUN_PY" -m pytest -m gpu tests/trainer/test_gpu.py -q -p no:cacheprovider || status=1
 fi
 if ((status == 0)); then say "PASS"; else say "FAIL (see above; work files in $WORK)"; fi
 exit $status

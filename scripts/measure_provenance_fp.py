@@ -33,10 +33,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rl.config import load_config
-    from rl.data import PromptSet, load_rows
+    from rl.hub.data import PromptSet, load_rows
     from rl.models import resolve_model
-    from rl.protocol import SamplingParamsWire
-    from rl.provenance import NUM_STATS, REASONS, check_sequences, special_token_rows, token_statistics
+    from rl.trainer.provenance import NUM_STATS, REASONS, check_sequences, special_token_rows, token_statistics
+    from rl.wire.protocol import SamplingParamsWire
     from rollout_workers.engines.vllm_engine import VLLMEngine
 
     cfg = load_config(args.config)

@@ -36,9 +36,9 @@ from pathlib import Path
 from pydantic import BaseModel
 from starlette.responses import FileResponse, Response
 
-from rl.protocol import BaseWeights, HubError, PolicyFile, ShardLayout, WeightsServed
-from rl.weight_files import _DTYPE_CODES, WeightFileError, shard_spec_of
-from rl.weights import BASE, published_versions, read_manifest, version_dir
+from rl.weights.files import _DTYPE_CODES, WeightFileError, shard_spec_of
+from rl.weights.store import BASE, published_versions, read_manifest, version_dir
+from rl.wire.protocol import BaseWeights, HubError, PolicyFile, ShardLayout, WeightsServed
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from rl.data import PromptSet
-from rl.protocol import (
+from rl.hub.data import PromptSet
+from rl.wire.protocol import (
     Completion,
     EvalCompletion,
     EvalJob,

@@ -21,8 +21,8 @@ import json
 import time
 from collections.abc import Callable
 
-from rl.hub.tokens import Tokens
-from rl.protocol import HubError
+from rl.wire.protocol import HubError
+from rl.wire.tokens import Tokens
 
 OPEN_PATHS = frozenset({"/healthz"})
 

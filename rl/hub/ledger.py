@@ -36,7 +36,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
-from rl.protocol import Ledger
+from rl.wire.protocol import Ledger
 
 log = logging.getLogger(__name__)
 

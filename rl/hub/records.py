@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rl.protocol import Completion
+from rl.wire.protocol import Completion
 
 MAX_SCORING_ATTEMPTS = 3
 """Scoring attempts of one task before it is dropped (each failure is logged and counted)."""

@@ -37,9 +37,9 @@ from rl.hub.blobs import BlobIndex
 from rl.hub.guard import Guard
 from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.hub.state import HubState, ScoringJob
-from rl.hub.tokens import Tokens
 from rl.hub.trust import Trust
-from rl.protocol import (
+from rl.weights.store import BASE, MANIFEST, garbage_collect, published_versions, read_manifest, version_dir
+from rl.wire.protocol import (
     WORKER_SECRET_HEADER,
     Ack,
     BaseWeights,
@@ -64,7 +64,7 @@ from rl.protocol import (
     SubmitRequest,
     SubmitResponse,
 )
-from rl.weights import BASE, MANIFEST, garbage_collect, published_versions, read_manifest, version_dir
+from rl.wire.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ def build_hub(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from rl.data import PromptSet, load_rows
+    from rl.hub.data import PromptSet, load_rows
     from rl.models import resolve_model
     from verifiers.pool import VerifierPool
 

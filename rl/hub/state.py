@@ -41,7 +41,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 from rl.config import RunConfig
-from rl.data import PromptOrder, PromptSet
+from rl.hub.data import PromptOrder, PromptSet
 from rl.hub.evals import EvalJobs
 from rl.hub.records import (
     MAX_SCORING_ATTEMPTS,
@@ -52,7 +52,7 @@ from rl.hub.records import (
     WorkerRecord,
 )
 from rl.hub.status_report import hub_status
-from rl.protocol import (
+from rl.wire.protocol import (
     Completion,
     EvalJob,
     EvalRequest,

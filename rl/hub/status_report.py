@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from rl.protocol import HubStatus, WorkersSummary, WorkerStatus
-
-if TYPE_CHECKING:
-    from rl.hub.state import HubState
+from rl.hub.records import LeaseRecord, WorkerRecord
+from rl.wire.protocol import HubStatus, WorkersSummary, WorkerStatus
 
 
-def hub_status(state: HubState, now: float, verifier: dict[str, float], offset: int = 0, limit: int = 100) -> HubStatus:
+class StatusSource(Protocol):
+    """What the answer reads of the hub's state (rl/hub/state.py's `HubState` has all of it)."""
+
+    workers: dict[str, WorkerRecord]
+    leases: dict[str, LeaseRecord]
+    policy_version: int
+    queue: Any
+    leased: Any
+    scoring: Any
+    buffer: Any
+    consumed: int
+    batches: int
+    rejections: dict[str, int]
+    staleness_hist: dict[int, int]
+    stale_dropped: int
+    zero_variance_skipped: int
+    submissions: int
+    tokens_generated: int
+    started: float
+    scoring_failures: int
+    scoring_dropped: int
+    last_scoring_error: str | None
+
+
+def hub_status(
+    state: StatusSource, now: float, verifier: dict[str, float], offset: int = 0, limit: int = 100
+) -> HubStatus:
     """The hub at a glance; `workers` lists `limit` workers from `offset` (registration order), so the
     answer stays small with thousands of them (`worker_summary` covers all)."""
     page = list(itertools.islice(state.workers.values(), offset, offset + limit))

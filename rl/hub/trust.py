@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from rl.config import TrustConfig
-from rl.protocol import HubError, HubStatus, ProvenanceReport, ScoredGroup, WorkerTrust
+from rl.wire.protocol import HubError, HubStatus, ProvenanceReport, ScoredGroup, WorkerTrust
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from rl.protocol import Completion, SamplingParamsWire
+from rl.wire.protocol import Completion, SamplingParamsWire
 
 __all__ = ["Completion", "Engine", "EngineKind", "EngineSpec", "make_engine"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rl.protocol import Completion, SamplingParamsWire
+from rl.wire.protocol import Completion, SamplingParamsWire
 from rollout_workers.engines import Engine, EngineSpec
 
 log = logging.getLogger(__name__)

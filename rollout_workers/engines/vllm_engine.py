@@ -23,7 +23,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.protocol import Completion, SamplingParamsWire
+from rl.wire.protocol import Completion, SamplingParamsWire
 from rollout_workers.engines import Engine, EngineSpec
 
 log = logging.getLogger(__name__)

@@ -63,7 +63,7 @@ def write_config(run_dir: Path, model_dir: Path, **sections) -> Path:
 def publish_initial_policy(run_dir: Path, model_dir: Path, version: int = 0, state: dict | None = None) -> None:
     from safetensors.torch import load_file
 
-    from rl.weights import write_base, write_version
+    from rl.weights.store import write_base, write_version
 
     policy = run_dir / "policy"
     write_base(policy, model_dir)
@@ -155,7 +155,7 @@ class LiveHub:
 
     def __init__(self, cfg, port: int | None = None) -> None:
         from rl.hub.server import build_hub, create_app
-        from rl.hub.tokens import Tokens
+        from rl.wire.tokens import Tokens
 
         self.cfg = cfg
         self.port = port or free_port()
@@ -203,7 +203,7 @@ class LiveHub:
 
     def admin(self):
         """A `HubAdmin` (the trainer's client) with the admin token, straight to the hub app via the proxy."""
-        from rl.hub.admin import HubAdmin
+        from rl.wire.admin import HubAdmin
 
         return HubAdmin(self.url, ADMIN)
 

@@ -13,7 +13,7 @@ def make_policy_store(model_dir: Path, policy_dir: Path, versions: int = 1, scal
     """Publish v0 = the model's weights and v1..v(versions-1) = perturbed copies."""
     from safetensors.torch import load_file
 
-    from rl.weights import write_base, write_version
+    from rl.weights.store import write_base, write_version
 
     write_base(policy_dir, model_dir)
     state = load_file(str(model_dir / "model.safetensors"))
@@ -44,8 +44,8 @@ def make_sharded_store(
     """Publish `states` as v0, v1, ... in format `fmt` (bf16 shards of at most `shard_bytes`)."""
     import torch
 
-    from rl.weight_files import TensorSpec
-    from rl.weights import PolicyWriter, write_base
+    from rl.weights.files import TensorSpec
+    from rl.weights.store import PolicyWriter, write_base
 
     write_base(policy_dir, model_dir)
     layout = [TensorSpec(k, tuple(t.shape), torch.bfloat16) for k, t in states[0].items()]

@@ -1,7 +1,7 @@
-"""Helpers for tests/test_rollout_e2e.py: the run under test and HF reference logprobs.
+"""Helpers for tests/e2e/test_rollout_e2e.py: the run under test and HF reference logprobs.
 
 `Run` bundles one real hub process, its worker processes and a stand-in trainer
-(`rl.hub.admin.HubAdmin` pulling batches with the admin token, as rank 0 does).
+(`rl.wire.admin.HubAdmin` pulling batches with the admin token, as rank 0 does).
 Every pulled group is kept, so a test can check the hub's ledger against what
 the trainer really received.
 """
@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 
 from helpers.hub import HubProcess
 from rl.config import RunConfig
-from rl.data import PromptSet
-from rl.hub.admin import HubAdmin
-from rl.protocol import HubStatus, ScoredGroup
-from rl.weights import WEIGHTS_FILE, version_dir
+from rl.hub.data import PromptSet
+from rl.weights.store import WEIGHTS_FILE, version_dir
+from rl.wire.admin import HubAdmin
+from rl.wire.protocol import HubStatus, ScoredGroup
 
 
 @dataclass

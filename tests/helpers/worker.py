@@ -15,7 +15,7 @@ from pathlib import Path
 
 from helpers.hub import WORKER, LiveHub, live_config
 from helpers.policy import hf_logprobs, make_policy_store
-from rl.protocol import Lease, SubmitRequest
+from rl.wire.protocol import Lease, SubmitRequest
 from rollout_workers.engines import EngineSpec
 from rollout_workers.worker import run_worker
 

@@ -1,0 +1,455 @@
+"""`rl train`: one command for a whole run — hub process, local rollout workers, DeepSpeed trainer.
+
+The hub and each local worker are child processes (logs in `run_dir/logs/`);
+the trainer runs in this process (or in each rank under `torchrun`/`deepspeed`,
+where global rank 0 starts the children and the other ranks only train).
+
+Lifecycle:
+- Children run in their own sessions, so a terminal's Ctrl-C reaches only
+  `rl train` (which still needs the hub for its last checkpoint), and the kernel
+  sends them SIGTERM when `rl train` dies, even by SIGKILL (PR_SET_PDEATHSIG):
+  a killed run leaves no orphans. They do not inherit RANK/WORLD_SIZE/MASTER_*.
+- First SIGINT/SIGTERM: finish the current step, checkpoint, exit 130. A second
+  one exits at once (the last checkpoint stays valid).
+- A watchdog thread watches the children. A hub that dies mid-run is restarted
+  from its ledger database (run_dir/hub.sqlite, rl/hub/ledger.py) on the same port,
+  up to `hub.max_restarts` times: the trainer's calls wait for it (HubAdmin retries),
+  workers register again, prompts in flight are generated again, none is lost or
+  trained twice. One more death (or one before the hub first answered) fails the run.
+  When every local worker died and no remote worker is connected, the trainer
+  checkpoints and the run exits 1. Either way the message names the child's log.
+- On exit, success or not, workers get SIGTERM (they return their leases), then
+  the hub is asked to shut down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from rl.config import RolloutConfig, RunConfig, dump_config
+from rl.hub.data import DataError
+from rl.models import ModelError, resolve_model
+from rl.rundir import RunDir
+from rl.trainer.checkpoint import CheckpointError, checkpoint_step, discard_after, latest_checkpoint, prepare_fresh
+from rl.trainer.loop import EXIT_INTERRUPTED, StopRequest
+from rl.wire.admin import HubAdmin
+from rl.wire.client import HubHTTP
+from rl.wire.tokens import Tokens
+from rollout_workers.engines import EngineSpec
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """A child process failed, or the run cannot start as asked; shown without a traceback."""
+
+
+USER_ERRORS = (LaunchError, CheckpointError, ModelError, DataError, FileNotFoundError)
+"""Errors a user fixes (config, paths, a child's log): a message, no traceback."""
+
+_DISTRIBUTED_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+                    "CROSS_SIZE", "LOCAL_SIZE"}  # fmt: skip
+"""Set by torchrun/deepspeed for the trainer ranks; a child must not join their process group."""
+
+_PR_SET_PDEATHSIG = 1
+try:  # resolved in the parent: after fork only the call itself runs
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def engine_spec(rollout: RolloutConfig, seed: int) -> EngineSpec:
+    """The engine of a local worker (`seed`: its own sampling seed)."""
+    return EngineSpec(kind=rollout.engine, tensor_parallel=rollout.tensor_parallel, seed=seed,
+                      kv_cache_gib=rollout.kv_cache_gib, gpu_memory_utilization=rollout.gpu_memory_utilization,
+                      enforce_eager=rollout.enforce_eager)  # fmt: skip
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment minus the launcher's distributed variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}
+    env.update(extra)
+    return env
+
+
+def _die_with(parent_pid: int, cpus: set[int] | None = None) -> Callable[[], None]:
+    """preexec_fn: SIGTERM this child when its parent dies (Linux), even if the parent is SIGKILLed;
+    pin it to `cpus` (before exec: every thread and process it starts inherits them)."""
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return preexec
+
+
+def check_cpus(cfg: RunConfig) -> None:
+    """A clear error for `*.cpus` ids this process may not use (or no pinning on this OS).
+
+    The `cpus` fields split the CPUs `rl train` was started with (all, or a `taskset -c` set)
+    among the trainer, the hub and the local workers.
+    """
+    fields = {"trainer.cpus": cfg.trainer.cpus, "rollout.cpus": cfg.rollout.cpus, "hub.cpus": cfg.hub.cpus}
+    if not any(fields.values()):
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise LaunchError(f"{', '.join(k for k, v in fields.items() if v)}: pinning to CPUs needs Linux")
+    allowed = os.sched_getaffinity(0)
+    for name, cpus in fields.items():
+        if cpus and (outside := sorted(set(cpus) - allowed)):
+            raise LaunchError(f"{name}: CPU ids {outside} are not among the CPUs rl train may use here "
+                              f"({sorted(allowed)})")  # fmt: skip
+
+
+def pin_this_process(cpus: set[int]) -> None:
+    """Pin every thread of this process (the trainer) to `cpus`; threads it starts later inherit them."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Child:
+    """A child process in its own session, logging to `log_path`, that dies with this process."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cpus: set[int] | None = None):
+        self.name, self.log_path = name, log_path
+        self.log_file = open(log_path, "ab")  # noqa: SIM115 (lives as long as the child)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=_die_with(os.getpid(), cpus))  # fmt: skip
+
+    def exit_message(self) -> str:
+        code = self.proc.poll()
+        return f"{self.name} exited with code {code}; last lines of {self.log_path}:\n{_tail(self.log_path)}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+
+class Watchdog:
+    """A thread that polls the children every second and tells the trainer when one dies.
+
+    A hub that died after it first answered is restarted from its database (`Launch.restart_hub`),
+    up to `hub.max_restarts` times. Past that (or a hub that never came up) it sets `hub_failure`
+    and signals the main thread (SIGUSR1), whose handler raises at once: without the hub there is
+    no ledger to checkpoint. A run whose local workers all died (and no remote worker is
+    connected) is asked to stop through the trainer's `StopRequest` (checkpoint first).
+
+    A hub it restarted is its child: the kernel's parent-death signal (`_die_with`) follows the
+    thread that spawned a process, not the process. So the thread outlives its watching, until
+    `release()` once the children were stopped, or the restarted hub would die with it.
+    """
+
+    def __init__(self, launch: Launch, stop: StopRequest, admin: HubAdmin):
+        self.launch, self.stop, self.admin = launch, stop, admin
+        self.hub_failure: str | None = None
+        self.hub_restarts = 0
+        self._done = threading.Event()
+        self._released = threading.Event()
+        self._lock = threading.Lock()  # a restart and `close` never interleave
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._run, name="rl-watchdog", daemon=True)
+        self._thread.start()
+
+    @property
+    def watching(self) -> bool:
+        return not self._done.is_set()
+
+    def close(self) -> None:
+        """Stop watching (no restart after this); the thread waits for `release()`."""
+        with self._lock:
+            self._done.set()
+
+    def release(self) -> None:
+        """Let the thread end, once the children it may have spawned are stopped."""
+        self._done.set()
+        self._released.set()
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            self._released.wait()
+
+    def _watch(self) -> None:
+        dead: set[str] = set()
+        while not self._done.wait(1.0):
+            with self._lock:
+                if self.launch.hub.proc.poll() is not None and not self._restart_hub():
+                    return
+            for w in self.launch.workers:
+                if w.proc.poll() is not None and w.name not in dead:
+                    dead.add(w.name)
+                    log.error("%s", w.exit_message())
+            workers = self.launch.workers
+            if workers and len(dead) == len(workers) and not self._remote_workers():
+                logs = ", ".join(str(w.log_path) for w in workers)
+                self._alert(f"every local rollout worker exited and no remote worker is connected (see {logs})")
+                return
+
+    def _restart_hub(self) -> bool:
+        """The hub exited: restart it if allowed (True), else fail the run (False)."""
+        hub, limit = self.launch.hub, self.launch.cfg.hub.max_restarts
+        if self._done.is_set():  # the run is shutting down: the hub is meant to go
+            return False
+        if not self.launch.hub_ready or self.hub_restarts >= limit:
+            why = "before it answered" if not self.launch.hub_ready else f"after {self.hub_restarts} restarts"
+            self.hub_failure = f"{hub.exit_message()}\n(the hub exited {why}; hub.max_restarts={limit})"
+            self._alert(f"the hub exited (see {hub.log_path})")
+            return False
+        self.hub_restarts += 1
+        log.error("the hub exited with code %s; restarting it from its ledger %s (restart %d of %d, log %s)",
+                  hub.proc.returncode, self.launch.paths.hub_db, self.hub_restarts, limit, hub.log_path)  # fmt: skip
+        self.launch.restart_hub()
+        return True
+
+    def _remote_workers(self) -> bool:
+        try:
+            return any(not w.name.startswith("local-") for w in self.admin.status(limit=100_000).workers)
+        except Exception:  # the hub is going away: the next poll sees it
+            return False
+
+    def _alert(self, reason: str) -> None:
+        self.stop.set(reason, 1)
+        if self.hub_failure and self._main is not None:
+            signal.pthread_kill(self._main, signal.SIGUSR1)
+
+
+class Launch:
+    """The children of one `rl train` on rank 0."""
+
+    def __init__(self, cfg: RunConfig, resume: bool):
+        self.cfg, self.resume = cfg, resume
+        self.run_dir = cfg.resolved_run_dir.resolve()
+        self.paths = RunDir(self.run_dir)
+        self.logs = self.paths.logs
+        self.hub: Child | None = None
+        self.hub_ready = False
+        """Set once the hub answered: a hub that dies later is restarted, one that never came up is not."""
+        self._hub_cmd: list[str] = []
+        self._hub_env: dict[str, str] = {}
+        self.workers: list[Child] = []
+        self.watchdog: Watchdog | None = None
+        self.tokens, _ = Tokens.from_config(cfg)
+        # Local workers get a token of their own, never the one printed for remote workers: a remote
+        # worker then cannot even see local workers in /v1/status (docs/security.md).
+        self.local_token = f"loc-{secrets.token_urlsafe(24)}"
+        self.url = ""
+        # A child without `cpus` of its own keeps the CPUs rl train started with, even once the trainer pinned itself.
+        started_with = os.sched_getaffinity(0) if cfg.trainer.cpus and hasattr(os, "sched_getaffinity") else None
+        self.hub_cpus = set(cfg.hub.cpus) if cfg.hub.cpus else started_with
+        self.worker_cpus = set(cfg.rollout.cpus) if cfg.rollout.cpus else started_with
+
+    def prepare_run_dir(self) -> Path | None:
+        """Resume: drop what happened after the latest checkpoint (returned). Fresh: refuse to overwrite one."""
+        if self.resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                raise CheckpointError(f"--resume: no checkpoint under {self.paths.checkpoints}")
+            discard_after(self.run_dir, checkpoint_step(ckpt))
+            return ckpt
+        prepare_fresh(self.run_dir)
+        for old in self.logs.glob("*.log"):
+            old.unlink()
+        return None
+
+    def start_hub(self, stop: StopRequest) -> HubAdmin:
+        """Prepare the run dir, spawn the hub and the watchdog; the hub gets ready while the trainer loads."""
+        cfg = self.cfg
+        ckpt = self.prepare_run_dir()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        cfg.run_dir = self.run_dir
+        config_path = self.paths.config
+        config_path.write_text(dump_config(cfg))
+        port = cfg.hub.port or _free_port(cfg.hub.host)
+        host = f"[{cfg.hub.host}]" if ":" in cfg.hub.host else cfg.hub.host  # an IPv6 address
+        self.url = f"http://{host}:{port}"
+        env = child_env(RL_HUB_ADMIN_TOKEN=self.tokens.admin, RL_HUB_WORKER_TOKENS=",".join(self.tokens.workers),
+                        RL_HUB_LOCAL_TOKEN=self.local_token, OMP_NUM_THREADS="1")  # fmt: skip
+        cmd = [sys.executable, "-m", "rl.cli", "hub", str(config_path), "--host", cfg.hub.host, "--port", str(port)]
+        self._hub_cmd, self._hub_env = cmd, env
+        if ckpt is not None and (ckpt / "ledger.json").is_file():
+            # The trainer rolls back to the checkpoint: its ledger wins over the database's.
+            cmd = [*cmd, "--ledger", str(ckpt / "ledger.json")]
+            log.info("resuming from %s: the hub restores its data ledger", ckpt)
+        elif ckpt is not None:
+            self.paths.remove_hub_db()  # a checkpoint without a ledger: start the data over
+        self.hub = Child("hub", cmd, env, self.logs / "hub.log", self.hub_cpus)
+        self.watchdog = Watchdog(self, stop, HubAdmin(self.url, self.tokens.admin, patience_s=5.0))
+        return HubAdmin(self.url, self.tokens.admin)
+
+    def restart_hub(self) -> None:
+        """Start the hub again after it died: same port and tokens, ledger from its database."""
+        self.hub.log_file.close()
+        self.hub = Child("hub", self._hub_cmd, self._hub_env, self.logs / "hub.log", self.hub_cpus)
+
+    def start_workers(self) -> None:
+        """Once the hub answers: spawn the local workers and print how to add remote ones."""
+        cfg = self.cfg
+        self._wait_healthy()
+        for i in range(cfg.rollout.local_workers):
+            wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.local_token,
+                             SCATTER_RL_HUB_POLICY_DIR=str(self.paths.policy))  # fmt: skip
+            spec = engine_spec(cfg.rollout, seed=cfg.trainer.seed * 1000 + i)
+            inflight = cfg.rollout.max_inflight_prompts
+            inflight_args = [] if inflight is None else ["--max-inflight-prompts", str(inflight)]
+            wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(), *inflight_args,
+                    "--name", f"local-{i}", "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
+                    "--cache-dir", str(self.paths.worker_cache)]  # fmt: skip
+            self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log", self.worker_cpus))
+        public = cfg.hub.public_url or self.url
+        log.info("hub at %s (logs: %s)", self.url, self.logs)
+        log.info("add rollout nodes from any machine that reaches the hub:")
+        log.info("  rl rollout --hub %s --token %s", public, self.tokens.workers[0])
+
+    def _wait_healthy(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        with HubHTTP(self.url, self.tokens.admin) as probe:
+            while time.monotonic() < deadline:
+                if self.hub.proc.poll() is not None:
+                    raise LaunchError(self.hub.exit_message())
+                if probe.healthy():
+                    self.hub_ready = True
+                    return
+                time.sleep(0.5)
+        raise LaunchError(f"hub did not become healthy in {timeout:.0f}s; see {self.hub.log_path}")
+
+    def stop(self, admin: HubAdmin | None) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            w.stop()
+        if admin is not None:
+            admin.shutdown()
+        if self.hub is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.hub.proc.wait(10)
+            self.hub.stop()
+        if self.watchdog is not None:
+            self.watchdog.release()
+
+
+def _install_signal_handlers(stop: StopRequest, launch: Launch | None) -> Callable[[], None]:
+    """SIGINT/SIGTERM: stop after this step (a second one: at once). SIGUSR1: the watchdog's alarm."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    received: list[str] = []
+
+    def on_stop(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        received.append(name)
+        if len(received) > 1:
+            raise KeyboardInterrupt
+        log.warning("%s: stopping after the current step, with a checkpoint (again to stop at once)", name)
+        stop.set(f"{name} received", EXIT_INTERRUPTED)
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        watchdog = launch.watchdog if launch is not None else None
+        if watchdog is not None and watchdog.watching and watchdog.hub_failure:
+            raise LaunchError(watchdog.hub_failure)  # no checkpoint without the hub's ledger: fail now
+
+    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_alarm)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _report(trainer) -> None:
+    """Eval before vs after, printed for the user at the end of a run."""
+    before, after = trainer.initial_eval, trainer.final_eval
+    for key in sorted(set(before) & set(after)):
+        if key != "eval/seconds":
+            log.info("%-28s before %.3f  ->  after %.3f", key, before[key], after[key])
+
+
+def run_training(cfg: RunConfig, resume: bool = False) -> int:
+    """`rl train`: 0 when max_steps were trained, 130 when stopped by a signal, 1 on failure."""
+    from rl.trainer.loop import Trainer
+
+    # DeepSpeed calls collectives torch 2.13 deprecates, once per call: noise for a user.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    rank = int(os.environ.get("RANK", "0"))
+    stop = StopRequest()
+    launch = Launch(cfg, resume) if rank == 0 else None
+    restore_signals = _install_signal_handlers(stop, launch)
+    admin = None
+    run_dir = cfg.resolved_run_dir.resolve()
+    try:
+        resolve_model(cfg.model.name)  # prepare an alias once, before any child needs it
+        check_cpus(cfg)
+        if cfg.trainer.cpus:  # every rank of this node; rank 0's Launch kept the starting set for its children
+            pin_this_process(set(cfg.trainer.cpus))
+        admin = launch.start_hub(stop) if launch is not None else None
+        trainer = Trainer(cfg, admin, resume=resume, stop=stop)  # loads while the hub starts
+        if launch is not None:
+            launch.start_workers()
+        code = trainer.run()
+        if code != 0:
+            if trainer.is_main and latest_checkpoint(run_dir) is not None:
+                log.warning("continue with: rl train %s --resume", RunDir(run_dir).config)
+            return code
+        final = trainer.export_final()
+        if trainer.is_main:
+            _report(trainer)
+            log.info("done: final model in %s, metrics in %s", final, RunDir(run_dir).metrics)
+        return 0
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        log.warning("stopped at once; the latest checkpoint under %s stays valid", RunDir(run_dir).checkpoints)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        log.exception("training failed: %s: %s (logs of the hub and workers: %s)", type(e).__name__, e,
+                      RunDir(run_dir).logs)  # fmt: skip
+        return 1
+    finally:
+        if launch is not None:
+            launch.stop(admin)
+        restore_signals()

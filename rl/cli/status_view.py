@@ -1,0 +1,102 @@
+"""`rl status --hub URL --token T`: a live terminal view of a hub's `GET /v1/status`."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from rl.wire.client import HubHTTP, HubUnavailable
+from rl.wire.protocol import HubError, HubStatus, WorkerStatus
+
+PIPED_WIDTH = 240
+
+
+def fetch_status(client: HubHTTP) -> HubStatus:
+    return client.call("GET", "/v1/status", HubStatus)
+
+
+def _masked(w: WorkerStatus) -> str:
+    """Sequences the trainer masked of those it checked, by reason (rl/provenance.py)."""
+    t = w.trust
+    if t is None or not t.sequences_checked:
+        return "-"
+    reasons = " ".join(f"{k}:{v}" for k, v in t.rejected.items())
+    return f"{sum(t.rejected.values())}/{t.sequences_checked}" + (f" ({reasons})" if reasons else "")
+
+
+def _trust(w: WorkerStatus) -> str:
+    if w.quarantined:
+        return f"[red]QUARANTINED[/red]: {w.quarantined}"
+    if w.trust is None:
+        return "-"
+    return f"|dlogp| {w.trust.mean_abs_logprob_diff:.3f}, reward z {w.trust.reward_z:+.1f}"
+
+
+def render(status: HubStatus) -> Group:
+    summary = status.worker_summary
+    shown = f"{len(status.workers)} of {summary.total}" if summary.total > len(status.workers) else str(summary.total)
+    workers = Table(title=f"workers ({shown})", expand=False)
+    for col in ("name", "id", "engine", "version", "tokens/s", "leased", "done", "last seen", "masked", "trust"):
+        if col in ("name", "id"):  # identities: fold onto more lines in a narrow terminal, never cut with "…"
+            workers.add_column(col, overflow="fold")
+        else:
+            workers.add_column(col, justify="left" if col == "engine" else "right")
+    for w in status.workers:
+        workers.add_row(
+            w.name, w.worker_id, w.engine, str(w.policy_version), f"{w.tokens_per_s:.0f}",
+            str(w.leased_tasks), str(w.completed_tasks), f"{w.last_seen_s:.1f}s", _masked(w), _trust(w),
+        )  # fmt: skip
+    run = Table(title="run", show_header=False)
+    run.add_column("metric")
+    run.add_column("value", justify="right")
+    rows = {
+        "policy version": status.policy_version,
+        "workers by loaded version": ", ".join(f"v{k}: {v}" for k, v in summary.by_version.items()) or "-",
+        "workers' tokens/s": f"{summary.tokens_per_s:.0f}",
+        "trainer batches": status.batches,
+        "queued / leased / scoring / buffered": (
+            f"{status.queued} / {status.leased} / {status.scoring} / {status.buffered}"
+        ),
+        "groups consumed": status.consumed,
+        "stale dropped": status.stale_dropped,
+        "zero-variance skipped": status.zero_variance_skipped,
+        "tokens generated": status.tokens_generated,
+        "staleness histogram": ", ".join(f"{k}: {v}" for k, v in status.staleness_histogram.items()) or "-",
+        "rejections": ", ".join(f"{k}: {v}" for k, v in status.rejections.items()) or "-",
+        "workers (all tokens) / quarantined": f"{status.workers_total} / {status.quarantined}",
+        "uptime": f"{status.uptime_s:.0f}s",
+    }
+    if status.scoring_failures:  # the verifier is failing: say so, with the last error
+        rows["scoring failures / dropped"] = f"{status.scoring_failures} / {status.scoring_dropped}"
+        rows["last scoring error"] = status.last_scoring_error
+    for k, v in rows.items():
+        run.add_row(k, str(v))
+    return Group(run, workers)
+
+
+def show_status(hub: str, token: str, *, once: bool = False, interval: float = 2.0) -> int:
+    console = Console()
+    if not console.is_terminal:  # piped or logged: no terminal width to fit, keep every line whole
+        console = Console(width=PIPED_WIDTH)
+    client = HubHTTP(hub, token, timeout_s=10.0, max_retry_s=5.0)
+    try:
+        status = fetch_status(client)
+    except (HubError, HubUnavailable) as e:
+        console.print(f"[red]error:[/red] cannot read status from {hub}: {e}")
+        return 2
+    if once:
+        console.print(render(status))
+        return 0
+    with Live(render(status), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                try:
+                    live.update(render(fetch_status(client)))
+                except (HubError, HubUnavailable) as e:
+                    live.console.print(f"[yellow]hub unreachable: {e}[/yellow]")
+        except KeyboardInterrupt:
+            return 0

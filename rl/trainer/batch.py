@@ -1,0 +1,155 @@
+"""Scored groups from the hub -> padded training tensors; the metrics of a batch and of an evaluation.
+
+A sequence is prompt + completion, right-padded to the longest in the batch.
+`completion_mask[b, t]` is 1 where token t of row b is a completion token, so
+log-probs at those positions (`strategy.token_logprobs`) line up with the
+behaviour log-probs the worker sent; padding and prompt positions never count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rl.wire.protocol import EvalJob, ScoredGroup
+
+
+@dataclass
+class TrainBatch:
+    input_ids: Tensor  # [B, L] long, right-padded
+    attention_mask: Tensor  # [B, L] long
+    completion_mask: Tensor  # [B, L] float, 1 on completion tokens
+    behaviour_logprobs: Tensor  # [B, L] float, worker log-probs on completion positions, 0 elsewhere
+    prompt_lengths: Tensor  # [B] long, prompt tokens of each row (completion starts there)
+    rewards: Tensor  # [B] float, groups contiguous
+    group_size: int
+    task_ids: list[int]
+    row_indices: list[int]
+    versions: list[int]  # behaviour policy version per group
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: Tensor | slice) -> TrainBatch:
+        """The same batch restricted to some sequences (group bookkeeping stays whole)."""
+        return TrainBatch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.completion_mask[index],
+            self.behaviour_logprobs[index],
+            self.prompt_lengths[index],
+            self.rewards[index],
+            self.group_size,
+            self.task_ids,
+            self.row_indices,
+            self.versions,
+        )
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with its tensors on `device` (the trainer's GPU); a no-op where they are."""
+        return TrainBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+            self.behaviour_logprobs.to(device),
+            self.prompt_lengths.to(device),
+            self.rewards.to(device),
+            self.group_size,
+            self.task_ids,
+            self.row_indices,
+            self.versions,
+        )
+
+
+def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
+    if not groups:
+        raise ValueError("empty batch")
+    group_size = len(groups[0].completions)
+    if any(len(g.completions) != group_size for g in groups):
+        raise ValueError("groups of different sizes in one batch")
+    seqs, masks, behaviour, rewards = [], [], [], []
+    for g in groups:
+        for c in g.completions:
+            seqs.append(g.prompt_token_ids + c.token_ids)
+            masks.append([0.0] * len(g.prompt_token_ids) + [1.0] * len(c.token_ids))
+            behaviour.append([0.0] * len(g.prompt_token_ids) + list(c.logprobs))
+            rewards.append(c.reward)
+    length = max(len(s) for s in seqs)
+    batch = len(seqs)
+    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    cmask = torch.zeros((batch, length), dtype=torch.float32)
+    blogp = torch.zeros((batch, length), dtype=torch.float32)
+    for i, (s, m, b) in enumerate(zip(seqs, masks, behaviour, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+        cmask[i, : len(m)] = torch.tensor(m)
+        blogp[i, : len(b)] = torch.tensor(b)
+    return TrainBatch(
+        input_ids,
+        attention,
+        cmask,
+        blogp,
+        torch.tensor([len(g.prompt_token_ids) for g in groups for _ in g.completions], dtype=torch.long),
+        torch.tensor(rewards, dtype=torch.float32),
+        group_size,
+        [g.task_id for g in groups],
+        [g.row_index for g in groups],
+        [g.policy_version for g in groups],
+    )
+
+
+def rollout_metrics(groups: list[ScoredGroup], step: int, max_tokens: int, accuracy_term: str | None) -> dict:
+    """Reward, accuracy, pass@k, lengths, truncation, staleness of one batch (W&B names)."""
+    rewards = [c.reward for g in groups for c in g.completions]
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    n = len(rewards)
+    mean = sum(rewards) / n
+    out: dict[str, float] = {
+        "reward/mean": mean,
+        "reward/std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(n - 1, 1)),
+        "response_length/mean": sum(lengths) / n,
+        "response_length/max": float(max(lengths)),
+        "response_length/truncated_fraction": sum(c.finish_reason == "length" for g in groups for c in g.completions)
+        / n,
+        "staleness/mean": sum(step - g.policy_version for g in groups) / len(groups),
+        "staleness/max": float(max(step - g.policy_version for g in groups)),
+    }
+    names = sorted({k for g in groups for c in g.completions for k in c.components})
+    for name in names:
+        values = [c.components.get(name, 0.0) for g in groups for c in g.completions]
+        out[f"reward/{name}"] = sum(values) / n
+    if accuracy_term is not None and accuracy_term in names:
+        correct = [[c.components.get(accuracy_term, 0.0) >= 1.0 - 1e-6 for c in g.completions] for g in groups]
+        out["accuracy"] = sum(map(sum, correct)) / n
+        out[f"pass@{len(groups[0].completions)}"] = sum(any(c) for c in correct) / len(groups)
+    for k in sorted({step - g.policy_version for g in groups}):
+        out[f"staleness/hist_{k}"] = float(sum(step - g.policy_version == k for g in groups))
+    if any(g.gen_s > 0 for g in groups):  # timings the hub recorded (a group built elsewhere has none)
+        out["perf/generate_s"] = sum(g.gen_s for g in groups) / len(groups)
+        out["perf/score_s"] = sum(g.score_s for g in groups) / len(groups)
+    return out
+
+
+def eval_metrics(jobs: list[tuple[str, EvalJob]], accuracy_term: str | None) -> dict[str, float]:
+    """`eval/{prefix}reward`, `..._response_length`, `..._accuracy`, `eval/pass@n` from finished eval jobs."""
+    out: dict[str, float] = {}
+    for prefix, job in jobs:
+        if job.failed:
+            out[f"eval/{prefix}scoring_failed"] = job.failed / job.total
+        comps = [c for r in job.results for c in r.completions]
+        if not comps:  # every task's scoring failed (the hub logged why): nothing to average
+            continue
+        out[f"eval/{prefix}reward"] = sum(c.reward for c in comps) / len(comps)
+        out[f"eval/{prefix}response_length"] = sum(c.length for c in comps) / len(comps)
+        if accuracy_term is not None:
+            ok = [[c.components.get(accuracy_term, 0.0) >= 1.0 - 1e-6 for c in r.completions] for r in job.results]
+            out[f"eval/{prefix}accuracy"] = sum(map(sum, ok)) / len(comps)
+            n = len(job.results[0].completions) if job.results else 1
+            if n > 1:
+                out[f"eval/pass@{n}"] = sum(any(x) for x in ok) / len(ok)
+    return out

@@ -1,0 +1,160 @@
+"""Checkpoints: `run_dir/checkpoints/step_<N>/`, written under a temporary name, then renamed.
+
+A checkpoint holds the DeepSpeed state (model, optimizer, LR schedule), the
+trainer state (step, policy version), every rank's RNG states (python, numpy, torch,
+CUDA), and the hub's ledger at that step, so `rl train --resume` continues with the
+same data order and no prompt consumed twice or lost. What a run did after its last checkpoint
+(a crash, a SIGKILL) is lost: `discard_after` removes its traces (policy versions,
+metric and batch records) before the run continues, so they are redone once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rl.rundir import RunDir
+from rl.wire.protocol import Ledger
+
+log = logging.getLogger(__name__)
+
+LEDGER = "ledger.json"
+STATE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A run directory that cannot be resumed (or started) as asked; the message says what to do."""
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return RunDir(run_dir).checkpoints
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[5:])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = [
+        p
+        for p in checkpoints_dir(run_dir).glob("step_*")
+        if p.is_dir() and p.name[5:].isdigit() and (p / STATE).is_file()
+    ]
+    return max(found, key=checkpoint_step) if found else None
+
+
+def discard_after(run_dir: Path, step: int) -> None:
+    """Remove what a run wrote after the checkpoint at `step`: it is redone on resume.
+
+    Policy versions > step (the hub would serve the newest on disk), the local workers'
+    cached copies of them, half-written checkpoints, `final/`, and records of later steps
+    in the step logs (metrics.jsonl, batches.jsonl).
+    """
+    paths = RunDir(run_dir)
+    for parent in paths.versioned:
+        for p in parent.glob("v*"):
+            if p.is_dir() and p.name[1:].isdigit() and int(p.name[1:]) > step:
+                shutil.rmtree(p, ignore_errors=True)
+    for p in checkpoints_dir(run_dir).glob(".tmp-step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(paths.final, ignore_errors=True)
+    for path in paths.step_logs:
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def prepare_fresh(run_dir: Path) -> None:
+    """A fresh run may not overwrite checkpoints; leftovers of a run that never saved one are removed."""
+    paths = RunDir(run_dir)
+    if (ckpt := latest_checkpoint(run_dir)) is not None:
+        raise CheckpointError(
+            f"{run_dir} already holds a run (checkpoint {ckpt.name}): continue it with --resume, "
+            f"or start over with another --run-dir (or delete {run_dir})"
+        )
+    for directory in (*paths.versioned, paths.final, paths.checkpoints):
+        shutil.rmtree(directory, ignore_errors=True)
+    for path in (*paths.step_logs, paths.curves, paths.wandb_run_id):
+        path.unlink(missing_ok=True)
+    paths.remove_hub_db()
+
+
+def rng_state() -> dict:
+    """This process's RNG states: python, numpy, torch CPU, and every visible CUDA device's (if any)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`; CUDA states are restored on as many devices as this process sees."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is None:
+        return
+    if not torch.cuda.is_available():
+        log.warning("checkpoint holds CUDA RNG states but CUDA is not available here: not restored")
+        return
+    visible = torch.cuda.device_count()
+    if len(cuda) != visible:
+        log.warning("checkpoint holds CUDA RNG states of %d devices, %d visible: restoring %d",
+                    len(cuda), visible, min(len(cuda), visible))  # fmt: skip
+    for device, device_state in enumerate(cuda[:visible]):
+        torch.cuda.set_rng_state(device_state, device)
+
+
+def save_checkpoint(strategy, run_dir: Path, step: int, state: dict, ledger: Ledger | None, keep: int) -> Path:
+    """All ranks call; rank 0 writes the trainer state and ledger and renames into place."""
+    root = checkpoints_dir(run_dir)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}"
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    strategy.barrier()
+    strategy.save_checkpoint(tmp, {"step": step})
+    torch.save(rng_state(), tmp / f"rng_rank{strategy.rank}.pt")
+    strategy.barrier()
+    if strategy.is_main:
+        if ledger is not None:
+            (tmp / LEDGER).write_text(ledger.model_dump_json())
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step_*"), key=checkpoint_step)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint saved: %s", final)
+    strategy.barrier()
+    return final
+
+
+def load_checkpoint(strategy, path: Path) -> dict:
+    """Restore model/optimizer/scheduler and this rank's RNG; returns the trainer state."""
+    strategy.load_checkpoint(path)
+    rng_file = path / f"rng_rank{strategy.rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / STATE).read_text())
+
+
+def read_ledger(path: Path) -> Ledger | None:
+    f = Path(path) / LEDGER
+    return Ledger.model_validate_json(f.read_text()) if f.is_file() else None

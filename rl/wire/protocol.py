@@ -1,0 +1,493 @@
+"""What crosses the wire between the hub, rollout workers and the trainer (HTTP/JSON, API v1).
+
+Every request carries `Authorization: Bearer <token>`. Worker tokens reach the
+worker routes; the admin token (the trainer, operators) reaches everything.
+The hub tokenizes prompts and sends token ids; workers return token ids and
+the per-token logprobs of the policy version they generated with. Rewards are
+computed only on the hub. docs/protocol.md walks through a session.
+
+Routes:
+  POST   /v1/workers                     RegisterRequest  -> RegisterResponse       (worker)
+  POST   /v1/workers/{id}/heartbeat      HeartbeatRequest -> HeartbeatResponse      (worker)
+  DELETE /v1/workers/{id}                                 -> Ack (leases re-queued) (worker)
+  POST   /v1/leases                      LeaseRequest     -> Lease                  (worker)
+  POST   /v1/rollouts                    SubmitRequest    -> SubmitResponse         (worker)
+  GET    /v1/policy                                       -> PolicyManifest         (worker)
+  GET    /v1/policy/{version}                             -> PolicyManifest         (worker)
+  GET    /v1/policy/{version}/files/{name}   raw bytes, HTTP Range supported        (worker)
+  GET    /v1/blobs/{sha256}              a policy file by hash, cacheable (immutable)  (worker)
+  GET    /v1/policy/base/weights                          -> BaseWeights            (worker)
+  GET    /v1/status                                       -> HubStatus              (worker)
+  GET    /healthz                                         -> {"ok": true}           (none)
+  POST   /v1/batches                     BatchRequest     -> Batch                  (admin)
+  POST   /v1/policy                      PublishRequest   -> Ack                    (admin)
+  GET    /v1/ledger                                       -> Ledger                 (admin)
+  POST   /v1/evals                       EvalRequest      -> EvalJob                (admin)
+  GET    /v1/evals/{job_id}                               -> EvalJob (results when done) (admin)
+  POST   /v1/shutdown                                     -> Ack                    (admin)
+  POST   /v1/provenance                  ProvenanceReport -> Ack                    (admin)
+  POST   /v1/admin/workers/{id}/quarantine  QuarantineRequest -> Ack (quarantine)   (admin)
+  DELETE /v1/admin/workers/{id}/quarantine                -> Ack (lift it)          (admin)
+  POST   /v1/admin/tokens/revoke         RevokeTokenRequest -> Ack                  (admin)
+
+Worker routes that name a worker id (heartbeat, leave, leases, rollouts) also need the
+header `X-Worker-Secret: <RegisterResponse.worker_secret>`: one secret per registration,
+so a worker cannot act for another worker registered with the same token.
+Non-finite numbers (NaN, inf, or 1e999 which JSON parsers read as inf) are rejected
+everywhere, and every list has a length bound.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rl.config import WeightsFormat
+
+API_VERSION = "v1"
+WORKER_SECRET_HEADER = "X-Worker-Secret"
+"""Header carrying a registration's secret on every later call that names its worker id."""
+
+MAX_SEQUENCE_TOKENS = 1_048_576
+"""Upper bound of any token list on the wire (the hub checks the run's own, tighter limits)."""
+MAX_GROUP = 1024
+"""Most completions per task (sampling.n's bound)."""
+MAX_TASKS = 4096
+"""Most tasks per lease or submission (hub.max_tasks_per_lease caps leases further)."""
+MAX_ID = 64
+"""Longest worker, lease or job id."""
+MAX_COUNT = 2**31 - 1
+"""Largest policy version or optimizer step: the ledger (SQLite) and C code take it, JSON allows far more."""
+
+
+class Wire(BaseModel):
+    # allow_inf_nan=False: NaN/inf (also JSON's 1e999, parsed as inf) never enter the hub's state.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Ack(Wire):
+    ok: bool = True
+    detail: str = ""
+
+
+class ErrorBody(Wire):
+    """Body of every 4xx/5xx: a machine-readable reason and a human sentence."""
+
+    reason: str
+    detail: str
+
+
+class HubError(RuntimeError):
+    """A rejected request: HTTP status, machine-readable reason, human detail.
+
+    The one error type of the wire: the hub raises it (and sends it as an `ErrorBody`), every
+    client rebuilds it from the response with `HubError.from_response`.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(f"hub answered {status} {reason}: {detail}" if detail else f"hub answered {status} {reason}")
+        self.status, self.reason, self.detail = status, reason, detail
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(reason=self.reason, detail=self.detail)
+
+    @classmethod
+    def from_response(cls, status: int, content: bytes, reason_phrase: str = "") -> HubError:
+        """Rebuild the hub's error from a response body; a body that is not an `ErrorBody`
+        (a proxy's HTML page, a framework's own error) keeps its first 500 characters as detail."""
+        try:
+            body = ErrorBody.model_validate_json(content)
+            return cls(status, body.reason, body.detail)
+        except ValueError:
+            return cls(status, reason_phrase or "http_error", content[:500].decode("utf-8", "replace"))
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class RegisterRequest(Wire):
+    name: str = Field("worker", max_length=128)
+    engine: Literal["vllm", "hf"] = "vllm"
+    tensor_parallel: int = Field(1, ge=1, le=1024)
+    host: str = Field("", max_length=256)
+    """Free-form description of where the worker runs (shown in status)."""
+
+
+class SamplingParamsWire(Wire):
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    stop: list[str] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=4096)
+
+
+class RegisterResponse(Wire):
+    worker_id: str
+    worker_secret: str
+    """Send it as `X-Worker-Secret` on every later call for this worker id (heartbeat, leases, rollouts, leave)."""
+    heartbeat_interval_s: float
+    policy_version: int
+    """Latest published policy version; the worker loads it before leasing."""
+    max_model_len: int
+    dtype: str
+    sampling: SamplingParamsWire
+    weights_url: str | None = None
+    """An HTTP cache or mirror of `/v1/blobs/` to download policy files from first (`hub.weights_url`)."""
+
+
+class HeartbeatRequest(Wire):
+    policy_version: int = Field(ge=-1, le=MAX_COUNT)
+    """Version currently loaded by the worker (-1: none yet)."""
+    tokens_per_s: float = Field(0.0, ge=0.0)
+    busy: bool = False
+    fetch_s: float = Field(0.0, ge=0.0)
+    """Seconds the last policy update spent downloading (and rebuilding) the version."""
+    load_s: float = Field(0.0, ge=0.0)
+    """Seconds the last policy update spent loading it into the engine."""
+
+
+class HeartbeatResponse(Wire):
+    policy_version: int
+    """Latest published version: the worker should move to it between generation batches."""
+    lease_ttl_s: float
+
+
+# --------------------------------------------------------------------------- leases and rollouts
+
+
+class LeaseRequest(Wire):
+    worker_id: str = Field(max_length=MAX_ID)
+    policy_version: int = Field(ge=0, le=MAX_COUNT)
+    """Version the worker has loaded; a lease needs at least `min_policy_version`."""
+    max_tasks: int = Field(8, ge=1, le=MAX_TASKS)
+    """Most tasks wanted; the hub grants at most `hub.max_tasks_per_lease` (and `hub.max_leased_per_worker` in all)."""
+    wait_s: float = Field(0.0, ge=0.0, le=30.0)
+    """Long poll: with no work now, the hub holds the request up to this long and answers as soon as there is."""
+
+
+class LeasedTask(Wire):
+    task_id: int
+    prompt_token_ids: list[int]
+
+
+class Lease(Wire):
+    lease_id: str | None
+    """None when there is no work right now (see `retry_after_s`) or the worker must update first."""
+    expires_in_s: float = 0.0
+    min_policy_version: int = 0
+    sampling: SamplingParamsWire | None = None
+    tasks: list[LeasedTask] = Field(default_factory=list)
+    retry_after_s: float = 0.0
+    reason: str = ""
+
+
+class Completion(Wire):
+    token_ids: list[int] = Field(max_length=MAX_SEQUENCE_TOKENS)
+    logprobs: list[float] = Field(max_length=MAX_SEQUENCE_TOKENS)
+    """Per-token logprob of each sampled token under the behaviour policy."""
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+class TaskResult(Wire):
+    task_id: int
+    completions: list[Completion] = Field(max_length=MAX_GROUP)
+
+
+class SubmitRequest(Wire):
+    worker_id: str = Field(max_length=MAX_ID)
+    lease_id: str = Field(max_length=MAX_ID)
+    policy_version: int = Field(ge=0, le=MAX_COUNT)
+    """Version the completions were generated with."""
+    results: list[TaskResult] = Field(min_length=1, max_length=MAX_TASKS)
+    gen_seconds: float = Field(0.0, ge=0.0)
+    """Wall time spent generating these results (for tokens/s)."""
+
+
+class SubmitResponse(Wire):
+    accepted: list[int] = Field(default_factory=list)
+    duplicates: list[int] = Field(default_factory=list)
+    """Task ids already accepted earlier (idempotent re-submit; not counted again)."""
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class PolicyFile(Wire):
+    name: str
+    size: int
+    sha256: str
+
+
+class PolicyManifest(Wire):
+    """One policy version. Workers verify every file they download, and every shard they rebuild.
+
+    `full`: `files` are the safetensors shards (+ `model.safetensors.index.json` when there are
+    several). `delta`: `files` are one `<shard>.delta.zst` per changed shard, or the shard itself
+    where the delta would not be much smaller (+ the index); a
+    worker holding `base_version` applies them and must get exactly `shards` (sha256), else it
+    rebuilds from `keyframe_version` (a full version) and the deltas after it (rl/weight_files.py).
+    """
+
+    version: int
+    format: WeightsFormat = "full"
+    files: list[PolicyFile]
+    """What a worker downloads for this version (`GET /v1/policy/{version}/files/{name}`)."""
+    base_files: list[PolicyFile] = Field(default_factory=list)
+    """Version-independent files (config, tokenizer) under `GET /v1/policy/base/files/{name}`."""
+    lora_base_version: int | None = None
+    """`lora` versions: the full version whose weights the adapters in `files` are merged into."""
+    shards: list[PolicyFile] = Field(default_factory=list)
+    """The full safetensors shards this version is (or rebuilds to), in order; empty: the `.safetensors` of `files`."""
+    deltas: list[PolicyFile] = Field(default_factory=list)
+    """A keyframe (full) of a delta run: the deltas from `base_version` as well (+ the index), what a
+    worker holding `base_version` downloads instead of `files`."""
+    base_version: int | None = None
+    """The version its deltas apply to."""
+    keyframe_version: int | None = None
+    """The latest full version at or before this one: where a worker without `base_version` starts."""
+    bytes_full: int = 0
+    """Size of the full version in the rollout dtype (sum of `shards`)."""
+
+    def full_shards(self) -> list[PolicyFile]:
+        return self.shards or [f for f in self.files if f.name.endswith(".safetensors")]
+
+
+class ShardLayout(Wire):
+    """One safetensors shard's tensors in file order: `[name, shape, dtype code]` ("BF16", "F32", ...)."""
+
+    name: str
+    tensors: list[tuple[str, list[int], str]]
+
+
+class BaseWeights(Wire):
+    """The weights as first published (version 0), kept after that version is collected.
+
+    A worker that has the base model on disk writes these shards itself (rl/weight_files.py
+    writes the same bytes for the same tensors) and uses each one whose sha256 matches
+    instead of downloading it (`rl rollout --base-model`).
+    """
+
+    version: int
+    shards: list[PolicyFile]
+    layout: list[ShardLayout]
+    """The tensors of each of `shards`, same order."""
+
+
+class PublishRequest(Wire):
+    version: int = Field(ge=0, le=MAX_COUNT)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class BatchRequest(Wire):
+    num_groups: int = Field(ge=1, le=65536)
+    step: int = Field(ge=0, le=MAX_COUNT)
+    """The optimizer step the batch will train (= policy version the trainer holds)."""
+    timeout_s: float = Field(30.0, ge=0.0, le=600.0)
+    skip_zero_variance: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (counted, not re-queued)."""
+    pull_id: str | None = Field(None, min_length=1, max_length=64)
+    """Idempotency key: a pull re-sent with the same id (its answer was lost, the hub restarted) gets the same batch."""
+
+
+class ScoredCompletion(Wire):
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    reward: float
+    components: dict[str, float]
+
+
+class ScoredGroup(Wire):
+    task_id: int
+    row_index: int
+    prompt_token_ids: list[int]
+    policy_version: int
+    worker_id: str
+    worker_name: str
+    completions: list[ScoredCompletion]
+    gen_s: float = 0.0
+    """Seconds of the worker's generate call that made this group (one call per lease: shared by its tasks)."""
+    score_s: float = 0.0
+    """Seconds from the hub accepting this group to its last reward (waiting for a verifier process included)."""
+
+
+class Batch(Wire):
+    groups: list[ScoredGroup]
+    complete: bool
+    """False when the timeout passed first: then `groups` is empty and nothing was consumed; ask again."""
+    stale_dropped: int = 0
+    zero_variance_skipped: int = 0
+
+
+class Ledger(Wire):
+    """The hub's data position: enough to resume with no prompt lost or used twice."""
+
+    seed: int
+    num_rows: int
+    position: int
+    """Task ids below this were handed out at least once."""
+    pending: list[int]
+    """Task ids below `position` not yet consumed by the trainer (re-queued on restore)."""
+    consumed: int
+    batches: int
+
+
+class WorkerTrust(Wire):
+    """Per-worker provenance statistics: what the trainer's checks and the reward comparison found."""
+
+    sequences_checked: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict)
+    """Sequences masked out of the loss, by reason (rl/provenance.py)."""
+    mean_abs_logprob_diff: float = 0.0
+    """Mean |claimed - recomputed| logprob per token over the checked sequences."""
+    groups: int = 0
+    """Scored groups from this worker."""
+    reward_z: float = 0.0
+    """How far this worker's mean group reward lies above the other workers' (standard errors)."""
+
+
+class WorkerStatus(Wire):
+    worker_id: str
+    name: str
+    engine: str
+    policy_version: int
+    tokens_per_s: float
+    last_seen_s: float
+    leased_tasks: int
+    completed_tasks: int
+    fetch_s: float = 0.0
+    """Last policy update: download (+ rebuild) seconds, as the worker reported."""
+    load_s: float = 0.0
+    """Last policy update: engine load seconds, as the worker reported."""
+
+    quarantined: str = ""
+    """Why this worker is quarantined (no leases, its groups dropped); empty when it is not."""
+    trust: WorkerTrust | None = None
+    """Provenance statistics (rl/hub/trust.py); None until the trainer checked any of its sequences."""
+
+
+class WeightsServed(Wire):
+    files: int = 0
+    """Responses with a policy file's bytes (blobs and named files; 304s not counted)."""
+    bytes: int = 0
+    """Body bytes of those responses."""
+
+
+class WorkersSummary(Wire):
+    """Every registered worker at a glance (the `workers` list of a status is one page of them)."""
+
+    total: int = 0
+    by_version: dict[str, int] = Field(default_factory=dict)
+    """Workers per loaded policy version ("-1": none loaded yet)."""
+    tokens_per_s: float = 0.0
+    """Sum of the workers' reported generation speeds."""
+    fetch_s: float = 0.0
+    """Mean over workers that updated of their last policy download's seconds."""
+    load_s: float = 0.0
+    """Mean over workers that updated of their last policy load's seconds."""
+
+
+class HubStatus(Wire):
+    policy_version: int
+    workers: list[WorkerStatus]
+    """One page of the workers (`GET /v1/status?offset=&limit=`, registration order); a worker token sees
+    only the workers registered with it. See `worker_summary`."""
+    worker_summary: WorkersSummary = Field(default_factory=WorkersSummary)
+    workers_total: int = 0
+    """Registered workers (all tokens)."""
+    quarantined: int = 0
+    """Workers in quarantine (all tokens)."""
+    queued: int
+    leased: int
+    scoring: int
+    buffered: int
+    consumed: int
+    batches: int
+    rejections: dict[str, int]
+    staleness_histogram: dict[str, int]
+    """Staleness (trainer step - generation version) of groups handed to the trainer."""
+    stale_dropped: int
+    zero_variance_skipped: int
+    submissions: int
+    tokens_generated: int
+    verifier: dict[str, float] = Field(default_factory=dict)
+    uptime_s: float
+    scoring_failures: int = 0
+    """Scoring attempts that raised (e.g. verifier processes that cannot start); each is retried with backoff."""
+    scoring_dropped: int = 0
+    """Tasks given up after failing scoring `MAX_SCORING_ATTEMPTS` times (training tasks leave the ledger)."""
+    last_scoring_error: str | None = None
+    """The last scoring failure, e.g. "task 12 (attempt 2/3): RuntimeError: ..."."""
+    weights_served: WeightsServed = Field(default_factory=WeightsServed)
+    """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
+
+
+# --------------------------------------------------------------------------- trust (admin)
+
+
+class WorkerVerdicts(Wire):
+    """What the trainer's provenance checks found in one step's sequences of one worker."""
+
+    worker_id: str = Field(max_length=MAX_ID)
+    sequences: int = Field(ge=0)
+    rejected: dict[str, int] = Field(default_factory=dict, max_length=32)
+    """Sequences masked out of the loss, by reason."""
+    abs_logprob_diff_sum: float = Field(0.0, ge=0.0)
+    tokens: int = Field(0, ge=0)
+
+
+class ProvenanceReport(Wire):
+    step: int = Field(ge=0)
+    workers: list[WorkerVerdicts] = Field(max_length=MAX_TASKS)
+
+
+class QuarantineRequest(Wire):
+    reason: str = Field("quarantined by an operator", max_length=512)
+
+
+class RevokeTokenRequest(Wire):
+    token: str = Field(min_length=1, max_length=512)
+    """The worker token to revoke (or its id as shown by the hub's log); its workers are removed."""
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvalRequest(Wire):
+    """Evaluate published version `version` on the first `num_prompts` held-out prompts."""
+
+    version: int = Field(ge=0)
+    num_prompts: int = Field(ge=1, le=100_000)
+    n: int = Field(1, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    """0: greedy."""
+
+
+class EvalCompletion(Wire):
+    reward: float
+    components: dict[str, float]
+    length: int
+    finish_reason: Literal["stop", "length"]
+
+
+class EvalTaskResult(Wire):
+    task_id: int
+    row_index: int
+    completions: list[EvalCompletion]
+
+
+class EvalJob(Wire):
+    job_id: str
+    version: int
+    total: int
+    done: int
+    """Tasks finished: scored, or given up after repeated scoring failures (`failed`)."""
+    failed: int = 0
+    """Tasks whose scoring kept failing (see `HubStatus.scoring_dropped`); they have no result."""
+    results: list[EvalTaskResult] = Field(default_factory=list)
+    """Filled when `done == total`."""

@@ -1,0 +1,168 @@
+"""Provenance checks (rl/provenance.py): honest samples pass, forged and injected ones are masked.
+
+Pure-function tests on random logits (CPU, fast), then the real trainer (DeepSpeed, tiny model)
+checking a batch that mixes honest samples of the model with forged and injected sequences.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rl.config import TrustConfig, load_config
+from rl.trainer.loss import LossNorm, policy_loss
+from rl.trainer.provenance import (
+    OUTSIDE,
+    REASONS,
+    RECOMPUTED,
+    check_sequences,
+    mask_rejected,
+    special_token_rows,
+    token_statistics,
+)
+
+CFG = TrustConfig()
+
+
+def sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """Honest sampling at `temperature` from logits [B, T, V] -> tokens [B, T]."""
+    probs = (logits / temperature).softmax(-1)
+    return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=gen).view(probs.shape[:2])
+
+
+def random_logits(batch=64, length=24, vocab=300, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Peaked and flat positions mixed, like a real model's.
+    return torch.randn(batch, length, vocab, generator=g) * torch.rand(batch, length, 1, generator=g) * 6
+
+
+def verdict(logits, tokens, claimed=None, temperature=1.0, top_p=1.0, top_k=-1, cfg=CFG):
+    stats = token_statistics(logits, tokens, temperature, top_p, top_k)
+    claimed = stats[..., RECOMPUTED] if claimed is None else claimed
+    return check_sequences(stats, claimed, torch.ones_like(tokens, dtype=torch.float32), cfg), stats
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_honest_samples_pass(temperature):
+    logits = random_logits()
+    tokens = sample(logits, temperature, torch.Generator().manual_seed(1))
+    v, _ = verdict(logits, tokens, temperature=temperature)
+    assert v.accepted.all(), v.counts()
+    assert abs(float(v.z.mean())) < 0.5 and 0.5 < float(v.z.std()) < 1.5  # about standard normal
+
+
+def test_small_logprob_noise_passes_and_forged_logprobs_fail():
+    logits = random_logits()
+    tokens = sample(logits, 1.0, torch.Generator().manual_seed(2))
+    stats = token_statistics(logits, tokens, 1.0)
+    bf16_like = stats[..., RECOMPUTED] + 0.05 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(3))
+    ones = torch.ones_like(tokens, dtype=torch.float32)
+    assert check_sequences(stats, bf16_like, ones, CFG).accepted.all()
+    forged = torch.full_like(bf16_like, -20.0)  # very negative: the largest importance weight
+    v = check_sequences(stats, forged, ones, CFG)
+    assert (v.codes == REASONS.index("logprob_mismatch") + 1).all()
+    one_token = stats[..., RECOMPUTED].clone()
+    one_token[:, 3] -= 15.0  # a single forged position
+    assert not check_sequences(stats, one_token, ones, CFG).accepted.any()
+
+
+def test_injected_and_greedy_sequences_are_atypical():
+    logits = random_logits(length=16)
+    unlikely = logits.argmin(-1)  # text the policy would not write (an injected answer), true logprobs claimed
+    v, _ = verdict(logits, unlikely)
+    assert (v.codes == REASONS.index("atypical_unlikely") + 1).all()
+    logits = random_logits(length=96)  # the evidence against greedy decoding grows with length (~sqrt)
+    greedy = logits.argmax(-1)  # decoding passed off as sampling at temperature 1
+    v, _ = verdict(logits, greedy)
+    assert (v.codes == REASONS.index("atypical_likely") + 1).float().mean() > 0.9
+
+
+def test_top_p_support():
+    logits = torch.tensor([[[5.0, 4.0, 0.0, -2.0]] * 10])
+    inside = torch.zeros(1, 10, dtype=torch.long)
+    outside = torch.full((1, 10), 3)
+    stats = token_statistics(logits, outside, 1.0, top_p=0.9)
+    assert stats[..., OUTSIDE].sum() == 10
+    assert token_statistics(logits, inside, 1.0, top_p=0.9)[..., OUTSIDE].sum() == 0
+    v, _ = verdict(logits, outside, top_p=0.9)
+    assert v.codes.tolist() == [REASONS.index("outside_sampling_support") + 1]
+    assert token_statistics(logits, outside, 1.0, top_k=2)[..., OUTSIDE].sum() == 10
+
+
+def test_special_tokens_only_as_the_final_stop():
+    ids = torch.tensor([[9, 9, 5, 6, 2], [9, 9, 5, 1, 6], [9, 9, 2, 5, 0], [9, 9, 5, 6, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 0]])
+    assert special_token_rows(ids, mask, [0, 1, 2], [2]).tolist() == [False, True, True, False]
+
+
+def test_mask_rejected_zeroes_rows_and_keeps_the_baseline_honest():
+    mask = torch.ones(6, 5)
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # groups of 3
+    accepted = torch.tensor([True, True, False, False, False, False])
+    new_mask, new_rewards = mask_rejected(mask, rewards, accepted, group_size=3)
+    assert new_mask.sum(-1).tolist() == [5, 5, 0, 0, 0, 0]
+    assert new_rewards.tolist() == [0.0, 1.0, 0.5, 0.0, 0.0, 0.0]  # forged 1.0 -> the accepted ones' mean
+
+
+def test_masked_sequence_contributes_no_gradient():
+    cfg = load_config(None, ["algorithm.is_mode=token_truncate"]).algorithm
+    logp = torch.randn(2, 4, requires_grad=True)
+    behaviour = torch.tensor([[-30.0] * 4, [-1.0] * 4])  # row 0: fabricated, masked
+    mask = torch.tensor([[0.0] * 4, [1.0] * 4])
+    norm = LossNorm.from_batch(mask)
+    loss, metrics = policy_loss(logp, None, torch.tensor([5.0, 1.0]), mask, cfg, behaviour_logprobs=behaviour,
+                                loss_norm=norm)  # fmt: skip
+    loss.backward()
+    assert torch.all(logp.grad[0] == 0) and torch.any(logp.grad[1] != 0)
+    assert float(metrics["tokens"]) == 4
+
+
+@pytest.mark.slow
+def test_trainer_masks_forged_and_injected_sequences(tmp_path, tiny_model_dir):
+    """Real trainer: honest samples of the tiny model pass; forged logprobs and injected text are masked."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.trainer.batch import build_batch
+    from rl.trainer.loop import Trainer
+    from rl.wire.protocol import ScoredCompletion, ScoredGroup
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"run_dir={tmp_path}", "logging.wandb.mode=disabled",
+                             "sampling.n=4", "trainer.prompts_per_step=4", "trainer.micro_batch_size=4",
+                             "trainer.threads=1", "sampling.max_tokens=16"])  # fmt: skip
+    trainer = Trainer(cfg, hub=None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    groups = []
+    for t in range(4):
+        prompt = torch.tensor([[1, 40 + t, 50 + t, 60 + t]])
+        out = model.generate(prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
+                             min_new_tokens=16, num_return_sequences=4, pad_token_id=0,
+                             suppress_tokens=[0, 1])  # fmt: skip
+        with torch.no_grad():
+            logp = model(out).logits[:, :-1].log_softmax(-1).gather(-1, out[:, 1:, None]).squeeze(-1)
+        comps = []
+        for j in range(4):
+            ids, lps = out[j, 4:].tolist(), logp[j, 3:].tolist()
+            comps.append(ScoredCompletion(token_ids=ids, logprobs=lps, finish_reason="length", reward=0.0,
+                                          components={}))  # fmt: skip
+        groups.append(ScoredGroup(task_id=t, row_index=t, prompt_token_ids=prompt[0].tolist(), policy_version=0,
+                                  worker_id=f"w{t}", worker_name="test", completions=comps))  # fmt: skip
+    # Group 1, sequence 0: fabricated logprobs. Group 2, sequence 0: the least likely tokens, with their true
+    # logprobs and a reward of 1 (an injected "correct answer").
+    forged = groups[1].completions[0]
+    groups[1].completions[0] = forged.model_copy(update={"logprobs": [-25.0] * len(forged.token_ids)})
+    with torch.no_grad():
+        ids = [1, 42, 52, 62]
+        for _ in range(16):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmin()))
+        full = torch.tensor([ids])
+        lp = model(full).logits[:, :-1].log_softmax(-1).gather(-1, full[:, 1:, None]).squeeze(-1)[0, 3:].tolist()
+    groups[2].completions[0] = ScoredCompletion(token_ids=ids[4:], logprobs=lp, finish_reason="length", reward=1.0,
+                                                components={})  # fmt: skip
+    batch, metrics = trainer.verify(build_batch(groups, trainer.pad_id), groups)
+    masked = [i for i in range(batch.num_sequences) if batch.completion_mask[i].sum() == 0]
+    assert masked == [4, 8], metrics
+    assert metrics["trust/rejected/logprob_mismatch"] == 1 and metrics["trust/rejected/atypical_unlikely"] == 1
+    assert batch.rewards[8] == 0.0  # the injected reward no longer moves its group's baseline
+    step = trainer.train_step(batch)
+    assert step["tokens"] == 14 * 16
