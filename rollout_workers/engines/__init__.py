@@ -19,6 +19,11 @@ continuous batching for the worker loop: `add(key, prompt, sampling)` whenever a
 prompt arrives and `step()` until the engine is empty, each step returning the
 prompts that finished. vLLM runs every added prompt in one running batch (new ones
 join at the next step); the hf engine runs one prompt per step.
+
+Verifiable sampling: given `seeds` (one per completion), completion j's token at
+position i is `rl.sampling.draw(logits, rule, uniform(seeds[j], i))`, computed
+from the raw logits in both engines (a logits processor that masks every other
+token); the reported logprobs stay those of the raw distribution.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from rl.sampling import SamplingRule
 from rl.wire.protocol import Completion, SamplingParamsWire
 
-__all__ = ["Completion", "Engine", "EngineKind", "EngineSpec", "make_engine"]
+__all__ = ["Completion", "Engine", "EngineKind", "EngineSpec", "make_engine", "sampling_rule"]
 
 EngineKind = Literal["vllm", "hf"]
 
@@ -81,27 +87,35 @@ class Engine(ABC):
         self.max_model_len = max_model_len
         self.dtype = dtype
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParamsWire) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParamsWire, seeds: list[list[int]] | None = None
+    ) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt (same order as `prompts`).
 
         A completion never exceeds `sampling.max_tokens`, nor `max_model_len` in
         total with its prompt; a prompt that leaves no room gets an empty list.
+        `seeds[i][j]`, when given, is the seed of prompt i's completion j (seeded draws).
         Needs an idle engine (nothing `add`ed and unfinished).
         """
         if self.pending:
             raise RuntimeError(f"generate() needs an idle engine; {self.pending} prompt(s) are in flight")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seed lists for {len(prompts)} prompts")
         out: list[list[Completion]] = [[] for _ in prompts]
         for i, prompt in enumerate(prompts):
-            self.add(i, prompt, sampling)
+            self.add(i, prompt, sampling, None if seeds is None else seeds[i])
         while self.pending:
             for i, completions in self.step():
                 out[i] = completions
         return out
 
     @abstractmethod
-    def add(self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire) -> bool:
+    def add(
+        self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire, seeds: list[int] | None = None
+    ) -> bool:
         """Start `sampling.n` completions of `prompt`; a later `step()` returns them under `key` (unique
-        among the unfinished). False, and nothing started, when the prompt leaves no room under max_model_len."""
+        among the unfinished). False, and nothing started, when the prompt leaves no room under max_model_len.
+        With `seeds` (one per completion, in order), completion j is the seeded draw of `seeds[j]`."""
 
     @abstractmethod
     def step(self) -> list[tuple[Hashable, list[Completion]]]:
@@ -128,6 +142,12 @@ class Engine(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's memory and processes."""
 
+    @staticmethod
+    def check_seeds(seeds: list[int] | None, sampling: SamplingParamsWire) -> None:
+        """Raise unless `seeds` is None or one seed per completion."""
+        if seeds is not None and len(seeds) != sampling.n:
+            raise ValueError(f"{len(seeds)} seeds for n={sampling.n} completions")
+
     def room_for(self, prompt: list[int], max_tokens: int) -> int:
         """Tokens a completion of `prompt` may have: max_tokens, capped by max_model_len."""
         return max(0, min(max_tokens, self.max_model_len - len(prompt)))
@@ -137,6 +157,11 @@ class Engine(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sampling_rule(sampling: SamplingParamsWire) -> SamplingRule:
+    """The processing (temperature, top-k, top-p) that seeded draws apply to the raw logits."""
+    return SamplingRule(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
 
 
 def make_engine(spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> Engine:

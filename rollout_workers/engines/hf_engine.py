@@ -4,7 +4,8 @@
 padding and no position-id subtleties; no batching across prompts), and each sampled token's logprob is
 log_softmax of the *unprocessed* logits (`output_logits=True`): the raw model
 distribution at temperature 1, before top-k/top-p, exactly what vLLM returns
-with `logprobs=0`. Slower than vLLM, but the same contract.
+with `logprobs=0`. Slower than vLLM, but the same contract. Seeded completions
+decode greedily through `SeededDraw`, which leaves only the seeded draw finite.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from rl.sampling import SamplingRule, draws, seed_tensor, uniforms
 from rl.wire.protocol import Completion, SamplingParamsWire
-from rollout_workers.engines import Engine, EngineSpec
+from rollout_workers.engines import Engine, EngineSpec, sampling_rule
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +42,18 @@ class HFEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.generator_seed = seed
-        self.queue: deque[tuple[Hashable, list[int], SamplingParamsWire]] = deque()
+        self.queue: deque[tuple[Hashable, list[int], SamplingParamsWire, list[int] | None]] = deque()
         torch.manual_seed(seed)
         log.info("hf engine ready in %.1f s (%s, %s)", time.perf_counter() - start, self.device, dtype)
 
-    def add(self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire) -> bool:
+    def add(
+        self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire, seeds: list[int] | None = None
+    ) -> bool:
+        self.check_seeds(seeds, sampling)
         if self.room_for(prompt, sampling.max_tokens) == 0:
             log.warning("prompt of %d tokens leaves no room under max_model_len; skipped", len(prompt))
             return False
-        self.queue.append((key, prompt, sampling))
+        self.queue.append((key, prompt, sampling, seeds))
         return True
 
     @torch.no_grad()
@@ -56,8 +61,8 @@ class HFEngine(Engine):
         # No batching across prompts: each step samples the n rows of the oldest prompt.
         if not self.queue:
             return []
-        key, prompt, sampling = self.queue.popleft()
-        return [(key, self._generate_one(prompt, sampling))]
+        key, prompt, sampling, seeds = self.queue.popleft()
+        return [(key, self._generate_one(prompt, sampling, seeds))]
 
     @property
     def pending(self) -> int:
@@ -66,15 +71,18 @@ class HFEngine(Engine):
     def abort_all(self) -> None:
         self.queue.clear()
 
-    def _generate_one(self, prompt: list[int], sampling: SamplingParamsWire) -> list[Completion]:
-        from transformers import GenerationConfig
+    def _generate_one(
+        self, prompt: list[int], sampling: SamplingParamsWire, seeds: list[int] | None
+    ) -> list[Completion]:
+        from transformers import GenerationConfig, LogitsProcessorList
 
         room = self.room_for(prompt, sampling.max_tokens)
         if room == 0:
             log.warning("prompt of %d tokens leaves no room under max_model_len; skipped", len(prompt))
             return []
         stop_ids = sorted(set(self.eos_ids) | set(sampling.stop_token_ids))
-        greedy = sampling.temperature <= 0.0
+        # Seeded: the processor leaves one finite logit per row, so greedy decoding takes the draw.
+        greedy = sampling.temperature <= 0.0 or seeds is not None
         # A fresh config: the model's generation_config.json defaults (top_k=50,
         # repetition penalties, ...) must not leak in; vLLM ignores them too.
         config = GenerationConfig(
@@ -91,6 +99,9 @@ class HFEngine(Engine):
         )
         input_ids = torch.tensor([prompt] * sampling.n, dtype=torch.long, device=self.device)
         kwargs = {"tokenizer": self.tokenizer} if sampling.stop else {}
+        if seeds is not None:
+            draw = SeededDraw(sampling_rule(sampling), seeds, len(prompt))
+            kwargs["logits_processor"] = LogitsProcessorList([draw])
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -143,6 +154,24 @@ class HFEngine(Engine):
 
     def close(self) -> None:
         self.model = None
+
+
+class SeededDraw:
+    """HF logits processor: row j keeps only `draw(logits, rule, uniform(seeds[j], position))` finite.
+
+    `scores` are the raw logits (float32); `position` counts the tokens generated after the prompt.
+    """
+
+    def __init__(self, rule: SamplingRule, seeds: list[int], prompt_len: int) -> None:
+        self.rule = rule
+        self.seeds = seed_tensor(seeds)
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        position = torch.full_like(self.seeds, input_ids.shape[1] - self.prompt_len)
+        tokens = draws(scores, self.rule, uniforms(self.seeds, position)).to(scores.device)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, tokens.unsqueeze(-1), 0.0)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

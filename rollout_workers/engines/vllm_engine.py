@@ -9,7 +9,8 @@ reused. Prompts go straight into the `LLM`'s engine (`add_request`/`step`, what
 CPU specifics handled here: `VLLM_CPU_KVCACHE_SPACE` (whole GiB) is set from
 `kv_cache_gib`; the engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
 ~2 s start instead of 12-24 s) unless the user set that variable; per-request
-seeds crash on CPU, so only the engine-wide seed is used.
+seeds crash on CPU, so only the engine-wide seed is used (verifiable sampling's
+seeds are not vLLM's: they go to the logits processor in `vllm_seeded.py`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import math
 import os
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rl.wire.protocol import Completion, SamplingParamsWire
-from rollout_workers.engines import Engine, EngineSpec
+from rollout_workers.engines import Engine, EngineSpec, sampling_rule
+from rollout_workers.engines.vllm_seeded import PROCESSOR, seeded_args
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,8 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         self._ids = itertools.count()
-        self._keys: dict[str, Hashable] = {}
-        """Unfinished vLLM request id -> the key it was added under."""
+        self._keys: dict[str, tuple[Hashable, int]] = {}
+        """Unfinished vLLM request id -> the key it was added under, and its first completion's slot."""
         self._groups: dict[Hashable, _Group] = {}
         start = time.perf_counter()
         self.llm = LLM(**self.llm_args())
@@ -75,12 +77,14 @@ class VLLMEngine(Engine):
             seed=spec.seed,
             tensor_parallel_size=spec.tensor_parallel,
             worker_extension_cls=EXTENSION,
+            logits_processors=[PROCESSOR],  # seeded draws; a no-op for requests without seeds
+            logprobs_mode="raw_logprobs",  # computed before the logits processors run (vLLM's default)
         )
         if not self.on_cpu:  # on CPU the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (set above)
             args["gpu_memory_utilization"] = spec.gpu_memory_utilization
         return args
 
-    def _sampling_params(self, sampling: SamplingParamsWire, max_tokens: int):
+    def _sampling_params(self, sampling: SamplingParamsWire, max_tokens: int, seed: int | None = None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -94,24 +98,30 @@ class VLLMEngine(Engine):
             stop_token_ids=list(sampling.stop_token_ids) or None,
             logprobs=0,  # the sampled token's logprob only (raw model distribution)
             output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it finishes
+            extra_args=None if seed is None else seeded_args(seed, sampling_rule(sampling)),
         )
 
-    def add(self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire) -> bool:
+    def add(
+        self, key: Hashable, prompt: list[int], sampling: SamplingParamsWire, seeds: list[int] | None = None
+    ) -> bool:
         from vllm.inputs import TokensPrompt
 
+        self.check_seeds(seeds, sampling)
         room = self.room_for(prompt, sampling.max_tokens)
         if room == 0:
             log.warning("prompt of %d tokens leaves no room under max_model_len; skipped", len(prompt))
             return False
         if key in self._groups:
             raise ValueError(f"key {key!r} is already in flight")
-        # vLLM refuses n > 1 with greedy sampling: send n copies of the prompt instead.
-        copies = sampling.n if sampling.temperature <= 0.0 else 1
-        params = self._sampling_params(sampling.model_copy(update={"n": sampling.n // copies}), room)
-        self._groups[key] = _Group(copies)
-        for _ in range(copies):
+        # vLLM refuses n > 1 with greedy sampling, and its n children would share one seed: send n
+        # copies of the prompt instead.
+        copies = sampling.n if sampling.temperature <= 0.0 or seeds is not None else 1
+        per_copy = sampling.model_copy(update={"n": sampling.n // copies})
+        self._groups[key] = _Group(copies, [None] * sampling.n)
+        for i in range(copies):
+            params = self._sampling_params(per_copy, room, None if seeds is None else seeds[i])
             request_id = f"r{next(self._ids)}"
-            self._keys[request_id] = key
+            self._keys[request_id] = (key, i * per_copy.n)
             # Straight into the running engine: it joins the batch at the next step.
             self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
         return True
@@ -123,9 +133,10 @@ class VLLMEngine(Engine):
         for output in self.llm.llm_engine.step():
             if not output.finished:
                 continue
-            key = self._keys.pop(output.request_id)
+            key, slot = self._keys.pop(output.request_id)
             group = self._groups[key]
-            group.completions.extend(_completion(c) for c in output.outputs)
+            for j, c in enumerate(output.outputs):
+                group.completions[slot + j] = _completion(c)
             group.requests -= 1
             if group.requests == 0:
                 done.append((key, self._groups.pop(key).completions))
@@ -169,10 +180,10 @@ class VLLMEngine(Engine):
 
 @dataclass
 class _Group:
-    """One added prompt: how many vLLM requests are still running for it, and the completions so far."""
+    """One added prompt: how many vLLM requests are still running for it, and its n completion slots."""
 
     requests: int
-    completions: list[Completion] = field(default_factory=list)
+    completions: list[Completion | None]
 
 
 def _completion(output) -> Completion:

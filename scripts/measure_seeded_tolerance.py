@@ -1,0 +1,100 @@
+"""How far an honest worker's seeded draws land from the trainer's CDF intervals (rl/sampling.py).
+
+An honest bf16 vLLM worker samples seeded completions; the fp32 trainer side recomputes each
+token's logits with HF and measures the distance of the seeded uniform from the token's
+interval (`check_draws`). Prints, per sampling rule, the distance quantiles and the token and
+sequence rejection rates at several tolerances (docs/security.md has the numbers). Without
+`--model`, the tiny random test model; `--sharpen K` multiplies its final norm by K (logits
+x K: peaked distributions, nearer a trained model's entropy).
+
+    python scripts/measure_seeded_tolerance.py --prompts 32 --n 8 --max-tokens 48 --sharpen 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+RULES = {"T1": dict(temperature=1.0, top_k=-1, top_p=1.0), "T0.7": dict(temperature=0.7, top_k=-1, top_p=1.0),
+         "T1-k50-p0.95": dict(temperature=1.0, top_k=50, top_p=0.95)}  # fmt: skip
+TOLERANCES = (0.0, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="HF model directory (default: the tiny random model)")
+    parser.add_argument("--sharpen", type=float, default=1.0, help="scale the tiny model's logits by this")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--dtype", default="bfloat16", help="the worker's dtype")
+    parser.add_argument("--output", default=None, help="write the summary as JSON here")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rl.sampling import check_draws, uniforms
+    from rl.wire.protocol import SamplingParamsWire
+    from rollout_workers.engines import EngineSpec, make_engine, sampling_rule
+
+    model_dir = Path(args.model) if args.model else tiny_model(Path(tempfile.mkdtemp()), args.sharpen)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vocab = reference.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, min(vocab, 30000), (int(torch.randint(4, 16, (1,), generator=g)),),
+                             generator=g).tolist() for _ in range(args.prompts)]  # fmt: skip
+    engine = make_engine(EngineSpec(kind="vllm"), model_dir, max_model_len=256, dtype=args.dtype)
+    summary = {}
+    for name, rule_args in RULES.items():
+        params = SamplingParamsWire(n=args.n, max_tokens=args.max_tokens, **rule_args)
+        seeds = [[10_000 * i + j for j in range(args.n)] for i in range(len(prompts))]
+        outputs = engine.generate(prompts, params, seeds)
+        distances, entropy, lp_diff = [], [], []
+        for prompt, completions, prompt_seeds in zip(prompts, outputs, seeds, strict=True):
+            for c, seed in zip(completions, prompt_seeds, strict=True):
+                with torch.no_grad():
+                    logits = reference(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+                u = uniforms(seed, torch.arange(len(c.token_ids)))
+                distances.append(check_draws(logits, torch.tensor(c.token_ids), u, sampling_rule(params), tol=0)[1])
+                lp = torch.log_softmax(logits.double(), -1)
+                entropy.append(-(lp.exp() * lp).sum(-1))
+                ref_lp = lp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+                lp_diff.append((ref_lp - torch.tensor(c.logprobs, dtype=torch.float64)).abs())
+        tokens, lp_diff = torch.cat(distances), torch.cat(lp_diff)
+        quantiles = torch.quantile(tokens, torch.tensor([0.99, 0.999], dtype=torch.float64)).tolist()
+        summary[name] = {
+            "sequences": len(distances), "tokens": len(tokens), "entropy_nats": float(torch.cat(entropy).mean()),
+            "logprob_diff_mean": float(lp_diff.mean()), "logprob_diff_max": float(lp_diff.max()),
+            "moved_tokens": float((tokens > 0).double().mean()), "p99": quantiles[0], "p999": quantiles[1],
+            "max": float(tokens.max()),
+            "rejected": {str(tol): {"tokens": float((tokens > tol).double().mean()),
+                                    "sequences": sum(bool((d > tol).any()) for d in distances) / len(distances)}
+                         for tol in TOLERANCES},
+        }  # fmt: skip
+        print(name, json.dumps(summary[name], indent=1))
+    engine.close()
+    if args.output:
+        Path(args.output).write_text(json.dumps(summary, indent=1))
+
+
+def tiny_model(out: Path, sharpen: float) -> Path:
+    """The tests' tiny random Qwen2, its final norm (so its logits) scaled by `sharpen`."""
+    from safetensors.torch import load_file, save_file
+
+    from rl.models import build_tiny_model
+
+    build_tiny_model(out)
+    path = out / "model.safetensors"
+    state = load_file(str(path))
+    state["model.norm.weight"] = state["model.norm.weight"] * sharpen
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    return out
+
+
+if __name__ == "__main__":
+    main()
