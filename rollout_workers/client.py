@@ -1,18 +1,12 @@
-"""HTTP client of the hub's worker routes (rl/protocol.py is the contract).
+"""HTTP client of the hub's worker routes (rl/wire/protocol.py is the contract).
 
-A worker only ever makes outbound requests, through one `HubClient`, built on the
-shared client base `HubHTTP` (rl/client.py):
-
-- Connection errors, timeouts, 5xx and 429 are retried with capped
-  exponential backoff (tenacity) until `max_retry_s` runs out (None: for
-  ever), so a worker rides out a hub restart. Setting `stop_event` ends the waiting.
-- Other 4xx answers raise the hub's `HubError`; 401/403 raise `AuthError`
-  (a bad token is never retried).
-- A 404 for the worker's own id means the hub forgot it (restart, or it was
-  dropped after missing heartbeats): the client registers again with the
-  same `RegisterRequest` and repeats the call (heartbeat, lease) or, for a
-  submission whose lease died with the old id, raises `HubError`.
-
+A worker only ever makes outbound requests, through one `HubClient` built on the shared client
+base `HubHTTP` (rl/wire/client.py): connection errors, timeouts, 5xx and 429 are retried with
+capped exponential backoff until `max_retry_s` runs out (None: for ever), so a worker rides out
+a hub restart; setting `stop_event` ends the waiting. Other 4xx raise the hub's `HubError`,
+401/403 `AuthError` (never retried). A 404 for the worker's own id means the hub forgot it
+(restart, or missed heartbeats): the client registers again with the same `RegisterRequest` and
+repeats the call, or, for a submission whose lease died with the old id, raises `HubError`.
 Thread-safe: the worker's main loop and its heartbeat thread share one client.
 """
 

@@ -3,31 +3,21 @@ a mirror, capped at the manifest's size, and the sha256 that decides whether the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
+from rl.models import sha256_file
 from rl.wire.protocol import PolicyFile
 from rollout_workers.client import HubClient, HubError
 from rollout_workers.mirror import MIRROR_COOLDOWN_S, Mirror, MirrorError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
-
 Counted = Callable[[str, int], None]
 """Called with (origin: "hub" or "mirror", bytes written) as a stream lands on disk."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stream_into(source: HubClient | Mirror, url_path: str, part: Path, entry: PolicyFile, counted: Counted) -> None:
@@ -81,7 +71,7 @@ def from_mirror(mirror: Mirror, part: Path, entry: PolicyFile, counted: Counted)
         )
         mirror.failed(cool_down=not not_there)
         return False
-    digest = sha256_of(part)
+    digest = sha256_file(part)
     if digest == entry.sha256:
         return True
     log.warning(

@@ -1,44 +1,14 @@
-"""Download policy versions from the hub into a local cache, verified and resumable.
+"""A worker's copy of the hub's policy versions: fetched, verified byte for byte, cached, resumable.
 
-Cache layout (default `~/.cache/scatter-rl/worker/<host>-<port>/`, or
-`$SCATTER_RL_CACHE/worker/...`, or `cache_dir`):
-
-  base/                 config + tokenizer files (`GET /v1/policy/base/files/{name}`)
-  base/.verified.json   the base entries already checked, so they are not hashed again
-  v<N>/                 a loadable HF directory: the version's safetensors shards (+ index)
-                        + hard links to base/
-  v<N>/.complete        written last: the version is whole and verified (holds its manifest)
-  .lock                 flock: workers on one machine share the cache safely
-
-A `full` version's shards are downloaded (`GET /v1/policy/{N}/files/{name}`). A `delta`
-version (or a keyframe's `deltas`, by a worker holding the version before it) is
-rebuilt: its `<shard>.delta.zst` files are downloaded and applied to the
-cached base version's shards (rl/weight_files.py), shards it ships whole are downloaded
-(a dense change), unchanged shards are hard-linked,
-and every rebuilt shard must hash to the manifest's sha256. A worker without the base
-(new, restarted, pruned) walks the chain back to a cached version or to the keyframe
-(`GET /v1/policy/{N}` for each manifest); a mismatch, a truncated or foreign delta
-drops the cached chain and rebuilds from a freshly downloaded keyframe. Only then does
-it give up (`WeightSyncError`): never a silently wrong model.
-
-A worker on the hub's machine (`rl train`'s local workers: $SCATTER_RL_HUB_POLICY_DIR)
-hard-links a version's files from the hub's policy directory instead of downloading
-them, with the same sha256 checks; anything missing or different is downloaded.
-
-A file is streamed into `<name>.part`; after a dropped connection the next
-attempt continues it with an HTTP Range request. Every file is checked against
-the manifest's sha256; a mismatch deletes the part and fetches again, up to
-`max_hash_failures` times, then `WeightSyncError`. Transport errors and 5xx
-are retried like every other hub call (HubClient policy). `prune` removes
-versions that are no longer needed.
-
-Mirrors: with `weights_url` (`rl rollout --weights-url`, else the hub's advertised
-`hub.weights_url`) each file is first fetched by hash, `GET {weights_url}/v1/blobs/<sha256>`,
-from an HTTP cache in front of the hub (configs/nginx/) or any mirror of that path. A
-mirror is never trusted: the manifest comes from the hub, every file is checked against
-its sha256, and on any failure (refused, cut, 404, wrong bytes) the worker logs it and
-fetches that file from the hub. After a failure other than a 404 the mirror is skipped
-for `MIRROR_COOLDOWN_S`. `bytes_from` counts what came from where.
+`WeightSync.fetch(manifest)` makes a version loadable under `cache_dir` (default
+`~/.cache/scatter-rl/worker/<host>-<port>/`): `base/` (config, tokenizer), `v<N>/` (a normal HF
+directory; `.complete` written last) and `.lock` (workers on one machine share the cache).
+Each file comes from the first source that has it intact: the worker's own base model
+(`blobs/`), the hub's policy directory on the same machine ($SCATTER_RL_HUB_POLICY_DIR), a
+mirror by sha256 (`weights_url`, never trusted), then the hub itself, resumed with HTTP Range;
+every file is checked against the manifest's sha256. rl/weights/apply.py turns the files into
+shards (deltas, LoRA merges); a delta chain that fails is rebuilt from its keyframe, and then
+`WeightSyncError`: never a silently wrong model. More in docs/operations.md, "The worker's cache".
 """
 
 from __future__ import annotations
@@ -58,12 +28,22 @@ from typing import get_args
 from urllib.parse import quote, urlsplit
 
 from rl.config import WeightsFormat
-from rl.weights.files import WeightFileError, apply_delta, read_shard, shard_spec_of, write_shards
+from rl.models import sha256_file
+from rl.weights.apply import (
+    delta_chain,
+    delta_files,
+    link_or_copy,
+    loadable_shards,
+    merge_lora,
+    rebuild_from_deltas,
+)
+from rl.weights.files import WeightFileError
+from rl.weights.store import BASE, version_dir, version_numbers
 from rl.wire.protocol import PolicyFile, PolicyManifest
 from rollout_workers.base_model import seed_from_base_model
 from rollout_workers.client import HubClient, HubError
 from rollout_workers.mirror import Mirror
-from rollout_workers.transfer import from_mirror, sha256_of, stream_into
+from rollout_workers.transfer import from_mirror, stream_into
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +114,11 @@ class WeightSync:
         self._base_model_checked = False
 
     @property
+    def base_dir(self) -> Path:
+        """The verified config and tokenizer files, linked into every version directory."""
+        return self.cache_dir / BASE
+
+    @property
     def blob_dir(self) -> Path:
         """Files by sha256 this worker already has (written from `base_model`)."""
         return self.cache_dir / "blobs"
@@ -149,7 +134,7 @@ class WeightSync:
         blob = self.blob_dir / entry.sha256
         if not blob.is_file() or blob.stat().st_size != entry.size:
             return False
-        _link(blob, dest)
+        link_or_copy(blob, dest)
         dest.with_name(dest.name + ".part").unlink(missing_ok=True)
         self.bytes_from["local"] += entry.size
         return True
@@ -177,7 +162,7 @@ class WeightSync:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def version_dir(self, version: int) -> Path:
-        return self.cache_dir / f"v{version}"
+        return version_dir(self.cache_dir, version)
 
     def local(self, version: int, expected: PolicyManifest | None = None) -> LocalPolicy | None:
         """The cached version if it is complete (and has `expected`'s files and hashes), else None.
@@ -199,14 +184,9 @@ class WeightSync:
         ):
             log.info("cached policy v%d is not the hub's v%d (different hashes); downloading again", version, version)
             return None
-        shards = manifest.full_shards()
-        files = [vdir / f.name for f in shards]
-        if not all(p.is_file() and p.stat().st_size == f.size for p, f in zip(files, shards, strict=True)):
+        files = loadable_shards(manifest, vdir)
+        if files is None:
             return None
-        if manifest.format == "lora":  # the engine loads the merged weights, not the adapters
-            files = sorted(p for p in vdir.glob("*.safetensors") if p.name != "adapter.safetensors")
-            if not files:
-                return None
         return LocalPolicy(version=version, model_dir=vdir, weight_files=files)
 
     def cached_manifest(self, version: int) -> PolicyManifest | None:
@@ -243,7 +223,7 @@ class WeightSync:
             start, before, before_from = time.perf_counter(), self.bytes_downloaded, self.bytes_from.copy()
             before_local = self.bytes_local
             self._use_base_model(manifest)
-            self._sync_base(self.cache_dir / "base", manifest.base_files)
+            self._sync_base(self.base_dir, manifest.base_files)
             how = "rebuilt"
             if manifest.format == "delta":
                 self._rebuild(manifest)
@@ -292,14 +272,14 @@ class WeightSync:
         """Link `entry` from the hub's own version directory (same machine) if it is there and intact."""
         if self.hub_policy_dir is None:
             return False
-        src = self.hub_policy_dir / f"v{version}" / entry.name
+        src = version_dir(self.hub_policy_dir, version) / entry.name
         try:
             if src.stat().st_size != entry.size:
                 return False
-            _link(src, dest)
+            link_or_copy(src, dest)
         except OSError:
             return False  # not there (garbage-collected, another machine): download it
-        if sha256_of(dest) != entry.sha256:
+        if sha256_file(dest) != entry.sha256:
             log.warning("%s in %s does not match the manifest; downloading it", entry.name, src.parent)
             dest.unlink(missing_ok=True)
             return False
@@ -311,7 +291,7 @@ class WeightSync:
         weight_names = {f.name for f in manifest.files} | {f.name for f in manifest.full_shards()}
         for entry in manifest.base_files:
             if entry.name not in weight_names:
-                _link(self.cache_dir / "base" / entry.name, vdir / entry.name)
+                link_or_copy(self.base_dir / entry.name, vdir / entry.name)
         (vdir / COMPLETE).write_text(manifest.model_dump_json())
 
     def _download_full(self, manifest: PolicyManifest) -> None:
@@ -324,14 +304,12 @@ class WeightSync:
     def _rebuild(self, target: PolicyManifest) -> None:
         """Make `target` (a delta version) complete in the cache: from a cached ancestor, else the keyframe."""
         for attempt in ("cached", "keyframe"):
-            chain = [target]  # newest first; ends at a version to start from
+            chain: list[PolicyManifest] = []  # newest first; ends at a version to start from
             try:
-                while chain[-1].format == "delta":
-                    if chain[-1].base_version is None:
-                        raise WeightFileError(f"delta version v{chain[-1].version} names no base version")
-                    base = self.client.policy(chain[-1].base_version)
-                    chain.append(base)
-                    if attempt == "cached" and self.local(base.version, expected=base) is not None:
+                for manifest in delta_chain(target, self.client.policy):
+                    chain.append(manifest)
+                    cached = attempt == "cached" and len(chain) > 1
+                    if cached and self.local(manifest.version, expected=manifest) is not None:
                         break
                 start = chain.pop()
                 if attempt == "keyframe" or self.local(start.version, expected=start) is None:
@@ -382,41 +360,16 @@ class WeightSync:
         base = self.local(manifest.base_version, expected=base_manifest) if base_manifest else None
         if base is None:
             raise WeightFileError(f"base v{manifest.base_version} of v{manifest.version} is not in the cache")
-        base_shards = {f.name: f for f in base_manifest.full_shards()}
         vdir = self._fresh_version_dir(manifest.version)
-        files = manifest.deltas if manifest.format == "full" else manifest.files
-        self._download_files(manifest, vdir, files)
-        deltas = {f.name for f in files}
+        self._download_files(manifest, vdir, delta_files(manifest))
         for entry in manifest.full_shards():
-            name = _safe_name(entry.name)
-            if name not in base_shards:
-                raise WeightFileError(f"v{manifest.version}: shard {name} is not a shard of base v{base.version}")
-            source = base.model_dir / name
-            spec = shard_spec_of(source)
-            if name in deltas:  # shipped whole (a dense change): downloaded and verified already
-                rebuilt = entry
-            elif spec.delta_name in deltas:
-                with open(vdir / spec.delta_name, "rb") as f:
-                    [rebuilt] = write_shards(vdir, [spec], apply_delta(read_shard(source, spec), f.read()))
-                (vdir / spec.delta_name).unlink()
-            else:  # unchanged since the base: the same file
-                _link(source, vdir / name)
-                rebuilt = base_shards[name]
-            if rebuilt.sha256 != entry.sha256 or rebuilt.size != entry.size:
-                raise WeightFileError(
-                    f"v{manifest.version}: shard {name} rebuilt from v{base.version} hashes to "
-                    f"{rebuilt.sha256[:12]}, the hub's is {entry.sha256[:12]}"
-                )
+            _safe_name(entry.name)
+        rebuild_from_deltas(manifest, base_manifest, base.model_dir, vdir)
         self._complete(manifest, vdir)
 
     def _fetch_lora(self, manifest: PolicyManifest) -> LocalPolicy:
         """A `lora` version: its full base version (cached after the first time), the adapters (a few MB,
-        sha256-checked), merged here into a normal HF directory the engine loads (rl/lora.py)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
-
-        from rl.weights.lora import ADAPTER_FILE, merge_adapter
-
+        sha256-checked), merged here into a normal HF directory the engine loads (rl/weights/apply.py)."""
         if manifest.lora_base_version is None:
             raise WeightSyncError(f"lora policy v{manifest.version} names no base version")
         cached = self.local(manifest.version, expected=manifest)
@@ -431,36 +384,17 @@ class WeightSync:
             for entry in manifest.files:
                 name = _safe_name(entry.name)
                 self._download(f"/v1/policy/{manifest.version}/files/{quote(name)}", vdir / name, entry)
-            adapter = vdir / ADAPTER_FILE
-            if not adapter.is_file():
-                raise WeightSyncError(f"lora policy v{manifest.version} has no {ADAPTER_FILE}")
-            with safe_open(adapter, "pt") as f:
-                scaling = float((f.metadata() or {}).get("scaling", "nan"))
-            if not scaling == scaling:  # NaN: no scaling recorded
-                raise WeightSyncError(f"{adapter}: no 'scaling' in its metadata (not a scatter-rl adapter file)")
-            adapters = load_file(adapter)
-            placed = set()
-            for path in base.weight_files:
-                mine = _adapters_for(adapters, path)
-                placed |= set(mine)
-                try:
-                    merged = merge_adapter(load_file(path), mine, scaling)
-                except ValueError as e:
-                    raise WeightSyncError(
-                        f"lora policy v{manifest.version} does not fit base v{base.version}: {e}"
-                    ) from e
-                tmp = vdir / f"{path.name}.merging"
-                save_file(merged, str(tmp), metadata={"format": "pt", "policy_version": str(manifest.version)})
-                os.replace(tmp, vdir / path.name)
-            if stray := sorted(set(adapters) - placed):
-                raise WeightSyncError(f"lora policy v{manifest.version}: no base weight for adapters {stray[:4]}")
+            try:
+                merged = merge_lora(manifest, vdir, base.version, base.weight_files)
+            except WeightFileError as e:
+                raise WeightSyncError(str(e)) from e
             for p in base.model_dir.iterdir():
                 if p.is_file() and not p.name.startswith(".") and not (vdir / p.name).exists():
-                    _link(p, vdir / p.name)
+                    link_or_copy(p, vdir / p.name)
             (vdir / COMPLETE).write_text(manifest.model_dump_json())
             log.info("merged lora policy v%d into base v%d in %.1f s", manifest.version, base.version,
                      time.perf_counter() - start)  # fmt: skip
-            return LocalPolicy(manifest.version, vdir, [vdir / p.name for p in base.weight_files])
+            return LocalPolicy(manifest.version, vdir, merged)
 
     def _sync_base(self, base: Path, entries: list[PolicyFile]) -> None:
         base.mkdir(parents=True, exist_ok=True)
@@ -494,7 +428,7 @@ class WeightSync:
             return
         for failure in range(1, self.max_hash_failures + 1):
             self.client.with_retries(lambda: stream_into(self.client, url_path, part, entry, self._count))
-            digest = sha256_of(part)
+            digest = sha256_file(part)
             if digest == entry.sha256:
                 os.replace(part, dest)
                 return
@@ -515,30 +449,13 @@ class WeightSync:
     def prune(self, keep: set[int], keep_latest: int = 2) -> list[int]:
         """Delete cached versions not in `keep` and not among the `keep_latest` newest; returns them."""
         with self._locked():
-            versions = sorted(int(p.name[1:]) for p in self.cache_dir.glob("v*") if p.is_dir() and p.name[1:].isdigit())
+            versions = version_numbers(self.cache_dir)
             removed = [v for v in versions[: max(0, len(versions) - keep_latest)] if v not in keep]
             for v in removed:
                 shutil.rmtree(self.version_dir(v), ignore_errors=True)
         if removed:
             log.info("removed cached policy versions %s", removed)
         return removed
-
-
-def _adapters_for(adapters: dict, weights_path: Path) -> dict:
-    """The adapters whose base weights live in the file `weights_path` (all of them for one file)."""
-    from safetensors import safe_open
-
-    with safe_open(weights_path, "pt") as f:
-        names = set(f.keys())
-    return {k: v for k, v in adapters.items() if f"{k.rsplit('.', 1)[0]}.weight" in names}
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 __all__ = ["LocalPolicy", "WeightSync", "WeightSyncError", "default_cache_dir"]

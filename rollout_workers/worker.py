@@ -1,27 +1,14 @@
 """The rollout worker loop behind `rl rollout --hub URL --token T`.
 
-    register -> download + load the current policy -> continuous batching:
-        lease thread       POST /v1/leases while fewer than `max_inflight_prompts` prompts are unfinished
-                           (long poll `wait_s` only when idle; no work: pause `retry_after_s`)
-        main thread        adds each leased prompt to the engine as it arrives and steps it; a lease whose
-                           prompts all finished goes to the submit thread
-        submit thread      POST /v1/rollouts in the background (a 4xx is logged, the loop goes on)
-        newer policy?      stop adding, let the in-flight prompts finish, reload in place, go on
-
-The engine is never reloaded with prompts in flight, so every completion is submitted
-with the version that generated it (`policy_version` of its lease's submission). With
-vLLM new prompts join the running batch at the next step; the hf engine goes one prompt
-at a time through the same loop.
-
-A heartbeat thread reports the loaded version, tokens/s and whether the worker
-is busy, and learns about new versions from the answers. SIGTERM/SIGINT stop
-leasing, finish the prompts in flight, submit them, leave the hub (DELETE
-/v1/workers/{id}: it re-queues leases not started) and return 0; a second signal
-interrupts at once. Hub restarts are ridden out by the client (retries,
-automatic re-registration).
-
-Exit codes: 0 clean exit (signal or --max-prompts), 1 unrecoverable error,
-2 the hub refused the token (401/403).
+Register, download and load the current policy, then continuous batching: a lease thread keeps
+up to `max_inflight_prompts` prompts leased (POST /v1/leases), the main thread adds each to the
+engine and steps it, a submit thread posts finished leases (POST /v1/rollouts). When a newer
+policy is out the worker stops adding, lets the prompts in flight finish and reloads in place,
+so every completion is submitted with the version that generated it. A heartbeat thread reports
+the loaded version and tokens/s, and learns about new versions. SIGTERM/SIGINT: stop leasing,
+finish and submit what is in flight, leave the hub (it re-queues leases not started); a second
+signal interrupts at once. Exit codes: 0 clean exit (signal or --max-prompts), 1 unrecoverable
+error, 2 the hub refused the token (401/403).
 """
 
 from __future__ import annotations
@@ -30,6 +17,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import threading
@@ -108,7 +96,7 @@ class Worker:
         """Set once the work is drained: the background threads end."""
         self.spec = spec
         self.max_prompts = max_prompts
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or safe_name(f"{socket.gethostname()}-{os.getpid()}")
         self.prompts_per_lease = prompts_per_lease
         self.max_inflight_prompts = max_inflight_prompts
         self.sync = WeightSync(client, cache_dir, weights_url=weights_url, base_model=base_model)
@@ -508,7 +496,12 @@ def _host() -> str:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     except Exception:
         device = "?"
-    return f"{socket.gethostname()} ({device})"[:256]
+    return re.sub(r"[^\x20-\x7e]", "?", f"{socket.gethostname()} ({device})")[:256]
+
+
+def safe_name(name: str) -> str:
+    """`name` in the hub's worker-name alphabet (rl.wire.protocol.SAFE_NAME): other characters become `-`."""
+    return re.sub(r"[^A-Za-z0-9._:@+-]", "-", name)[:64] or "worker"
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict[int, object] | None:

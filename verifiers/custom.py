@@ -1,18 +1,13 @@
 """User reward functions named `module:function` in a config, used as-is.
 
-Two shapes are accepted, told apart by the signature:
-
-- ours: `f(completion_text, example, **params)` returning a `Reward`, a number,
-  a bool or None (None scores 0, "not applicable");
-- TRL's: `f(prompts, completions, **columns) -> list[float | None]` (any
-  function with a `completions` parameter). It is called for one completion at
-  a time with `prompts=[example["prompt"] or example["question"]]`,
-  `completions=[text]` (chat-shaped, `[[{"role": "assistant", "content": text}]]`,
-  when the prompt is a list of messages) and every other example column as a
-  one-element list, plus the term's params; columns the function cannot accept
-  are left out. TRL's trainer-only kwargs (`completion_ids`, `trainer_state`,
-  ...) are not passed.
-
+Two shapes, told apart by the signature:
+- ours: `f(completion_text, example, **params)` returning a `Reward`, a number, a bool or None
+  (None scores 0, "not applicable");
+- TRL's: `f(prompts, completions, **columns) -> list[float | None]` (any function with a
+  `completions` parameter), called one completion at a time: `prompts=[prompt or question]`,
+  `completions=[text]` (chat-shaped when the prompt is a list of messages), every other column as
+  a one-element list, plus the term's params; columns it cannot accept and TRL's trainer-only
+  kwargs (`completion_ids`, `trainer_state`, ...) are left out.
 Functions run in the pool's worker processes, with the pool's hard timeout.
 """
 

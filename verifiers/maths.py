@@ -1,19 +1,13 @@
 """Math correctness with math-verify: answer extraction and equivalence.
 
-math-verify compares parsed expressions (sympy), so `\\frac{1}{2}`, `0.5` and
-`1/2` are equal, as are reordered sets, intervals, `50\\%` and `0.5`, and answers
-with units (`5\\text{ cm}`). Its own timeouts use `signal.alarm`, which only works
-in the main thread of a process: this function runs in the pool's worker
-processes, and the pool kills a worker whose item outlives the hard timeout
-(hostile inputs like `9^{9^{9^{9}}}` end at math-verify's alarm, a stuck C call
-at the kill).
-
-Extraction order for the prediction: the last `<answer>...</answer>` if the
-completion has one (param `answer_tag`), else the whole completion (boxed
-answers first, then the last LaTeX or plain expression). Gold answers and tag
-contents without LaTeX delimiters are read as if boxed (`10^{-3}` is 0.001, not
-10). One known failure mode of math-verify is handled here: plain-text function
-notation like `1/sqrt(2)` (it would extract just `1`) is rewritten to LaTeX.
+math-verify compares parsed expressions (sympy): `\\frac{1}{2}`, `0.5` and `1/2` are equal, as are
+reordered sets, intervals, `50\\%` and `0.5`, and answers with units (`5\\text{ cm}`). Its timeouts
+use `signal.alarm` (main thread only), so this runs in the pool's worker processes, which the pool
+kills when an item outlives the hard timeout (`9^{9^{9^{9}}}` ends at the alarm, a stuck C call at
+the kill). Prediction: the last `<answer>...</answer>` if any (param `answer_tag`), else the whole
+completion (boxed answers first, then the last LaTeX or plain expression). Gold answers and tag
+contents without LaTeX delimiters are read as if boxed (`10^{-3}` is 0.001, not 10); plain-text
+function notation like `1/sqrt(2)` (math-verify would extract just `1`) is rewritten to LaTeX.
 """
 
 from __future__ import annotations

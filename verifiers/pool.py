@@ -1,21 +1,15 @@
 """`VerifierPool`: score completions with the configured reward terms, never blocking the caller's loop.
 
-    pool = VerifierPool.from_config(cfg.rewards)      # starts processes, returns at once
+    pool = VerifierPool.from_config(cfg.rewards)         # starts processes, returns at once
     rewards = await pool.score_many([(text, row), ...])  # in order, one Reward per item
-    pool.metrics()                                     # latency percentiles, timeouts, errors
     pool.close()
 
-Where each term runs (see `verifiers.terms`): format/length inline; math and
-custom functions in `workers` worker processes (items go out in small chunks,
-answers stream back one per item) with a hard `timeout_s` per item after which
-the worker is killed, the item's worker terms score 0 with the reason, and a
-fresh worker takes over the rest of its chunk; code and
-reasoning-gym in bubblewrap sandboxes. All waiting is on pipes registered with
-the running loop. Start-up (worker imports, reasoning-gym server imports, about
-1-2 s) happens in the background; the first call waits for it.
-
-One event loop at a time may use a pool (the hub's, or one per
-`score_many_sync` call); `close()` is synchronous and safe inside a loop.
+Where each term runs (`verifiers.terms`): format/length inline; math and custom functions in
+`workers` worker processes (small chunks out, one answer per item back) with a hard `timeout_s` per
+item, after which the worker is killed, the item's terms score 0 with the reason and a fresh worker
+takes the rest of its chunk; code and reasoning-gym in bubblewrap sandboxes. Start-up (imports,
+about 1-2 s) runs in the background; the first call waits for it. One event loop at a time may use
+a pool (the hub's, or one per `score_many_sync` call); `close()` is synchronous and safe in a loop.
 """
 
 from __future__ import annotations
@@ -113,13 +107,7 @@ class VerifierPool:
     async def _ensure_ready(self, worker: _Worker) -> None:
         if worker.ready:
             return
-        loop = asyncio.get_running_loop()
-        try:
-            hello = json.loads(await worker.child.read_frame(loop.time() + WORKER_STARTUP_TIMEOUT_S))
-        except (TimeoutError, ChildDied, ValueError) as e:
-            raise VerifierError(f"verifier worker did not start: {e!r}") from None
-        if not hello.get("ready"):
-            raise VerifierError(f"verifier worker failed to start: {hello.get('error')}")
+        await worker.child.wait_ready(WORKER_STARTUP_TIMEOUT_S, "verifier worker")
         worker.ready = True
 
     async def _acquire_worker(self) -> _Worker:

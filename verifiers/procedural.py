@@ -1,17 +1,13 @@
 """reasoning-gym: procedural tasks as a prompt source and as a (sandboxed) scorer.
 
-Prompt source: `make_dataset(name, params, size, seed)` returns rows
-(`question`, `answer`, `metadata` with `source_dataset`), generated offline and
-deterministically by seed.
-
-Scorer: the `reasoning_gym` term. The answer is pulled from the completion in
-the pool's process (param `extract`, default `answer_tag_or_last_number`: the
-last `<answer>...</answer>`, else the last number in the text; `answer_tag`,
-`last_number` and `raw` are the strict variants), then scored with the
-dataset's own `score_answer` inside persistent sandboxed servers
-(`verifiers/_rg_server.py`): a batch costs one fork in the sandbox, not one
-sandbox start, so hundreds of answers per second fit on one core. The dataset
-is the term's `dataset` param, else the row's `metadata.source_dataset`.
+Prompt source: `make_dataset(name, params, size, seed)` returns rows (`question`, `answer`,
+`metadata` with `source_dataset`), generated offline and deterministically by seed.
+Scorer: the `reasoning_gym` term. The answer is pulled from the completion in the pool's process
+(param `extract`, default `answer_tag_or_last_number`: the last `<answer>...</answer>`, else the
+last number; `answer_tag`, `last_number` and `raw` are the strict variants), then scored by the
+dataset's own `score_answer` (param `dataset`, else the row's `metadata.source_dataset`) inside
+persistent sandboxed servers (`_rg_server.py`): a batch costs one fork in the sandbox, not one
+sandbox start, so hundreds of answers per second fit on one core.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from verifiers._ipc import ChildDied, ChildProcess, IdleSet
 from verifiers.base import Example, Reward, VerifierError, failed
 from verifiers.extract import AnswerMode, extract_answer
-from verifiers.sandbox import SCRIPTS, SandboxSpec, bwrap_argv, python_command, require_sandbox
+from verifiers.sandbox import SCRIPTS, SandboxSpec, bwrap_argv, python_command, require_sandbox, script_binds
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +83,7 @@ class ReasoningGymTerm:
         python, roots = python_command(with_site_packages=True)
         limits = json.dumps({"max_processes": 64, "memory_mb": self.params.memory_mb})
         script = f"{SCRIPTS}/{SERVER.name}"
-        spec = SandboxSpec(ro_paths=roots, ro_files=((str(SERVER), script),))
+        spec = SandboxSpec(ro_paths=roots, ro_files=script_binds(SERVER))
         self._argv = bwrap_argv(spec, [*python, script, limits])
         self._servers: IdleSet[_Server] = IdleSet()
         self._all: list[_Server] = []
@@ -114,13 +110,7 @@ class ReasoningGymTerm:
     async def _ensure_ready(self, server: _Server) -> None:
         if server.ready:
             return
-        loop = asyncio.get_running_loop()
-        try:
-            hello = json.loads(await server.child.read_frame(loop.time() + STARTUP_TIMEOUT_S))
-        except (TimeoutError, ChildDied, ValueError) as e:
-            raise VerifierError(f"reasoning-gym sandbox server did not start: {e!r}") from None
-        if not hello.get("ready"):
-            raise VerifierError(f"reasoning-gym sandbox server failed: {hello.get('error')}")
+        await server.child.wait_ready(STARTUP_TIMEOUT_S, "reasoning-gym sandbox server")
         server.ready = True
 
     async def score_many(self, items: list[tuple[str, Example]]) -> list[Reward]:

@@ -1,30 +1,14 @@
 """The bubblewrap sandbox that model-influenced code runs in (code tests, reasoning-gym scorers).
 
-What a sandboxed process gets:
-- every namespace of its own (user, mount, pid, network, ipc, uts, cgroup): no
-  network at all (only a down loopback), no view of host processes;
-- a root filesystem that is an empty tmpfs with read-only binds of `/usr` and of
-  the Python installation it needs, nothing else: no home directory, no /etc, no
-  repository, no host /tmp; a size-limited tmpfs work dir (`/sandbox`, also /tmp);
-- an empty environment from the start: bwrap itself is launched through
-  `env -i`, because bwrap stays in the sandbox as its pid 1 and a non-root
-  caller's sandbox runs under the same uid, free to read `/proc/1/environ`;
-  inside, only a fixed PATH/HOME/LANG set (no tokens or secrets from the host);
-- a non-root uid (65534) without capabilities and with `no_new_privs`;
-- resource limits set by the sandboxed program itself before it runs untrusted
-  code (CPU, address space, processes, file size, open files), and a wall-clock
-  kill from the outside; killing the bwrap process tears the pid namespace down.
-
-Process limits only hold for a non-root user. As root, bwrap would map the
-sandbox uid to host root, where RLIMIT_NPROC is not enforced (a fork bomb would
-escape the limit), so root callers get two stages: bwrap (all namespaces but
-user, so it can still bind root-only paths like a pyenv under /root) runs
-`setpriv` to become uid 65534 with no capabilities, then `unshare --user`
-(util-linux) enters a fresh user namespace. RLIMIT_NPROC set inside it counts
-only that sandbox's processes. Non-root callers get a single unprivileged
-`bwrap --unshare-all --unshare-user`.
-
-Without bubblewrap nothing runs: `SandboxUnavailable` says how to install it.
+A sandboxed process gets every namespace of its own (no network, no view of host processes); a
+root filesystem of read-only `/usr` and the Python it needs on an empty tmpfs (no home, /etc,
+repository or host /tmp); a size-limited work dir (`/sandbox`, also /tmp); an empty environment
+(bwrap itself starts through `env -i`, since it stays as pid 1, whose environ the sandbox can
+read); uid 65534 without capabilities and with `no_new_privs`; rlimits it sets on itself, and a
+wall-clock kill from outside. Process limits only hold for a non-root user, so a root caller gets
+bwrap without a user namespace, then `setpriv` to uid 65534 and `unshare --user` (RLIMIT_NPROC
+then counts only that sandbox's processes). Without bubblewrap nothing runs (`SandboxUnavailable`).
+Threat model: docs/security.md, "Model-written code".
 """
 
 from __future__ import annotations
@@ -42,6 +26,8 @@ from verifiers.base import VerifierError
 SANDBOX_UID = 65534
 WORKDIR = "/sandbox"
 SCRIPTS = "/opt/scatter-rl"
+INSIDE_HELPER = Path(__file__).with_name("_inside.py")
+"""What the scripts that run inside import (from their own directory)."""
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
 
 
@@ -61,6 +47,11 @@ class SandboxSpec:
     """Size of the writable work dir (/sandbox) and of /tmp, each."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables (the host environment is never passed)."""
+
+
+def script_binds(*scripts: Path) -> tuple[tuple[str, str], ...]:
+    """`SandboxSpec.ro_files` that put `scripts` and the helper they import under `SCRIPTS`."""
+    return tuple((str(path), f"{SCRIPTS}/{path.name}") for path in (*scripts, INSIDE_HELPER))
 
 
 def _python_roots(with_site_packages: bool) -> tuple[str, list[str]]:

@@ -1,31 +1,18 @@
 """`rl train`: one command for a whole run — hub process, local rollout workers, DeepSpeed trainer.
 
-The hub and each local worker are child processes (logs in `run_dir/logs/`);
-the trainer runs in this process (or in each rank under `torchrun`/`deepspeed`,
-where global rank 0 starts the children and the other ranks only train).
-
-Lifecycle:
-- Children run in their own sessions, so a terminal's Ctrl-C reaches only
-  `rl train` (which still needs the hub for its last checkpoint), and the kernel
-  sends them SIGTERM when `rl train` dies, even by SIGKILL (PR_SET_PDEATHSIG):
-  a killed run leaves no orphans. They do not inherit RANK/WORLD_SIZE/MASTER_*.
-- First SIGINT/SIGTERM: finish the current step, checkpoint, exit 130. A second
-  one exits at once (the last checkpoint stays valid).
-- A watchdog thread watches the children. A hub that dies mid-run is restarted
-  from its ledger database (run_dir/hub.sqlite, rl/hub/ledger.py) on the same port,
-  up to `hub.max_restarts` times: the trainer's calls wait for it (HubAdmin retries),
-  workers register again, prompts in flight are generated again, none is lost or
-  trained twice. One more death (or one before the hub first answered) fails the run.
-  When every local worker died and no remote worker is connected, the trainer
-  checkpoints and the run exits 1. Either way the message names the child's log.
-- On exit, success or not, workers get SIGTERM (they return their leases), then
-  the hub is asked to shut down.
+The hub and each local worker are child processes (rl/cli/children.py; logs in
+`run_dir/logs/`); the trainer runs in this process (or in each rank under
+`torchrun`/`deepspeed`, where global rank 0 starts the children and the other ranks only
+train). The first SIGINT/SIGTERM finishes the step, checkpoints and exits 130; a second one
+exits at once. A watchdog thread restarts a hub that dies mid-run from its ledger database
+(up to `hub.max_restarts` times) and stops the run when every local worker died and no
+remote worker is connected. On exit workers get SIGTERM (they return their leases), then
+the hub is asked to shut down. docs/operations.md: stopping, resuming, when the hub dies.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -39,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from rl.cli.children import Child, LaunchError, check_cpus, child_env, pin_this_process
 from rl.config import RolloutConfig, RunConfig, dump_config
 from rl.hub.data import DataError
 from rl.models import ModelError, resolve_model
@@ -53,23 +41,8 @@ from rollout_workers.engines import EngineSpec
 log = logging.getLogger(__name__)
 
 
-class LaunchError(RuntimeError):
-    """A child process failed, or the run cannot start as asked; shown without a traceback."""
-
-
 USER_ERRORS = (LaunchError, CheckpointError, ModelError, DataError, FileNotFoundError)
 """Errors a user fixes (config, paths, a child's log): a message, no traceback."""
-
-_DISTRIBUTED_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-                    "CROSS_SIZE", "LOCAL_SIZE"}  # fmt: skip
-"""Set by torchrun/deepspeed for the trainer ranks; a child must not join their process group."""
-
-_PR_SET_PDEATHSIG = 1
-try:  # resolved in the parent: after fork only the call itself runs
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-except (OSError, AttributeError):
-    _prctl = None
 
 
 def engine_spec(rollout: RolloutConfig, seed: int) -> EngineSpec:
@@ -79,89 +52,10 @@ def engine_spec(rollout: RolloutConfig, seed: int) -> EngineSpec:
                       enforce_eager=rollout.enforce_eager)  # fmt: skip
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """This process's environment minus the launcher's distributed variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}
-    env.update(extra)
-    return env
-
-
-def _die_with(parent_pid: int, cpus: set[int] | None = None) -> Callable[[], None]:
-    """preexec_fn: SIGTERM this child when its parent dies (Linux), even if the parent is SIGKILLed;
-    pin it to `cpus` (before exec: every thread and process it starts inherits them)."""
-
-    def preexec() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return preexec
-
-
-def check_cpus(cfg: RunConfig) -> None:
-    """A clear error for `*.cpus` ids this process may not use (or no pinning on this OS).
-
-    The `cpus` fields split the CPUs `rl train` was started with (all, or a `taskset -c` set)
-    among the trainer, the hub and the local workers.
-    """
-    fields = {"trainer.cpus": cfg.trainer.cpus, "rollout.cpus": cfg.rollout.cpus, "hub.cpus": cfg.hub.cpus}
-    if not any(fields.values()):
-        return
-    if not hasattr(os, "sched_setaffinity"):
-        raise LaunchError(f"{', '.join(k for k, v in fields.items() if v)}: pinning to CPUs needs Linux")
-    allowed = os.sched_getaffinity(0)
-    for name, cpus in fields.items():
-        if cpus and (outside := sorted(set(cpus) - allowed)):
-            raise LaunchError(f"{name}: CPU ids {outside} are not among the CPUs rl train may use here "
-                              f"({sorted(allowed)})")  # fmt: skip
-
-
-def pin_this_process(cpus: set[int]) -> None:
-    """Pin every thread of this process (the trainer) to `cpus`; threads it starts later inherit them."""
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(int(tid), cpus)
-
-
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-class Child:
-    """A child process in its own session, logging to `log_path`, that dies with this process."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cpus: set[int] | None = None):
-        self.name, self.log_path = name, log_path
-        self.log_file = open(log_path, "ab")  # noqa: SIM115 (lives as long as the child)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with(os.getpid(), cpus))  # fmt: skip
-
-    def exit_message(self) -> str:
-        code = self.proc.poll()
-        return f"{self.name} exited with code {code}; last lines of {self.log_path}:\n{_tail(self.log_path)}"
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
 
 
 class Watchdog:
@@ -173,7 +67,7 @@ class Watchdog:
     no ledger to checkpoint. A run whose local workers all died (and no remote worker is
     connected) is asked to stop through the trainer's `StopRequest` (checkpoint first).
 
-    A hub it restarted is its child: the kernel's parent-death signal (`_die_with`) follows the
+    A hub it restarted is its child: the kernel's parent-death signal (rl/cli/children.py) follows the
     thread that spawned a process, not the process. So the thread outlives its watching, until
     `release()` once the children were stopped, or the restarted hub would die with it.
     """
@@ -313,14 +207,14 @@ class Launch:
             log.info("resuming from %s: the hub restores its data ledger", ckpt)
         elif ckpt is not None:
             self.paths.remove_hub_db()  # a checkpoint without a ledger: start the data over
-        self.hub = Child("hub", cmd, env, self.logs / "hub.log", self.hub_cpus)
+        self.hub = Child("hub", cmd, env, self.paths.hub_log, self.hub_cpus)
         self.watchdog = Watchdog(self, stop, HubAdmin(self.url, self.tokens.admin, patience_s=5.0))
         return HubAdmin(self.url, self.tokens.admin)
 
     def restart_hub(self) -> None:
         """Start the hub again after it died: same port and tokens, ledger from its database."""
         self.hub.log_file.close()
-        self.hub = Child("hub", self._hub_cmd, self._hub_env, self.logs / "hub.log", self.hub_cpus)
+        self.hub = Child("hub", self._hub_cmd, self._hub_env, self.paths.hub_log, self.hub_cpus)
 
     def start_workers(self) -> None:
         """Once the hub answers: spawn the local workers and print how to add remote ones."""
@@ -335,7 +229,7 @@ class Launch:
             wcmd = [sys.executable, "-m", "rl.cli", "rollout", "--hub", self.url, *spec.cli_args(), *inflight_args,
                     "--name", f"local-{i}", "--prompts-per-lease", str(cfg.rollout.prompts_per_lease),
                     "--cache-dir", str(self.paths.worker_cache)]  # fmt: skip
-            self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.logs / f"worker-{i}.log", self.worker_cpus))
+            self.workers.append(Child(f"worker local-{i}", wcmd, wenv, self.paths.worker_log(i), self.worker_cpus))
         public = cfg.hub.public_url or self.url
         log.info("hub at %s (logs: %s)", self.url, self.logs)
         log.info("add rollout nodes from any machine that reaches the hub:")

@@ -1,14 +1,16 @@
-"""The `rl` command line: train, hub, rollout, status, verify, models, admin.
+"""The `rl` command (typer): one thin function per subcommand; `rl --help` lists them.
 
-Each subcommand parses its arguments, loads and validates config, and hands
-off to the module that does the work; errors in user input end with a clear
-message and a non-zero exit, never a traceback.
+Each subcommand parses its arguments, loads and validates config, and hands off to the
+module of its role (rl/cli/launcher.py for `rl train`, rl/hub/, rollout_workers/, rl/plan/,
+...), imported only then; errors in user input end with a clear message and a non-zero
+exit, never a traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -22,8 +24,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from rl.config import ConfigError, RunConfig, dump_config, load_config
+from rl.config import ConfigError, ModelConfig, RunConfig, dump_config, load_config, shipped_names
 from rl.models import ALIASES, ModelError, cache_dir, prepare_model, verify_manifest
+from rl.wire.protocol import SAFE_NAME
 
 app = typer.Typer(
     help="scatter-rl: RL fine-tuning of LLMs with verifiable rewards on scattered rollout workers.",
@@ -39,7 +42,9 @@ _WIDTH = None if sys.stderr.isatty() else 200
 err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 out = Console(soft_wrap=True, width=_WIDTH)
 
-ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (e.g. configs/quickstart.yaml).")]
+ConfigArg = Annotated[
+    Path, typer.Argument(help=f"YAML run config file, or a shipped config's name: {', '.join(shipped_names())}.")
+]
 OverridesArg = Annotated[
     list[str] | None, typer.Argument(help="Dotted overrides, e.g. trainer.lr=1e-6 rollout.local_workers=2.")
 ]
@@ -65,6 +70,25 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
     except ConfigError as e:
         err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path("run.yaml"),
+    model: Annotated[
+        str, typer.Option("--model", help="model.name: a local directory, a Hugging Face id, or an alias.")
+    ] = ModelConfig().name,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented starter run config that `rl train` accepts as is."""
+    from rl.cli.init import write_starter_config
+
+    if path.exists() and not force:
+        err.print(f"[red]error:[/red] {path} already exists; pass --force to overwrite it", highlight=False)
+        raise typer.Exit(2)
+    write_starter_config(path, model)
+    out.print(f"wrote {path}: check it with `rl train {path} --dry-run`, start it with `rl train {path}`",
+              highlight=False, markup=False)  # fmt: skip
 
 
 @app.command()
@@ -106,7 +130,7 @@ def hub(
     if port is not None:
         cfg.hub.port = port
     _setup_logging(cfg.logging.level)
-    from rl.hub.server import serve
+    from rl.hub.main import serve
 
     sys.exit(serve(cfg, ledger_path=ledger))
 
@@ -178,6 +202,9 @@ def rollout(
         if not base_dir.is_dir():
             err.print(f"[red]error:[/red] --base-model must be a local directory or an alias, got {base_model!r}")
             raise typer.Exit(2)
+    if name is not None and not re.fullmatch(SAFE_NAME, name):
+        err.print(f"[red]error:[/red] --name {name!r}: use 1 to 64 letters, digits or ._:@+- (it is printed in logs)")
+        raise typer.Exit(2)
     from rollout_workers.worker import run_worker
 
     sys.exit(

@@ -19,7 +19,7 @@ def fetch_status(client: HubHTTP) -> HubStatus:
 
 
 def _masked(w: WorkerStatus) -> str:
-    """Sequences the trainer masked of those it checked, by reason (rl/provenance.py)."""
+    """Sequences the trainer masked of those it checked, by reason (rl/trainer/provenance.py)."""
     t = w.trust
     if t is None or not t.sequences_checked:
         return "-"
@@ -49,6 +49,15 @@ def render(status: HubStatus) -> Group:
             w.name, w.worker_id, w.engine, str(w.policy_version), f"{w.tokens_per_s:.0f}",
             str(w.leased_tasks), str(w.completed_tasks), f"{w.last_seen_s:.1f}s", _masked(w), _trust(w),
         )  # fmt: skip
+    operators = Table(title=f"operators ({len(status.operators)}; trust is kept per worker token)", expand=False)
+    for col in ("token id", "workers", "leased", "done", "masked", "quarantined"):
+        operators.add_column(col, overflow="fold", justify="left" if col in ("token id", "quarantined") else "right")
+    for o in status.operators:
+        masked = "-"
+        if o.trust is not None and o.trust.sequences_checked:
+            masked = f"{sum(o.trust.rejected.values())}/{o.trust.sequences_checked}"
+        operators.add_row(o.operator, str(o.workers), str(o.leased_tasks), str(o.completed_tasks), masked,
+                          o.quarantined or "-")  # fmt: skip
     run = Table(title="run", show_header=False)
     run.add_column("metric")
     run.add_column("value", justify="right")
@@ -67,6 +76,7 @@ def render(status: HubStatus) -> Group:
         "staleness histogram": ", ".join(f"{k}: {v}" for k, v in status.staleness_histogram.items()) or "-",
         "rejections": ", ".join(f"{k}: {v}" for k, v in status.rejections.items()) or "-",
         "workers (all tokens) / quarantined": f"{status.workers_total} / {status.quarantined}",
+        "operators quarantined": status.operators_quarantined,
         "uptime": f"{status.uptime_s:.0f}s",
     }
     if status.scoring_failures:  # the verifier is failing: say so, with the last error
@@ -74,7 +84,7 @@ def render(status: HubStatus) -> Group:
         rows["last scoring error"] = status.last_scoring_error
     for k, v in rows.items():
         run.add_row(k, str(v))
-    return Group(run, workers)
+    return Group(run, operators, workers)
 
 
 def show_status(hub: str, token: str, *, once: bool = False, interval: float = 2.0) -> int:

@@ -1,27 +1,13 @@
 """Content-addressed policy files: `GET /v1/blobs/{sha256}`, cacheable by any HTTP cache.
 
-Every file a worker downloads (weights of a version, config and tokenizer files) is
-listed in a manifest with its sha256. Such a file never changes under its hash, so the
-hub also serves it at `/v1/blobs/<sha256>` with
-
-  Cache-Control: public, max-age=31536000, immutable
-  ETag: "<sha256>"            (strong; If-None-Match -> 304, If-Range honoured)
-  Accept-Ranges: bytes        (Range -> 206)
-
-and nginx `proxy_cache`, Varnish or a CDN in front of the hub relays a version to a whole
-site while the hub sends each file once (docs/operations.md, configs/nginx/). Workers
-check every byte against the manifest they got from the hub itself, so a cache cannot
-poison them (rollout_workers/weight_sync.py).
-
-`BlobIndex` maps a hash to a file of a version still on disk. It rescans the policy
-store's manifests only when the store's directory changed (a version published or
-garbage-collected renames an entry in it) or `RESCAN_AFTER_S` passed, so requests for
-unknown hashes cost a stat.
-
-It also keeps the base weights' description (`GET /v1/policy/base/weights`): the shards
-of version 0, their hashes and tensor layout, in `policy/base-weights.json`, written when
-version 0 is published so it outlives that version. A worker with the base model on disk
-writes those shards itself and downloads only the ones that do not match.
+Every file a manifest lists never changes under its sha256, so the hub also serves it at
+`/v1/blobs/<sha256>`, immutable, with a strong `ETag` and `Range` support (docs/protocol.md),
+and an HTTP cache in front of the hub relays a version to a whole site (docs/operations.md).
+`BlobIndex` maps a hash to a file of a version still on disk; it rescans the manifests only
+when the policy directory changed or `RESCAN_AFTER_S` passed, so an unknown hash costs a stat.
+It also keeps the base weights' description (`GET /v1/policy/base/weights`): version 0's
+shards and tensor layout, in `policy/base-weights.json`, written when version 0 is published
+so it outlives that version.
 """
 
 from __future__ import annotations
@@ -36,9 +22,9 @@ from pathlib import Path
 from pydantic import BaseModel
 from starlette.responses import FileResponse, Response
 
-from rl.weights.files import _DTYPE_CODES, WeightFileError, shard_spec_of
+from rl.weights.files import WeightFileError, shard_layout, shard_spec_of
 from rl.weights.store import BASE, published_versions, read_manifest, version_dir
-from rl.wire.protocol import BaseWeights, HubError, PolicyFile, ShardLayout, WeightsServed
+from rl.wire.protocol import BaseWeights, HubError, PolicyFile, WeightsServed
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +160,7 @@ class BlobIndex:
         base = BaseWeights(
             version=BASE_VERSION,
             shards=manifest.full_shards(),
-            layout=[
-                ShardLayout(
-                    name=spec.name, tensors=[(t.name, list(t.shape), _DTYPE_CODES[t.dtype]) for t in spec.tensors]
-                )
-                for spec in specs
-            ],
+            layout=[shard_layout(spec) for spec in specs],
         )
         tmp = self.policy_dir / f".{BASE_WEIGHTS}.tmp"
         tmp.write_text(base.model_dump_json())

@@ -1,17 +1,11 @@
 """The hub's outer ASGI layer: authenticate, then read the body within size and time limits.
 
 It runs before FastAPI sees a request, so an unauthenticated caller costs the hub one header
-comparison, never a body read or a JSON parse (a 31 MB anonymous body used to block the event
-loop for ~1.2 s before its 401). Order per request:
-
-1. `/healthz` passes untouched (no token: it is the launcher's and load balancers' probe).
-2. Every other path, `/openapi.json`, `/docs` and `/redoc` included, needs a known bearer token
-   (401 `missing_token`/`bad_token` otherwise).
-3. The body is read here, at most `limit` bytes (declared by Content-Length or streamed in
-   chunks: 413 `body_too_large` either way) and within `timeout_s` (408 `body_timeout`), then
-   handed to the app in one piece.
-
-Errors are the hub's `{"reason", "detail"}` bodies, like every other rejection.
+comparison, never a body read or a JSON parse (docs/security.md). `/healthz` passes untouched;
+every other path, `/openapi.json` and `/docs` included, needs a known bearer token (401
+`missing_token`/`bad_token`). The body is then read here, at most `limit` bytes (413
+`body_too_large`, declared or streamed) within `timeout_s` (408 `body_timeout`), and handed to
+the app in one piece. Errors are the hub's `{"reason", "detail"}` bodies, like every rejection.
 """
 
 from __future__ import annotations

@@ -1,33 +1,14 @@
 """The hub's ledger on disk: an embedded SQLite database (WAL) in the run directory, `run_dir/hub.sqlite`.
 
-It is what lets a hub that crashed be restarted (by `rl train`, rl/launcher.py) with no
-prompt lost and none trained twice. It holds the hub's `Ledger` (rl/protocol.py): the
-data position, the pending task ids (handed out at least once, not yet consumed: every
-id below the position that is not pending was consumed by the trainer), the consumed
-count and the batch count; beside it the published policy version and the last batch
-handed to the trainer, answer and all.
-
-The hub writes it (rl/hub/server.py) by snapshots: `save(state.ledger(), ...)` writes
-only what changed since the last save, in one transaction. When:
-
-- Before it answers a batch pull, with the batch: the consumed ids, the batch count and
-  the answer commit together. A batch the trainer may have received is never handed out
-  again, and a pull retried because its answer was lost (the hub died right after
-  committing) gets the very same batch from `replay(pull_id)`.
-- Before it answers a publish: the version.
-- Otherwise at most every `FLUSH_INTERVAL_S`, when something changed (leases move the
-  position). Losing these in a crash is harmless: ids handed out but not recorded are
-  handed out again, in the same order, like re-queued ones, and the dead hub's leases
-  are void (workers register again and their old lease ids are unknown).
-
-What a restarted hub does with it: every pending id goes back to the queue (leased,
-scoring and buffered groups are regenerated), consumed ids stay consumed, the batch count
-carries on, so the trainer continues at its step. `rl train --resume` instead resets the
-database to the checkpoint's ledger (`reset`): the trainer rolled back to that step.
-
-`synchronous=NORMAL` in WAL mode: a commit survives the hub process dying (SIGKILL, OOM),
-not the machine. A machine crash ends the whole run, and `--resume` starts from the
-checkpoint's ledger anyway, so an fsync per commit would buy nothing.
+It lets a hub that died be restarted (by `rl train`, rl/cli/launcher.py) with no prompt lost
+and none trained twice. It holds the hub's `Ledger` (rl/wire/protocol.py: data position,
+pending task ids, consumed and batch counts), the published policy version and the last
+batch handed to the trainer, answer and all (`replay(pull_id)` answers a retried pull).
+The service (rl/hub/service.py) saves snapshots, each writing only what changed, in one
+transaction: with a batch before answering its pull, before answering a publish, otherwise
+every `FLUSH_INTERVAL_S`. A restarted hub re-queues every pending id; `rl train --resume`
+instead `reset`s the database to the checkpoint's ledger. Why this is enough:
+docs/operations.md, "When the hub dies".
 """
 
 from __future__ import annotations
@@ -75,6 +56,8 @@ class LedgerStore:
             # check_same_thread=False: the hub writes from a worker thread, one write at a time.
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
+            # A commit survives the hub process dying, not the machine; a machine crash ends the run
+            # and `--resume` starts from the checkpoint's ledger, so an fsync per commit buys nothing.
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
             meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())

@@ -21,7 +21,6 @@ class WorkerRecord:
     name: str
     engine: str
     token: str
-    registered_at: float
     last_seen: float
     secret: str = ""
     policy_version: int = -1
@@ -38,7 +37,12 @@ class LeaseRecord:
     worker_id: str
     task_ids: set[int]
     expires_at: float
+    version: int = 0
+    """The policy version the worker held when it took the lease: its results cannot be older."""
+    granted_at: float = 0.0
     done: set[int] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)
+    """Tasks another lease (a backup) finished first: a later result for them is a duplicate."""
 
 
 @dataclass(frozen=True)

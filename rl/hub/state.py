@@ -1,40 +1,20 @@
 """The hub's state machine: workers, the task ledger, leases, submissions and the scored-group buffer.
 
-Pure bookkeeping with no I/O, driven from one event loop, so no locks are
-needed and every rule is unit-testable. The HTTP layer (rl/hub/server.py) and
-the scorer only call its methods, one per request or event:
+Pure bookkeeping with no I/O, driven from one event loop (no locks), so every rule is
+unit-testable. The service (rl/hub/service.py) calls one method per request or event:
+register / heartbeat / leave / expire, lease, submit (-> `ScoringJob`s for the verifier),
+finish_scoring / fail_scoring, take_batch, publish, start_eval / eval_status (rl/hub/evals.py).
 
-    register / heartbeat / leave / expire      workers and their liveness
-    lease                                      -> a Lease (training or eval tasks)
-    submit                                     -> SubmitResponse + ScoringJobs for the verifier
-    finish_scoring / fail_scoring              a job's rewards, or its error (retried with backoff)
-    take_batch                                 scored groups for the trainer
-    publish                                    a new policy version
-    start_eval / eval_status                   evaluation jobs (rl/hub/evals.py)
-
-A task is one prompt handed out under a sequence number (`task_id`), from the
-deterministic `PromptOrder`. Its life: queued -> leased -> scoring -> buffered
--> consumed (by the trainer). An expired lease, a departed or dead worker, a
-stale submission or a stale buffered group sends it back to the queue (front,
-oldest first) under the same id; nothing is lost and nothing is counted twice.
-Scoring that raises is retried after a backoff; a task that fails scoring
-`MAX_SCORING_ATTEMPTS` times is dropped and counted (`HubStatus.scoring_dropped`,
-with the error), so a broken verifier shows up instead of looping silently.
-Evaluation tasks live in `EvalJobs`; this class only asks it for the next eval
-tasks and whether a task id is one of them.
-
-How far workers may run ahead (the asynchrony contract, DESIGN.md): a task
-leased to a worker holding version w will train at some step t >= `batches`,
-and is only usable if t - w <= max_staleness. With P prompts per step, at
-most P * (w + max_staleness + 1) tasks can be trained by such steps, so a
-worker at version w may lease new tasks only while
-`P * (w + max_staleness + 1 - batches) - outstanding > 0`.
+A task is one prompt handed out under a sequence number (`task_id`) of the deterministic
+`PromptOrder`: queued -> leased -> scoring -> buffered -> consumed by the trainer. An expired
+lease, a gone worker or a stale group sends it back to the front of the queue under the same
+id: nothing is lost or counted twice. How far workers may run ahead is `capacity`
+(docs/protocol.md, "How far ahead workers run"); failed scoring, docs/protocol.md "Scoring".
 """
 
 from __future__ import annotations
 
 import hmac
-import math
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
@@ -43,6 +23,7 @@ from collections.abc import Callable
 from rl.config import RunConfig
 from rl.hub.data import PromptOrder, PromptSet
 from rl.hub.evals import EvalJobs
+from rl.hub.fair import late_tasks, operator_room
 from rl.hub.records import (
     MAX_SCORING_ATTEMPTS,
     MAX_SCORING_RETRY_S,
@@ -52,8 +33,8 @@ from rl.hub.records import (
     WorkerRecord,
 )
 from rl.hub.status_report import hub_status
+from rl.hub.submissions import validate_submission
 from rl.wire.protocol import (
-    Completion,
     EvalJob,
     EvalRequest,
     HeartbeatResponse,
@@ -94,7 +75,9 @@ class HubState:
         self.leases: dict[str, LeaseRecord] = {}
         self.queue: deque[int] = deque()  # re-queued task ids, served before new ones
         self.task_rows: dict[int, int] = {}  # outstanding task id -> row index
-        self.leased: dict[int, str] = {}  # task id -> lease id
+        self.leased: dict[int, set[str]] = {}  # task id -> the leases holding it (two with a backup lease)
+        self.blocked: set[str] = set()  # quarantined operators (token ids): no registrations, no leases
+        self.turnaround: deque[float] = deque(maxlen=256)  # seconds from a lease to its result, recent ones
         self.scoring: dict[int, tuple[str, int]] = {}  # task id -> (worker id, version)
         self.buffer: OrderedDict[int, ScoredGroup] = OrderedDict()  # arrival order
         self.finished_leases: OrderedDict[str, tuple[str, set[int]]] = OrderedDict()  # for idempotent re-submits
@@ -151,13 +134,15 @@ class HubState:
 
     def register(self, req: RegisterRequest, caller: str | None, now: float) -> RegisterResponse:
         token = caller or "admin"
+        if token in self.blocked:
+            raise self.reject(403, "quarantined", "this worker token is quarantined (its record outlives them)")
         cap = self.cfg.hub.max_workers_per_token
         if caller is not None and sum(w.token == token for w in self.workers.values()) >= cap:
             raise self.reject(429, "too_many_workers", f"this token already has {cap} registered workers "
                               "(hub.max_workers_per_token); leave or wait for dead ones to expire")  # fmt: skip
         worker_id = f"w-{secrets.token_hex(8)}"
         secret = secrets.token_urlsafe(24)
-        self.workers[worker_id] = WorkerRecord(worker_id, req.name, req.engine, token, now, now, secret)
+        self.workers[worker_id] = WorkerRecord(worker_id, req.name, req.engine, token, last_seen=now, secret=secret)
         return RegisterResponse(
             worker_id=worker_id,
             worker_secret=secret,
@@ -224,6 +209,22 @@ class HubState:
         del self.workers[worker_id]
         return returned
 
+    def remove_workers_of(self, token: str) -> tuple[int, int]:
+        """Remove every worker registered with this token id (revoked): (workers removed, tasks re-queued)."""
+        gone = [w.worker_id for w in self.workers.values() if w.token == token]
+        return len(gone), sum(self.leave(worker_id, None) for worker_id in gone)
+
+    def workers_of(self, operator: str) -> list[str]:
+        return [w.worker_id for w in self.workers.values() if w.token == operator]
+
+    def block_operator(self, operator: str) -> None:
+        """Quarantine (rl/hub/trust.py): the operator's registrations, present and future, get no work."""
+        self.blocked.add(operator)
+        self.on_work()  # the others' fair shares grew
+
+    def unblock_operator(self, operator: str) -> None:
+        self.blocked.discard(operator)
+
     def versions_in_use(self) -> set[int]:
         """Versions live workers hold that can still produce usable groups (a stale claim keeps nothing)."""
         oldest = max(0, self.policy_version - self.max_staleness)
@@ -254,6 +255,8 @@ class HubState:
         rec = self.worker(req.worker_id, caller)
         rec.last_seen = now
         rec.policy_version = req.policy_version
+        if rec.token in self.blocked:
+            raise HubError(403, "quarantined", f"worker {rec.worker_id} is quarantined")
         if self.policy_version < 0:
             return Lease(lease_id=None, retry_after_s=1.0, reason="no policy published yet")
         if req.policy_version > self.policy_version:
@@ -264,9 +267,10 @@ class HubState:
         offered = self.evals.next_tasks(req.policy_version, min(req.max_tasks, self.cfg.hub.max_tasks_per_lease))
         if offered is not None:
             eval_tasks, sampling = offered
-            return self._grant(rec, eval_tasks, sampling, req.policy_version, now)
+            return self._grant(rec, eval_tasks, sampling, req.policy_version, now, req.policy_version)
         held = sum(len(self.leases[lid].task_ids) for lid in rec.leases if lid in self.leases)
-        want = min(req.max_tasks, self.cfg.hub.max_tasks_per_lease, self.cfg.hub.max_leased_per_worker - held)
+        want = min(req.max_tasks, self.cfg.hub.max_tasks_per_lease, self.cfg.hub.max_leased_per_worker - held,
+                   operator_room(self, rec.token))  # fmt: skip
         tasks: list[int] = []
         while self.queue and len(tasks) < want:
             tasks.append(self.queue.popleft())
@@ -275,6 +279,8 @@ class HubState:
             seq, index = self.order.next()
             self.task_rows[seq] = index
             tasks.append(seq)
+        if len(tasks) < want:
+            tasks += late_tasks(self, rec.token, want - len(tasks), now)
         if not tasks:
             behind = self.capacity(self.policy_version) > 0 and req.policy_version < self.policy_version
             return Lease(
@@ -284,17 +290,19 @@ class HubState:
                 reason="update policy first" if behind else "no work: the trainer has enough samples in flight",
             )
         leased = [LeasedTask(task_id=t, prompt_token_ids=self.prompts.prompt_ids[self.task_rows[t]]) for t in tasks]
-        return self._grant(rec, leased, self.sampling_params(), min_version, now)
+        return self._grant(rec, leased, self.sampling_params(), min_version, now, req.policy_version)
 
     def _grant(
-        self, rec: WorkerRecord, tasks: list[LeasedTask], sampling: SamplingParamsWire, min_version: int, now: float
-    ) -> Lease:
+        self, rec: WorkerRecord, tasks: list[LeasedTask], sampling: SamplingParamsWire, min_version: int, now: float,
+        held_version: int,
+    ) -> Lease:  # fmt: skip
         lease_id = f"l-{secrets.token_hex(6)}"
         tids = {t.task_id for t in tasks}
-        self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, tids, now + self.cfg.hub.lease_ttl_s)
+        self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, tids, now + self.cfg.hub.lease_ttl_s,
+                                            version=held_version, granted_at=now)  # fmt: skip
         rec.leases.add(lease_id)
         for tid in tids:
-            self.leased[tid] = lease_id
+            self.leased.setdefault(tid, set()).add(lease_id)
         return Lease(
             lease_id=lease_id,
             expires_in_s=self.cfg.hub.lease_ttl_s,
@@ -319,10 +327,19 @@ class HubState:
             return 0
         if (rec := self.workers.get(lease.worker_id)) is not None:
             rec.leases.discard(lease_id)
-        for tid in lease.task_ids:
-            self.leased.pop(tid, None)
-        self._requeue(lease.task_ids)
+        self._requeue([tid for tid in lease.task_ids if self._release(tid, lease_id)])
         return len(lease.task_ids)
+
+    def _release(self, tid: int, lease_id: str) -> bool:
+        """`lease_id` no longer holds `tid`; True when no lease does (the task is free again)."""
+        holders = self.leased.get(tid)
+        if holders is None:
+            return False
+        holders.discard(lease_id)
+        if not holders:
+            del self.leased[tid]
+            return True
+        return False
 
     def expire(self, now: float) -> tuple[int, int]:
         """Re-queue expired leases and drop workers silent for 3 heartbeat intervals."""
@@ -342,7 +359,7 @@ class HubState:
         A stale version is rejected (409) after its tasks went back to the queue; any other
         rejection changes nothing. Re-sent results are reported as duplicates, not scored twice.
         """
-        new, dups = self.validate_submission(req, caller)
+        new, dups = validate_submission(self, req, caller)
         if new and (stale := self.stale_submission(req)) is not None:
             raise stale
         if not new:
@@ -372,79 +389,38 @@ class HubState:
         self.rejections[reason] += 1
         return HubError(status, reason, detail)
 
-    def validate_submission(self, req: SubmitRequest, caller: str | None) -> tuple[list[int], list[int]]:
-        """Check everything before changing anything; returns (new task ids, duplicate task ids)."""
-        rec = self.worker(req.worker_id, caller)
-        lease = self.leases.get(req.lease_id)
-        if lease is None:
-            done = self.finished_leases.get(req.lease_id)
-            if done is not None and done[0] == rec.worker_id and {r.task_id for r in req.results} <= done[1]:
-                return [], [r.task_id for r in req.results]  # a re-sent submission: accepted once already
-            raise self.reject(409, "unknown_lease", f"lease {req.lease_id} is unknown or expired")
-        if lease.worker_id != rec.worker_id:
-            raise self.reject(403, "not_your_lease", f"lease {req.lease_id} belongs to another worker")
-        if req.policy_version > self.policy_version:
-            raise self.reject(422, "future_version", f"version {req.policy_version} was never published")
-        n, max_tokens = self.cfg.sampling.n, self.cfg.sampling.max_tokens
-        new, dups, seen = [], [], set()
-        for result in req.results:
-            tid = result.task_id
-            if tid in seen:
-                raise self.reject(422, "repeated_task", f"task {tid} appears twice in one submission")
-            seen.add(tid)
-            if tid not in lease.task_ids:
-                if tid in lease.done:
-                    dups.append(tid)
-                    continue
-                raise self.reject(409, "task_not_in_lease", f"task {tid} is not part of lease {req.lease_id}")
-            try:
-                want = self.evals.expected_n(tid, req.policy_version) if tid in self.evals else n
-            except HubError as e:
-                raise self.reject(e.status, e.reason, e.detail) from None
-            if len(result.completions) != want:
-                raise self.reject(
-                    422, "wrong_group_size", f"task {tid}: {len(result.completions)} completions, want {want}"
-                )
-            for j, c in enumerate(result.completions):
-                self._check_completion(tid, j, c, max_tokens)
-            new.append(tid)
-        return new, dups
-
-    def _check_completion(self, tid: int, j: int, c: Completion, max_tokens: int) -> None:
-        where = f"task {tid} completion {j}"
-        if not 1 <= len(c.token_ids) <= max_tokens:
-            raise self.reject(422, "bad_length", f"{where}: {len(c.token_ids)} tokens, allowed 1..{max_tokens}")
-        if len(c.logprobs) != len(c.token_ids):
-            raise self.reject(
-                422, "logprobs_mismatch", f"{where}: {len(c.logprobs)} logprobs for {len(c.token_ids)} tokens"
-            )
-        # min/max/sum run in C: these lists are the bulk of every submission.
-        if min(c.token_ids) < 0 or max(c.token_ids) >= self.vocab_size:
-            raise self.reject(422, "token_out_of_vocab", f"{where}: token id outside [0, {self.vocab_size})")
-        if not (math.isfinite(sum(c.logprobs)) and max(c.logprobs) <= 0.0):  # a NaN or inf makes the sum non-finite
-            raise self.reject(422, "bad_logprob", f"{where}: logprobs must be finite and <= 0")
-
     def accept(self, req: SubmitRequest, task_ids: list[int], now: float) -> None:
         """Move validated tasks from their lease to scoring; stale versions go back to the queue."""
         rec = self.workers[req.worker_id]
         rec.last_seen = now
         lease = self.leases[req.lease_id]
+        self.turnaround.append(now - lease.granted_at)
         for tid in task_ids:
             lease.task_ids.discard(tid)
             lease.done.add(tid)
-            self.leased.pop(tid, None)
+            for other in self.leased.pop(tid, set()) - {req.lease_id}:  # a backup lease lost the race
+                if (loser := self.leases.get(other)) is not None:
+                    loser.task_ids.discard(tid)
+                    loser.lost.add(tid)
+                    if not loser.task_ids:
+                        self._finish_lease(loser)
             self.scoring[tid] = (rec.worker_id, req.policy_version)
         if not lease.task_ids:
-            del self.leases[req.lease_id]
-            rec.leases.discard(req.lease_id)
-            self.finished_leases[req.lease_id] = (rec.worker_id, lease.done)
-            while len(self.finished_leases) > 10_000:
-                self.finished_leases.popitem(last=False)
+            self._finish_lease(lease)
         rec.completed_tasks += len(task_ids)
         self.submissions += 1
         self.tokens_generated += sum(
             len(c.token_ids) for r in req.results if r.task_id in task_ids for c in r.completions
         )
+
+    def _finish_lease(self, lease: LeaseRecord) -> None:
+        """Every task of `lease` has a result (its own or a backup's); re-sent results become duplicates."""
+        del self.leases[lease.lease_id]
+        if (rec := self.workers.get(lease.worker_id)) is not None:
+            rec.leases.discard(lease.lease_id)
+        self.finished_leases[lease.lease_id] = (lease.worker_id, lease.done | lease.lost)
+        while len(self.finished_leases) > 10_000:
+            self.finished_leases.popitem(last=False)
 
     def stale_submission(self, req: SubmitRequest) -> HubError | None:
         """A version older than current - max_staleness: reject, and re-queue the lease's tasks."""
@@ -456,8 +432,7 @@ class HubState:
             tids = [r.task_id for r in req.results if r.task_id in lease.task_ids]
             for tid in tids:
                 lease.task_ids.discard(tid)
-                self.leased.pop(tid, None)
-            self._requeue(tids)
+            self._requeue([tid for tid in tids if self._release(tid, req.lease_id)])
             if not lease.task_ids:
                 self._drop_lease(req.lease_id)
         return self.reject(
@@ -468,41 +443,42 @@ class HubState:
 
     # ------------------------------------------------------------------ scoring
 
-    def finish_scoring(self, job: ScoringJob, rewards: list, score_s: float = 0.0) -> None:
+    def finish_scoring(self, job: ScoringJob, rewards: list, score_s: float = 0.0) -> ScoredGroup | None:
         """The verifier's `Reward`s for `job.completions` (same order): buffer the group, or record the eval.
 
-        `score_s`: seconds the scoring took, retries included (goes to the group, for the trainer's metrics)."""
+        `score_s`: seconds the scoring took, retries included (goes to the group, for the trainer's metrics).
+        Returns the buffered group (None for an eval task, or a task given up meanwhile)."""
         tid = job.task_id
         if tid not in self.scoring:
-            return  # given up meanwhile
+            return None  # given up meanwhile
         if tid in self.evals:
             self.scoring.pop(tid)
             self.evals.record(tid, job.completions, rewards)
-            return
+            return None
         row_index = self.task_rows[tid]
         # model_construct: the completions were validated on submission, the rest is made here.
-        self.scored(
-            ScoredGroup.model_construct(
-                task_id=tid,
-                row_index=row_index,
-                prompt_token_ids=self.prompts.prompt_ids[row_index],
-                policy_version=job.policy_version,
-                worker_id=job.worker_id,
-                worker_name=job.worker_name,
-                completions=[
-                    ScoredCompletion.model_construct(
-                        token_ids=c.token_ids,
-                        logprobs=c.logprobs,
-                        finish_reason=c.finish_reason,
-                        reward=r.value,
-                        components=r.components,
-                    )
-                    for c, r in zip(job.completions, rewards, strict=True)
-                ],
-                gen_s=job.gen_s,
-                score_s=score_s,
-            )
+        group = ScoredGroup.model_construct(
+            task_id=tid,
+            row_index=row_index,
+            prompt_token_ids=self.prompts.prompt_ids[row_index],
+            policy_version=job.policy_version,
+            worker_id=job.worker_id,
+            worker_name=job.worker_name,
+            completions=[
+                ScoredCompletion.model_construct(
+                    token_ids=c.token_ids,
+                    logprobs=c.logprobs,
+                    finish_reason=c.finish_reason,
+                    reward=r.value,
+                    components=r.components,
+                )
+                for c, r in zip(job.completions, rewards, strict=True)
+            ],
+            gen_s=job.gen_s,
+            score_s=score_s,
         )
+        self.scored(group)
+        return group
 
     def scored(self, group: ScoredGroup) -> None:
         self.scoring.pop(group.task_id, None)

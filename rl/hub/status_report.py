@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any, Protocol
 
 from rl.hub.records import LeaseRecord, WorkerRecord
-from rl.wire.protocol import HubStatus, WorkersSummary, WorkerStatus
+from rl.wire.protocol import HubStatus, OperatorStatus, WorkersSummary, WorkerStatus
 
 
 class StatusSource(Protocol):
@@ -48,8 +48,18 @@ def hub_status(
         fetch_s=sum(w.fetch_s for w in updated) / len(updated) if updated else 0.0,
         load_s=sum(w.load_s for w in updated) / len(updated) if updated else 0.0,
     )
+    by_operator: dict[str, list[int]] = {}
+    for w in state.workers.values():
+        row = by_operator.setdefault(w.token, [0, 0, 0])
+        row[0] += 1
+        row[1] += sum(len(state.leases[lid].task_ids) for lid in w.leases if lid in state.leases)
+        row[2] += w.completed_tasks
     return HubStatus(
         policy_version=state.policy_version,
+        operators=[
+            OperatorStatus(operator=op, workers=n, leased_tasks=leased, completed_tasks=done)
+            for op, (n, leased, done) in sorted(by_operator.items())
+        ],  # fmt: skip
         worker_summary=summary,
         workers=[
             WorkerStatus(

@@ -1,20 +1,13 @@
-"""Per-worker trust on the hub: provenance statistics, reward comparison, quarantine, revocation.
+"""Trust on the hub, per operator: provenance statistics, reward comparison, quarantine, revocation.
 
-Workers are untrusted (docs/security.md). Two kinds of evidence reach this module:
-
-- the trainer's provenance verdicts (`ProvenanceReport`, `POST /v1/provenance`): per worker, how
-  many of its sequences were checked and how many were masked out of the loss, by reason
-  (rl/provenance.py), and the mean |claimed - recomputed| logprob;
-- every scored group the hub buffers: its mean reward, compared with the other workers' groups
-  generated with the same policy version (a worker that generates k groups and submits the best
-  one has a reward far above the others'). Comparing within a version keeps a worker that joins
-  late, after training raised every reward, from looking like a cheat.
-
-A worker over a threshold (`trust:` in the config) is quarantined: no more leases or accepted
-submissions, and its leased, scoring and buffered tasks go back to the queue, so no prompt is
-lost. An operator lifts a quarantine, revokes a worker or a whole token through the admin routes
-(`rl admin ...`). Quarantine is per registration: a token whose workers keep being quarantined
-should be revoked (see docs/security.md, "still open").
+Workers are untrusted, and registrations are free, so the unit of trust is the **operator**: the
+worker token a registration came with (docs/security.md). Evidence is kept per operator and per
+registration: the trainer's provenance verdicts (`POST /v1/provenance`, rl/trainer/provenance.py)
+and the mean reward of every buffered group, compared with the other operators' groups of the same
+policy version (best-of-k selection stands out). An operator over a threshold (`trust:`) is
+quarantined with all its registrations, present and future: no leases, no accepted submissions,
+its leased, scoring and buffered tasks back to the queue. Deleting a registration and registering
+again keeps the operator's record. Admins lift a quarantine or revoke a token (`rl admin ...`).
 """
 
 from __future__ import annotations
@@ -34,15 +27,25 @@ REWARD_VAR_FLOOR = 1e-4
 
 
 @dataclass
-class WorkerStats:
+class Evidence:
     sequences: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     abs_diff_sum: float = 0.0
     tokens: int = 0
     groups: int = 0
     by_version: dict[int, list[float]] = field(default_factory=dict)
-    """Policy version -> [groups, sum, sum of squares of group mean rewards] of this worker."""
-    quarantined: str = ""
+    """Policy version -> [groups, sum, sum of squares of group mean rewards]."""
+    scoring_timeouts: int = 0
+
+    def add_verdicts(self, sequences: int, rejected: dict[str, int], abs_diff_sum: float, tokens: int) -> None:
+        self.sequences += sequences
+        self.rejected.update(rejected)
+        self.abs_diff_sum += abs_diff_sum
+        self.tokens += tokens
+
+    def add_group(self, version: int, mean: float) -> None:
+        self.groups += 1
+        _add(self.by_version, version, mean)
 
     def view(self, reward_z: float) -> WorkerTrust:
         return WorkerTrust(
@@ -51,79 +54,107 @@ class WorkerStats:
             mean_abs_logprob_diff=self.abs_diff_sum / self.tokens if self.tokens else 0.0,
             groups=self.groups,
             reward_z=round(reward_z, 3),
+            scoring_timeouts=self.scoring_timeouts,
         )
 
 
+def _add(totals: dict[int, list[float]], version: int, mean: float, sign: float = 1.0) -> None:
+    row = totals.setdefault(version, [0, 0.0, 0.0])
+    row[0] += sign
+    row[1] += sign * mean
+    row[2] += sign * mean * mean
+
+
 class Trust:
-    """Trust bookkeeping beside `HubState` (same event loop, no locks); acts on the state through
-    its public methods (`drop_worker_work`, `leave`)."""
+    """Trust bookkeeping beside `HubState` (same event loop, no locks); acts on the state through its
+    public methods (`drop_worker_work`, `block_operator`)."""
 
     def __init__(self, cfg: TrustConfig, state) -> None:
         self.cfg, self.state = cfg, state
-        self.stats: dict[str, WorkerStats] = {}
+        self.operators: dict[str, Evidence] = {}
+        """Operator (token id) -> its evidence, over every registration it ever had."""
+        self.workers: dict[str, Evidence] = {}
+        """Registration -> its own evidence (shown in status; decisions use the operator's)."""
+        self.owner: dict[str, str] = {}
+        """Registration -> operator, kept after the registration is gone (late verdicts still count)."""
+        self.quarantined: dict[str, str] = {}
+        """Operator -> why it is quarantined."""
         self.by_version: dict[int, list[float]] = {}
-        """Policy version -> [groups, sum, sum of squares of group mean rewards] of unquarantined workers."""
+        """Policy version -> [groups, sum, sum of squares of group mean rewards] of unquarantined operators."""
 
-    def _of(self, worker_id: str) -> WorkerStats:
-        return self.stats.setdefault(worker_id, WorkerStats())
+    def operator_of(self, worker_id: str) -> str:
+        op = self.owner.get(worker_id)
+        if op is None:
+            rec = self.state.workers.get(worker_id)
+            op = self.owner[worker_id] = rec.token if rec is not None else worker_id
+        return op
+
+    def reason(self, worker_id: str) -> str:
+        """Why this registration's operator is quarantined ("" when it is not)."""
+        return self.quarantined.get(self.operator_of(worker_id), "")
 
     # ------------------------------------------------------------------ gates
 
     def check(self, worker_id: str) -> None:
-        """403 `quarantined` for a quarantined worker (leases and submissions call this)."""
-        stats = self.stats.get(worker_id)
-        if stats is not None and stats.quarantined:
-            raise HubError(403, "quarantined", f"worker {worker_id} is quarantined: {stats.quarantined}")
+        """403 `quarantined` for a registration of a quarantined operator (leases and submissions call this)."""
+        if reason := self.reason(worker_id):
+            raise HubError(403, "quarantined", f"worker {worker_id} is quarantined: {reason}")
 
     # ------------------------------------------------------------------ evidence
 
     def record(self, report: ProvenanceReport) -> list[str]:
-        """Add the trainer's verdicts of one step; returns the workers quarantined because of them."""
+        """Add the trainer's verdicts of one step; returns the operators quarantined because of them."""
         newly = []
         for v in report.workers:
-            s = self._of(v.worker_id)
-            s.sequences += v.sequences
-            s.rejected.update(v.rejected)
-            s.abs_diff_sum += v.abs_logprob_diff_sum
-            s.tokens += v.tokens
+            op = self.operator_of(v.worker_id)
+            for ev in (self.workers.setdefault(v.worker_id, Evidence()), self.operators.setdefault(op, Evidence())):
+                ev.add_verdicts(v.sequences, v.rejected, v.abs_logprob_diff_sum, v.tokens)
+            s = self.operators[op]
             rejected = sum(s.rejected.values())
             if (
-                not s.quarantined
+                op not in self.quarantined
                 and s.sequences >= self.cfg.quarantine_min_sequences
                 and rejected / s.sequences > self.cfg.quarantine_rejected_fraction
             ):
                 reasons = ", ".join(f"{k} {n}" for k, n in s.rejected.most_common())
                 self.quarantine(v.worker_id, f"provenance: {rejected}/{s.sequences} sequences rejected ({reasons})")
-                newly.append(v.worker_id)
+                newly.append(op)
         return newly
 
     def observe_group(self, group: ScoredGroup) -> bool:
-        """Count a buffered group's mean reward; True if that quarantined its worker (cherry-picking)."""
-        mean = sum(c.reward for c in group.completions) / len(group.completions)
-        s = self._of(group.worker_id)
-        if s.quarantined:  # a group scored after its worker's quarantine: dropped, not evidence
+        """Count a buffered group's mean reward; True if that quarantined its operator (cherry-picking)."""
+        op = self.operator_of(group.worker_id)
+        if op in self.quarantined:  # a group scored after its operator's quarantine: dropped, not evidence
             return False
-        s.groups += 1
-        for totals in (s.by_version, self.by_version):
-            row = totals.setdefault(group.policy_version, [0, 0.0, 0.0])
-            row[0] += 1
-            row[1] += mean
-            row[2] += mean * mean
-        z = self.reward_z(group.worker_id)
+        mean = sum(c.reward for c in group.completions) / len(group.completions)
+        self.workers.setdefault(group.worker_id, Evidence()).add_group(group.policy_version, mean)
+        self.operators.setdefault(op, Evidence()).add_group(group.policy_version, mean)
+        _add(self.by_version, group.policy_version, mean)
+        z = self.operator_reward_z(op)
         if z > self.cfg.reward_z:
+            groups = self.operators[op].groups
             self.quarantine(
                 group.worker_id,
-                f"reward outlier: its groups' rewards are {z:.1f} standard errors above the other workers' "
-                f"with the same policy versions, over {s.groups} groups (> {self.cfg.reward_z:g}; cherry-picked?)",
+                f"reward outlier: its groups' rewards are {z:.1f} standard errors above the other operators' "
+                f"with the same policy versions, over {groups} groups (> {self.cfg.reward_z:g}; cherry-picked?)",
             )
             return True
         return False
 
+    def count_timeouts(self, worker_id: str, timeouts: int) -> None:
+        """Completions of this registration that the verifier had to kill (slow to verify: scored 0)."""
+        if timeouts:
+            self.workers.setdefault(worker_id, Evidence()).scoring_timeouts += timeouts
+            self.operators.setdefault(self.operator_of(worker_id), Evidence()).scoring_timeouts += timeouts
+
     def reward_z(self, worker_id: str) -> float:
-        """Standard errors by which this worker's group rewards beat the other workers' groups of the
+        return self.operator_reward_z(self.operator_of(worker_id))
+
+    def operator_reward_z(self, op: str) -> float:
+        """Standard errors by which this operator's group rewards beat the other operators' groups of the
         same policy versions (0: fewer than `reward_min_groups` comparable groups on either side)."""
-        s = self.stats.get(worker_id)
-        if s is None or s.quarantined or s.groups < self.cfg.reward_min_groups:
+        s = self.operators.get(op)
+        if s is None or op in self.quarantined or s.groups < self.cfg.reward_min_groups:
             return 0.0
         excess, n_w, n_o = 0.0, 0, 0
         for version, (count, total, _) in s.by_version.items():
@@ -144,42 +175,62 @@ class Trust:
     # ------------------------------------------------------------------ actions
 
     def quarantine(self, worker_id: str, reason: str) -> int:
-        """Quarantine a worker: no more leases; its leased, scoring and buffered tasks re-queued."""
-        stats = self._of(worker_id)
-        if not stats.quarantined:  # its groups no longer count as the others' evidence
-            for version, mine in stats.by_version.items():
+        """Quarantine the registration's operator: every registration of it gets no more leases, and
+        their leased, scoring and buffered tasks go back to the queue."""
+        op = self.operator_of(worker_id)
+        if op not in self.quarantined:  # its groups no longer count as the others' evidence
+            for version, mine in self.operators.get(op, Evidence()).by_version.items():
                 every = self.by_version[version]
                 for i in range(3):
                     every[i] -= mine[i]
-        stats.quarantined = reason
-        requeued = self.state.drop_worker_work(worker_id)
-        log.warning("worker %s quarantined (%d tasks re-queued): %s", worker_id, requeued, reason)
+        self.quarantined[op] = reason
+        self.state.block_operator(op)
+        requeued = sum(self.state.drop_worker_work(w) for w in self.state.workers_of(op))
+        log.warning("operator %s quarantined (%d tasks re-queued): %s", op, requeued, reason)
         return requeued
 
     def release(self, worker_id: str) -> None:
-        """Lift a quarantine; the worker's statistics start again from zero."""
-        stats = self.stats.get(worker_id)
-        if stats is None or not stats.quarantined:
+        """Lift the quarantine of the registration's operator; its statistics start again from zero."""
+        op = self.operator_of(worker_id)
+        if op not in self.quarantined:
             raise HubError(404, "not_quarantined", f"worker {worker_id} is not quarantined")
-        self.stats[worker_id] = WorkerStats()
-        log.warning("quarantine of worker %s lifted", worker_id)
+        del self.quarantined[op]
+        self.operators[op] = Evidence()
+        for w, owner in self.owner.items():
+            if owner == op:
+                self.workers.pop(w, None)
+        self.state.unblock_operator(op)
+        log.warning("quarantine of operator %s lifted", op)
 
     # ------------------------------------------------------------------ status
 
     def annotate(self, status: HubStatus, viewer: str | None) -> HubStatus:
-        """Status for a caller: trust columns filled in; a worker token (`viewer`, its token id)
-        sees only the workers registered with it, and only counts of the others."""
+        """Status for a caller: trust columns and operators filled in; a worker token (`viewer`, its token
+        id) sees only its own workers and operator, and only counts of the others."""
         workers = []
         for w in status.workers:
-            rec = self.state.workers.get(w.worker_id)
-            if viewer is not None and (rec is None or rec.token != viewer):
+            op = self.operator_of(w.worker_id)
+            if viewer is not None and op != viewer:
                 continue
-            stats = self.stats.get(w.worker_id)
-            if stats is not None:
-                trust = stats.view(self.reward_z(w.worker_id))
-                w = w.model_copy(update={"quarantined": stats.quarantined, "trust": trust})
-            workers.append(w)
-        quarantined = sum(1 for wid, s in self.stats.items() if s.quarantined and wid in self.state.workers)
+            update: dict = {"quarantined": self.quarantined.get(op, "")}
+            if (ev := self.workers.get(w.worker_id)) is not None:
+                update["trust"] = ev.view(self.operator_reward_z(op))
+            workers.append(w.model_copy(update=update))
+        operators = [
+            o.model_copy(
+                update={
+                    "quarantined": self.quarantined.get(o.operator, ""),
+                    "trust": self.operators[o.operator].view(self.operator_reward_z(o.operator))
+                    if o.operator in self.operators
+                    else None,
+                }
+            )  # fmt: skip
+            for o in status.operators
+            if viewer is None or o.operator == viewer
+        ]
+        live = {w.token for w in self.state.workers.values()}
+        quarantined = sum(1 for w in self.state.workers.values() if w.token in self.quarantined)
         return status.model_copy(
-            update={"workers": workers, "workers_total": len(status.workers), "quarantined": quarantined}
-        )
+            update={"workers": workers, "operators": operators, "workers_total": len(status.workers),
+                    "quarantined": quarantined, "operators_quarantined": len(live & set(self.quarantined))}
+        )  # fmt: skip

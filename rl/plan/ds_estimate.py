@@ -1,4 +1,4 @@
-"""DeepSpeed's side of `rl plan` (rl/plan.py): importing it quietly, and its own model-state estimators."""
+"""DeepSpeed's side of `rl plan` (rl/plan/estimate.py): importing it quietly, and its own model-state estimators."""
 
 from __future__ import annotations
 

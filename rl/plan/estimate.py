@@ -1,31 +1,16 @@
 """`rl plan`: will a run config fit the hardware, and what will weight sync cost? Answered before launch.
 
-Three estimates, each from the model's architecture (rl/model_specs.py: the real
-model built on the meta device, so parameter counts are exact) and the run config:
+Three estimates, each from the model's architecture (rl/plan/specs.py: the real model built
+on the meta device, so parameter counts are exact) and the run config:
 
-- **Trainer, per GPU.** Model states by ZeRO stage, the way DeepSpeed 0.19 lays
-  them out with our client AdamW: working weights and gradients in the training
-  dtype, an fp32 master copy, Adam's two fp32 moments and an fp32 gradient
-  partition at the step (ZeRO >= 1 shards the last three over the data-parallel
-  ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; CPU offload moves
-  them to host memory). Plus what ZeRO-3 gathers at once, DeepSpeed's buckets,
-  activations (per token and layer of a SwiGLU/GQA decoder, or one layer input per
-  layer with gradient checkpointing), the [tokens, vocab] logits of the loss, a
-  frozen reference model when `algorithm.beta > 0`, and a fixed allowance for the
-  CUDA context and allocator. Cross-checked against DeepSpeed's own estimator.
-- **Rollout worker, per GPU.** vLLM's budget `gpu_memory_utilization * memory`
-  minus the weights of one tensor-parallel shard, the profiling peak, CUDA graphs
-  and the non-torch allowance; the rest is KV cache, reported as tokens and
-  sequences of `model.max_model_len`.
-- **Weight sync per version.** Full versions and sparse deltas (changed elements
-  as index + value, before compression) from one hub to W workers, and through
-  site caches (rl/weights.py, docs/operations.md).
+- Trainer, per GPU: model states by ZeRO stage as DeepSpeed lays them out with our AdamW
+  (rl/plan/ds_estimate.py has DeepSpeed's own estimator beside it), what ZeRO-3 gathers,
+  buckets, activations, the loss's logits, a reference model, a CUDA allowance.
+- Rollout worker, per GPU: vLLM's memory budget minus weights and overheads, as KV cache.
+- Weight sync per version: full versions and sparse deltas to W workers, and through caches.
 
-Model states follow DeepSpeed's layout (tests compare them with a real engine's
-optimizer state); activations are a budget a little above what autograd keeps (tests
-count it with saved-tensor hooks); the runtime allowances are rough. Where a config does
-not fit, the plan recomputes itself with one knob changed at a time and names the ones
-that make it fit.
+Where a config does not fit, the plan is recomputed with one knob changed at a time and names
+the ones that make it fit. What each row counts, and how close it is: docs/operations.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """Model architectures without weights: what `rl plan` needs to size a run before anything is downloaded.
 
-`resolve_architecture(name)` turns a config's `model.name` into an `Architecture`:
-the shape numbers (hidden size, layers, heads, vocab, ...) and the parameter count
-of the real model, counted by building it on the meta device (no memory, no
-weights), not by a formula. The config comes from, in order:
-
-1. a local model directory's `config.json` (transformers `AutoConfig`);
-2. an offline alias of rl/models.py (`tiny-test` is built in seconds; the SmolLM2
-   alias has a built-in spec when it is not prepared yet);
-3. the built-in specs below, the public `config.json` values of the Qwen2.5 family,
-   so `rl plan` works offline for `Qwen/Qwen2.5-7B-Instruct` and friends;
-4. the local Hugging Face cache (`local_files_only`: never the network).
+`resolve_architecture(name)` turns a config's `model.name` into an `Architecture`: the shape
+numbers (hidden size, layers, heads, vocab, ...) and the exact parameter count of the real
+model, built on the meta device (no memory, no weights). The config comes from, in order:
+a local model directory's `config.json`; an offline alias of rl/models.py (the SmolLM2 alias
+has a built-in spec when it is not prepared yet); the built-in specs below (the public
+`config.json` values of the Qwen2.5 family, so `rl plan` works offline for them); the local
+Hugging Face cache (`local_files_only`: never the network).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rich tables for `rl plan` (the numbers come from rl/plan.py; this file only lays them out)."""
+"""Rich tables for `rl plan` (the numbers come from rl/plan/estimate.py; this file only lays them out)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,14 @@
 """Group-relative advantages: one scalar per completion from the rewards of its GRPO group.
 
-The trainer gets a batch of `num_groups * group_size` rewards (the n completions of one
-prompt are contiguous) and turns them into advantages before computing the loss
-(`rl.trainer.loss.policy_loss`). Everything here is a pure function of the reward tensor.
+Pure functions of a batch's rewards (`num_groups * group_size`, the n completions of a prompt
+contiguous); the trainer turns them into advantages before the loss (rl/trainer/loss.py).
 
-Estimators (`algorithm.advantage`):
-- `grpo`: r - mean(group), divided per `scale` (DeepSeekMath GRPO; TRL's GRPOTrainer).
-- `dr_grpo`: r - mean(group), never divided by a std (Dr. GRPO, arXiv:2503.20783).
-- `rloo`: r - mean(other completions of the group) = G/(G-1) * (r - mean(group)) (RLOO).
-
-Scaling (`algorithm.scale_rewards`): `group` divides by the group's reward std, `batch` by
-the std of all rewards in the batch, `none` by nothing; stds are unbiased (Bessel) and get
-`+ eps` (1e-4) as in TRL. A group whose rewards are all equal carries no signal: its
-advantages are exactly zero and it is counted, so DAPO-style dynamic sampling can drop it.
+Estimators (`algorithm.advantage`): `grpo` r - mean(group), divided per `scale` (DeepSeekMath,
+TRL's GRPOTrainer); `dr_grpo` r - mean(group), never divided by a std (arXiv:2503.20783);
+`rloo` r - mean(the other completions) = G/(G-1) * (r - mean(group)).
+Scaling (`algorithm.scale_rewards`): by the group's reward std (`group`), the batch's (`batch`)
+or nothing (`none`); unbiased stds + 1e-4, as TRL. A group whose rewards are all equal carries
+no signal: its advantages are exactly zero and it is counted (for DAPO-style dynamic sampling).
 """
 
 from __future__ import annotations

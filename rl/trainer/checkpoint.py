@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from rl.rundir import RunDir
+from rl.weights.store import version_dir, version_numbers
 from rl.wire.protocol import Ledger
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,9 @@ def discard_after(run_dir: Path, step: int) -> None:
     """
     paths = RunDir(run_dir)
     for parent in paths.versioned:
-        for p in parent.glob("v*"):
-            if p.is_dir() and p.name[1:].isdigit() and int(p.name[1:]) > step:
-                shutil.rmtree(p, ignore_errors=True)
+        for version in version_numbers(parent):
+            if version > step:
+                shutil.rmtree(version_dir(parent, version), ignore_errors=True)
     for p in checkpoints_dir(run_dir).glob(".tmp-step_*"):
         shutil.rmtree(p, ignore_errors=True)
     shutil.rmtree(paths.final, ignore_errors=True)
@@ -123,7 +124,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(strategy, run_dir: Path, step: int, state: dict, ledger: Ledger | None, keep: int) -> Path:
     """All ranks call; rank 0 writes the trainer state and ledger and renames into place."""
     root = checkpoints_dir(run_dir)
-    final = root / f"step_{step}"
+    final = RunDir(run_dir).checkpoint(step)
     tmp = root / f".tmp-step_{step}"
     if strategy.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,8 +154,3 @@ def load_checkpoint(strategy, path: Path) -> dict:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / STATE).read_text())
-
-
-def read_ledger(path: Path) -> Ledger | None:
-    f = Path(path) / LEDGER
-    return Ledger.model_validate_json(f.read_text()) if f.is_file() else None

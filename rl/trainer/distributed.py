@@ -1,6 +1,6 @@
 """The trainer's process group: join a `torchrun`/`deepspeed` launch, or make a one-rank group.
 
-Kept apart from rl/strategy.py (which owns the DeepSpeed engine) because it is process-wide
+Kept apart from rl/trainer/strategy.py (which owns the DeepSpeed engine) because it is process-wide
 state: the default torch group and DeepSpeed's cached comm backend outlive any one engine.
 """
 

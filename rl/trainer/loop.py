@@ -1,28 +1,16 @@
 """The GRPO training loop: pull scored groups, compute advantages and loss, step, publish.
 
-Reads like the algorithm:
-
     publish the initial policy (version = optimizer steps applied)
     for each step:
-        rank 0 pulls `prompts_per_step` scored groups from the hub (within max_staleness),
-        broadcasts them; every rank takes its share of the sequences
-        advantages from the group rewards (rl/advantages.py)
-        old log-probs once (when several updates per batch), then per update and micro-batch:
-            log-probs -> policy_loss (rl/loss.py) -> backward
-        optimizer step; publish the new version every `weights.publish_every` steps
-        log metrics, checkpoint every `checkpoint.every` steps
+        rank 0 pulls `prompts_per_step` scored groups from the hub and broadcasts them
+        provenance checks mask forged sequences (rl/trainer/provenance.py)
+        advantages from the group rewards (rl/trainer/advantages.py)
+        per update and micro-batch: log-probs -> policy_loss (rl/trainer/loss.py) -> backward
+        optimizer step; publish every `weights.publish_every` steps; log; checkpoint
 
-DeepSpeed lives behind `DeepSpeedStrategy` (rl/strategy.py); the hub is reached
-only from rank 0 through `HubAdmin` (rl/hub/admin.py).
-
-Stopping early (a signal, a dead child process) goes through `StopRequest`: the
-loop stops only between steps, after a checkpoint, so a batch the hub handed out
-is always trained and the checkpoint's ledger matches the trainer's step. All
-ranks agree on stopping at the same step (one all-reduce per step).
-
-While rank 0 waits on the hub (rollouts, an evaluation) the other ranks wait in
-`broadcast_object`; rank 0 sends them `_WAIT` every few seconds, so no collective
-outlives the process-group timeout however long the wait.
+DeepSpeed lives behind `DeepSpeedStrategy` (rl/trainer/strategy.py); the hub is reached only
+from rank 0 through `HubAdmin` (rl/wire/admin.py). Stopping early (`StopRequest`) happens
+between steps, after a checkpoint, at the same step on every rank.
 """
 
 from __future__ import annotations
@@ -42,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rl.config import RunConfig
+from rl.rundir import RunDir
 from rl.trainer.advantages import group_advantages
 from rl.trainer.batch import TrainBatch, build_batch, eval_metrics, rollout_metrics
 from rl.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -55,6 +44,7 @@ from rl.trainer.provenance import (
     token_statistics,
 )
 from rl.trainer.publisher import Publisher
+from rl.trainer.strategy import _GATHER_BUDGET  # bytes gathered at once into a background publication
 from rl.trainer.tracking import Progress
 from rl.weights.files import TensorSpec
 from rl.weights.lora import adapter_metadata
@@ -73,17 +63,18 @@ EXIT_INTERRUPTED = 130
 
 
 _WAIT = "wait"
-"""Rank 0 -> other ranks: still waiting on the hub, keep waiting."""
+"""Rank 0 -> other ranks: still waiting on the hub, keep waiting (sent every `_TICK_S`, so no
+collective outlives the process-group timeout however long rank 0 waits)."""
 _TICK_S = 2.0
 """Longest a stop request or a rank-0 wait goes unnoticed (also the hub long-poll timeout)."""
-_GATHER_BUDGET = 256 * 2**20
-"""Bytes of full (ZeRO-3) parameters gathered at once into a background publication's snapshot."""
 
 
 class StopRequest:
     """Why the run should stop early; set from signal handlers and the launcher's watchdog thread.
 
-    The loop reads it between steps and while it waits on the hub; nothing is interrupted midway.
+    The loop reads it between steps and while it waits on the hub; nothing is interrupted midway:
+    it stops after a checkpoint, so a batch the hub handed out is always trained and the
+    checkpoint's ledger matches the trainer's step. All ranks agree on the step (`_stop_agreed`).
     """
 
     def __init__(self) -> None:
@@ -121,7 +112,7 @@ class Trainer:
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
-                raise CheckpointError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
+                raise CheckpointError(f"--resume: no checkpoint under {RunDir(self.run_dir).checkpoints}")
             self.step = load_checkpoint(self.strategy, ckpt)["step"]
             log.info("resumed from %s at step %d", ckpt, self.step)
         self.last_checkpoint = self.step
@@ -135,7 +126,7 @@ class Trainer:
     # ------------------------------------------------------------------ policy
 
     def publish(self) -> float:
-        """All ranks: hand the current weights to the publisher as version `step` (rl/publisher.py);
+        """All ranks: hand the current weights to the publisher as version `step` (rl/trainer/publisher.py);
         returns the seconds the loop was blocked (the whole publication unless `weights.background`)."""
         start = time.perf_counter()
         if self.cfg.weights.format == "lora" and self.step > 0:
@@ -312,7 +303,7 @@ class Trainer:
         return metrics
 
     def verify(self, batch: TrainBatch, groups: list) -> tuple[TrainBatch, dict[str, float]]:
-        """All ranks: provenance checks of every sequence (rl/provenance.py) before the optimizer step.
+        """All ranks: provenance checks of every sequence (rl/trainer/provenance.py) before the optimizer step.
 
         Rejected sequences are masked out of the loss and their group's baseline; the verdicts go
         to the metrics and (rank 0) to the hub, which keeps per-worker statistics and quarantines.
@@ -477,7 +468,7 @@ class Trainer:
         if self.last_checkpoint != self.step:
             self.checkpoint()
         if self.stop.reason is not None:
-            saved = f"checkpoint {self.run_dir / 'checkpoints' / f'step_{self.step}'}" if self.step else "no checkpoint"
+            saved = f"checkpoint {RunDir(self.run_dir).checkpoint(self.step)}" if self.step else "no checkpoint"
             log.warning("stopped at step %d: %s (%s)", self.step, self.stop.reason, saved)
             return self.stop.exit_code
         return 0

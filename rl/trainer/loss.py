@@ -1,34 +1,15 @@
 """GRPO-family policy losses over padded tensors, with off-policy correction and metrics.
 
-The trainer computes per-token log-probs of the completion tokens for one micro-batch and
-calls `policy_loss`; it backpropagates the returned scalar. Summing the losses of all
-micro-batches of an optimizer step gives the loss of the whole batch, because every
-batch-level normaliser (tokens, sequences, micro-batches) comes from a `LossNorm` built once
-per step from the full batch. Shapes: B sequences, T completion positions (right-padded);
-`mask` is 1 on completion tokens and 0 on padding, and nothing under mask 0 (whatever its
-value, NaN included) reaches the loss, the gradients or the metrics.
-
-Per-token objective (ratio r = exp(logp - logp_old), advantage A per sequence):
-- PPO clip (`grpo`, `bnpo`, `dr_grpo`, `dapo`, `gspo`): -min(r A, clip(r, 1-eps_low, 1+eps_high) A),
-  with optional dual-clip (Ye et al. 2020): for A < 0 the loss is capped at -c A.
-- `gspo`: r is one sequence-level ratio, exp(mean over tokens of the log-ratio) (arXiv:2507.18071).
-- `cispo`: -sg(min(r, 1+eps_high)) A logp, REINFORCE with clipped IS weights (arXiv:2506.13585);
-  the weight has no lower bound (the paper's eps_low^IS is effectively off too).
-Off-policy correction: times w = min(exp(logp_old - logp_behaviour), C) per token, or the
-sequence/mask variants (`is_mode`, TRL's `vllm_importance_sampling_mode` names). KL to a
-reference: + beta * r * k3(ref, current) per token, where GRPO's paper has plain k3 (r: ratio to
-the old policy, TRL's default bias correction; not multiplied by the behaviour weight w, as TRL).
-Aggregation (the `LOSSES` table): `grpo`/`gspo` mean over sequences of the token mean;
-`bnpo` token mean per micro-batch, averaged over micro-batches (as TRL, so it alone depends on
-the micro-batch split); `dr_grpo` token sum / (sequences * max_tokens); `dapo`/`cispo` token
-sum / tokens in the batch.
-
-Usage, per optimizer step (`mb` one micro-batch of the step's batch):
+The trainer computes the per-token log-probs of one micro-batch's completion tokens, calls
+`policy_loss` and backpropagates the scalar. Every batch-level normaliser comes from one
+`LossNorm` built per step from the full batch, so the micro-batch losses of a step sum to the
+batch loss. Shapes: B sequences, T completion positions (right-padded); nothing under `mask`
+0 (NaN included) reaches the loss, the gradients or the metrics. Each loss type's objective
+and aggregation: the `LOSSES` table.
 
     norm = LossNorm.from_batch(batch_mask, micro_batch_size=mbs, max_tokens=max_tokens)
     for mb in micro_batches:
-        loss, metrics = policy_loss(logp, mb.old_logp, mb.adv, mb.mask, cfg,
-                                    behaviour_logprobs=mb.behaviour_logp, loss_norm=norm)
+        loss, metrics = policy_loss(logp, mb.old_logp, mb.adv, mb.mask, cfg, loss_norm=norm)
         backward(loss); parts.append(metrics)
     log(reduce_metrics(parts))
 """
@@ -45,7 +26,6 @@ from torch import Tensor
 
 from rl.config import AlgorithmConfig
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
 ISMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"]
 
 
@@ -140,6 +120,22 @@ LOSSES: dict[str, LossSpec] = {
     "gspo": LossSpec(True, _ppo_clip, _sequence_mean),
     "cispo": LossSpec(False, _cispo, _batch_token_mean),
 }
+"""Each loss type: sequence- or token-level ratio, per-token objective, aggregation.
+
+Per token (ratio r = exp(logp - logp_old), advantage A per sequence):
+- PPO clip (`grpo`, `bnpo`, `dr_grpo`, `dapo`, `gspo`): -min(r A, clip(r, 1-eps_low, 1+eps_high) A),
+  with optional dual-clip (Ye et al. 2020): for A < 0 the loss is capped at -c A.
+- `gspo`: r is one sequence-level ratio, exp(mean over tokens of the log-ratio) (arXiv:2507.18071).
+- `cispo`: -sg(min(r, 1+eps_high)) A logp, REINFORCE with clipped IS weights (arXiv:2506.13585);
+  the weight has no lower bound (the paper's eps_low^IS is effectively off too).
+Off-policy correction: times w = min(exp(logp_old - logp_behaviour), C) per token, or the
+sequence/mask variants (`is_mode`, TRL's `vllm_importance_sampling_mode` names). KL to a
+reference: + beta * r * k3(ref, current) per token, where GRPO's paper has plain k3 (r: ratio to
+the old policy, TRL's default bias correction; not multiplied by the behaviour weight w, as TRL).
+Aggregation: `grpo`/`gspo` mean over sequences of the token mean; `bnpo` token mean per
+micro-batch, averaged over micro-batches (as TRL, so it alone depends on the micro-batch split);
+`dr_grpo` token sum / (sequences * max_tokens); `dapo`/`cispo` token sum / tokens in the batch.
+"""
 
 
 # --------------------------------------------------------------------------- off-policy correction

@@ -1,23 +1,14 @@
 """Padding-free forward passes: tree-packed micro-batches and chunked log-probs.
 
-A GRPO micro-batch is a few groups, each one prompt with several completions of
-very different lengths. Padding every row to the longest wastes about half the
-compute, and running the prompt once per completion wastes most of the rest.
-`pack` lays a micro-batch out as ONE row instead: each distinct prefix (a
-group's prompt) once, followed by the suffixes (completions) of the rows that
-share it; a 4D attention mask lets a suffix token see its own prefix and the
-earlier tokens of its own suffix only, and position ids restart at the prefix
-length for every suffix (tree attention, as AReaL's tree training). Nothing is
-padded, so every forward token is a real one.
-
-The lm_head then runs only on the positions that predict a target token, a
-chunk of positions at a time (`chunked_logprobs`): log p = logit[target] -
-logsumexp(logits), the (no-grad) entropy from the same chunk, and each chunk
-is checkpointed, so the backward recomputes its logits and no [T, vocab]
-logits tensor is ever kept (prime-rl's chunked log-probs, verl's
-remove-padding). `rl/strategy.py` drives both, and falls back to
-`padded_logprobs` (rows padded to the longest, full logits) for a model that
-cannot be packed.
+A GRPO micro-batch is a few groups, each one prompt with completions of very different
+lengths. `pack` lays it out as ONE row: each group's prompt once, followed by the completions
+that share it; a 4D attention mask lets a completion token see its own prompt and the earlier
+tokens of its own completion only, and position ids restart after the prompt for every
+completion (tree attention, as AReaL's tree training). Nothing is padded. The lm_head then
+runs only on the positions that predict a target, a checkpointed chunk at a time
+(`chunked_logprobs`), so no [T, vocab] logits tensor is kept (prime-rl's chunked log-probs).
+rl/trainer/strategy.py drives both, and falls back to `padded_logprobs` (rows padded to the
+longest, full logits) for a model that cannot be packed. docs/operations.md: the speed knobs.
 """
 
 from __future__ import annotations

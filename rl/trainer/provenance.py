@@ -1,29 +1,13 @@
 """Provenance checks of worker samples on the trusted side: pure functions over tensors.
 
 A worker's token ids, logprobs and claimed policy version are self-reported. The trainer
-recomputes every token's logprob anyway; from the same logits it checks, per sequence:
-
-1. **Claimed vs recomputed logprobs** (`logprob_mismatch`): the mean |claimed - recomputed| per
-   token, and the largest single difference. Fabricated logprobs (made up, or very negative to
-   earn the largest importance weight) differ by nats; an honest bf16 sampler one version
-   behind differs by a few hundredths (docs/security.md has the measured numbers).
-2. **Typicality** (`atypical_unlikely`, `atypical_likely`): under honest sampling from
-   q = softmax(logits / temperature), truncated to top-k/top-p, the surprisal s_t = -log q(x_t)
-   of each sampled token has mean H(q_t) (the entropy) and variance V(q_t) = E[log^2 q] - H^2.
-   Their centred sum is a martingale, so z = sum_t min(s_t - H_t, c) / sqrt(sum_t V_t + 1) is about
-   standard normal for honest samples. The +1 keeps a few near-deterministic positions from
-   dividing by ~0, and the clip c (`trust.typicality_clip`) keeps one rare honest token at a
-   confident position (s - H of 7+ nats, variance ~0) from failing a whole sequence. An injected
-   answer (text the policy finds unlikely) has z >> 0; greedy or low-temperature decoding passed
-   off as sampling has z << 0.
-3. **Sampling support** (`outside_sampling_support`): too many tokens the configured top-k/top-p
-   could never have produced.
-4. **Special tokens** (`special_token`, `special_token_rows`): a chat-template token (such as
-   `<|im_start|>`) anywhere but a final end-of-sequence token. The hub also scores exactly the
-   tokens that are trained (rl/hub/server.py), so none can hide from the verifier.
-
-A sequence failing any check is masked out of the loss (`mask_rejected`) before the optimizer
-step.
+recomputes every token's logprob anyway, and from the same logits checks each sequence for:
+claimed vs recomputed logprobs (`logprob_mismatch`), typicality of the sampled tokens' surprisal
+(`atypical_unlikely`: injected text; `atypical_likely`: greedy decoding passed off as sampling),
+tokens the configured top-k/top-p could never have produced (`outside_sampling_support`), and
+chat-template tokens anywhere but a final end-of-sequence (`special_token`). A sequence failing
+any check is masked out of the loss (`mask_rejected`) before the optimizer step. The tests, their
+maths, thresholds and measured false-positive rates: docs/security.md.
 
 Shapes: B sequences, L positions (prompt + completion, right-padded), V vocabulary.
 """

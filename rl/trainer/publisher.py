@@ -1,19 +1,13 @@
 """Publishing policy versions beside the training loop (trainer rank 0).
 
-The loop hands each new version's weights to `Publisher.publish` as an iterator (the
-gather: rl/strategy.py `iter_state_dict`, collectives on every rank, so it runs in the
-loop). Two modes (`weights.background`):
-
-- background (default): wait for the previous version to be out (one in flight), copy
-  the weights into a host snapshot in the rollout dtype, return; a thread writes the
-  shards (or deltas), hashes them and announces the version to the hub while the next
-  step trains. The loop is blocked for the gather and the copy only. Costs the model's
-  size in the rollout dtype of host RAM on rank 0.
-- streamed: write the gather's tensors straight into shards as they arrive (about one
-  shard of extra memory), announce, return. The loop waits for all of it.
-
-The trainer needs a version to be announced before it evaluates it or checkpoints the
-hub's ledger: `wait()`. A failed background publication is raised by the next call.
+The loop hands each new version's weights to `Publisher.publish` as an iterator (the gather,
+`DeepSpeedStrategy.iter_state_dict`: collectives on every rank, so it runs in the loop).
+`weights.background` (default): copy the weights into a host snapshot in the rollout dtype
+(one version in flight, the model's size of host RAM) and return; a thread writes the shards
+or deltas, hashes them and announces the version to the hub while the next step trains.
+Streamed: write the shards as the tensors arrive (about one shard of memory), announce,
+return. The trainer calls `wait()` before it evaluates a version or checkpoints the hub's
+ledger; a failed background publication is raised by the next call.
 """
 
 from __future__ import annotations

@@ -1,23 +1,14 @@
 """DeepSpeed behind one class: the trainer's only door to the model and optimizer.
 
-`DeepSpeedStrategy` owns process-group set-up, model loading, the DeepSpeed engine
-(ZeRO 0-3, CPU/gloo or GPU/NCCL), per-token log-probs, backward, optimizer step,
-full-weight gathering for publication, and checkpoints. The training loop calls it
-and never imports `deepspeed` itself (the shape of OpenRLHF's `DeepspeedStrategy`).
-
+`DeepSpeedStrategy` owns model loading, the DeepSpeed engine (ZeRO 0-3, CPU/gloo or
+GPU/NCCL), per-token log-probs, backward, optimizer step, full-weight gathering for
+publication, and checkpoints; the loop never imports `deepspeed` (OpenRLHF's shape).
 Two contracts the loop relies on:
 
-- **Loss normalisation is the caller's.** `backward(loss)` expects a loss already
-  normalised for the whole (global) batch: the losses passed to `backward()` on all
-  micro-batches of all ranks sum to the batch loss. No gradient-accumulation
-  scaling happens and the number of micro-batches may change from step to step.
-  (DeepSpeed's `managed_gradient_accumulation: false` makes `step()` the only
-  accumulation boundary; its cross-rank gradient *mean* is undone by scaling the
-  loss by the world size.)
-- **Collectives are symmetric.** With more than one rank, every rank must call
-  `backward()` the same number of times per step under ZeRO-2/3 (they reduce
-  gradients per call), and every rank must call `token_logprobs` with grad under
-  ZeRO-3 the same number of times; `step`, `gather_state_dict`, `save_*`,
+- Loss normalisation is the caller's: the losses passed to `backward()` on all micro-batches
+  of all ranks sum to the batch loss; no gradient-accumulation scaling happens.
+- Collectives are symmetric: every rank calls `backward()` (ZeRO-2/3) and `token_logprobs`
+  with grad (ZeRO-3) as often as the others; `step`, `gather_state_dict`, `save_*`,
   `load_checkpoint`, `broadcast_object` and `barrier` are called by all ranks.
 """
 
@@ -122,7 +113,7 @@ class DeepSpeedStrategy:
         self._backward_calls = 0
         self._last_norm: float | None = None
         self.packing = True
-        """Padding-free tree-packed forwards (rl/packing.py); False: the padded fallback."""
+        """Padding-free tree-packed forwards (rl/trainer/packing.py); False: the padded fallback."""
         if (problem := self.packing_problem()) is not None:
             log.warning("this model cannot be tree-packed (%s): padded forwards, no prompt sharing", problem)
             self.packing = False
@@ -191,7 +182,7 @@ class DeepSpeedStrategy:
         Position 0 and padding positions are 0. Logits are divided by
         `temperature` (use the sampling temperature). The entropy [B, T] is
         computed without grad (for logging). Rows are processed in chunks of
-        `trainer.micro_batch_size`, each one padding-free forward (rl/packing.py:
+        `trainer.micro_batch_size`, each one padding-free forward (rl/trainer/packing.py:
         the chunk tree-packed into one row, the lm_head a chunk of positions at
         a time). `reference=True` uses the frozen reference model under no_grad.
         For training, call it once per micro-batch and `backward()` that
@@ -263,7 +254,7 @@ class DeepSpeedStrategy:
         """No-grad forward of the policy; `fn(logits [b, t, V], targets [b, t]) -> [b, t, width]` per
         chunk, returned as [B, T, width] aligned like `token_logprobs` (position 0 and padding 0).
 
-        For checks that need more of the logits than the picked token's logprob (rl/provenance.py).
+        For checks that need more of the logits than the picked token's logprob (rl/trainer/provenance.py).
         Packed like `token_logprobs`: `fn` sees the logits of a chunk of target positions as one row.
         With `prompt_lengths` (packed path) each group's prompt runs once and only completion
         positions are computed (prompt positions stay 0): the checks look at completions only.
@@ -349,7 +340,11 @@ class DeepSpeedStrategy:
     # ----------------------------------------------------------------------- optimisation
 
     def backward(self, loss: Tensor) -> None:
-        """Accumulate gradients of `loss` (already normalised for the global batch; never rescaled)."""
+        """Accumulate gradients of `loss` (already normalised for the global batch; never rescaled).
+
+        DeepSpeed's `managed_gradient_accumulation: false` makes `step()` the only accumulation
+        boundary, so the number of micro-batches may change from step to step.
+        """
         # DeepSpeed averages gradients over ranks; the caller's losses sum over ranks.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         self._backward_calls += 1
@@ -414,13 +409,11 @@ class DeepSpeedStrategy:
 
     def _state_names(self) -> list[str]:
         """state_dict names, a tied parameter once (under its first name); with LoRA the merged model's."""
-        module = self.module
-        params = dict(module.named_parameters())
-        tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - set(params)
-        names = [name for name in module.state_dict(keep_vars=True) if name not in tied]
+        names = self._raw_state_names()
         return merged_names(names) if self.lora is not None else names
 
     def _raw_state_names(self) -> list[str]:
+        """The module's own state_dict names (adapters and wrapped originals under LoRA), tied ones once."""
         module = self.module
         params = dict(module.named_parameters())
         tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - set(params)
@@ -441,7 +434,7 @@ class DeepSpeedStrategy:
         return out
 
     def iter_state_dict(self, budget_bytes: int = _GATHER_BUDGET) -> Iterator[tuple[str, Tensor]]:
-        """See `_iter_gathered`; with LoRA the adapters are merged in as the tensors stream by (rl/lora.py)."""
+        """See `_iter_gathered`; with LoRA the adapters are merged in as the tensors stream by (rl/weights/lora.py)."""
         items = self._iter_gathered(budget_bytes)
         return merge_stream(items, self._lora_scaling) if self.lora is not None else items
 
@@ -449,7 +442,7 @@ class DeepSpeedStrategy:
         """Rank 0: (name, CPU copy in the training dtype) of every weight, in `weight_layout` order.
 
         Under ZeRO-3 the parameters are gathered about `budget_bytes` at a time and each group is
-        released before the next, so a consumer that writes tensors as they come (rl/weight_files.py)
+        released before the next, so a consumer that writes tensors as they come (rl/weights/files.py)
         holds about one group, not the model. Every rank must run the iterator to its end (the
         gathers are collectives); the other ranks get nothing from it.
         """

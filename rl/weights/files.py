@@ -1,25 +1,13 @@
 """Policy weight files: deterministic safetensors shards written as a stream, and sparse deltas.
 
-Shared by the trainer (rl/weights.py writes versions) and the rollout workers
-(rollout_workers/weight_sync.py rebuilds delta versions), so both sides agree on
-every byte.
-
-Shards. A version's tensors (in the rollout dtype) are cut, in a fixed order, into
-shards of at most `shard_bytes` (a bigger tensor gets a shard of its own). A shard is a
-plain safetensors file, but written here rather than by `safetensors.save_file`: the
-header is known before any tensor is (names, shapes, dtypes), so it goes first and each
-tensor's bytes follow as soon as the tensor arrives, hashed while they are written.
-A writer never holds more than the tensor in hand. The bytes are a pure function of
-(names, shapes, dtype, values): no version number or timestamp inside, so identical
-tensors give identical files and one sha256 per shard proves a rebuilt shard exact.
-
-Deltas. Between two versions most rollout-dtype values do not change (RL learning
-rates; bf16 rounds small updates away). A delta file holds, per tensor whose bits
-changed, the gaps between changed flat indices and the changed elements' bit patterns
-minus the old ones (modular integer arithmetic on the raw bits, so applying it is exact
-and small Adam steps become small integers), zstd-compressed. Applying it to the base
-shard and re-serialising gives the new shard bit for bit, which the manifest's sha256
-checks.
+The byte format both sides agree on: the trainer writes it (store.py), workers rebuild it
+(apply.py, rollout_workers/base_model.py). Shards: a version's tensors, in a fixed order, cut
+into files of at most `shard_bytes`; the header is known first, so each tensor's bytes follow
+as it arrives, hashed on the way. The bytes are a pure function of (names, shapes, dtype,
+values), so one sha256 per shard proves a rebuilt shard exact. Deltas: per tensor whose bits
+changed, the gaps between changed flat indices and the new bits minus the old ones (wrapping
+integer arithmetic, so applying it is exact), zstd-compressed; applying one to the base shard
+and re-serialising gives the new shard bit for bit.
 """
 
 from __future__ import annotations
@@ -34,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rl.wire.protocol import PolicyFile
+from rl.wire.protocol import PolicyFile, ShardLayout
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_SHARD = "model.safetensors"
@@ -218,10 +206,6 @@ def read_shard(path: Path, spec: ShardSpec) -> Iterator[tuple[str, torch.Tensor]
             yield t.name, f.get_tensor(t.name)
 
 
-def shard_size(spec: ShardSpec) -> int:
-    return len(_header(spec.tensors)) + spec.nbytes
-
-
 # --------------------------------------------------------------------------- deltas
 
 
@@ -316,3 +300,17 @@ def shard_spec_of(path: Path) -> ShardSpec:
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise WeightFileError(f"{path.name} is not a readable safetensors shard ({e})") from None
     return ShardSpec(path.name, tensors)
+
+
+def shard_layout(spec: ShardSpec) -> ShardLayout:
+    """How the hub describes a shard on the wire (`GET /v1/policy/base/weights`)."""
+    return ShardLayout(name=spec.name, tensors=[(t.name, list(t.shape), _DTYPE_CODES[t.dtype]) for t in spec.tensors])
+
+
+def spec_of_layout(layout: ShardLayout) -> ShardSpec:
+    """The writer's spec of a shard the hub described (`shard_layout`'s inverse)."""
+    try:
+        tensors = tuple(TensorSpec(name, tuple(shape), _CODE_DTYPES[code]) for name, shape, code in layout.tensors)
+    except KeyError as e:
+        raise WeightFileError(f"{layout.name}: unknown dtype {e}") from None
+    return ShardSpec(layout.name, tensors)

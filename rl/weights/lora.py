@@ -1,20 +1,13 @@
 """LoRA: train low-rank adapters (peft) and ship only them; workers merge them into base weights.
 
-How it fits:
-- the trainer wraps its model with peft (`apply_lora`) before DeepSpeed sees it, so only the
-  adapters train (the optimizer holds adapter parameters only: MBs of state, not GBs);
-- published version 0 is the full base model; with `weights.format: lora` every later version is
-  the adapters alone (`adapter.safetensors`, a few MB, with its sha256 in the manifest);
-- a worker holding the base version merges each adapter into it itself (`merge_adapter`):
-  W' = W + scaling * B @ A, computed in fp32 and cast to the rollout dtype, then reloads in place.
-  No LoRA kernels are needed, so any engine works;
-- exports (`final/`) and full-format versions are the merged weights under the model's own names
-  (`merged_state_dict`), a plain HF model.
-
-Adapter tensors are named `<module>.lora_A` [r, in] and `<module>.lora_B` [out, r], where `<module>`
-is the HF name of the adapted linear layer (its weight is `<module>.weight`); the file's metadata
-carries `scaling` (alpha / r). Modules trained in full beside the adapters (`modules_to_save`, e.g.
-the final norm) ship as their own tensors under their HF names and replace the base's.
+The trainer wraps its model with peft before DeepSpeed sees it (rl/trainer/lora.py), so only the
+adapters train. Version 0 is the full base model; with `weights.format: lora` every later
+version is the adapters alone (`adapter.safetensors`, MBs), which a worker merges into the base
+(`merge_adapter`: W' = W + scaling * B @ A in fp32, cast to the rollout dtype; apply.py) and
+reloads in place, so any engine works. Exports (`final/`) and full versions are merged (`merged_state_dict`).
+Adapters are named `<module>.lora_A` [r, in] and `<module>.lora_B` [out, r] (`<module>`: the HF
+name of the adapted linear layer); the file's metadata carries `scaling` (alpha / r). Modules
+trained in full beside them (`modules_to_save`) ship under their HF names and replace the base's.
 """
 
 from __future__ import annotations

@@ -1,21 +1,15 @@
-"""Policy store: versioned weights on disk, written atomically, with sha256 manifests.
+"""Policy store: versioned weights under `run_dir/policy/`, written atomically, with sha256 manifests.
 
-Layout under `run_dir/policy/`:
-  base/            config.json, tokenizer files, generation_config.json (+ manifest.json)
-  v<N>/            one directory per published version (+ manifest.json):
-                     full:  the safetensors shards (+ model.safetensors.index.json when several)
-                     delta: one <shard>.delta.zst per changed shard, or the shard itself where
-                            the delta would not be much smaller (+ the index)
-  current/         the trainer's copy of the newest version's full shards: what the next delta
-                   is computed against (never served)
+  base/     config.json, tokenizer files, generation_config.json (+ manifest.json)
+  v<N>/     one published version (+ manifest.json): its shards (full), or per changed shard a
+            `<shard>.delta.zst` or the shard itself (delta), or `adapter.safetensors` (lora)
+  current/  the trainer's full shards of the newest version: what the next delta is computed
+            against (never served)
 
-A version directory is written under a temporary name and renamed into place,
-so a reader (the hub serving files, a worker downloading) never sees half a
-version. Shards are streamed from the trainer's gather and hashed while written
-(rl/weight_files.py). Workers combine `base/` with a version's shards (downloaded,
-or rebuilt from the deltas) into a normal HF directory and load it. Old versions are
-deleted once no worker needs them; the newest keyframe and every delta after it stay,
-so a worker that joins late can rebuild the newest version.
+A version directory is written under a temporary name and renamed into place, so the hub and
+workers never see half a version. `PolicyWriter` is the trainer's encoder (shards from files.py);
+apply.py is the worker's decoder. `garbage_collect` keeps the newest keyframe and every version
+after it, so a worker that joins late can rebuild the newest version.
 """
 
 from __future__ import annotations
@@ -222,7 +216,7 @@ def write_lora_version(
     policy_dir: Path, version: int, adapters: dict[str, torch.Tensor], metadata: dict[str, str], base_version: int
 ) -> PolicyManifest:
     """Write LoRA adapters as version `version` (`adapter.safetensors`, fp32); workers merge them into
-    full version `base_version` (rl/lora.py)."""
+    full version `base_version` (rl/weights/lora.py)."""
     from safetensors.torch import save_file
 
     from rl.weights.lora import ADAPTER_FILE
@@ -247,12 +241,13 @@ def read_manifest(policy_dir: Path, version: int) -> PolicyManifest:
     return manifest
 
 
+def version_numbers(directory: Path) -> list[int]:
+    """The versions that have a `v<N>/` directory under `directory` (a policy dir, or a copy of one), ascending."""
+    return sorted(int(p.name[1:]) for p in Path(directory).glob("v*") if p.is_dir() and p.name[1:].isdigit())
+
+
 def published_versions(policy_dir: Path) -> list[int]:
-    out = []
-    for p in Path(policy_dir).glob("v*"):
-        if p.is_dir() and p.name[1:].isdigit() and (p / MANIFEST).is_file():
-            out.append(int(p.name[1:]))
-    return sorted(out)
+    return [v for v in version_numbers(policy_dir) if (version_dir(policy_dir, v) / MANIFEST).is_file()]
 
 
 def garbage_collect(policy_dir: Path, in_use: set[int], keep_latest: int) -> list[int]:

@@ -1,6 +1,6 @@
 """The trainer's side of the hub API (admin token): pull batches, publish versions, read the ledger.
 
-Built on the shared client base (rl/client.py): connection errors and 5xx are
+Built on the shared client base (rl/wire/client.py): connection errors and 5xx are
 retried with backoff for up to `patience_s`, so a hub hiccup (or a hub restart)
 slows training down instead of killing it; a 4xx is a bug or a misconfiguration
 and raises the hub's `HubError` at once.

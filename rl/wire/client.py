@@ -1,17 +1,13 @@
-"""The one HTTP client base of the hub's wire (rl/protocol.py is the contract).
+"""The one HTTP client base of the hub's wire (rl/wire/protocol.py is the contract).
 
 Every caller of a hub goes through `HubHTTP`: the rollout worker's `HubClient`
-(rollout_workers/client.py), the trainer's `HubAdmin` (rl/hub/admin.py), `rl status`
-(rl/hub/status_view.py) and the launcher's health wait. It owns:
-
-- bearer auth (one token per client), and a worker registration's secret (`X-Worker-Secret`)
-  once `use_worker_secret` set it;
-- one retry policy (tenacity): connection errors, timeouts, 5xx and 429 are retried
-  with capped, jittered exponential backoff until `max_retry_s` runs out (None: for
-  ever), logging a line every `LOG_EVERY_S`; setting `stop_event` ends the wait;
-- error parsing: any other 4xx becomes the hub's own `HubError(status, reason, detail)`
-  (`AuthError` for 401/403, never retried; `UnknownWorker` for a 404 about a worker id);
-- pydantic in and out: requests are `Wire` models, answers are validated into one.
+(rollout_workers/client.py), the trainer's `HubAdmin` (rl/wire/admin.py), `rl status`
+(rl/cli/status_view.py) and the launcher's health wait. It owns bearer auth (and a
+registration's `X-Worker-Secret`); one retry policy (connection errors, timeouts, 5xx and
+429 retried with capped, jittered exponential backoff until `max_retry_s` runs out,
+`stop_event` ends the wait); error parsing (any other 4xx becomes the hub's own
+`HubError`, `AuthError` for 401/403, `UnknownWorker` for a 404 about a worker id); and
+pydantic in and out (requests are `Wire` models, answers are validated into one).
 """
 
 from __future__ import annotations

@@ -1,40 +1,14 @@
 """What crosses the wire between the hub, rollout workers and the trainer (HTTP/JSON, API v1).
 
-Every request carries `Authorization: Bearer <token>`. Worker tokens reach the
-worker routes; the admin token (the trainer, operators) reaches everything.
-The hub tokenizes prompts and sends token ids; workers return token ids and
-the per-token logprobs of the policy version they generated with. Rewards are
-computed only on the hub. docs/protocol.md walks through a session.
-
-Routes:
-  POST   /v1/workers                     RegisterRequest  -> RegisterResponse       (worker)
-  POST   /v1/workers/{id}/heartbeat      HeartbeatRequest -> HeartbeatResponse      (worker)
-  DELETE /v1/workers/{id}                                 -> Ack (leases re-queued) (worker)
-  POST   /v1/leases                      LeaseRequest     -> Lease                  (worker)
-  POST   /v1/rollouts                    SubmitRequest    -> SubmitResponse         (worker)
-  GET    /v1/policy                                       -> PolicyManifest         (worker)
-  GET    /v1/policy/{version}                             -> PolicyManifest         (worker)
-  GET    /v1/policy/{version}/files/{name}   raw bytes, HTTP Range supported        (worker)
-  GET    /v1/blobs/{sha256}              a policy file by hash, cacheable (immutable)  (worker)
-  GET    /v1/policy/base/weights                          -> BaseWeights            (worker)
-  GET    /v1/status                                       -> HubStatus              (worker)
-  GET    /healthz                                         -> {"ok": true}           (none)
-  POST   /v1/batches                     BatchRequest     -> Batch                  (admin)
-  POST   /v1/policy                      PublishRequest   -> Ack                    (admin)
-  GET    /v1/ledger                                       -> Ledger                 (admin)
-  POST   /v1/evals                       EvalRequest      -> EvalJob                (admin)
-  GET    /v1/evals/{job_id}                               -> EvalJob (results when done) (admin)
-  POST   /v1/shutdown                                     -> Ack                    (admin)
-  POST   /v1/provenance                  ProvenanceReport -> Ack                    (admin)
-  POST   /v1/admin/workers/{id}/quarantine  QuarantineRequest -> Ack (quarantine)   (admin)
-  DELETE /v1/admin/workers/{id}/quarantine                -> Ack (lift it)          (admin)
-  POST   /v1/admin/tokens/revoke         RevokeTokenRequest -> Ack                  (admin)
-
-Worker routes that name a worker id (heartbeat, leave, leases, rollouts) also need the
-header `X-Worker-Secret: <RegisterResponse.worker_secret>`: one secret per registration,
-so a worker cannot act for another worker registered with the same token.
-Non-finite numbers (NaN, inf, or 1e999 which JSON parsers read as inf) are rejected
-everywhere, and every list has a length bound.
+One pydantic model per request and answer of every route, and `HubError`: raised by the hub,
+rebuilt by every client (rl/wire/client.py). The hub tokenizes prompts and sends token ids;
+workers return token ids and the per-token logprobs of the policy version they generated
+with; rewards are computed only on the hub. Every request carries `Authorization: Bearer
+<token>` (worker tokens reach the worker routes, the admin token everything); worker routes
+that name a worker id also need `X-Worker-Secret` (one secret per registration, so a worker
+cannot act for another with the same token). Non-finite numbers (NaN, inf, 1e999) are
+rejected everywhere, and every list has a length bound. docs/protocol.md: the routes with
+their models, and a worker's session.
 """
 
 from __future__ import annotations
@@ -45,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rl.config import WeightsFormat
 
-API_VERSION = "v1"
 WORKER_SECRET_HEADER = "X-Worker-Secret"
 """Header carrying a registration's secret on every later call that names its worker id."""
 
@@ -59,6 +32,14 @@ MAX_ID = 64
 """Longest worker, lease or job id."""
 MAX_COUNT = 2**31 - 1
 """Largest policy version or optimizer step: the ledger (SQLite) and C code take it, JSON allows far more."""
+MAX_TOKENS_PER_S = 1e9
+"""Largest generation speed a worker may report (far above any GPU's): sums over workers stay finite."""
+MAX_SECONDS = 1e7
+"""Largest duration a worker may report (about four months)."""
+SAFE_NAME = r"^[A-Za-z0-9._:@+-]{1,64}$"
+"""A worker name: printed raw in logs, terminals, batches.jsonl and W&B keys, so no escapes or newlines."""
+PRINTABLE = r"^[\x20-\x7e]*$"
+"""Printable ASCII: no control characters (terminal escapes, newlines)."""
 
 
 class Wire(BaseModel):
@@ -107,11 +88,12 @@ class HubError(RuntimeError):
 
 
 class RegisterRequest(Wire):
-    name: str = Field("worker", max_length=128)
+    name: str = Field("worker", pattern=SAFE_NAME)
+    """Shown in logs, `rl status`, batches.jsonl and W&B keys: letters, digits and `._:@+-`, 1 to 64 of them."""
     engine: Literal["vllm", "hf"] = "vllm"
     tensor_parallel: int = Field(1, ge=1, le=1024)
-    host: str = Field("", max_length=256)
-    """Free-form description of where the worker runs (shown in status)."""
+    host: str = Field("", max_length=256, pattern=PRINTABLE)
+    """Free-form description of where the worker runs (shown in status); printable ASCII only."""
 
 
 class SamplingParamsWire(Wire):
@@ -141,11 +123,11 @@ class RegisterResponse(Wire):
 class HeartbeatRequest(Wire):
     policy_version: int = Field(ge=-1, le=MAX_COUNT)
     """Version currently loaded by the worker (-1: none yet)."""
-    tokens_per_s: float = Field(0.0, ge=0.0)
+    tokens_per_s: float = Field(0.0, ge=0.0, le=MAX_TOKENS_PER_S)
     busy: bool = False
-    fetch_s: float = Field(0.0, ge=0.0)
+    fetch_s: float = Field(0.0, ge=0.0, le=MAX_SECONDS)
     """Seconds the last policy update spent downloading (and rebuilding) the version."""
-    load_s: float = Field(0.0, ge=0.0)
+    load_s: float = Field(0.0, ge=0.0, le=MAX_SECONDS)
     """Seconds the last policy update spent loading it into the engine."""
 
 
@@ -202,7 +184,7 @@ class SubmitRequest(Wire):
     policy_version: int = Field(ge=0, le=MAX_COUNT)
     """Version the completions were generated with."""
     results: list[TaskResult] = Field(min_length=1, max_length=MAX_TASKS)
-    gen_seconds: float = Field(0.0, ge=0.0)
+    gen_seconds: float = Field(0.0, ge=0.0, le=MAX_SECONDS)
     """Wall time spent generating these results (for tokens/s)."""
 
 
@@ -228,7 +210,7 @@ class PolicyManifest(Wire):
     several). `delta`: `files` are one `<shard>.delta.zst` per changed shard, or the shard itself
     where the delta would not be much smaller (+ the index); a
     worker holding `base_version` applies them and must get exactly `shards` (sha256), else it
-    rebuilds from `keyframe_version` (a full version) and the deltas after it (rl/weight_files.py).
+    rebuilds from `keyframe_version` (a full version) and the deltas after it (rl/weights/files.py).
     """
 
     version: int
@@ -265,7 +247,7 @@ class ShardLayout(Wire):
 class BaseWeights(Wire):
     """The weights as first published (version 0), kept after that version is collected.
 
-    A worker that has the base model on disk writes these shards itself (rl/weight_files.py
+    A worker that has the base model on disk writes these shards itself (rl/weights/files.py
     writes the same bytes for the same tensors) and uses each one whose sha256 matches
     instead of downloading it (`rl rollout --base-model`).
     """
@@ -342,13 +324,15 @@ class WorkerTrust(Wire):
 
     sequences_checked: int = 0
     rejected: dict[str, int] = Field(default_factory=dict)
-    """Sequences masked out of the loss, by reason (rl/provenance.py)."""
+    """Sequences masked out of the loss, by reason (rl/trainer/provenance.py)."""
     mean_abs_logprob_diff: float = 0.0
     """Mean |claimed - recomputed| logprob per token over the checked sequences."""
     groups: int = 0
     """Scored groups from this worker."""
     reward_z: float = 0.0
-    """How far this worker's mean group reward lies above the other workers' (standard errors)."""
+    """How far its operator's mean group reward lies above the other operators' (standard errors)."""
+    scoring_timeouts: int = 0
+    """Completions the verifier killed at `rewards.timeout_s` (scored 0)."""
 
 
 class WorkerStatus(Wire):
@@ -369,6 +353,21 @@ class WorkerStatus(Wire):
     """Why this worker is quarantined (no leases, its groups dropped); empty when it is not."""
     trust: WorkerTrust | None = None
     """Provenance statistics (rl/hub/trust.py); None until the trainer checked any of its sequences."""
+
+
+class OperatorStatus(Wire):
+    """One operator: the worker token its registrations came with (trust is kept per operator)."""
+
+    operator: str
+    """The token's id (a hash prefix, not the token)."""
+    workers: int
+    """Registrations alive now."""
+    leased_tasks: int
+    completed_tasks: int
+    """Tasks accepted from its registrations alive now."""
+    quarantined: str = ""
+    trust: WorkerTrust | None = None
+    """Its evidence over every registration it ever had."""
 
 
 class WeightsServed(Wire):
@@ -402,6 +401,9 @@ class HubStatus(Wire):
     """Registered workers (all tokens)."""
     quarantined: int = 0
     """Workers in quarantine (all tokens)."""
+    operators: list[OperatorStatus] = Field(default_factory=list)
+    """Operators with live registrations (a worker token sees only its own)."""
+    operators_quarantined: int = 0
     queued: int
     leased: int
     scoring: int

@@ -54,7 +54,7 @@ class Tokens:
         generated = not admin or not workers
         admin = admin or f"adm-{secrets.token_urlsafe(24)}"
         workers = workers or [f"wrk-{secrets.token_urlsafe(24)}"]
-        if local := os.environ.get("RL_HUB_LOCAL_TOKEN"):  # `rl train`'s own workers' token (rl/launcher.py)
+        if local := os.environ.get("RL_HUB_LOCAL_TOKEN"):  # `rl train`'s own workers' token (rl/cli/launcher.py)
             workers = [*workers, local]
         return cls(admin, workers), generated
 

@@ -2,7 +2,7 @@
 
 The hub serves version 1, a sharpened copy of the tiny model (its final norm scaled, so the
 policy has real preferences like a trained model; version 0 is the plain tiny model). An honest
-vLLM worker generates with it; malicious clients, registered with the same worker token, try:
+vLLM worker generates with it; malicious clients, each an operator with its own worker token, try:
 
 - forged logprobs (very negative: the largest importance weight), without running the model;
 - an injected correct answer (`<answer>N</answer>` computed from the decoded prompt), with the
@@ -27,7 +27,16 @@ from collections import Counter, defaultdict
 import httpx
 import pytest
 import torch
-from helpers.hub import ADMIN, WORKER, publish_initial_policy, start_hub, start_worker, stop_process, write_config
+from helpers.hub import (
+    ADMIN,
+    OPERATORS,
+    WORKER,
+    publish_initial_policy,
+    start_hub,
+    start_worker,
+    stop_process,
+    write_config,
+)
 from helpers.rollout import Run
 
 from rl.config import load_config
@@ -134,8 +143,8 @@ def battery(tmp_path_factory, tiny_model_dir):
 # --------------------------------------------------------------------------- attackers
 
 
-def attacker(battery: Battery, name: str) -> HubClient:
-    client = HubClient(battery.run.hub.url, WORKER, max_retry_s=10.0)
+def attacker(battery: Battery, name: str, token: str = WORKER) -> HubClient:
+    client = HubClient(battery.run.hub.url, token, max_retry_s=10.0)
     client.register(RegisterRequest(name=name, engine="hf"))
     return client
 
@@ -219,7 +228,7 @@ def test_sample_attacks_are_masked_and_quarantined(battery):
         return [completion(s, true_logprobs(v0, prompt, s)) for s in sample(v0, prompt, N)]
 
     attacks = {"forged": forged, "injected": injected, "special": special, "old-weights": old_weights}
-    clients = {name: attacker(battery, name) for name in attacks}
+    clients = {name: attacker(battery, name, OPERATORS[i]) for i, name in enumerate(attacks)}
     for name, make in attacks.items():
         lease_and_submit(battery, clients[name], make, groups=3)
     battery.pull_and_verify(25.0)
@@ -295,7 +304,7 @@ def test_cherry_picking_is_a_reward_outlier(tmp_path, tiny_model_dir):
     try:
         clients = {}
         for name in ("honest-1", "honest-2", "picker"):
-            clients[name] = HubClient(hub.url, WORKER, max_retry_s=10.0)
+            clients[name] = HubClient(hub.url, OPERATORS[0] if name == "picker" else WORKER, max_retry_s=10.0)
             clients[name].register(RegisterRequest(name=name, engine="hf"))
 
         def honest(prompt):

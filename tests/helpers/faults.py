@@ -1,6 +1,6 @@
 """`FaultProxy`: an ASGI proxy in front of the real hub that injects the faults a network and a hub restart cause.
 
-It wraps an ASGI app (the real hub app of `rl.hub.server.create_app`, see `helpers.hub.LiveHub`) or
+It wraps an ASGI app (the real hub app of `rl.hub.routes.create_app`, see `helpers.hub.LiveHub`) or
 `forward_to(url)` (a hub process). Arm faults by setting attributes while it serves:
 
     fail_5xx = N        the next N requests get a 503 HTML page, as a reverse proxy sends while the hub is down

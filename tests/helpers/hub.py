@@ -1,7 +1,8 @@
 """The real hub for tests: as a process (`start_hub`), or in this process behind a fault proxy (`LiveHub`).
 
-Both run rl/hub/server.py's app with its real routes, validation, verifier pool and policy files;
-worker tests talk to it over loopback HTTP, never to a second implementation of its routes.
+Both run the hub's app (rl/hub/routes.py over rl/hub/service.py) with its real routes, validation,
+verifier pool and policy files; worker tests talk to it over loopback HTTP, never to a second
+implementation of its routes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin-test-token"
 WORKER = "worker-test-token"
 OTHER_WORKER = "worker-test-token-2"
+OPERATORS = [f"operator-test-token-{i}" for i in range(8)]
+"""More worker tokens: one per operator when a test needs several (trust is kept per token)."""
+WORKER_TOKENS = [WORKER, OTHER_WORKER, *OPERATORS]
 
 
 def tiny_data() -> dict:
@@ -102,7 +106,7 @@ def start_hub(
     """`rl hub CONFIG` on 127.0.0.1 (a free port unless given); returns once /healthz answers.
     `prefix`: a command to run it under (e.g. `taskset -c 0,1`)."""
     port = port or free_port()
-    env = {**os.environ, "RL_HUB_ADMIN_TOKEN": ADMIN, "RL_HUB_WORKER_TOKENS": f"{WORKER},{OTHER_WORKER}",
+    env = {**os.environ, "RL_HUB_ADMIN_TOKEN": ADMIN, "RL_HUB_WORKER_TOKENS": ",".join(WORKER_TOKENS),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     cmd = [*prefix, sys.executable, "-m", "rl.cli", "hub", str(config), "--host", "127.0.0.1", "--port", str(port),
            *extra]  # fmt: skip
@@ -146,7 +150,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 
 
 class LiveHub:
-    """The real hub app of `rl.hub.server` (`build_hub` + `create_app`) served in this process behind a
+    """The real hub app (`rl.hub.main.build_hub` + `rl.hub.routes.create_app`) served in this process behind a
     `FaultProxy`, with the tests' tokens. Use as a context manager; `url` is the proxy's address.
 
     `restart()` is what a worker sees when the hub process restarts: a new `HubState` restored from the
@@ -154,13 +158,14 @@ class LiveHub:
     """
 
     def __init__(self, cfg, port: int | None = None) -> None:
-        from rl.hub.server import build_hub, create_app
+        from rl.hub.main import build_hub
+        from rl.hub.routes import create_app
         from rl.wire.tokens import Tokens
 
         self.cfg = cfg
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.tokens = Tokens(ADMIN, [WORKER, OTHER_WORKER])
+        self.tokens = Tokens(ADMIN, WORKER_TOKENS)
         self.hub = build_hub(cfg, tokens=self.tokens)
         self.proxy = FaultProxy(create_app(self.hub))
         self.restarts = 0
@@ -191,7 +196,8 @@ class LiveHub:
 
     def restart(self, keep_ledger: bool = True) -> None:
         """A restarted hub process: workers and leases forgotten; the data ledger kept unless told otherwise."""
-        from rl.hub.server import Hub, create_app
+        from rl.hub.routes import create_app
+        from rl.hub.service import Hub
         from rl.hub.state import HubState
 
         old = self.hub

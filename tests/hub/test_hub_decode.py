@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rl.hub.server import decode_texts
+from rl.hub.service import decode_texts
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])

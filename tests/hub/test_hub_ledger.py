@@ -21,6 +21,7 @@ from rl.config import load_config
 from rl.hub.data import PromptSet
 from rl.hub.ledger import LedgerStore, LedgerStoreError, remove
 from rl.hub.state import HubState
+from rl.hub.submissions import validate_submission
 from rl.wire.protocol import (
     Completion,
     LeaseRequest,
@@ -157,10 +158,10 @@ def lease(state: HubState, worker_id: str, max_tasks: int) -> list[int]:
 
 def generate(state: HubState, worker_id: str, task_ids: list[int]) -> None:
     """Submit and score the leased tasks (as the server does once the verifier pool answered)."""
-    lease_id = state.leased[task_ids[0]]
+    (lease_id,) = state.leased[task_ids[0]]
     results = [TaskResult(task_id=t, completions=[Completion(token_ids=[3], logprobs=[-0.5])] * 2) for t in task_ids]
     req = SubmitRequest(worker_id=worker_id, lease_id=lease_id, policy_version=0, results=results)
-    state.accept(req, state.validate_submission(req, None)[0], 0.0)
+    state.accept(req, validate_submission(state, req, None)[0], 0.0)
     for t in task_ids:
         completions = [ScoredCompletion(token_ids=[3], logprobs=[-0.5], finish_reason="stop", reward=r, components={})
                        for r in (0.0, 1.0)]  # fmt: skip
@@ -169,7 +170,7 @@ def generate(state: HubState, worker_id: str, task_ids: list[int]) -> None:
 
 
 def test_hub_restored_from_the_database_loses_nothing_and_repeats_nothing(tmp_path):
-    """The hub's discipline (rl/hub/server.py): a batch commits before its answer; leases are flushed lazily."""
+    """The hub's discipline (rl/hub/service.py): a batch commits before its answer; leases are flushed lazily."""
     path = tmp_path / "hub.sqlite"
     store = LedgerStore(path)
     state = make_state()
@@ -201,7 +202,7 @@ def test_restarted_hub_serves_the_newest_version_on_disk(tmp_path, caplog):
     """v2 was written and announced, but the hub died before recording it: the files win, the ledger follows."""
     import torch
 
-    from rl.hub.server import Hub
+    from rl.hub.service import Hub
     from rl.weights.store import write_version
 
     policy = tmp_path / "policy"

@@ -11,6 +11,7 @@ import pytest
 from rl.config import load_config
 from rl.hub.data import PromptSet
 from rl.hub.state import HubState
+from rl.hub.submissions import validate_submission
 from rl.hub.trust import Trust
 from rl.wire.protocol import (
     Completion,
@@ -40,7 +41,11 @@ def make(**overrides) -> tuple[HubState, Trust]:
 
 
 def lease(state: HubState, wid: str, max_tasks: int = 2):
-    return state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=max_tasks), "tok", 0.0)
+    return state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=max_tasks), token(state, wid), 0.0)
+
+
+def token(state: HubState, wid: str) -> str:
+    return state.workers[wid].token
 
 
 def submit_and_score(state: HubState, trust: Trust, wid: str, reward: float) -> list[int]:
@@ -49,7 +54,7 @@ def submit_and_score(state: HubState, trust: Trust, wid: str, reward: float) -> 
     comp = Completion(token_ids=[3, 4], logprobs=[-0.5, -1.0])
     req = SubmitRequest(worker_id=wid, lease_id=got.lease_id, policy_version=0,
                         results=[TaskResult(task_id=t, completions=[comp] * N) for t in tids])  # fmt: skip
-    new, _ = state.validate_submission(req, "tok")
+    new, _ = validate_submission(state, req, token(state, wid))
     state.accept(req, new, 0.0)
     for t in tids:
         group = ScoredGroup(
@@ -70,8 +75,8 @@ def consume(state: HubState) -> None:
 
 def test_quarantine_requeues_everything_and_refuses_leases():
     state, trust = make()
-    bad = state.register(RegisterRequest(), "tok", 0.0).worker_id
-    good = state.register(RegisterRequest(), "tok", 0.0).worker_id
+    bad = state.register(RegisterRequest(), "tok-bad", 0.0).worker_id
+    good = state.register(RegisterRequest(), "tok-good", 0.0).worker_id
     buffered = submit_and_score(state, trust, bad, 0.5)
     held = [t.task_id for t in lease(state, bad).tasks]
     assert len(state.buffer) == 2 and len(state.leased) == 2
@@ -93,8 +98,8 @@ def test_quarantine_requeues_everything_and_refuses_leases():
 
 def test_provenance_reports_quarantine_over_the_threshold():
     state, trust = make(**{"trust.quarantine_min_sequences": 16, "trust.quarantine_rejected_fraction": 0.25})
-    wid = state.register(RegisterRequest(), "tok", 0.0).worker_id
-    honest = state.register(RegisterRequest(), "tok", 0.0).worker_id
+    wid = state.register(RegisterRequest(), "tok-bad", 0.0).worker_id
+    honest = state.register(RegisterRequest(), "tok-good", 0.0).worker_id
 
     def report(worker, sequences, rejected):
         return ProvenanceReport(step=0, workers=[WorkerVerdicts(worker_id=worker, sequences=sequences,
@@ -103,16 +108,16 @@ def test_provenance_reports_quarantine_over_the_threshold():
 
     assert trust.record(report(wid, 8, {"atypical_unlikely": 8})) == []  # under the minimum: evidence only
     assert trust.record(report(honest, 40, {"logprob_mismatch": 1})) == []  # 1/40: honest noise
-    assert trust.record(report(wid, 8, {})) == [wid]  # 8/16 > 25%
-    assert "atypical_unlikely 8" in trust.stats[wid].quarantined
+    assert trust.record(report(wid, 8, {})) == ["tok-bad"]  # 8/16 > 25%: the operator
+    assert "atypical_unlikely 8" in trust.reason(wid)
     view = {w.worker_id: w for w in trust.annotate(state.status(0.0, {}), None).workers}
     assert view[wid].trust.rejected == {"atypical_unlikely": 8} and view[honest].quarantined == ""
 
 
 def test_cherry_picked_rewards_are_an_outlier():
     state, trust = make(**{"trust.reward_min_groups": 8, "trust.reward_z": 4.0})
-    honest = [state.register(RegisterRequest(), "tok", 0.0).worker_id for _ in range(2)]
-    picker = state.register(RegisterRequest(), "tok", 0.0).worker_id
+    honest = [state.register(RegisterRequest(), f"tok-{i}", 0.0).worker_id for i in range(2)]
+    picker = state.register(RegisterRequest(), "tok-picker", 0.0).worker_id
     for i in range(4):  # honest rewards vary around 0.3
         for w in honest:
             submit_and_score(state, trust, w, 0.1 + 0.2 * ((i + len(w)) % 3))
@@ -120,10 +125,10 @@ def test_cherry_picked_rewards_are_an_outlier():
     for _ in range(3):
         submit_and_score(state, trust, picker, 1.0)  # best-of-k: always the top reward (2 groups a lease)
         consume(state)
-    assert not trust.stats[picker].quarantined and trust.reward_z(picker) == 0.0  # too few groups yet
+    assert not trust.reason(picker) and trust.reward_z(picker) == 0.0  # too few groups yet
     submit_and_score(state, trust, picker, 1.0)
-    assert trust.stats[picker].quarantined.startswith("reward outlier")
-    assert all(not trust.stats[w].quarantined for w in honest)
+    assert trust.reason(picker).startswith("reward outlier")
+    assert all(not trust.reason(w) for w in honest)
 
 
 def test_a_late_honest_worker_is_not_an_outlier_while_rewards_rise():
@@ -143,7 +148,7 @@ def test_a_late_honest_worker_is_not_an_outlier_while_rewards_rise():
 
     for step in range(600):
         for worker in ("early-1", "early-2", *(("late",) if step >= 300 else ())):
-            assert not trust.observe_group(group(worker, step)), trust.stats[worker].quarantined
+            assert not trust.observe_group(group(worker, step)), trust.reason(worker)
     assert abs(trust.reward_z("late")) < 3.0
 
 

@@ -1,4 +1,4 @@
-"""RNG states in checkpoints (rl/checkpoint.py): python, numpy, torch CPU and CUDA round-trip per rank."""
+"""RNG states in checkpoints (rl/trainer/checkpoint.py): python, numpy, torch CPU and CUDA round-trip per rank."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Padding-free (tree-packed, chunked-head) forwards against a per-row forward with no padding at all.
 
 The reference for every check is the plain HF model run on one unpadded row at a time; the packed
-path (rl/packing.py through `DeepSpeedStrategy.token_logprobs`) must give the same log-probs,
+path (rl/trainer/packing.py through `DeepSpeedStrategy.token_logprobs`) must give the same log-probs,
 entropy, loss and parameter gradients in fp32, for a Qwen2 and a Llama (SmolLM2's architecture),
 with groups of different prompt lengths, completions of length 1, a row with no completion,
 groups split over micro-batches, a temperature and logits chunks of a few positions.

@@ -1,4 +1,4 @@
-"""Provenance checks (rl/provenance.py): honest samples pass, forged and injected ones are masked.
+"""Provenance checks (rl/trainer/provenance.py): honest samples pass, forged and injected ones are masked.
 
 Pure-function tests on random logits (CPU, fast), then the real trainer (DeepSpeed, tiny model)
 checking a batch that mixes honest samples of the model with forged and injected sequences.

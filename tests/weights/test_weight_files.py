@@ -1,4 +1,4 @@
-"""Weight files (rl/weight_files.py) and the policy writer (rl/weights.py): shards, deltas, keyframes, GC.
+"""Weight files (rl/weights/files.py) and the policy writer (rl/weights/store.py): shards, deltas, keyframes, GC.
 
 The properties the workers rely on: a shard's bytes depend only on its tensors (so a sha256
 proves a rebuilt shard exact), a delta applied to its base gives the new tensors bit for

@@ -16,6 +16,7 @@ from helpers.hub import WORKER, start_hub, write_config
 from helpers.policy import make_sharded_store, sparse_steps
 
 from rl.hub.blobs import BASE_WEIGHTS, BlobIndex
+from rl.rundir import RunDir
 from rl.weights.store import read_manifest
 from rl.wire.protocol import BaseWeights, HubError
 from rollout_workers.client import HubClient
@@ -32,9 +33,10 @@ def hub(tmp_path_factory, tiny_model_dir):
     run_dir = tmp_path_factory.mktemp("base-run")
     states = sparse_steps(load_file(str(tiny_model_dir / "model.safetensors")), steps=VERSIONS - 1)
     shard_bytes = sum(t.numel() * 2 for t in states[0].values()) // 3
-    make_sharded_store(tiny_model_dir, run_dir / "policy", states, fmt="delta", shard_bytes=shard_bytes)
+    paths = RunDir(run_dir)
+    make_sharded_store(tiny_model_dir, paths.policy, states, fmt="delta", shard_bytes=shard_bytes)
     proc = start_hub(write_config(run_dir, tiny_model_dir), run_dir / "hub.log")
-    proc.policy_dir = run_dir / "policy"
+    proc.policy_dir = paths.policy
     yield proc
     proc.stop()
 

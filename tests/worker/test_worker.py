@@ -2,7 +2,7 @@
 
 HF engine in-thread for the loop logic (fast); the CLI as a subprocess for signals and exit
 codes; one slow run with the real vLLM engine through a policy update. The hub is `LiveHub`
-(rl/hub/server.py's app behind a `FaultProxy`), so every lease, rejection and re-registration
+(the hub's app, rl/hub/routes.py, behind a `FaultProxy`), so every lease, rejection and re-registration
 the worker sees is one the real hub makes; the proxy's record shows what the worker sent.
 """
 

@@ -15,6 +15,7 @@ from helpers.hub import WORKER, LiveHub, live_config
 from helpers.net import free_port
 from helpers.policy import make_policy_store
 
+from rl.rundir import RunDir
 from rl.wire.protocol import Completion, HeartbeatRequest, RegisterRequest, SubmitRequest, TaskResult
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable, UnknownWorker
 
@@ -22,7 +23,7 @@ from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailabl
 @pytest.fixture(scope="module")
 def live(tiny_model_dir, tmp_path_factory):
     run_dir: Path = tmp_path_factory.mktemp("run")
-    make_policy_store(tiny_model_dir, run_dir / "policy")
+    make_policy_store(tiny_model_dir, RunDir(run_dir).policy)
     with LiveHub(live_config(run_dir, tiny_model_dir)) as hub:
         yield hub
 

@@ -18,6 +18,7 @@ from helpers.hub import WORKER, LiveHub, live_config
 from helpers.policy import make_policy_store, make_sharded_store, sparse_steps
 
 from rl.models import sha256_file
+from rl.rundir import RunDir
 from rl.weights.store import WEIGHTS_FILE, read_manifest, version_dir
 from rollout_workers.client import HubClient
 from rollout_workers.weight_sync import COMPLETE, WeightSync, WeightSyncError, default_cache_dir
@@ -26,7 +27,7 @@ from rollout_workers.weight_sync import COMPLETE, WeightSync, WeightSyncError, d
 @pytest.fixture(scope="module")
 def live(tiny_model_dir, tmp_path_factory):
     run_dir: Path = tmp_path_factory.mktemp("run")
-    make_policy_store(tiny_model_dir, run_dir / "policy", versions=3)
+    make_policy_store(tiny_model_dir, RunDir(run_dir).policy, versions=3)
     with LiveHub(live_config(run_dir, tiny_model_dir)) as hub:
         yield hub
 
@@ -183,7 +184,7 @@ def stores(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     shard_bytes = sum(t.numel() * 2 for t in states[0].values()) // 3
     out = {}
     for fmt in ("full", "delta"):
-        out[fmt] = tmp_path_factory.mktemp(fmt) / "policy"
+        out[fmt] = RunDir(tmp_path_factory.mktemp(fmt)).policy
         make_sharded_store(tiny_model_dir, out[fmt], states, fmt=fmt, shard_bytes=shard_bytes, keyframe_every=4)
     return out
 
@@ -296,7 +297,7 @@ def test_hash_mismatched_delta_is_fetched_again_then_refused(stores, delta_hub, 
 def test_delta_whose_chain_the_hub_lost_moves_to_the_latest(stores, full_hub, tiny_model_dir, tmp_path):
     """Rebuilding v3 needs v2's manifest, which the hub no longer has (deleted from its disk: 404): the
     worker does not guess; it takes the hub's latest version instead (keyframe v4 + delta v5), exactly."""
-    policy = tmp_path / "run" / "policy"
+    policy = RunDir(tmp_path / "run").policy
     shutil.copytree(stores["delta"], policy)  # this hub loses a version: not the store other tests share
     with LiveHub(live_config(policy.parent, tiny_model_dir)) as live, connected(live) as hub:
         sync = WeightSync(hub.client, tmp_path / "w")

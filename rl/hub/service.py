@@ -1,0 +1,336 @@
+"""The running hub: the service the HTTP routes call, one method per request.
+
+`Hub` wraps the bookkeeping of `HubState` (rl/hub/state.py) with what needs the event loop
+or I/O: long polls that wait on the state's events, scoring in the verifier pool's
+processes (a slow or hostile completion never stalls leases or submissions), worker
+trust (rl/hub/trust.py), the policy files (rl/hub/policy_files.py), and the ledger
+database (rl/hub/ledger.py): a batch is recorded there before it is answered, the rest
+every `FLUSH_INTERVAL_S`, so a hub that dies restarts from it with nothing lost or
+trained twice. rl/hub/routes.py is the HTTP edge over it, rl/hub/main.py starts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from rl.config import RunConfig
+from rl.hub.fair import FairTurns
+from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
+from rl.hub.policy_files import PolicyFiles
+from rl.hub.state import HubState, ScoringJob
+from rl.hub.trust import Trust
+from rl.wire.protocol import (
+    Ack,
+    Batch,
+    BatchRequest,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    HubStatus,
+    Lease,
+    LeaseRequest,
+    PolicyManifest,
+    ProvenanceReport,
+    RegisterRequest,
+    RegisterResponse,
+    SubmitRequest,
+    SubmitResponse,
+)
+from rl.wire.tokens import Tokens
+from verifiers.base import TIMEOUT_MARK
+
+log = logging.getLogger(__name__)
+
+
+def decode_texts(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+    """`tokenizer.decode(ids, skip_special_tokens=...)` for each sequence, in one call to the Rust
+    tokenizer when there is one (transformers' own decode first copies every id through Python)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
+    return [tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
+
+
+class Hub:
+    """The running hub: state, verifier pool, tokenizer for decoding, policy files, ledger database.
+
+    Methods that act for a worker take the caller's token id (`who`, None for the admin token)
+    and the registration secret it sent (`secret`).
+    """
+
+    def __init__(self, cfg: RunConfig, state: HubState, pool, tokenizer, policy_dir: Path, tokens: Tokens,
+                 store: LedgerStore | None = None):  # fmt: skip
+        self.cfg, self.state, self.pool, self.tokenizer = cfg, state, pool, tokenizer
+        self.turns = FairTurns(cfg.rewards.workers)
+        """Scoring slots, served round-robin over operators (rl/hub/fair.py)."""
+        self.tokens, self.store = tokens, store
+        self.files = PolicyFiles(policy_dir)
+        self.changed = asyncio.Event()
+        """Set when a scored group arrives (wakes batch pulls)."""
+        self.work = asyncio.Event()
+        """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
+        self.shutdown_requested = asyncio.Event()
+        self.trust = Trust(cfg.trust, state)
+        self._scoring_tasks: set[asyncio.Task] = set()
+        state.on_work, state.on_scored = self.poke, self.changed.set
+        self._ledger_lock = asyncio.Lock()
+        """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
+        self.stop_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
+        self._adopt_published_policy()
+        self.flush_ledger()
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.files.policy_dir
+
+    def _adopt_published_policy(self) -> None:
+        newest = self.files.newest_on_disk()
+        if newest >= 0:  # a restarted hub serves what the trainer already published
+            self.state.publish(newest)
+        recorded = self.store.policy_version if self.store is not None else -1
+        if recorded >= 0 and recorded != self.state.policy_version:
+            # The files are what workers load: they win. Newer on disk is a publish the trainer
+            # wrote but the dead hub had not recorded (the trainer re-announces it); older means
+            # versions were deleted by hand.
+            log.warning("the ledger says policy version %d was published, the newest on disk is %d: using %d",
+                        recorded, self.state.policy_version, self.state.policy_version)  # fmt: skip
+
+    # ------------------------------------------------------------------ ledger
+
+    def flush_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
+        """Commit the ledger's changes (and a batch answer about to be sent) to the database, if any.
+
+        Blocking: for start-up and shutdown. While serving, `write_ledger`.
+        """
+        if self.store is not None:
+            self.store.save(self.state.ledger(), self.state.policy_version, batch)
+
+    async def write_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
+        """`flush_ledger` in a thread, so a large batch's write never stalls leases and submissions.
+
+        The snapshot is taken under the lock: a write never replaces a newer snapshot with an older one.
+        """
+        if self.store is None:
+            return
+        async with self._ledger_lock:
+            ledger, version = self.state.ledger(), self.state.policy_version
+            await asyncio.to_thread(self.store.save, ledger, version, batch)
+
+    async def record_batch(self, pull_id: str | None, body: bytes) -> None:
+        """Commit a batch about to be answered, or exit: a hub that cannot record a batch must not hand it out.
+
+        Its groups already left the in-memory buffer; exiting is a crash like any other, and the
+        restarted hub re-queues them from the database (`rl train` restarts it).
+        """
+        try:
+            await self.write_ledger((pull_id or "", body))
+        except Exception:
+            log.critical("cannot record the batch in %s; exiting (restarted from the database by rl train)",
+                         self.store.path if self.store else None, exc_info=True)  # fmt: skip
+            logging.shutdown()
+            os._exit(75)
+
+    async def flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                await self.write_ledger()
+            except Exception:  # a full disk: the next flush (or the next batch pull) tries again
+                log.exception("writing the ledger to %s failed", self.store.path if self.store else None)
+
+    # ------------------------------------------------------------------ background
+
+    @contextlib.asynccontextmanager
+    async def background(self):
+        """While serving: expire leases and silent workers every second, flush the ledger periodically."""
+        keeper = asyncio.create_task(self.housekeeping())
+        flusher = asyncio.create_task(self.flush_periodically())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            flusher.cancel()
+
+    async def housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            expired, dead = self.state.expire(time.monotonic())
+            if expired or dead:
+                log.info("re-queued %d tasks from expired leases; dropped %d silent workers", expired, dead)
+
+    def poke(self) -> None:
+        """Wake the leases waiting for work (see `lease`)."""
+        self.work.set()
+        self.work = asyncio.Event()
+
+    def request_shutdown(self) -> Ack:
+        self.shutdown_requested.set()
+        return Ack(detail="shutting down")
+
+    # ------------------------------------------------------------------ workers
+
+    def register(self, req: RegisterRequest, who: str | None) -> RegisterResponse:
+        resp = self.state.register(req, who, time.monotonic())
+        log.info("worker %s (%s, %s) registered", resp.worker_id, req.name, req.engine)
+        return resp
+
+    def heartbeat(
+        self, worker_id: str, req: HeartbeatRequest, who: str | None, secret: str | None
+    ) -> HeartbeatResponse:
+        self.state.authorize(worker_id, who, secret)
+        return self.state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic(),
+                                    req.fetch_s, req.load_s)  # fmt: skip
+
+    def leave(self, worker_id: str, who: str | None, secret: str | None) -> Ack:
+        self.state.authorize(worker_id, who, secret)
+        returned = self.state.leave(worker_id, who)
+        log.info("worker %s left; %d tasks re-queued", worker_id, returned)
+        return Ack(detail=f"{returned} tasks re-queued")
+
+    async def lease(self, req: LeaseRequest, who: str | None, secret: str | None) -> Lease:
+        """A lease, or none; without work, held up to `req.wait_s` (a long poll), re-tried whenever poked."""
+        self.state.authorize(req.worker_id, who, secret)
+        self.trust.check(req.worker_id)
+        deadline = time.monotonic() + req.wait_s
+        while True:
+            woken = self.work
+            answer = self.state.lease(req, who, time.monotonic())
+            remaining = deadline - time.monotonic()
+            if answer.lease_id is not None or answer.min_policy_version > req.policy_version:
+                return answer
+            if remaining <= 0:
+                return answer.model_copy(update={"retry_after_s": 0.0}) if req.wait_s > 0 else answer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout=min(remaining, 1.0))
+
+    def submit(self, req: SubmitRequest, who: str | None, secret: str | None) -> SubmitResponse:
+        """Accept a worker's results and start scoring each new task in the verifier pool."""
+        self.state.authorize(req.worker_id, who, secret)
+        self.trust.check(req.worker_id)
+        answer, jobs = self.state.submit(req, who, time.monotonic())
+        for job in jobs:
+            self._spawn(self.score(job))
+        return answer
+
+    # ------------------------------------------------------------------ scoring
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._scoring_tasks.add(task)
+        task.add_done_callback(self._scoring_tasks.discard)
+
+    async def score(self, job: ScoringJob) -> None:
+        """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
+        start = time.perf_counter()
+        texts = self.scored_texts([c.token_ids for c in job.completions])
+        while True:
+            try:
+                async with self.turns.turn(self.trust.operator_of(job.worker_id)):
+                    rewards = await self.pool.score_many([(text, job.example) for text in texts])
+            except Exception as e:  # noqa: BLE001 - any scoring failure is retried, then reported
+                retry_in = self.state.fail_scoring(job, f"{type(e).__name__}: {e}")
+                if retry_in is None:
+                    log.error("scoring task %d failed %d times; dropped: %s", job.task_id, job.attempt, e)
+                    return
+                log.warning("scoring task %d failed (attempt %d): %s; retry in %.1f s", job.task_id, job.attempt, e,
+                            retry_in)  # fmt: skip
+                await asyncio.sleep(retry_in)
+                job = job.retry()
+                continue
+            self.trust.count_timeouts(job.worker_id, sum(TIMEOUT_MARK in r.info for r in rewards))
+            group = self.state.finish_scoring(job, rewards, time.perf_counter() - start)
+            if group is not None and self.trust.observe_group(group):  # quarantined: its tasks went back
+                self.poke()
+            return
+
+    def scored_texts(self, sequences: list[list[int]]) -> list[str]:
+        """The texts a verifier scores: every token the trainer will train on, special tokens included
+        (stripping them would let a worker hide trained-on tokens from the scorer); only a final
+        end-of-sequence token, where generation stopped, is left out."""
+        cut = [ids[:-1] if ids and ids[-1] in self.stop_ids else ids for ids in sequences]
+        return decode_texts(self.tokenizer, cut, skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ policy
+
+    def policy(self, version: int | None = None) -> PolicyManifest:
+        """The current version's manifest (409 `no_policy` before the first publish), or `version`'s."""
+        if version is None:
+            return self.files.manifest(self.state.current_policy())
+        return self.files.manifest_of(version, self.state.policy_version)
+
+    def policy_file(self, version: str, name: str):
+        return self.files.file(version, name, self.state.policy_version)
+
+    async def publish(self, version: int) -> Ack:
+        """The trainer wrote `version`: current from now on; recorded before the answer; old versions collected."""
+        self.files.check_publishable(version)
+        keep = self.state.publish(version)
+        self.files.describe_base(version)  # before version 0 can be collected
+        await self.write_ledger()
+        self.files.collect(keep, self.cfg.weights.keep_versions)
+        log.info("policy version %d published", version)
+        return Ack()
+
+    # ------------------------------------------------------------------ trainer
+
+    async def take_batch(self, req: BatchRequest) -> bytes:
+        """The batch's JSON: long-polls up to `req.timeout_s` for a full one; recorded before it is answered.
+
+        A pull retried with the same `pull_id` (its answer was lost) gets the recorded answer again.
+        """
+        if self.store is not None and (again := self.store.replay(req.pull_id)) is not None:
+            return again
+        deadline = time.monotonic() + req.timeout_s
+        stale_total = skipped_total = 0
+        while True:
+            self.changed.clear()
+            groups, stale, skipped = self.state.take_batch(req.num_groups, req.step, req.skip_zero_variance)
+            stale_total, skipped_total = stale_total + stale, skipped_total + skipped
+            remaining = deadline - time.monotonic()
+            if groups or remaining <= 0:
+                batch = Batch.model_construct(
+                    groups=groups,
+                    complete=bool(groups),
+                    stale_dropped=stale_total,
+                    zero_variance_skipped=skipped_total,
+                )
+                body = batch.model_dump_json().encode()
+                if groups:  # consumed on disk before the trainer can have it (rl/hub/ledger.py)
+                    await self.record_batch(req.pull_id, body)
+                return body
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
+
+    def status(self, who: str | None, offset: int, limit: int) -> HubStatus:
+        """The hub at a glance, as the caller may see it (a worker token: its own workers only)."""
+        status = self.state.status(time.monotonic(), self.pool.metrics(), offset, limit)
+        return self.trust.annotate(status, who).model_copy(update={"weights_served": self.files.served()})
+
+    # ------------------------------------------------------------------ trust
+
+    def record_provenance(self, report: ProvenanceReport) -> Ack:
+        if self.trust.record(report):
+            self.poke()
+        return Ack()
+
+    def quarantine(self, worker_id: str, reason: str) -> Ack:
+        self.state.worker(worker_id, None)  # 404 for an unknown worker
+        requeued = self.trust.quarantine(worker_id, reason)
+        self.poke()
+        return Ack(detail=f"{requeued} tasks re-queued")
+
+    def release(self, worker_id: str) -> Ack:
+        self.trust.release(worker_id)
+        return Ack(detail="quarantine lifted")
+
+    def revoke_token(self, token: str) -> Ack:
+        """Revoke a worker token (or token id): its workers are removed and their tasks re-queued."""
+        tid = self.tokens.revoke(token)
+        removed, returned = self.state.remove_workers_of(tid)
+        self.poke()
+        log.warning("worker token %s revoked: %d workers removed, %d tasks re-queued", tid, removed, returned)
+        return Ack(detail=f"{removed} workers removed, {returned} tasks re-queued")
