@@ -353,6 +353,12 @@ class TrustConfig(Section):
     """Most nats of surprisal over the entropy one token adds to the typicality sum (one rare token is no proof)."""
     max_outside_fraction: float = Field(0.1, ge=0.0, le=1.0)
     """Largest fraction of a sequence's tokens outside the sampling support (top-k/top-p) of the recomputed policy."""
+    verify_draws: bool = True
+    """Check that every completion token is the seeded draw of the hub's seed (verifiable sampling: no selection,
+    no other temperature, no injected text); a sequence with a token further than `draw_tolerance` is masked."""
+    draw_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    """Largest distance on the sampling CDF between a token's interval and its seeded uniform that still passes
+    (honest numeric mismatch between a worker's dtype and kernels and the trainer's; docs/security.md)."""
     mask_special_tokens: bool = True
     """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection)."""
     quarantine_min_sequences: int = Field(32, ge=1)
