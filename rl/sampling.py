@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingRule", "check_draws", "draw", "draws", "processed_probs", "seed_tensor", "uniform", "uniforms"]
+__all__ = ["SamplingRule", "check_draws", "completion_seeds", "draw", "draws", "processed_probs", "seed_tensor",
+           "uniform", "uniforms"]  # fmt: skip
 
 _MASK64 = (1 << 64) - 1
 # splitmix64 (Steele, Lea, Flood 2014; the seeding generator of xoshiro): increment and multipliers.
@@ -36,6 +37,13 @@ def _splitmix64(x: int) -> int:
     z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
     z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
     return z ^ (z >> 31)
+
+
+def completion_seeds(run_seed: int, task_id: int, n: int) -> list[int]:
+    """The seeds of a task's `n` completions, fixed by the hub (the same whenever the task is leased again):
+    splitmix64 of (run seed, task id, index), as non-negative int64 so that any JSON reader keeps them exact."""
+    base = _splitmix64((run_seed & _MASK64) ^ _splitmix64(task_id & _MASK64))
+    return [_splitmix64((base + j * _GOLDEN) & _MASK64) >> 1 for j in range(n)]
 
 
 def uniform(seed: int, position: int) -> float:

@@ -274,7 +274,8 @@ class Worker:
         item.version, item.started = self.loaded_version, time.perf_counter()
         skipped = []
         for task in item.lease.tasks:
-            if self.engine.add((item.lease.lease_id, task.task_id), task.prompt_token_ids, item.sampling):
+            seeds = task.seeds or None  # a hub without verifiable sampling sends none
+            if self.engine.add((item.lease.lease_id, task.task_id), task.prompt_token_ids, item.sampling, seeds):
                 item.unfinished += 1
             else:
                 log.warning("task %d leaves no room for a completion (prompt too long?); not submitted", task.task_id)

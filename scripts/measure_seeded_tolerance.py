@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--dtype", default="bfloat16", help="the worker's dtype")
     parser.add_argument("--output", default=None, help="write the summary as JSON here")
+    parser.add_argument("--config", default=None, help="take prompts from this run config's data (e.g. the quickstart)")
+    parser.add_argument("--dump", default=None, help="save every sequence's per-token distances here (torch.save)")
+    parser.add_argument("--rules", default=",".join(RULES), help=f"comma-separated subset of {', '.join(RULES)}")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -48,9 +51,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, min(vocab, 30000), (int(torch.randint(4, 16, (1,), generator=g)),),
                              generator=g).tolist() for _ in range(args.prompts)]  # fmt: skip
-    engine = make_engine(EngineSpec(kind="vllm"), model_dir, max_model_len=256, dtype=args.dtype)
+    if args.config:  # the run's own chat-templated prompts
+        from transformers import AutoTokenizer
+
+        from rl.config import load_config
+        from rl.hub.data import PromptSet, load_rows
+
+        cfg = load_config(args.config, [])
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        prompts = PromptSet.build(load_rows(cfg.data)[0], cfg.data, tokenizer).prompt_ids[: args.prompts]
+    max_len = max(len(p) for p in prompts) + args.max_tokens + 8
+    engine = make_engine(EngineSpec(kind="vllm"), model_dir, max_model_len=max_len, dtype=args.dtype)
     summary = {}
-    for name, rule_args in RULES.items():
+    for name, rule_args in ((k, RULES[k]) for k in args.rules.split(",")):
         params = SamplingParamsWire(n=args.n, max_tokens=args.max_tokens, **rule_args)
         seeds = [[10_000 * i + j for j in range(args.n)] for i in range(len(prompts))]
         outputs = engine.generate(prompts, params, seeds)
@@ -77,6 +90,8 @@ def main() -> None:
                          for tol in TOLERANCES},
         }  # fmt: skip
         print(name, json.dumps(summary[name], indent=1))
+        if args.dump:
+            torch.save({**(torch.load(args.dump) if Path(args.dump).exists() else {}), name: distances}, args.dump)
     engine.close()
     if args.output:
         Path(args.output).write_text(json.dumps(summary, indent=1))

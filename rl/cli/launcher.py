@@ -198,7 +198,8 @@ class Launch:
         host = f"[{cfg.hub.host}]" if ":" in cfg.hub.host else cfg.hub.host  # an IPv6 address
         self.url = f"http://{host}:{port}"
         env = child_env(RL_HUB_ADMIN_TOKEN=self.tokens.admin, RL_HUB_WORKER_TOKENS=",".join(self.tokens.workers),
-                        RL_HUB_LOCAL_TOKEN=self.local_token, OMP_NUM_THREADS="1")  # fmt: skip
+                        RL_HUB_LOCAL_TOKEN=self.local_token, OMP_NUM_THREADS="1",
+                        RL_HUB_TRUSTED_EVALS="1" if cfg.rollout.local_workers > 0 else "0")  # fmt: skip
         cmd = [sys.executable, "-m", "rl.cli", "hub", str(config_path), "--host", cfg.hub.host, "--port", str(port)]
         self._hub_cmd, self._hub_env = cmd, env
         if ckpt is not None and (ckpt / "ledger.json").is_file():

@@ -51,6 +51,7 @@ def build_hub(
     pool = VerifierPool.from_config(cfg.rewards)
     if tokens is None:
         tokens, _ = Tokens.from_config(cfg)
+    state.eval_operator = tokens.local_id
     return Hub(cfg, state, pool, tokenizer, cfg.paths.policy, tokens, store)
 
 

@@ -34,6 +34,7 @@ from rl.hub.records import (
 )
 from rl.hub.status_report import hub_status
 from rl.hub.submissions import validate_submission
+from rl.sampling import completion_seeds
 from rl.wire.protocol import (
     EvalJob,
     EvalRequest,
@@ -52,6 +53,9 @@ from rl.wire.protocol import (
     SubmitRequest,
     SubmitResponse,
 )
+
+EVAL_SEED_SALT = 0x5EED_E7A1
+"""Eval tasks draw their seeds apart from training tasks (their ids are a separate count)."""
 
 
 class HubState:
@@ -77,6 +81,7 @@ class HubState:
         self.task_rows: dict[int, int] = {}  # outstanding task id -> row index
         self.leased: dict[int, set[str]] = {}  # task id -> the leases holding it (two with a backup lease)
         self.blocked: set[str] = set()  # quarantined operators (token ids): no registrations, no leases
+        self.eval_operator: str | None = None  # the only operator given eval tasks (`rl train`'s local workers)
         self.turnaround: deque[float] = deque(maxlen=256)  # seconds from a lease to its result, recent ones
         self.scoring: dict[int, tuple[str, int]] = {}  # task id -> (worker id, version)
         self.buffer: OrderedDict[int, ScoredGroup] = OrderedDict()  # arrival order
@@ -264,7 +269,9 @@ class HubState:
         min_version = max(0, self.policy_version - self.max_staleness)
         if req.policy_version < min_version:
             return Lease(lease_id=None, min_policy_version=self.policy_version, reason="update policy first")
-        offered = self.evals.next_tasks(req.policy_version, min(req.max_tasks, self.cfg.hub.max_tasks_per_lease))
+        offered = None  # eval results are not checked by the trainer: they go to the trusted operator alone
+        if self.eval_operator is None or rec.token == self.eval_operator:
+            offered = self.evals.next_tasks(req.policy_version, min(req.max_tasks, self.cfg.hub.max_tasks_per_lease))
         if offered is not None:
             eval_tasks, sampling = offered
             return self._grant(rec, eval_tasks, sampling, req.policy_version, now, req.policy_version)
@@ -298,6 +305,8 @@ class HubState:
     ) -> Lease:  # fmt: skip
         lease_id = f"l-{secrets.token_hex(6)}"
         tids = {t.task_id for t in tasks}
+        for t in tasks:
+            t.seeds = self.seeds_of(t.task_id, sampling.n)
         self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, tids, now + self.cfg.hub.lease_ttl_s,
                                             version=held_version, granted_at=now)  # fmt: skip
         rec.leases.add(lease_id)
@@ -310,6 +319,12 @@ class HubState:
             sampling=sampling,
             tasks=tasks,
         )
+
+    def seeds_of(self, task_id: int, n: int) -> list[int]:
+        """The completions' sampling seeds of a task: a function of the run and the task, so a re-queued or
+        restored task keeps them (dropping a group to wait for luckier draws gains nothing)."""
+        salt = EVAL_SEED_SALT if task_id in self.evals else 0
+        return completion_seeds(self.cfg.trainer.seed ^ salt, task_id, n)
 
     def _requeue(self, task_ids) -> None:
         """Back to the front of the queue, oldest first (eval tasks back to their job)."""
@@ -474,6 +489,7 @@ class HubState:
                 )
                 for c, r in zip(job.completions, rewards, strict=True)
             ],
+            seeds=self.seeds_of(tid, len(job.completions)),
             gen_s=job.gen_s,
             score_s=score_s,
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rl.sampling import uniforms
 from rl.wire.protocol import EvalJob, ScoredGroup
 
 
@@ -29,6 +30,7 @@ class TrainBatch:
     task_ids: list[int]
     row_indices: list[int]
     versions: list[int]  # behaviour policy version per group
+    seeds: Tensor | None = None  # [B] long, each completion's sampling seed (-1: none; rl/sampling.py)
 
     @property
     def num_sequences(self) -> int:
@@ -47,6 +49,7 @@ class TrainBatch:
             self.task_ids,
             self.row_indices,
             self.versions,
+            None if self.seeds is None else self.seeds[index],
         )
 
     def to(self, device: torch.device | str) -> TrainBatch:
@@ -62,7 +65,27 @@ class TrainBatch:
             self.task_ids,
             self.row_indices,
             self.versions,
+            None if self.seeds is None else self.seeds.to(device),
         )
+
+    def rows_of_version(self, version: int) -> Tensor:
+        """[B] bool: the sequences generated with policy `version`."""
+        per_group = torch.tensor([v == version for v in self.versions], dtype=torch.bool)
+        return per_group.repeat_interleave(self.group_size)
+
+    def draw_uniforms(self, rows: Tensor | None = None) -> Tensor:
+        """[B, L] float64: the seeded uniform of every completion token (rl/sampling.py) of the sequences
+        in `rows` ([B] bool; None: all) that have a seed, NaN elsewhere."""
+        u = torch.full(self.input_ids.shape, float("nan"), dtype=torch.float64)
+        if self.seeds is None:
+            return u
+        positions = torch.arange(self.input_ids.shape[1]).expand_as(self.input_ids) - self.prompt_lengths.cpu()[:, None]
+        m = (self.completion_mask.cpu() > 0) & (self.seeds.cpu()[:, None] >= 0)
+        if rows is not None:
+            m &= rows.cpu()[:, None]
+        seeds = self.seeds.cpu()[:, None].expand_as(self.input_ids)
+        u[m] = uniforms(seeds[m], positions[m])
+        return u
 
 
 def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
@@ -100,6 +123,10 @@ def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
         [g.task_id for g in groups],
         [g.row_index for g in groups],
         [g.policy_version for g in groups],
+        torch.tensor(
+            [g.seeds[j] if len(g.seeds) == group_size else -1 for g in groups for j in range(group_size)],
+            dtype=torch.long,
+        ),  # fmt: skip
     )
 
 

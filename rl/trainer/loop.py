@@ -316,7 +316,11 @@ class Trainer:
         fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
                                top_k=sampling.top_k)  # fmt: skip
         lengths = local.prompt_lengths if self._share_prompt(batch) else None  # completions are what is checked
-        stats = self.strategy.token_statistics(local.input_ids, local.attention_mask, fn, NUM_STATS, lengths).cpu()
+        u = None
+        if trust.verify_draws:  # exact only for groups made with the weights this trainer holds now
+            current = batch.rows_of_version(self.step)[torch.arange(rank, batch.num_sequences, world)]
+            u = local.draw_uniforms(current).to(self.strategy.device)
+        stats = self.strategy.token_statistics(local.input_ids, local.attention_mask, fn, NUM_STATS, lengths, u).cpu()
         stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         special = special_token_rows(local.input_ids, local.completion_mask, self.tokenizer.all_special_ids, stop_ids)
         v = check_sequences(stats, local.behaviour_logprobs, local.completion_mask, trust, special)
@@ -337,6 +341,9 @@ class Trainer:
             "trust/masked_fraction": rejected / batch.num_sequences,
             "trust/mean_abs_logprob_diff": float(rows[:, 1].sum() / rows[:, 2].sum().clamp(min=1.0)),
             "trust/typicality_z_max_abs": float(rows[:, 3].abs().max()),
+            "trust/draws_checked_fraction": float(batch.rows_of_version(self.step).float().mean())
+            if trust.verify_draws and batch.seeds is not None and bool((batch.seeds >= 0).all())
+            else 0.0,
         }
         for i, reason in enumerate(REASONS):
             metrics[f"trust/rejected/{reason}"] = float((codes == i + 1).sum())

@@ -20,17 +20,19 @@ import torch
 from torch import Tensor
 
 from rl.config import TrustConfig
+from rl.sampling import SamplingRule, check_draws
 
-RECOMPUTED, SURPRISAL, ENTROPY, VARIANCE, OUTSIDE = range(5)
-NUM_STATS = 5
+RECOMPUTED, SURPRISAL, ENTROPY, VARIANCE, OUTSIDE, DRAW = range(6)
+NUM_STATS = 6
 """Per-position statistics from `token_statistics`, indexed by the constants above."""
 
-REASONS = ("logprob_mismatch", "special_token", "outside_sampling_support", "atypical_unlikely", "atypical_likely")
+REASONS = ("logprob_mismatch", "special_token", "outside_sampling_support", "atypical_unlikely", "atypical_likely",
+           "not_seeded_draw")  # fmt: skip
 """Why a sequence was masked, in the order they are checked (code i + 1 in `Verdicts.codes`)."""
 
 
 def token_statistics(
-    logits: Tensor, targets: Tensor, temperature: float, top_p: float = 1.0, top_k: int = -1
+    logits: Tensor, targets: Tensor, temperature: float, top_p: float = 1.0, top_k: int = -1, u: Tensor | None = None
 ) -> Tensor:
     """Per-position provenance statistics: logits [b, t, V], targets [b, t] -> [b, t, NUM_STATS] fp32.
 
@@ -38,13 +40,19 @@ def token_statistics(
     SURPRISAL, ENTROPY, VARIANCE: -log q(target), H(q), Var_q(-log q) under the sampling
     distribution q (temperature, top-k, top-p); OUTSIDE: 1 where the target is outside q's
     support (its surprisal is then 0, counted by OUTSIDE instead). With temperature 0 (greedy)
-    only RECOMPUTED is filled. Computed one row at a time: one fp32 [t, V] temporary.
+    only RECOMPUTED (and DRAW) is filled. DRAW, with `u` [b, t] (each token's seeded uniform, NaN where
+    there is none): how far u lies outside the target's interval of the sampling CDF (rl/sampling.py).
+    Computed one row at a time: one fp32 [t, V] temporary.
     """
+    rule = SamplingRule(temperature=temperature, top_k=top_k, top_p=top_p)
     out = torch.zeros(*targets.shape, NUM_STATS, dtype=torch.float32, device=logits.device)
     for i, (row, tgt) in enumerate(zip(logits, targets, strict=True)):
         row = row.float()
         idx = tgt.unsqueeze(-1)
         out[i, :, RECOMPUTED] = row.log_softmax(-1).gather(-1, idx).squeeze(-1)
+        if u is not None and (seeded := ~torch.isnan(u[i])).any():
+            _, distance = check_draws(row[seeded], tgt[seeded], u[i][seeded], rule, tol=0.0)
+            out[i, seeded, DRAW] = distance.float()
         if temperature <= 0:
             continue
         lq = (row / temperature).log_softmax(-1)
@@ -127,12 +135,14 @@ def check_sequences(
     centred = (excess * m).sum(-1)
     z = centred / torch.sqrt((stats[..., VARIANCE] * m).sum(-1) + 1.0)
     outside = (stats[..., OUTSIDE] * m).sum(-1) / tokens.clamp(min=1.0)
+    off_draw = (stats[..., DRAW] * m).amax(-1) > cfg.draw_tolerance if cfg.verify_draws else torch.zeros_like(z) > 0
     failed = [
         (abs_sum / tokens.clamp(min=1.0) > cfg.max_mean_logprob_diff) | (max_diff > cfg.max_token_logprob_diff),
         special if special is not None and cfg.mask_special_tokens else torch.zeros_like(tokens, dtype=torch.bool),
         outside > cfg.max_outside_fraction,
         z > cfg.typicality_z,
         z < -cfg.typicality_z,
+        off_draw,
     ]
     codes = torch.zeros_like(tokens, dtype=torch.long)
     for i, bad in reversed(list(enumerate(failed))):  # the first failing check names the reason

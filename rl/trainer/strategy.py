@@ -249,8 +249,9 @@ class DeepSpeedStrategy:
         model(input_ids=dummy, attention_mask=dummy, use_cache=False)
 
     def token_statistics(
-        self, input_ids: Tensor, attention_mask: Tensor, fn, width: int, prompt_lengths: Tensor | None = None
-    ) -> Tensor:
+        self, input_ids: Tensor, attention_mask: Tensor, fn, width: int, prompt_lengths: Tensor | None = None,
+        u: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """No-grad forward of the policy; `fn(logits [b, t, V], targets [b, t]) -> [b, t, width]` per
         chunk, returned as [B, T, width] aligned like `token_logprobs` (position 0 and padding 0).
 
@@ -258,6 +259,7 @@ class DeepSpeedStrategy:
         Packed like `token_logprobs`: `fn` sees the logits of a chunk of target positions as one row.
         With `prompt_lengths` (packed path) each group's prompt runs once and only completion
         positions are computed (prompt positions stay 0): the checks look at completions only.
+        With `u` [B, T] (aligned with `input_ids`), `fn` also gets `u=` the values at its target positions.
         """
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
@@ -277,7 +279,8 @@ class DeepSpeedStrategy:
                     used = max(int(mask.sum(-1).max()), 1)
                     ids, mask = ids[:, :used], mask[:, :used]
                     logits = self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-                    stats = fn(logits, ids[:, 1:]) * mask[:, 1:, None].to(torch.float32)
+                    kw = {} if u is None else {"u": u[rows][:, 1:used]}
+                    stats = fn(logits, ids[:, 1:], **kw) * mask[:, 1:, None].to(torch.float32)
                     out[rows][:, 1:used] = stats
                     continue
                 prefix = torch.ones(ids.shape[0], dtype=torch.long) if prompt_lengths is None else prompt_lengths[rows]
@@ -285,7 +288,8 @@ class DeepSpeedStrategy:
                 block = out[rows]
                 for part, logits in packed_logits(self.engine, packed, dtype=_DTYPES[self.model_cfg.dtype],
                                                   decoder=decoder, lm_head=lm_head):  # fmt: skip
-                    stats = fn(logits[None], packed.targets[part][None])[0].float()
+                    kw = {} if u is None else {"u": u[rows][packed.rows[part], packed.cols[part]][None]}
+                    stats = fn(logits[None], packed.targets[part][None], **kw)[0].float()
                     block[packed.rows[part], packed.cols[part]] = stats
         return out
 

@@ -153,6 +153,8 @@ class LeaseRequest(Wire):
 class LeasedTask(Wire):
     task_id: int
     prompt_token_ids: list[int]
+    seeds: list[int] = Field(default_factory=list, max_length=MAX_GROUP)
+    """One per completion: completion j must be the seeded draw of `seeds[j]` (rl/sampling.py)."""
 
 
 class Lease(Wire):
@@ -292,6 +294,8 @@ class ScoredGroup(Wire):
     worker_id: str
     worker_name: str
     completions: list[ScoredCompletion]
+    seeds: list[int] = Field(default_factory=list)
+    """The seed of each completion, in order (the trainer checks the draws)."""
     gen_s: float = 0.0
     """Seconds of the worker's generate call that made this group (one call per lease: shared by its tasks)."""
     score_s: float = 0.0

@@ -32,6 +32,8 @@ class Tokens:
         if not admin or not workers:
             raise ValueError("need an admin token and at least one worker token")
         self.admin, self.workers = admin, list(workers)
+        self.local_id: str | None = None
+        """Token id of `rl train`'s own local workers (trusted with evals), when the hub was told it."""
         self.revoked: set[str] = set()
         """Token ids refused from now on (`revoke`)."""
 
@@ -54,9 +56,11 @@ class Tokens:
         generated = not admin or not workers
         admin = admin or f"adm-{secrets.token_urlsafe(24)}"
         workers = workers or [f"wrk-{secrets.token_urlsafe(24)}"]
-        if local := os.environ.get("RL_HUB_LOCAL_TOKEN"):  # `rl train`'s own workers' token (rl/cli/launcher.py)
-            workers = [*workers, local]
-        return cls(admin, workers), generated
+        local = os.environ.get("RL_HUB_LOCAL_TOKEN")  # `rl train`'s own workers' token (rl/cli/launcher.py)
+        tokens = cls(admin, [*workers, local] if local else workers)
+        if local and os.environ.get("RL_HUB_TRUSTED_EVALS", "1") == "1":  # without local workers: anyone's
+            tokens.local_id = token_id(local)
+        return tokens, generated
 
     def caller(self, header: str | None) -> str | None:
         """Token id of a worker caller, None for admin; raises 401 for a missing/unknown token."""

@@ -131,3 +131,34 @@ def test_heartbeat_numbers_are_bounded():
     for field in ("tokens_per_s", "fetch_s", "load_s"):
         with pytest.raises(ValidationError):
             HeartbeatRequest(policy_version=0, **{field: 1e300})
+
+
+def test_eval_tasks_go_only_to_the_trusted_operator():
+    """Eval results are scored but never provenance-checked: `rl train`'s own workers answer them alone."""
+    from rl.hub.data import PromptSet
+    from rl.hub.state import HubState
+    from rl.wire.protocol import EvalRequest
+
+    base = make_state()
+    evals = PromptSet(rows=[{"question": "e", "answer": "1"}] * 3, prompt_ids=[[9, 9]] * 3, skipped_too_long=0)
+    state = HubState(base.cfg, base.prompts, 50, eval_prompts=evals)
+    state.publish(0)
+    state.eval_operator = "tok-local"
+    outsider, local = register(state, "tok-outside"), register(state, "tok-local")
+    state.start_eval(EvalRequest(version=0, num_prompts=3, n=1, temperature=0.0))
+    got = lease(state, outsider, 3)
+    assert got.tasks and not any(t.task_id in state.evals for t in got.tasks), "training tasks only"
+    got = lease(state, local, 3)
+    assert [t.task_id in state.evals for t in got.tasks] == [True] * 3
+    assert all(len(t.seeds) == 1 for t in got.tasks)
+
+
+def test_seeds_are_fixed_per_task_and_survive_a_requeue():
+    state = make_state()
+    a, b = register(state, "tok-a"), register(state, "tok-b")
+    first = lease(state, a, 1)
+    task = first.tasks[0]
+    assert len(task.seeds) == state.cfg.sampling.n and len(set(task.seeds)) == len(task.seeds)
+    state.leave(a, "tok-a")  # re-queued
+    again = lease(state, b, 1).tasks[0]
+    assert again.task_id == task.task_id and again.seeds == task.seeds

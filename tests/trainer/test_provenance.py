@@ -12,6 +12,7 @@ import torch
 from rl.config import TrustConfig, load_config
 from rl.trainer.loss import LossNorm, policy_loss
 from rl.trainer.provenance import (
+    DRAW,
     OUTSIDE,
     REASONS,
     RECOMPUTED,
@@ -166,3 +167,72 @@ def test_trainer_masks_forged_and_injected_sequences(tmp_path, tiny_model_dir):
     assert batch.rewards[8] == 0.0  # the injected reward no longer moves its group's baseline
     step = trainer.train_step(batch)
     assert step["tokens"] == 14 * 16
+
+
+def test_tokens_that_are_not_the_seeded_draw_are_masked():
+    """Verifiable sampling in the trainer's check: seeded draws pass; another completion under the same seeds
+    (best-of-N, another temperature) fails `not_seeded_draw`."""
+    from rl.config import TrustConfig
+    from rl.sampling import SamplingRule, draws, uniforms
+
+    torch.manual_seed(0)
+    b, t, v = 6, 12, 40
+    logits = torch.randn(b, t, v) * 2
+    seeds = torch.arange(b, dtype=torch.long) * 7919 + 3
+    u = uniforms(seeds[:, None].expand(b, t), torch.arange(t).expand(b, t))
+    honest = draws(logits.reshape(-1, v), SamplingRule(1.0), u.reshape(-1)).reshape(b, t)
+    other = draws(logits.reshape(-1, v), SamplingRule(1.0), uniforms(seeds[:, None].expand(b, t) + 1,
+                  torch.arange(t).expand(b, t)).reshape(-1)).reshape(b, t)  # fmt: skip
+    cfg = TrustConfig(typicality_z=1e9, max_mean_logprob_diff=1e9, max_token_logprob_diff=1e9)
+    mask = torch.ones(b, t)
+    for tokens, want in ((honest, 0), (other, REASONS.index("not_seeded_draw") + 1)):
+        stats = token_statistics(logits, tokens, 1.0, u=u)
+        claimed = stats[..., RECOMPUTED]
+        codes = check_sequences(stats, claimed, mask, cfg).codes
+        assert (codes == want).all(), (codes, stats[..., DRAW].amax(-1))
+    assert float(token_statistics(logits, honest, 1.0, u=u)[..., DRAW].max()) == 0.0
+
+
+def test_trainer_masks_a_best_of_n_pick_among_seeded_samples(tmp_path, tiny_model_dir):
+    """Real trainer, seeded groups: the hub's seeded draws pass; a completion drawn under other seeds and
+    submitted under the hub's (best-of-N) is masked `not_seeded_draw`. The draw check is exact only for groups
+    of the version the trainer holds: a group of an older version is not draw-checked (docs/security.md)."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.sampling import SamplingRule, completion_seeds, draw, uniform
+    from rl.trainer.batch import build_batch
+    from rl.trainer.loop import Trainer
+    from rl.wire.protocol import ScoredCompletion, ScoredGroup
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"run_dir={tmp_path}", "logging.wandb.mode=disabled",
+                             "sampling.n=4", "trainer.prompts_per_step=3", "trainer.micro_batch_size=4",
+                             "trainer.threads=1", "sampling.max_tokens=12"])  # fmt: skip
+    trainer = Trainer(cfg, hub=None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def seeded(prompt: list[int], seed: int) -> ScoredCompletion:
+        ids, lps = list(prompt), []
+        with torch.no_grad():
+            for i in range(12):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                token = draw(logits, SamplingRule(1.0), uniform(seed, i))
+                lps.append(float(logits.log_softmax(-1)[token]))
+                ids.append(token)
+        return ScoredCompletion(token_ids=ids[len(prompt) :], logprobs=lps, finish_reason="length", reward=0.0,
+                                components={})  # fmt: skip
+
+    groups = []
+    for t in range(3):
+        prompt, seeds = [1, 40 + t, 50 + t, 60 + t], completion_seeds(7, t, 4)
+        comps = [seeded(prompt, s) for s in seeds]
+        if t > 0:  # a best-of-N pick: completion 0 drawn under a seed the worker chose
+            comps[0] = seeded(prompt, seeds[0] + 12345)
+        groups.append(ScoredGroup(task_id=t, row_index=t, prompt_token_ids=prompt, policy_version=0 if t < 2 else 5,
+                                  worker_id=f"w{t}", worker_name="test", completions=comps, seeds=seeds))  # fmt: skip
+    batch, metrics = trainer.verify(build_batch(groups, trainer.pad_id), groups)
+    masked = [i for i in range(batch.num_sequences) if batch.completion_mask[i].sum() == 0]
+    # group 1's pick is masked; group 2's pick is of another version, not draw-checked. Honest draws of the
+    # tiny random model may contain a special token (masked for that, not for their draws).
+    assert metrics["trust/rejected/not_seeded_draw"] == 1 and 4 in masked
+    assert len(masked) == 1 + metrics["trust/rejected/special_token"], masked
+    assert metrics["trust/draws_checked_fraction"] == pytest.approx(2 / 3)
