@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from rl.hub.data import jsonl_objects
 from verifiers.base import Reward, VerifierError
 
 MAX_TABLE_ROWS = 200
@@ -49,23 +50,12 @@ def parse_reward_names(spec: str) -> list[Any]:
 
 def read_rows(path: Path) -> list[tuple[str, dict]]:
     """(completion, example) per non-blank line; `InputError` names the first bad line."""
-    if not path.is_file():
-        raise InputError(f"input file {path} does not exist")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            completion = row.pop("completion", None)
-            if not isinstance(completion, str):
-                raise InputError(f"{path}:{lineno}: needs a string field 'completion'")
-            items.append((completion, row))
+    for lineno, row in jsonl_objects(path, InputError):
+        completion = row.pop("completion", None)
+        if not isinstance(completion, str):
+            raise InputError(f"{path}:{lineno}: needs a string field 'completion'")
+        items.append((completion, row))
     if not items:
         raise InputError(f"input file {path} has no rows")
     return items

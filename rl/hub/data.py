@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,21 +47,27 @@ def _reasoning_gym_rows(src: ReasoningGymSource, size: int, seed: int) -> list[d
     return [_json_safe(dict(entry)) for entry in dataset]
 
 
-def _table_rows(src: JsonlSource | HFDatasetSource) -> list[dict]:
-    if isinstance(src, JsonlSource):
-        if not src.path.is_file():
-            raise DataError(f"data file {src.path} does not exist")
-        rows = []
-        for lineno, line in enumerate(src.path.read_text().splitlines(), 1):
+def jsonl_objects(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSON-lines file; `error` names the file and the first
+    bad line (a missing file, invalid JSON, or a value that is not an object)."""
+    if not path.is_file():
+        raise error(f"file {path} does not exist")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise DataError(f"{src.path}:{lineno}: not valid JSON: {e}") from None
+                raise error(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{src.path}:{lineno}: expected a JSON object")
-            rows.append(row)
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _table_rows(src: JsonlSource | HFDatasetSource) -> list[dict]:
+    if isinstance(src, JsonlSource):
+        rows = [row for _, row in jsonl_objects(src.path, DataError)]
     else:
         import datasets
 
