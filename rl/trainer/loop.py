@@ -39,6 +39,7 @@ from rl.trainer.provenance import (
     NUM_STATS,
     REASONS,
     check_sequences,
+    draw_tolerance,
     mask_rejected,
     special_token_rows,
     token_statistics,
@@ -311,6 +312,8 @@ class Trainer:
         trust, sampling = self.cfg.trust, self.cfg.sampling
         if not trust.enabled:
             return batch, {}
+        worker_dtype = self.cfg.rollout.dtype or self.cfg.model.dtype
+        trust = trust.model_copy(update={"draw_tolerance": draw_tolerance(trust, worker_dtype, self.cfg.model.dtype)})
         rank, world = self.strategy.rank, self.strategy.world_size
         local = self._my_rows(batch)
         fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,

@@ -31,6 +31,20 @@ REASONS = ("logprob_mismatch", "special_token", "outside_sampling_support", "aty
 """Why a sequence was masked, in the order they are checked (code i + 1 in `Verdicts.codes`)."""
 
 
+DRAW_TOLERANCE_FP32 = 1e-3
+"""`trust.draw_tolerance` when workers and trainer both compute in float32 (honest distances ~1e-6)."""
+DRAW_TOLERANCE_MIXED = 0.15
+"""Otherwise: bf16 workers against an fp32 trainer reach 0.115 on SmolLM2-135M (1,024 sequences, docs/security.md)."""
+
+
+def draw_tolerance(trust: TrustConfig, worker_dtype: str, trainer_dtype: str) -> float:
+    """The tolerance of the seeded-draw check: the configured one, else by the two dtypes."""
+    if trust.draw_tolerance is not None:
+        return trust.draw_tolerance
+    same_fp32 = worker_dtype == trainer_dtype == "float32"
+    return DRAW_TOLERANCE_FP32 if same_fp32 else DRAW_TOLERANCE_MIXED
+
+
 def token_statistics(
     logits: Tensor, targets: Tensor, temperature: float, top_p: float = 1.0, top_k: int = -1, u: Tensor | None = None
 ) -> Tensor:
@@ -135,7 +149,8 @@ def check_sequences(
     centred = (excess * m).sum(-1)
     z = centred / torch.sqrt((stats[..., VARIANCE] * m).sum(-1) + 1.0)
     outside = (stats[..., OUTSIDE] * m).sum(-1) / tokens.clamp(min=1.0)
-    off_draw = (stats[..., DRAW] * m).amax(-1) > cfg.draw_tolerance if cfg.verify_draws else torch.zeros_like(z) > 0
+    tol = DRAW_TOLERANCE_MIXED if cfg.draw_tolerance is None else cfg.draw_tolerance
+    off_draw = (stats[..., DRAW] * m).amax(-1) > tol if cfg.verify_draws else torch.zeros_like(z) > 0
     failed = [
         (abs_sum / tokens.clamp(min=1.0) > cfg.max_mean_logprob_diff) | (max_diff > cfg.max_token_logprob_diff),
         special if special is not None and cfg.mask_special_tokens else torch.zeros_like(tokens, dtype=torch.bool),
