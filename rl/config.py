@@ -353,6 +353,11 @@ class TrustConfig(Section):
     """Most nats of surprisal over the entropy one token adds to the typicality sum (one rare token is no proof)."""
     max_outside_fraction: float = Field(0.1, ge=0.0, le=1.0)
     """Largest fraction of a sequence's tokens outside the sampling support (top-k/top-p) of the recomputed policy."""
+    kept_versions: int = Field(1, ge=0, le=64)
+    """Copies of the trainable weights of the last versions before the current one that the trainer keeps, so
+    groups that many versions behind (one is the usual case at `async.max_staleness` >= 1) get every check, the
+    seeded draws included, against the weights that made them; older ones skip the draw check. Costs that many
+    copies of the trainable weights; none under ZeRO-3."""
     verify_draws: bool = True
     """Check that every completion token is the seeded draw of the hub's seed (verifiable sampling: no selection,
     no other temperature, no injected text); a sequence with a token further than `draw_tolerance` is masked."""

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import math
 import statistics
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,32 +22,51 @@ HubLike = Any
 """The hub's state (rl/hub/state.py `HubState`): its workers, leases, config and recent turnaround."""
 
 
+def fair_share(state: HubLike) -> int:
+    """Tasks one operator may hold: the leasable window over the operators with live, unblocked registrations."""
+    operators = {w.token for w in state.workers.values() if w.token not in state.blocked}
+    window = min(state.prompts_per_step * (state.max_staleness + 1), state.cfg.hub.buffer_size)
+    return max(1, math.ceil(window / max(len(operators), 1)))
+
+
+def held_by(state: HubLike, operator: str) -> int:
+    return sum(len(lease.task_ids) for lease in state.leases.values()
+               if state.workers[lease.worker_id].token == operator)  # fmt: skip
+
+
 def operator_room(state: HubLike, operator: str) -> int:
     """Tasks `operator` may still take: its fair share of the leasable window less what it holds."""
     if not state.cfg.hub.fair_share:
         return state.cfg.hub.max_tasks_per_lease
-    operators = {w.token for w in state.workers.values() if w.token not in state.blocked}
-    window = min(state.prompts_per_step * (state.max_staleness + 1), state.cfg.hub.buffer_size)
-    share = max(1, math.ceil(window / max(len(operators), 1)))
-    held = sum(len(lease.task_ids) for lease in state.leases.values()
-               if state.workers[lease.worker_id].token == operator)  # fmt: skip
-    return share - held
+    return fair_share(state) - held_by(state, operator)
 
 
 def late_tasks(state: HubLike, operator: str, limit: int, now: float) -> list[int]:
-    """Training tasks another operator has held for too long (`hub.backup_factor` x the median turnaround):
-    leased again as backups, at most two holders each; the first valid result wins."""
-    if state.cfg.hub.backup_factor <= 0 or len(state.turnaround) < 4 or limit <= 0:
+    """Training tasks another operator has held too long (`hub.backup_factor` x the median turnaround, at least
+    `hub.backup_min_s`), or holds beyond its fair share (it took them before others joined): leased again as
+    backups, at most two holders each; the first valid result wins."""
+    if state.cfg.hub.backup_factor <= 0 or limit <= 0:
         return []
-    late_after = max(state.cfg.hub.backup_min_s, state.cfg.hub.backup_factor * statistics.median(state.turnaround))
+    typical = statistics.median(state.turnaround) if state.turnaround else 0.0
+    late_after = max(state.cfg.hub.backup_min_s, state.cfg.hub.backup_factor * typical)
+    over: Counter[str] = Counter()  # operator -> tasks it holds beyond its share
+    if state.cfg.hub.fair_share:
+        share = fair_share(state)
+        for lease in state.leases.values():
+            over[state.workers[lease.worker_id].token] += len(lease.task_ids)
+        over = Counter({op: held - share for op, held in over.items()})
     found: list[int] = []
     for lease in state.leases.values():  # oldest first
-        if now - lease.granted_at < late_after or state.workers[lease.worker_id].token == operator:
+        holder = state.workers[lease.worker_id].token
+        if holder == operator:
+            continue
+        if now - lease.granted_at < late_after and over[holder] <= 0:
             continue
         for tid in sorted(lease.task_ids):
             if tid in state.evals or len(state.leased.get(tid, ())) > 1:
                 continue
             found.append(tid)
+            over[holder] -= 1
             if len(found) == limit:
                 return found
     return found

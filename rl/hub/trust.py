@@ -122,10 +122,12 @@ class Trust:
         return newly
 
     def observe_group(self, group: ScoredGroup) -> bool:
-        """Count a buffered group's mean reward; True if that quarantined its operator (cherry-picking)."""
+        """Count a buffered group's mean reward; True when its operator is quarantined (now, as a cherry-picker,
+        or already: then the group goes back to the queue) and waiting workers should be woken."""
         op = self.operator_of(group.worker_id)
-        if op in self.quarantined:  # a group scored after its operator's quarantine: dropped, not evidence
-            return False
+        if op in self.quarantined:  # scored after its operator's quarantine: re-queued, not evidence
+            self.state.drop_worker_work(group.worker_id)
+            return True
         mean = sum(c.reward for c in group.completions) / len(group.completions)
         self.workers.setdefault(group.worker_id, Evidence()).add_group(group.policy_version, mean)
         self.operators.setdefault(op, Evidence()).add_group(group.policy_version, mean)
@@ -185,7 +187,8 @@ class Trust:
                     every[i] -= mine[i]
         self.quarantined[op] = reason
         self.state.block_operator(op)
-        requeued = sum(self.state.drop_worker_work(w) for w in self.state.workers_of(op))
+        registrations = set(self.state.workers_of(op)) | {w for w, owner in self.owner.items() if owner == op}
+        requeued = sum(self.state.drop_worker_work(w) for w in registrations)  # departed ones' groups too
         log.warning("operator %s quarantined (%d tasks re-queued): %s", op, requeued, reason)
         return requeued
 

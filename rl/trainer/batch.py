@@ -68,9 +68,9 @@ class TrainBatch:
             None if self.seeds is None else self.seeds.to(device),
         )
 
-    def rows_of_version(self, version: int) -> Tensor:
-        """[B] bool: the sequences generated with policy `version`."""
-        per_group = torch.tensor([v == version for v in self.versions], dtype=torch.bool)
+    def rows_of_version(self, *versions: int | None) -> Tensor:
+        """[B] bool: the sequences generated with one of the policy `versions`."""
+        per_group = torch.tensor([v in versions for v in self.versions], dtype=torch.bool)
         return per_group.repeat_interleave(self.group_size)
 
     def draw_uniforms(self, rows: Tensor | None = None) -> Tensor:

@@ -15,6 +15,7 @@ between steps, after a checkpoint, at the same step on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -297,6 +298,8 @@ class Trainer:
                 )
                 self.strategy.backward(loss)
                 parts.append(metrics)
+            if self.cfg.trust.enabled:  # the weights about to be replaced: checks of this version's groups
+                self.strategy.keep_version(self.step, self.cfg.trust.kept_versions)
             step_stats = self.strategy.step()
         metrics = self._all_reduce(parts)
         metrics.update({"grad_norm": step_stats["grad_norm"], "lr": step_stats["lr"]})
@@ -318,12 +321,27 @@ class Trainer:
         local = self._my_rows(batch)
         fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
                                top_k=sampling.top_k)  # fmt: skip
-        lengths = local.prompt_lengths if self._share_prompt(batch) else None  # completions are what is checked
-        u = None
-        if trust.verify_draws:  # exact only for groups made with the weights this trainer holds now
-            current = batch.rows_of_version(self.step)[torch.arange(rank, batch.num_sequences, world)]
-            u = local.draw_uniforms(current).to(self.strategy.device)
-        stats = self.strategy.token_statistics(local.input_ids, local.attention_mask, fn, NUM_STATS, lengths, u).cpu()
+        share = self._share_prompt(batch)
+        mine = torch.arange(rank, batch.num_sequences, world)
+        # Groups of the version before are checked against the weights that made them, when the trainer kept them.
+        passes = [(torch.ones(local.num_sequences, dtype=torch.bool), self.step)]  # ZeRO-3: one collective pass
+        if kept := self.strategy.kept:  # ZeRO <= 2: no collectives in a forward, a rank may skip a pass
+            by_version = {v: batch.rows_of_version(v)[mine] for v in kept}
+            passes = [(rows, v) for v, rows in by_version.items() if rows.any()]
+            rest = ~torch.stack(list(by_version.values())).any(0)
+            passes += [(rest, self.step)] if rest.any() else []
+        stats = torch.zeros(*local.input_ids.shape, NUM_STATS)
+        for rows, version in passes:
+            part = local.rows(rows)
+            u = (
+                part.draw_uniforms(part.rows_of_version(version)).to(self.strategy.device)
+                if trust.verify_draws
+                else None
+            )
+            lengths = part.prompt_lengths if share else None
+            with self.strategy.weights_of(version) if version != self.step else contextlib.nullcontext():
+                stats[rows] = self.strategy.token_statistics(part.input_ids, part.attention_mask, fn, NUM_STATS,
+                                                             lengths, u).cpu()  # fmt: skip
         stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         special = special_token_rows(local.input_ids, local.completion_mask, self.tokenizer.all_special_ids, stop_ids)
         v = check_sequences(stats, local.behaviour_logprobs, local.completion_mask, trust, special)
@@ -344,7 +362,7 @@ class Trainer:
             "trust/masked_fraction": rejected / batch.num_sequences,
             "trust/mean_abs_logprob_diff": float(rows[:, 1].sum() / rows[:, 2].sum().clamp(min=1.0)),
             "trust/typicality_z_max_abs": float(rows[:, 3].abs().max()),
-            "trust/draws_checked_fraction": float(batch.rows_of_version(self.step).float().mean())
+            "trust/draws_checked_fraction": float(batch.rows_of_version(self.step, *self.strategy.kept).float().mean())
             if trust.verify_draws and batch.seeds is not None and bool((batch.seeds >= 0).all())
             else 0.0,
         }

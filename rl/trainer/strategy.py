@@ -110,6 +110,8 @@ class DeepSpeedStrategy:
                 self.ref_engine.eval()
             else:
                 self.ref_engine = ref_model.to(self.device)
+        self.kept: dict[int, list[Tensor]] = {}
+        """Version -> trainable weights kept for checks of older groups (`keep_version`)."""
         self._backward_calls = 0
         self._last_norm: float | None = None
         self.packing = True
@@ -352,6 +354,32 @@ class DeepSpeedStrategy:
         # DeepSpeed averages gradients over ranks; the caller's losses sum over ranks.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         self._backward_calls += 1
+
+    def keep_version(self, version: int, limit: int) -> None:
+        """Keep a copy of the trainable weights as they are now as `version` (for `weights_of`), and only the
+        last `limit` versions; nothing under ZeRO-3, whose parameters are partitioned across ranks."""
+        if self.zero_stage != 3 and limit > 0:
+            self.kept[version] = [p.detach().clone() for p in self._trainable()]
+        while len(self.kept) > limit:
+            del self.kept[min(self.kept)]
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    @contextmanager
+    def weights_of(self, version: int) -> Iterator[None]:
+        """Forwards inside run with the kept weights of `version`; the current ones are restored exactly after."""
+        params, snapshot = self._trainable(), self.kept[version]
+        current = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, old in zip(params, snapshot, strict=True):
+                    p.copy_(old)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, now in zip(params, current, strict=True):
+                    p.copy_(now)
 
     def step(self) -> dict[str, float]:
         """Clip, apply AdamW and advance the LR schedule; returns the pre-clip grad norm and the LR used."""

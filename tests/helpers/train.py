@@ -76,6 +76,17 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
         raise AssertionError(f"run did not finish in {timeout}s:\n{tail(log)}") from None
 
 
+def finish_by(proc: subprocess.Popen, log: Path, deadline: float, grace: float = 120) -> tuple[int, float]:
+    """Wait for a run until `deadline` (`time.monotonic()`); past it, a terminal-style Ctrl-C (the run checkpoints
+    and exits 130). Returns the exit code and when the run ended, or the deadline when it was interrupted."""
+    try:
+        proc.wait(max(deadline - time.monotonic(), 0.0))
+        return proc.returncode, time.monotonic()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        return finish(proc, log, grace), deadline
+
+
 def run_train(config: Path, log: Path, *args: str, ranks: int = 1, timeout: float = 300) -> int:
     return finish(start_train(config, log, *args, ranks=ranks), log, timeout)
 

@@ -162,3 +162,38 @@ def test_seeds_are_fixed_per_task_and_survive_a_requeue():
     state.leave(a, "tok-a")  # re-queued
     again = lease(state, b, 1).tasks[0]
     assert again.task_id == task.task_id and again.seeds == task.seeds
+
+
+def test_an_operator_that_took_the_window_alone_shares_it_once_others_join():
+    """A hoarder registered first holds the whole window; when another operator joins, what it holds beyond
+    its new share is leased again as backups right away (no expiry, no turnaround samples needed)."""
+    state = make_state(**{"trainer.prompts_per_step": 2, "async.max_staleness": 1, "hub.lease_ttl_s": 300.0})
+    hoarder = register(state, "tok-hoard")
+    held = lease(state, hoarder, 8)
+    assert len(held.tasks) == 4, "alone, the whole window"
+    honest = register(state, "tok-good")
+    got = lease(state, honest, 8, now=1.0)
+    assert sorted(t.task_id for t in got.tasks) == sorted(t.task_id for t in held.tasks)[:2], got
+    assert submit(state, honest, got.lease_id, [t.task_id for t in got.tasks], now=2.0)[0]
+
+
+def test_quarantine_reaches_the_groups_of_registrations_that_already_left():
+    """Rotating registrations: the buffered and scoring groups of a registration that left are re-queued when its
+    operator is quarantined; a score arriving afterwards is not buffered."""
+    from verifiers import Reward
+
+    state = make_state()
+    trust = Trust(state.cfg.trust, state)
+    first = register(state, "tok-rot")
+    got = lease(state, first, 2)
+    tids = [t.task_id for t in got.tasks]
+    submit(state, first, got.lease_id, tids)
+    jobs = pending_jobs(state)
+    group = state.finish_scoring(jobs.pop(tids[0]), [Reward(value=1.0)] * 2)
+    assert not trust.observe_group(group) and list(state.buffer) == [tids[0]]
+    state.leave(first, "tok-rot")  # rotate away; one group buffered, one still being scored
+    second = register(state, "tok-rot")
+    trust.quarantine(second, "test")
+    assert not state.buffer and sorted(state.queue) == sorted(tids), "buffered and scoring work went back"
+    assert state.finish_scoring(jobs.pop(tids[1]), [Reward(value=1.0)] * 2) is None  # given up: not buffered
+    assert not state.buffer and sorted(state.queue) == sorted(tids)

@@ -236,3 +236,55 @@ def test_trainer_masks_a_best_of_n_pick_among_seeded_samples(tmp_path, tiny_mode
     assert metrics["trust/rejected/not_seeded_draw"] == 1 and 4 in masked
     assert len(masked) == 1 + metrics["trust/rejected/special_token"], masked
     assert metrics["trust/draws_checked_fraction"] == pytest.approx(2 / 3)
+
+
+def test_groups_one_version_behind_are_checked_against_the_weights_that_made_them(tmp_path, tiny_model_dir):
+    """After an optimizer step the trainer keeps the weights it replaced: seeded groups of that version pass the
+    draw check against them (after a large step), and a pick among them fails."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.sampling import SamplingRule, completion_seeds, draw, uniform
+    from rl.trainer.batch import build_batch
+    from rl.trainer.loop import Trainer
+    from rl.wire.protocol import ScoredCompletion, ScoredGroup
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"run_dir={tmp_path}", "logging.wandb.mode=disabled",
+                             "sampling.n=4", "trainer.prompts_per_step=2", "trainer.micro_batch_size=4",
+                             "trainer.threads=1", "sampling.max_tokens=12", "trainer.lr=0.05",
+                             "trainer.warmup_steps=0"])  # fmt: skip
+    trainer = Trainer(cfg, hub=None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # version 0's weights
+
+    def seeded(prompt: list[int], seed: int, reward: float) -> ScoredCompletion:
+        ids, lps = list(prompt), []
+        with torch.no_grad():
+            for i in range(12):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                token = draw(logits, SamplingRule(1.0), uniform(seed, i))
+                lps.append(float(logits.log_softmax(-1)[token]))
+                ids.append(token)
+        return ScoredCompletion(token_ids=ids[len(prompt) :], logprobs=lps, finish_reason="length", reward=reward,
+                                components={})  # fmt: skip
+
+    def group(t: int, pick: bool = False) -> ScoredGroup:
+        prompt, seeds = [1, 40 + t, 50 + t, 60 + t], completion_seeds(11, t, 4)
+        comps = [seeded(prompt, s, float(j)) for j, s in enumerate(seeds)]
+        if pick:
+            comps[0] = seeded(prompt, seeds[0] + 999, 0.0)
+        return ScoredGroup(task_id=t, row_index=t, prompt_token_ids=prompt, policy_version=0, worker_id="w",
+                           worker_name="test", completions=comps, seeds=seeds)  # fmt: skip
+
+    first = [group(0), group(1)]
+    batch, _ = trainer.verify(build_batch(first, trainer.pad_id), first)
+    trainer.train_step(batch)  # keeps version 0's weights, then steps
+    trainer.step = 1
+    assert list(trainer.strategy.kept) == [0]
+    later = [group(2), group(3, pick=True)]
+    batch, metrics = trainer.verify(build_batch(later, trainer.pad_id), later)
+    masked = [i for i in range(batch.num_sequences) if batch.completion_mask[i].sum() == 0]
+    assert metrics["trust/draws_checked_fraction"] == 1.0
+    assert metrics["trust/rejected/not_seeded_draw"] == 1 and 4 in masked, metrics
+    assert len(masked) == 1 + metrics["trust/rejected/special_token"], masked
+    trainer.strategy.kept.clear()  # without the kept weights, version 0 groups are not draw-checked
+    _, stale = trainer.verify(build_batch(later, trainer.pad_id), later)
+    assert stale["trust/draws_checked_fraction"] == 0.0
