@@ -20,7 +20,13 @@ from rl.wire.protocol import HubStatus
 
 pytestmark = pytest.mark.slow
 
-HUB = {"max_workers_per_token": 3, "max_tasks_per_lease": 2, "max_leased_per_worker": 3, "body_timeout_s": 1.0}
+HUB = {
+    "max_workers_per_token": 3,
+    "max_tasks_per_lease": 2,
+    "max_leased_per_worker": 3,
+    "body_timeout_s": 1.0,
+    "fair_share": False,
+}  # the per-worker caps alone (fair shares: tests/hub/test_hub_operators.py)
 
 
 @pytest.fixture(scope="module")
