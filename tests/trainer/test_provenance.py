@@ -193,16 +193,32 @@ def test_tokens_that_are_not_the_seeded_draw_are_masked():
     assert float(token_statistics(logits, honest, 1.0, u=u)[..., DRAW].max()) == 0.0
 
 
+def seeded_completion(model, prompt: list[int], seed: int, reward: float = 0.0, tokens: int = 12):
+    """`tokens` seeded draws of `model` at temperature 1 after `prompt` (rl/sampling.py), with true logprobs."""
+    from rl.sampling import SamplingRule, draw, uniform
+    from rl.wire.protocol import ScoredCompletion
+
+    ids, lps = list(prompt), []
+    with torch.no_grad():
+        for i in range(tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            token = draw(logits, SamplingRule(1.0), uniform(seed, i))
+            lps.append(float(logits.log_softmax(-1)[token]))
+            ids.append(token)
+    return ScoredCompletion(token_ids=ids[len(prompt) :], logprobs=lps, finish_reason="length", reward=reward,
+                            components={})  # fmt: skip
+
+
 def test_trainer_masks_a_best_of_n_pick_among_seeded_samples(tmp_path, tiny_model_dir):
     """Real trainer, seeded groups: the hub's seeded draws pass; a completion drawn under other seeds and
     submitted under the hub's (best-of-N) is masked `not_seeded_draw`. The draw check is exact only for groups
     of the version the trainer holds: a group of an older version is not draw-checked (docs/security.md)."""
     from transformers import AutoModelForCausalLM
 
-    from rl.sampling import SamplingRule, completion_seeds, draw, uniform
+    from rl.sampling import completion_seeds
     from rl.trainer.batch import build_batch
     from rl.trainer.loop import Trainer
-    from rl.wire.protocol import ScoredCompletion, ScoredGroup
+    from rl.wire.protocol import ScoredGroup
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", f"run_dir={tmp_path}", "logging.wandb.mode=disabled",
                              "sampling.n=4", "trainer.prompts_per_step=3", "trainer.micro_batch_size=4",
@@ -210,23 +226,12 @@ def test_trainer_masks_a_best_of_n_pick_among_seeded_samples(tmp_path, tiny_mode
     trainer = Trainer(cfg, hub=None)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
-    def seeded(prompt: list[int], seed: int) -> ScoredCompletion:
-        ids, lps = list(prompt), []
-        with torch.no_grad():
-            for i in range(12):
-                logits = model(torch.tensor([ids])).logits[0, -1]
-                token = draw(logits, SamplingRule(1.0), uniform(seed, i))
-                lps.append(float(logits.log_softmax(-1)[token]))
-                ids.append(token)
-        return ScoredCompletion(token_ids=ids[len(prompt) :], logprobs=lps, finish_reason="length", reward=0.0,
-                                components={})  # fmt: skip
-
     groups = []
     for t in range(3):
         prompt, seeds = [1, 40 + t, 50 + t, 60 + t], completion_seeds(7, t, 4)
-        comps = [seeded(prompt, s) for s in seeds]
+        comps = [seeded_completion(model, prompt, s) for s in seeds]
         if t > 0:  # a best-of-N pick: completion 0 drawn under a seed the worker chose
-            comps[0] = seeded(prompt, seeds[0] + 12345)
+            comps[0] = seeded_completion(model, prompt, seeds[0] + 12345)
         groups.append(ScoredGroup(task_id=t, row_index=t, prompt_token_ids=prompt, policy_version=0 if t < 2 else 5,
                                   worker_id=f"w{t}", worker_name="test", completions=comps, seeds=seeds))  # fmt: skip
     batch, metrics = trainer.verify(build_batch(groups, trainer.pad_id), groups)
@@ -243,10 +248,10 @@ def test_groups_one_version_behind_are_checked_against_the_weights_that_made_the
     draw check against them (after a large step), and a pick among them fails."""
     from transformers import AutoModelForCausalLM
 
-    from rl.sampling import SamplingRule, completion_seeds, draw, uniform
+    from rl.sampling import completion_seeds
     from rl.trainer.batch import build_batch
     from rl.trainer.loop import Trainer
-    from rl.wire.protocol import ScoredCompletion, ScoredGroup
+    from rl.wire.protocol import ScoredGroup
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", f"run_dir={tmp_path}", "logging.wandb.mode=disabled",
                              "sampling.n=4", "trainer.prompts_per_step=2", "trainer.micro_batch_size=4",
@@ -255,22 +260,11 @@ def test_groups_one_version_behind_are_checked_against_the_weights_that_made_the
     trainer = Trainer(cfg, hub=None)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # version 0's weights
 
-    def seeded(prompt: list[int], seed: int, reward: float) -> ScoredCompletion:
-        ids, lps = list(prompt), []
-        with torch.no_grad():
-            for i in range(12):
-                logits = model(torch.tensor([ids])).logits[0, -1]
-                token = draw(logits, SamplingRule(1.0), uniform(seed, i))
-                lps.append(float(logits.log_softmax(-1)[token]))
-                ids.append(token)
-        return ScoredCompletion(token_ids=ids[len(prompt) :], logprobs=lps, finish_reason="length", reward=reward,
-                                components={})  # fmt: skip
-
     def group(t: int, pick: bool = False) -> ScoredGroup:
         prompt, seeds = [1, 40 + t, 50 + t, 60 + t], completion_seeds(11, t, 4)
-        comps = [seeded(prompt, s, float(j)) for j, s in enumerate(seeds)]
+        comps = [seeded_completion(model, prompt, s, float(j)) for j, s in enumerate(seeds)]
         if pick:
-            comps[0] = seeded(prompt, seeds[0] + 999, 0.0)
+            comps[0] = seeded_completion(model, prompt, seeds[0] + 999, 0.0)
         return ScoredGroup(task_id=t, row_index=t, prompt_token_ids=prompt, policy_version=0, worker_id="w",
                            worker_name="test", completions=comps, seeds=seeds)  # fmt: skip
 
