@@ -144,6 +144,9 @@ class Watchdog:
 
     def _alert(self, reason: str) -> None:
         self.stop.set(reason, 1)
+        if self.hub_failure and self.launch.trainer_hub is not None:
+            # Every wait on the hub ends now (a background publish included), not after its patience.
+            self.launch.trainer_hub.stop_event.set()
         if self.hub_failure and self._main is not None:
             signal.pthread_kill(self._main, signal.SIGUSR1)
 
@@ -157,6 +160,7 @@ class Launch:
         self.paths = RunDir(self.run_dir)
         self.logs = self.paths.logs
         self.hub: Child | None = None
+        self.trainer_hub: HubAdmin | None = None
         self.hub_ready = False
         """Set once the hub answered: a hub that dies later is restarted, one that never came up is not."""
         self._hub_cmd: list[str] = []
@@ -210,7 +214,8 @@ class Launch:
             self.paths.remove_hub_db()  # a checkpoint without a ledger: start the data over
         self.hub = Child("hub", cmd, env, self.paths.hub_log, self.hub_cpus)
         self.watchdog = Watchdog(self, stop, HubAdmin(self.url, self.tokens.admin, patience_s=5.0))
-        return HubAdmin(self.url, self.tokens.admin)
+        self.trainer_hub = HubAdmin(self.url, self.tokens.admin)
+        return self.trainer_hub
 
     def restart_hub(self) -> None:
         """Start the hub again after it died: same port and tokens, ledger from its database."""

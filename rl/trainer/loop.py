@@ -332,12 +332,9 @@ class Trainer:
             passes += [(rest, self.step)] if rest.any() else []
         stats = torch.zeros(*local.input_ids.shape, NUM_STATS)
         for rows, version in passes:
-            part = local.rows(rows)
-            u = (
-                part.draw_uniforms(part.rows_of_version(version)).to(self.strategy.device)
-                if trust.verify_draws
-                else None
-            )
+            part = local.rows(rows)  # draws only where `version` made the sequence (rows() keeps groups whole)
+            drawn = batch.rows_of_version(version)[mine][rows]
+            u = part.draw_uniforms(drawn).to(self.strategy.device) if trust.verify_draws else None
             lengths = part.prompt_lengths if share else None
             with self.strategy.weights_of(version) if version != self.step else contextlib.nullcontext():
                 stats[rows] = self.strategy.token_statistics(part.input_ids, part.attention_mask, fn, NUM_STATS,
