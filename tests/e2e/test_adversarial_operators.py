@@ -112,7 +112,8 @@ def test_hoarder_arriving_first_does_not_stall_the_run(unattacked, tiny_model_di
 
 @pytest.mark.xfail(
     strict=False,
-    reason="two operators halve the window by design: measured x0.47-0.72 before backup leases fired in tiny runs",
+    reason="two operators halve the window by design: measured x0.47-0.72 in tiny runs before backup leases, x0.56 "
+    "with them (threshold x0.5)",
 )
 def test_hoarder_arriving_mid_run_does_not_stall_the_run(unattacked, tiny_model_dir, tmp_path):
     """A hoarder that joins after step 2: steps 3 to 10 per second are at least half the unattacked run's."""
@@ -221,9 +222,6 @@ def test_cherry_picking_operator_trains_nothing(picked_run):
     check_picking(picked_run)
 
 
-@pytest.mark.xfail(
-    strict=False, reason="measured 7.4% and 18.9% kept before trust.kept_versions; not yet re-measured with it"
-)
 def test_cherry_picking_with_a_stale_claim_trains_nothing(tiny_model_dir, tmp_path):
     """A picker that samples with, and claims, the version before the newest (inside the staleness window)."""
     check_picking(picking_run(tmp_path / "run", tiny_model_dir, behind=1))
