@@ -1,6 +1,6 @@
 """Write docs/configuration.md from the pydantic config models (field types, defaults, docs).
 
-Run after changing rl/config.py: `python scripts/gen_config_docs.py`. A test checks the file is current.
+Run after changing rl/config/: `python scripts/gen_config_docs.py`. A test checks the file is current.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def _type_name(ann) -> str:
-    text = str(ann).replace("typing.", "").replace("pathlib.", "").replace("rl.config.", "")
+    text = str(ann).replace("typing.", "").replace("pathlib.", "").replace("rl.config.sections.", "").replace("rl.config.", "")
     return text.replace("<class '", "").replace("'>", "")
 
 
@@ -61,7 +61,7 @@ def _section(model: type[BaseModel], prefix: str, out: list[str]) -> None:
 def render() -> str:
     out = [
         "# Configuration reference\n",
-        "Generated from `rl/config.py` by `scripts/gen_config_docs.py`; do not edit by hand.",
+        "Generated from `rl/config/` by `scripts/gen_config_docs.py`; do not edit by hand.",
         "A run file sets only what differs from these defaults; `rl train CONFIG --dry-run` prints the",
         "resolved config. Data sources are a discriminated union on `data.source.type`:",
         "`reasoning_gym` (dataset, params, size), `jsonl` (path, prompt_field, answer_field) or",

@@ -2,7 +2,7 @@
 
 The file is sparse like every run config: only the fields a new user changes (model, data,
 rewards, group size, batch, learning rate, local workers, steps); the rest keep the defaults
-of rl/config.py, which `rl train FILE --dry-run` prints.
+of rl/config/, which `rl train FILE --dry-run` prints.
 """
 
 from __future__ import annotations

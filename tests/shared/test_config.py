@@ -123,7 +123,7 @@ def test_every_field_is_documented():
 
 
 def test_configuration_docs_are_current():
-    """docs/configuration.md is generated from rl/config.py; regenerate with scripts/gen_config_docs.py."""
+    """docs/configuration.md is generated from rl/config/; regenerate with scripts/gen_config_docs.py."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "scripts" / "gen_config_docs.py")
