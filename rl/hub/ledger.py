@@ -2,8 +2,9 @@
 
 It lets a hub that died be restarted (by `rl train`, rl/cli/launcher.py) with no prompt lost
 and none trained twice. It holds the hub's `Ledger` (rl/wire/protocol.py: data position,
-pending task ids, consumed and batch counts), the published policy version and the last
-batch handed to the trainer, answer and all (`replay(pull_id)` answers a retried pull).
+pending task ids, consumed and batch counts), the published policy version, the last
+batch handed to the trainer, answer and all (`replay(pull_id)` answers a retried pull), and
+each operator's trust record (rl/hub/trust.py: evidence and quarantine outlive a hub restart).
 The service (rl/hub/service.py) saves snapshots, each writing only what changed, in one
 transaction: with a batch before answering its pull, before answering a publish, otherwise
 every `FLUSH_INTERVAL_S`. A restarted hub re-queues every pending id; `rl train --resume`
@@ -30,6 +31,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pending (task_id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS last_batch (pull_id TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS operators (operator TEXT PRIMARY KEY, record TEXT NOT NULL);
 """
 _LEDGER_KEYS = ("seed", "num_rows", "position", "consumed", "batches")
 
@@ -70,6 +72,7 @@ class LedgerStore:
         self._pending: set[int] = {row[0] for row in self.db.execute("SELECT task_id FROM pending")}
         last = self.db.execute("SELECT pull_id, body FROM last_batch").fetchone()
         self._last_batch: tuple[str, bytes] | None = (last[0], bytes(last[1])) if last else None
+        self._operators: dict[str, str] = dict(self.db.execute("SELECT operator, record FROM operators").fetchall())
 
     # ------------------------------------------------------------------ reading
 
@@ -85,6 +88,11 @@ class LedgerStore:
         """The published version as last committed (-1: none)."""
         return self._meta.get("policy_version", -1)
 
+    @property
+    def operators(self) -> dict[str, str]:
+        """Operator (token id) -> its trust record (JSON, rl/hub/trust.py), as last committed."""
+        return dict(self._operators)
+
     def replay(self, pull_id: str | None) -> bytes | None:
         """The answer body of the last batch handed out, if it was for this pull (a retry)."""
         if pull_id is None or self._last_batch is None or self._last_batch[0] != pull_id:
@@ -93,8 +101,10 @@ class LedgerStore:
 
     # ------------------------------------------------------------------ writing
 
-    def save(self, ledger: Ledger, policy_version: int, batch: tuple[str, bytes] | None = None) -> bool:
-        """Write what changed since the last save (and `batch`: pull id, answer body) in one commit.
+    def save(self, ledger: Ledger, policy_version: int, batch: tuple[str, bytes] | None = None,
+             operators: dict[str, str] | None = None) -> bool:  # fmt: skip
+        """Write what changed since the last save (and `batch`: pull id, answer body; `operators`: trust
+        records, only the changed ones are written) in one commit.
 
         Returns whether anything was written. Raises only if the disk refuses the write;
         what was committed before stays intact.
@@ -106,11 +116,13 @@ class LedgerStore:
         meta_changes = {k: v for k, v in meta.items() if self._meta.get(k) != v}
         pending = set(ledger.pending)
         added, removed = pending - self._pending, self._pending - pending
-        if not (meta_changes or added or removed or batch):
+        records = {op: r for op, r in (operators or {}).items() if self._operators.get(op) != r}
+        if not (meta_changes or added or removed or batch or records):
             return False
         try:
             self.db.execute("BEGIN IMMEDIATE")
             self._write(meta_changes, added, removed, batch)
+            self.db.executemany("INSERT OR REPLACE INTO operators (operator, record) VALUES (?, ?)", records.items())
             self.db.execute("COMMIT")
         except BaseException:
             if self.db.in_transaction:
@@ -118,6 +130,7 @@ class LedgerStore:
             raise
         self._meta.update(meta_changes)
         self._pending = pending
+        self._operators.update(records)
         if batch is not None:
             self._last_batch = batch
         return True
@@ -131,7 +144,9 @@ class LedgerStore:
             self.db.execute("INSERT INTO last_batch (pull_id, body) VALUES (?, ?)", batch)
 
     def reset(self, ledger: Ledger | None) -> None:
-        """Replace everything with `ledger` (a checkpoint's: the trainer rolled back to it), or empty."""
+        """Replace the data ledger with `ledger` (a checkpoint's: the trainer rolled back to it), or empty.
+
+        Operators' trust records stay: a quarantine is not undone by resuming from an older checkpoint."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             for table in ("meta", "pending", "last_batch"):

@@ -77,6 +77,8 @@ class Hub:
         self.trust = Trust(cfg.trust, state)
         self._scoring_tasks: set[asyncio.Task] = set()
         state.on_work, state.on_scored = self.poke, self.changed.set
+        if store is not None:  # a restarted hub: quarantines hold, evidence keeps counting
+            self.trust.restore(store.operators)
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
         self.stop_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
@@ -107,7 +109,7 @@ class Hub:
         Blocking: for start-up and shutdown. While serving, `write_ledger`.
         """
         if self.store is not None:
-            self.store.save(self.state.ledger(), self.state.policy_version, batch)
+            self.store.save(self.state.ledger(), self.state.policy_version, batch, self.trust.records())
 
     async def write_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
         """`flush_ledger` in a thread, so a large batch's write never stalls leases and submissions.
@@ -117,8 +119,8 @@ class Hub:
         if self.store is None:
             return
         async with self._ledger_lock:
-            ledger, version = self.state.ledger(), self.state.policy_version
-            await asyncio.to_thread(self.store.save, ledger, version, batch)
+            ledger, version, records = self.state.ledger(), self.state.policy_version, self.trust.records()
+            await asyncio.to_thread(self.store.save, ledger, version, batch, records)
 
     async def record_batch(self, pull_id: str | None, body: bytes) -> None:
         """Commit a batch about to be answered, or exit: a hub that cannot record a batch must not hand it out.

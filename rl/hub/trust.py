@@ -12,13 +12,14 @@ again keeps the operator's record. Admins lift a quarantine or revoke a token (`
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 from rl.config import TrustConfig
-from rl.wire.protocol import HubError, HubStatus, ProvenanceReport, ScoredGroup, WorkerTrust
+from rl.wire.protocol import HubError, HubStatus, OperatorStatus, ProvenanceReport, ScoredGroup, WorkerTrust
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,16 @@ class Evidence:
     def add_group(self, version: int, mean: float) -> None:
         self.groups += 1
         _add(self.by_version, version, mean)
+
+    def to_json(self) -> dict:
+        return {"sequences": self.sequences, "rejected": dict(self.rejected), "abs_diff_sum": self.abs_diff_sum,
+                "tokens": self.tokens, "groups": self.groups, "scoring_timeouts": self.scoring_timeouts,
+                "by_version": {str(v): row for v, row in self.by_version.items()}}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict) -> Evidence:
+        return cls(d["sequences"], Counter(d["rejected"]), d["abs_diff_sum"], d["tokens"], d["groups"],
+                   {int(v): list(row) for v, row in d["by_version"].items()}, d["scoring_timeouts"])  # fmt: skip
 
     def view(self, reward_z: float) -> WorkerTrust:
         return WorkerTrust(
@@ -92,6 +103,31 @@ class Trust:
     def reason(self, worker_id: str) -> str:
         """Why this registration's operator is quarantined ("" when it is not)."""
         return self.quarantined.get(self.operator_of(worker_id), "")
+
+    # ------------------------------------------------------------------ persistence
+
+    def records(self) -> dict[str, str]:
+        """Operator -> its record (evidence and quarantine) as JSON, for the hub's database (rl/hub/ledger.py)."""
+        ops = set(self.operators) | set(self.quarantined)
+        return {op: json.dumps({"quarantined": self.quarantined.get(op, ""),
+                                "evidence": self.operators.get(op, Evidence()).to_json()}, sort_keys=True)
+                for op in ops}  # fmt: skip
+
+    def restore(self, records: dict[str, str]) -> None:
+        """A restarted hub takes up the operators' records: quarantines hold, evidence keeps counting."""
+        for op, text in records.items():
+            record = json.loads(text)
+            self.operators[op] = Evidence.from_json(record["evidence"])
+            if record["quarantined"]:
+                self.quarantined[op] = record["quarantined"]
+                self.state.block_operator(op)
+            else:
+                for version, row in self.operators[op].by_version.items():
+                    every = self.by_version.setdefault(version, [0, 0.0, 0.0])
+                    for i in range(3):
+                        every[i] += row[i]
+        if records:
+            log.info("trust records of %d operators restored (%d quarantined)", len(records), len(self.quarantined))
 
     # ------------------------------------------------------------------ gates
 
@@ -231,6 +267,10 @@ class Trust:
             for o in status.operators
             if viewer is None or o.operator == viewer
         ]
+        listed = {o.operator for o in status.operators}  # quarantined operators with no registration left, too
+        operators += [OperatorStatus(operator=op, workers=0, leased_tasks=0, completed_tasks=0, quarantined=why,
+                                     trust=self.operators[op].view(0.0) if op in self.operators else None)
+                      for op, why in self.quarantined.items() if op not in listed and viewer in (None, op)]  # fmt: skip
         live = {w.token for w in self.state.workers.values()}
         quarantined = sum(1 for w in self.state.workers.values() if w.token in self.quarantined)
         return status.model_copy(

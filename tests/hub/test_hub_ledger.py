@@ -80,6 +80,18 @@ def test_reset_to_a_checkpoint_ledger_replaces_everything(tmp_path):
     assert reopened.ledger is None
 
 
+def test_operator_records_are_written_when_changed_and_outlive_a_reset(tmp_path):
+    store = LedgerStore(tmp_path / "hub.sqlite")
+    assert store.operators == {}
+    assert store.save(ledger(2, [1]), 0, operators={"op-a": '{"q": ""}', "op-b": '{"q": "forged"}'})
+    assert not store.save(ledger(2, [1]), 0, operators={"op-a": '{"q": ""}'})  # nothing new
+    assert store.save(ledger(2, [1]), 0, operators={"op-a": '{"q": "picked"}'})
+    store.reset(ledger(1, [0]))  # --resume rolls the data back, not a quarantine
+    store.close()
+    reopened = LedgerStore(tmp_path / "hub.sqlite")
+    assert reopened.operators == {"op-a": '{"q": "picked"}', "op-b": '{"q": "forged"}'}
+
+
 def test_unusable_database_is_a_clear_error(tmp_path):
     bad = tmp_path / "hub.sqlite"
     bad.write_bytes(b"this is not a database" * 100)

@@ -47,7 +47,11 @@ def test_a_quarantined_operator_stays_quarantined_across_registrations():
     trust.check(honest)
     assert lease(state, honest).lease_id is not None
     status = trust.annotate(state.status(0.0, {}), None)
-    assert [o.operator for o in status.operators] == ["tok-good"]  # the quarantined one has nobody alive
+    # the quarantined one has nobody alive, and is still listed with its reason
+    assert [(o.operator, o.workers, bool(o.quarantined)) for o in status.operators] == [
+        ("tok-good", 1, False), ("tok-bad", 0, True)]  # fmt: skip
+    mine = trust.annotate(state.status(0.0, {}), "tok-good")  # a worker token sees only its own operator
+    assert [o.operator for o in mine.operators] == ["tok-good"]
 
 
 def test_rotating_registrations_accumulate_evidence_on_the_operator():

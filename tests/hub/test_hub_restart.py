@@ -9,6 +9,7 @@
   DeepSpeed) whose hub is SIGKILLed twice; `rl train` restarts it, the run finishes every
   step, and `batches.jsonl` shows each prompt trained once, in the data order.
 - An eval job the restarted hub forgot is started again; past `hub.max_restarts` the run fails.
+- A quarantined operator stays quarantined, and its evidence counted, after the hub restarts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import psutil
 import pytest
 from helpers.hub import (
     ADMIN,
+    OTHER_WORKER,
     WORKER,
     AnswerLosingProxy,
     free_port,
@@ -34,7 +36,7 @@ from helpers.hub import (
 from helpers.net import serve
 
 from rl.hub.data import PromptOrder
-from rl.hub.ledger import LedgerStore
+from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.wire.admin import HubAdmin
 from rl.wire.protocol import Batch, EvalRequest
 
@@ -127,6 +129,38 @@ def test_killed_hub_restarts_from_its_database(tmp_path, tiny_model_dir):
         assert handed[len(in_flight) :] == late_tids
         assert not set(handed) & set(trained)
         assert "hub ledger restored from" in log.read_text()
+    finally:
+        hub.stop()
+
+
+def test_quarantine_outlives_a_hub_restart(tmp_path, tiny_model_dir):
+    """Trust records live in the hub's database: a quarantined operator cannot come back by waiting for a crash."""
+    config = write_config(tmp_path, tiny_model_dir)
+    publish_initial_policy(tmp_path, tiny_model_dir)
+    log, port = tmp_path / "hub.log", free_port()
+    hub = start_hub(config, log, port=port)
+    try:
+        with hub.client(OTHER_WORKER) as c:
+            wid = _register(c)
+        with HubAdmin(hub.url, ADMIN, patience_s=30.0) as admin:
+            admin.quarantine(wid, "caught forging")
+            before = {o.operator: o.quarantined for o in admin.status().operators}
+        time.sleep(3 * FLUSH_INTERVAL_S)  # the records are written with the ledger's periodic flush
+        hub.proc.send_signal(signal.SIGKILL)
+        hub.proc.wait()
+
+        hub = start_hub(config, log, port=port)
+        with hub.client(OTHER_WORKER) as c:
+            r = c.post("/v1/workers", json={"name": "back-again", "engine": "hf"})
+            assert r.status_code == 403 and r.json()["reason"] == "quarantined", r.text
+        with hub.client(WORKER) as c:
+            _register(c)  # the other operator is untouched
+        with HubAdmin(hub.url, ADMIN, patience_s=30.0) as admin:
+            after = {o.operator: o.quarantined for o in admin.status().operators}
+        quarantined = {op: why for op, why in before.items() if why}
+        assert len(quarantined) == 1 and "caught forging" in next(iter(quarantined.values())), before
+        assert "trust records of 1 operators restored (1 quarantined)" in log.read_text()
+        assert all(after.get(op) == why for op, why in quarantined.items()), (before, after)
     finally:
         hub.stop()
 
