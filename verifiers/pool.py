@@ -162,18 +162,27 @@ class VerifierPool:
             self._idle.release(worker)
         return out
 
-    async def _score_in_workers(self, items: list[tuple[str, Example]]) -> list[dict[str, Reward]]:
+    async def _score_in_workers(self, items: list[tuple[str, Example]], processes: int) -> list[dict[str, Reward]]:
         # Chunks keep each worker busy back to back (no idle round trip per item) while still
-        # spreading a small GRPO group over all workers.
-        size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (2 * self.workers))))
+        # spreading a small GRPO group over `processes` workers: one lane of chunks per worker.
+        size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (2 * processes))))
         chunks = [items[k : k + size] for k in range(0, len(items), size)]
-        done = await asyncio.gather(*(self._score_in_worker(c) for c in chunks))
-        return [r for chunk in done for r in chunk]
+        lanes = [chunks[i::processes] for i in range(min(processes, len(chunks)))]
+
+        async def lane(mine: list) -> list[list[dict[str, Reward]]]:
+            return [await self._score_in_worker(chunk) for chunk in mine]
+
+        done = await asyncio.gather(*(lane(mine) for mine in lanes))
+        n = len(lanes)  # chunk j is lane j % n's (j // n)-th
+        return [r for j in range(len(chunks)) for r in done[j % n][j // n]]
 
     # ------------------------------------------------------------------ scoring
 
-    async def score_many(self, items: Sequence[tuple[str, Example]]) -> list[Reward]:
-        """One `Reward` per `(completion_text, example)`, in order; never raises for bad model output."""
+    async def score_many(self, items: Sequence[tuple[str, Example]], processes: int | None = None) -> list[Reward]:
+        """One `Reward` per `(completion_text, example)`, in order; never raises for bad model output.
+
+        `processes`: worker processes this call may use at once (None: all); the hub gives each job one, so
+        one operator's slow answers never hold every process (rl/hub/fair.py)."""
         if self._closed:
             raise VerifierError("the verifier pool is closed")
         items = list(items)
@@ -186,7 +195,7 @@ class VerifierPool:
                 per_term[t.name] = [self._inline(t, text, example) for text, example in items]
         jobs = [self._sandboxed[t.name].score_many(items) for t in self.terms if t.site == "sandbox"]
         if self._worker_terms:
-            jobs.append(self._score_in_workers(items))
+            jobs.append(self._score_in_workers(items, min(processes or self.workers, self.workers)))
         results = await asyncio.gather(*jobs)
         sandbox_names = [t.name for t in self.terms if t.site == "sandbox"]
         per_term.update(zip(sandbox_names, results[: len(sandbox_names)], strict=True))

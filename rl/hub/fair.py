@@ -3,9 +3,9 @@
 An operator (a worker token) holds at most its share of the tasks in flight (`operator_room`); a task
 another operator holds past `hub.backup_factor` x the median turnaround is leased again (`late_tasks`).
 
-Scoring slots go round-robin over operators (`FairTurns`): a flood of answers that are slow to verify
-(each bounded by `rewards.timeout_s`) delays only its own groups; an honest operator waits for at most
-one job per slot of each other operator, however many they queue.
+Scoring slots go round-robin over operators (`FairTurns`), and while two or more operators are live
+none holds more than all slots but one: a flood of answers that are slow to verify (each bounded by
+`rewards.timeout_s`) delays only its own groups, and another operator's group finds a slot free.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 import math
 import statistics
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 HubLike = Any
@@ -73,39 +73,46 @@ def late_tasks(state: HubLike, operator: str, limit: int, now: float) -> list[in
 
 
 class FairTurns:
-    """Scoring slots handed out round-robin over the operators that have a job waiting."""
+    """Scoring slots handed out round-robin over the operators that have a job waiting.
 
-    def __init__(self, slots: int) -> None:
+    `operators()` counts the live operators: while there are two or more, one operator holds at most
+    `slots - 1` slots (so with one hostile operator, the others' jobs never wait for its slow ones).
+    """
+
+    def __init__(self, slots: int, operators: Callable[[], int] = lambda: 1) -> None:
         if slots < 1:
             raise ValueError(f"need at least one slot, got {slots}")
-        self.slots = slots
+        self.slots, self.operators = slots, operators
         self.busy = 0
+        self.held: Counter[str] = Counter()
         self.waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
 
     def queued(self) -> dict[str, int]:
         """Jobs waiting for a turn, per operator."""
         return {op: len(q) for op, q in self.waiting.items()}
 
+    def cap(self) -> int:
+        """Slots one operator may hold now."""
+        return self.slots - 1 if self.slots > 1 and self.operators() > 1 else self.slots
+
     @contextlib.asynccontextmanager
     async def turn(self, operator: str) -> AsyncIterator[None]:
-        """Hold one slot for the body; waits for this operator's turn when every slot is busy."""
-        if self.busy < self.slots and not self.waiting:
-            self.busy += 1
-        else:
-            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.waiting.setdefault(operator, deque()).append(granted)
-            try:
-                await granted  # the slot is handed over with the result: `busy` already counts it
-            except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():
-                    self._hand_over()  # cancelled right after being granted: pass the slot on
-                else:
-                    self._forget(operator, granted)
-                raise
+        """Hold one slot for the body; waits for this operator's turn when every slot is busy (or it holds its cap)."""
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(operator, deque()).append(granted)
+        self._hand_over()  # a free slot under this operator's cap: granted at once
+        try:
+            await granted  # the slot is handed over with the result: `busy` and `held` already count it
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._release(operator)  # cancelled right after being granted: pass the slot on
+            else:
+                self._forget(operator, granted)
+            raise
         try:
             yield
         finally:
-            self._hand_over()
+            self._release(operator)
 
     def _forget(self, operator: str, granted: asyncio.Future[None]) -> None:
         queue = self.waiting.get(operator)
@@ -114,16 +121,30 @@ class FairTurns:
             if not queue:
                 del self.waiting[operator]
 
-    def _hand_over(self) -> None:
-        """A slot is free: give it to the operator first in line (who then goes to the back), else idle."""
-        while self.waiting:
-            operator, queue = next(iter(self.waiting.items()))
-            granted = queue.popleft()
-            if queue:
-                self.waiting.move_to_end(operator)
-            else:
-                del self.waiting[operator]
-            if not granted.done():
-                granted.set_result(None)
-                return
+    def _release(self, operator: str) -> None:
         self.busy -= 1
+        self.held[operator] -= 1
+        if self.held[operator] <= 0:
+            del self.held[operator]
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Free slots go to the operators first in line under their cap (who then go to the back)."""
+        cap = self.cap()
+        for operator in list(self.waiting):
+            if self.busy >= self.slots:
+                return
+            queue = self.waiting[operator]
+            while queue and queue[0].done():  # cancelled while waiting
+                queue.popleft()
+            if not queue:
+                del self.waiting[operator]
+                continue
+            if self.held[operator] >= cap:
+                continue
+            queue.popleft().set_result(None)
+            self.busy += 1
+            self.held[operator] += 1
+            del self.waiting[operator]
+            if queue:
+                self.waiting[operator] = queue  # to the back of the line

@@ -65,8 +65,8 @@ class Hub:
     def __init__(self, cfg: RunConfig, state: HubState, pool, tokenizer, policy_dir: Path, tokens: Tokens,
                  store: LedgerStore | None = None):  # fmt: skip
         self.cfg, self.state, self.pool, self.tokenizer = cfg, state, pool, tokenizer
-        self.turns = FairTurns(cfg.rewards.workers)
-        """Scoring slots, served round-robin over operators (rl/hub/fair.py)."""
+        self.turns = FairTurns(cfg.rewards.workers, operators=state.live_operators)
+        """Scoring slots, served round-robin over operators (rl/hub/fair.py); a job uses one verifier process."""
         self.tokens, self.store = tokens, store
         self.files = PolicyFiles(policy_dir)
         self.changed = asyncio.Event()
@@ -232,7 +232,7 @@ class Hub:
         while True:
             try:
                 async with self.turns.turn(self.trust.operator_of(job.worker_id)):
-                    rewards = await self.pool.score_many([(text, job.example) for text in texts])
+                    rewards = await self.pool.score_many([(text, job.example) for text in texts], processes=1)
             except Exception as e:  # noqa: BLE001 - any scoring failure is retried, then reported
                 retry_in = self.state.fail_scoring(job, f"{type(e).__name__}: {e}")
                 if retry_in is None:

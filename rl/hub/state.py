@@ -222,6 +222,10 @@ class HubState:
     def workers_of(self, operator: str) -> list[str]:
         return [w.worker_id for w in self.workers.values() if w.token == operator]
 
+    def live_operators(self) -> int:
+        """Operators with a live registration that are not quarantined (rl/hub/fair.py)."""
+        return len({w.token for w in self.workers.values()} - self.blocked)
+
     def block_operator(self, operator: str) -> None:
         """Quarantine (rl/hub/trust.py): the operator's registrations, present and future, get no work."""
         self.blocked.add(operator)

@@ -68,3 +68,34 @@ def test_a_cancelled_waiter_gives_its_turn_away():
 def test_no_slots_is_an_error():
     with pytest.raises(ValueError):
         FairTurns(0)
+
+
+def test_with_two_operators_one_never_holds_every_slot():
+    """A flood of slow jobs from one operator keeps a slot free: the other's jobs start at once, not after
+    a slow one ends; alone, an operator uses every slot."""
+
+    async def main(operators: int) -> tuple[int, float]:
+        turns = FairTurns(2, operators=lambda: operators)
+        most, started = 0, {}
+        loop = asyncio.get_running_loop()
+
+        async def job(op: str, seconds: float, key: str) -> None:
+            nonlocal most
+            async with turns.turn(op):
+                started[key] = loop.time()
+                most = max(most, turns.held["flood"])
+                await asyncio.sleep(seconds)
+
+        flood = [asyncio.create_task(job("flood", 0.2, f"f{i}")) for i in range(6)]
+        await asyncio.sleep(0.01)  # the flood holds what it may
+        asked = loop.time()
+        await job("honest", 0.0, "honest")
+        waited = started["honest"] - asked
+        await asyncio.gather(*flood)
+        assert turns.busy == 0 and not turns.waiting and not turns.held
+        return most, waited
+
+    most, waited = asyncio.run(main(operators=2))
+    assert most == 1 and waited < 0.1, (most, waited)  # a flood job takes 0.2 s
+    most, waited = asyncio.run(main(operators=1))
+    assert most == 2 and waited >= 0.15, (most, waited)  # alone it took both: the next job waits for one
