@@ -31,8 +31,16 @@ from rl.config import RolloutConfig, RunConfig, dump_config
 from rl.hub.data import DataError
 from rl.models import ModelError, resolve_model
 from rl.rundir import RunDir
-from rl.trainer.checkpoint import CheckpointError, checkpoint_step, discard_after, latest_checkpoint, prepare_fresh
+from rl.trainer.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    discard_after,
+    latest_checkpoint,
+    prepare_fresh,
+    usable_checkpoint,
+)
 from rl.trainer.loop import EXIT_INTERRUPTED, StopRequest
+from rl.trainer.watchdog import StepWatchdog, Watched
 from rl.wire.admin import HubAdmin
 from rl.wire.client import HubHTTP
 from rl.wire.tokens import Tokens
@@ -180,7 +188,7 @@ class Launch:
     def prepare_run_dir(self) -> Path | None:
         """Resume: drop what happened after the latest checkpoint (returned). Fresh: refuse to overwrite one."""
         if self.resume:
-            ckpt = latest_checkpoint(self.run_dir)
+            ckpt = usable_checkpoint(self.run_dir)
             if ckpt is None:
                 raise CheckpointError(f"--resume: no checkpoint under {self.paths.checkpoints}")
             discard_after(self.run_dir, checkpoint_step(ckpt))
@@ -253,6 +261,18 @@ class Launch:
                 time.sleep(0.5)
         raise LaunchError(f"hub did not become healthy in {timeout:.0f}s; see {self.hub.log_path}")
 
+    def watched(self) -> list[Watched]:
+        """The children whose stacks a stalled step's report includes."""
+        children = [self.hub, *self.workers] if self.hub is not None else self.workers
+        return [Watched(c.name, c.proc.pid, c.log_path) for c in children if c.proc.poll() is None]
+
+    def step_watchdog(self, stop: StopRequest, step: int) -> StepWatchdog:
+        """The trainer's step watchdog over this run (rl/trainer/watchdog.py), with a hub client of its own."""
+        hub = HubAdmin(self.url, self.tokens.admin, patience_s=5.0, read_timeout_s=10.0)
+        return StepWatchdog(self.cfg.watchdog, self.paths, stop, hub, self.watched, step=step,
+                            heartbeat_s=self.cfg.hub.heartbeat_interval_s,
+                            resume_hint=f"rl train {self.paths.config} --resume")  # fmt: skip
+
     def stop(self, admin: HubAdmin | None) -> None:
         if self.watchdog is not None:
             self.watchdog.close()
@@ -318,7 +338,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
     stop = StopRequest()
     launch = Launch(cfg, resume) if rank == 0 else None
     restore_signals = _install_signal_handlers(stop, launch)
-    admin = None
+    admin = step_watchdog = None
     run_dir = cfg.resolved_run_dir.resolve()
     try:
         resolve_model(cfg.model.name)  # prepare an alias once, before any child needs it
@@ -329,6 +349,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         trainer = Trainer(cfg, admin, resume=resume, stop=stop)  # loads while the hub starts
         if launch is not None:
             launch.start_workers()
+            step_watchdog = launch.step_watchdog(stop, trainer.step)
+            trainer.on_step = step_watchdog.step_done
         code = trainer.run()
         if code != 0:
             if trainer.is_main and latest_checkpoint(run_dir) is not None:
@@ -350,6 +372,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
                       RunDir(run_dir).logs)  # fmt: skip
         return 1
     finally:
+        if step_watchdog is not None:
+            step_watchdog.close()
         if launch is not None:
             launch.stop(admin)
         restore_signals()
