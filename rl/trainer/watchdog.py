@@ -33,6 +33,7 @@ from rl.rundir import RunDir
 from rl.trainer.checkpoint import latest_checkpoint
 from rl.wire.admin import HubAdmin
 from rl.wire.protocol import HubStatus
+from rl.wire.waits import process_state
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,6 @@ def stall_cause(st: HubStatus | None, url: str, heartbeat_s: float) -> str:
     return "the workers are generating or the verifiers scoring, slowly: see `rl status` and the workers' logs"
 
 
-def _proc_state(pid: int) -> str:
-    """The kernel's state letter of `pid` (R running, S sleeping, T stopped, Z zombie), '?' if unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "?"
-
-
 def own_stacks() -> str:
     """Every thread of this process, named, innermost call last."""
     names = {t.ident: t.name for t in threading.enumerate()}
@@ -114,7 +107,7 @@ def own_stacks() -> str:
 def child_stacks(child: Watched, out: Path, wait_s: float = 3.0) -> str:
     """Write `child`'s stacks to `out` (py-spy where installed, else its faulthandler through its log);
     returns a note on the child for the report."""
-    state = _proc_state(child.pid)
+    state = process_state(child.pid)
     if state in ("T", "t"):
         out.write_text(f"{child.name} (pid {child.pid}) is stopped (SIGSTOP, or a debugger): no stacks\n")
         return f"{child.name} (pid {child.pid}) is STOPPED"
@@ -153,8 +146,8 @@ def _process_table(children: list[Watched]) -> str:
     try:
         import psutil
     except ImportError:
-        return "\n".join(f"{c.pid} {_proc_state(c.pid)} {c.name}" for c in children)
-    rows = [f"{os.getpid()} {_proc_state(os.getpid())} trainer"]
+        return "\n".join(f"{c.pid} {process_state(c.pid)} {c.name}" for c in children)
+    rows = [f"{os.getpid()} {process_state(os.getpid())} trainer"]
     for c in children:
         try:
             tree = [psutil.Process(c.pid), *psutil.Process(c.pid).children(recursive=True)]
@@ -163,7 +156,7 @@ def _process_table(children: list[Watched]) -> str:
             continue
         for p in tree:
             try:
-                rows.append(f"{p.pid} {_proc_state(p.pid)} {' '.join(p.cmdline())[:160]}")
+                rows.append(f"{p.pid} {process_state(p.pid)} {' '.join(p.cmdline())[:160]}")
             except psutil.NoSuchProcess:
                 continue
     return "\n".join(rows) + "\n"

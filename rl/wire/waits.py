@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +62,11 @@ def _watch() -> None:
         for what, started, wall in due:
             since = time.strftime("%H:%M:%S", time.localtime(wall))
             log.warning("still waiting for %s: %.0f s so far (since %s)", what, now - started, since)
+
+
+def process_state(pid: int) -> str:
+    """The kernel's state letter of `pid` (R running, S sleeping, D disk, T stopped, Z zombie); '?' if unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"

@@ -12,18 +12,21 @@ is stuck", has the table).
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import helpers.train as h
+import httpx
 import psutil
 import pytest
+
+from rl.hub.ledger import LedgerStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 PROMPTS = 2  # trainer.prompts_per_step (helpers.train.train_config)
+ADMIN = "adm-faults-test-token"
 
 
 def _child(train: psutil.Process, role: str) -> psutil.Process | None:
@@ -36,6 +39,11 @@ def _child(train: psutil.Process, role: str) -> psutil.Process | None:
         except psutil.NoSuchProcess:
             continue
     return None
+
+
+def _said(text: str, phrase: str) -> bool:
+    """`phrase` is in a log whose lines the console wrapped (whitespace ignored)."""
+    return "".join(phrase.split()) in "".join(text.split())
 
 
 def _steps(run_dir: Path) -> int:
@@ -65,9 +73,158 @@ def test_every_scoring_failing_ends_the_run_naming_it(tiny_model_dir, tmp_path):
     assert "rl-step-watchdog" in files["trainer.txt"] and "in pull" in files["trainer.txt"]
     for name in ("hub.txt", "worker-local-0.txt"):  # faulthandler's dumps, taken from the children's logs
         assert "most recent call first" in files[name], f"{name}: {files[name][:2000]}"
-    assert "step watchdog: no step completed" in text and str(stalls[0]) in text
-    assert "waiting for rollouts" in text and "scoring failed" in text, h.tail(log)
-    final = text[text.index("ending the run") :]
-    assert "scoring fails on the hub" in final and "failing_reward cannot start" in final, h.tail(log)
+    assert _said(text, "step watchdog: no step completed") and _said(text, str(stalls[0])), h.tail(log)
+    assert _said(text, "waiting for rollouts for") and _said(text, "scoring failed"), h.tail(log)
+    final = "".join(text[text.index("ending the run") :].split())
+    assert _said(final, "scoring fails on the hub") and _said(final, "failing_reward cannot start"), h.tail(log)
     assert "Traceback" not in text
     assert ended < detected + 30 + 20 + 30, f"the run outlived its abort limit and grace: {timing}"
+    print(timing)
+
+
+def _status(log: Path) -> dict | None:
+    """The run's hub's /v1/status (admin view; its URL from `rl train`'s log), or None while it does not answer."""
+    text = log.read_text(errors="replace")
+    if "hub at " not in text:
+        return None
+    url = text.split("hub at ", 1)[1].split()[0]
+    try:
+        return httpx.get(f"{url}/v1/status?limit=100", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _workers(log: Path) -> dict[str, dict]:
+    """The hub's workers by name (the last registration of each name)."""
+    return {w["name"]: w for w in (_status(log) or {}).get("workers", [])}
+
+
+def _no_prompt_lost(run_dir: Path, steps: int) -> None:
+    """Every step trained once, no prompt trained twice, every prompt handed out trained or still pending."""
+    records = h.by_step(h.read_jsonl(run_dir / "batches.jsonl"))
+    assert sorted(records) == list(range(1, steps + 1)), f"steps trained: {sorted(records)}"
+    trained = [t for r in records.values() for t in r["task_ids"]]
+    assert len(trained) == len(set(trained)) == steps * PROMPTS, "a prompt was trained twice"
+    store = LedgerStore(run_dir / "hub.sqlite")
+    final = store.ledger
+    store.close()
+    assert set(trained) | set(final.pending) == set(range(final.position)), "a prompt was lost"
+    assert not set(trained) & set(final.pending)
+
+
+def test_worker_stopped_mid_lease(tiny_model_dir, tmp_path):
+    """A worker SIGSTOPped while it holds leased tasks: the hub drops it (silent for 3 heartbeats) and leases its
+    tasks again, the other worker keeps the run going; SIGCONTed, its late submission is refused cleanly, it
+    registers again and carries on. Every step trained once, no prompt lost."""
+    run_dir = tmp_path / "run"
+    config = h.train_config(run_dir, tiny_model_dir, trainer={"max_steps": 14}, rollout={"local_workers": 2},
+                            hub={"admin_token": ADMIN})  # fmt: skip
+    log = tmp_path / "train.log"
+    proc = h.start_train(config, log)
+    train = psutil.Process(proc.pid)
+    h.wait_for(lambda: _steps(run_dir) >= 2 and _workers(log).get("local-1", {}).get("leased_tasks", 0) > 0,
+               "step 2 with worker local-1 holding a lease", proc, log)  # fmt: skip
+    stopped = next(p for p in h.descendants(train.pid) if "local-1" in p.cmdline())
+    first_id, held = _workers(log)["local-1"]["worker_id"], _workers(log)["local-1"]["leased_tasks"]
+    steps_at_stop = _steps(run_dir)
+    stopped.suspend()
+    t0 = time.monotonic()
+    try:
+        h.wait_for(lambda: "local-1" not in _workers(log), "the hub to drop the stopped worker", proc, log, timeout=60)
+        detected = time.monotonic() - t0
+        h.wait_for(lambda: _steps(run_dir) >= steps_at_stop + 2, "two steps without it", proc, log, timeout=120)
+        recovered = time.monotonic() - t0
+    finally:
+        stopped.resume()
+    timing = (
+        f"worker stopped holding {held} tasks: dropped by the hub after {detected:.1f} s, two more steps "
+        f"trained {recovered:.1f} s after the stop"
+    )
+    worker_log = run_dir / "logs" / "worker-1.log"
+    h.wait_for(lambda: (w := _workers(log).get("local-1")) is not None and w["worker_id"] != first_id
+               and w["completed_tasks"] > 0, "the continued worker's next accepted submission", proc, log,
+               timeout=120)  # fmt: skip
+    carried_on = time.monotonic() - t0
+    code = h.finish(proc, log, timeout=300)
+    timing += f"; SIGCONTed, it registered again and had a submission accepted {carried_on:.1f} s after the stop"
+    assert code == 0, f"{timing}\n{h.tail(log)}"
+    text = worker_log.read_text()
+    assert _said(text, "registering again") and _said(text, "rejected"), f"{timing}\n{text[-3000:]}"
+    assert "Traceback" not in text and "Traceback" not in log.read_text(), timing
+    _no_prompt_lost(run_dir, 14)
+    assert detected < 30, timing  # 3 heartbeats of 1 s, checked every second
+    print(timing)
+
+
+HUB_STOP_S = 25.0
+HUB_RUN_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def hub_stopped_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
+    """A run (checkpoints every 2 steps) whose hub is SIGSTOPped for HUB_STOP_S after step 2, then continued."""
+    tmp = tmp_path_factory.mktemp("hub-stopped")
+    run_dir = tmp / "run"
+    config = h.train_config(run_dir, tiny_model_dir, trainer={"max_steps": HUB_RUN_STEPS},
+                            checkpoint={"every": 2, "keep": 2})  # fmt: skip
+    log, worker_log = tmp / "train.log", run_dir / "logs" / "worker-0.log"
+    proc = h.start_train(config, log)
+    train = psutil.Process(proc.pid)
+    h.wait_for(lambda: _steps(run_dir) >= 2 and _child(train, "hub") is not None, "step 2", proc, log)
+    hub = _child(train, "hub")
+    marks = {log: len(log.read_bytes()), worker_log: len(worker_log.read_bytes())}
+    said: dict[Path, float] = {}
+    hub.suspend()
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < HUB_STOP_S:
+            for path, mark in marks.items():
+                if path not in said and b"still waiting for the hub" in path.read_bytes()[mark:]:
+                    said[path] = time.monotonic() - t0
+            time.sleep(0.5)
+        steps_stopped = _steps(run_dir)
+    finally:
+        hub.resume()
+    resumed = time.monotonic()
+    h.wait_for(lambda: _steps(run_dir) > steps_stopped, "a step after the hub came back", proc, log, timeout=120)
+    recovered = time.monotonic() - resumed
+    code = h.finish(proc, log, timeout=300)
+    timing = (f"hub stopped {HUB_STOP_S:.0f} s: the trainer said so after {said.get(log, -1):.1f} s, the worker after "
+              f"{said.get(worker_log, -1):.1f} s; the next step {recovered:.1f} s after SIGCONT")  # fmt: skip
+    return SimpleNamespace(run_dir=run_dir, config=config, log=log, worker_log=worker_log, code=code, said=said,
+                           timing=timing, tmp=tmp)  # fmt: skip
+
+
+def test_hub_stopped_then_continued(hub_stopped_run):
+    """The hub SIGSTOPped for 25 s: the trainer and the worker wait, say what they wait for and since when, and go
+    on when it is continued; every step trained once, no prompt lost."""
+    run = hub_stopped_run
+    assert run.code == 0, f"{run.timing}\n{h.tail(run.log)}"
+    assert run.log in run.said and run.worker_log in run.said, f"a wait went unreported: {run.timing}"
+    assert _said(run.log.read_text(), "to answer POST /v1/batches"), run.timing
+    assert "Traceback" not in run.log.read_text(), run.timing
+    _no_prompt_lost(run.run_dir, HUB_RUN_STEPS)
+    print(run.timing)
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(hub_stopped_run):
+    """The latest checkpoint truncated (a full disk, a node lost mid-copy): `--resume` names the bad file, sets the
+    checkpoint aside and continues from the previous one; the steps after it are trained again, once."""
+    run = hub_stopped_run
+    assert run.code == 0, h.tail(run.log)
+    latest = run.run_dir / "checkpoints" / f"step_{HUB_RUN_STEPS}"
+    victim = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    log = run.tmp / "resume.log"
+    start = time.monotonic()
+    code = h.run_train(run.config, log, "--resume", f"trainer.max_steps={HUB_RUN_STEPS + 1}")
+    took = time.monotonic() - start
+    text = log.read_text()
+    timing = f"damage found at --resume, run resumed from step {HUB_RUN_STEPS - 2} and finished in {took:.0f} s"
+    assert code == 0, f"{timing}\n{h.tail(log)}"
+    assert _said(text, f"checkpoint step_{HUB_RUN_STEPS} is damaged: {victim} has"), h.tail(log)
+    assert _said(text, f"step_{HUB_RUN_STEPS - 2} at step {HUB_RUN_STEPS - 2}"), h.tail(log)
+    assert (run.run_dir / "checkpoints" / f"damaged-step_{HUB_RUN_STEPS}").is_dir()
+    _no_prompt_lost(run.run_dir, HUB_RUN_STEPS + 1)
+    print(timing)
