@@ -45,6 +45,9 @@ from verifiers.base import TIMEOUT_MARK
 
 log = logging.getLogger(__name__)
 
+FROZEN_S = 5.0
+"""A housekeeping tick this late means the hub itself did not run (see `Hub.housekeeping`)."""
+
 
 def decode_texts(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
     """`tokenizer.decode(ids, skip_special_tokens=...)` for each sequence, in one call to the Rust
@@ -156,9 +159,21 @@ class Hub:
             flusher.cancel()
 
     async def housekeeping(self) -> None:
+        """Every second: expire leases and silent workers. After the hub itself did not run for a while (a
+        SIGSTOP, a starved CPU), nothing expires until workers had 3 heartbeats' time to be heard again: their
+        silence was the hub's."""
+        last = hold_until = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
-            expired, dead = self.state.expire(time.monotonic())
+            now = time.monotonic()
+            if (frozen := now - last - 1.0) > FROZEN_S:
+                hold_until = now + 3 * self.cfg.hub.heartbeat_interval_s + 1.0
+                log.warning("the hub did not run for %.0f s (stopped, or starved of CPU): no lease or worker expires "
+                            "for %.0f s, so that workers are heard again first", frozen, hold_until - now)  # fmt: skip
+            last = now
+            if now < hold_until:
+                continue
+            expired, dead = self.state.expire(now)
             if expired or dead:
                 log.info("re-queued %d tasks from expired leases; dropped %d silent workers", expired, dead)
 

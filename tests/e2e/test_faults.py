@@ -112,24 +112,33 @@ def _no_prompt_lost(run_dir: Path, steps: int) -> None:
     assert not set(trained) & set(final.pending)
 
 
+WORKER_RUN_STEPS = 30  # enough steps after the SIGCONT for the continued worker to have a submission accepted
+
+
 def test_worker_stopped_mid_lease(tiny_model_dir, tmp_path):
     """A worker SIGSTOPped while it holds leased tasks: the hub drops it (silent for 3 heartbeats) and leases its
     tasks again, the other worker keeps the run going; SIGCONTed, its late submission is refused cleanly, it
     registers again and carries on. Every step trained once, no prompt lost."""
     run_dir = tmp_path / "run"
-    config = h.train_config(run_dir, tiny_model_dir, trainer={"max_steps": 14}, rollout={"local_workers": 2},
-                            hub={"admin_token": ADMIN})  # fmt: skip
+    config = h.train_config(run_dir, tiny_model_dir, trainer={"max_steps": WORKER_RUN_STEPS},
+                            rollout={"local_workers": 2}, hub={"admin_token": ADMIN})  # fmt: skip
     log = tmp_path / "train.log"
     proc = h.start_train(config, log)
     train = psutil.Process(proc.pid)
-    h.wait_for(lambda: _steps(run_dir) >= 2 and _workers(log).get("local-1", {}).get("leased_tasks", 0) > 0,
-               "step 2 with worker local-1 holding a lease", proc, log)  # fmt: skip
+    h.wait_for(lambda: _steps(run_dir) >= 2 and "local-1" in _workers(log), "step 2 with worker local-1", proc, log)
     stopped = next(p for p in h.descendants(train.pid) if "local-1" in p.cmdline())
-    first_id, held = _workers(log)["local-1"]["worker_id"], _workers(log)["local-1"]["leased_tasks"]
-    steps_at_stop = _steps(run_dir)
-    stopped.suspend()
-    t0 = time.monotonic()
     try:
+        for _ in range(100):  # stop it at a moment it holds leased tasks (a stopped worker's leases stay as they are)
+            stopped.suspend()
+            t0 = time.monotonic()
+            first = _workers(log).get("local-1", {})
+            if first.get("leased_tasks", 0) > 0:
+                break
+            stopped.resume()
+            time.sleep(0.3)
+        first_id, held = first["worker_id"], first["leased_tasks"]
+        assert held > 0, "worker local-1 was never caught holding a lease"
+        steps_at_stop = _steps(run_dir)
         h.wait_for(lambda: "local-1" not in _workers(log), "the hub to drop the stopped worker", proc, log, timeout=60)
         detected = time.monotonic() - t0
         h.wait_for(lambda: _steps(run_dir) >= steps_at_stop + 2, "two steps without it", proc, log, timeout=120)
@@ -151,7 +160,7 @@ def test_worker_stopped_mid_lease(tiny_model_dir, tmp_path):
     text = worker_log.read_text()
     assert _said(text, "registering again") and _said(text, "rejected"), f"{timing}\n{text[-3000:]}"
     assert "Traceback" not in text and "Traceback" not in log.read_text(), timing
-    _no_prompt_lost(run_dir, 14)
+    _no_prompt_lost(run_dir, WORKER_RUN_STEPS)
     assert detected < 30, timing  # 3 heartbeats of 1 s, checked every second
     print(timing)
 
@@ -172,7 +181,9 @@ def hub_stopped_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     train = psutil.Process(proc.pid)
     h.wait_for(lambda: _steps(run_dir) >= 2 and _child(train, "hub") is not None, "step 2", proc, log)
     hub = _child(train, "hub")
+    hub_log = run_dir / "logs" / "hub.log"
     marks = {log: len(log.read_bytes()), worker_log: len(worker_log.read_bytes())}
+    hub_mark = len(hub_log.read_bytes())
     said: dict[Path, float] = {}
     hub.suspend()
     t0 = time.monotonic()
@@ -188,21 +199,28 @@ def hub_stopped_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     resumed = time.monotonic()
     h.wait_for(lambda: _steps(run_dir) > steps_stopped, "a step after the hub came back", proc, log, timeout=120)
     recovered = time.monotonic() - resumed
+    time.sleep(max(0.0, resumed + 6.0 - time.monotonic()))  # past the hub's grace (3 heartbeats + 1 s)
+    hub_after = hub_log.read_bytes()[hub_mark:].decode(errors="replace")
+    worker_after = worker_log.read_bytes()[marks[worker_log] :].decode(errors="replace")
     code = h.finish(proc, log, timeout=300)
     timing = (f"hub stopped {HUB_STOP_S:.0f} s: the trainer said so after {said.get(log, -1):.1f} s, the worker after "
               f"{said.get(worker_log, -1):.1f} s; the next step {recovered:.1f} s after SIGCONT")  # fmt: skip
     return SimpleNamespace(run_dir=run_dir, config=config, log=log, worker_log=worker_log, code=code, said=said,
-                           timing=timing, tmp=tmp)  # fmt: skip
+                           timing=timing, tmp=tmp, hub_after=hub_after, worker_after=worker_after)  # fmt: skip
 
 
 def test_hub_stopped_then_continued(hub_stopped_run):
     """The hub SIGSTOPped for 25 s: the trainer and the worker wait, say what they wait for and since when, and go
-    on when it is continued; every step trained once, no prompt lost."""
+    on when it is continued; the hub drops no worker for a silence that was its own; every step trained once, no
+    prompt lost."""
     run = hub_stopped_run
     assert run.code == 0, f"{run.timing}\n{h.tail(run.log)}"
     assert run.log in run.said and run.worker_log in run.said, f"a wait went unreported: {run.timing}"
     assert _said(run.log.read_text(), "to answer POST /v1/batches"), run.timing
     assert "Traceback" not in run.log.read_text(), run.timing
+    # The hub knows its workers' silence was its own: it expires no worker or lease for them.
+    assert _said(run.hub_after, "the hub did not run for"), run.hub_after[-3000:]
+    assert "silent workers" not in run.hub_after and "registering again" not in run.worker_after, run.hub_after[-3000:]
     _no_prompt_lost(run.run_dir, HUB_RUN_STEPS)
     print(run.timing)
 
