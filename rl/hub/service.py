@@ -37,6 +37,7 @@ from rl.wire.protocol import (
     ProvenanceReport,
     RegisterRequest,
     RegisterResponse,
+    Stall,
     SubmitRequest,
     SubmitResponse,
 )
@@ -79,6 +80,8 @@ class Hub:
         self.shutdown_requested = asyncio.Event()
         self.trust = Trust(cfg.trust, state)
         self._scoring_tasks: set[asyncio.Task] = set()
+        self.stalls: dict[str, tuple[Stall, float]] = {}
+        """Current stalls by component, with when they were reported (`record_stall`)."""
         state.on_work, state.on_scored = self.poke, self.changed.set
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
@@ -322,8 +325,22 @@ class Hub:
 
     def status(self, who: str | None, offset: int, limit: int) -> HubStatus:
         """The hub at a glance, as the caller may see it (a worker token: its own workers only)."""
-        status = self.state.status(time.monotonic(), self.pool.metrics(), offset, limit)
-        return self.trust.annotate(status, who).model_copy(update={"weights_served": self.files.served()})
+        now = time.monotonic()
+        status = self.state.status(now, self.pool.metrics(), offset, limit)
+        update: dict = {"weights_served": self.files.served()}
+        if who is None:  # stalls name paths and causes: the admin's
+            update["stalls"] = [st.model_copy(update={"since_s": st.since_s + now - at})
+                                for st, at in self.stalls.values()]  # fmt: skip
+        return self.trust.annotate(status, who).model_copy(update=update)
+
+    def record_stall(self, stall: Stall) -> Ack:
+        """A component reports that it stopped making progress (or, `active` False, that it goes on again)."""
+        if stall.active:
+            self.stalls[stall.component] = (stall, time.monotonic())
+            log.warning("%s reports a stall (%.0f s): %s", stall.component, stall.since_s, stall.what)
+        elif self.stalls.pop(stall.component, None) is not None:
+            log.info("%s goes on again", stall.component)
+        return Ack()
 
     # ------------------------------------------------------------------ trust
 

@@ -32,7 +32,7 @@ from rl.config import WatchdogConfig
 from rl.rundir import RunDir
 from rl.trainer.checkpoint import latest_checkpoint
 from rl.wire.admin import HubAdmin
-from rl.wire.protocol import HubStatus
+from rl.wire.protocol import HubStatus, Stall
 from rl.wire.waits import process_state
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ class StepWatchdog:
         self._durations: deque[float] = deque(maxlen=101)
         self._first = True
         self._stalled = False
+        self._cleared = False
         self._main = threading.main_thread().ident
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rl-step-watchdog", daemon=True)
@@ -195,6 +196,7 @@ class StepWatchdog:
         if self._stalled:
             log.warning("step watchdog: step %d completed %.0f s after step %d; the run goes on", step,
                         now - self._last, self.step)  # fmt: skip
+            self._cleared = True  # the watchdog's thread tells the hub (no hub call on the training thread)
         self._first, self._stalled, self._last, self.step = False, False, now, step
 
     def limit(self) -> float:
@@ -211,6 +213,9 @@ class StepWatchdog:
     def _run(self) -> None:
         tick = min(1.0, self.cfg.min_stall_s / 10)
         while not self._done.wait(tick):
+            if self._cleared:
+                self._cleared = False
+                self._tell_hub(Stall(component="trainer", active=False))
             elapsed, limit = time.monotonic() - self._last, self.limit()
             if elapsed > limit and not self._stalled:
                 self._stalled = True
@@ -264,6 +269,17 @@ class StepWatchdog:
         if out.is_dir():
             (out / "report.txt").write_text(text + "\n")
         log.error("%s", text)
+        self._tell_hub(Stall(component="trainer", what=f"waiting for {what}; likely cause: {cause}"[:4000],
+                             since_s=elapsed, report=str(out)[:1000]))  # fmt: skip
+
+    def _tell_hub(self, stall: Stall) -> None:
+        """For `rl status` (best effort: a hub that does not answer is likely the stall itself)."""
+        if self.hub is None:
+            return
+        try:
+            self.hub.report_stall(stall)
+        except Exception as e:
+            log.debug("step watchdog: could not tell the hub about the stall: %s", e)
 
     def _resume(self) -> str:
         ckpt = latest_checkpoint(self.paths.root)

@@ -29,6 +29,7 @@ from rl.wire.protocol import (
     PublishRequest,
     QuarantineRequest,
     RevokeTokenRequest,
+    Stall,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class HubAdmin(HubHTTP):
     def status(self, limit: int = 100) -> HubStatus:
         """The hub's status, listing at most `limit` workers (`worker_summary` counts all of them)."""
         return self.call("GET", f"/v1/status?limit={limit}", HubStatus)
+
+    def report_stall(self, stall: Stall) -> None:
+        """A stall of the trainer (or its end) for `rl status` (the step watchdog's, rl/trainer/watchdog.py)."""
+        self.call("POST", "/v1/stalls", Ack, json=stall, max_retry_s=5.0)
 
     def report_provenance(self, report: ProvenanceReport) -> None:
         """The trainer's per-worker provenance verdicts of one step (the hub may quarantine)."""
