@@ -13,9 +13,11 @@ the hub is asked to shut down. docs/operations.md: stopping, resuming, when the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +66,22 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+LOW_DISK_BYTES = 16 << 20
+"""Free space under which the run directory's disk counts as full (no hub restart, a clear failure)."""
+
+
+def disk_full(run_dir: Path) -> str | None:
+    """What to say when the run directory's file system is (nearly) full, else None."""
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return None
+    if free >= LOW_DISK_BYTES:
+        return None
+    return (f"no space left on the device of {run_dir} ({free / 2**20:.1f} MiB free): free space, then continue "
+            f"with: rl train {RunDir(run_dir).config} --resume (the latest checkpoint stays valid)")  # fmt: skip
 
 
 class Watchdog:
@@ -132,6 +150,10 @@ class Watchdog:
         """The hub exited: restart it if allowed (True), else fail the run (False)."""
         hub, limit = self.launch.hub, self.launch.cfg.hub.max_restarts
         if self._done.is_set():  # the run is shutting down: the hub is meant to go
+            return False
+        if (full := disk_full(self.launch.run_dir)) is not None:  # a restart could not write its ledger either
+            self.hub_failure = f"{hub.exit_message()}\n({full})"
+            self._alert(f"the hub exited: {full}")
             return False
         if not self.launch.hub_ready or self.hub_restarts >= limit:
             why = "before it answered" if not self.launch.hub_ready else f"after {self.hub_restarts} restarts"
@@ -368,6 +390,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         log.warning("stopped at once; the latest checkpoint under %s stays valid", RunDir(run_dir).checkpoints)
         return EXIT_INTERRUPTED
     except Exception as e:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            log.error("%s (writing %s)", disk_full(run_dir) or f"no space left on the device of {run_dir}",
+                      e.filename or "a file of the run")  # fmt: skip
+            return 1
         log.exception("training failed: %s: %s (logs of the hub and workers: %s)", type(e).__name__, e,
                       RunDir(run_dir).logs)  # fmt: skip
         return 1

@@ -12,6 +12,9 @@ is stuck", has the table).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +25,7 @@ import psutil
 import pytest
 
 from rl.hub.ledger import LedgerStore
+from rl.trainer.checkpoint import checkpoint_step, damage, latest_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -251,3 +255,57 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(hub_stopped_run):
     assert (run.run_dir / "checkpoints" / f"damaged-step_{HUB_RUN_STEPS}").is_dir()
     _no_prompt_lost(run.run_dir, HUB_RUN_STEPS + 1)
     print(timing)
+
+
+def _fill(directory: Path) -> Path:
+    """Write zeros under `directory` until its file system is full; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_fails_clearly_and_resumes_once_space_is_back(tiny_model_dir, tmp_path):
+    """The run directory's disk fills mid-run: the run stops with a message naming the full device and what to do;
+    the checkpoint before stays intact and `--resume` continues once space is back."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): disk-full test skipped")
+    proc = None
+    try:
+        run_dir = disk / "run"
+        config = h.train_config(run_dir, tiny_model_dir, trainer={"max_steps": 400},
+                                checkpoint={"every": 2, "keep": 2})  # fmt: skip
+        log = tmp_path / "train.log"
+        proc = h.start_train(config, log)
+        h.wait_for(lambda: (run_dir / "checkpoints" / "step_2").is_dir(), "the checkpoint of step 2", proc, log)
+        filler = _fill(disk)
+        t0 = time.monotonic()
+        code = h.finish(proc, log, timeout=300)
+        ended = time.monotonic() - t0
+        text = log.read_text()
+        timing = f"the run ended {ended:.1f} s after the disk filled (exit {code})"
+        assert code == 1, f"{timing}\n{h.tail(log)}"
+        assert _said(text, f"no space left on the device of {run_dir}") and _said(text, "--resume"), h.tail(log)
+        latest = latest_checkpoint(run_dir)
+        assert latest is not None and damage(latest) is None, f"the checkpoint before is not intact: {latest}"
+        filler.unlink()  # space is back
+        resumed_log = tmp_path / "resume.log"
+        step = checkpoint_step(latest)
+        start = time.monotonic()
+        assert h.run_train(config, resumed_log, "--resume", f"trainer.max_steps={step + 2}") == 0, h.tail(resumed_log)
+        timing += f"; resumed from step {step} once space was back, 2 more steps in {time.monotonic() - start:.0f} s"
+        assert _said(resumed_log.read_text(), f"resumed from {latest}"), h.tail(resumed_log)
+        _no_prompt_lost(run_dir, step + 2)
+        print(timing)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
