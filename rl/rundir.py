@@ -6,7 +6,7 @@ runs/<run_name>/
   worker_cache/      local workers' verified copies of policy versions
   checkpoints/       step_<N>/ (rl/trainer/checkpoint.py)
   final/             the trained policy as a plain HF directory
-  logs/              hub.log, worker-<i>.log
+  logs/              hub.log, worker-<i>.log, stall-<time>/ (stacks of a stalled step)
   hub.sqlite         the hub's ledger (survives a hub crash)
   metrics.jsonl      one record per step (the same names as in W&B)
   batches.jsonl      which prompts each step trained on
@@ -57,6 +57,10 @@ class RunDir:
     @property
     def hub_log(self) -> Path:
         return self.logs / "hub.log"
+
+    def stall(self, stamp: str) -> Path:
+        """Where the step watchdog writes every process's stacks when a step stalls (`stamp`: UTC time)."""
+        return self.logs / f"stall-{stamp}"
 
     def worker_log(self, index: int) -> Path:
         """The log of `rl train`'s local rollout worker `index`."""

@@ -115,7 +115,7 @@ class HubClient(HubHTTP):
 
         def call(wid: str) -> Lease:
             request = LeaseRequest(worker_id=wid, policy_version=policy_version, max_tasks=max_tasks, wait_s=wait_s)
-            return self.call("POST", "/v1/leases", Lease, json=request)
+            return self.call("POST", "/v1/leases", Lease, json=request, long_poll_s=wait_s)
 
         return self._as_worker(call)
 

@@ -8,6 +8,7 @@ exit, never a traceback.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
@@ -62,6 +63,9 @@ def _setup_logging(level: str = "INFO") -> None:
     )
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from rl.trainer.watchdog import STACK_SIGNAL
+
+    faulthandler.register(STACK_SIGNAL, all_threads=True)  # stacks to the log, for the step watchdog's reports
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:

@@ -82,6 +82,9 @@ def render(status: HubStatus) -> Group:
     if status.scoring_failures:  # the verifier is failing: say so, with the last error
         rows["scoring failures / dropped"] = f"{status.scoring_failures} / {status.scoring_dropped}"
         rows["last scoring error"] = status.last_scoring_error
+    for stall in status.stalls:  # the trainer's step watchdog found no progress (docs/operations.md)
+        where = f"; stacks in {stall.report}" if stall.report else ""
+        rows[f"STALLED: {stall.component}"] = f"for {stall.since_s:.0f} s, {stall.what}{where}"
     for k, v in rows.items():
         run.add_row(k, str(v))
     return Group(run, operators, workers)

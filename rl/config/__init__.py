@@ -40,6 +40,7 @@ from rl.config.sections import (
     TrainerConfig,
     TrustConfig,
     WandbConfig,
+    WatchdogConfig,
     WeightsConfig,
     WeightsFormat,
 )
@@ -72,6 +73,7 @@ __all__ = [  # the sections are part of this module's interface
     "TrainerConfig",
     "TrustConfig",
     "WandbConfig",
+    "WatchdogConfig",
     "WeightsConfig",
     "WeightsFormat",
     "dump_config",
@@ -117,6 +119,8 @@ class RunConfig(Section):
     """Held-out evaluation."""
     trust: TrustConfig = Field(default_factory=TrustConfig)
     """Untrusted workers: provenance checks and quarantine."""
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    """Stalled steps: stack dumps, then the end of the run."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
 

@@ -378,6 +378,22 @@ class CheckpointConfig(Section):
     """Checkpoints kept on disk."""
 
 
+class WatchdogConfig(Section):
+    """The trainer's step watchdog (rl/trainer/watchdog.py; docs/operations.md, "When a run is stuck")."""
+
+    stall_factor: float = Field(10.0, ge=1.0)
+    """A step that takes longer than this many times the median step so far is a stall: every process's Python
+    stacks go to `logs/stall-<time>/` and the log says what the trainer waits for."""
+    min_stall_s: float = Field(600.0, ge=1.0)
+    """No stall is reported before this many seconds without a step (start-up, first steps, evaluations)."""
+    abort_after_s: float = Field(1800.0, ge=0.0)
+    """A stall that lasts this many seconds more ends the run (exit 3, naming the stuck part; `--resume` continues
+    from the latest checkpoint). 0: report stalls, never end the run."""
+    exit_grace_s: float = Field(60.0, ge=1.0)
+    """When the run is ended: seconds the trainer gets to stop between steps (and checkpoint) before it exits at
+    once."""
+
+
 class WandbConfig(Section):
     mode: Literal["online", "offline", "disabled"] = "offline"
     """W&B mode; offline needs no network (sync later with `wandb sync`)."""

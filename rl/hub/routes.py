@@ -42,6 +42,7 @@ from rl.wire.protocol import (
     RegisterRequest,
     RegisterResponse,
     RevokeTokenRequest,
+    Stall,
     SubmitRequest,
     SubmitResponse,
 )
@@ -196,6 +197,10 @@ def create_app(hub: Hub) -> Guard:
     @app.post("/v1/provenance", response_model=Ack, dependencies=[Depends(admin)])
     async def provenance(req: ProvenanceReport):
         return hub.record_provenance(req)
+
+    @app.post("/v1/stalls", response_model=Ack, dependencies=[Depends(admin)])
+    async def stall(req: Stall):
+        return hub.record_stall(req)
 
     @app.post("/v1/admin/workers/{worker_id}/quarantine", response_model=Ack, dependencies=[Depends(admin)])
     async def quarantine(worker_id: str, req: QuarantineRequest):

@@ -37,6 +37,7 @@ from rl.wire.protocol import (
     ProvenanceReport,
     RegisterRequest,
     RegisterResponse,
+    Stall,
     SubmitRequest,
     SubmitResponse,
 )
@@ -44,6 +45,9 @@ from rl.wire.tokens import Tokens
 from verifiers.base import TIMEOUT_MARK
 
 log = logging.getLogger(__name__)
+
+FROZEN_S = 5.0
+"""A housekeeping tick this late means the hub itself did not run (see `Hub.housekeeping`)."""
 
 
 def decode_texts(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
@@ -76,6 +80,8 @@ class Hub:
         self.shutdown_requested = asyncio.Event()
         self.trust = Trust(cfg.trust, state)
         self._scoring_tasks: set[asyncio.Task] = set()
+        self.stalls: dict[str, tuple[Stall, float]] = {}
+        """Current stalls by component, with when they were reported (`record_stall`)."""
         state.on_work, state.on_scored = self.poke, self.changed.set
         if store is not None:  # a restarted hub: quarantines hold, evidence keeps counting
             self.trust.restore(store.operators)
@@ -158,9 +164,21 @@ class Hub:
             flusher.cancel()
 
     async def housekeeping(self) -> None:
+        """Every second: expire leases and silent workers. After the hub itself did not run for a while (a
+        SIGSTOP, a starved CPU), nothing expires until workers had 3 heartbeats' time to be heard again: their
+        silence was the hub's."""
+        last = hold_until = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
-            expired, dead = self.state.expire(time.monotonic())
+            now = time.monotonic()
+            if (frozen := now - last - 1.0) > FROZEN_S:
+                hold_until = now + 3 * self.cfg.hub.heartbeat_interval_s + 1.0
+                log.warning("the hub did not run for %.0f s (stopped, or starved of CPU): no lease or worker expires "
+                            "for %.0f s, so that workers are heard again first", frozen, hold_until - now)  # fmt: skip
+            last = now
+            if now < hold_until:
+                continue
+            expired, dead = self.state.expire(now)
             if expired or dead:
                 log.info("re-queued %d tasks from expired leases; dropped %d silent workers", expired, dead)
 
@@ -309,8 +327,22 @@ class Hub:
 
     def status(self, who: str | None, offset: int, limit: int) -> HubStatus:
         """The hub at a glance, as the caller may see it (a worker token: its own workers only)."""
-        status = self.state.status(time.monotonic(), self.pool.metrics(), offset, limit)
-        return self.trust.annotate(status, who).model_copy(update={"weights_served": self.files.served()})
+        now = time.monotonic()
+        status = self.state.status(now, self.pool.metrics(), offset, limit)
+        update: dict = {"weights_served": self.files.served()}
+        if who is None:  # stalls name paths and causes: the admin's
+            update["stalls"] = [st.model_copy(update={"since_s": st.since_s + now - at})
+                                for st, at in self.stalls.values()]  # fmt: skip
+        return self.trust.annotate(status, who).model_copy(update=update)
+
+    def record_stall(self, stall: Stall) -> Ack:
+        """A component reports that it stopped making progress (or, `active` False, that it goes on again)."""
+        if stall.active:
+            self.stalls[stall.component] = (stall, time.monotonic())
+            log.warning("%s reports a stall (%.0f s): %s", stall.component, stall.since_s, stall.what)
+        elif self.stalls.pop(stall.component, None) is not None:
+            log.info("%s goes on again", stall.component)
+        return Ack()
 
     # ------------------------------------------------------------------ trust
 

@@ -48,6 +48,7 @@ from rl.trainer.provenance import (
 from rl.trainer.publisher import Publisher
 from rl.trainer.strategy import _GATHER_BUDGET  # bytes gathered at once into a background publication
 from rl.trainer.tracking import Progress
+from rl.trainer.watchdog import hub_view
 from rl.weights.files import TensorSpec
 from rl.weights.lora import adapter_metadata
 from rl.weights.store import PolicyWriter, version_dir, write_base, write_lora_version
@@ -111,6 +112,7 @@ class Trainer:
         self.final_eval: dict[str, float] = {}
         self.stop = stop or StopRequest()
         self.tracker = None
+        self.on_step: Callable[[int], None] = lambda step: None  # the step watchdog's (rl/trainer/watchdog.py)
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
@@ -203,8 +205,8 @@ class Trainer:
             self.strategy.broadcast_object(_WAIT)
             waited += 1
             if waited % 6 == 0 and (st := self._hub_status()) is not None:
-                log.info("step %d: waiting for rollouts (%d buffered, %d leased, %d workers)",
-                         self.step, st.buffered, st.leased, st.worker_summary.total)  # fmt: skip
+                log.info("step %d: waiting for rollouts for %.0f s (%s)", self.step, time.perf_counter() - start,
+                         hub_view(st))  # fmt: skip
         info = {"wait_s": time.perf_counter() - start, "stale_dropped": stale, "zero_variance_skipped": skipped}
         return self.strategy.broadcast_object((batch.groups, info))
 
@@ -490,6 +492,7 @@ class Trainer:
                 log.info("%s", progress.line(self.step, metrics))
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.checkpoint()
+            self.on_step(self.step)
         if self.last_checkpoint != self.step:
             self.checkpoint()
         if self.stop.reason is not None:

@@ -395,6 +395,22 @@ class WorkersSummary(Wire):
     """Mean over workers that updated of their last policy load's seconds."""
 
 
+class Stall(Wire):
+    """A part of the run that stopped making progress, as `rl status` lists it (docs/operations.md, "When a run is
+    stuck"). Sent by the trainer's step watchdog (`POST /v1/stalls`, admin)."""
+
+    component: str = Field(max_length=64)
+    """Who is stuck, e.g. "trainer"."""
+    what: str = Field("", max_length=4000)
+    """What it waits for, and the likely cause."""
+    since_s: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    """Seconds without progress: when sent; in `/v1/status`, until the answer."""
+    report: str | None = Field(None, max_length=1000)
+    """Where every process's stacks went (a directory on the trainer's machine)."""
+    active: bool = True
+    """False: the stall ended (a step completed) and the hub forgets it."""
+
+
 class HubStatus(Wire):
     policy_version: int
     workers: list[WorkerStatus]
@@ -431,6 +447,8 @@ class HubStatus(Wire):
     """The last scoring failure, e.g. "task 12 (attempt 2/3): RuntimeError: ..."."""
     weights_served: WeightsServed = Field(default_factory=WeightsServed)
     """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
+    stalls: list[Stall] = Field(default_factory=list)
+    """Current stalls (admin view only)."""
 
 
 # --------------------------------------------------------------------------- trust (admin)
