@@ -1,4 +1,5 @@
-"""Benchmark one trainer step (forward + backward + AdamW), this checkout against an earlier commit.
+"""Benchmark one trainer step (forward + backward + AdamW), this checkout against an earlier commit,
+or (`--paths`) this checkout's two provenance paths against each other.
 
 The batch is shaped like the quickstart's: `--prompts` GRPO groups of `--n`
 completions, prompts of `--prompt-tokens` tokens, completion lengths drawn
@@ -11,7 +12,16 @@ tree. The sides alternate `--repeats` times; each process times `--steps`
 steps after a warm-up step and reports its peak RSS. The first step's loss of
 both sides is printed: the same weights and batch must give the same loss.
 
-    taskset -c 0,1 .venv/bin/python scripts/bench_trainer.py [--before main] [--model smollm2-135m-instruct]
+`--paths`: the whole trainer step as `rl train` runs it (`Trainer.check_and_train`: provenance
+checks, advantages, loss, backward, AdamW) with the quickstart's config, once with
+`trust.shared_forward false` (a no-grad forward for the checks, then the training forward) and once
+with it on (the checks' statistics from the training forward), alternating in fresh processes; every
+group is of the version the trainer holds, with seeds (the draw check runs), and the thresholds are
+opened so no sequence is masked (the cost is the same; an honest batch). Each step is broken down
+into the checks' own forward, the training forward (with the statistics, when shared), backward and
+optimizer step.
+
+    taskset -c 0,1 .venv/bin/python scripts/bench_trainer.py [--before main | --paths] [--model smollm2-135m-instruct]
         [--dtype float32] [--prompts 4] [--n 8] [--prompt-tokens 150] [--max-tokens 48] [--micro-batch 16]
         [--steps 2] [--repeats 3] [--threads 2] [--write-docs]
 """
@@ -51,6 +61,90 @@ def make_batch(args: argparse.Namespace, vocab: int):
     plen = torch.tensor([len(p) for p, _ in rows])
     completion = ((torch.arange(width)[None] >= plen[:, None]) & mask.bool()).float()
     return ids, mask, plen, completion
+
+
+def make_groups(args: argparse.Namespace, vocab: int, version: int) -> list:
+    """The batch of `make_batch` as scored groups of policy `version`, with seeds and logprobs."""
+    import torch
+
+    from rl.wire.protocol import ScoredCompletion, ScoredGroup
+
+    ids, mask, plen, _ = make_batch(args, vocab)
+    groups = []
+    for t in range(args.prompts):
+        comps, p = [], int(plen[t * args.n])
+        for j in range(t * args.n, (t + 1) * args.n):
+            tokens = ids[j, p : int(mask[j].sum())].tolist()
+            comps.append(ScoredCompletion(token_ids=tokens, logprobs=[-5.0] * len(tokens), finish_reason="stop",
+                                          reward=float(j % 3 == 0), components={}))  # fmt: skip
+        groups.append(ScoredGroup(task_id=t, row_index=t, prompt_token_ids=ids[t * args.n, :p].tolist(),
+                                  policy_version=version, worker_id="w", worker_name="bench", completions=comps,
+                                  seeds=[1000 * t + j for j in range(args.n)]))  # fmt: skip
+    del torch
+    return groups
+
+
+def paths_child(args: argparse.Namespace) -> None:
+    """One provenance path (`--shared 0|1`) in its own process: the trainer's whole step, timed by phase."""
+    import resource
+    import tempfile
+    from collections import defaultdict
+
+    import torch
+
+    import rl
+    from rl.config import load_config
+    from rl.trainer.batch import build_batch
+    from rl.trainer.loop import Trainer
+
+    torch.set_num_threads(args.threads)
+    overrides = [f"model.name={args.model}", f"model.dtype={args.dtype}", f"sampling.n={args.n}",
+                 f"trainer.prompts_per_step={args.prompts}", f"trainer.micro_batch_size={args.micro_batch}",
+                 f"sampling.max_tokens={args.max_tokens}", f"trainer.threads={args.threads}",
+                 "logging.wandb.mode=disabled", f"trust.shared_forward={bool(args.shared)}",
+                 # an honest batch: nothing masked (random tokens would fail the checks; the checks cost the same)
+                 "trust.typicality_z=1e9", "trust.max_mean_logprob_diff=1e9", "trust.max_token_logprob_diff=1e9",
+                 "trust.draw_tolerance=1.0", "trust.max_outside_fraction=1.0",
+                 "trust.mask_special_tokens=false"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(load_config("quickstart", [*overrides, f"run_dir={tmp}"]), hub=None)
+        strategy = trainer.strategy
+        phases: dict[str, float] = defaultdict(float)
+
+        def timed(name: str, fn):
+            def run(*a, **kw):
+                start = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    key = name if name != "forward" or torch.is_grad_enabled() else "checks_forward"
+                    phases[key] += time.perf_counter() - start
+
+            return run
+
+        strategy.token_logprobs = timed("forward", strategy.token_logprobs)
+        strategy.backward = timed("backward", strategy.backward)
+        strategy.step = timed("optimizer", strategy.step)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        times, cpu, breakdown, first_loss, masked = [], [], [], None, 0.0
+        for _ in range(args.steps + 1):
+            groups = make_groups(args, strategy.module.config.vocab_size, trainer.step)
+            batch = build_batch(groups, trainer.pad_id)
+            phases.clear()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            _, metrics = trainer.check_and_train(batch, groups)
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+            breakdown.append(dict(phases))
+            trainer.step += 1
+            first_loss = metrics["loss/policy"] if first_loss is None else first_loss
+            masked += metrics.get("trust/masked_sequences", 0.0)
+        print(json.dumps({
+            "times": times[1:], "cpu": cpu[1:], "breakdown": breakdown[1:], "first_loss": first_loss,
+            "masked": masked, "zero_stage": strategy.zero_stage, "rss_after_init_mb": rss_before,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "completion_tokens": int(batch.completion_mask.sum()), "code": str(Path(rl.__file__).parents[1]),
+        }))  # fmt: skip
 
 
 def child(args: argparse.Namespace) -> None:
@@ -123,6 +217,7 @@ def run_side(code: Path, argv: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", default="main", help="git ref of the 'before' code")
+    ap.add_argument("--paths", action="store_true", help="compare this tree's two provenance paths instead")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompts", type=int, default=4)
@@ -135,9 +230,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--shared", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args)
+        paths_child(args) if args.paths else child(args)
+        return
+    if args.paths:
+        compare_paths(args)
         return
     argv = [a for a in sys.argv[1:] if a != "--write-docs"]
     if "--threads" not in argv:
@@ -196,6 +295,71 @@ def main() -> None:
         from bench_docs import replace_section
 
         replace_section("Trainer step", "scripts/bench_trainer.py", body)
+
+
+def compare_paths(args: argparse.Namespace) -> None:
+    """`--paths`: two forwards vs the shared forward, interleaved fresh processes of this tree."""
+    argv = [a for a in sys.argv[1:] if a != "--write-docs"]
+    if "--threads" not in argv:
+        argv += ["--threads", str(args.threads)]
+    load_before = os.getloadavg()[0]
+    sides = {"two forwards": ["--shared", "0"], "shared forward": ["--shared", "1"]}
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for i in range(args.repeats):
+        for side, extra in sides.items() if i % 2 == 0 else reversed(sides.items()):
+            out = run_side(ROOT, [*argv, *extra])
+            runs[side].append(out)
+            print(
+                f"repeat {i + 1} {side:14}: steps {', '.join(f'{t:.2f}' for t in out['times'])} s, "
+                f"{out['breakdown']}, masked {out['masked']:.0f}, first loss {out['first_loss']:.6f}",
+                flush=True,
+            )
+
+    def med(side: str, key: str) -> tuple[float, float, float]:
+        values = [t for r in runs[side] for t in r[key]]
+        return statistics.median(values), min(values), max(values)
+
+    def phase(side: str, name: str) -> float:
+        return statistics.median([b.get(name, 0.0) for r in runs[side] for b in r["breakdown"]])
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    tokens = runs["shared forward"][0]["completion_tokens"]
+    lines = [
+        f"Model `{args.model}` ({args.dtype}), the quickstart's trainer config; {args.prompts} groups x {args.n} "
+        f"completions, prompts of {args.prompt_tokens} tokens, completions 1-{args.max_tokens} tokens ({tokens} "
+        f"completion tokens), micro-batch {args.micro_batch}, {args.threads} threads on CPUs "
+        f"{sorted(os.sched_getaffinity(0))}; code `{head}`. {args.repeats} repeats of a fresh process per path "
+        f"(order alternating) x {args.steps} steps after a warm-up; median [min-max] over all steps.",
+        "",
+        "| path | step (s) | step CPU time (s) | checks' forward | training forward | backward | optimizer |"
+        " peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for side in sides:
+        (m, lo, hi), (c, clo, chi) = med(side, "times"), med(side, "cpu")
+        peak = statistics.median(r["peak_rss_mb"] for r in runs[side])
+        lines.append(f"| {side} | {m:.2f} [{lo:.2f}-{hi:.2f}] | {c:.2f} [{clo:.2f}-{chi:.2f}] | "
+                     f"{phase(side, 'checks_forward'):.2f} | {phase(side, 'forward'):.2f} | "
+                     f"{phase(side, 'backward'):.2f} | {phase(side, 'optimizer'):.2f} | {peak:.0f} |")  # fmt: skip
+    two, one = med("two forwards", "times")[0], med("shared forward", "times")[0]
+    cpu_ratio = med("shared forward", "cpu")[0] / med("two forwards", "cpu")[0]
+    per_repeat = [statistics.median(a["times"]) / statistics.median(b["times"])
+                  for a, b in zip(runs["shared forward"], runs["two forwards"], strict=True)]  # fmt: skip
+    lines += [
+        "",
+        f"Shared / two forwards: {one / two:.2f}x the step time ({(one / two - 1) * 100:+.0f}%; per repeat "
+        f"{', '.join(f'{r:.2f}x' for r in per_repeat)}); CPU time {cpu_ratio:.2f}x. "
+        f"Sequences masked: {sum(r['masked'] for rs in runs.values() for r in rs):.0f} (an honest batch). "
+        f"1-minute load average ({os.cpu_count()} CPUs): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
+    ]  # fmt: skip
+    body = "\n".join(lines)
+    print("\n" + body)
+    if args.write_docs:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from bench_docs import replace_section
+
+        replace_section("Trainer step: provenance from the training forward", "scripts/bench_trainer.py --paths", body)
 
 
 if __name__ == "__main__":
