@@ -13,9 +13,10 @@ steps after a warm-up step and reports its peak RSS. The first step's loss of
 both sides is printed: the same weights and batch must give the same loss.
 
 `--paths`: the whole trainer step as `rl train` runs it (`Trainer.check_and_train`: provenance
-checks, advantages, loss, backward, AdamW) with the quickstart's config, once with
-`trust.shared_forward false` (a no-grad forward for the checks, then the training forward) and once
-with it on (the checks' statistics from the training forward), alternating in fresh processes; every
+checks, advantages, loss, backward, AdamW) with the quickstart's config, with
+`trust.shared_forward false` (a no-grad forward for the checks, then the training forward) and
+with it on (the checks' statistics from the training forward), alternating step by step in one
+process (the cost does not depend on the weights, which move at lr 3e-5); every
 group is of the version the trainer holds, with seeds (the draw check runs), and the thresholds are
 opened so no sequence is masked (the cost is the same; an honest batch). Each step is broken down
 into the checks' own forward, the training forward (with the statistics, when shared), backward and
@@ -85,7 +86,8 @@ def make_groups(args: argparse.Namespace, vocab: int, version: int) -> list:
 
 
 def paths_child(args: argparse.Namespace) -> None:
-    """One provenance path (`--shared 0|1`) in its own process: the trainer's whole step, timed by phase."""
+    """Both provenance paths in one process and one trainer, alternating step by step (ABBA order): the
+    trainer's whole step, timed by phase."""
     import resource
     import tempfile
     from collections import defaultdict
@@ -101,7 +103,7 @@ def paths_child(args: argparse.Namespace) -> None:
     overrides = [f"model.name={args.model}", f"model.dtype={args.dtype}", f"sampling.n={args.n}",
                  f"trainer.prompts_per_step={args.prompts}", f"trainer.micro_batch_size={args.micro_batch}",
                  f"sampling.max_tokens={args.max_tokens}", f"trainer.threads={args.threads}",
-                 "logging.wandb.mode=disabled", f"trust.shared_forward={bool(args.shared)}",
+                 "logging.wandb.mode=disabled",
                  # an honest batch: nothing masked (random tokens would fail the checks; the checks cost the same)
                  "trust.typicality_z=1e9", "trust.max_mean_logprob_diff=1e9", "trust.max_token_logprob_diff=1e9",
                  "trust.draw_tolerance=1.0", "trust.max_outside_fraction=1.0",
@@ -125,23 +127,27 @@ def paths_child(args: argparse.Namespace) -> None:
         strategy.token_logprobs = timed("forward", strategy.token_logprobs)
         strategy.backward = timed("backward", strategy.backward)
         strategy.step = timed("optimizer", strategy.step)
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        times, cpu, breakdown, first_loss, masked = [], [], [], None, 0.0
-        for _ in range(args.steps + 1):
+        runs = {side: {"times": [], "cpu": [], "breakdown": [], "masked": 0.0} for side in PATHS}
+        sides = list(PATHS)
+        order = sides + [side for i in range(args.repeats) for side in (sides if i % 2 else sides[::-1])]
+        for i, side in enumerate(order):  # the first step of each path warms up
+            trainer.cfg.trust.shared_forward = PATHS[side]
             groups = make_groups(args, strategy.module.config.vocab_size, trainer.step)
             batch = build_batch(groups, trainer.pad_id)
             phases.clear()
             start, start_cpu = time.perf_counter(), time.process_time()
             _, metrics = trainer.check_and_train(batch, groups)
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-            breakdown.append(dict(phases))
+            wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
             trainer.step += 1
-            first_loss = metrics["loss/policy"] if first_loss is None else first_loss
-            masked += metrics.get("trust/masked_sequences", 0.0)
+            print(f"step {i} {side}: {wall:.2f} s {dict(phases)}", file=sys.stderr, flush=True)
+            if i >= len(PATHS):
+                run = runs[side]
+                run["times"].append(wall)
+                run["cpu"].append(cpu)
+                run["breakdown"].append(dict(phases))
+                run["masked"] += metrics.get("trust/masked_sequences", 0.0)
         print(json.dumps({
-            "times": times[1:], "cpu": cpu[1:], "breakdown": breakdown[1:], "first_loss": first_loss,
-            "masked": masked, "zero_stage": strategy.zero_stage, "rss_after_init_mb": rss_before,
+            "runs": runs, "zero_stage": strategy.zero_stage,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "completion_tokens": int(batch.completion_mask.sum()), "code": str(Path(rl.__file__).parents[1]),
         }))  # fmt: skip
@@ -297,60 +303,56 @@ def main() -> None:
         replace_section("Trainer step", "scripts/bench_trainer.py", body)
 
 
+PATHS = {"two forwards": False, "shared forward": True}
+"""`--paths`: each side's `trust.shared_forward`."""
+
+
 def compare_paths(args: argparse.Namespace) -> None:
-    """`--paths`: two forwards vs the shared forward, interleaved fresh processes of this tree."""
+    """`--paths`: two forwards vs the shared forward, alternating steps of one trainer of this tree."""
     argv = [a for a in sys.argv[1:] if a != "--write-docs"]
     if "--threads" not in argv:
         argv += ["--threads", str(args.threads)]
     load_before = os.getloadavg()[0]
-    sides = {"two forwards": ["--shared", "0"], "shared forward": ["--shared", "1"]}
-    runs: dict[str, list[dict]] = {side: [] for side in sides}
-    for i in range(args.repeats):
-        for side, extra in sides.items() if i % 2 == 0 else reversed(sides.items()):
-            out = run_side(ROOT, [*argv, *extra])
-            runs[side].append(out)
-            print(
-                f"repeat {i + 1} {side:14}: steps {', '.join(f'{t:.2f}' for t in out['times'])} s, "
-                f"{out['breakdown']}, masked {out['masked']:.0f}, first loss {out['first_loss']:.6f}",
-                flush=True,
-            )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    res = subprocess.run([sys.executable, __file__, "--child", *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    if res.returncode != 0:
+        raise SystemExit("bench child failed (its stderr is above)")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    runs = out["runs"]
 
     def med(side: str, key: str) -> tuple[float, float, float]:
-        values = [t for r in runs[side] for t in r[key]]
-        return statistics.median(values), min(values), max(values)
+        return statistics.median(runs[side][key]), min(runs[side][key]), max(runs[side][key])
 
     def phase(side: str, name: str) -> float:
-        return statistics.median([b.get(name, 0.0) for r in runs[side] for b in r["breakdown"]])
+        return statistics.median([b.get(name, 0.0) for b in runs[side]["breakdown"]])
 
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
                           text=True).stdout.strip()  # fmt: skip
-    tokens = runs["shared forward"][0]["completion_tokens"]
     lines = [
-        f"Model `{args.model}` ({args.dtype}), the quickstart's trainer config; {args.prompts} groups x {args.n} "
-        f"completions, prompts of {args.prompt_tokens} tokens, completions 1-{args.max_tokens} tokens ({tokens} "
-        f"completion tokens), micro-batch {args.micro_batch}, {args.threads} threads on CPUs "
-        f"{sorted(os.sched_getaffinity(0))}; code `{head}`. {args.repeats} repeats of a fresh process per path "
-        f"(order alternating) x {args.steps} steps after a warm-up; median [min-max] over all steps.",
+        f"Model `{args.model}` ({args.dtype}), the quickstart's trainer config (ZeRO-{out['zero_stage']}, dapo); "
+        f"{args.prompts} groups x {args.n} completions, prompts of {args.prompt_tokens} tokens, completions "
+        f"1-{args.max_tokens} tokens ({out['completion_tokens']} completion tokens), micro-batch {args.micro_batch}, "
+        f"{args.threads} thread(s) on CPUs {sorted(os.sched_getaffinity(0))}; code `{head}`. One process, one "
+        f"trainer, the two paths alternating step by step (ABBA), {args.repeats} steps each after one warm-up step "
+        "each; median [min-max] of the steps; phases: medians, seconds.",
         "",
-        "| path | step (s) | step CPU time (s) | checks' forward | training forward | backward | optimizer |"
-        " peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | step (s) | step CPU time (s) | checks' forward | training forward | backward | optimizer |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for side in sides:
+    for side in PATHS:
         (m, lo, hi), (c, clo, chi) = med(side, "times"), med(side, "cpu")
-        peak = statistics.median(r["peak_rss_mb"] for r in runs[side])
         lines.append(f"| {side} | {m:.2f} [{lo:.2f}-{hi:.2f}] | {c:.2f} [{clo:.2f}-{chi:.2f}] | "
                      f"{phase(side, 'checks_forward'):.2f} | {phase(side, 'forward'):.2f} | "
-                     f"{phase(side, 'backward'):.2f} | {phase(side, 'optimizer'):.2f} | {peak:.0f} |")  # fmt: skip
+                     f"{phase(side, 'backward'):.2f} | {phase(side, 'optimizer'):.2f} |")  # fmt: skip
     two, one = med("two forwards", "times")[0], med("shared forward", "times")[0]
     cpu_ratio = med("shared forward", "cpu")[0] / med("two forwards", "cpu")[0]
-    per_repeat = [statistics.median(a["times"]) / statistics.median(b["times"])
-                  for a, b in zip(runs["shared forward"], runs["two forwards"], strict=True)]  # fmt: skip
+    pairs = zip(runs["shared forward"]["times"], runs["two forwards"]["times"], strict=True)
     lines += [
         "",
-        f"Shared / two forwards: {one / two:.2f}x the step time ({(one / two - 1) * 100:+.0f}%; per repeat "
-        f"{', '.join(f'{r:.2f}x' for r in per_repeat)}); CPU time {cpu_ratio:.2f}x. "
-        f"Sequences masked: {sum(r['masked'] for rs in runs.values() for r in rs):.0f} (an honest batch). "
+        f"Shared / two forwards: {one / two:.2f}x the step time ({(one / two - 1) * 100:+.0f}%; the i-th steps' "
+        f"ratios {', '.join(f'{a / b:.2f}x' for a, b in pairs)}); CPU time {cpu_ratio:.2f}x. Sequences masked: "
+        f"{sum(r['masked'] for r in runs.values()):.0f} (an honest batch). Peak RSS {out['peak_rss_mb']:.0f} MB. "
         f"1-minute load average ({os.cpu_count()} CPUs): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
     ]  # fmt: skip
     body = "\n".join(lines)
