@@ -22,7 +22,15 @@ opened so no sequence is masked (the cost is the same; an honest batch). Each st
 into the checks' own forward, the training forward (with the statistics, when shared), backward and
 optimizer step.
 
-    taskset -c 0,1 .venv/bin/python scripts/bench_trainer.py [--before main | --paths] [--model smollm2-135m-instruct]
+`--size tiny|0.5b|1.5b|7b` (`--device cuda`, or `cpu` for a dry run): no comparison, the trainer's
+speed on one device with realistic shapes (default 64 prompts x 8 completions, prompts of 256 and
+completions of up to 1,024 tokens; 7b: 8 prompts), on a random-weight Qwen2 of that size
+(rl/models.py): tokens/s, model FLOPs utilisation against the chip's bf16 dense peak, and the peak
+allocated memory against `rl plan`'s estimate for the same config (`--deepspeed`, default
+zero2.json = ZeRO-0 on one rank; 7b: zero3_offload.json with gradient checkpointing).
+
+    taskset -c 0,1 .venv/bin/python scripts/bench_trainer.py [--before main | --paths | --size S]
+        [--model smollm2-135m-instruct]
         [--dtype float32] [--prompts 4] [--n 8] [--prompt-tokens 150] [--max-tokens 48] [--micro-batch 16]
         [--steps 2] [--repeats 3] [--threads 2] [--write-docs]
 """
@@ -224,6 +232,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", default="main", help="git ref of the 'before' code")
     ap.add_argument("--paths", action="store_true", help="compare this tree's two provenance paths instead")
+    ap.add_argument("--size", choices=["tiny", "0.5b", "1.5b", "7b"], help="one device's speed (see above) instead")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="with --size")
+    ap.add_argument("--deepspeed", help="with --size: the DeepSpeed JSON (default: by size)")
+    ap.add_argument("--peak-tflops", type=float, help="with --size: the chip's bf16 dense peak, if not in the table")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompts", type=int, default=4)
@@ -243,6 +255,14 @@ def main() -> None:
         return
     if args.paths:
         compare_paths(args)
+        return
+    if args.size:
+        given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+        shape = SIZE_SHAPES.get(args.size, (64, 8, 256, 1024, 8))
+        for name, value in zip(("prompts", "n", "prompt_tokens", "max_tokens", "micro_batch"), shape, strict=True):
+            if f"--{name.replace('_', '-')}" not in given:
+                setattr(args, name, value)
+        size_bench(args)
         return
     argv = [a for a in sys.argv[1:] if a != "--write-docs"]
     if "--threads" not in argv:
@@ -362,6 +382,110 @@ def compare_paths(args: argparse.Namespace) -> None:
         from bench_docs import replace_section
 
         replace_section("Trainer step: provenance from the training forward", "scripts/bench_trainer.py --paths", body)
+
+
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+"""Dense bf16 tensor-core peaks (datasheets, no sparsity), matched against the device name in this order."""
+SIZE_SHAPES = {"tiny": (2, 4, 16, 16, 8), "7b": (8, 8, 256, 1024, 8)}
+"""--size: its (prompts, n, prompt tokens, max tokens, micro-batch) unless given; others: (64, 8, 256, 1024, 8)."""
+
+
+def step_flops(config, ids, mask, plen, n: int) -> float:
+    """Model FLOPs of one training step (forward + backward, 3x the forward's matmuls), as the packed
+    forward runs it: each group's prompt once, the lm_head on the completion tokens only, causal
+    attention over each token's context; activation recomputation is not counted (MFU's convention)."""
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_token = 2 * layers * (h * h * 2 + 2 * h * kv + 3 * h * inter)  # q, o; k, v; gate, up, down
+    lengths, prompts = mask.sum(-1).tolist(), plen.tolist()
+    groups = range(0, len(lengths), n)
+    completions = [length - p for length, p in zip(lengths, prompts, strict=True)]
+    tokens = sum(prompts[g] for g in groups) + sum(completions)
+    contexts = sum(sum(range(1, prompts[g] + 1)) for g in groups)  # each token attends to itself and before
+    contexts += sum(sum(range(p + 1, length + 1)) for length, p in zip(lengths, prompts, strict=True))
+    forward = per_token * tokens + 2 * h * config.vocab_size * sum(completions) + 4 * layers * h * contexts
+    return 3.0 * forward
+
+
+def size_bench(args: argparse.Namespace) -> None:
+    """`--size`: one device, realistic shapes, a random Qwen2: tokens/s, MFU, peak memory vs `rl plan`."""
+    if args.device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import torch
+
+    from rl.config import load_config
+    from rl.models import prepare_model
+    from rl.plan.estimate import make_plan
+    from rl.plan.inputs import Hardware
+    from rl.trainer.strategy import DeepSpeedStrategy
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU (--device cpu --size tiny is a dry run)")
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model_dir = prepare_model(f"random-qwen2-{args.size}")
+    ready = time.perf_counter() - start
+    big = args.size == "7b"
+    deepspeed = args.deepspeed or ("configs/deepspeed/zero3_offload.json" if big else "configs/deepspeed/zero2.json")
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    cfg = load_config(None, [f"model.name={model_dir}", f"model.dtype={dtype}", f"sampling.n={args.n}",
+                             f"sampling.max_tokens={args.max_tokens}", f"data.max_prompt_tokens={args.prompt_tokens}",
+                             f"model.max_model_len={args.prompt_tokens + args.max_tokens}",
+                             f"trainer.prompts_per_step={args.prompts}", f"trainer.micro_batch_size={args.micro_batch}",
+                             f"trainer.deepspeed={deepspeed}", f"trainer.gradient_checkpointing={big}",
+                             f"trainer.threads={args.threads}", "trainer.lr=1e-6"])  # fmt: skip
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if args.device == "cuda" else 80.0
+    plan = make_plan(cfg, Hardware(gpus=1, gpu_mem_gib=total_gib, trainer_gpus=1, gpus_per_node=1))
+    strategy = DeepSpeedStrategy(cfg.model, cfg.trainer)
+    config = strategy.module.config
+    ids, mask, plen, completion = make_batch(args, config.vocab_size)
+    flops = step_flops(config, ids, mask, plen, args.n)
+    weight = torch.linspace(-1.0, 1.0, ids.shape[0])
+    times = []
+    for _ in range(args.steps + 1):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for part in torch.arange(ids.shape[0]).split(args.micro_batch):
+            logp, _ = strategy.token_logprobs(ids[part], mask[part], prompt_lengths=plen[part])
+            c = completion[part].to(logp.device)
+            strategy.backward(-((logp * c).sum(-1) * weight[part].to(logp.device)).sum() / completion.sum())
+        strategy.step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times[1:])
+    tokens = int(mask.sum())
+    peak_name = next((k for k in PEAK_BF16_TFLOPS if k in device_name), None)
+    peak = args.peak_tflops or (PEAK_BF16_TFLOPS[peak_name] if peak_name and args.device == "cuda" else None)
+    achieved = flops / step / 1e12
+    mfu = f"{achieved / peak:.1%} of {peak:.0f} TFLOP/s" if peak else "n/a (unknown peak: --peak-tflops)"
+    estimate = plan.trainer.gpu_total / 2**30
+    params = sum(p.numel() for p in strategy.module.parameters()) / 1e9
+    print(
+        f"device: {device_name}; model random-qwen2-{args.size} ({params:.2f}B"
+        f" parameters on this rank, ready in {ready:.0f} s), {dtype}, ZeRO-{strategy.zero_stage}"
+        f"{', gradient checkpointing' if big else ''}, {deepspeed}"
+    )
+    print(
+        f"batch: {args.prompts} prompts x {args.n} completions, prompts {args.prompt_tokens} tokens, completions "
+        f"1-{args.max_tokens} ({tokens:,} tokens, {int(completion.sum()):,} completion), micro-batch {args.micro_batch}"
+    )
+    print(f"step: {step:.2f} s (median of {args.steps} after a warm-up; {', '.join(f'{t:.2f}' for t in times)})")
+    print(
+        f"trainer: {tokens / step:,.0f} tokens/s (prompt + completion per sequence, as perf/trainer_tokens_per_s), "
+        f"{int(completion.sum()) / step:,.0f} "
+        f"completion tokens/s; {achieved:.1f} model TFLOP/s, MFU {mfu}"
+    )
+    if args.device == "cuda":
+        used = torch.cuda.max_memory_allocated() / 2**30
+        print(
+            f"peak allocated: {used:.1f} GiB; rl plan's estimate {estimate:.1f} GiB (ratio {used / estimate:.2f}; "
+            f"the GPU has {total_gib:.0f} GiB)"
+        )
+    else:
+        print(f"rl plan's estimate for one GPU: {estimate:.1f} GiB (not measured on a CPU)")
 
 
 if __name__ == "__main__":
