@@ -57,7 +57,6 @@ class StepChecks:
         self.trust = trust.model_copy(update={"draw_tolerance": tolerance})
         self.algo, self.strategy, self.batch, self.step = cfg.algorithm, strategy, batch, step
         self.share_prompt = share_prompt
-        self.micro_batch_size = cfg.trainer.micro_batch_size
         self.rank, self.world = strategy.rank, strategy.world_size
         self.mine = torch.arange(self.rank, batch.num_sequences, self.world)
         self.local = batch.rows(self.mine)
