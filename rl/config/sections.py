@@ -361,6 +361,9 @@ class TrustConfig(Section):
     and trainer both run float32, else 0.15 (bf16 workers, fp32 trainer, measured in docs/security.md)."""
     mask_special_tokens: bool = True
     """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection)."""
+    shared_forward: bool = True
+    """Take the checks' statistics from the training forward (one forward per sequence per step; same verdicts);
+    False, or a step it cannot serve (rl/trainer/verify.py), runs a no-grad forward of its own before training."""
     quarantine_min_sequences: int = Field(32, ge=1)
     """Checked sequences of a worker before its rejection rate can quarantine it."""
     quarantine_rejected_fraction: float = Field(0.25, gt=0.0, le=1.0)
