@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from rl.config import RunConfig
+from rl.hub.contributions import ContributionLedger
 from rl.hub.fair import FairTurns
 from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.hub.policy_files import PolicyFiles
@@ -30,7 +31,9 @@ from rl.wire.protocol import (
     BatchRequest,
     HeartbeatRequest,
     HeartbeatResponse,
+    HubError,
     HubStatus,
+    IdentityChallenge,
     Lease,
     LeaseRequest,
     PolicyManifest,
@@ -40,6 +43,7 @@ from rl.wire.protocol import (
     SubmitRequest,
     SubmitResponse,
 )
+from rl.wire.receipts import Contributions, StepReceipt
 from rl.wire.tokens import Tokens
 from verifiers.base import TIMEOUT_MARK
 
@@ -75,6 +79,8 @@ class Hub:
         """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
         self.trust = Trust(cfg.trust, state)
+        self.contributions = ContributionLedger(store.path if store is not None else None, cfg.paths.run_key_pub)
+        """Contributors, their counts and the trainer's receipts (rl/hub/contributions.py)."""
         self._scoring_tasks: set[asyncio.Task] = set()
         state.on_work, state.on_scored = self.poke, self.changed.set
         self._ledger_lock = asyncio.Lock()
@@ -108,6 +114,7 @@ class Hub:
         """
         if self.store is not None:
             self.store.save(self.state.ledger(), self.state.policy_version, batch)
+        self.contributions.flush()
 
     async def write_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
         """`flush_ledger` in a thread, so a large batch's write never stalls leases and submissions.
@@ -139,6 +146,7 @@ class Hub:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
                 await self.write_ledger()
+                await self.contributions.flush_async()
             except Exception:  # a full disk: the next flush (or the next batch pull) tries again
                 log.exception("writing the ledger to %s failed", self.store.path if self.store else None)
 
@@ -174,9 +182,15 @@ class Hub:
     # ------------------------------------------------------------------ workers
 
     def register(self, req: RegisterRequest, who: str | None) -> RegisterResponse:
+        contributor = self.contributions.identify(req.identity, who)
         resp = self.state.register(req, who, time.monotonic())
-        log.info("worker %s (%s, %s) registered", resp.worker_id, req.name, req.engine)
+        self.contributions.bind(resp.worker_id, contributor, who, req.name)
+        log.info("worker %s (%s, %s) registered for %s", resp.worker_id, req.name, req.engine, contributor)
         return resp
+
+    def challenge(self) -> IdentityChallenge:
+        """A one-time string for a contributor key to sign (registration, fetching receipts)."""
+        return self.contributions.challenge()
 
     def heartbeat(
         self, worker_id: str, req: HeartbeatRequest, who: str | None, secret: str | None
@@ -211,8 +225,20 @@ class Hub:
         """Accept a worker's results and start scoring each new task in the verifier pool."""
         self.state.authorize(req.worker_id, who, secret)
         self.trust.check(req.worker_id)
-        answer, jobs = self.state.submit(req, who, time.monotonic())
+        step = self.state.batches
+        try:
+            answer, jobs = self.state.submit(req, who, time.monotonic())
+        except HubError as e:  # the registration proved itself: the refusal counts against its contributor
+            self.contributions.count(req.worker_id, "rejected", step, req.policy_version, len(req.results),
+                                     reason=e.reason)  # fmt: skip
+            raise
         for job in jobs:
+            if job.task_id in self.state.evals:  # evaluation is the run's own business, not a contribution
+                self._spawn(self.score(job))
+                continue
+            tokens = sum(len(c.token_ids) for c in job.completions)
+            self.contributions.count(job.worker_id, "submitted", step, job.policy_version, 1, len(job.completions),
+                                     tokens)  # fmt: skip
             self._spawn(self.score(job))
         return answer
 
@@ -243,6 +269,8 @@ class Hub:
                 continue
             self.trust.count_timeouts(job.worker_id, sum(TIMEOUT_MARK in r.info for r in rewards))
             group = self.state.finish_scoring(job, rewards, time.perf_counter() - start)
+            if group is not None:
+                self.contributions.scored(group, self.state.batches)
             if group is not None and self.trust.observe_group(group):  # quarantined: its tasks went back
                 self.poke()
             return
@@ -308,7 +336,20 @@ class Hub:
     def status(self, who: str | None, offset: int, limit: int) -> HubStatus:
         """The hub at a glance, as the caller may see it (a worker token: its own workers only)."""
         status = self.state.status(time.monotonic(), self.pool.metrics(), offset, limit)
+        status = self.contributions.annotate(status, who, self.state.workers)
         return self.trust.annotate(status, who).model_copy(update={"weights_served": self.files.served()})
+
+    # ------------------------------------------------------------------ contributions
+
+    async def record_receipt(self, report: StepReceipt) -> Ack:
+        """The trainer's signed receipt of a step with what it masked; stored before the answer."""
+        return await self.contributions.record(report)
+
+    def contributions_of(self, contributor: str, who: str | None, challenge: str | None,
+                         signature: str | None) -> Contributions:  # fmt: skip
+        """`contributor`'s receipts and inclusion proofs, for that contributor (or the admin) only."""
+        self.contributions.authorize(contributor, who, challenge, signature)
+        return self.contributions.receipts_of(contributor)
 
     # ------------------------------------------------------------------ trust
 

@@ -46,6 +46,7 @@ from rl.trainer.provenance import (
     token_statistics,
 )
 from rl.trainer.publisher import Publisher
+from rl.trainer.receipts import Receipts
 from rl.trainer.strategy import _GATHER_BUDGET  # bytes gathered at once into a background publication
 from rl.trainer.tracking import Progress
 from rl.weights.files import TensorSpec
@@ -111,6 +112,8 @@ class Trainer:
         self.final_eval: dict[str, float] = {}
         self.stop = stop or StopRequest()
         self.tracker = None
+        self.receipts = Receipts(self.paths, self.hub) if self.is_main else None  # signs each step's trained work
+        self.verdicts: Tensor | None = None  # the last `verify`'s code per sequence (0: passed), for the receipts
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
@@ -313,6 +316,7 @@ class Trainer:
         to the metrics and (rank 0) to the hub, which keeps per-worker statistics and quarantines.
         """
         trust, sampling = self.cfg.trust, self.cfg.sampling
+        self.verdicts = None
         if not trust.enabled:
             return batch, {}
         worker_dtype = self.cfg.rollout.dtype or self.cfg.model.dtype
@@ -350,7 +354,7 @@ class Trainer:
             rows = rows.to(self.strategy.device)
             dist.all_reduce(rows)  # every row is filled by exactly one rank
             rows = rows.cpu()
-        codes = rows[:, 0].round().long()
+        codes = self.verdicts = rows[:, 0].round().long()
         mask, rewards = mask_rejected(batch.completion_mask, batch.rewards, codes == 0, batch.group_size)
         batch = dataclasses.replace(batch, completion_mask=mask, rewards=rewards)
         rejected = int((codes != 0).sum())
@@ -507,6 +511,8 @@ class Trainer:
         t1 = time.perf_counter()
         metrics = self.train_step(batch) | trust_metrics
         train_s = time.perf_counter() - t1
+        if self.receipts is not None:  # numbered as metrics.jsonl and batches.jsonl number this step
+            self.receipts.issue(self.step + 1, groups, batch.completion_mask, self.verdicts)
         step_for_data = self.step  # the version the trainer held while training this batch
         self.step += 1
         last = self.step == cfg.trainer.max_steps

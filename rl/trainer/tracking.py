@@ -72,6 +72,7 @@ class Tracker:
             "row_indices": [g.row_index for g in groups],
             "versions": [g.policy_version for g in groups],
             "workers": [g.worker_name for g in groups],
+            "contributors": [g.contributor or f"worker:{g.worker_id}" for g in groups],
         }
         with open(self.batches_path, "a") as f:
             f.write(json.dumps(record) + "\n")

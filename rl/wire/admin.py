@@ -77,6 +77,10 @@ class HubAdmin(HubHTTP):
         """The hub's status, listing at most `limit` workers (`worker_summary` counts all of them)."""
         return self.call("GET", f"/v1/status?limit={limit}", HubStatus)
 
+    def record_receipt(self, report) -> None:
+        """A step's signed receipt and masked work (rl/wire/receipts.py `StepReceipt`), for the contribution ledger."""
+        self.call("POST", "/v1/receipts", Ack, json=report)
+
     def report_provenance(self, report: ProvenanceReport) -> None:
         """The trainer's per-worker provenance verdicts of one step (the hub may quarantine)."""
         self.call("POST", "/v1/provenance", Ack, json=report, max_retry_s=10.0)
