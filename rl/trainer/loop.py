@@ -512,7 +512,7 @@ class Trainer:
         metrics = self.train_step(batch) | trust_metrics
         train_s = time.perf_counter() - t1
         if self.receipts is not None:  # numbered as metrics.jsonl and batches.jsonl number this step
-            self.receipts.issue(self.step + 1, groups, batch.completion_mask, self.verdicts)
+            metrics |= self.receipts.issue(self.step + 1, groups, batch.completion_mask, self.verdicts)
         step_for_data = self.step  # the version the trainer held while training this batch
         self.step += 1
         last = self.step == cfg.trainer.max_steps

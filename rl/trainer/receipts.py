@@ -58,10 +58,12 @@ class Receipts:
         self.key = load_or_create(paths.run_key)
         self.run_key = public_id(self.key)
         self.path, self.hub = paths.receipts, hub
+        self.last: StepReceipt | None = None
 
-    def issue(self, step: int, groups: list, completion_mask: Tensor, codes: Tensor | None) -> StepReceipt:
+    def issue(self, step: int, groups: list, completion_mask: Tensor, codes: Tensor | None) -> dict[str, float]:
         """Sign step `step`'s trained work (a sequence is trained when any of its completion tokens is in the
-        loss), record it in receipts.jsonl and send it to the hub (a failure is logged; the file keeps it)."""
+        loss), record it in receipts.jsonl and send it to the hub (a failure is logged; the file keeps it).
+        Returns the step's metrics per contributor (`contributions/<contributor>/samples|tokens`)."""
         trained = (completion_mask.sum(dim=1) > 0).tolist()
         entries, masked = step_entries(groups, trained, None if codes is None else codes.tolist())
         report = StepReceipt(receipt=sign_step(self.key, self.run_key, step, entries), entries=entries, masked=masked)
@@ -72,4 +74,10 @@ class Receipts:
                 self.hub.record_receipt(report)
             except Exception as e:  # the receipt stays in receipts.jsonl; training goes on
                 log.error("could not send the receipt of step %d to the hub: %s", step, e)
-        return report
+        self.last = report
+        metrics: dict[str, float] = {}
+        for e in entries:
+            name = e.contributor[:24].replace(":", "_")  # an identity's first 16 hex digits: a W&B panel each
+            metrics[f"contributions/{name}/samples"] = metrics.get(f"contributions/{name}/samples", 0.0) + e.samples
+            metrics[f"contributions/{name}/tokens"] = metrics.get(f"contributions/{name}/tokens", 0.0) + e.tokens
+        return metrics

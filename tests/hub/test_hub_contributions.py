@@ -11,13 +11,15 @@ from __future__ import annotations
 import httpx
 import pytest
 from helpers.hub import ADMIN, OTHER_WORKER, WORKER, LiveHub, live_config
+from rich.console import Console
 
 from rl.cli.contributions import fetch
+from rl.cli.status_view import render
 from rl.hub.contribution_db import report
 from rl.hub.contributions import ContributionLedger
 from rl.trainer.receipts import step_entries
 from rl.wire.identity import challenge_message, public_id, sign, write_key
-from rl.wire.protocol import HubError, ScoredCompletion, ScoredGroup
+from rl.wire.protocol import HubError, HubStatus, ScoredCompletion, ScoredGroup
 from rl.wire.receipts import ReceiptEntry, StepReceipt, sign_step, token_digest, verify_contributions
 from rl.wire.tokens import token_id
 
@@ -72,6 +74,10 @@ def test_identity_token_and_registration_are_distinct_in_status(hub, keys):
     with client(hub, OTHER_WORKER) as c:  # a worker token sees its own contributors only
         seen = {row["contributor"] for row in c.get("/v1/status").json()["contributors"]}
     assert alice in seen and f"token:{token_id(WORKER)}" not in seen
+    console = Console(width=240, record=True)
+    console.print(render(HubStatus.model_validate(status)))  # `rl status`: a contributors table and column
+    text = console.export_text()
+    assert "contributors (" in text and alice[:24] in text and "share" in text
 
 
 def test_a_wrong_signature_or_a_used_challenge_is_refused(hub, keys):
