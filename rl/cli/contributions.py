@@ -82,7 +82,7 @@ def render_report(rows: list[dict], fmt: str, console) -> str | None:
     return None
 
 
-def fetch(hub: str, token: str, identity: Path | None, contributor: str | None) -> Contributions:
+def fetch(hub: str, token: str, identity: Path | None, contributor: str | None, from_step: int = 0) -> Contributions:
     """A contributor's receipts from a live hub: the identity's (proved by signing a challenge), else the token's."""
     from rl.wire.client import HubHTTP
 
@@ -94,7 +94,7 @@ def fetch(hub: str, token: str, identity: Path | None, contributor: str | None) 
             http.http.headers[IDENTITY_CHALLENGE_HEADER] = challenge
             signature = sign(key, challenge_message(challenge, f"contributions {who}"))
             http.http.headers[IDENTITY_SIGNATURE_HEADER] = signature
-        return http.call("GET", f"/v1/contributions/{who}", Contributions)
+        return http.call("GET", f"/v1/contributions/{who}?from_step={from_step}", Contributions)
 
 
 def verify_file(path: Path, run_key: str) -> tuple[list[str], dict[str, int]]:
@@ -178,13 +178,14 @@ def contributions_fetch(
     identity: Annotated[Path | None, typer.Option("--identity", help="Your contributor key.")] = None,
     contributor: Annotated[str | None, typer.Option(help="Whose (admin token only; default: yours).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")] = None,
+    from_step: Annotated[int, typer.Option("--from-step", min=0, help="Only this step's receipts and later.")] = 0,
 ) -> None:
     """Download your receipts with inclusion proofs (keep the file: it verifies offline)."""
     from rl.wire.client import HubUnavailable
     from rl.wire.protocol import HubError
 
     try:
-        doc = fetch(hub, token, identity, contributor)
+        doc = fetch(hub, token, identity, contributor, from_step)
     except (HubError, HubUnavailable, IdentityError) as e:
         _fail(str(e))
     text = doc.model_dump_json(indent=1) + "\n"

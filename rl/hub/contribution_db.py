@@ -122,10 +122,11 @@ class ContributionDB:
         row = self.db.execute("SELECT run_key FROM contrib_receipts ORDER BY step LIMIT 1").fetchone()
         return row[0] if row else None
 
-    def steps_of(self, contributor: str) -> list[tuple[Receipt, list[ReceiptEntry]]]:
-        """Every step with entries of `contributor`: its receipt and all its entries in tree order."""
-        query = "SELECT DISTINCT step FROM contrib_trained WHERE contributor = ? ORDER BY step"
-        steps = [s for (s,) in self.db.execute(query, (contributor,))]
+    def steps_of(self, contributor: str, from_step: int = 0) -> list[tuple[Receipt, list[ReceiptEntry]]]:
+        """Every step from `from_step` on with entries of `contributor`: its receipt and all its entries in tree
+        order."""
+        query = "SELECT DISTINCT step FROM contrib_trained WHERE contributor = ? AND step >= ? ORDER BY step"
+        steps = [s for (s,) in self.db.execute(query, (contributor, from_step))]
         out = []
         for step in steps:
             body = self.db.execute("SELECT body FROM contrib_receipts WHERE step = ?", (step,)).fetchone()[0]

@@ -183,11 +183,12 @@ class ContributionLedger:
             await asyncio.to_thread(self.db.record_step, report, time.time())
         return Ack(detail=f"step {report.receipt.step}: {len(report.entries)} entries")
 
-    def receipts_of(self, contributor: str) -> Contributions:
+    def receipts_of(self, contributor: str, from_step: int = 0) -> Contributions:
         run_key = self.run_key()
         if run_key is None:
             raise HubError(404, "no_receipts", "no trained step has a receipt yet")
-        steps = [proofs_for(receipt, entries, contributor) for receipt, entries in self.db.steps_of(contributor)]
+        found = self.db.steps_of(contributor, from_step)
+        steps = [proofs_for(receipt, entries, contributor) for receipt, entries in found]
         return Contributions(contributor=contributor, run_key=run_key, receipts=steps)
 
     # ------------------------------------------------------------------ status

@@ -126,11 +126,16 @@ def create_app(hub: Hub) -> Guard:
         return hub.challenge()
 
     @app.get("/v1/contributions/{contributor}", response_model=Contributions)
-    async def contributions(contributor: str, request: Request, who: str | None = Depends(caller)):
+    async def contributions(
+        contributor: str,
+        request: Request,
+        who: str | None = Depends(caller),
+        from_step: int = Query(0, ge=0, le=2**31 - 1, description="Receipts of this step and later only."),
+    ):
         """A contributor's receipts and inclusion proofs: its token, its signature of a challenge, or admin."""
         headers = request.headers
         return hub.contributions_of(contributor, who, headers.get(IDENTITY_CHALLENGE_HEADER),
-                                    headers.get(IDENTITY_SIGNATURE_HEADER))  # fmt: skip
+                                    headers.get(IDENTITY_SIGNATURE_HEADER), from_step)  # fmt: skip
 
     @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
     async def heartbeat(

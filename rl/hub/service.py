@@ -345,11 +345,11 @@ class Hub:
         """The trainer's signed receipt of a step with what it masked; stored before the answer."""
         return await self.contributions.record(report)
 
-    def contributions_of(self, contributor: str, who: str | None, challenge: str | None,
-                         signature: str | None) -> Contributions:  # fmt: skip
-        """`contributor`'s receipts and inclusion proofs, for that contributor (or the admin) only."""
+    def contributions_of(self, contributor: str, who: str | None, challenge: str | None, signature: str | None,
+                         from_step: int = 0) -> Contributions:  # fmt: skip
+        """`contributor`'s receipts (from step `from_step`) and inclusion proofs, for it (or the admin) only."""
         self.contributions.authorize(contributor, who, challenge, signature)
-        return self.contributions.receipts_of(contributor)
+        return self.contributions.receipts_of(contributor, from_step)
 
     # ------------------------------------------------------------------ trust
 

@@ -36,13 +36,16 @@ class Tracker:
         if wcfg.mode != "disabled":
             import wandb
 
+            run_key = self.paths.run_key_pub  # receipts verify against it (docs/contributions.md)
+            meta = {"run_key": run_key.read_text().strip()} if run_key.is_file() else {}
+
             self.wandb = wandb.init(
                 project=wcfg.project,
                 entity=wcfg.entity,
                 name=wcfg.run_name or cfg.run_name,
                 mode=wcfg.mode,
                 dir=str(self.run_dir),
-                config=cfg.model_dump(mode="json", by_alias=True),
+                config=cfg.model_dump(mode="json", by_alias=True) | meta,
                 resume="allow" if resume else None,
                 id=self._run_id(resume),
             )

@@ -126,6 +126,8 @@ def test_receipts_go_to_their_contributor_only(hub, keys):
     mine = fetch(hub.url, WORKER, keys["alice"], None)
     assert verify_contributions(mine, run_key) == [] and mine.contributor == alice
     assert [p.entry.task_id for r in mine.receipts for p in r.proofs] == [10, 20]
+    newer = fetch(hub.url, WORKER, keys["alice"], None, from_step=2)  # only what is new since step 2
+    assert [p.entry.task_id for r in newer.receipts for p in r.proofs] == [20]
     token_doc = fetch(hub.url, WORKER, None, None)  # no identity: the token's own work
     assert [p.entry.task_id for r in token_doc.receipts for p in r.proofs] == [12, 22]
     assert verify_contributions(token_doc, run_key) == []
