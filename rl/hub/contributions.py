@@ -3,7 +3,7 @@
 A contributor is an Ed25519 identity that proved its key by signing a hub challenge when it registered,
 or `token:<token id>` for registrations without one; a registration (worker id) belongs to one. The hub
 counts per contributor, step and policy version what was submitted, scored and rejected (in memory, written
-every `FLUSH_INTERVAL_S`), and stores what the trainer reports per step (`POST /v1/receipts`): the signed
+with the hub's ledger every 0.5 s), and stores what the trainer reports per step (`POST /v1/receipts`): the signed
 receipt, its entries (the trained work) and the masked work, keyed by step, so a retried or repeated report
 replaces instead of adding. Everything lives in the hub's SQLite database (tables `contrib_*`, beside
 rl/hub/ledger.py's), so a restarted hub keeps it. docs/contributions.md.
@@ -34,8 +34,6 @@ CHALLENGE_TTL_S = 120.0
 """How long a challenge may be signed and used (once)."""
 MAX_CHALLENGES = 10_000
 """Outstanding challenges kept; the oldest go first."""
-FLUSH_INTERVAL_S = 1.0
-"""Longest the hub-side counts (submitted, scored, rejected) stay unwritten."""
 
 
 def token_contributor(token_id: str | None) -> str:

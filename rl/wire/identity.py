@@ -15,10 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from rl.wire.protocol import PUBLIC_KEY, SIGNATURE
-
 PREFIX = "ed25519:"
-__all__ = ["PUBLIC_KEY", "SIGNATURE", "IdentityError", "challenge_message", "load_key", "sign", "verify"]
 
 
 class IdentityError(ValueError):
