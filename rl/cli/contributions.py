@@ -29,8 +29,8 @@ from rl.wire.receipts import Contributions, totals, verify_contributions
 from rl.wire.tokens import token_id
 
 COLUMNS = ["contributor", "kind", "trained_samples", "trained_tokens", "share", "trained_groups", "masked_samples",
-           "masked_rate", "rejected_groups", "rejected_rate", "scored_groups", "versions", "registrations",
-           "first_seen", "last_seen"]  # fmt: skip
+           "masked_rate", "rejected_groups", "rejected_rate", "scored_groups", "generation_s", "versions",
+           "registrations", "first_seen", "last_seen"]  # fmt: skip
 
 
 def new_identity(path: Path) -> str:

@@ -3,7 +3,7 @@
 contrib_contributors   contributor -> kind (identity | token), first and last activity
 contrib_registrations  worker id -> contributor, token id, name: registration, token and identity kept apart
 contrib_activity       per contributor, step, policy version, event (submitted | scored | rejected) and reason:
-                       groups, samples, tokens (added up; hub-side counts)
+                       groups, samples, tokens, generation seconds (added up; hub-side counts)
 contrib_trained        per step, the receipt's entries in tree order (the trained work)
 contrib_masked         per step and task, sequences the trainer masked, by reason
 contrib_receipts       per step, the signed receipt
@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS contrib_registrations (worker_id TEXT PRIMARY KEY, co
     token TEXT NOT NULL, name TEXT NOT NULL, registered REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS contrib_activity (contributor TEXT NOT NULL, step INTEGER NOT NULL,
     policy_version INTEGER NOT NULL, event TEXT NOT NULL, reason TEXT NOT NULL, groups INTEGER NOT NULL,
-    samples INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (contributor, step, policy_version, event, reason));
+    samples INTEGER NOT NULL, tokens INTEGER NOT NULL, seconds REAL NOT NULL,
+    PRIMARY KEY (contributor, step, policy_version, event, reason));
 CREATE TABLE IF NOT EXISTS contrib_trained (step INTEGER NOT NULL, idx INTEGER NOT NULL, contributor TEXT NOT NULL,
     task_id INTEGER NOT NULL, policy_version INTEGER NOT NULL, samples INTEGER NOT NULL, tokens INTEGER NOT NULL,
     digest TEXT NOT NULL, PRIMARY KEY (step, idx));
@@ -81,15 +82,16 @@ class ContributionDB:
         self._transaction(write)
 
     def add_activity(self, pending: dict, seen: dict[str, float]) -> None:
-        """Add counts `{(contributor, step, version, event, reason): [groups, samples, tokens]}` in one commit."""
+        """Add `{(contributor, step, version, event, reason): [groups, samples, tokens, seconds]}` in one commit."""
 
         def write() -> None:
             for contributor, when in seen.items():
                 self._seen(contributor, when)
             self.db.executemany(
-                "INSERT INTO contrib_activity VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
+                "INSERT INTO contrib_activity VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
                 "(contributor, step, policy_version, event, reason) DO UPDATE SET groups = groups + excluded.groups, "
-                "samples = samples + excluded.samples, tokens = tokens + excluded.tokens",
+                "samples = samples + excluded.samples, tokens = tokens + excluded.tokens, "
+                "seconds = seconds + excluded.seconds",
                 [(*key, *row) for key, row in pending.items()],
             )
 
@@ -171,8 +173,9 @@ def report(path: Path) -> list[dict]:
             if c in rows:
                 rows[c]["masked"][reason] = n
                 rows[c]["masked_samples"] += n
-        for c, event, reason, groups, tokens in db.execute(
-            "SELECT contributor, event, reason, SUM(groups), SUM(tokens) FROM contrib_activity GROUP BY 1, 2, 3"
+        for c, event, reason, groups, tokens, seconds in db.execute(
+            "SELECT contributor, event, reason, SUM(groups), SUM(tokens), SUM(seconds) FROM contrib_activity "
+            "GROUP BY 1, 2, 3"
         ):
             if c not in rows:
                 continue
@@ -183,6 +186,7 @@ def report(path: Path) -> list[dict]:
                 rows[c][f"{event}_groups"] += groups
                 if event == "submitted":
                     rows[c]["submitted_tokens"] += tokens
+                    rows[c]["generation_s"] += seconds
         for c, tokens, n in db.execute(
             "SELECT contributor, GROUP_CONCAT(DISTINCT token), COUNT(*) FROM contrib_registrations GROUP BY 1"
         ):
@@ -203,5 +207,5 @@ def report(path: Path) -> list[dict]:
 def _blank(contributor: str, kind: str, first: float | None, last: float | None) -> dict:
     return {"contributor": contributor, "kind": kind, "first_seen": first, "last_seen": last, "trained_groups": 0,
             "trained_samples": 0, "trained_tokens": 0, "masked_samples": 0, "masked": {}, "submitted_groups": 0,
-            "submitted_tokens": 0, "scored_groups": 0, "rejected_groups": 0, "rejected": {}, "versions": [],
-            "tokens": [], "registrations": 0}  # fmt: skip
+            "submitted_tokens": 0, "generation_s": 0.0, "scored_groups": 0, "rejected_groups": 0, "rejected": {},
+            "versions": [], "tokens": [], "registrations": 0}  # fmt: skip

@@ -53,7 +53,7 @@ class ContributionLedger:
         self.operator: dict[str, str] = {}
         """Registration -> token id."""
         self.pending: dict[tuple[str, int, int, str, str], list[int]] = {}
-        """(contributor, step, policy version, event, reason) -> [groups, samples, tokens] not yet written."""
+        """(contributor, step, policy version, event, reason) -> [groups, samples, tokens, seconds] not yet written."""
         self.seen: dict[str, float] = {}
         """Contributor -> last activity (unix time) not yet written."""
         self._lock = asyncio.Lock()
@@ -111,13 +111,13 @@ class ContributionLedger:
     # ------------------------------------------------------------------ hub-side counts
 
     def count(self, worker_id: str, event: str, step: int, version: int, groups: int, samples: int = 0,
-              tokens: int = 0, reason: str = "") -> None:  # fmt: skip
-        """Add to a contributor's `submitted`, `scored` or `rejected` counts (written by `flush`)."""
+              tokens: int = 0, reason: str = "", seconds: float = 0.0) -> None:  # fmt: skip
+        """Add to a contributor's `submitted` (with generation `seconds`), `scored` or `rejected` counts (written
+        by `flush`)."""
         contributor = self.contributor_of(worker_id)
-        row = self.pending.setdefault((contributor, step, version, event, reason), [0, 0, 0])
-        row[0] += groups
-        row[1] += samples
-        row[2] += tokens
+        row = self.pending.setdefault((contributor, step, version, event, reason), [0, 0, 0, 0.0])
+        for i, value in enumerate((groups, samples, tokens, seconds)):
+            row[i] += value
         self.seen[contributor] = time.time()
 
     def scored(self, group: ScoredGroup, step: int) -> None:
@@ -145,8 +145,8 @@ class ContributionLedger:
                 await asyncio.to_thread(self.db.add_activity, pending, seen)
             except Exception:  # a full disk: counted again at the next flush
                 for key, row in pending.items():
-                    mine = self.pending.setdefault(key, [0, 0, 0])
-                    for i in range(3):
+                    mine = self.pending.setdefault(key, [0, 0, 0, 0.0])
+                    for i in range(4):
                         mine[i] += row[i]
                 self.seen = seen | self.seen
                 raise

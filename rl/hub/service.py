@@ -238,7 +238,7 @@ class Hub:
                 continue
             tokens = sum(len(c.token_ids) for c in job.completions)
             self.contributions.count(job.worker_id, "submitted", step, job.policy_version, 1, len(job.completions),
-                                     tokens)  # fmt: skip
+                                     tokens, seconds=req.gen_seconds / len(jobs))  # fmt: skip
             self._spawn(self.score(job))
         return answer
 

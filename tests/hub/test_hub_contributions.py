@@ -166,7 +166,7 @@ def test_the_ledger_survives_a_reopen_and_a_step_reported_twice_counts_once(tmp_
     alice = public_id(keys["alice_key"])
     ledger = ContributionLedger(db)
     ledger.bind("w-1", alice, "tok", "a")
-    ledger.count("w-1", "submitted", 0, 0, 2, 4, 40)
+    ledger.count("w-1", "submitted", 0, 0, 2, 4, 40, seconds=1.5)
     ledger.count("w-1", "rejected", 0, 0, 1, reason="bad_length")
     ledger.flush()
     for step in (1, 2, 2):  # step 2's answer was lost: the trainer sent it again
@@ -180,6 +180,7 @@ def test_the_ledger_survives_a_reopen_and_a_step_reported_twice_counts_once(tmp_
     reopened.close()
     rows = {r["contributor"]: r for r in report(db)}
     assert rows[alice]["trained_samples"] == 2 and rows[alice]["submitted_groups"] == 2
+    assert rows[alice]["submitted_tokens"] == 40 and rows[alice]["generation_s"] == 1.5
     assert rows[alice]["rejected"] == {"bad_length": 1} and rows[alice]["rejected_rate"] == pytest.approx(1 / 3)
     assert rows[alice]["share"] == pytest.approx(2 / 3)
     assert rows[alice]["tokens"] == ["tok"] and rows[alice]["registrations"] == 1
