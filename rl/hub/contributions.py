@@ -12,6 +12,7 @@ rl/hub/ledger.py's), so a restarted hub keeps it. docs/contributions.md.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from rl.wire.protocol import (
     IdentityProof,
     ScoredGroup,
 )
-from rl.wire.receipts import Contributions, StepReceipt, merkle_root, proofs_for
+from rl.wire.receipts import CONTRIBUTOR_PATTERN, Contributions, StepReceipt, merkle_root, proofs_for
 
 CHALLENGE_TTL_S = 120.0
 """How long a challenge may be signed and used (once)."""
@@ -99,6 +100,8 @@ class ContributionLedger:
     def authorize(self, contributor: str, token_id: str | None, challenge: str | None, signature: str | None) -> None:
         """May this caller read `contributor`'s receipts? The admin may; a token its own `token:` contributor;
         an identity only with its signature of a fresh challenge for exactly this purpose."""
+        if not re.fullmatch(CONTRIBUTOR_PATTERN, contributor):
+            raise HubError(422, "bad_contributor", "a contributor is ed25519:<64 hex digits> or token:<token id>")
         if token_id is None or contributor == token_contributor(token_id):
             return
         purpose = f"contributions {contributor}"

@@ -136,6 +136,9 @@ def test_receipts_go_to_their_contributor_only(hub, keys):
             fetch(hub.url, token, key, whose)
         assert info.value.status == 403 and info.value.reason == "not_your_contributions"
     assert [p.entry.task_id for r in fetch(hub.url, ADMIN, None, bob).receipts for p in r.proofs] == [11, 21]
+    with client(hub, ADMIN) as c:  # not a contributor's name: a 4xx, never a 500
+        r = c.get("/v1/contributions/nobody")
+        assert r.status_code == 422 and r.json()["reason"] == "bad_contributor"
 
 
 def group(task_id: int, worker: str, contributor: str, n: int = 2) -> ScoredGroup:
