@@ -123,6 +123,13 @@ class ContributionLedger:
             row[i] += value
         self.seen[contributor] = time.time()
 
+    def submitted(self, jobs: list, step: int, gen_seconds: float) -> None:
+        """Count accepted tasks (`ScoringJob`s of one submission; its generation time shared among them)."""
+        for job in jobs:
+            tokens = sum(len(c.token_ids) for c in job.completions)
+            self.count(job.worker_id, "submitted", step, job.policy_version, 1, len(job.completions), tokens,
+                       seconds=gen_seconds / len(jobs))  # fmt: skip
+
     def scored(self, group: ScoredGroup, step: int) -> None:
         """Label a buffered group with its contributor (the trainer signs that) and count it."""
         group.contributor = self.contributor_of(group.worker_id)

@@ -232,13 +232,9 @@ class Hub:
             self.contributions.count(req.worker_id, "rejected", step, req.policy_version, len(req.results),
                                      reason=e.reason)  # fmt: skip
             raise
+        # Evaluation is the run's own business, not a contribution.
+        self.contributions.submitted([j for j in jobs if j.task_id not in self.state.evals], step, req.gen_seconds)
         for job in jobs:
-            if job.task_id in self.state.evals:  # evaluation is the run's own business, not a contribution
-                self._spawn(self.score(job))
-                continue
-            tokens = sum(len(c.token_ids) for c in job.completions)
-            self.contributions.count(job.worker_id, "submitted", step, job.policy_version, 1, len(job.completions),
-                                     tokens, seconds=req.gen_seconds / len(jobs))  # fmt: skip
             self._spawn(self.score(job))
         return answer
 
