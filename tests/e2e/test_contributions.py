@@ -66,10 +66,12 @@ def run(tiny_model_dir, tmp_path_factory) -> dict:
         h.wait_for(lambda: steps() >= KILL_AFTER, f"{KILL_AFTER} steps", proc, log, timeout=400)
         kill_hub(proc.pid)
         code = h.finish(proc, log, timeout=600)
+        died = [name for name, w in zip(specs, workers, strict=True) if w.poll() is not None]
     finally:
         for w in workers:
             stop_process(w)
     assert code == 0, h.tail(log)
+    assert not died, "\n".join(f"--- {name}:\n{h.tail(base / f'{name}.log', 3000)}" for name in died)
     assert "restarting it from its ledger" in log.read_text(errors="replace"), h.tail(log)
     contributors = {
         "alice-1": public_id_of(keys["alice"]),
