@@ -127,8 +127,29 @@ class Tracker:
         except Exception:  # a plot must never fail a finished run
             log.exception("could not draw curves.png")
         if self.wandb is not None:
+            try:
+                self.log_contributions()
+            except Exception:  # a table must never fail a finished run
+                log.exception("could not log the contributions table to W&B")
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None
+
+    def log_contributions(self) -> None:
+        """W&B table `contributions/table`: per contributor, the groups, samples and tokens the run's receipts
+        (receipts.jsonl) signed, and the share of tokens; `rl contributions RUN_DIR` has the full report."""
+        import wandb
+
+        totals: dict[str, list[int]] = {}
+        lines = self.paths.receipts.read_text().splitlines() if self.paths.receipts.is_file() else []
+        for line in lines:
+            for e in json.loads(line)["entries"]:
+                row = totals.setdefault(e["contributor"], [0, 0, 0])
+                row[0], row[1], row[2] = row[0] + 1, row[1] + e["samples"], row[2] + e["tokens"]
+        if totals:
+            total = sum(t for _, _, t in totals.values())
+            data = [[c, g, s, t, t / total] for c, (g, s, t) in sorted(totals.items(), key=lambda kv: -kv[1][2])]
+            table = wandb.Table(columns=["contributor", "groups", "samples", "tokens", "share"], data=data)
+            self.wandb.log({"contributions/table": table})
 
 
 SMOOTH_STEPS = 5
