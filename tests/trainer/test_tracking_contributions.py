@@ -23,6 +23,8 @@ def test_the_run_ends_with_a_contributions_table(tmp_path, monkeypatch):
     tracker = Tracker(cfg, tmp_path)
     tracker.log(1, {"loss": 0.5})
     tracker.finish(0)
-    rows = [row for row in h.wandb_history(tmp_path) if "contributions/table/_type" in row]
+    history = h.wandb_history(tmp_path)
+    assert [row["_step"] for row in history] == [1]  # on the last step's row: no extra step in the history
+    rows = [row for row in history if "contributions/table/_type" in row]
     assert len(rows) == 1 and rows[0]["contributions/table/_type"] == "table-file"
     assert rows[0]["contributions/table/nrows"] == 2 and rows[0]["contributions/table/ncols"] == 5
