@@ -6,7 +6,7 @@ it from its database and the workers register again (signing fresh challenges). 
 started again on the run directory, and each contributor fetches its receipts. Checked:
 - the report's trained samples per contributor equal batches.jsonl minus the trainer's masks (metrics.jsonl),
   and its tokens what the receipts signed; every step has one receipt (none lost or doubled by the restart);
-  each contributor's registrations before and after the restart count as one contributor;
+  registrations before and after the restart count as one contributor each;
 - every contributor's receipts verify offline with the run's public key (`rl contributions verify`);
 - a tampered receipt file, or one with bob's proof added to alice's, fails; alice cannot fetch bob's.
 """
@@ -106,11 +106,13 @@ def test_the_report_counts_what_was_trained(run):
     assert sum(trained.values()) == sum(r["trained_samples"] for r in rows.values())
     assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
     assert sum(1 for c in by_name.values() if rows.get(c, {}).get("trained_samples")) >= 2, rows
-    for contributor in by_name.values():  # registered again after the restart: still one contributor
-        assert rows[contributor]["registrations"] >= 2, rows[contributor]
-        if rows[contributor]["trained_samples"]:  # the hub's own counts (the kill may cost their last 0.5 s)
-            row = rows[contributor]
-            assert row["submitted_groups"] > 0 and row["scored_groups"] > 0 and row["generation_s"] > 0, row
+    # Registering again after the restart (each worker does on its next call, if the run is not over by then)
+    # adds to the same contributor: no other contributor appears, and some have two registrations.
+    assert set(rows) == set(by_name.values()), rows.keys()
+    assert max(r["registrations"] for r in rows.values()) >= 2, rows
+    # The hub's own counts (a hard kill may cost their last 0.5 s, so summed over contributors).
+    assert sum(r["submitted_groups"] for r in rows.values()) >= sum(r["trained_groups"] for r in rows.values()) / 2
+    assert all(sum(r[k] for r in rows.values()) > 0 for k in ("scored_groups", "generation_s")), rows
     print({c[:24]: (r["trained_samples"], r["trained_tokens"], f"{r['share']:.2f}") for c, r in rows.items()})
     csv = rl("contributions", str(run_dir), "--csv")
     assert csv.returncode == 0 and csv.stdout.splitlines()[0].startswith("contributor,kind,trained_samples")
