@@ -18,7 +18,8 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def _type_name(ann) -> str:
-    text = str(ann).replace("typing.", "").replace("pathlib.", "").replace("rl.config.sections.", "").replace("rl.config.", "")
+    text = str(ann).replace("typing.", "").replace("pathlib.", "")
+    text = text.replace("rl.config.sections.", "").replace("rl.config.", "")
     return text.replace("<class '", "").replace("'>", "")
 
 

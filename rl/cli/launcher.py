@@ -45,6 +45,7 @@ from rl.trainer.loop import EXIT_INTERRUPTED, StopRequest
 from rl.trainer.watchdog import StepWatchdog, Watched
 from rl.wire.admin import HubAdmin
 from rl.wire.client import HubHTTP
+from rl.wire.identity import load_or_create, public_id
 from rl.wire.tokens import Tokens
 from rollout_workers.engines import EngineSpec
 
@@ -225,6 +226,8 @@ class Launch:
         cfg = self.cfg
         ckpt = self.prepare_run_dir()
         self.logs.mkdir(parents=True, exist_ok=True)
+        run_key = public_id(load_or_create(self.paths.run_key))
+        log.info("run key (signs the receipts of trained work; %s): %s", self.paths.run_key_pub, run_key)
         cfg.run_dir = self.run_dir
         config_path = self.paths.config
         config_path.write_text(dump_config(cfg))

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from rl.config import RunConfig
+from rl.hub.contributions import ContributionLedger
 from rl.hub.fair import FairTurns
 from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.hub.policy_files import PolicyFiles
@@ -30,7 +31,9 @@ from rl.wire.protocol import (
     BatchRequest,
     HeartbeatRequest,
     HeartbeatResponse,
+    HubError,
     HubStatus,
+    IdentityChallenge,
     Lease,
     LeaseRequest,
     PolicyManifest,
@@ -41,6 +44,7 @@ from rl.wire.protocol import (
     SubmitRequest,
     SubmitResponse,
 )
+from rl.wire.receipts import Contributions, StepReceipt
 from rl.wire.tokens import Tokens
 from verifiers.base import TIMEOUT_MARK
 
@@ -79,6 +83,8 @@ class Hub:
         """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
         self.trust = Trust(cfg.trust, state)
+        self.contributions = ContributionLedger(store.path if store is not None else None, cfg.paths.run_key_pub)
+        """Contributors, their counts and the trainer's receipts (rl/hub/contributions.py)."""
         self._scoring_tasks: set[asyncio.Task] = set()
         self.stalls: dict[str, tuple[Stall, float]] = {}
         """Current stalls by component, with when they were reported (`record_stall`)."""
@@ -116,6 +122,7 @@ class Hub:
         """
         if self.store is not None:
             self.store.save(self.state.ledger(), self.state.policy_version, batch, self.trust.records())
+        self.contributions.flush()
 
     async def write_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
         """`flush_ledger` in a thread, so a large batch's write never stalls leases and submissions.
@@ -147,6 +154,7 @@ class Hub:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
                 await self.write_ledger()
+                await self.contributions.flush_async()
             except Exception:  # a full disk: the next flush (or the next batch pull) tries again
                 log.exception("writing the ledger to %s failed", self.store.path if self.store else None)
 
@@ -194,9 +202,15 @@ class Hub:
     # ------------------------------------------------------------------ workers
 
     def register(self, req: RegisterRequest, who: str | None) -> RegisterResponse:
+        contributor = self.contributions.identify(req.identity, who)
         resp = self.state.register(req, who, time.monotonic())
-        log.info("worker %s (%s, %s) registered", resp.worker_id, req.name, req.engine)
+        self.contributions.bind(resp.worker_id, contributor, who, req.name)
+        log.info("worker %s (%s, %s) registered for %s", resp.worker_id, req.name, req.engine, contributor)
         return resp
+
+    def challenge(self) -> IdentityChallenge:
+        """A one-time string for a contributor key to sign (registration, fetching receipts)."""
+        return self.contributions.challenge()
 
     def heartbeat(
         self, worker_id: str, req: HeartbeatRequest, who: str | None, secret: str | None
@@ -231,7 +245,15 @@ class Hub:
         """Accept a worker's results and start scoring each new task in the verifier pool."""
         self.state.authorize(req.worker_id, who, secret)
         self.trust.check(req.worker_id)
-        answer, jobs = self.state.submit(req, who, time.monotonic())
+        step = self.state.batches
+        try:
+            answer, jobs = self.state.submit(req, who, time.monotonic())
+        except HubError as e:  # the registration proved itself: the refusal counts against its contributor
+            self.contributions.count(req.worker_id, "rejected", step, req.policy_version, len(req.results),
+                                     reason=e.reason)  # fmt: skip
+            raise
+        # Evaluation is the run's own business, not a contribution.
+        self.contributions.submitted([j for j in jobs if j.task_id not in self.state.evals], step, req.gen_seconds)
         for job in jobs:
             self._spawn(self.score(job))
         return answer
@@ -263,6 +285,8 @@ class Hub:
                 continue
             self.trust.count_timeouts(job.worker_id, sum(TIMEOUT_MARK in r.info for r in rewards))
             group = self.state.finish_scoring(job, rewards, time.perf_counter() - start)
+            if group is not None:
+                self.contributions.scored(group, self.state.batches)
             if group is not None and self.trust.observe_group(group):  # quarantined: its tasks went back
                 self.poke()
             return
@@ -333,6 +357,7 @@ class Hub:
         if who is None:  # stalls name paths and causes: the admin's
             update["stalls"] = [st.model_copy(update={"since_s": st.since_s + now - at})
                                 for st, at in self.stalls.values()]  # fmt: skip
+        status = self.contributions.annotate(status, who, self.state.workers)
         return self.trust.annotate(status, who).model_copy(update=update)
 
     def record_stall(self, stall: Stall) -> Ack:
@@ -343,6 +368,18 @@ class Hub:
         elif self.stalls.pop(stall.component, None) is not None:
             log.info("%s goes on again", stall.component)
         return Ack()
+
+    # ------------------------------------------------------------------ contributions
+
+    async def record_receipt(self, report: StepReceipt) -> Ack:
+        """The trainer's signed receipt of a step with what it masked; stored before the answer."""
+        return await self.contributions.record(report)
+
+    def contributions_of(self, contributor: str, who: str | None, challenge: str | None, signature: str | None,
+                         from_step: int = 0) -> Contributions:  # fmt: skip
+        """`contributor`'s receipts (from step `from_step`) and inclusion proofs, for it (or the admin) only."""
+        self.contributions.authorize(contributor, who, challenge, signature)
+        return self.contributions.receipts_of(contributor, from_step)
 
     # ------------------------------------------------------------------ trust
 

@@ -35,6 +35,7 @@ from rl.trainer.batch import TrainBatch, build_batch, eval_metrics, rollout_metr
 from rl.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.trainer.loss import LossNorm, policy_loss, reduce_metrics, scales_with_tokens
 from rl.trainer.publisher import Publisher
+from rl.trainer.receipts import Receipts
 from rl.trainer.strategy import _GATHER_BUDGET  # bytes gathered at once into a background publication
 from rl.trainer.tracking import Progress
 from rl.trainer.verify import StepChecks, report_provenance
@@ -103,6 +104,8 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.tracker = None
         self.on_step: Callable[[int], None] = lambda step: None  # the step watchdog's (rl/trainer/watchdog.py)
+        self.receipts = Receipts(self.paths, self.hub) if self.is_main else None  # signs each step's trained work
+        self.codes: Tensor | None = None  # the last checks' code per sequence (0: passed), for the receipts
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
@@ -339,7 +342,7 @@ class Trainer:
         `perf/provenance_s` is the checks' own forwards (all of them on the two-forward path, kept versions'
         groups only on the shared one, whose statistics are then part of `perf/train_s`).
         """
-        start = time.perf_counter()
+        start, self.codes = time.perf_counter(), None
         checks, trust_metrics = self.checks(batch), {}
         shared = checks is not None and StepChecks.can_share(self.cfg, self.strategy, batch.group_size)
         if checks is not None:  # forwards of their own: kept versions' groups, and all rows unless shared
@@ -373,6 +376,7 @@ class Trainer:
         """All ranks: the masked batch and the metrics of finished checks; rank 0 reports them to the hub,
         which keeps per-worker statistics and quarantines."""
         batch, metrics, table = checks.finish()
+        self.codes = table[:, 0].round().long()
         if self.is_main:
             report_provenance(self.hub, self.step, groups, batch.group_size, table, metrics)
         return batch, metrics
@@ -487,6 +491,8 @@ class Trainer:
         cfg = self.cfg
         batch, metrics = self.check_and_train(build_batch(groups, self.pad_id), groups)
         train_s = metrics["perf/train_s"]
+        if self.receipts is not None:  # numbered as metrics.jsonl and batches.jsonl number this step
+            metrics |= self.receipts.issue(self.step + 1, groups, batch.completion_mask, self.codes)
         step_for_data = self.step  # the version the trainer held while training this batch
         self.step += 1
         last = self.step == cfg.trainer.max_steps

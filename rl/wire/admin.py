@@ -82,6 +82,10 @@ class HubAdmin(HubHTTP):
         """A stall of the trainer (or its end) for `rl status` (the step watchdog's, rl/trainer/watchdog.py)."""
         self.call("POST", "/v1/stalls", Ack, json=stall, max_retry_s=5.0)
 
+    def record_receipt(self, report) -> None:
+        """A step's signed receipt and masked work (rl/wire/receipts.py `StepReceipt`), for the contribution ledger."""
+        self.call("POST", "/v1/receipts", Ack, json=report)
+
     def report_provenance(self, report: ProvenanceReport) -> None:
         """The trainer's per-worker provenance verdicts of one step (the hub may quarantine)."""
         self.call("POST", "/v1/provenance", Ack, json=report, max_retry_s=10.0)

@@ -21,6 +21,9 @@ from rl.config import WeightsFormat
 
 WORKER_SECRET_HEADER = "X-Worker-Secret"
 """Header carrying a registration's secret on every later call that names its worker id."""
+IDENTITY_CHALLENGE_HEADER = "X-Identity-Challenge"
+IDENTITY_SIGNATURE_HEADER = "X-Identity-Signature"
+"""A contributor's proof of its key on `GET /v1/contributions/...`: a hub challenge and its signature."""
 
 MAX_SEQUENCE_TOKENS = 1_048_576
 """Upper bound of any token list on the wire (the hub checks the run's own, tighter limits)."""
@@ -40,6 +43,10 @@ SAFE_NAME = r"^[A-Za-z0-9._:@+-]{1,64}$"
 """A worker name: printed raw in logs, terminals, batches.jsonl and W&B keys, so no escapes or newlines."""
 PRINTABLE = r"^[\x20-\x7e]*$"
 """Printable ASCII: no control characters (terminal escapes, newlines)."""
+PUBLIC_KEY = r"^ed25519:[0-9a-f]{64}$"
+"""A contributor identity or a run key: an Ed25519 public key (rl/wire/identity.py)."""
+SIGNATURE = r"^[0-9a-f]{128}$"
+"""An Ed25519 signature, hex."""
 
 
 class Wire(BaseModel):
@@ -87,6 +94,21 @@ class HubError(RuntimeError):
 # --------------------------------------------------------------------------- workers
 
 
+class IdentityChallenge(Wire):
+    """A one-time string to sign with a contributor key (`POST /v1/challenges`), good for `expires_in_s`."""
+
+    challenge: str
+    expires_in_s: float
+
+
+class IdentityProof(Wire):
+    """A contributor key's signature of a hub challenge (`POST /v1/challenges`; rl/wire/identity.py)."""
+
+    public_key: str = Field(pattern=PUBLIC_KEY)
+    challenge: str = Field(min_length=1, max_length=MAX_ID)
+    signature: str = Field(pattern=SIGNATURE)
+
+
 class RegisterRequest(Wire):
     name: str = Field("worker", pattern=SAFE_NAME)
     """Shown in logs, `rl status`, batches.jsonl and W&B keys: letters, digits and `._:@+-`, 1 to 64 of them."""
@@ -94,6 +116,8 @@ class RegisterRequest(Wire):
     tensor_parallel: int = Field(1, ge=1, le=1024)
     host: str = Field("", max_length=256, pattern=PRINTABLE)
     """Free-form description of where the worker runs (shown in status); printable ASCII only."""
+    identity: IdentityProof | None = None
+    """Register for a contributor identity (`rl rollout --identity KEY`); without one the work is the token's."""
 
 
 class SamplingParamsWire(Wire):
@@ -300,6 +324,8 @@ class ScoredGroup(Wire):
     """Seconds of the worker's generate call that made this group (one call per lease: shared by its tasks)."""
     score_s: float = 0.0
     """Seconds from the hub accepting this group to its last reward (waiting for a verifier process included)."""
+    contributor: str = ""
+    """Who generated it: an identity's public key, or `token:<token id>` (rl/hub/contributions.py)."""
 
 
 class Batch(Wire):
@@ -357,6 +383,10 @@ class WorkerStatus(Wire):
     """Why this worker is quarantined (no leases, its groups dropped); empty when it is not."""
     trust: WorkerTrust | None = None
     """Provenance statistics (rl/hub/trust.py); None until the trainer checked any of its sequences."""
+    operator: str = ""
+    """The token id it registered with."""
+    contributor: str = ""
+    """The contributor its work is credited to: its identity's public key, or `token:<operator>`."""
 
 
 class OperatorStatus(Wire):
@@ -372,6 +402,18 @@ class OperatorStatus(Wire):
     quarantined: str = ""
     trust: WorkerTrust | None = None
     """Its evidence over every registration it ever had."""
+
+
+class ContributorStatus(Wire):
+    """One contributor's trained work so far (rl/hub/contributions.py); only trained work counts."""
+
+    contributor: str
+    workers: int = 0
+    """Registrations alive now."""
+    trained_samples: int = 0
+    trained_tokens: int = 0
+    share: float = 0.0
+    """Its fraction of every contributor's trained tokens."""
 
 
 class WeightsServed(Wire):
@@ -424,6 +466,8 @@ class HubStatus(Wire):
     operators: list[OperatorStatus] = Field(default_factory=list)
     """Operators with live registrations (a worker token sees only its own)."""
     operators_quarantined: int = 0
+    contributors: list[ContributorStatus] = Field(default_factory=list)
+    """Contributors with trained work or live registrations (a worker token sees only its own)."""
     queued: int
     leased: int
     scoring: int
