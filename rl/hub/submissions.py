@@ -69,13 +69,13 @@ def check_completion(state: HubLike, tid: int, j: int, c: Completion, max_tokens
     except PackedError as e:
         raise state.reject(422, "bad_packed", f"{where}: {e}") from None
     if not 1 <= len(ids) <= max_tokens:
-        raise state.reject(422, "bad_length", f"{where}: {len(ids)} tokens, allowed 1..{max_tokens}")
+        raise state.reject(422, "bad_length", f"{where}: token_ids: {len(ids)} tokens, allowed 1..{max_tokens}")
     if len(logprobs) != len(ids):
-        raise state.reject(422, "logprobs_mismatch", f"{where}: {len(logprobs)} logprobs for {len(ids)} tokens")
+        raise state.reject(422, "logprobs_mismatch", f"{where}: logprobs: {len(logprobs)} for {len(ids)} tokens")
     if ids.min() < 0 or ids.max() >= state.vocab_size:
-        raise state.reject(422, "token_out_of_vocab", f"{where}: token id outside [0, {state.vocab_size})")
+        raise state.reject(422, "token_out_of_vocab", f"{where}: token_ids: an id outside [0, {state.vocab_size})")
     # A NaN or inf makes the sum non-finite (summed in float64: many large finite values do not overflow).
     if not (np.isfinite(logprobs.sum(dtype=np.float64)) and logprobs.max() <= 0.0):
-        raise state.reject(422, "bad_logprob", f"{where}: logprobs must be finite (as float32) and <= 0")
+        raise state.reject(422, "bad_logprob", f"{where}: logprobs: must be finite (as float32) and <= 0")
     texts = (c.token_ids if isinstance(c.token_ids, str) else None, c.logprobs if isinstance(c.logprobs, str) else None)
     return PackedCompletion(ids, logprobs, c.finish_reason, *texts)
