@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from rl.wire.packed import PackedCompletion, PackedError, as_ids, as_logprobs
+from rl.wire.packed import PackedCompletion, PackedError
 from rl.wire.protocol import Completion, HubError, SubmitRequest
 
 HubLike = Any
@@ -65,9 +65,10 @@ def check_completion(state: HubLike, tid: int, j: int, c: Completion, max_tokens
     """One completion's checks, as array operations on either encoding; the arrays the hub keeps."""
     where = f"task {tid} completion {j}"
     try:
-        ids, logprobs = as_ids(c.token_ids), as_logprobs(c.logprobs)
+        packed = PackedCompletion.of(c.token_ids, c.logprobs, c.finish_reason)
     except PackedError as e:
         raise state.reject(422, "bad_packed", f"{where}: {e}") from None
+    ids, logprobs = packed.ids, packed.logprobs
     if not 1 <= len(ids) <= max_tokens:
         raise state.reject(422, "bad_length", f"{where}: token_ids: {len(ids)} tokens, allowed 1..{max_tokens}")
     if len(logprobs) != len(ids):
@@ -77,5 +78,4 @@ def check_completion(state: HubLike, tid: int, j: int, c: Completion, max_tokens
     # A NaN or inf makes the sum non-finite (summed in float64: many large finite values do not overflow).
     if not (np.isfinite(logprobs.sum(dtype=np.float64)) and logprobs.max() <= 0.0):
         raise state.reject(422, "bad_logprob", f"{where}: logprobs: must be finite (as float32) and <= 0")
-    texts = (c.token_ids if isinstance(c.token_ids, str) else None, c.logprobs if isinstance(c.logprobs, str) else None)
-    return PackedCompletion(ids, logprobs, c.finish_reason, *texts)
+    return packed

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Annotated, Any
 
 import numpy as np
@@ -56,8 +55,8 @@ def pack_logprobs(logprobs) -> str:
 
 def unpack(text: str, dtype: np.dtype, field: str) -> np.ndarray:
     """The array a base64 text holds (read-only, no copy of the decoded bytes); `PackedError` if malformed."""
-    try:
-        raw = base64.b64decode(text, validate=True)
+    try:  # strict: only the base64 alphabet, correct padding, nothing after it (and C speed, unlike b64decode)
+        raw = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError) as e:
         raise PackedError(field, f"not base64 ({e})") from None
     if len(raw) % dtype.itemsize:
@@ -83,24 +82,25 @@ def as_logprobs(value: str | list[float], field: str = "logprobs") -> np.ndarray
 
 @dataclass(frozen=True)
 class PackedCompletion:
-    """One checked completion as the hub keeps it: arrays to read, base64 to forward (made once)."""
+    """One checked completion as the hub keeps it: arrays to read, base64 texts to forward."""
 
     ids: np.ndarray
     logprobs: np.ndarray
     finish_reason: str
-    ids_text: str | None = None
-    logprobs_text: str | None = None
+    packed_ids: str
+    """The worker's own text when it sent packed, else `pack_ids(ids)`."""
+    packed_logprobs: str
+
+    @classmethod
+    def of(cls, token_ids: str | list[int], logprobs: str | list[float], finish_reason: str) -> PackedCompletion:
+        """From either encoding (`PackedError` if unreadable); the values are not checked here."""
+        ids, lps = as_ids(token_ids), as_logprobs(logprobs)
+        ids_text = token_ids if isinstance(token_ids, str) else pack_ids(ids)
+        lps_text = logprobs if isinstance(logprobs, str) else pack_logprobs(lps)
+        return cls(ids, lps, finish_reason, ids_text, lps_text)
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @cached_property
-    def packed_ids(self) -> str:
-        return self.ids_text if self.ids_text is not None else pack_ids(self.ids)
-
-    @cached_property
-    def packed_logprobs(self) -> str:
-        return self.logprobs_text if self.logprobs_text is not None else pack_logprobs(self.logprobs)
 
 
 def _validator(dtype: np.dtype, item: type):
