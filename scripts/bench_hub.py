@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ ADMIN, WORKER = "bench-admin-token", "bench-worker-token"
 GROUP = 8
 MIN_TOKENS, MAX_TOKENS = 256, 1024
 TEMPLATES = 16
+BASELINE_ROOT = ROOT
 
 
 # --------------------------------------------------------------------------- a minimal HTTP/1.1 client
@@ -101,8 +103,6 @@ class Conn:
 def group_templates(vocab: int, seed: int, wire: str) -> list[bytes]:
     """Pre-encoded `results[0].completions` JSON of GROUP completions each (ids filled in per request), as
     JSON lists or packed (rl/wire/packed.py): the same values either way (log-probs exact in float32)."""
-    from rl.wire.packed import pack_ids, pack_logprobs
-
     rng = random.Random(seed)
     out = []
     for _ in range(TEMPLATES):
@@ -113,6 +113,8 @@ def group_templates(vocab: int, seed: int, wire: str) -> list[bytes]:
             # What a worker has: float32 log-probs (vLLM's), written as the shortest decimal that reads back.
             logprobs = [float(repr(float(x))) for x in np.float32([-rng.expovariate(1.0) for _ in range(n)])]
             if wire == "packed":
+                from rl.wire.packed import pack_ids, pack_logprobs
+
                 ids, logprobs = pack_ids(ids), pack_logprobs(logprobs)
             completions.append(
                 {"token_ids": ids, "logprobs": logprobs, "finish_reason": "length" if n == MAX_TOKENS else "stop"}
@@ -146,8 +148,10 @@ async def sim_worker(conn, wid, until, think, heartbeat_s, templates, stats, rng
         try:
             if next_beat <= next_submit:
                 next_beat += heartbeat_s
-                status, _ = await conn.request("POST", f"/v1/workers/{wid}/heartbeat", hb_body)
+                status, answer = await conn.request("POST", f"/v1/workers/{wid}/heartbeat", hb_body)
                 stats["heartbeats" if status == 200 else "errors"] += 1
+                if status != 200:
+                    stats["error_kinds"].append(f"heartbeat {status} {answer[:80]!r}")
                 continue
             # Open loop: due times are drawn in advance and do not wait for answers. No think time
             # (the saturation row) is a closed loop: the next request goes as soon as this one is answered.
@@ -158,25 +162,29 @@ async def sim_worker(conn, wid, until, think, heartbeat_s, templates, stats, rng
             stats["lease_ms"].append((t1 - t0) * 1000)
             if status != 200:
                 stats["errors"] += 1
+                stats["error_kinds"].append(f"lease {status} {body[:80]!r}")
                 continue
             lease = json.loads(body)
             if lease["lease_id"] is None:
                 stats["empty_leases"] += 1
                 continue
             payload = submit_body(wid, lease["lease_id"], lease["tasks"][0]["task_id"], rng.choice(templates))
-            status, _ = await conn.request("POST", "/v1/rollouts", payload)
+            status, answer = await conn.request("POST", "/v1/rollouts", payload)
             stats["submit_ms"].append((time.perf_counter() - t1) * 1000)
             stats["submissions" if status == 200 else "errors"] += 1
+            if status != 200:
+                stats["error_kinds"].append(f"submit {status} {answer[:80]!r}")
             stats["bytes"] += len(payload)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             stats["errors"] += 1
+            stats["error_kinds"].append(type(e).__name__)
             conn.writer = None
 
 
 async def load_main(host, port, ids, start_at, seconds, think, heartbeat_s, vocab, seed, wire) -> dict:
     templates = group_templates(vocab, seed, wire)
     stats = {"lease_ms": [], "submit_ms": [], "submissions": 0, "heartbeats": 0, "errors": 0,
-             "empty_leases": 0, "bytes": 0}  # fmt: skip
+             "empty_leases": 0, "bytes": 0, "error_kinds": []}  # fmt: skip
     conns = [Conn(host, port, WORKER, secret) for _, secret in ids]
     for c in conns:
         await c.open()
@@ -253,14 +261,15 @@ finally:
 """
 
 
-def start_hub(config: Path, log: Path, port: int, cpu: int, profile: Path | None = None) -> subprocess.Popen:
+def start_hub(config: Path, log: Path, port: int, cpu: int, profile: Path | None = None,
+              root: Path = ROOT) -> subprocess.Popen:  # fmt: skip
     env = {**os.environ, "RL_HUB_ADMIN_TOKEN": ADMIN, "RL_HUB_WORKER_TOKENS": WORKER, "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}  # fmt: skip
     # Under cProfile with a CPU-time clock: time the hub spends descheduled on a loaded machine is not counted.
     run = ["-c", PROFILED, str(profile)] if profile is not None else ["-m", "rl.cli"]
     cmd = ["taskset", "-c", str(cpu), sys.executable, *run, "hub", str(config),
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=root)  # noqa: SIM115
     from rl.wire.client import HubHTTP
 
     deadline = time.monotonic() + 180
@@ -327,15 +336,16 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
     write_base(run_dir / "policy", model)
     write_version(run_dir / "policy", 0, load_file(model / "model.safetensors"), "float32")
     port = free_port()
-    hub = start_hub(config, run_dir / "hub.log", port, hub_cpu, profile)
+    baseline = wire == "baseline"  # the hub of --baseline-root, sent JSON lists
+    hub = start_hub(config, run_dir / "hub.log", port, hub_cpu, profile, BASELINE_ROOT if baseline else ROOT)
     try:
         import httpx
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {WORKER}"},
                           timeout=60) as c:  # fmt: skip
-            offer = {"name": "sim", "engine": "vllm", "wire": [wire]}
+            offer = {"name": "sim", "engine": "vllm"} if baseline else {"name": "sim", "engine": "vllm", "wire": [wire]}
             regs = [c.post("/v1/workers", json=offer).json() for i in range(workers)]
-            assert all(r["wire"] == wire for r in regs), regs[0]
+            assert baseline or all(r["wire"] == wire for r in regs), regs[0]
             ids = [(r["worker_id"], r.get("worker_secret", "")) for r in regs]
         start_at = time.time() + 3.0 + workers / 2000
         queue: mp.Queue = mp.get_context("spawn").Queue()
@@ -343,7 +353,8 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
         procs = []
         for k in range(load_procs):
             part = ids[k::load_procs]
-            args = ("127.0.0.1", port, part, start_at, seconds, think, heartbeat_s, vocab, k, wire)
+            args = ("127.0.0.1", port, part, start_at, seconds, think, heartbeat_s, vocab, k,
+                    "json" if baseline else wire)  # fmt: skip
             p = ctx.Process(target=load_process, args=(args, queue))
             p.start()
             subprocess.run(["taskset", "-pc", load_cpus, str(p.pid)], check=True, capture_output=True)
@@ -395,6 +406,7 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
         "hub_cpu_util": hub_cpu_s / wall,
         "mb_per_s": merged["bytes"] / seconds / 1e6,
         "errors": merged["errors"],
+        "error_kinds": dict(Counter(merged["error_kinds"]).most_common(5)),
         "consumed": len(consumed),
         **check,
     }
@@ -453,12 +465,18 @@ def main() -> None:
     ap.add_argument("--load-procs", type=int, default=2)
     ap.add_argument("--hub-cpu", type=int, default=0)
     ap.add_argument("--load-cpus", default="1")
-    ap.add_argument("--wire", nargs="+", choices=["json", "packed"], default=["json", "packed"],
+    ap.add_argument("--wire", nargs="+", choices=["baseline", "json", "packed"], default=["json", "packed"],
                     help="Submission encodings to compare; each row runs once per wire.")  # fmt: skip
+    ap.add_argument("--baseline-root", type=Path, help="Checkout whose hub the `baseline` wire runs (JSON lists).")
     ap.add_argument("--repeats", type=int, default=1, help="Interleaved repeats of every row and wire.")
     ap.add_argument("--profile", type=Path, help="Run the hub under cProfile; one .prof per row in this folder.")
     ap.add_argument("--write-docs", action="store_true", help="Replace the hub section of docs/benchmarks.md.")
     args = ap.parse_args()
+    if "baseline" in args.wire:
+        if args.baseline_root is None:
+            ap.error("--wire baseline needs --baseline-root")
+        global BASELINE_ROOT
+        BASELINE_ROOT = args.baseline_root.resolve()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
