@@ -2,7 +2,7 @@
 
 What a real pool looks like to the hub: each worker heartbeats every `--heartbeat-s` and, every
 1-10 s (uniform "think time": the generation a real GPU worker does), leases one prompt and submits
-its group: n=8 completions of 256-1,024 tokens with a logprob per token (~100 kB of JSON, ~55 kB packed). The
+its group: n=8 completions of 256-1,024 tokens with a logprob per token (~120 kB of JSON, ~55 kB packed). The
 schedule is open-loop: a worker's next submission is due at a time drawn in advance, not after
 the previous answer, so a slow hub shows up as latency instead of quietly lowering the load.
 A simulated trainer pulls batches of 64 groups as fast as the hub fills them.
