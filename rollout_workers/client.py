@@ -136,14 +136,17 @@ class HubClient(HubHTTP):
         return self._as_worker(call)
 
     def submit(self, request: SubmitRequest, **retry_kw) -> SubmitResponse:
-        """POST /v1/rollouts. An unknown worker id re-registers, then the HubError propagates.
+        """POST /v1/rollouts, packed when the hub chose that at registration (rl/wire/packed.py). An unknown
+        worker id re-registers, then the HubError propagates.
 
         `retry_kw` (`max_retry_s`, `stoppable`) override the retry policy, e.g. for the last submissions
         of a worker that is leaving."""
         with self._lock:
             seen = self.registrations
+            packed = self.registration is not None and self.registration.wire == "packed"
         try:
-            return self.call("POST", "/v1/rollouts", SubmitResponse, json=request, **retry_kw)
+            body = request.packed() if packed else request
+            return self.call("POST", "/v1/rollouts", SubmitResponse, json=body, **retry_kw)
         except UnknownWorker:
             self._reregister(request.worker_id, seen)
             raise

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl.wire.identity import load_key
+from rl.wire.packed import WIRE_ENCODINGS
 from rl.wire.protocol import (
     Completion,
     HeartbeatRequest,
@@ -137,9 +138,8 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
-        request = RegisterRequest(
-            name=self.name, engine=self.spec.kind, tensor_parallel=self.spec.tensor_parallel, host=_host()
-        )
+        request = RegisterRequest(name=self.name, engine=self.spec.kind, tensor_parallel=self.spec.tensor_parallel,
+                                  host=_host(), wire=list(WIRE_ENCODINGS))  # fmt: skip
         try:
             self.client.register(request)
             self._adopt_registration()

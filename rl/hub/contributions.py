@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rl.hub.contribution_db import ContributionDB
 from rl.wire.identity import challenge_message, verify
+from rl.wire.packed import as_ids
 from rl.wire.protocol import (
     Ack,
     ContributorStatus,
@@ -126,14 +127,14 @@ class ContributionLedger:
     def submitted(self, jobs: list, step: int, gen_seconds: float) -> None:
         """Count accepted tasks (`ScoringJob`s of one submission; its generation time shared among them)."""
         for job in jobs:
-            tokens = sum(len(c.token_ids) for c in job.completions)
+            tokens = sum(len(c.ids) for c in job.completions)
             self.count(job.worker_id, "submitted", step, job.policy_version, 1, len(job.completions), tokens,
                        seconds=gen_seconds / len(jobs))  # fmt: skip
 
     def scored(self, group: ScoredGroup, step: int) -> None:
         """Label a buffered group with its contributor (the trainer signs that) and count it."""
         group.contributor = self.contributor_of(group.worker_id)
-        tokens = sum(len(c.token_ids) for c in group.completions)
+        tokens = sum(len(as_ids(c.token_ids)) for c in group.completions)  # packed text or a list
         self.count(group.worker_id, "scored", step, group.policy_version, 1, len(group.completions), tokens)
 
     def _take_pending(self) -> tuple[dict, dict]:

@@ -117,7 +117,8 @@ def create_app(hub: Hub) -> Guard:
     async def healthz() -> dict:
         return {"ok": True}
 
-    @app.post("/v1/workers", response_model=RegisterResponse)
+    # Unset fields stay out of the answer: a worker that offered no `wire` (an older one) gets the fields it knows.
+    @app.post("/v1/workers", response_model=RegisterResponse, response_model_exclude_none=True)
     async def register(req: RegisterRequest, who: str | None = Depends(caller)):
         return hub.register(req, who)
 

@@ -268,7 +268,7 @@ class Hub:
     async def score(self, job: ScoringJob) -> None:
         """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
         start = time.perf_counter()
-        texts = self.scored_texts([c.token_ids for c in job.completions])
+        texts = self.scored_texts([c.ids.tolist() for c in job.completions])
         while True:
             try:
                 async with self.turns.turn(self.trust.operator_of(job.worker_id)):

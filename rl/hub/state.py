@@ -35,6 +35,7 @@ from rl.hub.records import (
 from rl.hub.status_report import hub_status
 from rl.hub.submissions import validate_submission
 from rl.sampling import completion_seeds
+from rl.wire.packed import choose_wire
 from rl.wire.protocol import (
     EvalJob,
     EvalRequest,
@@ -157,6 +158,7 @@ class HubState:
             dtype=self.cfg.rollout.dtype or self.cfg.model.dtype,
             sampling=self.sampling_params(),
             weights_url=self.cfg.hub.weights_url,
+            wire=choose_wire(req.wire),
         )
 
     def sampling_params(self) -> SamplingParamsWire:
@@ -378,19 +380,18 @@ class HubState:
         A stale version is rejected (409) after its tasks went back to the queue; any other
         rejection changes nothing. Re-sent results are reported as duplicates, not scored twice.
         """
-        new, dups = validate_submission(self, req, caller)
+        new, dups, checked = validate_submission(self, req, caller)
         if new and (stale := self.stale_submission(req)) is not None:
             raise stale
         if not new:
             return SubmitResponse(accepted=[], duplicates=dups), []
-        self.accept(req, new, now)
+        self.accept(req, new, now, sum(len(c) for cs in checked.values() for c in cs))
         rec = self.workers[req.worker_id]
-        by_id = {r.task_id: r for r in req.results}
         jobs = [
             ScoringJob(
                 task_id=tid,
                 example=self.evals.example(tid)[1] if tid in self.evals else self.prompts.rows[self.task_rows[tid]],
-                completions=by_id[tid].completions,
+                completions=checked[tid],
                 policy_version=req.policy_version,
                 worker_id=rec.worker_id,
                 worker_name=rec.name,
@@ -408,7 +409,7 @@ class HubState:
         self.rejections[reason] += 1
         return HubError(status, reason, detail)
 
-    def accept(self, req: SubmitRequest, task_ids: list[int], now: float) -> None:
+    def accept(self, req: SubmitRequest, task_ids: list[int], now: float, tokens: int = 0) -> None:
         """Move validated tasks from their lease to scoring; stale versions go back to the queue."""
         rec = self.workers[req.worker_id]
         rec.last_seen = now
@@ -428,9 +429,7 @@ class HubState:
             self._finish_lease(lease)
         rec.completed_tasks += len(task_ids)
         self.submissions += 1
-        self.tokens_generated += sum(
-            len(c.token_ids) for r in req.results if r.task_id in task_ids for c in r.completions
-        )
+        self.tokens_generated += tokens
 
     def _finish_lease(self, lease: LeaseRecord) -> None:
         """Every task of `lease` has a result (its own or a backup's); re-sent results become duplicates."""
@@ -484,9 +483,9 @@ class HubState:
             worker_id=job.worker_id,
             worker_name=job.worker_name,
             completions=[
-                ScoredCompletion.model_construct(
-                    token_ids=c.token_ids,
-                    logprobs=c.logprobs,
+                ScoredCompletion.model_construct(  # the packed texts, forwarded as they came
+                    token_ids=c.packed_ids,
+                    logprobs=c.packed_logprobs,
                     finish_reason=c.finish_reason,
                     reward=r.value,
                     components=r.components,

@@ -13,11 +13,12 @@ their models, and a worker's session.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from rl.config import WeightsFormat
+from rl.wire.packed import PackedIds, PackedLogprobs, pack_ids, pack_logprobs
 
 WORKER_SECRET_HEADER = "X-Worker-Secret"
 """Header carrying a registration's secret on every later call that names its worker id."""
@@ -27,6 +28,8 @@ IDENTITY_SIGNATURE_HEADER = "X-Identity-Signature"
 
 MAX_SEQUENCE_TOKENS = 1_048_576
 """Upper bound of any token list on the wire (the hub checks the run's own, tighter limits)."""
+MAX_PACKED_CHARS = (4 * MAX_SEQUENCE_TOKENS + 2) // 3 * 4
+"""Longest packed array text (base64 of MAX_SEQUENCE_TOKENS four-byte values)."""
 MAX_GROUP = 1024
 """Most completions per task (sampling.n's bound)."""
 MAX_TASKS = 4096
@@ -118,6 +121,8 @@ class RegisterRequest(Wire):
     """Free-form description of where the worker runs (shown in status); printable ASCII only."""
     identity: IdentityProof | None = None
     """Register for a contributor identity (`rl rollout --identity KEY`); without one the work is the token's."""
+    wire: list[Literal["packed", "json"]] | None = Field(None, max_length=8)
+    """Encodings of token ids and log-probs the worker can send, preferred first; absent: JSON lists only."""
 
 
 class SamplingParamsWire(Wire):
@@ -142,6 +147,8 @@ class RegisterResponse(Wire):
     sampling: SamplingParamsWire
     weights_url: str | None = None
     """An HTTP cache or mirror of `/v1/blobs/` to download policy files from first (`hub.weights_url`)."""
+    wire: Literal["packed", "json"] | None = None
+    """The encoding to submit with, one the worker offered; absent when it offered none (an older worker)."""
 
 
 class HeartbeatRequest(Wire):
@@ -192,11 +199,26 @@ class Lease(Wire):
     reason: str = ""
 
 
+TokenList = Annotated[list[int], Field(max_length=MAX_SEQUENCE_TOKENS)]
+FloatList = Annotated[list[float], Field(max_length=MAX_SEQUENCE_TOKENS)]
+PackedText = Annotated[str, Field(max_length=MAX_PACKED_CHARS)]
+
+
 class Completion(Wire):
-    token_ids: list[int] = Field(max_length=MAX_SEQUENCE_TOKENS)
-    logprobs: list[float] = Field(max_length=MAX_SEQUENCE_TOKENS)
-    """Per-token logprob of each sampled token under the behaviour policy."""
+    token_ids: TokenList | PackedText = Field(union_mode="left_to_right")
+    """The sampled token ids: a JSON list, or packed (base64 of little-endian int32, rl/wire/packed.py)."""
+    logprobs: FloatList | PackedText = Field(union_mode="left_to_right")
+    """Per-token logprob of each sampled token under the behaviour policy: a list, or packed (float32)."""
     finish_reason: Literal["stop", "length"] = "stop"
+
+    def packed(self) -> Completion:
+        """The same completion with packed token ids and log-probs."""
+        ids, logprobs = self.token_ids, self.logprobs
+        return Completion.model_construct(
+            token_ids=ids if isinstance(ids, str) else pack_ids(ids),
+            logprobs=logprobs if isinstance(logprobs, str) else pack_logprobs(logprobs),
+            finish_reason=self.finish_reason,
+        )
 
 
 class TaskResult(Wire):
@@ -212,6 +234,12 @@ class SubmitRequest(Wire):
     results: list[TaskResult] = Field(min_length=1, max_length=MAX_TASKS)
     gen_seconds: float = Field(0.0, ge=0.0, le=MAX_SECONDS)
     """Wall time spent generating these results (for tokens/s)."""
+
+    def packed(self) -> SubmitRequest:
+        """The same submission with every completion packed (what a worker sends when the hub chose `packed`)."""
+        results = [TaskResult.model_construct(task_id=r.task_id, completions=[c.packed() for c in r.completions])
+                   for r in self.results]  # fmt: skip
+        return self.model_copy(update={"results": results})
 
 
 class SubmitResponse(Wire):
@@ -303,8 +331,9 @@ class BatchRequest(Wire):
 
 
 class ScoredCompletion(Wire):
-    token_ids: list[int]
-    logprobs: list[float]
+    token_ids: PackedIds
+    """Packed on the wire (the worker's own text when it sent packed); a list in Python."""
+    logprobs: PackedLogprobs
     finish_reason: Literal["stop", "length"]
     reward: float
     components: dict[str, float]
