@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from rl.config import RunConfig
+from rl.hub.episode_runner import EpisodeRunner
+from rl.hub.episode_store import EpisodeStore
 from rl.hub.fair import FairTurns
 from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.hub.policy_files import PolicyFiles
@@ -80,6 +82,13 @@ class Hub:
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
         self.stop_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
+        self.episodes: EpisodeRunner | None = None
+        """An environment run's steps (rl/hub/episode_runner.py); None for plain prompts."""
+        if state.episodes.enabled:
+            state.episodes.end_ids = self.stop_ids
+            db = EpisodeStore(store.path) if store is not None else None
+            self.episodes = EpisodeRunner(state, tokenizer, db, lambda ids: decode_texts(tokenizer, ids))
+            self.episodes.restore()
         self._adopt_published_policy()
         self.flush_ledger()
 
@@ -213,7 +222,8 @@ class Hub:
         self.trust.check(req.worker_id)
         answer, jobs = self.state.submit(req, who, time.monotonic())
         for job in jobs:
-            self._spawn(self.score(job))
+            episode = self.episodes is not None and job.task_id not in self.state.evals
+            self._spawn(self.episodes.advance(job) if episode else self.score(job))
         return answer
 
     # ------------------------------------------------------------------ scoring

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from rl.config import RunConfig
 from rl.hub.data import PromptOrder, PromptSet
+from rl.hub.episodes import Episodes
 from rl.hub.evals import EvalJobs
 from rl.hub.fair import late_tasks, operator_room
 from rl.hub.records import (
@@ -70,6 +71,7 @@ class HubState:
         self.cfg = cfg
         self.prompts = prompts
         self.evals = EvalJobs(eval_prompts)
+        self.episodes = Episodes.for_run(cfg)  # an environment's turns (rl/hub/episodes.py)
         self.vocab_size = vocab_size
         self.started = time.monotonic()
         self.prompts_per_step = cfg.trainer.prompts_per_step
@@ -275,6 +277,10 @@ class HubState:
         if offered is not None:
             eval_tasks, sampling = offered
             return self._grant(rec, eval_tasks, sampling, req.policy_version, now, req.policy_version)
+        turns = self.episodes.next_turns(rec.worker_id, lambda t: self.prompts.prompt_ids[self.task_rows[t]],
+                                         self.sampling_params(), req.max_tasks)  # fmt: skip
+        if turns is not None:  # episodes in flight go first
+            return self._grant(rec, *turns, min_version, now, req.policy_version)
         held = sum(len(self.leases[lid].task_ids) for lid in rec.leases if lid in self.leases)
         want = min(req.max_tasks, self.cfg.hub.max_tasks_per_lease, self.cfg.hub.max_leased_per_worker - held,
                    operator_room(self, rec.token))  # fmt: skip
@@ -306,7 +312,7 @@ class HubState:
         lease_id = f"l-{secrets.token_hex(6)}"
         tids = {t.task_id for t in tasks}
         for t in tasks:
-            t.seeds = self.seeds_of(t.task_id, sampling.n)
+            t.seeds = t.seeds or self.seeds_of(t.task_id, sampling.n)  # an episode's turn comes with its seed
         self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, tids, now + self.cfg.hub.lease_ttl_s,
                                             version=held_version, granted_at=now)  # fmt: skip
         rec.leases.add(lease_id)
@@ -331,6 +337,8 @@ class HubState:
         for tid in sorted(task_ids, reverse=True):
             if tid in self.evals:
                 self.evals.requeue(tid)
+            elif tid in self.episodes:
+                self.episodes.requeue(tid)
             else:
                 self.queue.appendleft(tid)
         if task_ids:
@@ -385,7 +393,7 @@ class HubState:
         jobs = [
             ScoringJob(
                 task_id=tid,
-                example=self.evals.example(tid)[1] if tid in self.evals else self.prompts.rows[self.task_rows[tid]],
+                example=self.evals.example(tid)[1] if tid in self.evals else self.prompts.rows[self.task_rows[self.episodes.task_of(tid)]],
                 completions=by_id[tid].completions,
                 policy_version=req.policy_version,
                 worker_id=rec.worker_id,

@@ -45,6 +45,7 @@ def validate_submission(state: HubLike, req: SubmitRequest, caller: str | None) 
             raise state.reject(409, "task_not_in_lease", f"task {tid} is not part of lease {req.lease_id}")
         try:
             want = state.evals.expected_n(tid, req.policy_version) if tid in state.evals else n
+            want = 1 if tid in state.episodes else want  # an episode's later turn: one completion
         except HubError as e:
             raise state.reject(e.status, e.reason, e.detail) from None
         if len(result.completions) != want:
@@ -53,6 +54,8 @@ def validate_submission(state: HubLike, req: SubmitRequest, caller: str | None) 
             )
         for j, c in enumerate(result.completions):
             check_completion(state, tid, j, c, max_tokens)
+            if state.episodes.enabled and tid not in state.evals and (why := state.episodes.check_turn(tid, c)):
+                raise state.reject(422, "turn_not_ended", why)
         new.append(tid)
     return new, dups
 

@@ -284,6 +284,9 @@ class ScoredCompletion(Wire):
     finish_reason: Literal["stop", "length"]
     reward: float
     components: dict[str, float]
+    turns: list[list[int]] = Field(default_factory=list)
+    """An episode's model turns as [start, end, seed, policy version] within `token_ids`; the tokens between
+    them are observations the hub rendered (never trained on). Empty: all of `token_ids` is one turn."""
 
 
 class ScoredGroup(Wire):
