@@ -19,7 +19,7 @@ def env_state(tokenizer, *overrides: str, ledger=None) -> HubState:
     cfg = load_config(None, ["data.source.type=env", "data.source.size=8", "data.eval_size=0",
                              'data.source.params={"low": 1, "high": 4, "max_turns": 3}', "sampling.n=2",
                              "sampling.max_tokens=8", "trainer.prompts_per_step=1", "trainer.micro_batch_size=2",
-                             "model.max_model_len=256", *overrides])  # fmt: skip
+                             "model.max_model_len=256", "data.max_prompt_tokens=128", *overrides])  # fmt: skip
     train, _ = load_rows(cfg.data)
     state = HubState(cfg, PromptSet.build(train, cfg.data, tokenizer), vocab_size=len(tokenizer), ledger=ledger)
     state.policy_version = 0
@@ -36,8 +36,9 @@ def register(state: HubState, name: str = "w") -> str:
     return state.register(RegisterRequest(name=name), "tok", 0.0).worker_id
 
 
-def lease(state: HubState, wid: str, now: float = 0.0):
-    return state.lease(LeaseRequest(worker_id=wid, policy_version=state.policy_version, max_tasks=8), "tok", now)
+def lease(state: HubState, wid: str, now: float = 0.0, max_tasks: int = 8):
+    req = LeaseRequest(worker_id=wid, policy_version=state.policy_version, max_tasks=max_tasks)
+    return state.lease(req, "tok", now)
 
 
 def turn(tokenizer, text: str, end: bool = True) -> Completion:
