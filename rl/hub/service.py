@@ -88,8 +88,9 @@ class Hub:
             state.episodes.end_ids = self.stop_ids
             db = EpisodeStore(store.path) if store is not None else None
             self.episodes = EpisodeRunner(state, tokenizer, db, lambda ids: decode_texts(tokenizer, ids))
-            self.episodes.restore()
         self._adopt_published_policy()
+        if self.episodes is not None:
+            self.episodes.restore()  # after the policy: episodes newer than it are from after a checkpoint
         self.flush_ledger()
 
     @property
