@@ -14,11 +14,11 @@ Bookkeeping only: the service (rl/hub/service.py) runs the environment's steps o
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rl.config import EnvSource, RunConfig
+from rl.hub.data import PromptSet
 from rl.sampling import completion_seeds
 from rl.wire.protocol import Completion, LeasedTask, SamplingParamsWire, ScoredCompletion, ScoredGroup
 
@@ -74,12 +74,14 @@ class Episodes:
     """The episodes in flight, by training task id, and the queue of turns waiting for a worker."""
 
     @classmethod
-    def for_run(cls, cfg: RunConfig) -> Episodes:
-        """The run's episodes: enabled when its data source is an environment (`data.source.type: env`)."""
+    def for_run(cls, cfg: RunConfig, prompts: PromptSet, task_rows: dict[int, int]) -> Episodes:
+        """The run's episodes: enabled when its data source is an environment (`data.source.type: env`).
+        `task_rows`: the hub state's outstanding task id -> row index (read here, never written)."""
         src = cfg.data.source
         turns = int(src.params.get("max_turns", 4)) if isinstance(src, EnvSource) else 1
         out = cls(cfg.sampling.n, cfg.trainer.seed, turns, cfg.model.max_model_len, cfg.sampling.max_tokens)
         out.enabled = isinstance(src, EnvSource)
+        out.prompts, out.task_rows = prompts, task_rows
         return out
 
     enabled = False
@@ -114,9 +116,13 @@ class Episodes:
         episode = self.groups[task][j]
         return completion_seeds(self.run_seed ^ TURN_SEED_SALT, tid, self.max_turns)[len(episode.turns)]
 
-    def next_turns(self, worker_id: str, prompt_of: Callable[[int], list[int]], sampling: SamplingParamsWire,
+    def example_of(self, tid: int) -> dict[str, Any]:
+        """The data row of a training task or of one of its episodes' turns."""
+        return self.prompts.rows[self.task_rows[self.task_of(tid)]]
+
+    def next_turns(self, worker_id: str, sampling: SamplingParamsWire,
                    max_tasks: int) -> tuple[list[LeasedTask], SamplingParamsWire] | None:  # fmt: skip
-        """Up to `max_tasks` waiting turns, the worker's own episodes first; `prompt_of`: task id -> prompt ids."""
+        """Up to `max_tasks` waiting turns, the worker's own episodes first."""
         if not self.queue:
             return None
         mine = [t for t in self.queue if self._episode(t).worker_id == worker_id]
@@ -126,7 +132,7 @@ class Episodes:
         tasks = []
         for t in chosen:
             task, j = split_turn_id(t)
-            ids = prompt_of(task) + self.groups[task][j].tokens
+            ids = self.prompts.prompt_ids[self.task_rows[task]] + self.groups[task][j].tokens
             tasks.append(LeasedTask(task_id=t, prompt_token_ids=ids, seeds=[self.seed_of(t)]))
         return tasks, sampling.model_copy(update={"n": 1})
 

@@ -71,7 +71,6 @@ class HubState:
         self.cfg = cfg
         self.prompts = prompts
         self.evals = EvalJobs(eval_prompts)
-        self.episodes = Episodes.for_run(cfg)  # an environment's turns (rl/hub/episodes.py)
         self.vocab_size = vocab_size
         self.started = time.monotonic()
         self.prompts_per_step = cfg.trainer.prompts_per_step
@@ -81,6 +80,7 @@ class HubState:
         self.leases: dict[str, LeaseRecord] = {}
         self.queue: deque[int] = deque()  # re-queued task ids, served before new ones
         self.task_rows: dict[int, int] = {}  # outstanding task id -> row index
+        self.episodes = Episodes.for_run(cfg, prompts, self.task_rows)  # an environment's turns (rl/hub/episodes.py)
         self.leased: dict[int, set[str]] = {}  # task id -> the leases holding it (two with a backup lease)
         self.blocked: set[str] = set()  # quarantined operators (token ids): no registrations, no leases
         self.eval_operator: str | None = None  # the only operator given eval tasks (`rl train`'s local workers)
@@ -277,8 +277,7 @@ class HubState:
         if offered is not None:
             eval_tasks, sampling = offered
             return self._grant(rec, eval_tasks, sampling, req.policy_version, now, req.policy_version)
-        turns = self.episodes.next_turns(rec.worker_id, lambda t: self.prompts.prompt_ids[self.task_rows[t]],
-                                         self.sampling_params(), req.max_tasks)  # fmt: skip
+        turns = self.episodes.next_turns(rec.worker_id, self.sampling_params(), req.max_tasks)
         if turns is not None:  # episodes in flight go first
             return self._grant(rec, *turns, min_version, now, req.policy_version)
         held = sum(len(self.leases[lid].task_ids) for lid in rec.leases if lid in self.leases)
@@ -393,7 +392,7 @@ class HubState:
         jobs = [
             ScoringJob(
                 task_id=tid,
-                example=self.evals.example(tid)[1] if tid in self.evals else self.prompts.rows[self.task_rows[self.episodes.task_of(tid)]],
+                example=self.evals.example(tid)[1] if tid in self.evals else self.episodes.example_of(tid),
                 completions=by_id[tid].completions,
                 policy_version=req.policy_version,
                 worker_id=rec.worker_id,

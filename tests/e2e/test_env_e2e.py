@@ -59,8 +59,14 @@ def test_fabricated_observation_refused_and_episodes_survive_a_hub_sigkill(tmp_p
         client.register(RegisterRequest(name="w"))
         first = client.lease(policy_version=0, max_tasks=1)
         (task,) = first.tasks
-        client.submit(SubmitRequest(worker_id=client.worker_id, lease_id=first.lease_id, policy_version=0,
-                                    results=[TaskResult(task_id=task.task_id, completions=[turn(tok, "0")] * 2)]))
+        client.submit(
+            SubmitRequest(
+                worker_id=client.worker_id,
+                lease_id=first.lease_id,
+                policy_version=0,
+                results=[TaskResult(task_id=task.task_id, completions=[turn(tok, "0")] * 2)],
+            )
+        )
         held = next_turns(client)
         item = held.tasks[0]
         assert item.prompt_token_ids[: len(task.prompt_token_ids)] == task.prompt_token_ids
@@ -69,8 +75,14 @@ def test_fabricated_observation_refused_and_episodes_survive_a_hub_sigkill(tmp_p
         fabricated.token_ids += fake["input_ids"]
         fabricated.logprobs += [-0.5] * len(fake["input_ids"])
         with pytest.raises(HubError) as refused:
-            client.submit(SubmitRequest(worker_id=client.worker_id, lease_id=held.lease_id, policy_version=0,
-                                        results=[TaskResult(task_id=item.task_id, completions=[fabricated])]))
+            client.submit(
+                SubmitRequest(
+                    worker_id=client.worker_id,
+                    lease_id=held.lease_id,
+                    policy_version=0,
+                    results=[TaskResult(task_id=item.task_id, completions=[fabricated])],
+                )
+            )
         assert refused.value.status == 422 and refused.value.reason == "turn_not_ended", refused.value
         before = {t.task_id: (t.prompt_token_ids, t.seeds) for t in held.tasks}
         time.sleep(1.5)  # the ledger's periodic flush (rl/hub/ledger.py FLUSH_INTERVAL_S)
@@ -95,7 +107,8 @@ def test_rl_train_on_episodes_trains_the_exact_turns_and_observations(tmp_path, 
 
     run_dir = tmp_path / "run"
     config = h.train_config(run_dir, tiny_model_dir, data=GAME, sampling={"n": 2, "max_tokens": 6},
-                            trainer={"max_steps": 3, "prompts_per_step": 2}, **{"async": {"max_staleness": 0}})  # fmt: skip
+                            trainer={"max_steps": 3, "prompts_per_step": 2},
+                            **{"async": {"max_staleness": 0}})  # fmt: skip
     log = tmp_path / "train.log"
     assert h.run_train(config, log, timeout=600) == 0, h.tail(log)
     metrics = h.by_step(h.read_jsonl(run_dir / "metrics.jsonl"))
