@@ -31,7 +31,7 @@ from rl.wire.protocol import Completion, LeaseRequest, RegisterRequest, SubmitRe
 
 BASE = ["sampling.n=8", "sampling.max_tokens=8", "trainer.prompts_per_step=64", "trainer.micro_batch_size=8",
         "hub.max_tasks_per_lease=64", "hub.max_leased_per_worker=4096", "data.eval_size=0", "async.max_staleness=64",
-        "hub.buffer_size=4096", "model.max_model_len=512", "data.max_prompt_tokens=256"]  # fmt: skip
+        "hub.buffer_size=4096", "model.max_model_len=512", "data.max_prompt_tokens=256", "eval.every=0"]  # fmt: skip
 
 
 def state_for(tok, env: bool) -> HubState:

@@ -51,7 +51,7 @@ def test_fabricated_observation_refused_and_episodes_survive_a_hub_sigkill(tmp_p
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = write_config(tmp_path, tiny_model_dir, data=GAME, sampling={"n": 2, "max_tokens": 48},
-                          trainer={"prompts_per_step": 1, "micro_batch_size": 2})  # fmt: skip
+                          trainer={"prompts_per_step": 1, "micro_batch_size": 2}, eval={"every": 0})  # fmt: skip
     publish_initial_policy(tmp_path, tiny_model_dir)
     hub = start_hub(config, tmp_path / "hub.log")
     try:

@@ -74,3 +74,11 @@ def test_arithmetic_tool_runs_code_in_the_sandbox_without_network_or_host_files(
     assert not ok and "No such file" in files
     slow, ok = run_python("while True: pass", 2, 256)
     assert not ok and "timed out" in slow
+
+
+def test_an_environment_run_refuses_evaluations_it_cannot_do_yet():
+    from rl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.every must be 0 with data.source.type env"):
+        load_config(None, ["data.source.type=env", "eval.every=5"])
+    assert load_config(None, ["data.source.type=env", "eval.every=0"]).data.source.name == "guess_number"

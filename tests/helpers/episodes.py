@@ -19,7 +19,8 @@ def env_state(tokenizer, *overrides: str, ledger=None) -> HubState:
     cfg = load_config(None, ["data.source.type=env", "data.source.size=8", "data.eval_size=0",
                              'data.source.params={"low": 1, "high": 4, "max_turns": 3}', "sampling.n=2",
                              "sampling.max_tokens=8", "trainer.prompts_per_step=1", "trainer.micro_batch_size=2",
-                             "model.max_model_len=256", "data.max_prompt_tokens=128", *overrides])  # fmt: skip
+                             "model.max_model_len=256", "data.max_prompt_tokens=128", "eval.every=0",
+                             *overrides])  # fmt: skip
     train, _ = load_rows(cfg.data)
     state = HubState(cfg, PromptSet.build(train, cfg.data, tokenizer), vocab_size=len(tokenizer), ledger=ledger)
     state.policy_version = 0
