@@ -207,7 +207,8 @@ class Episodes:
             ScoredCompletion.model_construct(
                 token_ids=e.tokens, logprobs=e.logprobs, finish_reason=e.finish_reason, reward=g.value,
                 components={**g.components, **e.rewards, "tool_calls": float(e.tool_calls),
-                            "tool_errors": float(e.tool_errors), "turns": float(len(e.turns))},
+                            "tool_errors": float(e.tool_errors), "turns": float(len(e.turns)),
+                            "observation_tokens": float(len(e.tokens) - sum(t[1] - t[0] for t in e.turns))},
                 turns=e.turns,
             )
             for e, g in zip(episodes, grades, strict=True)

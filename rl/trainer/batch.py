@@ -102,12 +102,19 @@ def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
     if any(len(g.completions) != group_size for g in groups):
         raise ValueError("groups of different sizes in one batch")
     seqs, masks, behaviour, rewards, draws = [], [], [], [], []
+    episodes = any(c.turns for g in groups for c in g.completions)
     for g in groups:
-        for c in g.completions:
+        for j, c in enumerate(g.completions):
             seqs.append(g.prompt_token_ids + c.token_ids)
-            mask, draw = turn_layout(c.turns, len(c.token_ids), g.policy_version) if c.turns else (None, None)
-            masks.append([0.0] * len(g.prompt_token_ids) + (mask or [1.0] * len(c.token_ids)))
-            draws.append([(-1, 0)] * len(g.prompt_token_ids) + (draw or []))
+            if c.turns:
+                mask, draw = turn_layout(c.turns, len(c.token_ids), g.policy_version)
+            else:
+                mask, draw = [1.0] * len(c.token_ids), []
+                if episodes:  # beside episodes: one turn, the completion's own seed
+                    seed = g.seeds[j] if len(g.seeds) == group_size else -1
+                    draw = [(seed, i) for i in range(len(c.token_ids))]
+            masks.append([0.0] * len(g.prompt_token_ids) + mask)
+            draws.append([(-1, 0)] * len(g.prompt_token_ids) + draw if episodes else [])
             behaviour.append([0.0] * len(g.prompt_token_ids) + list(c.logprobs))
             rewards.append(c.reward)
     length = max(len(s) for s in seqs)
@@ -116,7 +123,6 @@ def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
     attention = torch.zeros((batch, length), dtype=torch.long)
     cmask = torch.zeros((batch, length), dtype=torch.float32)
     blogp = torch.zeros((batch, length), dtype=torch.float32)
-    episodes = any(c.turns for g in groups for c in g.completions)
     turn_draws = torch.full((batch, length, 2), -1, dtype=torch.long) if episodes else None
     for i, (s, m, b) in enumerate(zip(seqs, masks, behaviour, strict=True)):
         input_ids[i, : len(s)] = torch.tensor(s)
