@@ -37,6 +37,11 @@ class EpisodeRunner:
         """Seconds in the environment's steps and grades (its tools included)."""
         self.turns = 0
 
+    def timings(self) -> dict[str, float]:
+        """Milliseconds per turn: the hub's own work, and the environment's (its tools included)."""
+        turns = max(self.turns, 1)
+        return {"hub_ms_per_turn": 1e3 * self.hub_s / turns, "env_ms_per_turn": 1e3 * self.env_s / turns}
+
     def restore(self) -> int:
         """A restarted hub: episodes of still-pending tasks continue from their last completed turn."""
         if self.store is None:

@@ -109,6 +109,11 @@ class Episodes:
     def in_flight(self) -> int:
         return sum(not e.done for g in self.groups.values() for e in g)
 
+    def summary(self) -> dict[str, float]:
+        """For /v1/status and `rl status`."""
+        return {"in_flight": float(self.in_flight), "turns_queued": float(len(self.queue)),
+                "turns_done": float(self.turns_done), "observation_tokens": float(self.observation_tokens)}  # fmt: skip
+
     # ------------------------------------------------------------------ leasing
 
     def seed_of(self, tid: int) -> int:

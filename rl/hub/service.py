@@ -319,7 +319,10 @@ class Hub:
     def status(self, who: str | None, offset: int, limit: int) -> HubStatus:
         """The hub at a glance, as the caller may see it (a worker token: its own workers only)."""
         status = self.state.status(time.monotonic(), self.pool.metrics(), offset, limit)
-        return self.trust.annotate(status, who).model_copy(update={"weights_served": self.files.served()})
+        update = {"weights_served": self.files.served()}
+        if self.episodes is not None:
+            update["episodes"] = {**status.episodes, **self.episodes.timings()}
+        return self.trust.annotate(status, who).model_copy(update=update)
 
     # ------------------------------------------------------------------ trust
 

@@ -434,6 +434,9 @@ class HubStatus(Wire):
     """The last scoring failure, e.g. "task 12 (attempt 2/3): RuntimeError: ..."."""
     weights_served: WeightsServed = Field(default_factory=WeightsServed)
     """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
+    episodes: dict[str, float] = Field(default_factory=dict)
+    """An environment run (docs/environments.md): episodes in flight, turns queued and done, observation tokens,
+    and the hub's milliseconds per turn (tools excluded); empty otherwise."""
 
 
 # --------------------------------------------------------------------------- trust (admin)

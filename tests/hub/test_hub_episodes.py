@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 from helpers.episodes import env_state, lease, register, runner, submit, turn
+from rich.console import Console
 
+from rl.cli.status_view import render
 from rl.hub.episodes import TURN_ID_BASE, split_turn_id
 from rl.hub.ledger import LedgerStore
 from rl.trainer.batch import build_batch
@@ -28,6 +30,12 @@ def test_turns_carry_the_exact_ids_and_the_group_is_their_concatenation(tiny_tok
     task = first_turns(state, run, tok, wid)
     secret = state.prompts.rows[state.task_rows[task.task_id]]["answer"]
     assert task.task_id in state.task_rows and not state.buffer
+    status = state.status(0.0, {})
+    assert status.episodes["in_flight"] == 2 and status.episodes["turns_queued"] == 2
+    assert status.episodes["turns_done"] == 2 and status.episodes["observation_tokens"] > 0
+    shown = Console(width=200, record=True)
+    shown.print(render(status))
+    assert "episodes in flight / turns queued / done" in shown.export_text()
     generated = {0: [turn(tok, "0")], 1: [turn(tok, "0")]}
     for _ in range(2):  # later turns: one item per unfinished episode, n=1, the conversation so far as prompt
         granted = lease(state, wid)
