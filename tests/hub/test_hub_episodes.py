@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from helpers.episodes import env_state, lease, register, runner, submit, turn
+from helpers.sandbox import sandbox_required  # noqa: F401 - fixture
 from rich.console import Console
 
 from rl.cli.status_view import render
@@ -127,3 +128,21 @@ def test_a_restarted_hub_resumes_episodes_at_their_last_completed_turn(tiny_toke
     wid2 = register(restarted)
     resumed = lease(restarted, wid2)
     assert {t.task_id: t.prompt_token_ids for t in resumed.tasks} == expected
+
+
+@pytest.mark.usefixtures("sandbox_required")
+def test_a_tool_call_runs_in_the_sandbox_on_the_hub_and_its_output_is_the_observation(tiny_tokenizer):
+    tok = tiny_tokenizer
+    state = env_state(tok, "data.source.name=arithmetic_tool", 'data.source.params={"max_turns": 3}',
+                      "sampling.max_tokens=48")  # fmt: skip
+    run = runner(state, tok)
+    wid = register(state)
+    granted = lease(state, wid, max_tasks=1)
+    (task,) = granted.tasks
+    calls = [turn(tok, "<python>print(6 * 7)</python>"), turn(tok, "<answer>1</answer>")]
+    submit(state, run, wid, granted.lease_id, {task.task_id: calls})
+    (episode, answered) = state.episodes.groups[task.task_id]
+    assert answered.done and not episode.done and episode.tool_calls == 1
+    observation = tok.decode(episode.tokens[len(calls[0].token_ids) :])
+    assert "<output>\n42\n</output>" in observation and observation.endswith("<|im_start|>assistant\n")
+    assert run.timings()["env_ms_per_turn"] > run.timings()["hub_ms_per_turn"]  # the sandbox's start dominates
