@@ -2,8 +2,8 @@
 
 Written after every environment step, so a hub killed between two turns restarts with each episode
 at its last completed turn (rl/hub/episodes.py). A row is deleted when its task's group is built
-(a buffered group lost in a crash is generated again, like any pending task), and rows of tasks
-the ledger no longer holds pending are ignored on restart.
+(a buffered group lost in a crash is generated again, like any pending task); rows of tasks
+the ledger no longer holds pending are dropped on restart, and all rows on `rl train --resume`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ class EpisodeStore:
 
     def delete(self, task_id: int) -> None:
         self.db.execute("DELETE FROM episodes WHERE task_id = ?", (task_id,))
+
+    def clear(self) -> None:
+        """Forget every episode (`rl train --resume` went back to a checkpoint: its pending tasks start over)."""
+        self.db.execute("DELETE FROM episodes")
 
     def load(self) -> dict[int, list[dict[str, Any]]]:
         return {tid: json.loads(body) for tid, body in self.db.execute("SELECT task_id, body FROM episodes")}

@@ -146,3 +146,22 @@ def test_a_tool_call_runs_in_the_sandbox_on_the_hub_and_its_output_is_the_observ
     observation = tok.decode(episode.tokens[len(calls[0].token_ids) :])
     assert "<output>\n42\n</output>" in observation and observation.endswith("<|im_start|>assistant\n")
     assert run.timings()["env_ms_per_turn"] > run.timings()["hub_ms_per_turn"]  # the sandbox's start dominates
+
+
+def test_resume_from_a_checkpoint_starts_pending_episodes_over(tiny_tokenizer, tmp_path):
+    from rl.hub.episode_store import EpisodeStore
+    from rl.hub.main import open_ledger
+
+    tok, state = tiny_tokenizer, env_state(tiny_tokenizer)
+    run = runner(state, tok, tmp_path / "hub.sqlite")
+    wid = register(state)
+    task = first_turns(state, run, tok, wid)
+    checkpoint = tmp_path / "ledger.json"
+    checkpoint.write_text(state.ledger().model_dump_json())
+    assert task.task_id in EpisodeStore(tmp_path / "hub.sqlite").load()
+    cfg = state.cfg.model_copy(update={"run_dir": tmp_path})
+    store, ledger = open_ledger(cfg, checkpoint)
+    assert cfg.paths.hub_db == tmp_path / "hub.sqlite" and EpisodeStore(cfg.paths.hub_db).load() == {}
+    resumed = env_state(tok, ledger=ledger)
+    assert runner(resumed, tok, tmp_path / "hub.sqlite").restore() == 0 and task.task_id in resumed.queue
+    store.close()
