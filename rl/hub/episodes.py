@@ -79,7 +79,7 @@ class Episodes:
         `task_rows`: the hub state's outstanding task id -> row index (read here, never written)."""
         src = cfg.data.source
         turns = int(src.params.get("max_turns", 4)) if isinstance(src, EnvSource) else 1
-        out = cls(cfg.sampling.n, cfg.trainer.seed, turns, cfg.model.max_model_len, cfg.sampling.max_tokens)
+        out = cls(cfg.trainer.seed, turns, cfg.model.max_model_len, cfg.sampling.max_tokens)
         out.enabled = isinstance(src, EnvSource)
         out.prompts, out.task_rows = prompts, task_rows
         return out
@@ -87,12 +87,15 @@ class Episodes:
     enabled = False
     """An environment run: every training task is a group of episodes."""
 
-    def __init__(self, n: int, run_seed: int, max_turns: int, max_model_len: int, max_tokens: int,
+    def __init__(self, run_seed: int, max_turns: int, max_model_len: int, max_tokens: int,
                  end_ids: set[int] | None = None):  # fmt: skip
-        self.n, self.run_seed, self.max_turns = n, run_seed, max_turns
+        self.run_seed, self.max_turns = run_seed, max_turns
         self.max_model_len, self.max_tokens = max_model_len, max_tokens
         self.end_ids = end_ids or set()
         """End-of-turn token ids: a turn ends at the first one."""
+        self.prompts: PromptSet | None = None
+        self.task_rows: dict[int, int] = {}
+        """The hub state's outstanding task id -> row index (`for_run`)."""
         self.groups: dict[int, list[Episode]] = {}
         self.queue: deque[int] = deque()
         self.turns_done = 0
