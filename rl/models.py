@@ -266,13 +266,16 @@ def build_tiny_model(out: Path, seed: int = 0) -> None:
 QWEN2_VOCAB = 151936
 """Vocabulary (embedding rows) of the Qwen2/Qwen2.5 models."""
 QWEN2_SHAPES: dict[str, dict[str, int]] = {
-    # Layer shapes of Qwen2.5-0.5B and Qwen2.5-1.5B (their config.json); `tiny` is for CPU dry runs.
+    # Layer shapes of Qwen2.5-0.5B, 1.5B and 7B (their config.json); `tiny` is for CPU dry runs.
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2),
+    # Qwen2.5-7B's layers (its lm_head is untied: 0.54B more parameters than this tied twin).
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4),
 }  # fmt: skip
 
 

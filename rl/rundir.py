@@ -6,10 +6,12 @@ runs/<run_name>/
   worker_cache/      local workers' verified copies of policy versions
   checkpoints/       step_<N>/ (rl/trainer/checkpoint.py)
   final/             the trained policy as a plain HF directory
-  logs/              hub.log, worker-<i>.log
+  logs/              hub.log, worker-<i>.log, stall-<time>/ (stacks of a stalled step)
   hub.sqlite         the hub's ledger (survives a hub crash)
   metrics.jsonl      one record per step (the same names as in W&B)
   batches.jsonl      which prompts each step trained on
+  receipts.jsonl     the signed receipt of each trained step (rl/wire/receipts.py)
+  run_key.pem(.pub)  the run's Ed25519 signing key (private: 0600) and its public key
   curves.png         reward and accuracy curves
 """
 
@@ -58,6 +60,10 @@ class RunDir:
     def hub_log(self) -> Path:
         return self.logs / "hub.log"
 
+    def stall(self, stamp: str) -> Path:
+        """Where the step watchdog writes every process's stacks when a step stalls (`stamp`: UTC time)."""
+        return self.logs / f"stall-{stamp}"
+
     def worker_log(self, index: int) -> Path:
         """The log of `rl train`'s local rollout worker `index`."""
         return self.logs / f"worker-{index}.log"
@@ -81,6 +87,19 @@ class RunDir:
         return self.root / "batches.jsonl"
 
     @property
+    def receipts(self) -> Path:
+        return self.root / "receipts.jsonl"
+
+    @property
+    def run_key(self) -> Path:
+        """The run's private signing key (receipts); the public key is beside it in `run_key_pub`."""
+        return self.root / "run_key.pem"
+
+    @property
+    def run_key_pub(self) -> Path:
+        return self.root / "run_key.pem.pub"
+
+    @property
     def curves(self) -> Path:
         return self.root / "curves.png"
 
@@ -91,7 +110,7 @@ class RunDir:
     @property
     def step_logs(self) -> tuple[Path, ...]:
         """Logs with one JSON record per step (`{"step": N, ...}`), cut back on resume."""
-        return (self.metrics, self.batches)
+        return (self.metrics, self.batches, self.receipts)
 
     @property
     def versioned(self) -> tuple[Path, ...]:

@@ -20,11 +20,14 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from rl.wire.client import AuthError, HubHTTP, HubUnavailable, UnknownWorker
+from rl.wire.identity import challenge_message, public_id, sign
 from rl.wire.protocol import (
     Ack,
     HeartbeatRequest,
     HeartbeatResponse,
     HubError,
+    IdentityChallenge,
+    IdentityProof,
     Lease,
     LeaseRequest,
     PolicyManifest,
@@ -44,8 +47,10 @@ __all__ = ["AuthError", "HubClient", "HubError", "HubUnavailable", "UnknownWorke
 class HubClient(HubHTTP):
     """Worker-side client of one hub. `register` first; the other calls use the id it got."""
 
-    def __init__(self, base_url: str, token: str, **kw) -> None:
+    def __init__(self, base_url: str, token: str, *, identity=None, **kw) -> None:
         super().__init__(base_url, token, **kw)
+        self.identity = identity
+        """A contributor key (rl/wire/identity.py): each registration proves it by signing a fresh challenge."""
         self._lock = threading.Lock()
         self._register_lock = threading.Lock()
         """Held while registering again, so concurrent 404s (main loop + heartbeat) register once."""
@@ -62,11 +67,13 @@ class HubClient(HubHTTP):
             raise RuntimeError("HubClient.register() must be called first")
         return self.registration.worker_id
 
-    def register(self, request: RegisterRequest) -> RegisterResponse:
+    def register(self, request: RegisterRequest, attempts: int = 3) -> RegisterResponse:
         """POST /v1/workers. Remembered, so the client can register again on its own."""
         try:
-            response = self.call("POST", "/v1/workers", RegisterResponse, json=request)
+            response = self.call("POST", "/v1/workers", RegisterResponse, json=self._prove(request))
         except HubError as e:
+            if e.reason == "unknown_challenge" and attempts > 1:  # the hub restarted between challenge and now
+                return self.register(request, attempts - 1)
             if e.status == 404 and not isinstance(e, AuthError):
                 raise HubError(404, "not_a_hub", f"{self.base_url} has no /v1/workers route: is it a hub?") from e
             raise
@@ -77,6 +84,15 @@ class HubClient(HubHTTP):
             self.registrations += 1
         log.info("registered with hub %s as worker %s", self.base_url, response.worker_id)
         return response
+
+    def _prove(self, request: RegisterRequest) -> RegisterRequest:
+        """`request` with the identity's signature of a fresh hub challenge (unchanged without an identity)."""
+        if self.identity is None:
+            return request
+        challenge = self.call("POST", "/v1/challenges", IdentityChallenge).challenge
+        proof = IdentityProof(public_key=public_id(self.identity), challenge=challenge,
+                              signature=sign(self.identity, challenge_message(challenge, "register")))  # fmt: skip
+        return request.model_copy(update={"identity": proof})
 
     def _reregister(self, stale_id: str, seen: int) -> None:
         """Register again unless another thread already did since registration number `seen`.
@@ -115,19 +131,22 @@ class HubClient(HubHTTP):
 
         def call(wid: str) -> Lease:
             request = LeaseRequest(worker_id=wid, policy_version=policy_version, max_tasks=max_tasks, wait_s=wait_s)
-            return self.call("POST", "/v1/leases", Lease, json=request)
+            return self.call("POST", "/v1/leases", Lease, json=request, long_poll_s=wait_s)
 
         return self._as_worker(call)
 
     def submit(self, request: SubmitRequest, **retry_kw) -> SubmitResponse:
-        """POST /v1/rollouts. An unknown worker id re-registers, then the HubError propagates.
+        """POST /v1/rollouts, packed when the hub chose that at registration (rl/wire/packed.py). An unknown
+        worker id re-registers, then the HubError propagates.
 
         `retry_kw` (`max_retry_s`, `stoppable`) override the retry policy, e.g. for the last submissions
         of a worker that is leaving."""
         with self._lock:
             seen = self.registrations
+            packed = self.registration is not None and self.registration.wire == "packed"
         try:
-            return self.call("POST", "/v1/rollouts", SubmitResponse, json=request, **retry_kw)
+            body = request.packed() if packed else request
+            return self.call("POST", "/v1/rollouts", SubmitResponse, json=body, **retry_kw)
         except UnknownWorker:
             self._reregister(request.worker_id, seen)
             raise

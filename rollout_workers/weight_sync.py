@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from rl.weights.apply import (
 from rl.weights.files import WeightFileError
 from rl.weights.store import BASE, version_dir, version_numbers
 from rl.wire.protocol import PolicyFile, PolicyManifest
+from rl.wire.waits import process_state
 from rollout_workers.base_model import seed_from_base_model
 from rollout_workers.client import HubClient, HubError
 from rollout_workers.mirror import Mirror
@@ -50,6 +52,12 @@ log = logging.getLogger(__name__)
 COMPLETE = ".complete"
 HUB_POLICY_DIR_ENV = "SCATTER_RL_HUB_POLICY_DIR"
 VERIFIED = ".verified.json"
+PRIVATE = "private"
+"""Under the shared cache: the caches of workers that gave up waiting for its lock (`<host>-<pid>/`)."""
+LOCK_STOPPED_S = 30.0
+"""A worker holding the shared cache's lock stopped this long: the waiting worker moves to a cache of its own."""
+LOCK_REPORT_S = 10.0
+"""Seconds between log lines while a worker waits for the cache lock."""
 
 
 class WeightSyncError(RuntimeError):
@@ -154,12 +162,48 @@ class WeightSync:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.cache_dir / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        """Hold the cache's lock (its file names the holder's pid). While another process holds it, say so every
+        `LOCK_REPORT_S`; if that process is stopped (SIGSTOP, a debugger) for `LOCK_STOPPED_S`, this worker moves
+        to a cache of its own and goes on."""
+        while True:
+            with open(self.cache_dir / ".lock", "a+") as lock:
+                if self._acquire(lock):
+                    lock.seek(0)
+                    lock.truncate()
+                    lock.write(f"{os.getpid()}\n")
+                    lock.flush()
+                    try:
+                        yield
+                    finally:
+                        fcntl.flock(lock, fcntl.LOCK_UN)
+                    return
+                holder = _holder(lock)
+            private = self.cache_dir / PRIVATE / f"{socket.gethostname()}-{os.getpid()}"
+            log.error("the worker cache %s is locked by %s, stopped for %.0f s: this worker uses a cache of its own "
+                      "from now on, %s", self.cache_dir, holder, LOCK_STOPPED_S, private)  # fmt: skip
+            self.cache_dir = private
+            private.mkdir(parents=True, exist_ok=True)
+
+    def _acquire(self, lock) -> bool:
+        """The cache lock (True), or False once its holder has been stopped for `LOCK_STOPPED_S`."""
+        start = reported = time.monotonic()
+        stopped_since = None
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            now, holder = time.monotonic(), _holder(lock)
+            stopped = holder.endswith("(state T)") or holder.endswith("(state t)")
+            stopped_since = (stopped_since or now) if stopped else None
+            if stopped_since is not None and now - stopped_since >= LOCK_STOPPED_S:
+                return False
+            if now - reported >= LOCK_REPORT_S:
+                reported = now
+                log.warning("waiting for the worker cache %s, locked by %s: %.0f s so far", self.cache_dir, holder,
+                            now - start)  # fmt: skip
+            time.sleep(0.2)
 
     def version_dir(self, version: int) -> Path:
         return version_dir(self.cache_dir, version)
@@ -459,6 +503,15 @@ class WeightSync:
 
 
 __all__ = ["LocalPolicy", "WeightSync", "WeightSyncError", "default_cache_dir"]
+
+
+def _holder(lock) -> str:
+    """Who holds the cache lock: 'pid N (state X)' from the lock file, as far as this machine can tell."""
+    lock.seek(0)
+    text = lock.read().strip()
+    if not text.isdigit():
+        return "another process"
+    return f"pid {text} (state {process_state(int(text))})"
 
 
 def _fingerprint(files: list[PolicyFile]) -> list[tuple[str, str]]:

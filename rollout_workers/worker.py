@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rl.wire.identity import load_key
+from rl.wire.packed import WIRE_ENCODINGS
 from rl.wire.protocol import (
     Completion,
     HeartbeatRequest,
@@ -136,9 +138,8 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
-        request = RegisterRequest(
-            name=self.name, engine=self.spec.kind, tensor_parallel=self.spec.tensor_parallel, host=_host()
-        )
+        request = RegisterRequest(name=self.name, engine=self.spec.kind, tensor_parallel=self.spec.tensor_parallel,
+                                  host=_host(), wire=list(WIRE_ENCODINGS))  # fmt: skip
         try:
             self.client.register(request)
             self._adopt_registration()
@@ -535,6 +536,7 @@ def run_worker(
     max_retry_s: float | None = None,
     weights_url: str | None = None,
     base_model: Path | None = None,
+    identity: Path | None = None,
 ) -> int:
     """Join the hub at `hub` as a rollout worker until stopped; returns the process exit code.
 
@@ -543,10 +545,12 @@ def run_worker(
     unreachable hub (None: for ever).
     `weights_url`: an HTTP cache or mirror of the hub's `/v1/blobs/` to fetch policy files from first.
     `base_model`: a local directory with the run's base model: matching base shards are not downloaded.
+    `identity`: a contributor key file (`rl identity new`): the work is credited to it, not to the token.
     """
     stop = threading.Event()
     previous = _install_signal_handlers(stop)
-    client = HubClient(hub, token, stop_event=stop, max_retry_s=max_retry_s)
+    key = load_key(identity) if identity is not None else None
+    client = HubClient(hub, token, identity=key, stop_event=stop, max_retry_s=max_retry_s)
     worker = Worker(
         client,
         spec=spec,

@@ -2,7 +2,7 @@
 
 What a real pool looks like to the hub: each worker heartbeats every `--heartbeat-s` and, every
 1-10 s (uniform "think time": the generation a real GPU worker does), leases one prompt and submits
-its group: n=8 completions of 256-1,024 tokens with a logprob per token (~100 kB of JSON). The
+its group: n=8 completions of 256-1,024 tokens with a logprob per token (~120 kB of JSON, ~55 kB packed). The
 schedule is open-loop: a worker's next submission is due at a time drawn in advance, not after
 the previous answer, so a slow hub shows up as latency instead of quietly lowering the load.
 A simulated trainer pulls batches of 64 groups as fast as the hub fills them.
@@ -20,7 +20,10 @@ workers with no think time, which keeps the hub core busy; its submissions/s is 
 throughput of one hub core. After every row an audit checks that every task id handed out is in
 exactly one of queued, leased, scoring, buffered, or consumed by the simulated trainer.
 
-    .venv/bin/python scripts/bench_hub.py [--workers 100 1000 5000] [--seconds 30] [--write-docs]
+Rows run once per `--wire` (JSON lists or packed arrays, docs/protocol.md), alternating, `--repeats` times.
+
+    .venv/bin/python scripts/bench_hub.py [--workers 100 1000 5000] [--seconds 30] [--wire json packed]
+        [--repeats 3] [--profile DIR] [--write-docs]
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +51,7 @@ ADMIN, WORKER = "bench-admin-token", "bench-worker-token"
 GROUP = 8
 MIN_TOKENS, MAX_TOKENS = 256, 1024
 TEMPLATES = 16
+BASELINE_ROOT = ROOT
 
 
 # --------------------------------------------------------------------------- a minimal HTTP/1.1 client
@@ -94,20 +100,24 @@ class Conn:
 # --------------------------------------------------------------------------- payloads
 
 
-def group_templates(vocab: int, seed: int) -> list[bytes]:
-    """Pre-encoded `results[0].completions` JSON of GROUP completions each (ids filled in per request)."""
+def group_templates(vocab: int, seed: int, wire: str) -> list[bytes]:
+    """Pre-encoded `results[0].completions` JSON of GROUP completions each (ids filled in per request), as
+    JSON lists or packed (rl/wire/packed.py): the same values either way (log-probs exact in float32)."""
     rng = random.Random(seed)
     out = []
     for _ in range(TEMPLATES):
         completions = []
         for _ in range(GROUP):
             n = rng.randint(MIN_TOKENS, MAX_TOKENS)
+            ids = [rng.randrange(3, vocab) for _ in range(n)]
+            # What a worker has: float32 log-probs (vLLM's), written as the shortest decimal that reads back.
+            logprobs = [float(repr(float(x))) for x in np.float32([-rng.expovariate(1.0) for _ in range(n)])]
+            if wire == "packed":
+                from rl.wire.packed import pack_ids, pack_logprobs
+
+                ids, logprobs = pack_ids(ids), pack_logprobs(logprobs)
             completions.append(
-                {
-                    "token_ids": [rng.randrange(3, vocab) for _ in range(n)],
-                    "logprobs": [round(-rng.expovariate(1.0), 6) for _ in range(n)],
-                    "finish_reason": "length" if n == MAX_TOKENS else "stop",
-                }
+                {"token_ids": ids, "logprobs": logprobs, "finish_reason": "length" if n == MAX_TOKENS else "stop"}
             )
         out.append(json.dumps(completions, separators=(",", ":")).encode())
     return out
@@ -138,8 +148,10 @@ async def sim_worker(conn, wid, until, think, heartbeat_s, templates, stats, rng
         try:
             if next_beat <= next_submit:
                 next_beat += heartbeat_s
-                status, _ = await conn.request("POST", f"/v1/workers/{wid}/heartbeat", hb_body)
+                status, answer = await conn.request("POST", f"/v1/workers/{wid}/heartbeat", hb_body)
                 stats["heartbeats" if status == 200 else "errors"] += 1
+                if status != 200:
+                    stats["error_kinds"].append(f"heartbeat {status} {answer[:80]!r}")
                 continue
             # Open loop: due times are drawn in advance and do not wait for answers. No think time
             # (the saturation row) is a closed loop: the next request goes as soon as this one is answered.
@@ -150,25 +162,29 @@ async def sim_worker(conn, wid, until, think, heartbeat_s, templates, stats, rng
             stats["lease_ms"].append((t1 - t0) * 1000)
             if status != 200:
                 stats["errors"] += 1
+                stats["error_kinds"].append(f"lease {status} {body[:80]!r}")
                 continue
             lease = json.loads(body)
             if lease["lease_id"] is None:
                 stats["empty_leases"] += 1
                 continue
             payload = submit_body(wid, lease["lease_id"], lease["tasks"][0]["task_id"], rng.choice(templates))
-            status, _ = await conn.request("POST", "/v1/rollouts", payload)
+            status, answer = await conn.request("POST", "/v1/rollouts", payload)
             stats["submit_ms"].append((time.perf_counter() - t1) * 1000)
             stats["submissions" if status == 200 else "errors"] += 1
+            if status != 200:
+                stats["error_kinds"].append(f"submit {status} {answer[:80]!r}")
             stats["bytes"] += len(payload)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             stats["errors"] += 1
+            stats["error_kinds"].append(type(e).__name__)
             conn.writer = None
 
 
-async def load_main(host, port, ids, start_at, seconds, think, heartbeat_s, vocab, seed) -> dict:
-    templates = group_templates(vocab, seed)
+async def load_main(host, port, ids, start_at, seconds, think, heartbeat_s, vocab, seed, wire) -> dict:
+    templates = group_templates(vocab, seed, wire)
     stats = {"lease_ms": [], "submit_ms": [], "submissions": 0, "heartbeats": 0, "errors": 0,
-             "empty_leases": 0, "bytes": 0}  # fmt: skip
+             "empty_leases": 0, "bytes": 0, "error_kinds": []}  # fmt: skip
     conns = [Conn(host, port, WORKER, secret) for _, secret in ids]
     for c in conns:
         await c.open()
@@ -231,12 +247,29 @@ def write_config(run_dir: Path, model: Path, workers: int) -> Path:
     return path
 
 
-def start_hub(config: Path, log: Path, port: int, cpu: int) -> subprocess.Popen:
+PROFILED = """import cProfile, runpy, sys, time
+out = sys.argv.pop(1)
+profile = cProfile.Profile(time.process_time)
+profile.enable()
+try:
+    runpy.run_module("rl.cli", run_name="__main__")
+except SystemExit:
+    pass
+finally:
+    profile.disable()
+    profile.dump_stats(out)
+"""
+
+
+def start_hub(config: Path, log: Path, port: int, cpu: int, profile: Path | None = None,
+              root: Path = ROOT) -> subprocess.Popen:  # fmt: skip
     env = {**os.environ, "RL_HUB_ADMIN_TOKEN": ADMIN, "RL_HUB_WORKER_TOKENS": WORKER, "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
-    cmd = ["taskset", "-c", str(cpu), sys.executable, "-m", "rl.cli", "hub", str(config),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}  # fmt: skip
+    # Under cProfile with a CPU-time clock: time the hub spends descheduled on a loaded machine is not counted.
+    run = ["-c", PROFILED, str(profile)] if profile is not None else ["-m", "rl.cli"]
+    cmd = ["taskset", "-c", str(cpu), sys.executable, *run, "hub", str(config),
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=root)  # noqa: SIM115
     from rl.wire.client import HubHTTP
 
     deadline = time.monotonic() + 180
@@ -292,8 +325,9 @@ def audit(port: int, consumed: list[int]) -> dict:
 
 
 def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, think: tuple[float, float],
-            heartbeat_s: float, load_procs: int, hub_cpu: int, load_cpus: str) -> dict:  # fmt: skip
-    run_dir = tmp / f"run-{workers}-{think[1]:g}"
+            heartbeat_s: float, load_procs: int, hub_cpu: int, load_cpus: str, wire: str,
+            profile: Path | None = None) -> dict:  # fmt: skip
+    run_dir = tmp / f"run-{workers}-{think[1]:g}-{wire}-{time.monotonic_ns()}"
     config = write_config(run_dir, model, workers)
     from safetensors.torch import load_file
 
@@ -302,13 +336,16 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
     write_base(run_dir / "policy", model)
     write_version(run_dir / "policy", 0, load_file(model / "model.safetensors"), "float32")
     port = free_port()
-    hub = start_hub(config, run_dir / "hub.log", port, hub_cpu)
+    baseline = wire == "baseline"  # the hub of --baseline-root, sent JSON lists
+    hub = start_hub(config, run_dir / "hub.log", port, hub_cpu, profile, BASELINE_ROOT if baseline else ROOT)
     try:
         import httpx
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {WORKER}"},
                           timeout=60) as c:  # fmt: skip
-            regs = [c.post("/v1/workers", json={"name": f"sim-{i}", "engine": "vllm"}).json() for i in range(workers)]
+            offer = {"name": "sim", "engine": "vllm"} if baseline else {"name": "sim", "engine": "vllm", "wire": [wire]}
+            regs = [c.post("/v1/workers", json=offer).json() for i in range(workers)]
+            assert baseline or all(r["wire"] == wire for r in regs), regs[0]
             ids = [(r["worker_id"], r.get("worker_secret", "")) for r in regs]
         start_at = time.time() + 3.0 + workers / 2000
         queue: mp.Queue = mp.get_context("spawn").Queue()
@@ -316,7 +353,8 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
         procs = []
         for k in range(load_procs):
             part = ids[k::load_procs]
-            args = ("127.0.0.1", port, part, start_at, seconds, think, heartbeat_s, vocab, k)
+            args = ("127.0.0.1", port, part, start_at, seconds, think, heartbeat_s, vocab, k,
+                    "json" if baseline else wire)  # fmt: skip
             p = ctx.Process(target=load_process, args=(args, queue))
             p.start()
             subprocess.run(["taskset", "-pc", load_cpus, str(p.pid)], check=True, capture_output=True)
@@ -340,7 +378,12 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
         time.sleep(2.0)  # scoring of the last submissions finishes
         check = audit(port, consumed)
     finally:
-        hub.terminate()
+        if profile is not None:  # a clean exit writes the profile (uvicorn re-raises SIGTERM after its shutdown)
+            import httpx
+
+            httpx.post(f"http://127.0.0.1:{port}/v1/shutdown", headers={"Authorization": f"Bearer {ADMIN}"})
+        else:
+            hub.terminate()
         hub.wait(30)
     merged = {k: sum((r[k] for r in results), [] if isinstance(results[0][k], list) else 0) for k in results[0]}
     lease, submit = sorted(merged["lease_ms"]), sorted(merged["submit_ms"])
@@ -350,6 +393,7 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
 
     subs = merged["submissions"]
     return {
+        "wire": wire,
         "workers": workers,
         "think_s": f"{think[0]:g}-{think[1]:g}",
         "submissions_per_s": subs / seconds,
@@ -362,6 +406,7 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
         "hub_cpu_util": hub_cpu_s / wall,
         "mb_per_s": merged["bytes"] / seconds / 1e6,
         "errors": merged["errors"],
+        "error_kinds": dict(Counter(merged["error_kinds"]).most_common(5)),
         "consumed": len(consumed),
         **check,
     }
@@ -377,6 +422,39 @@ def tiny_model(tmp: Path) -> tuple[Path, int]:
     return model, AutoConfig.from_pretrained(model).vocab_size
 
 
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """median (min-max) of the repeats."""
+    xs = sorted(values)
+    median = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    return f"{median:{fmt}}" if len(xs) == 1 else f"{median:{fmt}} ({xs[0]:{fmt}}-{xs[-1]:{fmt}})"
+
+
+def table(rows: list[dict], args) -> str:
+    note = (
+        f"{args.seconds:g} s per row after registration; hub pinned to CPU {args.hub_cpu} (`taskset`), simulated "
+        f"workers in {args.load_procs} processes on CPU {args.load_cpus}; each submission is one group of {GROUP} "
+        f"completions of {MIN_TOKENS}-{MAX_TOKENS} tokens with logprobs (JSON lists or packed); heartbeats every "
+        f"{args.heartbeat_s:g} s; think time {args.think[0]:g}-{args.think[1]:g} s (open loop); last rows: no think "
+        f"time (saturation). {args.repeats} interleaved repeats (the wires alternate within each repeat), median "
+        "(min-max). `lost`/`twice`: task ids handed out that are in no place / in two places at the end (summed)."
+    )
+    header = ("| wire | workers | think (s) | offered subs/s | subs/s | lease p50 / p99 (ms) | submit p50 / p99 (ms) | "
+              "hub CPU ms / sub | hub core busy | kB / sub | errors | lost | twice |")  # fmt: skip
+    lines = [note, "", header, "|" + " --- |" * 13]
+    keys = list(dict.fromkeys((r["workers"], r["think_s"], r["wire"]) for r in rows))
+    for workers, think, wire in keys:
+        rs = [r for r in rows if (r["workers"], r["think_s"], r["wire"]) == (workers, think, wire)]
+        col = lambda k, fmt=".1f", rs=rs: spread([r[k] for r in rs], fmt)  # noqa: E731
+        kb = spread([1000 * r["mb_per_s"] / max(r["submissions_per_s"], 1e-9) for r in rs], ".0f")
+        lines.append(
+            f"| {wire} | {workers} | {think} | {col('offered_per_s', '.0f')} | {col('submissions_per_s', '.0f')} | "
+            f"{col('lease_p50_ms')} / {col('lease_p99_ms')} | {col('submit_p50_ms')} / {col('submit_p99_ms')} | "
+            f"{col('hub_cpu_ms_per_submission', '.2f')} | {spread([100 * r['hub_cpu_util'] for r in rs], '.0f')}% | "
+            f"{kb} | {sum(r['errors'] for r in rs)} | {sum(r['lost'] for r in rs)} | {sum(r['twice'] for r in rs)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="*", default=[100, 1000, 5000])
@@ -387,8 +465,18 @@ def main() -> None:
     ap.add_argument("--load-procs", type=int, default=2)
     ap.add_argument("--hub-cpu", type=int, default=0)
     ap.add_argument("--load-cpus", default="1")
+    ap.add_argument("--wire", nargs="+", choices=["baseline", "json", "packed"], default=["json", "packed"],
+                    help="Submission encodings to compare; each row runs once per wire.")  # fmt: skip
+    ap.add_argument("--baseline-root", type=Path, help="Checkout whose hub the `baseline` wire runs (JSON lists).")
+    ap.add_argument("--repeats", type=int, default=1, help="Interleaved repeats of every row and wire.")
+    ap.add_argument("--profile", type=Path, help="Run the hub under cProfile; one .prof per row in this folder.")
     ap.add_argument("--write-docs", action="store_true", help="Replace the hub section of docs/benchmarks.md.")
     args = ap.parse_args()
+    if "baseline" in args.wire:
+        if args.baseline_root is None:
+            ap.error("--wire baseline needs --baseline-root")
+        global BASELINE_ROOT
+        BASELINE_ROOT = args.baseline_root.resolve()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -396,35 +484,24 @@ def main() -> None:
         plan = [(w, tuple(args.think)) for w in args.workers]
         if args.sat_conns:
             plan.append((args.sat_conns, (0.0, 0.0)))
-        for workers, think in plan:
-            row = run_row(tmp, model, vocab, workers, args.seconds, think, args.heartbeat_s, args.load_procs,
-                          args.hub_cpu, args.load_cpus)  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    note = (
-        f"{args.seconds:g} s per row after registration; hub pinned to CPU {args.hub_cpu} (`taskset`), simulated "
-        f"workers in {args.load_procs} processes on CPU {args.load_cpus}; each submission is one group of {GROUP} "
-        f"completions of {MIN_TOKENS}-{MAX_TOKENS} tokens with logprobs (~100 kB JSON); heartbeats every "
-        f"{args.heartbeat_s:g} s; think time {args.think[0]:g}-{args.think[1]:g} s (open loop); last row: no think "
-        "time (saturation). `lost`/`twice`: task ids handed out that are in no place / in two places at the end."
-    )
-    header = ("| workers | think (s) | offered subs/s | subs/s | lease p50 / p99 (ms) | submit p50 / p99 (ms) | "
-              "hub CPU ms / sub | hub core busy | MB/s in | errors | handed out | lost | twice |")  # fmt: skip
-    table = [note, "", header, "|" + " --- |" * 13]
-    for r in rows:
-        table.append(
-            f"| {r['workers']} | {r['think_s']} | {r['offered_per_s']:.0f} | {r['submissions_per_s']:.0f} | "
-            f"{r['lease_p50_ms']:.1f} / {r['lease_p99_ms']:.1f} | "
-            f"{r['submit_p50_ms']:.1f} / {r['submit_p99_ms']:.1f} | "
-            f"{r['hub_cpu_ms_per_submission']:.2f} | {100 * r['hub_cpu_util']:.0f}% | {r['mb_per_s']:.1f} | "
-            f"{r['errors']} | {r['handed_out']} | {r['lost']} | {r['twice']} |"
-        )
-    print("\n".join(table))
+        for repeat in range(args.repeats):
+            for workers, think in plan:
+                for wire in args.wire:
+                    profile = None
+                    if args.profile is not None:
+                        args.profile.mkdir(parents=True, exist_ok=True)
+                        profile = args.profile / f"hub-{wire}-{workers}-{think[1]:g}-{repeat}.prof"
+                    row = run_row(tmp, model, vocab, workers, args.seconds, think, args.heartbeat_s, args.load_procs,
+                                  args.hub_cpu, args.load_cpus, wire, profile)  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    text = table(rows, args)
+    print(text)
     if args.write_docs:
         sys.path.insert(0, str(ROOT / "scripts"))
         from bench_docs import replace_section
 
-        replace_section("Hub control plane", "scripts/bench_hub.py", "\n".join(table))
+        replace_section("Hub control plane", "scripts/bench_hub.py", text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One NVIDIA GPU, no internet: check the GPU training path end to end, then run the `gpu` tests.
 #
-#   scripts/gpu_check.sh [--size 0.5b|1.5b] [--steps N] [--skip-pytest] [--cpu-dry-run]
+#   scripts/gpu_check.sh [--size 0.5b|1.5b] [--steps N] [--skip-pytest] [--skip-bench] [--cpu-dry-run]
 #
 # 1. Installs what the image lacks (DeepSpeed, pydantic, fastapi, typer, ...; scripts/gpu_requirements.txt)
 #    from wheel files in wheels/ beside the checkout (scripts/prepare_gpu_wheels.sh makes them on a
@@ -15,6 +15,8 @@
 # 3. `pytest -m gpu tests/trainer/test_gpu.py` (ZeRO-3 bf16, ZeRO-Offload with DeepSpeed's CPU Adam -- JIT-compiled,
 #    needs a C++ compiler --, CUDA RNG in checkpoints, HF engine vs trainer log-probs; vLLM's test is
 #    skipped without vLLM).
+# 4. scripts/bench_trainer.py --size SIZE --device cuda: the trainer's speed with realistic shapes (64 prompts x 8
+#    completions of up to 1,024 tokens): tokens/s, MFU against the chip's bf16 peak, peak memory against `rl plan`.
 # Exit 0 only if everything passed. --cpu-dry-run does all of it on a CPU (tiny shape, gloo): a check
 # of this script. Work files go to .gpu-check/ (git-ignored; GPU_CHECK_DIR overrides).
 set -euo pipefail
@@ -26,12 +28,14 @@ WORK=${GPU_CHECK_DIR:-$ROOT/.gpu-check}
 SIZE=0.5b
 STEPS=4
 PYTEST=1
+BENCH=1
 CPU=0
 while (($#)); do
   case $1 in
     --size) SIZE=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
     --skip-pytest) PYTEST=0; shift ;;
+    --skip-bench) BENCH=0; shift ;;
     --cpu-dry-run) CPU=1; SIZE=tiny; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -96,6 +100,13 @@ if ((CPU)); then checkargs+=(--cpu --max-tokens 32 --n 4); fi
 if ((PYTEST)); then
   say "pytest -m gpu tests/trainer/test_gpu.py"
   "$RUN_PY" -m pytest -m gpu tests/trainer/test_gpu.py -q -p no:cacheprovider || status=1
+fi
+
+# --- 5. the trainer's speed --------------------------------------------------------------------
+if ((BENCH)); then
+  say "scripts/bench_trainer.py --size $SIZE: tokens/s, MFU, peak memory against rl plan"
+  if ((CPU)); then benchargs=(--device cpu --threads 2); else benchargs=(--device cuda); fi
+  "$RUN_PY" scripts/bench_trainer.py --size "$SIZE" "${benchargs[@]}" 2> "$WORK/bench.log" || { tail -15 "$WORK/bench.log"; status=1; }
 fi
 if ((status == 0)); then say "PASS"; else say "FAIL (see above; work files in $WORK)"; fi
 exit $status

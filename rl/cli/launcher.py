@@ -13,9 +13,11 @@ the hub is asked to shut down. docs/operations.md: stopping, resuming, when the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,10 +33,19 @@ from rl.config import RolloutConfig, RunConfig, dump_config
 from rl.hub.data import DataError
 from rl.models import ModelError, resolve_model
 from rl.rundir import RunDir
-from rl.trainer.checkpoint import CheckpointError, checkpoint_step, discard_after, latest_checkpoint, prepare_fresh
+from rl.trainer.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    discard_after,
+    latest_checkpoint,
+    prepare_fresh,
+    usable_checkpoint,
+)
 from rl.trainer.loop import EXIT_INTERRUPTED, StopRequest
+from rl.trainer.watchdog import StepWatchdog, Watched
 from rl.wire.admin import HubAdmin
 from rl.wire.client import HubHTTP
+from rl.wire.identity import load_or_create, public_id
 from rl.wire.tokens import Tokens
 from rollout_workers.engines import EngineSpec
 
@@ -56,6 +67,22 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+LOW_DISK_BYTES = 16 << 20
+"""Free space under which the run directory's disk counts as full (no hub restart, a clear failure)."""
+
+
+def disk_full(run_dir: Path) -> str | None:
+    """What to say when the run directory's file system is (nearly) full, else None."""
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return None
+    if free >= LOW_DISK_BYTES:
+        return None
+    return (f"no space left on the device of {run_dir} ({free / 2**20:.1f} MiB free): free space, then continue "
+            f"with: rl train {RunDir(run_dir).config} --resume (the latest checkpoint stays valid)")  # fmt: skip
 
 
 class Watchdog:
@@ -125,6 +152,10 @@ class Watchdog:
         hub, limit = self.launch.hub, self.launch.cfg.hub.max_restarts
         if self._done.is_set():  # the run is shutting down: the hub is meant to go
             return False
+        if (full := disk_full(self.launch.run_dir)) is not None:  # a restart could not write its ledger either
+            self.hub_failure = f"{hub.exit_message()}\n({full})"
+            self._alert(f"the hub exited: {full}")
+            return False
         if not self.launch.hub_ready or self.hub_restarts >= limit:
             why = "before it answered" if not self.launch.hub_ready else f"after {self.hub_restarts} restarts"
             self.hub_failure = f"{hub.exit_message()}\n(the hub exited {why}; hub.max_restarts={limit})"
@@ -180,7 +211,7 @@ class Launch:
     def prepare_run_dir(self) -> Path | None:
         """Resume: drop what happened after the latest checkpoint (returned). Fresh: refuse to overwrite one."""
         if self.resume:
-            ckpt = latest_checkpoint(self.run_dir)
+            ckpt = usable_checkpoint(self.run_dir)
             if ckpt is None:
                 raise CheckpointError(f"--resume: no checkpoint under {self.paths.checkpoints}")
             discard_after(self.run_dir, checkpoint_step(ckpt))
@@ -195,6 +226,8 @@ class Launch:
         cfg = self.cfg
         ckpt = self.prepare_run_dir()
         self.logs.mkdir(parents=True, exist_ok=True)
+        run_key = public_id(load_or_create(self.paths.run_key))
+        log.info("run key (signs the receipts of trained work; %s): %s", self.paths.run_key_pub, run_key)
         cfg.run_dir = self.run_dir
         config_path = self.paths.config
         config_path.write_text(dump_config(cfg))
@@ -252,6 +285,18 @@ class Launch:
                     return
                 time.sleep(0.5)
         raise LaunchError(f"hub did not become healthy in {timeout:.0f}s; see {self.hub.log_path}")
+
+    def watched(self) -> list[Watched]:
+        """The children whose stacks a stalled step's report includes."""
+        children = [self.hub, *self.workers] if self.hub is not None else self.workers
+        return [Watched(c.name, c.proc.pid, c.log_path) for c in children if c.proc.poll() is None]
+
+    def step_watchdog(self, stop: StopRequest, step: int) -> StepWatchdog:
+        """The trainer's step watchdog over this run (rl/trainer/watchdog.py), with a hub client of its own."""
+        hub = HubAdmin(self.url, self.tokens.admin, patience_s=5.0, read_timeout_s=10.0)
+        return StepWatchdog(self.cfg.watchdog, self.paths, stop, hub, self.watched, step=step,
+                            heartbeat_s=self.cfg.hub.heartbeat_interval_s,
+                            resume_hint=f"rl train {self.paths.config} --resume")  # fmt: skip
 
     def stop(self, admin: HubAdmin | None) -> None:
         if self.watchdog is not None:
@@ -318,7 +363,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
     stop = StopRequest()
     launch = Launch(cfg, resume) if rank == 0 else None
     restore_signals = _install_signal_handlers(stop, launch)
-    admin = None
+    admin = step_watchdog = None
     run_dir = cfg.resolved_run_dir.resolve()
     try:
         resolve_model(cfg.model.name)  # prepare an alias once, before any child needs it
@@ -329,6 +374,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         trainer = Trainer(cfg, admin, resume=resume, stop=stop)  # loads while the hub starts
         if launch is not None:
             launch.start_workers()
+            step_watchdog = launch.step_watchdog(stop, trainer.step)
+            trainer.on_step = step_watchdog.step_done
         code = trainer.run()
         if code != 0:
             if trainer.is_main and latest_checkpoint(run_dir) is not None:
@@ -346,10 +393,16 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         log.warning("stopped at once; the latest checkpoint under %s stays valid", RunDir(run_dir).checkpoints)
         return EXIT_INTERRUPTED
     except Exception as e:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            log.error("%s (writing %s)", disk_full(run_dir) or f"no space left on the device of {run_dir}",
+                      e.filename or "a file of the run")  # fmt: skip
+            return 1
         log.exception("training failed: %s: %s (logs of the hub and workers: %s)", type(e).__name__, e,
                       RunDir(run_dir).logs)  # fmt: skip
         return 1
     finally:
+        if step_watchdog is not None:
+            step_watchdog.close()
         if launch is not None:
             launch.stop(admin)
         restore_signals()

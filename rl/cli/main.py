@@ -8,6 +8,7 @@ exit, never a traceback.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from rl.cli.contributions import contributions_app, identity_app
 from rl.config import ConfigError, ModelConfig, RunConfig, dump_config, load_config, shipped_names
 from rl.models import ALIASES, ModelError, cache_dir, prepare_model, verify_manifest
 from rl.wire.protocol import SAFE_NAME
@@ -62,6 +64,9 @@ def _setup_logging(level: str = "INFO") -> None:
     )
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from rl.trainer.watchdog import STACK_SIGNAL
+
+    faulthandler.register(STACK_SIGNAL, all_threads=True)  # stacks to the log, for the step watchdog's reports
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
@@ -176,6 +181,10 @@ def rollout(
             help="The run's base model on this machine (directory or alias): verified, then not downloaded.",
         ),
     ] = None,
+    identity: Annotated[
+        Path | None,
+        typer.Option("--identity", help="Contributor key (`rl identity new`): the work is credited to it."),
+    ] = None,
 ) -> None:
     """Join a run as a rollout worker (outbound HTTP only; start as many as you like)."""
     from rollout_workers.engines import EngineSpec
@@ -202,6 +211,14 @@ def rollout(
         if not base_dir.is_dir():
             err.print(f"[red]error:[/red] --base-model must be a local directory or an alias, got {base_model!r}")
             raise typer.Exit(2)
+    if identity is not None:
+        from rl.wire.identity import IdentityError, load_key, public_id
+
+        try:
+            err.print(f"contributing as {public_id(load_key(identity))}", highlight=False, markup=False)
+        except IdentityError as e:
+            err.print(f"[red]error:[/red] --identity: {e}", highlight=False)
+            raise typer.Exit(2) from None
     if name is not None and not re.fullmatch(SAFE_NAME, name):
         err.print(f"[red]error:[/red] --name {name!r}: use 1 to 64 letters, digits or ._:@+- (it is printed in logs)")
         raise typer.Exit(2)
@@ -219,6 +236,7 @@ def rollout(
             cache_dir=cache_dir,
             weights_url=weights_url,
             base_model=base_dir,
+            identity=identity,
         )
     )
 
@@ -384,6 +402,9 @@ def admin_revoke_token(
     """Refuse a worker token from now on and remove every worker registered with it."""
     _admin_call(hub, token, lambda a: a.revoke_token(worker_token))
 
+
+app.add_typer(identity_app, name="identity")
+app.add_typer(contributions_app, name="contributions")
 
 if __name__ == "__main__":
     app()

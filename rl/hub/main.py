@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rl.config import RunConfig
+from rl.hub.episode_store import EpisodeStore
 from rl.hub.ledger import LedgerStore
 from rl.hub.routes import create_app
 from rl.hub.service import Hub
@@ -65,6 +66,7 @@ def open_ledger(cfg: RunConfig, ledger_path: Path | None) -> tuple[LedgerStore, 
     if ledger_path is not None:
         ledger = Ledger.model_validate_json(Path(ledger_path).read_text())
         store.reset(ledger)
+        EpisodeStore(store.path).clear()  # episodes in flight after the checkpoint start over from their task
         log.info("hub ledger reset to %s", ledger_path)
         return store, ledger
     ledger = store.ledger

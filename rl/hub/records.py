@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rl.wire.protocol import Completion
+from rl.wire.packed import PackedCompletion
 
 MAX_SCORING_ATTEMPTS = 3
 """Scoring attempts of one task before it is dropped (each failure is logged and counted)."""
@@ -52,7 +52,8 @@ class ScoringJob:
     task_id: int
     example: dict[str, Any]
     """The data row the verifier checks the completions against."""
-    completions: list[Completion]
+    completions: list[PackedCompletion]
+    """Checked by rl/hub/submissions.py."""
     policy_version: int
     worker_id: str
     worker_name: str

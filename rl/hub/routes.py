@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rl.hub.guard import Guard
 from rl.hub.service import Hub
 from rl.wire.protocol import (
+    IDENTITY_CHALLENGE_HEADER,
+    IDENTITY_SIGNATURE_HEADER,
     WORKER_SECRET_HEADER,
     Ack,
     BaseWeights,
@@ -32,6 +34,7 @@ from rl.wire.protocol import (
     HeartbeatResponse,
     HubError,
     HubStatus,
+    IdentityChallenge,
     Lease,
     LeaseRequest,
     Ledger,
@@ -42,9 +45,11 @@ from rl.wire.protocol import (
     RegisterRequest,
     RegisterResponse,
     RevokeTokenRequest,
+    Stall,
     SubmitRequest,
     SubmitResponse,
 )
+from rl.wire.receipts import Contributions, StepReceipt
 
 
 class FastJSONRoute(APIRoute):
@@ -112,9 +117,27 @@ def create_app(hub: Hub) -> Guard:
     async def healthz() -> dict:
         return {"ok": True}
 
-    @app.post("/v1/workers", response_model=RegisterResponse)
+    # Unset fields stay out of the answer: a worker that offered no `wire` (an older one) gets the fields it knows.
+    @app.post("/v1/workers", response_model=RegisterResponse, response_model_exclude_none=True)
     async def register(req: RegisterRequest, who: str | None = Depends(caller)):
         return hub.register(req, who)
+
+    @app.post("/v1/challenges", response_model=IdentityChallenge)
+    async def challenge(who: str | None = Depends(caller)):
+        """A one-time string for a contributor key to sign (registration, fetching receipts)."""
+        return hub.challenge()
+
+    @app.get("/v1/contributions/{contributor}", response_model=Contributions)
+    async def contributions(
+        contributor: str,
+        request: Request,
+        who: str | None = Depends(caller),
+        from_step: int = Query(0, ge=0, le=2**31 - 1, description="Receipts of this step and later only."),
+    ):
+        """A contributor's receipts and inclusion proofs: its token, its signature of a challenge, or admin."""
+        headers = request.headers
+        return hub.contributions_of(contributor, who, headers.get(IDENTITY_CHALLENGE_HEADER),
+                                    headers.get(IDENTITY_SIGNATURE_HEADER), from_step)  # fmt: skip
 
     @app.post("/v1/workers/{worker_id}/heartbeat", response_model=HeartbeatResponse)
     async def heartbeat(
@@ -168,6 +191,10 @@ def create_app(hub: Hub) -> Guard:
     async def batches(req: BatchRequest):
         return Response(await hub.take_batch(req), media_type="application/json")
 
+    @app.post("/v1/receipts", response_model=Ack, dependencies=[Depends(admin)])
+    async def receipts(req: StepReceipt):
+        return await hub.record_receipt(req)
+
     @app.post("/v1/policy", response_model=Ack, dependencies=[Depends(admin)])
     async def publish(req: PublishRequest):
         return await hub.publish(req.version)
@@ -196,6 +223,10 @@ def create_app(hub: Hub) -> Guard:
     @app.post("/v1/provenance", response_model=Ack, dependencies=[Depends(admin)])
     async def provenance(req: ProvenanceReport):
         return hub.record_provenance(req)
+
+    @app.post("/v1/stalls", response_model=Ack, dependencies=[Depends(admin)])
+    async def stall(req: Stall):
+        return hub.record_stall(req)
 
     @app.post("/v1/admin/workers/{worker_id}/quarantine", response_model=Ack, dependencies=[Depends(admin)])
     async def quarantine(worker_id: str, req: QuarantineRequest):

@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 from rl.config import RunConfig
+from rl.hub.contributions import ContributionLedger
+from rl.hub.episode_runner import EpisodeRunner
+from rl.hub.episode_store import EpisodeStore
 from rl.hub.fair import FairTurns
 from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
 from rl.hub.policy_files import PolicyFiles
@@ -30,20 +33,27 @@ from rl.wire.protocol import (
     BatchRequest,
     HeartbeatRequest,
     HeartbeatResponse,
+    HubError,
     HubStatus,
+    IdentityChallenge,
     Lease,
     LeaseRequest,
     PolicyManifest,
     ProvenanceReport,
     RegisterRequest,
     RegisterResponse,
+    Stall,
     SubmitRequest,
     SubmitResponse,
 )
+from rl.wire.receipts import Contributions, StepReceipt
 from rl.wire.tokens import Tokens
 from verifiers.base import TIMEOUT_MARK
 
 log = logging.getLogger(__name__)
+
+FROZEN_S = 5.0
+"""A housekeeping tick this late means the hub itself did not run (see `Hub.housekeeping`)."""
 
 
 def decode_texts(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
@@ -75,14 +85,26 @@ class Hub:
         """Replaced by `poke()` whenever leasable work may have appeared (wakes long-polling leases)."""
         self.shutdown_requested = asyncio.Event()
         self.trust = Trust(cfg.trust, state)
+        self.contributions = ContributionLedger(store.path if store is not None else None, cfg.paths.run_key_pub)
+        """Contributors, their counts and the trainer's receipts (rl/hub/contributions.py)."""
         self._scoring_tasks: set[asyncio.Task] = set()
+        self.stalls: dict[str, tuple[Stall, float]] = {}
+        """Current stalls by component, with when they were reported (`record_stall`)."""
         state.on_work, state.on_scored = self.poke, self.changed.set
         if store is not None:  # a restarted hub: quarantines hold, evidence keeps counting
             self.trust.restore(store.operators)
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
         self.stop_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
+        self.episodes: EpisodeRunner | None = None
+        """An environment run's steps (rl/hub/episode_runner.py); None for plain prompts."""
+        if state.episodes.enabled:
+            state.episodes.end_ids = self.stop_ids
+            db = EpisodeStore(store.path) if store is not None else None
+            self.episodes = EpisodeRunner(state, tokenizer, db, lambda ids: decode_texts(tokenizer, ids))
         self._adopt_published_policy()
+        if self.episodes is not None:
+            self.episodes.restore()  # after the policy: episodes newer than it are from after a checkpoint
         self.flush_ledger()
 
     @property
@@ -110,6 +132,7 @@ class Hub:
         """
         if self.store is not None:
             self.store.save(self.state.ledger(), self.state.policy_version, batch, self.trust.records())
+        self.contributions.flush()
 
     async def write_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
         """`flush_ledger` in a thread, so a large batch's write never stalls leases and submissions.
@@ -141,6 +164,7 @@ class Hub:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
                 await self.write_ledger()
+                await self.contributions.flush_async()
             except Exception:  # a full disk: the next flush (or the next batch pull) tries again
                 log.exception("writing the ledger to %s failed", self.store.path if self.store else None)
 
@@ -158,9 +182,21 @@ class Hub:
             flusher.cancel()
 
     async def housekeeping(self) -> None:
+        """Every second: expire leases and silent workers. After the hub itself did not run for a while (a
+        SIGSTOP, a starved CPU), nothing expires until workers had 3 heartbeats' time to be heard again: their
+        silence was the hub's."""
+        last = hold_until = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
-            expired, dead = self.state.expire(time.monotonic())
+            now = time.monotonic()
+            if (frozen := now - last - 1.0) > FROZEN_S:
+                hold_until = now + 3 * self.cfg.hub.heartbeat_interval_s + 1.0
+                log.warning("the hub did not run for %.0f s (stopped, or starved of CPU): no lease or worker expires "
+                            "for %.0f s, so that workers are heard again first", frozen, hold_until - now)  # fmt: skip
+            last = now
+            if now < hold_until:
+                continue
+            expired, dead = self.state.expire(now)
             if expired or dead:
                 log.info("re-queued %d tasks from expired leases; dropped %d silent workers", expired, dead)
 
@@ -176,9 +212,15 @@ class Hub:
     # ------------------------------------------------------------------ workers
 
     def register(self, req: RegisterRequest, who: str | None) -> RegisterResponse:
+        contributor = self.contributions.identify(req.identity, who)
         resp = self.state.register(req, who, time.monotonic())
-        log.info("worker %s (%s, %s) registered", resp.worker_id, req.name, req.engine)
+        self.contributions.bind(resp.worker_id, contributor, who, req.name)
+        log.info("worker %s (%s, %s) registered for %s", resp.worker_id, req.name, req.engine, contributor)
         return resp
+
+    def challenge(self) -> IdentityChallenge:
+        """A one-time string for a contributor key to sign (registration, fetching receipts)."""
+        return self.contributions.challenge()
 
     def heartbeat(
         self, worker_id: str, req: HeartbeatRequest, who: str | None, secret: str | None
@@ -213,9 +255,18 @@ class Hub:
         """Accept a worker's results and start scoring each new task in the verifier pool."""
         self.state.authorize(req.worker_id, who, secret)
         self.trust.check(req.worker_id)
-        answer, jobs = self.state.submit(req, who, time.monotonic())
+        step = self.state.batches
+        try:
+            answer, jobs = self.state.submit(req, who, time.monotonic())
+        except HubError as e:  # the registration proved itself: the refusal counts against its contributor
+            self.contributions.count(req.worker_id, "rejected", step, req.policy_version, len(req.results),
+                                     reason=e.reason)  # fmt: skip
+            raise
+        # Evaluation is the run's own business, not a contribution.
+        self.contributions.submitted([j for j in jobs if j.task_id not in self.state.evals], step, req.gen_seconds)
         for job in jobs:
-            self._spawn(self.score(job))
+            episode = self.episodes is not None and job.task_id not in self.state.evals
+            self._spawn(self.episodes.advance(job) if episode else self.score(job))
         return answer
 
     # ------------------------------------------------------------------ scoring
@@ -228,7 +279,7 @@ class Hub:
     async def score(self, job: ScoringJob) -> None:
         """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
         start = time.perf_counter()
-        texts = self.scored_texts([c.token_ids for c in job.completions])
+        texts = self.scored_texts([c.ids.tolist() for c in job.completions])
         while True:
             try:
                 async with self.turns.turn(self.trust.operator_of(job.worker_id)):
@@ -245,6 +296,8 @@ class Hub:
                 continue
             self.trust.count_timeouts(job.worker_id, sum(TIMEOUT_MARK in r.info for r in rewards))
             group = self.state.finish_scoring(job, rewards, time.perf_counter() - start)
+            if group is not None:
+                self.contributions.scored(group, self.state.batches)
             if group is not None and self.trust.observe_group(group):  # quarantined: its tasks went back
                 self.poke()
             return
@@ -309,8 +362,37 @@ class Hub:
 
     def status(self, who: str | None, offset: int, limit: int) -> HubStatus:
         """The hub at a glance, as the caller may see it (a worker token: its own workers only)."""
-        status = self.state.status(time.monotonic(), self.pool.metrics(), offset, limit)
-        return self.trust.annotate(status, who).model_copy(update={"weights_served": self.files.served()})
+        now = time.monotonic()
+        status = self.state.status(now, self.pool.metrics(), offset, limit)
+        update: dict = {"weights_served": self.files.served()}
+        if self.episodes is not None:
+            update["episodes"] = {**status.episodes, **self.episodes.timings()}
+        if who is None:  # stalls name paths and causes: the admin's
+            update["stalls"] = [st.model_copy(update={"since_s": st.since_s + now - at})
+                                for st, at in self.stalls.values()]  # fmt: skip
+        status = self.contributions.annotate(status, who, self.state.workers)
+        return self.trust.annotate(status, who).model_copy(update=update)
+
+    def record_stall(self, stall: Stall) -> Ack:
+        """A component reports that it stopped making progress (or, `active` False, that it goes on again)."""
+        if stall.active:
+            self.stalls[stall.component] = (stall, time.monotonic())
+            log.warning("%s reports a stall (%.0f s): %s", stall.component, stall.since_s, stall.what)
+        elif self.stalls.pop(stall.component, None) is not None:
+            log.info("%s goes on again", stall.component)
+        return Ack()
+
+    # ------------------------------------------------------------------ contributions
+
+    async def record_receipt(self, report: StepReceipt) -> Ack:
+        """The trainer's signed receipt of a step with what it masked; stored before the answer."""
+        return await self.contributions.record(report)
+
+    def contributions_of(self, contributor: str, who: str | None, challenge: str | None, signature: str | None,
+                         from_step: int = 0) -> Contributions:  # fmt: skip
+        """`contributor`'s receipts (from step `from_step`) and inclusion proofs, for it (or the admin) only."""
+        self.contributions.authorize(contributor, who, challenge, signature)
+        return self.contributions.receipts_of(contributor, from_step)
 
     # ------------------------------------------------------------------ trust
 

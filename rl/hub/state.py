@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from rl.config import RunConfig
 from rl.hub.data import PromptOrder, PromptSet
+from rl.hub.episodes import Episodes
 from rl.hub.evals import EvalJobs
 from rl.hub.fair import late_tasks, operator_room
 from rl.hub.records import (
@@ -35,6 +36,7 @@ from rl.hub.records import (
 from rl.hub.status_report import hub_status
 from rl.hub.submissions import validate_submission
 from rl.sampling import completion_seeds
+from rl.wire.packed import choose_wire
 from rl.wire.protocol import (
     EvalJob,
     EvalRequest,
@@ -79,6 +81,7 @@ class HubState:
         self.leases: dict[str, LeaseRecord] = {}
         self.queue: deque[int] = deque()  # re-queued task ids, served before new ones
         self.task_rows: dict[int, int] = {}  # outstanding task id -> row index
+        self.episodes = Episodes.for_run(cfg, prompts, self.task_rows)  # an environment's turns (rl/hub/episodes.py)
         self.leased: dict[int, set[str]] = {}  # task id -> the leases holding it (two with a backup lease)
         self.blocked: set[str] = set()  # quarantined operators (token ids): no registrations, no leases
         self.eval_operator: str | None = None  # the only operator given eval tasks (`rl train`'s local workers)
@@ -157,6 +160,7 @@ class HubState:
             dtype=self.cfg.rollout.dtype or self.cfg.model.dtype,
             sampling=self.sampling_params(),
             weights_url=self.cfg.hub.weights_url,
+            wire=choose_wire(req.wire),
         )
 
     def sampling_params(self) -> SamplingParamsWire:
@@ -222,8 +226,7 @@ class HubState:
     def workers_of(self, operator: str) -> list[str]:
         return [w.worker_id for w in self.workers.values() if w.token == operator]
 
-    def live_operators(self) -> int:
-        """Operators with a live registration that are not quarantined (rl/hub/fair.py)."""
+    def live_operators(self) -> int:  # operators with a live registration, not quarantined (rl/hub/fair.py)
         return len({w.token for w in self.workers.values()} - self.blocked)
 
     def block_operator(self, operator: str) -> None:
@@ -279,6 +282,9 @@ class HubState:
         if offered is not None:
             eval_tasks, sampling = offered
             return self._grant(rec, eval_tasks, sampling, req.policy_version, now, req.policy_version)
+        turns = self.episodes.next_turns(rec.worker_id, self.sampling_params(), req.max_tasks)
+        if turns is not None:  # episodes in flight go first
+            return self._grant(rec, *turns, min_version, now, req.policy_version)
         held = sum(len(self.leases[lid].task_ids) for lid in rec.leases if lid in self.leases)
         want = min(req.max_tasks, self.cfg.hub.max_tasks_per_lease, self.cfg.hub.max_leased_per_worker - held,
                    operator_room(self, rec.token))  # fmt: skip
@@ -310,7 +316,7 @@ class HubState:
         lease_id = f"l-{secrets.token_hex(6)}"
         tids = {t.task_id for t in tasks}
         for t in tasks:
-            t.seeds = self.seeds_of(t.task_id, sampling.n)
+            t.seeds = t.seeds or self.seeds_of(t.task_id, sampling.n)  # an episode's turn comes with its seed
         self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, tids, now + self.cfg.hub.lease_ttl_s,
                                             version=held_version, granted_at=now)  # fmt: skip
         rec.leases.add(lease_id)
@@ -335,6 +341,8 @@ class HubState:
         for tid in sorted(task_ids, reverse=True):
             if tid in self.evals:
                 self.evals.requeue(tid)
+            elif tid in self.episodes:
+                self.episodes.requeue(tid)
             else:
                 self.queue.appendleft(tid)
         if task_ids:
@@ -378,19 +386,18 @@ class HubState:
         A stale version is rejected (409) after its tasks went back to the queue; any other
         rejection changes nothing. Re-sent results are reported as duplicates, not scored twice.
         """
-        new, dups = validate_submission(self, req, caller)
+        new, dups, checked = validate_submission(self, req, caller)
         if new and (stale := self.stale_submission(req)) is not None:
             raise stale
         if not new:
             return SubmitResponse(accepted=[], duplicates=dups), []
-        self.accept(req, new, now)
+        self.accept(req, new, now, sum(len(c) for cs in checked.values() for c in cs))
         rec = self.workers[req.worker_id]
-        by_id = {r.task_id: r for r in req.results}
         jobs = [
             ScoringJob(
                 task_id=tid,
-                example=self.evals.example(tid)[1] if tid in self.evals else self.prompts.rows[self.task_rows[tid]],
-                completions=by_id[tid].completions,
+                example=self.evals.example(tid)[1] if tid in self.evals else self.episodes.example_of(tid),
+                completions=checked[tid],
                 policy_version=req.policy_version,
                 worker_id=rec.worker_id,
                 worker_name=rec.name,
@@ -408,7 +415,7 @@ class HubState:
         self.rejections[reason] += 1
         return HubError(status, reason, detail)
 
-    def accept(self, req: SubmitRequest, task_ids: list[int], now: float) -> None:
+    def accept(self, req: SubmitRequest, task_ids: list[int], now: float, tokens: int = 0) -> None:
         """Move validated tasks from their lease to scoring; stale versions go back to the queue."""
         rec = self.workers[req.worker_id]
         rec.last_seen = now
@@ -428,9 +435,7 @@ class HubState:
             self._finish_lease(lease)
         rec.completed_tasks += len(task_ids)
         self.submissions += 1
-        self.tokens_generated += sum(
-            len(c.token_ids) for r in req.results if r.task_id in task_ids for c in r.completions
-        )
+        self.tokens_generated += tokens
 
     def _finish_lease(self, lease: LeaseRecord) -> None:
         """Every task of `lease` has a result (its own or a backup's); re-sent results become duplicates."""
@@ -484,9 +489,9 @@ class HubState:
             worker_id=job.worker_id,
             worker_name=job.worker_name,
             completions=[
-                ScoredCompletion.model_construct(
-                    token_ids=c.token_ids,
-                    logprobs=c.logprobs,
+                ScoredCompletion.model_construct(  # the packed texts, forwarded as they came
+                    token_ids=c.packed_ids,
+                    logprobs=c.packed_logprobs,
                     finish_reason=c.finish_reason,
                     reward=r.value,
                     components=r.components,

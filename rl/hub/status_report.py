@@ -93,4 +93,5 @@ def hub_status(
         scoring_failures=state.scoring_failures,
         scoring_dropped=state.scoring_dropped,
         last_scoring_error=state.last_scoring_error,
+        episodes=state.episodes.summary() if state.episodes.enabled else {},
     )

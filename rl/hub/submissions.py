@@ -1,28 +1,33 @@
 """Checks of a worker's submission before the hub's state changes: ownership, lease, version, shapes, bounds.
 
 Every number a worker sends is self-reported; these checks refuse (4xx, counted by reason) anything
-outside the lease it answers, the version window or the run's limits, and change nothing.
+outside the lease it answers, the version window or the run's limits, and change nothing. Token ids
+and log-probs come as JSON lists or packed (rl/wire/packed.py) and are checked as arrays either way.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+import numpy as np
+
+from rl.wire.packed import PackedCompletion, PackedError
 from rl.wire.protocol import Completion, HubError, SubmitRequest
 
 HubLike = Any
 """The hub's state (rl/hub/state.py `HubState`): its workers, leases, evals, config and `reject`."""
 
 
-def validate_submission(state: HubLike, req: SubmitRequest, caller: str | None) -> tuple[list[int], list[int]]:
-    """Check everything before changing anything; returns (new task ids, duplicate task ids)."""
+def validate_submission(
+    state: HubLike, req: SubmitRequest, caller: str | None
+) -> tuple[list[int], list[int], dict[int, list[PackedCompletion]]]:
+    """Check everything before changing anything; returns (new task ids, duplicate task ids, their completions)."""
     rec = state.worker(req.worker_id, caller)
     lease = state.leases.get(req.lease_id)
     if lease is None:
         done = state.finished_leases.get(req.lease_id)
         if done is not None and done[0] == rec.worker_id and {r.task_id for r in req.results} <= done[1]:
-            return [], [r.task_id for r in req.results]  # a re-sent submission: accepted once already
+            return [], [r.task_id for r in req.results], {}  # a re-sent submission: accepted once already
         raise state.reject(409, "unknown_lease", f"lease {req.lease_id} is unknown or expired")
     if lease.worker_id != rec.worker_id:
         raise state.reject(403, "not_your_lease", f"lease {req.lease_id} belongs to another worker")
@@ -32,7 +37,7 @@ def validate_submission(state: HubLike, req: SubmitRequest, caller: str | None) 
         raise state.reject(422, "version_before_lease", f"version {req.policy_version} is older than version "
                           f"{lease.version}, held when lease {req.lease_id} was taken")  # fmt: skip
     n, max_tokens = state.cfg.sampling.n, state.cfg.sampling.max_tokens
-    new, dups, seen = [], [], set()
+    new, dups, seen, checked = [], [], set(), {}
     for result in req.results:
         tid = result.task_id
         if tid in seen:
@@ -45,28 +50,37 @@ def validate_submission(state: HubLike, req: SubmitRequest, caller: str | None) 
             raise state.reject(409, "task_not_in_lease", f"task {tid} is not part of lease {req.lease_id}")
         try:
             want = state.evals.expected_n(tid, req.policy_version) if tid in state.evals else n
+            want = 1 if tid in state.episodes else want  # an episode's later turn: one completion
         except HubError as e:
             raise state.reject(e.status, e.reason, e.detail) from None
         if len(result.completions) != want:
             raise state.reject(
                 422, "wrong_group_size", f"task {tid}: {len(result.completions)} completions, want {want}"
             )
-        for j, c in enumerate(result.completions):
-            check_completion(state, tid, j, c, max_tokens)
+        checked[tid] = [check_completion(state, tid, j, c, max_tokens) for j, c in enumerate(result.completions)]
+        if state.episodes.enabled and tid not in state.evals:
+            for c in checked[tid]:
+                if why := state.episodes.check_turn(tid, c):
+                    raise state.reject(422, "turn_not_ended", why)
         new.append(tid)
-    return new, dups
+    return new, dups, checked
 
 
-def check_completion(state: HubLike, tid: int, j: int, c: Completion, max_tokens: int) -> None:
+def check_completion(state: HubLike, tid: int, j: int, c: Completion, max_tokens: int) -> PackedCompletion:
+    """One completion's checks, as array operations on either encoding; the arrays the hub keeps."""
     where = f"task {tid} completion {j}"
-    if not 1 <= len(c.token_ids) <= max_tokens:
-        raise state.reject(422, "bad_length", f"{where}: {len(c.token_ids)} tokens, allowed 1..{max_tokens}")
-    if len(c.logprobs) != len(c.token_ids):
-        raise state.reject(
-            422, "logprobs_mismatch", f"{where}: {len(c.logprobs)} logprobs for {len(c.token_ids)} tokens"
-        )
-    # min/max/sum run in C: these lists are the bulk of every submission.
-    if min(c.token_ids) < 0 or max(c.token_ids) >= state.vocab_size:
-        raise state.reject(422, "token_out_of_vocab", f"{where}: token id outside [0, {state.vocab_size})")
-    if not (math.isfinite(sum(c.logprobs)) and max(c.logprobs) <= 0.0):  # a NaN or inf makes the sum non-finite
-        raise state.reject(422, "bad_logprob", f"{where}: logprobs must be finite and <= 0")
+    try:
+        packed = PackedCompletion.of(c.token_ids, c.logprobs, c.finish_reason)
+    except PackedError as e:
+        raise state.reject(422, "bad_packed", f"{where}: {e}") from None
+    ids, logprobs = packed.ids, packed.logprobs
+    if not 1 <= len(ids) <= max_tokens:
+        raise state.reject(422, "bad_length", f"{where}: token_ids: {len(ids)} tokens, allowed 1..{max_tokens}")
+    if len(logprobs) != len(ids):
+        raise state.reject(422, "logprobs_mismatch", f"{where}: logprobs: {len(logprobs)} for {len(ids)} tokens")
+    if ids.min() < 0 or ids.max() >= state.vocab_size:
+        raise state.reject(422, "token_out_of_vocab", f"{where}: token_ids: an id outside [0, {state.vocab_size})")
+    # A NaN or inf makes the sum non-finite (summed in float64: many large finite values do not overflow).
+    if not (np.isfinite(logprobs.sum(dtype=np.float64)) and logprobs.max() <= 0.0):
+        raise state.reject(422, "bad_logprob", f"{where}: logprobs: must be finite (as float32) and <= 0")
+    return packed

@@ -31,6 +31,8 @@ class TrainBatch:
     row_indices: list[int]
     versions: list[int]  # behaviour policy version per group
     seeds: Tensor | None = None  # [B] long, each completion's sampling seed (-1: none; rl/sampling.py)
+    turn_draws: Tensor | None = None
+    """[B, L, 2] long, episodes only: each model token's (seed, position in its turn); seed -1: not checked."""
 
     @property
     def num_sequences(self) -> int:
@@ -50,6 +52,7 @@ class TrainBatch:
             self.row_indices,
             self.versions,
             None if self.seeds is None else self.seeds[index],
+            None if self.turn_draws is None else self.turn_draws[index],
         )
 
     def to(self, device: torch.device | str) -> TrainBatch:
@@ -66,6 +69,7 @@ class TrainBatch:
             self.row_indices,
             self.versions,
             None if self.seeds is None else self.seeds.to(device),
+            None if self.turn_draws is None else self.turn_draws.to(device),
         )
 
     def rows_of_version(self, *versions: int | None) -> Tensor:
@@ -84,6 +88,9 @@ class TrainBatch:
         if rows is not None:
             m &= rows.cpu()[:, None]
         seeds = self.seeds.cpu()[:, None].expand_as(self.input_ids)
+        if self.turn_draws is not None:  # episodes: each turn has its own seed, positions restart per turn
+            seeds, positions = self.turn_draws.cpu().unbind(-1)
+            m &= seeds >= 0
         u[m] = uniforms(seeds[m], positions[m])
         return u
 
@@ -94,11 +101,20 @@ def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
     group_size = len(groups[0].completions)
     if any(len(g.completions) != group_size for g in groups):
         raise ValueError("groups of different sizes in one batch")
-    seqs, masks, behaviour, rewards = [], [], [], []
+    seqs, masks, behaviour, rewards, draws = [], [], [], [], []
+    episodes = any(c.turns for g in groups for c in g.completions)
     for g in groups:
-        for c in g.completions:
+        for j, c in enumerate(g.completions):
             seqs.append(g.prompt_token_ids + c.token_ids)
-            masks.append([0.0] * len(g.prompt_token_ids) + [1.0] * len(c.token_ids))
+            if c.turns:
+                mask, draw = turn_layout(c.turns, len(c.token_ids), g.policy_version)
+            else:
+                mask, draw = [1.0] * len(c.token_ids), []
+                if episodes:  # beside episodes: one turn, the completion's own seed
+                    seed = g.seeds[j] if len(g.seeds) == group_size else -1
+                    draw = [(seed, i) for i in range(len(c.token_ids))]
+            masks.append([0.0] * len(g.prompt_token_ids) + mask)
+            draws.append([(-1, 0)] * len(g.prompt_token_ids) + draw if episodes else [])
             behaviour.append([0.0] * len(g.prompt_token_ids) + list(c.logprobs))
             rewards.append(c.reward)
     length = max(len(s) for s in seqs)
@@ -107,11 +123,14 @@ def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
     attention = torch.zeros((batch, length), dtype=torch.long)
     cmask = torch.zeros((batch, length), dtype=torch.float32)
     blogp = torch.zeros((batch, length), dtype=torch.float32)
+    turn_draws = torch.full((batch, length, 2), -1, dtype=torch.long) if episodes else None
     for i, (s, m, b) in enumerate(zip(seqs, masks, behaviour, strict=True)):
         input_ids[i, : len(s)] = torch.tensor(s)
         attention[i, : len(s)] = 1
         cmask[i, : len(m)] = torch.tensor(m)
         blogp[i, : len(b)] = torch.tensor(b)
+        if turn_draws is not None and len(draws[i]) == len(s):
+            turn_draws[i, : len(s)] = torch.tensor(draws[i], dtype=torch.long)
     return TrainBatch(
         input_ids,
         attention,
@@ -127,7 +146,23 @@ def build_batch(groups: list[ScoredGroup], pad_token_id: int) -> TrainBatch:
             [g.seeds[j] if len(g.seeds) == group_size else -1 for g in groups for j in range(group_size)],
             dtype=torch.long,
         ),  # fmt: skip
+        turn_draws,
     )
+
+
+def turn_layout(turns: list[list[int]], length: int, version: int) -> tuple[list[float], list[tuple[int, int]]]:
+    """An episode's completion (`length` tokens, model turns [start, end, seed, version]) -> (mask: 1 on the
+    model's tokens, 0 on observations; (seed, position in turn) per token, seed -1 where no draw is checked).
+
+    Draws are checked on the turns generated with `version` (the group's, whose weights the trainer checks
+    against); a later turn's tokens are trained and checked for log-prob mismatch, not for their draws."""
+    mask = [0.0] * length
+    draw = [(-1, 0)] * length
+    for start, end, seed, turn_version in turns:
+        for p in range(start, min(end, length)):
+            mask[p] = 1.0
+            draw[p] = (seed if turn_version == version else -1, p - start)
+    return mask, draw
 
 
 def rollout_metrics(groups: list[ScoredGroup], step: int, max_tokens: int, accuracy_term: str | None) -> dict:

@@ -5,11 +5,14 @@ trainer state (step, policy version), every rank's RNG states (python, numpy, to
 CUDA), and the hub's ledger at that step, so `rl train --resume` continues with the
 same data order and no prompt consumed twice or lost. What a run did after its last checkpoint
 (a crash, a SIGKILL) is lost: `discard_after` removes its traces (policy versions,
-metric and batch records) before the run continues, so they are redone once.
+metric and batch records) before the run continues, so they are redone once. Every file's size and
+sha256 go to `files.json`; `usable_checkpoint` sets a checkpoint that no longer matches aside
+(a truncated or corrupted file) and resumes from the one before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 
 LEDGER = "ledger.json"
 STATE = "trainer_state.json"
+FILES = "files.json"
+"""Every other file of the checkpoint: relative path -> [size, sha256]."""
+DAMAGED = "damaged-"
+"""Prefix a damaged checkpoint is renamed with (kept for inspection, never loaded)."""
 
 
 class CheckpointError(RuntimeError):
@@ -49,6 +56,57 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         if p.is_dir() and p.name[5:].isdigit() and (p / STATE).is_file()
     ]
     return max(found, key=checkpoint_step) if found else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_file_list(path: Path) -> None:
+    """Record the size and sha256 of every file under the checkpoint directory `path` (FILES)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != FILES)
+    listing = {str(p.relative_to(path)): [p.stat().st_size, _sha256(p)] for p in files}
+    (path / FILES).write_text(json.dumps(listing, indent=0))
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with the checkpoint at `path` (the first bad file, named), or None when every file matches
+    its record. A checkpoint from before file lists existed is taken as it is."""
+    listing = path / FILES
+    if not listing.is_file():
+        return None
+    try:
+        recorded = json.loads(listing.read_text())
+    except ValueError as e:
+        return f"{listing} is unreadable ({e})"
+    for name, (size, digest) in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if (actual := file.stat().st_size) != size:
+            return f"{file} has {actual} bytes, {size} were written (truncated?)"
+        if _sha256(file) != digest:
+            return f"{file} does not match the sha256 written with it (corrupted)"
+    return None
+
+
+def usable_checkpoint(run_dir: Path) -> Path | None:
+    """The latest checkpoint whose files match their records; damaged newer ones are renamed `damaged-step_<N>`
+    (logged, naming the bad file) so that nothing loads them."""
+    while (ckpt := latest_checkpoint(run_dir)) is not None:
+        problem = damage(ckpt)
+        if problem is None:
+            return ckpt
+        aside = ckpt.with_name(f"{DAMAGED}{ckpt.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(ckpt, aside)
+        log.error("checkpoint %s is damaged: %s; set aside as %s, resuming from the checkpoint before it",
+                  ckpt.name, problem, aside)  # fmt: skip
+    return None
 
 
 def discard_after(run_dir: Path, step: int) -> None:
@@ -137,6 +195,7 @@ def save_checkpoint(strategy, run_dir: Path, step: int, state: dict, ledger: Led
         if ledger is not None:
             (tmp / LEDGER).write_text(ledger.model_dump_json())
         (tmp / STATE).write_text(json.dumps({**state, "step": step}))
+        write_file_list(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -3,9 +3,10 @@
     publish the initial policy (version = optimizer steps applied)
     for each step:
         rank 0 pulls `prompts_per_step` scored groups from the hub and broadcasts them
-        provenance checks mask forged sequences (rl/trainer/provenance.py)
-        advantages from the group rewards (rl/trainer/advantages.py)
-        per update and micro-batch: log-probs -> policy_loss (rl/trainer/loss.py) -> backward
+        per update and micro-batch: log-probs -> policy_loss (rl/trainer/loss.py) -> backward,
+            the first forward also giving the provenance checks' statistics: forged sequences are
+            masked out of the loss and their group's baseline (rl/trainer/verify.py, provenance.py)
+            before the advantages (rl/trainer/advantages.py) and the backward
         optimizer step; publish every `weights.publish_every` steps; log; checkpoint
 
 DeepSpeed lives behind `DeepSpeedStrategy` (rl/trainer/strategy.py); the hub is reached only
@@ -15,9 +16,6 @@ between steps, after a checkpoint, at the same step on every rank.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import logging
 import math
 import threading
@@ -35,24 +33,18 @@ from rl.rundir import RunDir
 from rl.trainer.advantages import group_advantages
 from rl.trainer.batch import TrainBatch, build_batch, eval_metrics, rollout_metrics
 from rl.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from rl.trainer.loss import LossNorm, policy_loss, reduce_metrics
-from rl.trainer.provenance import (
-    NUM_STATS,
-    REASONS,
-    check_sequences,
-    draw_tolerance,
-    mask_rejected,
-    special_token_rows,
-    token_statistics,
-)
+from rl.trainer.loss import LossNorm, policy_loss, reduce_metrics, scales_with_tokens
 from rl.trainer.publisher import Publisher
+from rl.trainer.receipts import Receipts
 from rl.trainer.strategy import _GATHER_BUDGET  # bytes gathered at once into a background publication
 from rl.trainer.tracking import Progress
+from rl.trainer.verify import StepChecks, report_provenance
+from rl.trainer.watchdog import hub_view
 from rl.weights.files import TensorSpec
 from rl.weights.lora import adapter_metadata
 from rl.weights.store import PolicyWriter, version_dir, write_base, write_lora_version
 from rl.wire.admin import HubAdmin
-from rl.wire.protocol import EvalRequest, ProvenanceReport, WorkerVerdicts
+from rl.wire.protocol import EvalRequest
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +103,9 @@ class Trainer:
         self.final_eval: dict[str, float] = {}
         self.stop = stop or StopRequest()
         self.tracker = None
+        self.on_step: Callable[[int], None] = lambda step: None  # the step watchdog's (rl/trainer/watchdog.py)
+        self.receipts = Receipts(self.paths, self.hub) if self.is_main else None  # signs each step's trained work
+        self.codes: Tensor | None = None  # the last checks' code per sequence (0: passed), for the receipts
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
@@ -203,8 +198,8 @@ class Trainer:
             self.strategy.broadcast_object(_WAIT)
             waited += 1
             if waited % 6 == 0 and (st := self._hub_status()) is not None:
-                log.info("step %d: waiting for rollouts (%d buffered, %d leased, %d workers)",
-                         self.step, st.buffered, st.leased, st.worker_summary.total)  # fmt: skip
+                log.info("step %d: waiting for rollouts for %.0f s (%s)", self.step, time.perf_counter() - start,
+                         hub_view(st))  # fmt: skip
         info = {"wait_s": time.perf_counter() - start, "stale_dropped": stale, "zero_variance_skipped": skipped}
         return self.strategy.broadcast_object((batch.groups, info))
 
@@ -246,18 +241,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, checks: StepChecks | None = None) -> dict[str, float]:
+        """All ranks: advantages, loss and backward of every micro-batch, optimizer step.
+
+        With `checks` (`trust.shared_forward`) a micro-batch's first forward also gives the provenance
+        statistics of its unchecked rows, whose verdicts mask its rows and set its groups' advantages
+        before its backward (rl/trainer/verify.py); without, `batch` comes already checked.
+        """
         algo, mb = self.cfg.algorithm, self.cfg.trainer.micro_batch_size
-        advantages, adv_stats = group_advantages(batch.rewards, batch.group_size, algo.advantage, algo.scale_rewards)
+        rank, world, device = self.strategy.rank, self.strategy.world_size, self.strategy.device
         full = batch
-        local = self._my_rows(batch).to(self.strategy.device)  # the loss meets the log-probs on the GPU
-        local_adv = advantages[self.strategy.rank :: self.strategy.world_size].to(self.strategy.device)
+        local = self._my_rows(batch).to(device)  # the loss meets the log-probs on the GPU
+        if checks is None:
+            advantages, adv_stats = group_advantages(batch.rewards, batch.group_size, algo.advantage,
+                                                     algo.scale_rewards)  # fmt: skip
+            local_adv = advantages[rank::world].to(device)
+        else:
+            local_adv = torch.zeros(local.num_sequences, device=device)
         max_tokens = algo.dr_grpo_max_tokens or self.cfg.sampling.max_tokens
-        norm = LossNorm.from_batch(full.completion_mask, micro_batch_size=mb * self.strategy.world_size,
-                                   max_tokens=max_tokens)  # fmt: skip
         # Every rank must run the same number of forward/backward passes (ZeRO-2/3 collectives):
         # a rank with fewer rows runs zero-loss passes on a dummy row.
-        per_rank = math.ceil(full.num_sequences / self.strategy.world_size)
+        per_rank = math.ceil(full.num_sequences / world)
         chunks = [slice(i, i + mb) for i in range(0, per_rank, mb)]
         need_old = algo.num_iterations > 1
         share = self._share_prompt(full)
@@ -267,24 +271,40 @@ class Trainer:
             return self.strategy.token_logprobs(src.input_ids[rows], src.attention_mask[rows],
                                                 prompt_lengths=lengths, **kw)  # fmt: skip
 
+        def settle(c: slice, request) -> None:  # the chunk's verdicts (all ranks) -> its masks and advantages
+            rows = checks.settle(c, request)
+            mask, adv = checks.masked(rows)
+            own = torch.arange(c.start, min(c.stop, local.num_sequences))
+            local.completion_mask[own] = mask[own * world + rank - rows.start].to(device)
+            local_adv[own] = adv[own * world + rank - rows.start].to(device)
+
         old, ref = [], []
         with torch.no_grad():
             for c in chunks:
-                src = local
-                if c.start >= local.num_sequences:  # keep collectives matched; the result is unused
-                    src, c = full, slice(0, 1)
-                if need_old:
-                    old.append(logprobs(src, c)[0])
+                src, rows = (full, slice(0, 1)) if c.start >= local.num_sequences else (local, c)
+                if need_old:  # keep collectives matched on a dummy row; the result is unused
+                    request = checks.request(c) if checks is not None else None
+                    old.append(logprobs(src, rows, stats=request)[0])
+                    if checks is not None:
+                        settle(c, request)
                 if algo.beta > 0:
-                    ref.append(logprobs(src, c, reference=True)[0])
-        parts, step_stats = [], {}
-        for _ in range(algo.num_iterations):
+                    ref.append(logprobs(src, rows, reference=True)[0])
+        known = full.completion_mask if checks is None else checks.known_mask()
+        norm = LossNorm.from_batch(known, micro_batch_size=mb * world, max_tokens=max_tokens)
+        parts, step_stats, grad_scale = [], {}, 1.0
+        for iteration in range(algo.num_iterations):
             for i, c in enumerate(chunks):
+                first = checks is not None and not need_old and iteration == 0
+                request = checks.request(c) if first else None
                 if c.start >= local.num_sequences:
                     logp, _ = logprobs(full, slice(0, 1))
+                    if first:
+                        settle(c, request)
                     self.strategy.backward(logp.sum() * 0.0)
                     continue
-                logp, entropy = logprobs(local, c, with_entropy=True)
+                logp, entropy = logprobs(local, c, with_entropy=True, stats=request)
+                if first:
+                    settle(c, request)
                 loss, metrics = policy_loss(
                     logp,
                     old[i] if need_old else None,
@@ -300,99 +320,66 @@ class Trainer:
                 parts.append(metrics)
             if self.cfg.trust.enabled:  # the weights about to be replaced: checks of this version's groups
                 self.strategy.keep_version(self.step, self.cfg.trust.kept_versions)
-            step_stats = self.strategy.step()
+            if checks is not None and scales_with_tokens(algo.loss):
+                # The losses were divided by the tokens known before the verdicts; the batch's are fewer if any
+                # sequence was rejected since (the same gradient as dividing by them: the loss is linear in it).
+                tokens = float(checks.known_mask().sum())
+                grad_scale = norm.total_tokens / tokens if tokens > 0 else 1.0
+            step_stats = self.strategy.step(grad_scale)
         metrics = self._all_reduce(parts)
+        for key in ("loss/policy", "loss/kl"):
+            metrics[key] *= grad_scale
+        if checks is not None:
+            adv_stats = group_advantages(checks.masked_rewards(), batch.group_size, algo.advantage,
+                                         algo.scale_rewards)[1]  # fmt: skip
         metrics.update({"grad_norm": step_stats["grad_norm"], "lr": step_stats["lr"]})
         metrics["advantage/zero_variance_groups"] = adv_stats["zero_variance_groups"]
         return metrics
 
-    def verify(self, batch: TrainBatch, groups: list) -> tuple[TrainBatch, dict[str, float]]:
-        """All ranks: provenance checks of every sequence (rl/trainer/provenance.py) before the optimizer step.
+    def check_and_train(self, batch: TrainBatch, groups: list) -> tuple[TrainBatch, dict[str, float]]:
+        """All ranks: provenance checks and the training step of one batch -> (the batch as checked, metrics).
 
-        Rejected sequences are masked out of the loss and their group's baseline; the verdicts go
-        to the metrics and (rank 0) to the hub, which keeps per-worker statistics and quarantines.
+        `perf/provenance_s` is the checks' own forwards (all of them on the two-forward path, kept versions'
+        groups only on the shared one, whose statistics are then part of `perf/train_s`).
         """
-        trust, sampling = self.cfg.trust, self.cfg.sampling
-        if not trust.enabled:
-            return batch, {}
-        worker_dtype = self.cfg.rollout.dtype or self.cfg.model.dtype
-        trust = trust.model_copy(update={"draw_tolerance": draw_tolerance(trust, worker_dtype, self.cfg.model.dtype)})
-        rank, world = self.strategy.rank, self.strategy.world_size
-        local = self._my_rows(batch)
-        fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
-                               top_k=sampling.top_k)  # fmt: skip
-        share = self._share_prompt(batch)
-        mine = torch.arange(rank, batch.num_sequences, world)
-        # Groups of the version before are checked against the weights that made them, when the trainer kept them.
-        passes = [(torch.ones(local.num_sequences, dtype=torch.bool), self.step)]  # ZeRO-3: one collective pass
-        if kept := self.strategy.kept:  # ZeRO <= 2: no collectives in a forward, a rank may skip a pass
-            by_version = {v: batch.rows_of_version(v)[mine] for v in kept}
-            passes = [(rows, v) for v, rows in by_version.items() if rows.any()]
-            rest = ~torch.stack(list(by_version.values())).any(0)
-            passes += [(rest, self.step)] if rest.any() else []
-        stats = torch.zeros(*local.input_ids.shape, NUM_STATS)
-        for rows, version in passes:
-            part = local.rows(rows)  # draws only where `version` made the sequence (rows() keeps groups whole)
-            drawn = batch.rows_of_version(version)[mine][rows]
-            u = part.draw_uniforms(drawn).to(self.strategy.device) if trust.verify_draws else None
-            lengths = part.prompt_lengths if share else None
-            with self.strategy.weights_of(version) if version != self.step else contextlib.nullcontext():
-                stats[rows] = self.strategy.token_statistics(part.input_ids, part.attention_mask, fn, NUM_STATS,
-                                                             lengths, u).cpu()  # fmt: skip
-        stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        special = special_token_rows(local.input_ids, local.completion_mask, self.tokenizer.all_special_ids, stop_ids)
-        v = check_sequences(stats, local.behaviour_logprobs, local.completion_mask, trust, special)
-        rows = torch.zeros(batch.num_sequences, 4)  # per sequence: code, sum |diff|, tokens, z
-        rows[torch.arange(rank, batch.num_sequences, world)] = torch.stack(
-            [v.codes.float(), v.abs_diff_sum, v.tokens, v.z], dim=1
-        )
-        if world > 1:
-            rows = rows.to(self.strategy.device)
-            dist.all_reduce(rows)  # every row is filled by exactly one rank
-            rows = rows.cpu()
-        codes = rows[:, 0].round().long()
-        mask, rewards = mask_rejected(batch.completion_mask, batch.rewards, codes == 0, batch.group_size)
-        batch = dataclasses.replace(batch, completion_mask=mask, rewards=rewards)
-        rejected = int((codes != 0).sum())
-        metrics = {
-            "trust/masked_sequences": float(rejected),
-            "trust/masked_fraction": rejected / batch.num_sequences,
-            "trust/mean_abs_logprob_diff": float(rows[:, 1].sum() / rows[:, 2].sum().clamp(min=1.0)),
-            "trust/typicality_z_max_abs": float(rows[:, 3].abs().max()),
-            "trust/draws_checked_fraction": float(batch.rows_of_version(self.step, *self.strategy.kept).float().mean())
-            if trust.verify_draws and batch.seeds is not None and bool((batch.seeds >= 0).all())
-            else 0.0,
-        }
-        for i, reason in enumerate(REASONS):
-            metrics[f"trust/rejected/{reason}"] = float((codes == i + 1).sum())
-        if self.is_main:
-            self._report_provenance(groups, batch.group_size, codes, rows, metrics)
-        return batch, metrics
+        start, self.codes = time.perf_counter(), None
+        checks, trust_metrics = self.checks(batch), {}
+        shared = checks is not None and StepChecks.can_share(self.cfg, self.strategy, batch.group_size)
+        if checks is not None:  # forwards of their own: kept versions' groups, and all rows unless shared
+            checks.check_apart(shared)
+            if not shared:
+                batch, trust_metrics = self.verdicts(checks, groups)
+        trained = time.perf_counter()
+        metrics = self.train_step(batch, checks if shared else None)
+        train_s = time.perf_counter() - trained
+        if shared:
+            batch, trust_metrics = self.verdicts(checks, groups)
+        return batch, metrics | trust_metrics | {"perf/provenance_s": trained - start, "perf/train_s": train_s}
 
-    def _report_provenance(self, groups: list, group_size: int, codes: Tensor, rows: Tensor, metrics: dict) -> None:
-        """Per-worker verdicts to the hub (best effort: a failed report is logged, training goes on)."""
-        per_worker: dict[str, WorkerVerdicts] = {}
-        for g, group in enumerate(groups):
-            v = per_worker.setdefault(group.worker_id, WorkerVerdicts(worker_id=group.worker_id, sequences=0))
-            for r in range(g * group_size, (g + 1) * group_size):
-                v.sequences += 1
-                v.abs_logprob_diff_sum += float(rows[r, 1])
-                v.tokens += int(rows[r, 2])
-                if codes[r] != 0:
-                    reason = REASONS[int(codes[r]) - 1]
-                    v.rejected[reason] = v.rejected.get(reason, 0) + 1
-        for v in per_worker.values():
-            name = next(g.worker_name for g in groups if g.worker_id == v.worker_id)
-            if v.rejected:
-                metrics[f"trust/worker/{name}-{v.worker_id}/masked"] = float(sum(v.rejected.values()))
-                log.warning("step %d: masked %d/%d sequences of worker %s (%s): %s", self.step,
-                            sum(v.rejected.values()), v.sequences, v.worker_id, name, v.rejected)  # fmt: skip
-        if self.hub is None:  # a trainer without a hub (tests)
-            return
-        try:
-            self.hub.report_provenance(ProvenanceReport(step=self.step, workers=list(per_worker.values())))
-        except Exception as e:
-            log.warning("could not send provenance verdicts to the hub: %s", e)
+    def checks(self, batch: TrainBatch) -> StepChecks | None:
+        """All ranks: this step's provenance checks (None when `trust.enabled` is off)."""
+        if not self.cfg.trust.enabled:
+            return None
+        return StepChecks(self.cfg, self.strategy, self.tokenizer, batch, self.step, self._share_prompt(batch))
+
+    def verify(self, batch: TrainBatch, groups: list) -> tuple[TrainBatch, dict[str, float]]:
+        """All ranks: provenance checks of every sequence in forwards of their own, before training (the
+        two-forward path; `_step` shares the training forward where it can). Returns the batch with
+        rejected sequences masked out of the loss and their group's baseline, and the metrics."""
+        checks = self.checks(batch)
+        if checks is None:
+            return batch, {}
+        checks.check_apart(shared=False)
+        return self.verdicts(checks, groups)
+
+    def verdicts(self, checks: StepChecks, groups: list) -> tuple[TrainBatch, dict[str, float]]:
+        """All ranks: the masked batch and the metrics of finished checks; rank 0 reports them to the hub,
+        which keeps per-worker statistics and quarantines."""
+        batch, metrics, table = checks.finish()
+        self.codes = table[:, 0].round().long()
+        if self.is_main:
+            report_provenance(self.hub, self.step, groups, batch.group_size, table, metrics)
+        return batch, metrics
 
     def _share_prompt(self, batch: TrainBatch) -> bool:
         """Prompt sharing for this batch (same answer on every rank: decided on the full batch)."""
@@ -490,6 +477,7 @@ class Trainer:
                 log.info("%s", progress.line(self.step, metrics))
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.checkpoint()
+            self.on_step(self.step)
         if self.last_checkpoint != self.step:
             self.checkpoint()
         if self.stop.reason is not None:
@@ -501,12 +489,10 @@ class Trainer:
     def _step(self, groups: list, info: dict, t0: float) -> dict[str, float]:
         """Train on one pulled batch, publish (and evaluate) as configured; returns the step's metrics."""
         cfg = self.cfg
-        batch = build_batch(groups, self.pad_id)
-        t_verify = time.perf_counter()
-        batch, trust_metrics = self.verify(batch, groups)
-        t1 = time.perf_counter()
-        metrics = self.train_step(batch) | trust_metrics
-        train_s = time.perf_counter() - t1
+        batch, metrics = self.check_and_train(build_batch(groups, self.pad_id), groups)
+        train_s = metrics["perf/train_s"]
+        if self.receipts is not None:  # numbered as metrics.jsonl and batches.jsonl number this step
+            metrics |= self.receipts.issue(self.step + 1, groups, batch.completion_mask, self.codes)
         step_for_data = self.step  # the version the trainer held while training this batch
         self.step += 1
         last = self.step == cfg.trainer.max_steps
@@ -522,8 +508,6 @@ class Trainer:
             "perf/trainer_tokens_per_s": float(batch.attention_mask.sum()) / max(train_s, 1e-9),
             "perf/step_s": time.perf_counter() - t0,
             "perf/wait_s": info["wait_s"],
-            "perf/train_s": train_s,
-            "perf/provenance_s": t1 - t_verify,
             "stale_dropped": float(info["stale_dropped"]),
             "zero_variance_skipped": float(info["zero_variance_skipped"]),
             "policy_version": float(self.published_version),

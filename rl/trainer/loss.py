@@ -138,6 +138,12 @@ micro-batch, averaged over micro-batches (as TRL, so it alone depends on the mic
 """
 
 
+def scales_with_tokens(loss: str) -> bool:
+    """Whether a loss type divides by the batch's completion tokens (`LossNorm.total_tokens`): its gradient is
+    then proportional to 1 / total_tokens, so a count learnt after the backwards can be applied as a scale."""
+    return LOSSES[loss].aggregate is _batch_token_mean
+
+
 # --------------------------------------------------------------------------- off-policy correction
 
 

@@ -13,7 +13,7 @@ longest, full logits) for a model that cannot be packed. docs/operations.md: the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 LOGIT_ELEMENTS = 2**25
 """Logits materialised per chunk (rows x vocab): 128 MiB in fp32."""
+
+OnLogits = Callable[[slice, Tensor], None]
+"""Called with (slice of the targets, their detached logits [n, V]) once per chunk of a forward, for statistics
+beyond log-probs (the provenance checks) from the same logits; never again when a backward recomputes a chunk."""
 
 
 @dataclass
@@ -53,6 +57,23 @@ class Packed:
         """[N] per-target values -> [B, T] (0 where no target)."""
         out = values.new_zeros(shape)
         return out.index_put((self.rows, self.cols), values)
+
+
+@dataclass
+class StatsRequest:
+    """Per-token statistics wanted from the logits of a forward (the provenance checks, rl/trainer/provenance.py).
+
+    `fn(logits [b, t, V], targets [b, t], u=[b, t]) -> [b, t, width]` runs without grad on each chunk of
+    logits the forward produces anyway; the result lands in `out` [B, T, width] (the forward's rows, aligned like
+    `token_logprobs`: position 0, padding and, with prompt sharing, prompt positions stay 0).
+    """
+
+    fn: Callable[..., Tensor]
+    out: Tensor
+    u: Tensor | None = None
+    """[B, T] each target's seeded uniform (NaN: none), passed to `fn` as `u=`; None: not passed."""
+    rows: Tensor | None = None
+    """[B] bool: the rows whose statistics are wanted (None: all)."""
 
 
 def pack(input_ids: Tensor, attention_mask: Tensor, prefix_lengths: Tensor) -> Packed:
@@ -151,12 +172,14 @@ def chunked_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk: int | None = None,
+    on_logits: OnLogits | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log softmax(lm_head(hidden) / temperature)[targets] and its entropy, a chunk of rows at a time.
 
     hidden [N, H], targets [N] -> fp32 [N], [N] (entropy without grad). With grad,
     each chunk is checkpointed: its logits are freed after the forward and
-    recomputed in the backward, so at most one chunk of logits exists at a time.
+    recomputed in the backward, so at most one chunk of logits exists at a time. `on_logits`
+    sees each chunk's logits once, in the forward.
     """
     chunk = chunk or chunk_rows(int(getattr(lm_head, "out_features", 0) or lm_head.weight.shape[0]))
     logps, ents = [], []
@@ -164,10 +187,14 @@ def chunked_logprobs(
         h, tgt = hidden[start : start + chunk], targets[start : start + chunk]
         box: dict[str, Tensor] = {}
 
-        def run(h: Tensor, tgt: Tensor = tgt, box: dict = box) -> Tensor:
+        def run(h: Tensor, tgt: Tensor = tgt, box: dict = box, part: slice = slice(start, start + len(tgt))) -> Tensor:
             logits = lm_head(h)
-            if with_entropy and "entropy" not in box:  # not again when the backward recomputes the chunk
-                box["entropy"] = _entropy_of(logits, temperature)
+            if "seen" not in box:  # not again when the backward recomputes the chunk
+                box["seen"] = True
+                if with_entropy:
+                    box["entropy"] = _entropy_of(logits, temperature)
+                if on_logits is not None:
+                    on_logits(part, logits.detach())
             return _logprobs_of(logits, tgt, temperature)
 
         if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in lm_head.parameters())):
@@ -182,14 +209,17 @@ def chunked_logprobs(
 
 
 def logits_logprobs(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False
-) -> tuple[Tensor, Tensor | None]:
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False,
+    on_logits: OnLogits | None = None,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """`chunked_logprobs` for logits that already exist ([N, V], e.g. computed inside the model's forward):
     the fp32 upcast and log-softmax temporaries stay one chunk in size."""
     chunk = chunk_rows(logits.shape[-1])
     logps, ents = [], []
     for start in range(0, logits.shape[0], chunk):
         part = logits[start : start + chunk]
+        if on_logits is not None:
+            on_logits(slice(start, start + part.shape[0]), part.detach())
         logps.append(_logprobs_of(part, targets[start : start + chunk], temperature))
         if with_entropy:
             ents.append(_entropy_of(part, temperature))
@@ -207,6 +237,7 @@ def packed_logprobs(
     lm_head: torch.nn.Module | None,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    on_logits: OnLogits | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One forward of `model` (HF causal LM or its DeepSpeed engine) over a packed row -> per-target fp32 [N].
 
@@ -218,30 +249,9 @@ def packed_logprobs(
     """
     if decoder is None or lm_head is None:
         logits = _forward(model, packed, dtype, keep=packed.source).logits[0]
-        return logits_logprobs(logits, packed.targets, temperature, with_entropy)
+        return logits_logprobs(logits, packed.targets, temperature, with_entropy, on_logits)
     hidden = _final_hidden(model, decoder, packed, dtype)
-    return chunked_logprobs(hidden, lm_head, packed.targets, temperature, with_entropy)
-
-
-def packed_logits(
-    model: torch.nn.Module,
-    packed: Packed,
-    *,
-    dtype: torch.dtype,
-    decoder: torch.nn.Module | None,
-    lm_head: torch.nn.Module | None,
-) -> Iterator[tuple[slice, Tensor]]:
-    """(slice of the targets, their logits [n, V]) a chunk at a time, for statistics beyond log-probs."""
-    if decoder is None or lm_head is None:
-        logits = _forward(model, packed, dtype, keep=packed.source).logits[0]
-        chunk = chunk_rows(logits.shape[-1])
-        for start in range(0, logits.shape[0], chunk):
-            yield slice(start, start + chunk), logits[start : start + chunk]
-        return
-    hidden = _final_hidden(model, decoder, packed, dtype)
-    chunk = chunk_rows(int(lm_head.weight.shape[0]))
-    for start in range(0, hidden.shape[0], chunk):
-        yield slice(start, start + chunk), lm_head(hidden[start : start + chunk])
+    return chunked_logprobs(hidden, lm_head, packed.targets, temperature, with_entropy, on_logits=on_logits)
 
 
 def _forward(model: torch.nn.Module, packed: Packed, dtype: torch.dtype, keep: Tensor) -> Any:
@@ -277,13 +287,16 @@ def _final_hidden(model: torch.nn.Module, decoder: torch.nn.Module, packed: Pack
 
 
 def padded_logprobs(
-    model: torch.nn.Module, ids: Tensor, mask: Tensor, length: int, temperature: float, with_entropy: bool
-) -> tuple[Tensor, Tensor | None]:
+    model: torch.nn.Module, ids: Tensor, mask: Tensor, length: int, temperature: float, with_entropy: bool,
+    on_logits: Callable[[Tensor, int], None] | None = None,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Rows [b, T] right-padded to their longest, one forward with full logits -> [b, length] (position 0
-    and padding 0), and the entropy."""
+    and padding 0), and the entropy. `on_logits(logits [b, used - 1, V] detached, used)` sees the logits."""
     used = max(int(mask.sum(-1).max()), 1)
     ids, mask = ids[:, :used], mask[:, :used]
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    if on_logits is not None:
+        on_logits(logits.detach(), used)
     logp, ent = selected_logprobs(logits, ids[:, 1:], temperature, with_entropy)
     valid = mask[:, 1:].to(logp.dtype)
     logp = F.pad(logp * valid, (1, length - used))
@@ -320,3 +333,43 @@ def selected_logprobs(
                 ents.append(-(lsm.exp() * lsm).sum(-1))
             entropy = torch.stack(ents)
     return logp, entropy
+
+
+# --------------------------------------------------------------------------- statistics from a forward's logits
+
+
+def packed_stats_hook(stats: StatsRequest, rows: slice, packed: Packed) -> Callable[[slice, Tensor], None]:
+    """`on_logits` of a packed forward over `rows` of the request: `stats.fn` on each chunk of target logits."""
+    out = stats.out[rows]
+    u = None if stats.u is None else stats.u[rows]
+    want = None if stats.rows is None else stats.rows[rows].to(packed.rows.device)
+
+    def hook(part: slice, logits: Tensor) -> None:
+        r, c, targets = packed.rows[part], packed.cols[part], packed.targets[part]
+        if want is not None:
+            keep = want[r]
+            if not bool(keep.any()):
+                return
+            r, c, targets, logits = r[keep], c[keep], targets[keep], logits[keep]
+        kw = {} if u is None else {"u": u[r, c][None]}
+        with torch.no_grad():
+            out[r, c] = stats.fn(logits[None], targets[None], **kw)[0].float()
+
+    return hook
+
+
+def padded_stats_hook(stats: StatsRequest, rows: slice, ids: Tensor, mask: Tensor) -> Callable[[Tensor, int], None]:
+    """`on_logits` of a padded forward over `rows` of the request (logits [b, used - 1, V])."""
+    out = stats.out[rows]
+    want = torch.ones(ids.shape[0], dtype=torch.bool) if stats.rows is None else stats.rows[rows].cpu()
+
+    def hook(logits: Tensor, used: int) -> None:
+        if not bool(want.any()):
+            return
+        idx = want.nonzero().squeeze(-1).to(logits.device)
+        kw = {} if stats.u is None else {"u": stats.u[rows][idx, 1:used]}
+        with torch.no_grad():
+            values = stats.fn(logits[idx], ids[idx, 1:used], **kw) * mask[idx, 1:used, None].to(torch.float32)
+        out[idx, 1:used] = values.float()
+
+    return hook

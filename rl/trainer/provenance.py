@@ -63,19 +63,22 @@ def token_statistics(
     for i, (row, tgt) in enumerate(zip(logits, targets, strict=True)):
         row = row.float()
         idx = tgt.unsqueeze(-1)
-        out[i, :, RECOMPUTED] = row.log_softmax(-1).gather(-1, idx).squeeze(-1)
+        logp = row.log_softmax(-1)
+        out[i, :, RECOMPUTED] = logp.gather(-1, idx).squeeze(-1)
         if u is not None and (seeded := ~torch.isnan(u[i])).any():
             _, distance = check_draws(row[seeded], tgt[seeded], u[i][seeded], rule, tol=0.0)
             out[i, seeded, DRAW] = distance.float()
         if temperature <= 0:
             continue
-        lq = (row / temperature).log_softmax(-1)
+        lq = logp if temperature == 1.0 else (row / temperature).log_softmax(-1)  # row / 1.0 is row: same values
+        del logp
         if top_k > 0 or top_p < 1.0:
             lq = lq.masked_fill(~_support(lq, top_p, top_k), float("-inf")).log_softmax(-1)
         p = lq.exp()
         finite_lq = torch.where(p > 0, lq, torch.zeros_like(lq))
-        entropy = -(p * finite_lq).sum(-1)
-        second = (p * finite_lq * finite_lq).sum(-1)
+        p_lq = p.mul_(finite_lq)  # p is not needed apart from p * log q below
+        entropy = -p_lq.sum(-1)
+        second = p_lq.mul_(finite_lq).sum(-1)
         picked = lq.gather(-1, idx).squeeze(-1)
         outside = torch.isinf(picked)
         out[i, :, SURPRISAL] = torch.where(outside, torch.zeros_like(picked), -picked)
@@ -126,12 +129,12 @@ class Verdicts:
 
 def special_token_rows(input_ids: Tensor, mask: Tensor, special_ids: list[int], stop_ids: list[int]) -> Tensor:
     """[B] bool: rows with a special token among their completion tokens, other than a stop token
-    (end of sequence) in the last completion position. input_ids, mask: [B, L]."""
+    (end of sequence) in the last position of a run of completion tokens (an episode's turns each end
+    with one; observation tokens after it are masked). input_ids, mask: [B, L]."""
     m = mask.bool()
     special = torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype)) & m
-    positions = torch.arange(mask.shape[1]).expand_as(m)
-    last = torch.where(m, positions, torch.full_like(positions, -1)).max(-1, keepdim=True).values
-    is_stop = torch.isin(input_ids, torch.tensor(stop_ids, dtype=input_ids.dtype)) & (positions == last)
+    run_end = m & ~torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
+    is_stop = torch.isin(input_ids, torch.tensor(stop_ids, dtype=input_ids.dtype)) & run_end
     return (special & ~is_stop).any(-1)
 
 

@@ -31,7 +31,14 @@ from rl.deepspeed_config import build_deepspeed_config, offloads_optimizer, refe
 from rl.models import resolve_model
 from rl.trainer.distributed import init_distributed, launched
 from rl.trainer.lora import apply_lora
-from rl.trainer.packing import pack, packed_logits, packed_logprobs, padded_logprobs
+from rl.trainer.packing import (
+    StatsRequest,
+    pack,
+    packed_logprobs,
+    packed_stats_hook,
+    padded_logprobs,
+    padded_stats_hook,
+)
 from rl.trainer.packing import selected_logprobs as selected_logprobs  # re-exported: tests and the planner use it here
 from rl.weights.lora import hf_name, is_adapter, merge_stream, merged_names
 
@@ -90,6 +97,7 @@ class DeepSpeedStrategy:
         ref_model = self._load_model() if with_reference else None
 
         optimizer = self._make_optimizer(model)
+        self._client_optimizer = optimizer
         if self.zero_stage == 0 and model_cfg.dtype == "float32":
             # DeepSpeed clips plain fp32 ZeRO-0 gradients but discards the norm:
             # clip here instead (gradients are all-reduced by then) and keep it.
@@ -178,6 +186,7 @@ class DeepSpeedStrategy:
         reference: bool = False,
         with_entropy: bool = False,
         temperature: float = 1.0,
+        stats: StatsRequest | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """log p(input_ids[:, t] | input_ids[:, <t]) for right-padded [B, T] inputs -> fp32 [B, T].
 
@@ -196,6 +205,9 @@ class DeepSpeedStrategy:
         returned for completion positions (t >= prompt_lengths) only, 0 at
         prompt positions. Same log-probs and gradients (to rounding;
         tests/trainer/test_packing.py).
+
+        `stats` (a `StatsRequest`) also fills per-token statistics from the same logits, so a check
+        needs no forward of its own (one forward per sequence per step).
         """
         if reference and self.ref_engine is None:
             raise RuntimeError("token_logprobs(reference=True) needs DeepSpeedStrategy(with_reference=True)")
@@ -222,13 +234,15 @@ class DeepSpeedStrategy:
                     continue
                 if self.packing:
                     packed = pack(ids, mask, prefix[rows])
+                    hook = None if stats is None else packed_stats_hook(stats, rows, packed)
                     logp, ent = packed_logprobs(model, packed, dtype=_DTYPES[self.model_cfg.dtype], decoder=decoder,
                                                 lm_head=lm_head, temperature=temperature,
-                                                with_entropy=with_entropy)  # fmt: skip
+                                                with_entropy=with_entropy, on_logits=hook)  # fmt: skip
                     shape = (ids.shape[0], length)
                     logp, ent = packed.scatter(logp, shape), None if ent is None else packed.scatter(ent, shape)
                 else:
-                    logp, ent = padded_logprobs(model, ids, mask, length, temperature, with_entropy)
+                    hook = None if stats is None else padded_stats_hook(stats, rows, ids, mask)
+                    logp, ent = padded_logprobs(model, ids, mask, length, temperature, with_entropy, hook)
                 logps.append(logp)
                 if ent is not None:
                     ents.append(ent)
@@ -254,45 +268,15 @@ class DeepSpeedStrategy:
         self, input_ids: Tensor, attention_mask: Tensor, fn, width: int, prompt_lengths: Tensor | None = None,
         u: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
-        """No-grad forward of the policy; `fn(logits [b, t, V], targets [b, t]) -> [b, t, width]` per
-        chunk, returned as [B, T, width] aligned like `token_logprobs` (position 0 and padding 0).
+        """No-grad forward of the policy with a `StatsRequest` of `fn` -> [B, T, width] (see `token_logprobs`).
 
-        For checks that need more of the logits than the picked token's logprob (rl/trainer/provenance.py).
-        Packed like `token_logprobs`: `fn` sees the logits of a chunk of target positions as one row.
-        With `prompt_lengths` (packed path) each group's prompt runs once and only completion
-        positions are computed (prompt positions stay 0): the checks look at completions only.
-        With `u` [B, T] (aligned with `input_ids`), `fn` also gets `u=` the values at its target positions.
+        For checks that need more of the logits than the picked token's logprob, in a forward of their
+        own (rows of older versions under `weights_of`, or `trust.shared_forward: false`).
         """
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
-        batch, length = input_ids.shape
-        chunk = self.trainer_cfg.micro_batch_size
-        n_chunks = self._agree_on_chunks(math.ceil(batch / chunk), no_grad=True)
-        out = torch.zeros(batch, length, width, dtype=torch.float32, device=self.device)
-        decoder, lm_head = self._head(self.engine) if self.packing else (None, None)
+        out = torch.zeros(*input_ids.shape, width, dtype=torch.float32, device=self.device)
+        request = StatsRequest(fn, out, None if u is None else u.to(self.device))
         with torch.no_grad():
-            for i in range(n_chunks):
-                rows = slice(i * chunk, (i + 1) * chunk)
-                ids, mask = input_ids[rows], attention_mask[rows]
-                if ids.shape[0] == 0:  # this rank ran out of rows: ZeRO-3 forwards to match its peers
-                    self._dummy_forward(self.engine)
-                    continue
-                if not self.packing:
-                    used = max(int(mask.sum(-1).max()), 1)
-                    ids, mask = ids[:, :used], mask[:, :used]
-                    logits = self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-                    kw = {} if u is None else {"u": u[rows][:, 1:used]}
-                    stats = fn(logits, ids[:, 1:], **kw) * mask[:, 1:, None].to(torch.float32)
-                    out[rows][:, 1:used] = stats
-                    continue
-                prefix = torch.ones(ids.shape[0], dtype=torch.long) if prompt_lengths is None else prompt_lengths[rows]
-                packed = pack(ids, mask, prefix)
-                block = out[rows]
-                for part, logits in packed_logits(self.engine, packed, dtype=_DTYPES[self.model_cfg.dtype],
-                                                  decoder=decoder, lm_head=lm_head):  # fmt: skip
-                    kw = {} if u is None else {"u": u[rows][packed.rows[part], packed.cols[part]][None]}
-                    stats = fn(logits[None], packed.targets[part][None], **kw)[0].float()
-                    block[packed.rows[part], packed.cols[part]] = stats
+            self.token_logprobs(input_ids, attention_mask, prompt_lengths=prompt_lengths, stats=request)
         return out
 
     def packing_problem(self) -> str | None:
@@ -381,12 +365,45 @@ class DeepSpeedStrategy:
                 for p, now in zip(params, current, strict=True):
                     p.copy_(now)
 
-    def step(self) -> dict[str, float]:
-        """Clip, apply AdamW and advance the LR schedule; returns the pre-clip grad norm and the LR used."""
+    @property
+    def can_scale_gradients(self) -> bool:
+        """Whether `step(grad_scale=...)` is supported: torch's AdamW on plain gradients (ZeRO-0, fp32) or a ZeRO
+        optimizer with a static loss scale (not fp16's dynamic one)."""
+        opt = self.engine.optimizer
+        if opt is self._client_optimizer:
+            return True
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        zero = isinstance(opt, DeepSpeedZeroOptimizer | DeepSpeedZeroOptimizer_Stage3)
+        return zero and self.model_cfg.dtype != "float16" and not getattr(opt, "custom_loss_scaler", False)
+
+    def step(self, grad_scale: float = 1.0) -> dict[str, float]:
+        """Clip, apply AdamW and advance the LR schedule; returns the pre-clip grad norm and the LR used.
+
+        `grad_scale` multiplies the gradients accumulated since the last step first (as if every loss passed
+        to `backward` had been multiplied by it): the trainer learns a normaliser only after the backwards
+        (rl/trainer/verify.py). Needs `can_scale_gradients` unless it is 1.
+        """
         if self._backward_calls == 0:
             raise RuntimeError("step() without a backward() since the last step")
         lr = float(self.engine.get_lr()[0])
-        self.engine.step()
+        opt = self.engine.optimizer
+        if grad_scale != 1.0 and not self.can_scale_gradients:
+            raise RuntimeError(f"this engine's optimizer ({type(opt).__name__}) cannot scale gradients")
+        if grad_scale != 1.0 and opt is self._client_optimizer:
+            # Plain gradients, not yet all-reduced (step() does that: a sum, so scaling first is the same).
+            torch._foreach_mul_([p.grad for p in self._trainable() if p.grad is not None], grad_scale)
+            self.engine.step()
+        elif grad_scale != 1.0:
+            # ZeRO's optimizers divide the gradients (and the norm they report) by the loss scale at the step.
+            opt.loss_scale = 1.0 / grad_scale
+            try:
+                self.engine.step()
+            finally:
+                opt.loss_scale = 1.0
+        else:
+            self.engine.step()
         self._backward_calls = 0
         norm = self.engine.get_global_grad_norm()
         if norm is None:  # plain fp32 ZeRO-0: measured by _clip_before_step

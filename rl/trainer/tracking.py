@@ -36,13 +36,16 @@ class Tracker:
         if wcfg.mode != "disabled":
             import wandb
 
+            run_key = self.paths.run_key_pub  # receipts verify against it (docs/contributions.md)
+            meta = {"run_key": run_key.read_text().strip()} if run_key.is_file() else {}
+
             self.wandb = wandb.init(
                 project=wcfg.project,
                 entity=wcfg.entity,
                 name=wcfg.run_name or cfg.run_name,
                 mode=wcfg.mode,
                 dir=str(self.run_dir),
-                config=cfg.model_dump(mode="json", by_alias=True),
+                config=cfg.model_dump(mode="json", by_alias=True) | meta,
                 resume="allow" if resume else None,
                 id=self._run_id(resume),
             )
@@ -72,6 +75,7 @@ class Tracker:
             "row_indices": [g.row_index for g in groups],
             "versions": [g.policy_version for g in groups],
             "workers": [g.worker_name for g in groups],
+            "contributors": [g.contributor or f"worker:{g.worker_id}" for g in groups],
         }
         with open(self.batches_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -123,8 +127,29 @@ class Tracker:
         except Exception:  # a plot must never fail a finished run
             log.exception("could not draw curves.png")
         if self.wandb is not None:
+            try:
+                self.log_contributions()
+            except Exception:  # a table must never fail a finished run
+                log.exception("could not log the contributions table to W&B")
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None
+
+    def log_contributions(self) -> None:
+        """W&B table `contributions/table`: per contributor, the groups, samples and tokens the run's receipts
+        (receipts.jsonl) signed, and the share of tokens; `rl contributions RUN_DIR` has the full report."""
+        import wandb
+
+        totals: dict[str, list[int]] = {}
+        lines = self.paths.receipts.read_text().splitlines() if self.paths.receipts.is_file() else []
+        for line in lines:
+            for e in json.loads(line)["entries"]:
+                row = totals.setdefault(e["contributor"], [0, 0, 0])
+                row[0], row[1], row[2] = row[0] + 1, row[1] + e["samples"], row[2] + e["tokens"]
+        if totals:
+            total = sum(t for _, _, t in totals.values())
+            data = [[c, g, s, t, t / total] for c, (g, s, t) in sorted(totals.items(), key=lambda kv: -kv[1][2])]
+            table = wandb.Table(columns=["contributor", "groups", "samples", "tokens", "share"], data=data)
+            self.wandb.log({"contributions/table": table})
 
 
 SMOOTH_STEPS = 5

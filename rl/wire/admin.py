@@ -29,15 +29,16 @@ from rl.wire.protocol import (
     PublishRequest,
     QuarantineRequest,
     RevokeTokenRequest,
+    Stall,
 )
 
 log = logging.getLogger(__name__)
 
 
 class HubAdmin(HubHTTP):
-    def __init__(self, url: str, token: str, *, patience_s: float = 300.0):
+    def __init__(self, url: str, token: str, *, patience_s: float = 300.0, read_timeout_s: float = 660.0):
         # Batch pulls long-poll for up to BatchRequest.timeout_s (<= 600 s): the read timeout outlasts it.
-        super().__init__(url, token, timeout_s=60.0, read_timeout_s=660.0, max_retry_s=patience_s)
+        super().__init__(url, token, timeout_s=60.0, read_timeout_s=read_timeout_s, max_retry_s=patience_s)
 
     @property
     def url(self) -> str:
@@ -47,7 +48,7 @@ class HubAdmin(HubHTTP):
         # One id per pull, the same for its retries: a batch whose answer was lost is handed out again, not lost.
         req = BatchRequest(num_groups=num_groups, step=step, timeout_s=timeout_s, skip_zero_variance=skip_zero_variance,
                            pull_id=uuid.uuid4().hex)  # fmt: skip
-        return self.call("POST", "/v1/batches", Batch, json=req)
+        return self.call("POST", "/v1/batches", Batch, json=req, long_poll_s=timeout_s)
 
     def publish(self, version: int) -> None:
         self.call("POST", "/v1/policy", Ack, json=PublishRequest(version=version))
@@ -76,6 +77,14 @@ class HubAdmin(HubHTTP):
     def status(self, limit: int = 100) -> HubStatus:
         """The hub's status, listing at most `limit` workers (`worker_summary` counts all of them)."""
         return self.call("GET", f"/v1/status?limit={limit}", HubStatus)
+
+    def report_stall(self, stall: Stall) -> None:
+        """A stall of the trainer (or its end) for `rl status` (the step watchdog's, rl/trainer/watchdog.py)."""
+        self.call("POST", "/v1/stalls", Ack, json=stall, max_retry_s=5.0)
+
+    def record_receipt(self, report) -> None:
+        """A step's signed receipt and masked work (rl/wire/receipts.py `StepReceipt`), for the contribution ledger."""
+        self.call("POST", "/v1/receipts", Ack, json=report)
 
     def report_provenance(self, report: ProvenanceReport) -> None:
         """The trainer's per-worker provenance verdicts of one step (the hub may quarantine)."""

@@ -31,6 +31,7 @@ from tenacity import (
 )
 
 from rl.wire.protocol import WORKER_SECRET_HEADER, HubError
+from rl.wire.waits import pending
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class HubHTTP:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
         self.max_retry_s = max_retry_s
         self.max_backoff_s = max_backoff_s
         self.stop_event = stop_event or threading.Event()
@@ -151,13 +153,22 @@ class HubHTTP:
 
     # ------------------------------------------------------------------ requests
 
-    def send(self, method: str, path: str, *, json: BaseModel | None = None, **retry_kw) -> httpx.Response:
-        """One request with retries on transient failures; raises HubError on 4xx."""
+    def send(self, method: str, path: str, *, json: BaseModel | None = None, long_poll_s: float | None = None,
+             **retry_kw) -> httpx.Response:  # fmt: skip
+        """One request with retries on transient failures; raises HubError on 4xx.
+
+        `long_poll_s`: the hub may hold the answer this long (a long poll); the read timeout is that plus
+        `timeout_s`. An answer slower than expected is logged while it is awaited (rl/wire/waits.py)."""
         content = json.model_dump_json().encode() if json is not None else None
         headers = {"Content-Type": "application/json"} if content is not None else None
+        timeout = {}
+        if long_poll_s is not None:
+            timeout["timeout"] = httpx.Timeout(self.timeout_s, connect=10.0, read=long_poll_s + self.timeout_s)
+        what = f"the hub {self.base_url} to answer {method} {path}"
 
         def once() -> httpx.Response:
-            response = self.http.request(method, path, content=content, headers=headers)
+            with pending(what, long_poll_s or 0.0):
+                response = self.http.request(method, path, content=content, headers=headers, **timeout)
             if response.status_code >= 500 or response.status_code == 429:
                 raise _Retryable(response)
             return response
@@ -167,9 +178,9 @@ class HubHTTP:
             raise error_from(response)
         return response
 
-    def call(self, method: str, path: str, out: type[T], *, json: BaseModel | None = None, **retry_kw) -> T:
+    def call(self, method: str, path: str, out: type[T], *, json: BaseModel | None = None, **send_kw) -> T:
         """`send`, then validate the answer as `out` (an unusable answer is a HubError `bad_response`)."""
-        response = self.send(method, path, json=json, **retry_kw)
+        response = self.send(method, path, json=json, **send_kw)
         try:
             return out.model_validate_json(response.content)
         except ValidationError as e:

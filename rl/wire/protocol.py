@@ -13,17 +13,23 @@ their models, and a worker's session.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from rl.config import WeightsFormat
+from rl.wire.packed import PackedIds, PackedLogprobs, pack_ids, pack_logprobs
 
 WORKER_SECRET_HEADER = "X-Worker-Secret"
 """Header carrying a registration's secret on every later call that names its worker id."""
+IDENTITY_CHALLENGE_HEADER = "X-Identity-Challenge"
+IDENTITY_SIGNATURE_HEADER = "X-Identity-Signature"
+"""A contributor's proof of its key on `GET /v1/contributions/...`: a hub challenge and its signature."""
 
 MAX_SEQUENCE_TOKENS = 1_048_576
 """Upper bound of any token list on the wire (the hub checks the run's own, tighter limits)."""
+MAX_PACKED_CHARS = (4 * MAX_SEQUENCE_TOKENS + 2) // 3 * 4
+"""Longest packed array text (base64 of MAX_SEQUENCE_TOKENS four-byte values)."""
 MAX_GROUP = 1024
 """Most completions per task (sampling.n's bound)."""
 MAX_TASKS = 4096
@@ -40,6 +46,10 @@ SAFE_NAME = r"^[A-Za-z0-9._:@+-]{1,64}$"
 """A worker name: printed raw in logs, terminals, batches.jsonl and W&B keys, so no escapes or newlines."""
 PRINTABLE = r"^[\x20-\x7e]*$"
 """Printable ASCII: no control characters (terminal escapes, newlines)."""
+PUBLIC_KEY = r"^ed25519:[0-9a-f]{64}$"
+"""A contributor identity or a run key: an Ed25519 public key (rl/wire/identity.py)."""
+SIGNATURE = r"^[0-9a-f]{128}$"
+"""An Ed25519 signature, hex."""
 
 
 class Wire(BaseModel):
@@ -87,6 +97,21 @@ class HubError(RuntimeError):
 # --------------------------------------------------------------------------- workers
 
 
+class IdentityChallenge(Wire):
+    """A one-time string to sign with a contributor key (`POST /v1/challenges`), good for `expires_in_s`."""
+
+    challenge: str
+    expires_in_s: float
+
+
+class IdentityProof(Wire):
+    """A contributor key's signature of a hub challenge (`POST /v1/challenges`; rl/wire/identity.py)."""
+
+    public_key: str = Field(pattern=PUBLIC_KEY)
+    challenge: str = Field(min_length=1, max_length=MAX_ID)
+    signature: str = Field(pattern=SIGNATURE)
+
+
 class RegisterRequest(Wire):
     name: str = Field("worker", pattern=SAFE_NAME)
     """Shown in logs, `rl status`, batches.jsonl and W&B keys: letters, digits and `._:@+-`, 1 to 64 of them."""
@@ -94,6 +119,10 @@ class RegisterRequest(Wire):
     tensor_parallel: int = Field(1, ge=1, le=1024)
     host: str = Field("", max_length=256, pattern=PRINTABLE)
     """Free-form description of where the worker runs (shown in status); printable ASCII only."""
+    identity: IdentityProof | None = None
+    """Register for a contributor identity (`rl rollout --identity KEY`); without one the work is the token's."""
+    wire: list[Literal["packed", "json"]] | None = Field(None, max_length=8)
+    """Encodings of token ids and log-probs the worker can send, preferred first; absent: JSON lists only."""
 
 
 class SamplingParamsWire(Wire):
@@ -118,6 +147,8 @@ class RegisterResponse(Wire):
     sampling: SamplingParamsWire
     weights_url: str | None = None
     """An HTTP cache or mirror of `/v1/blobs/` to download policy files from first (`hub.weights_url`)."""
+    wire: Literal["packed", "json"] | None = None
+    """The encoding to submit with, one the worker offered; absent when it offered none (an older worker)."""
 
 
 class HeartbeatRequest(Wire):
@@ -168,11 +199,26 @@ class Lease(Wire):
     reason: str = ""
 
 
+TokenList = Annotated[list[int], Field(max_length=MAX_SEQUENCE_TOKENS)]
+FloatList = Annotated[list[float], Field(max_length=MAX_SEQUENCE_TOKENS)]
+PackedText = Annotated[str, Field(max_length=MAX_PACKED_CHARS)]
+
+
 class Completion(Wire):
-    token_ids: list[int] = Field(max_length=MAX_SEQUENCE_TOKENS)
-    logprobs: list[float] = Field(max_length=MAX_SEQUENCE_TOKENS)
-    """Per-token logprob of each sampled token under the behaviour policy."""
+    token_ids: TokenList | PackedText = Field(union_mode="left_to_right")
+    """The sampled token ids: a JSON list, or packed (base64 of little-endian int32, rl/wire/packed.py)."""
+    logprobs: FloatList | PackedText = Field(union_mode="left_to_right")
+    """Per-token logprob of each sampled token under the behaviour policy: a list, or packed (float32)."""
     finish_reason: Literal["stop", "length"] = "stop"
+
+    def packed(self) -> Completion:
+        """The same completion with packed token ids and log-probs."""
+        ids, logprobs = self.token_ids, self.logprobs
+        return Completion.model_construct(
+            token_ids=ids if isinstance(ids, str) else pack_ids(ids),
+            logprobs=logprobs if isinstance(logprobs, str) else pack_logprobs(logprobs),
+            finish_reason=self.finish_reason,
+        )
 
 
 class TaskResult(Wire):
@@ -188,6 +234,12 @@ class SubmitRequest(Wire):
     results: list[TaskResult] = Field(min_length=1, max_length=MAX_TASKS)
     gen_seconds: float = Field(0.0, ge=0.0, le=MAX_SECONDS)
     """Wall time spent generating these results (for tokens/s)."""
+
+    def packed(self) -> SubmitRequest:
+        """The same submission with every completion packed (what a worker sends when the hub chose `packed`)."""
+        results = [TaskResult.model_construct(task_id=r.task_id, completions=[c.packed() for c in r.completions])
+                   for r in self.results]  # fmt: skip
+        return self.model_copy(update={"results": results})
 
 
 class SubmitResponse(Wire):
@@ -279,11 +331,15 @@ class BatchRequest(Wire):
 
 
 class ScoredCompletion(Wire):
-    token_ids: list[int]
-    logprobs: list[float]
+    token_ids: PackedIds
+    """Packed on the wire (the worker's own text when it sent packed); a list in Python."""
+    logprobs: PackedLogprobs
     finish_reason: Literal["stop", "length"]
     reward: float
     components: dict[str, float]
+    turns: list[list[int]] = Field(default_factory=list)
+    """An episode's model turns as [start, end, seed, policy version] within `token_ids`; the tokens between
+    them are observations the hub rendered (never trained on). Empty: all of `token_ids` is one turn."""
 
 
 class ScoredGroup(Wire):
@@ -300,6 +356,8 @@ class ScoredGroup(Wire):
     """Seconds of the worker's generate call that made this group (one call per lease: shared by its tasks)."""
     score_s: float = 0.0
     """Seconds from the hub accepting this group to its last reward (waiting for a verifier process included)."""
+    contributor: str = ""
+    """Who generated it: an identity's public key, or `token:<token id>` (rl/hub/contributions.py)."""
 
 
 class Batch(Wire):
@@ -357,6 +415,10 @@ class WorkerStatus(Wire):
     """Why this worker is quarantined (no leases, its groups dropped); empty when it is not."""
     trust: WorkerTrust | None = None
     """Provenance statistics (rl/hub/trust.py); None until the trainer checked any of its sequences."""
+    operator: str = ""
+    """The token id it registered with."""
+    contributor: str = ""
+    """The contributor its work is credited to: its identity's public key, or `token:<operator>`."""
 
 
 class OperatorStatus(Wire):
@@ -372,6 +434,18 @@ class OperatorStatus(Wire):
     quarantined: str = ""
     trust: WorkerTrust | None = None
     """Its evidence over every registration it ever had."""
+
+
+class ContributorStatus(Wire):
+    """One contributor's trained work so far (rl/hub/contributions.py); only trained work counts."""
+
+    contributor: str
+    workers: int = 0
+    """Registrations alive now."""
+    trained_samples: int = 0
+    trained_tokens: int = 0
+    share: float = 0.0
+    """Its fraction of every contributor's trained tokens."""
 
 
 class WeightsServed(Wire):
@@ -395,6 +469,22 @@ class WorkersSummary(Wire):
     """Mean over workers that updated of their last policy load's seconds."""
 
 
+class Stall(Wire):
+    """A part of the run that stopped making progress, as `rl status` lists it (docs/operations.md, "When a run is
+    stuck"). Sent by the trainer's step watchdog (`POST /v1/stalls`, admin)."""
+
+    component: str = Field(max_length=64)
+    """Who is stuck, e.g. "trainer"."""
+    what: str = Field("", max_length=4000)
+    """What it waits for, and the likely cause."""
+    since_s: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    """Seconds without progress: when sent; in `/v1/status`, until the answer."""
+    report: str | None = Field(None, max_length=1000)
+    """Where every process's stacks went (a directory on the trainer's machine)."""
+    active: bool = True
+    """False: the stall ended (a step completed) and the hub forgets it."""
+
+
 class HubStatus(Wire):
     policy_version: int
     workers: list[WorkerStatus]
@@ -408,6 +498,8 @@ class HubStatus(Wire):
     operators: list[OperatorStatus] = Field(default_factory=list)
     """Operators with live registrations (a worker token sees only its own)."""
     operators_quarantined: int = 0
+    contributors: list[ContributorStatus] = Field(default_factory=list)
+    """Contributors with trained work or live registrations (a worker token sees only its own)."""
     queued: int
     leased: int
     scoring: int
@@ -431,6 +523,11 @@ class HubStatus(Wire):
     """The last scoring failure, e.g. "task 12 (attempt 2/3): RuntimeError: ..."."""
     weights_served: WeightsServed = Field(default_factory=WeightsServed)
     """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
+    stalls: list[Stall] = Field(default_factory=list)
+    """Current stalls (admin view only)."""
+    episodes: dict[str, float] = Field(default_factory=dict)
+    """An environment run (docs/environments.md): episodes in flight, turns queued and done, observation tokens,
+    and the hub's milliseconds per turn (tools excluded); empty otherwise."""
 
 
 # --------------------------------------------------------------------------- trust (admin)

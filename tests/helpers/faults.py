@@ -7,6 +7,8 @@ It wraps an ASGI app (the real hub app of `rl.hub.routes.create_app`, see `helpe
     fail_path[path] = N the next N requests to `path` (e.g. /v1/rollouts) get that 503
     corrupt[name] = N   the next N downloads of policy file `name` arrive with one byte flipped
     cut[name] = N       the next N whole-file (non-Range) downloads of `name` stop halfway: the connection drops
+    stall[name] = N     the next N whole-file downloads of `name` stop sending halfway, the connection left open
+                        for `stall_s` seconds (a stalled transfer the client must time out), then dropped
 
 Every request is recorded in `exchanges` (method, path, Range header, status, and the JSON bodies both
 ways), so a test can see what the worker sent and what the real hub answered.
@@ -14,6 +16,7 @@ ways), so a test can see what the worker sent and what the real hub answered.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -52,6 +55,8 @@ class FaultProxy:
         self.fail_path: Counter[str] = Counter()
         self.corrupt: Counter[str] = Counter()
         self.cut: Counter[str] = Counter()
+        self.stall: Counter[str] = Counter()
+        self.stall_s = 20.0
         self.corrupted: list[str] = []
         """Paths of the downloads that were corrupted, in order."""
         self.exchanges: list[Exchange] = []
@@ -62,6 +67,7 @@ class FaultProxy:
         self.fail_path.clear()
         self.corrupt.clear()
         self.cut.clear()
+        self.stall.clear()
         self.corrupted.clear()
         self.exchanges.clear()
 
@@ -90,7 +96,7 @@ class FaultProxy:
             await Response(UNAVAILABLE, 503, media_type="text/html")(scope, receive, send)
             return
         name = scope["path"].rsplit(FILES, 1)[1] if FILES in scope["path"] else None
-        total, sent, corrupt, cut = 0, 0, False, False
+        total, sent, corrupt, cut, stall = 0, 0, False, False, False
 
         async def recording_receive():
             message = await receive()
@@ -99,7 +105,7 @@ class FaultProxy:
             return message
 
         async def faulty_send(message) -> None:
-            nonlocal total, sent, corrupt, cut
+            nonlocal total, sent, corrupt, cut, stall
             if message["type"] == "http.response.start":
                 ex.status = message["status"]
                 length = dict(message.get("headers") or []).get(b"content-length")
@@ -107,6 +113,7 @@ class FaultProxy:
                 if name is not None and ex.status in (200, 206) and total > 1:
                     corrupt = self._take(self.corrupt, name)
                     cut = ex.range is None and self._take(self.cut, name)
+                    stall = ex.range is None and self._take(self.stall, name)
                     if corrupt:
                         self.corrupted.append(ex.path)
             elif message["type"] == "http.response.body":
@@ -118,8 +125,10 @@ class FaultProxy:
                     flipped = bytearray(body)
                     flipped[half - sent] ^= 0xFF
                     message = {**message, "body": bytes(flipped)}
-                if cut and sent + len(body) > half:
+                if (cut or stall) and sent + len(body) > half:
                     await send({"type": "http.response.body", "body": body[: half - sent], "more_body": True})
+                    if stall:
+                        await asyncio.sleep(self.stall_s)
                     raise ConnectionAbortedError(f"FaultProxy cut {ex.path} at byte {half}")
                 sent += len(body)
             await send(message)

@@ -40,9 +40,21 @@ def start_worker(url: str, tmp_path: Path, **kw) -> tuple[threading.Thread, dict
     return thread, result
 
 
-def accepted(hub: LiveHub) -> list[SubmitRequest]:
-    """The submissions the hub accepted, in order."""
-    return [SubmitRequest.model_validate_json(e.request) for e in hub.proxy.calls("POST", "/v1/rollouts", status=200)]
+def accepted(hub: LiveHub, *, raw: bool = False) -> list[SubmitRequest]:
+    """The submissions the hub accepted, in order; token ids and logprobs as lists unless `raw` (as sent:
+    packed texts from a worker that negotiated the packed wire, rl/wire/packed.py)."""
+    sent = [SubmitRequest.model_validate_json(e.request) for e in hub.proxy.calls("POST", "/v1/rollouts", status=200)]
+    return sent if raw else [as_lists(s) for s in sent]
+
+
+def as_lists(request: SubmitRequest) -> SubmitRequest:
+    from rl.wire.packed import as_ids, as_logprobs
+    from rl.wire.protocol import Completion, TaskResult
+
+    results = [TaskResult(task_id=r.task_id, completions=[
+        Completion(token_ids=as_ids(c.token_ids).tolist(), logprobs=as_logprobs(c.logprobs).tolist(),
+                   finish_reason=c.finish_reason) for c in r.completions]) for r in request.results]  # fmt: skip
+    return request.model_copy(update={"results": results})
 
 
 def leased_prompts(hub: LiveHub) -> dict[int, list[int]]:

@@ -21,7 +21,8 @@ from helpers.hub import (
     write_config,
 )
 
-from rl.wire.protocol import Completion, RegisterRequest, SubmitRequest, TaskResult
+from rl.wire.packed import pack_ids, pack_logprobs
+from rl.wire.protocol import Batch, Completion, RegisterRequest, SubmitRequest, TaskResult
 from rollout_workers.client import HubClient
 
 pytestmark = pytest.mark.slow
@@ -76,6 +77,13 @@ def completions(n=2, tokens=(5, 6, 7), logprob=-0.5) -> list[dict]:
     return [{"token_ids": list(tokens), "logprobs": [logprob] * len(tokens), "finish_reason": "stop"}] * n
 
 
+def packed(ids=None, logprobs=None, n=2) -> list[dict]:
+    """Packed completions (rl/wire/packed.py) of three tokens, valid unless `ids` / `logprobs` say otherwise."""
+    ids = pack_ids([5, 6, 7]) if ids is None else ids
+    logprobs = pack_logprobs([-0.5] * 3) if logprobs is None else logprobs
+    return [{"token_ids": ids, "logprobs": logprobs, "finish_reason": "stop"}] * n
+
+
 def submission(wid, lease_body, comps=None, version=0) -> dict:
     return {
         "worker_id": wid,
@@ -123,6 +131,33 @@ BAD_SUBMISSIONS = {
     "more tokens than max_tokens": (dict(comps=completions(tokens=tuple(range(5, 15)))), 422, "bad_length"),
     "positive logprob": (dict(comps=completions(logprob=0.3)), 422, "bad_logprob"),
     "wrong group size": (dict(comps=completions(n=3)), 422, "wrong_group_size"),
+    "packed: not base64": (dict(comps=packed(ids="not base64!")), 422, "bad_packed"),
+    "packed: bytes not whole int32s": (dict(comps=packed(ids="AQIDBA0=")), 422, "bad_packed"),
+    "packed: logprobs not whole float32s": (dict(comps=packed(logprobs="AAAAvwA=")), 422, "bad_packed"),
+    "packed: token id >= vocab": (
+        dict(comps=packed(ids=pack_ids([5, 10**6]), logprobs=pack_logprobs([-1, -1]))),
+        422,
+        "token_out_of_vocab",
+    ),  # fmt: skip
+    "packed: negative token id": (dict(comps=packed(ids=pack_ids([-1, 5, 6]))), 422, "token_out_of_vocab"),
+    "packed: fewer logprobs than tokens": (
+        dict(comps=packed(logprobs=pack_logprobs([-1.0]))),
+        422,
+        "logprobs_mismatch",
+    ),  # fmt: skip
+    "packed: NaN logprob": (
+        dict(comps=packed(logprobs=pack_logprobs([-1.0, float("nan"), -1.0]))),
+        422,
+        "bad_logprob",
+    ),  # fmt: skip
+    "packed: -inf logprob": (
+        dict(comps=packed(logprobs=pack_logprobs([-1.0, float("-inf"), -1.0]))),
+        422,
+        "bad_logprob",
+    ),  # fmt: skip
+    "packed: positive logprob": (dict(comps=packed(logprobs=pack_logprobs([-1.0, 0.5, -1.0]))), 422, "bad_logprob"),
+    "packed: no tokens": (dict(comps=packed(ids="", logprobs="")), 422, "bad_length"),
+    "packed: a number for a text": (dict(comps=packed(ids=12)), 422, "invalid_request"),
     "future version": (dict(version=7), 422, "future_version"),
 }
 
@@ -137,6 +172,8 @@ def test_bad_submissions_are_rejected_without_side_effects(hub, case):
         r = c.post("/v1/rollouts", json=submission(wid, body, kwargs.get("comps"), kwargs.get("version", 0)))
     assert r.status_code == status, r.text
     assert r.json()["reason"] == reason and r.json()["detail"]
+    if case.startswith("packed"):  # the detail names the field
+        assert "token_ids" in r.json()["detail"] or "logprobs" in r.json()["detail"]
     assert state_snapshot(hub) == before
     with as_worker(hub, wid) as c:
         c.delete(f"/v1/workers/{wid}")
@@ -238,10 +275,11 @@ def test_good_submission_is_scored_once_and_batched(hub, tiny_tokenizer):
         batch = c.post("/v1/batches", json={"num_groups": 2, "step": 0, "timeout_s": 60}).json()
         status = c.get("/v1/status").json()
     assert batch["complete"] and len(batch["groups"]) == 2
-    for group in batch["groups"]:
-        assert [c["token_ids"] for c in group["completions"]] == [answer_ids, [5, 6]]
-        assert group["completions"][1]["reward"] == 0.0  # garbage scores 0
-        assert group["policy_version"] == 0 and group["worker_id"] == wid
+    for group in Batch.model_validate(batch).groups:  # token ids and logprobs come packed: read them back
+        assert [c.token_ids for c in group.completions] == [answer_ids, [5, 6]]
+        assert group.completions[1].logprobs == [-1.0, -2.0]
+        assert group.completions[1].reward == 0.0  # garbage scores 0
+        assert group.policy_version == 0 and group.worker_id == wid
     assert status["submissions"] >= 1 and status["consumed"] >= 2
     with as_worker(hub, wid) as c:
         c.delete(f"/v1/workers/{wid}")

@@ -54,7 +54,7 @@ def submit_and_score(state: HubState, trust: Trust, wid: str, reward: float) -> 
     comp = Completion(token_ids=[3, 4], logprobs=[-0.5, -1.0])
     req = SubmitRequest(worker_id=wid, lease_id=got.lease_id, policy_version=0,
                         results=[TaskResult(task_id=t, completions=[comp] * N) for t in tids])  # fmt: skip
-    new, _ = validate_submission(state, req, token(state, wid))
+    new, _, _ = validate_submission(state, req, token(state, wid))
     state.accept(req, new, 0.0)
     for t in tids:
         group = ScoredGroup(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.seeded import seeded_completion
 
 from rl.config import TrustConfig, load_config
 from rl.trainer.loss import LossNorm, policy_loss
@@ -191,22 +192,6 @@ def test_tokens_that_are_not_the_seeded_draw_are_masked():
         codes = check_sequences(stats, claimed, mask, cfg).codes
         assert (codes == want).all(), (codes, stats[..., DRAW].amax(-1))
     assert float(token_statistics(logits, honest, 1.0, u=u)[..., DRAW].max()) == 0.0
-
-
-def seeded_completion(model, prompt: list[int], seed: int, reward: float = 0.0, tokens: int = 12):
-    """`tokens` seeded draws of `model` at temperature 1 after `prompt` (rl/sampling.py), with true logprobs."""
-    from rl.sampling import SamplingRule, draw, uniform
-    from rl.wire.protocol import ScoredCompletion
-
-    ids, lps = list(prompt), []
-    with torch.no_grad():
-        for i in range(tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            token = draw(logits, SamplingRule(1.0), uniform(seed, i))
-            lps.append(float(logits.log_softmax(-1)[token]))
-            ids.append(token)
-    return ScoredCompletion(token_ids=ids[len(prompt) :], logprobs=lps, finish_reason="length", reward=reward,
-                            components={})  # fmt: skip
 
 
 def test_trainer_masks_a_best_of_n_pick_among_seeded_samples(tmp_path, tiny_model_dir):

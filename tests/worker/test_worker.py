@@ -48,6 +48,9 @@ def test_worker_leases_generates_submits_and_leaves(hub, tiny_model_dir, tmp_pat
     registration = hub.proxy.calls("POST", "/v1/workers", status=200)
     assert len(registration) == 1 and registration[0].sent()["engine"] == "hf" and registration[0].sent()["name"] == "t"
     worker_id = registration[0].json()["worker_id"]
+    assert registration[0].sent()["wire"] == ["packed", "json"] and registration[0].json()["wire"] == "packed"
+    assert all(isinstance(c.token_ids, str) and isinstance(c.logprobs, str)
+               for s in accepted(hub, raw=True) for r in s.results for c in r.completions)  # fmt: skip
     assert [len(s.results) for s in subs] == [4, 2]
     sampling = hub.cfg.sampling
     for sub in subs:

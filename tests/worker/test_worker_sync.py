@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +111,54 @@ def test_cut_download_resumes_with_range(hub, tmp_path):
     assert weight_gets(hub, 2) == [None, f"bytes={size // 2}-"]
     assert sync.bytes_downloaded < size * 1.2 + 10_000  # the first half was not downloaded twice
     assert sha256_file(local.weight_files[0]) == read_manifest(hub.policy_dir, 2).files[0].sha256
+
+
+def test_stalled_download_times_out_and_resumes(live, tmp_path):
+    """A transfer that stops sending halfway with the connection left open (a stalled proxy): the worker's read
+    timeout ends the wait, it resumes at the byte it had (Range) and loads the right version."""
+    live.proxy.reset()
+    size = read_manifest(live.hub.policy_dir, 2).files[0].size
+    live.proxy.stall[WEIGHTS_FILE] = 1
+    with HubClient(live.url, WORKER, timeout_s=2.0, max_backoff_s=0.2) as client:
+        start = time.monotonic()
+        local = WeightSync(client, tmp_path).fetch()
+        took = time.monotonic() - start
+    timing = f"stalled download detected by the 2 s read timeout and completed in {took:.1f} s"
+    assert live.proxy.file_gets(f"/v1/policy/2/files/{WEIGHTS_FILE}") == [None, f"bytes={size // 2}-"], timing
+    assert took < live.proxy.stall_s, f"the worker waited for the stalled connection to drop: {timing}"
+    want = read_manifest(live.hub.policy_dir, 2).files[0].sha256
+    assert local.version == 2 and sha256_file(local.weight_files[0]) == want, timing
+    print(timing)
+
+
+def test_worker_waiting_on_a_stopped_workers_cache_lock_moves_on(hub, tmp_path, monkeypatch, caplog):
+    """Workers on one machine share a cache under a lock: one stopped (SIGSTOP) while holding it does not stall
+    the others forever. They say who holds it, then move to a cache of their own and fetch the version."""
+    import rollout_workers.weight_sync as ws
+
+    monkeypatch.setattr(ws, "LOCK_STOPPED_S", 1.0)
+    monkeypatch.setattr(ws, "LOCK_REPORT_S", 0.5)
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        f = open({str(lock)!r}, "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0); f.truncate(); f.write(f"{{os.getpid()}}\\n"); f.flush()
+        print("locked", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGSTOP)
+        with caplog.at_level("WARNING", logger="rollout_workers.weight_sync"):
+            local = WeightSync(hub.client, tmp_path).fetch()
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    assert local.version == 2 and local.model_dir.is_relative_to(tmp_path / ws.PRIVATE)
+    text = caplog.text
+    assert f"locked by pid {holder.pid} (state T)" in text and "a cache of its own" in text, text
 
 
 def test_leftover_part_file_resumes(hub, tmp_path):

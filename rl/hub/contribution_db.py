@@ -1,0 +1,211 @@
+"""The contribution ledger's tables in the hub's SQLite database (`run_dir/hub.sqlite`, beside rl/hub/ledger.py's).
+
+contrib_contributors   contributor -> kind (identity | token), first and last activity
+contrib_registrations  worker id -> contributor, token id, name: registration, token and identity kept apart
+contrib_activity       per contributor, step, policy version, event (submitted | scored | rejected) and reason:
+                       groups, samples, tokens, generation seconds (added up; hub-side counts)
+contrib_trained        per step, the receipt's entries in tree order (the trained work)
+contrib_masked         per step and task, sequences the trainer masked, by reason
+contrib_receipts       per step, the signed receipt
+
+`report` reads a run's database read-only for `rl contributions RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from rl.wire.receipts import Receipt, ReceiptEntry, StepReceipt
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS contrib_contributors (contributor TEXT PRIMARY KEY, kind TEXT NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS contrib_registrations (worker_id TEXT PRIMARY KEY, contributor TEXT NOT NULL,
+    token TEXT NOT NULL, name TEXT NOT NULL, registered REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS contrib_activity (contributor TEXT NOT NULL, step INTEGER NOT NULL,
+    policy_version INTEGER NOT NULL, event TEXT NOT NULL, reason TEXT NOT NULL, groups INTEGER NOT NULL,
+    samples INTEGER NOT NULL, tokens INTEGER NOT NULL, seconds REAL NOT NULL,
+    PRIMARY KEY (contributor, step, policy_version, event, reason));
+CREATE TABLE IF NOT EXISTS contrib_trained (step INTEGER NOT NULL, idx INTEGER NOT NULL, contributor TEXT NOT NULL,
+    task_id INTEGER NOT NULL, policy_version INTEGER NOT NULL, samples INTEGER NOT NULL, tokens INTEGER NOT NULL,
+    digest TEXT NOT NULL, PRIMARY KEY (step, idx));
+CREATE INDEX IF NOT EXISTS contrib_trained_by_contributor ON contrib_trained (contributor, step);
+CREATE TABLE IF NOT EXISTS contrib_masked (step INTEGER NOT NULL, contributor TEXT NOT NULL, task_id INTEGER NOT NULL,
+    reason TEXT NOT NULL, samples INTEGER NOT NULL, PRIMARY KEY (step, task_id, reason));
+CREATE TABLE IF NOT EXISTS contrib_receipts (step INTEGER PRIMARY KEY, run_key TEXT NOT NULL, body TEXT NOT NULL,
+    recorded REAL NOT NULL);
+"""
+_STEP_TABLES = ("contrib_trained", "contrib_masked", "contrib_receipts")
+
+
+def _kind(contributor: str) -> str:
+    return contributor.split(":", 1)[0].replace("ed25519", "identity")
+
+
+class ContributionDB:
+    """One connection to the contribution tables (None: in memory, for a hub without a run database).
+    One call at a time (the hub serialises its writes)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.db = sqlite3.connect(":memory:" if path is None else str(path), isolation_level=None,
+                                  check_same_thread=False, timeout=30.0)  # fmt: skip
+        if path is not None:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # as rl/hub/ledger.py: a commit outlives the process
+        self.db.executescript(_SCHEMA)
+        self._totals: dict[str, tuple[int, int]] | None = None
+
+    def _transaction(self, write) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            write()
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def _seen(self, contributor: str, when: float) -> None:
+        self.db.execute(
+            "INSERT INTO contrib_contributors VALUES (?, ?, ?, ?) ON CONFLICT (contributor) DO UPDATE SET "
+            "first_seen = MIN(first_seen, excluded.first_seen), last_seen = MAX(last_seen, excluded.last_seen)",
+            (contributor, _kind(contributor), when, when),
+        )
+
+    def register(self, worker_id: str, contributor: str, token: str, name: str, now: float) -> None:
+        def write() -> None:
+            self._seen(contributor, now)
+            self.db.execute("INSERT OR REPLACE INTO contrib_registrations VALUES (?, ?, ?, ?, ?)",
+                            (worker_id, contributor, token, name, now))  # fmt: skip
+
+        self._transaction(write)
+
+    def add_activity(self, pending: dict, seen: dict[str, float]) -> None:
+        """Add `{(contributor, step, version, event, reason): [groups, samples, tokens, seconds]}` in one commit."""
+
+        def write() -> None:
+            for contributor, when in seen.items():
+                self._seen(contributor, when)
+            self.db.executemany(
+                "INSERT INTO contrib_activity VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
+                "(contributor, step, policy_version, event, reason) DO UPDATE SET groups = groups + excluded.groups, "
+                "samples = samples + excluded.samples, tokens = tokens + excluded.tokens, "
+                "seconds = seconds + excluded.seconds",
+                [(*key, *row) for key, row in pending.items()],
+            )
+
+        if pending or seen:
+            self._transaction(write)
+
+    def record_step(self, report: StepReceipt, now: float) -> None:
+        """A step's receipt, entries and masked work, replacing that step and every later one, in one commit."""
+        r = report.receipt
+
+        def write() -> None:
+            for table in _STEP_TABLES:
+                self.db.execute(f"DELETE FROM {table} WHERE step >= ?", (r.step,))
+            self.db.execute("INSERT INTO contrib_receipts VALUES (?, ?, ?, ?)",
+                            (r.step, r.run_key, r.model_dump_json(), now))  # fmt: skip
+            self.db.executemany(
+                "INSERT INTO contrib_trained VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.step, i, e.contributor, e.task_id, e.policy_version, e.samples, e.tokens, e.digest)
+                 for i, e in enumerate(report.entries)],
+            )  # fmt: skip
+            self.db.executemany(
+                "INSERT OR REPLACE INTO contrib_masked VALUES (?, ?, ?, ?, ?)",
+                [(r.step, m.contributor, m.task_id, why, n) for m in report.masked for why, n in m.reasons.items()],
+            )
+
+        self._transaction(write)
+        self._totals = None
+
+    def run_key(self) -> str | None:
+        row = self.db.execute("SELECT run_key FROM contrib_receipts ORDER BY step LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def steps_of(self, contributor: str, from_step: int = 0) -> list[tuple[Receipt, list[ReceiptEntry]]]:
+        """Every step from `from_step` on with entries of `contributor`: its receipt and all its entries in tree
+        order."""
+        query = "SELECT DISTINCT step FROM contrib_trained WHERE contributor = ? AND step >= ? ORDER BY step"
+        steps = [s for (s,) in self.db.execute(query, (contributor, from_step))]
+        out = []
+        for step in steps:
+            body = self.db.execute("SELECT body FROM contrib_receipts WHERE step = ?", (step,)).fetchone()[0]
+            rows = self.db.execute("SELECT contributor, task_id, policy_version, samples, tokens, digest FROM "
+                                   "contrib_trained WHERE step = ? ORDER BY idx", (step,))  # fmt: skip
+            entries = [ReceiptEntry(contributor=c, task_id=t, policy_version=v, samples=s, tokens=n, digest=d)
+                       for c, t, v, s, n, d in rows]  # fmt: skip
+            out.append((Receipt.model_validate_json(body), entries))
+        return out
+
+    def trained_totals(self) -> dict[str, tuple[int, int]]:
+        """Contributor -> (trained samples, trained tokens) over the run."""
+        if self._totals is None:
+            rows = self.db.execute("SELECT contributor, SUM(samples), SUM(tokens) FROM contrib_trained GROUP BY 1")
+            self._totals = {c: (int(s), int(t)) for c, s, t in rows}
+        return self._totals
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def report(path: Path) -> list[dict]:
+    """Per contributor, from a run's hub database (opened read-only): trained groups, samples, tokens and share,
+    masked and rejected work and their rates, policy versions, tokens and registrations, first and last seen."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no hub database (is this a run directory?)")
+    db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'contrib_contributors'").fetchone():
+            return []
+        rows: dict[str, dict] = {}
+        for c, kind, first, last in db.execute("SELECT * FROM contrib_contributors"):
+            rows[c] = _blank(c, kind, first, last)
+        for c, groups, samples, tokens, low, high in db.execute(
+            "SELECT contributor, COUNT(*), SUM(samples), SUM(tokens), MIN(policy_version), MAX(policy_version) "
+            "FROM contrib_trained GROUP BY 1"
+        ):
+            row = rows.setdefault(c, _blank(c, _kind(c), None, None))
+            row.update(trained_groups=groups, trained_samples=samples, trained_tokens=tokens, versions=[low, high])
+        for c, reason, n in db.execute("SELECT contributor, reason, SUM(samples) FROM contrib_masked GROUP BY 1, 2"):
+            if c in rows:
+                rows[c]["masked"][reason] = n
+                rows[c]["masked_samples"] += n
+        for c, event, reason, groups, tokens, seconds in db.execute(
+            "SELECT contributor, event, reason, SUM(groups), SUM(tokens), SUM(seconds) FROM contrib_activity "
+            "GROUP BY 1, 2, 3"
+        ):
+            if c not in rows:
+                continue
+            if event == "rejected":
+                rows[c]["rejected"][reason] = groups
+                rows[c]["rejected_groups"] += groups
+            elif event in ("submitted", "scored"):
+                rows[c][f"{event}_groups"] += groups
+                if event == "submitted":
+                    rows[c]["submitted_tokens"] += tokens
+                    rows[c]["generation_s"] += seconds
+        for c, tokens, n in db.execute(
+            "SELECT contributor, GROUP_CONCAT(DISTINCT token), COUNT(*) FROM contrib_registrations GROUP BY 1"
+        ):
+            if c in rows:
+                rows[c]["tokens"], rows[c]["registrations"] = sorted(tokens.split(",")), n
+    finally:
+        db.close()
+    total = sum(r["trained_tokens"] for r in rows.values()) or 1
+    for r in rows.values():
+        r["share"] = r["trained_tokens"] / total
+        checked = r["trained_samples"] + r["masked_samples"]
+        r["masked_rate"] = r["masked_samples"] / checked if checked else 0.0
+        offered = r["submitted_groups"] + r["rejected_groups"]
+        r["rejected_rate"] = r["rejected_groups"] / offered if offered else 0.0
+    return sorted(rows.values(), key=lambda r: (-r["trained_tokens"], r["contributor"]))
+
+
+def _blank(contributor: str, kind: str, first: float | None, last: float | None) -> dict:
+    return {"contributor": contributor, "kind": kind, "first_seen": first, "last_seen": last, "trained_groups": 0,
+            "trained_samples": 0, "trained_tokens": 0, "masked_samples": 0, "masked": {}, "submitted_groups": 0,
+            "submitted_tokens": 0, "generation_s": 0.0, "scored_groups": 0, "rejected_groups": 0, "rejected": {},
+            "versions": [], "tokens": [], "registrations": 0}  # fmt: skip

@@ -1,0 +1,130 @@
+"""The hub's side of an environment run: each accepted turn is stepped by the environment, off the event loop.
+
+For every accepted turn (a task's first turns, or one later turn) the runner decodes the model's
+tokens, runs the environment's `step` (and its tools) in a thread, renders the observation with the
+chat template (rl/envs/render.py), then, back on the event loop, records the step in the episodes
+(rl/hub/episodes.py), saves them in the database, and buffers the task's group once every episode
+is done and graded. Nothing here reads what a worker says beyond its token ids and log-probs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from rl.envs import Environment, make
+from rl.envs.render import ObservationRenderer
+from rl.hub.episode_store import EpisodeStore
+from rl.hub.episodes import StepOutcome
+from rl.hub.records import ScoringJob
+from rl.hub.state import HubState
+
+log = logging.getLogger(__name__)
+
+
+class EpisodeRunner:
+    def __init__(self, state: HubState, tokenizer, store: EpisodeStore | None, decode):
+        src = state.cfg.data.source
+        self.env: Environment = make(src.name, src.params)
+        self.state, self.store, self.decode = state, store, decode
+        self.renderer = ObservationRenderer(tokenizer)
+        self.episodes = state.episodes
+        self.episodes.max_turns = self.env.max_turns
+        self.hub_s = 0.0
+        """Seconds of the hub's own work on turns (decode, render, bookkeeping, saving), tools excluded."""
+        self.env_s = 0.0
+        """Seconds in the environment's steps and grades (its tools included)."""
+        self.turns = 0
+
+    def timings(self) -> dict[str, float]:
+        """Milliseconds per turn: the hub's own work, and the environment's (its tools included)."""
+        turns = max(self.turns, 1)
+        return {"hub_ms_per_turn": 1e3 * self.hub_s / turns, "env_ms_per_turn": 1e3 * self.env_s / turns}
+
+    def restore(self) -> int:
+        """A restarted hub: episodes of still-pending tasks continue from their last completed turn."""
+        if self.store is None:
+            return 0
+        saved = self.store.load()
+        resumed = 0
+        for task, episodes in saved.items():
+            versions = [t[3] for e in episodes for t in e["turns"]]
+            if task not in self.state.task_rows or max(versions, default=-1) > self.state.policy_version:
+                self.store.delete(task)  # consumed meanwhile, or from after the checkpoint a resume went back to
+                continue
+            self.state.queue.remove(task)
+            self.episodes.load(task, episodes)
+            resumed += 1
+        if resumed:
+            log.info("resumed the episodes of %d tasks from %s", resumed, self.store.path)
+        return resumed
+
+    def _steps(self, inputs, texts) -> tuple[list[tuple[int, StepOutcome]], float, float]:
+        """In a thread: the environment's steps and the observations' token ids; (outcomes, seconds in the
+        environment, seconds rendering)."""
+        out, env_s, render_s = [], 0.0, 0.0
+        for (j, state), (text, ids) in zip(inputs, texts, strict=True):
+            t0 = time.perf_counter()
+            new_state, step = self.env.step(state, text)
+            t1 = time.perf_counter()
+            env_s += t1 - t0
+            obs = self.renderer.render(ids, step.messages) if step.messages and not step.done else []
+            render_s += time.perf_counter() - t1
+            out.append((j, StepOutcome(new_state, step.done, step.rewards, obs, step.tool_calls, step.tool_errors)))
+        return out, env_s, render_s
+
+    async def advance(self, job: ScoringJob) -> None:
+        """Step the episodes of one accepted submission (`job`); buffer the group when all are done."""
+        t0 = time.perf_counter()
+        tid, st = job.task_id, self.state
+        task = self.episodes.task_of(tid)
+        ids = [c.ids.tolist() for c in job.completions]
+        texts = list(zip(self.decode(ids), ids, strict=True))
+        inputs = self.episodes.inputs(tid, len(ids), lambda: self.env.reset(job.example))
+        hub_s = time.perf_counter() - t0
+        try:
+            outcomes, env_s, render_s = await asyncio.to_thread(self._steps, inputs, texts)
+        except Exception as e:  # noqa: BLE001 - a broken environment drops its task, loudly
+            log.exception("environment step of task %d failed; the task is dropped", task)
+            self.drop(tid, task, f"{type(e).__name__}: {e}")
+            return
+        t1 = time.perf_counter()
+        if tid not in st.scoring or task not in st.task_rows:
+            return  # given up meanwhile (its worker was quarantined: the turn went back to the queue)
+        del st.scoring[tid]
+        row = st.task_rows[task]
+        prompt = st.prompts.prompt_ids[row]
+        self.episodes.apply(tid, job.completions, job.policy_version, job.worker_id, outcomes,
+                            st.seeds_of(task, st.cfg.sampling.n), len(prompt))  # fmt: skip
+        grade_s = 0.0
+        if self.episodes.finished(task):
+            t2 = time.perf_counter()
+            grades = [self.env.grade(e.state) for e in self.episodes.groups[task]]
+            grade_s = time.perf_counter() - t2
+            group = self.episodes.group(task, row, prompt, grades, job.worker_id, job.worker_name,
+                                        st.seeds_of(task, st.cfg.sampling.n))  # fmt: skip
+            if self.store is not None:
+                self.store.delete(task)
+            st.scored(group)
+        else:
+            if self.store is not None:
+                self.store.save(task, self.episodes.dump(task))
+            st.on_work()  # the next turns are leasable
+        self.hub_s += hub_s + render_s + time.perf_counter() - t1 - grade_s
+        self.env_s += env_s + grade_s
+        self.turns += len(ids)
+
+    def drop(self, tid: int, task: int, error: str) -> None:
+        """A task whose environment failed leaves the ledger (counted in `scoring_dropped`, never trained)."""
+        st = self.state
+        st.scoring.pop(tid, None)
+        st.scoring_failures += 1
+        st.last_scoring_error = f"task {task}: environment failed: {error}"
+        self.episodes.forget(task)
+        if task in st.task_rows:
+            del st.task_rows[task]
+            st.scoring_dropped += 1
+            st.on_work()
+        if self.store is not None:
+            self.store.delete(task)
