@@ -9,6 +9,7 @@ exit, never a traceback.
 from __future__ import annotations
 
 import faulthandler
+import io
 import logging
 import os
 import re
@@ -66,7 +67,10 @@ def _setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from rl.trainer.watchdog import STACK_SIGNAL
 
-    faulthandler.register(STACK_SIGNAL, all_threads=True)  # stacks to the log, for the step watchdog's reports
+    try:  # stacks to the log, for the step watchdog's reports
+        faulthandler.register(STACK_SIGNAL, all_threads=True)
+    except (io.UnsupportedOperation, AttributeError):  # stderr captured in memory (a test's CliRunner)
+        faulthandler.register(STACK_SIGNAL, file=sys.__stderr__, all_threads=True)
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:

@@ -10,6 +10,10 @@ bounded body reads before FastAPI sees a request. docs/protocol.md lists every r
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import os
+import sqlite3
 
 import pydantic_core
 from fastapi import Depends, FastAPI, Query, Request
@@ -50,6 +54,15 @@ from rl.wire.protocol import (
     SubmitResponse,
 )
 from rl.wire.receipts import Contributions, StepReceipt
+
+log = logging.getLogger(__name__)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error means the hub's disk is full (a file write, or SQLite's own 'database or disk is full')."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
 class FastJSONRoute(APIRoute):
@@ -95,6 +108,16 @@ def create_app(hub: Hub) -> Guard:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:10])
         state.count_rejection("invalid_request")
         return JSONResponse({"reason": "invalid_request", "detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        """A full disk ends the hub (as a failed batch record does): answering 500s forever would leave every
+        client retrying, while an exit lets `rl train` see the full disk and stop with a clear message."""
+        if disk_full(exc):
+            log.critical("no space left on the hub's disk (%s %s: %s); exiting", request.method, request.url.path, exc)
+            logging.shutdown()
+            os._exit(75)
+        return JSONResponse({"reason": "internal_error", "detail": type(exc).__name__}, status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
