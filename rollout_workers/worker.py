@@ -37,6 +37,7 @@ from rl.wire.protocol import (
     SubmitRequest,
     TaskResult,
 )
+from rl.wire.waits import stall_counts
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable
 from rollout_workers.engines import Engine, EngineSpec, make_engine
 from rollout_workers.weight_sync import WeightSync, WeightSyncError
@@ -465,6 +466,7 @@ class Worker:
                 busy=self.busy,
                 fetch_s=self.fetch_s,
                 load_s=self.load_s,
+                stalls=dict(list(stall_counts().items())[:32]),
             )
             try:
                 answer = self.client.heartbeat(beat)

@@ -42,7 +42,7 @@ from rl.trainer.checkpoint import (
     usable_checkpoint,
 )
 from rl.trainer.loop import EXIT_INTERRUPTED, StopRequest
-from rl.trainer.watchdog import StepWatchdog, Watched
+from rl.trainer.watchdog import EXIT_STALLED, RankBeats, StepWatchdog, Watched, collective_failure
 from rl.wire.admin import HubAdmin
 from rl.wire.client import HubHTTP
 from rl.wire.identity import load_or_create, public_id
@@ -363,7 +363,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
     stop = StopRequest()
     launch = Launch(cfg, resume) if rank == 0 else None
     restore_signals = _install_signal_handlers(stop, launch)
-    admin = step_watchdog = None
+    admin = step_watchdog = beats = None
     run_dir = cfg.resolved_run_dir.resolve()
     try:
         resolve_model(cfg.model.name)  # prepare an alias once, before any child needs it
@@ -372,6 +372,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
             pin_this_process(set(cfg.trainer.cpus))
         admin = launch.start_hub(stop) if launch is not None else None
         trainer = Trainer(cfg, admin, resume=resume, stop=stop)  # loads while the hub starts
+        beats = RankBeats() if trainer.strategy.world_size > 1 else None
         if launch is not None:
             launch.start_workers()
             step_watchdog = launch.step_watchdog(stop, trainer.step)
@@ -397,6 +398,11 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
             log.error("%s (writing %s)", disk_full(run_dir) or f"no space left on the device of {run_dir}",
                       e.filename or "a file of the run")  # fmt: skip
             return 1
+        if stuck := collective_failure(e, beats, cfg.trainer.collective_timeout_s):
+            ckpt = latest_checkpoint(run_dir)
+            log.error("%s; %s", stuck, f"continue with: rl train {RunDir(run_dir).config} --resume (from "
+                      f"{ckpt.name})" if ckpt else "no checkpoint yet: start the run again")  # fmt: skip
+            return EXIT_STALLED
         log.exception("training failed: %s: %s (logs of the hub and workers: %s)", type(e).__name__, e,
                       RunDir(run_dir).logs)  # fmt: skip
         return 1

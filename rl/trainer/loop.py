@@ -45,6 +45,7 @@ from rl.weights.lora import adapter_metadata
 from rl.weights.store import PolicyWriter, version_dir, write_base, write_lora_version
 from rl.wire.admin import HubAdmin
 from rl.wire.protocol import EvalRequest
+from rl.wire.waits import stall_counts
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,7 @@ class Trainer:
             groups, info = pulled
             metrics = self._step(groups, info, t0)
             if self.is_main:
-                metrics |= self._hub_metrics()
+                metrics |= self._hub_metrics() | {f"stalls/{k}": float(n) for k, n in stall_counts().items()}
                 self.tracker.log(self.step, metrics)
                 self.tracker.log_batch(self.step, groups)
                 log.info("%s", progress.line(self.step, metrics))
@@ -550,6 +551,7 @@ class Trainer:
             "hub/stale_dropped_total": float(st.stale_dropped),
             **_worker_weight_times(st.worker_summary),
             **st.verifier,
+            **{f"hub/stalls/{k}": float(n) for k, n in st.stall_counts.items()},
         }
 
     def checkpoint(self) -> None:

@@ -76,7 +76,7 @@ class DeepSpeedStrategy:
         if accel.device_name() != "cpu":
             # Before the process group: NCCL's barriers and communicators use the current device.
             accel.set_device(local_rank)
-        init_distributed()
+        init_distributed(trainer_cfg.collective_timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_main = self.rank == 0

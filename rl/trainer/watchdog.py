@@ -33,7 +33,7 @@ from rl.rundir import RunDir
 from rl.trainer.checkpoint import latest_checkpoint
 from rl.wire.admin import HubAdmin
 from rl.wire.protocol import HubStatus, Stall
-from rl.wire.waits import process_state
+from rl.wire.waits import count_stall, process_state
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,7 @@ class StepWatchdog:
 
     def _report(self, elapsed: float, limit: float) -> None:
         self.stalls += 1
+        count_stall("trainer step")  # the trainer's metrics `stalls/trainer_step`
         out = self.paths.stall(datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
         notes: list[str] = []
         try:
@@ -304,3 +305,67 @@ class StepWatchdog:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(EXIT_STALLED)
+
+
+# ---------------------------------------------------------------------- ranks
+
+_COLLECTIVE_ERRORS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "gloo", "nccl")
+
+
+class RankBeats:
+    """Every trainer rank counts up a key in the process group's store each second (a daemon thread), so a rank
+    whose collective failed can name the ranks that stopped answering (`stuck_ranks`)."""
+
+    PERIOD_S = 1.0
+
+    def __init__(self) -> None:
+        import socket
+
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.store = dist.distributed_c10d._get_default_store()
+        self.store.set(f"rl-where/{self.rank}", f"{socket.gethostname()}:{os.getpid()}")
+        self._host = socket.gethostname()
+        threading.Thread(target=self._beat, name="rl-rank-beat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # the store went with the run: nothing left to tell
+                self.store.add(f"rl-beat/{self.rank}", 1)
+            time.sleep(self.PERIOD_S)
+
+    def _read(self) -> list[int]:
+        return [self.store.add(f"rl-beat/{r}", 0) for r in range(self.world_size)]
+
+    def stuck_ranks(self, watch_s: float = 4.0) -> str:
+        """The ranks whose beat did not move in `watch_s`, with their state where they run on this machine."""
+        result: list[str] = []
+
+        def look() -> None:
+            before = self._read()
+            time.sleep(watch_s)
+            for r, (a, b) in enumerate(zip(before, self._read(), strict=True)):
+                if r != self.rank and a == b:
+                    host, _, pid = self.store.get(f"rl-where/{r}").decode().rpartition(":")
+                    state = {"T": "STOPPED (SIGSTOP or a debugger)", "t": "STOPPED (a debugger)", "Z": "exited",
+                             "?": "exited"}.get(process_state(int(pid)), "alive but not answering")  # fmt: skip
+                    where = f"pid {pid}, {state}" if host == self._host else f"pid {pid} on {host}"
+                    result.append(f"rank {r} ({where})")
+
+        reader = threading.Thread(target=look, daemon=True)
+        reader.start()
+        reader.join(watch_s + 10.0)
+        if reader.is_alive():
+            return "the process group's store does not answer (its host, rank 0 or the launcher, may be stuck)"
+        return ", ".join(result) or f"none found stuck in {watch_s:.0f} s (a rank may be much slower, or the network)"
+
+
+def collective_failure(error: BaseException, beats: RankBeats | None, timeout_s: float) -> str | None:
+    """The message for a collective that failed on another rank (timed out, peer gone), or None for other errors."""
+    text = str(error).lower()
+    if beats is None or not isinstance(error, RuntimeError) or not any(k in text for k in _COLLECTIVE_ERRORS):
+        return None
+    return (f"rank {beats.rank}: a collective failed ({type(error).__name__}: {str(error)[:300]}); ranks that stopped "
+            f"answering: {beats.stuck_ranks()}. trainer.collective_timeout_s is {timeout_s:g} s. Exit "
+            f"{EXIT_STALLED}")  # fmt: skip
