@@ -12,7 +12,6 @@ from rl.config import WatchdogConfig
 from rl.rundir import RunDir
 from rl.trainer.loop import StopRequest
 from rl.trainer.watchdog import StepWatchdog
-from rl.wire.client import HubHTTP
 from rl.wire.protocol import HeartbeatRequest, HubStatus, RegisterRequest
 from rl.wire.waits import stall_counts
 from rollout_workers.client import HubClient
@@ -36,6 +35,9 @@ def test_a_stall_is_listed_by_rl_status_until_a_step_completes(tmp_path, tiny_mo
                 worker.register(RegisterRequest(name="counted"))
                 worker.heartbeat(HeartbeatRequest(policy_version=0, stalls={"hub_post_v1_rollouts": 2}))
                 assert live.status().stall_counts["worker_hub_post_v1_rollouts"] == 2
+                console = Console(width=400, record=True)
+                console.print(render(live.status()))
+                assert "worker_hub_post_v1_rollouts 2" in console.export_text()
                 seen = worker.call("GET", "/v1/status", HubStatus)  # a worker token sees no stall (paths, causes)
                 assert seen.stalls == [] and seen.stall_counts == {}
             dog.step_done(5)

@@ -46,7 +46,6 @@ def test_a_hub_request_is_counted_by_route(monkeypatch):
         server.bind(("127.0.0.1", 0))
         server.listen()
         url = f"http://127.0.0.1:{server.getsockname()[1]}"
-        with HubHTTP(url, "tok", timeout_s=2.5, max_retry_s=0.0) as client:
-            with pytest.raises(HubUnavailable):
-                client.send("POST", "/v1/workers/w-123/heartbeat")
+        with HubHTTP(url, "tok", timeout_s=2.5, max_retry_s=0.0) as client, pytest.raises(HubUnavailable):
+            client.send("POST", "/v1/workers/w-123/heartbeat")
     assert waits.stall_counts()["hub_post_v1_workers_heartbeat"] >= 1
