@@ -291,10 +291,12 @@ class Launch:
         children = [self.hub, *self.workers] if self.hub is not None else self.workers
         return [Watched(c.name, c.proc.pid, c.log_path) for c in children if c.proc.poll() is None]
 
-    def step_watchdog(self, stop: StopRequest, step: int) -> StepWatchdog:
-        """The trainer's step watchdog over this run (rl/trainer/watchdog.py), with a hub client of its own."""
+    def step_watchdog(self, stop: StopRequest, step: int, beats: RankBeats | None) -> StepWatchdog:
+        """The trainer's step watchdog over this run (rl/trainer/watchdog.py), with a hub client of its own; its
+        reports include the other trainer ranks on this machine (`beats`)."""
         hub = HubAdmin(self.url, self.tokens.admin, patience_s=5.0, read_timeout_s=10.0)
-        return StepWatchdog(self.cfg.watchdog, self.paths, stop, hub, self.watched, step=step,
+        watched = (lambda: self.watched() + beats.local_ranks()) if beats is not None else self.watched
+        return StepWatchdog(self.cfg.watchdog, self.paths, stop, hub, watched, step=step,
                             heartbeat_s=self.cfg.hub.heartbeat_interval_s,
                             resume_hint=f"rl train {self.paths.config} --resume")  # fmt: skip
 
@@ -375,7 +377,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         beats = RankBeats() if trainer.strategy.world_size > 1 else None
         if launch is not None:
             launch.start_workers()
-            step_watchdog = launch.step_watchdog(stop, trainer.step)
+            step_watchdog = launch.step_watchdog(stop, trainer.step, beats)
             trainer.on_step = step_watchdog.step_done
         code = trainer.run()
         if code != 0:

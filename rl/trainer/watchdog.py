@@ -335,6 +335,27 @@ class RankBeats:
                 self.store.add(f"rl-beat/{self.rank}", 1)
             time.sleep(self.PERIOD_S)
 
+    def _where(self, rank: int) -> tuple[str, int] | None:
+        """(host, pid) of `rank`, once it has started counting (a missing key would block until the timeout)."""
+        key = f"rl-where/{rank}"
+        if not self.store.check([key]):
+            return None
+        host, _, pid = self.store.get(key).decode().rpartition(":")
+        return host, int(pid)
+
+    def local_ranks(self) -> list[Watched]:
+        """The other ranks on this machine, for a stall report: their faulthandler dump (SIGUSR2, `rl` registers it)
+        goes to their stderr, read back when that is a file (torchrun's output redirected to a log)."""
+        out = []
+        for r in range(self.world_size):
+            where = self._where(r) if r != self.rank else None
+            if where is None or where[0] != self._host:
+                continue
+            with contextlib.suppress(OSError):
+                if (err := Path(os.readlink(f"/proc/{where[1]}/fd/2"))).is_file():
+                    out.append(Watched(f"rank {r}", where[1], err))
+        return out
+
     def _read(self) -> list[int]:
         return [self.store.add(f"rl-beat/{r}", 0) for r in range(self.world_size)]
 
@@ -347,9 +368,9 @@ class RankBeats:
             time.sleep(watch_s)
             for r, (a, b) in enumerate(zip(before, self._read(), strict=True)):
                 if r != self.rank and a == b:
-                    host, _, pid = self.store.get(f"rl-where/{r}").decode().rpartition(":")
+                    host, pid = self._where(r) or ("?", 0)
                     state = {"T": "STOPPED (SIGSTOP or a debugger)", "t": "STOPPED (a debugger)", "Z": "exited",
-                             "?": "exited"}.get(process_state(int(pid)), "alive but not answering")  # fmt: skip
+                             "?": "exited"}.get(process_state(pid), "alive but not answering")  # fmt: skip
                     where = f"pid {pid}, {state}" if host == self._host else f"pid {pid} on {host}"
                     result.append(f"rank {r} ({where})")
 

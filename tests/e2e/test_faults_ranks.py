@@ -1,6 +1,7 @@
 """A fault injected into a 2-rank `rl train` (torchrun, DeepSpeed ZeRO-2 on gloo, tiny model): rank 1 SIGSTOPped
-mid-run. Rank 0's next collective fails at `trainer.collective_timeout_s`, the run exits non-zero naming rank 1
-as stopped, and `--resume` completes the run from the last checkpoint. docs/operations.md has the measured times.
+mid-run. The step watchdog's report names rank 1 as stopped; rank 0's next collective fails at
+`trainer.collective_timeout_s`, the run exits non-zero naming rank 1, and `--resume` completes the run from the
+last checkpoint. docs/operations.md has the measured times.
 """
 
 from __future__ import annotations
@@ -26,11 +27,18 @@ def _rank(torchrun_pid: int, rank: int) -> psutil.Process:
     raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
 
 
+def _stall_report_naming(run_dir, pid: int) -> bool:
+    """Whether a step watchdog report lists rank 1 (pid `pid`) as stopped."""
+    reports = [d / "report.txt" for d in (run_dir / "logs").glob("stall-*")]
+    return any(f"rank 1 (pid {pid}) is STOPPED" in r.read_text() for r in reports if r.is_file())
+
+
 def test_stopped_rank_is_named_and_the_run_resumes(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     config = h.train_config(run_dir, tiny_model_dir, checkpoint={"every": 1, "keep": 2},
                             trainer={"max_steps": STEPS, "micro_batch_size": 1,
-                                     "collective_timeout_s": COLLECTIVE_TIMEOUT_S})  # fmt: skip
+                                     "collective_timeout_s": COLLECTIVE_TIMEOUT_S},
+                            watchdog={"min_stall_s": 8, "stall_factor": 2, "abort_after_s": 0})  # fmt: skip
     log = tmp_path / "train.log"
     proc = h.start_train(config, log, ranks=2)
     h.wait_for(lambda: (run_dir / "checkpoints" / "step_2").is_dir(), "the checkpoint of step 2", proc, log,
@@ -39,6 +47,9 @@ def test_stopped_rank_is_named_and_the_run_resumes(tiny_model_dir, tmp_path):
     try:
         stopped.suspend()
         t0 = time.monotonic()
+        h.wait_for(lambda: _stall_report_naming(run_dir, stopped.pid), "the step watchdog's report", proc, log,
+                   timeout=COLLECTIVE_TIMEOUT_S + 120)  # fmt: skip
+        reported = time.monotonic() - t0
         h.wait_for(lambda: "ranks that stopped answering" in log.read_text(), "rank 0 to name the stopped rank",
                    proc, log, timeout=COLLECTIVE_TIMEOUT_S + 120)  # fmt: skip
         detected = time.monotonic() - t0
@@ -48,8 +59,9 @@ def test_stopped_rank_is_named_and_the_run_resumes(tiny_model_dir, tmp_path):
         with contextlib.suppress(psutil.Error):
             stopped.kill()
     text = log.read_text()
-    timing = (f"rank 1 stopped: named by rank 0 after {detected:.1f} s (collective timeout {COLLECTIVE_TIMEOUT_S} s), "
-              f"the run exited {ended:.1f} s after the stop")  # fmt: skip
+    timing = (f"rank 1 stopped: in the step watchdog's report after {reported:.1f} s (min_stall_s 8 s), named by "
+              f"rank 0's failed collective after {detected:.1f} s (collective timeout {COLLECTIVE_TIMEOUT_S} s), the "
+              f"run exited {ended:.1f} s after the stop")  # fmt: skip
     assert code != 0, f"{timing}\n{h.tail(log)}"
     named = f"rank 1 (pid {stopped.pid}, STOPPED"
     assert named in text and "--resume" in text, f"{timing}\n{h.tail(log)}"
