@@ -259,6 +259,9 @@ class StepWatchdog:
         except OSError as e:  # a full disk must not hide the stall itself
             notes.append(f"stacks not written: {e}")
         what, cause = self._diagnose()
+        gone = [n for n in notes if n.startswith("rank ") and n.endswith(("STOPPED", "exited"))]
+        if gone and "collective" in what:  # the rank the collective waits on, found by its state
+            cause = f"{', '.join(gone)}: the collective fails at trainer.collective_timeout_s and the run ends"
         self.last_report = out
         median = f"median step {statistics.median(self._durations):.1f} s" if self._durations else "no step yet"
         ends = (f"the run ends in {self.cfg.abort_after_s:.0f} s without a step (watchdog.abort_after_s)"
