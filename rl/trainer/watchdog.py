@@ -178,6 +178,7 @@ class StepWatchdog:
         self.stalls = 0
         """Stalls reported so far."""
         self.last_report: Path | None = None
+        self._gone_cause: str | None = None
         self._last = time.monotonic()
         self._durations: deque[float] = deque(maxlen=101)
         self._first = True
@@ -262,6 +263,7 @@ class StepWatchdog:
         gone = [n for n in notes if n.startswith("rank ") and n.endswith(("STOPPED", "exited"))]
         if gone and "collective" in what:  # the rank the collective waits on, found by its state
             cause = f"{', '.join(gone)}: the collective fails at trainer.collective_timeout_s and the run ends"
+            self._gone_cause = cause
         self.last_report = out
         median = f"median step {statistics.median(self._durations):.1f} s" if self._durations else "no step yet"
         ends = (f"the run ends in {self.cfg.abort_after_s:.0f} s without a step (watchdog.abort_after_s)"
@@ -293,6 +295,8 @@ class StepWatchdog:
 
     def _end_run(self, elapsed: float) -> None:
         what, cause = self._diagnose()
+        if self._gone_cause and "collective" in what:  # gloo's all_reduce may outlive its timeout on a stopped peer
+            cause = self._gone_cause
         reason = f"no step for {elapsed:.0f} s, waiting for {what}; likely cause: {cause}"
         log.error("step watchdog: ending the run (exit %d): %s. %s", EXIT_STALLED, reason, self._resume())
         self.stop.set(f"stalled: {reason}", EXIT_STALLED)

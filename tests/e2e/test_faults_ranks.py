@@ -38,7 +38,8 @@ def test_stopped_rank_is_named_and_the_run_resumes(tiny_model_dir, tmp_path):
     config = h.train_config(run_dir, tiny_model_dir, checkpoint={"every": 1, "keep": 2},
                             trainer={"max_steps": STEPS, "micro_batch_size": 1,
                                      "collective_timeout_s": COLLECTIVE_TIMEOUT_S},
-                            watchdog={"min_stall_s": 8, "stall_factor": 2, "abort_after_s": 0})  # fmt: skip
+                            watchdog={"min_stall_s": 8, "stall_factor": 2, "abort_after_s": 40,
+                                      "exit_grace_s": 10})  # fmt: skip
     log = tmp_path / "train.log"
     proc = h.start_train(config, log, ranks=2)
     h.wait_for(lambda: (run_dir / "checkpoints" / "step_2").is_dir(), "the checkpoint of step 2", proc, log,
@@ -50,9 +51,13 @@ def test_stopped_rank_is_named_and_the_run_resumes(tiny_model_dir, tmp_path):
         h.wait_for(lambda: _stall_report_naming(run_dir, stopped.pid), "the step watchdog's report", proc, log,
                    timeout=COLLECTIVE_TIMEOUT_S + 120)  # fmt: skip
         reported = time.monotonic() - t0
-        h.wait_for(lambda: "ranks that stopped answering" in log.read_text(), "rank 0 to name the stopped rank",
+        # The collective's timeout names the rank; gloo's all_reduce has been seen to outlive it (1 run of 4): then
+        # the watchdog's abort (40 s later) ends the run, with the stopped rank as the cause.
+        ended_by = ("ranks that stopped answering", "ending the run")
+        h.wait_for(lambda: any(p in log.read_text() for p in ended_by), "rank 0 to name the stopped rank",
                    proc, log, timeout=COLLECTIVE_TIMEOUT_S + 120)  # fmt: skip
         detected = time.monotonic() - t0
+        by = "the collective's timeout" if ended_by[0] in log.read_text() else "the watchdog's abort"
         code = h.finish(proc, log, timeout=180)
         ended = time.monotonic() - t0
     finally:
@@ -60,11 +65,11 @@ def test_stopped_rank_is_named_and_the_run_resumes(tiny_model_dir, tmp_path):
             stopped.kill()
     text = log.read_text()
     timing = (f"rank 1 stopped: in the step watchdog's report after {reported:.1f} s (min_stall_s 8 s), named by "
-              f"rank 0's failed collective after {detected:.1f} s (collective timeout {COLLECTIVE_TIMEOUT_S} s), the "
+              f"{by} after {detected:.1f} s (collective timeout {COLLECTIVE_TIMEOUT_S} s), the "
               f"run exited {ended:.1f} s after the stop")  # fmt: skip
     assert code != 0, f"{timing}\n{h.tail(log)}"
-    named = f"rank 1 (pid {stopped.pid}, STOPPED"
-    assert named in text and "--resume" in text, f"{timing}\n{h.tail(log)}"
+    named = f"rank 1 (pid {stopped.pid}, STOPPED" in text or f"rank 1 (pid {stopped.pid}) is STOPPED" in text
+    assert named and "--resume" in text, f"{timing}\n{h.tail(log)}"
     assert detected < COLLECTIVE_TIMEOUT_S + 60, f"not detected within the collective timeout: {timing}"
     resumed = tmp_path / "resume.log"
     start = time.monotonic()
