@@ -37,6 +37,7 @@ from rl.wire.protocol import (
     SubmitRequest,
     TaskResult,
 )
+from rl.wire.waits import pending, stall_counts
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable
 from rollout_workers.engines import Engine, EngineSpec, make_engine
 from rollout_workers.weight_sync import WeightSync, WeightSyncError
@@ -51,6 +52,8 @@ IDLE_POLL_S = 0.1
 """How long the idle main loop waits for a lease before looking at policy updates and signals again."""
 DRAIN_RETRY_S = 30.0
 """On the way out, how long the last submissions keep retrying an unreachable hub (the stop no longer cuts it short)."""
+ENGINE_STEP_S = 60.0
+"""An engine step (a decode iteration; the HF engine's whole batch) this much slower is logged as a wait."""
 TOKENS_PER_S_WINDOW_S = 5.0
 """Busy seconds over which the reported tokens/s is averaged."""
 
@@ -287,7 +290,9 @@ class Worker:
 
     def _step(self) -> None:
         start = time.perf_counter()
-        finished = self.engine.step()
+        with pending(f"the engine to finish a generation step ({self.engine.pending} prompts in flight)",
+                     expect_s=ENGINE_STEP_S, key="engine step"):  # fmt: skip
+            finished = self.engine.step()
         tokens = 0
         for (lease_id, task_id), completions in finished:
             item = self.inflight[lease_id]
@@ -465,6 +470,7 @@ class Worker:
                 busy=self.busy,
                 fetch_s=self.fetch_s,
                 load_s=self.load_s,
+                stalls=dict(list(stall_counts().items())[:32]),
             )
             try:
                 answer = self.client.heartbeat(beat)

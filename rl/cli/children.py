@@ -2,7 +2,9 @@
 
 A child runs in its own session, so a terminal's Ctrl-C reaches only `rl train` (which still
 needs the hub for its last checkpoint), and the kernel sends it SIGTERM when `rl train` dies,
-even by SIGKILL (PR_SET_PDEATHSIG): a killed run leaves no orphans. A child does not inherit
+even by SIGKILL (PR_SET_PDEATHSIG): a killed run leaves no orphans. The SIGTERM starts the
+child's usual drain; `exit_with_parent` bounds it: ORPHAN_EXIT_S after `rl train` died the child
+exits at once, its port closed (docs/operations.md, "When a run is stuck"). A child does not inherit
 the trainer ranks' RANK/WORLD_SIZE/MASTER_* (it must not join their process group), and runs
 on the CPUs its `*.cpus` field names, or on those `rl train` started with.
 """
@@ -16,6 +18,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +37,11 @@ _DISTRIBUTED_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
                     "CROSS_SIZE", "LOCAL_SIZE"}  # fmt: skip
 """Set by torchrun/deepspeed for the trainer ranks; a child must not join their process group."""
 
+PARENT_ENV = "RL_TRAIN_PID"
+"""Set in a child's environment: the pid of the `rl train` that started it (`exit_with_parent`)."""
+ORPHAN_EXIT_S = 10.0
+"""Seconds a child of `rl train` may drain after `rl train` died before it exits at once."""
+_ORPHAN_POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
 try:  # resolved in the parent: after fork only the call itself runs
     _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
@@ -60,6 +69,26 @@ def _die_with(parent_pid: int, cpus: set[int] | None = None) -> Callable[[], Non
             os.sched_setaffinity(0, cpus)
 
     return preexec
+
+
+def exit_with_parent() -> None:
+    """In a child of `rl train` (PARENT_ENV set): a daemon thread that ends this process ORPHAN_EXIT_S after
+    `rl train` died, whatever its drain still waits for (a hub that went with the run, a submission, an engine)."""
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_ORPHAN_POLL_S)
+        log.warning("rl train (pid %d) is gone: this process stops within %.0f s", parent, ORPHAN_EXIT_S)
+        time.sleep(ORPHAN_EXIT_S)
+        log.error("still running %.0f s after rl train (pid %d) died: exiting now", ORPHAN_EXIT_S, parent)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rl-exit-with-parent", daemon=True).start()
 
 
 def check_cpus(cfg: RunConfig) -> None:
@@ -100,6 +129,7 @@ class Child:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cpus: set[int] | None = None):
         self.name, self.log_path = name, log_path
         self.log_file = open(log_path, "ab")  # noqa: SIM115 (lives as long as the child)
+        env = {**env, PARENT_ENV: str(os.getpid())}
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with(os.getpid(), cpus))  # fmt: skip
 

@@ -42,7 +42,7 @@ from rl.trainer.checkpoint import (
     usable_checkpoint,
 )
 from rl.trainer.loop import EXIT_INTERRUPTED, StopRequest
-from rl.trainer.watchdog import StepWatchdog, Watched
+from rl.trainer.watchdog import EXIT_STALLED, RankBeats, StepWatchdog, Watched, collective_failure
 from rl.wire.admin import HubAdmin
 from rl.wire.client import HubHTTP
 from rl.wire.identity import load_or_create, public_id
@@ -291,10 +291,12 @@ class Launch:
         children = [self.hub, *self.workers] if self.hub is not None else self.workers
         return [Watched(c.name, c.proc.pid, c.log_path) for c in children if c.proc.poll() is None]
 
-    def step_watchdog(self, stop: StopRequest, step: int) -> StepWatchdog:
-        """The trainer's step watchdog over this run (rl/trainer/watchdog.py), with a hub client of its own."""
+    def step_watchdog(self, stop: StopRequest, step: int, beats: RankBeats | None) -> StepWatchdog:
+        """The trainer's step watchdog over this run (rl/trainer/watchdog.py), with a hub client of its own; its
+        reports include the other trainer ranks on this machine (`beats`)."""
         hub = HubAdmin(self.url, self.tokens.admin, patience_s=5.0, read_timeout_s=10.0)
-        return StepWatchdog(self.cfg.watchdog, self.paths, stop, hub, self.watched, step=step,
+        watched = (lambda: self.watched() + beats.local_ranks()) if beats is not None else self.watched
+        return StepWatchdog(self.cfg.watchdog, self.paths, stop, hub, watched, step=step,
                             heartbeat_s=self.cfg.hub.heartbeat_interval_s,
                             resume_hint=f"rl train {self.paths.config} --resume")  # fmt: skip
 
@@ -363,7 +365,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
     stop = StopRequest()
     launch = Launch(cfg, resume) if rank == 0 else None
     restore_signals = _install_signal_handlers(stop, launch)
-    admin = step_watchdog = None
+    admin = step_watchdog = beats = None
     run_dir = cfg.resolved_run_dir.resolve()
     try:
         resolve_model(cfg.model.name)  # prepare an alias once, before any child needs it
@@ -372,9 +374,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
             pin_this_process(set(cfg.trainer.cpus))
         admin = launch.start_hub(stop) if launch is not None else None
         trainer = Trainer(cfg, admin, resume=resume, stop=stop)  # loads while the hub starts
+        beats = RankBeats() if trainer.strategy.world_size > 1 else None
         if launch is not None:
             launch.start_workers()
-            step_watchdog = launch.step_watchdog(stop, trainer.step)
+            step_watchdog = launch.step_watchdog(stop, trainer.step, beats)
             trainer.on_step = step_watchdog.step_done
         code = trainer.run()
         if code != 0:
@@ -397,6 +400,11 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
             log.error("%s (writing %s)", disk_full(run_dir) or f"no space left on the device of {run_dir}",
                       e.filename or "a file of the run")  # fmt: skip
             return 1
+        if stuck := collective_failure(e, beats, cfg.trainer.collective_timeout_s):
+            ckpt = latest_checkpoint(run_dir)
+            log.error("%s; %s", stuck, f"continue with: rl train {RunDir(run_dir).config} --resume (from "
+                      f"{ckpt.name})" if ckpt else "no checkpoint yet: start the run again")  # fmt: skip
+            return EXIT_STALLED
         log.exception("training failed: %s: %s (logs of the hub and workers: %s)", type(e).__name__, e,
                       RunDir(run_dir).logs)  # fmt: skip
         return 1

@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from rl.cli.children import exit_with_parent
 from rl.cli.contributions import contributions_app, identity_app
 from rl.config import ConfigError, ModelConfig, RunConfig, dump_config, load_config, shipped_names
 from rl.models import ALIASES, ModelError, cache_dir, prepare_model, verify_manifest
@@ -139,6 +140,7 @@ def hub(
     if port is not None:
         cfg.hub.port = port
     _setup_logging(cfg.logging.level)
+    exit_with_parent()  # a hub started by `rl train` ends with it
     from rl.hub.main import serve
 
     sys.exit(serve(cfg, ledger_path=ledger))
@@ -203,6 +205,7 @@ def rollout(
         err.print(f"[red]error:[/red] --weights-url must be an http:// or https:// URL, got {weights_url!r}")
         raise typer.Exit(2)
     _setup_logging()
+    exit_with_parent()  # a local worker started by `rl train` ends with it
     base_dir = None
     if base_model is not None:
         from rl.models import ModelError, resolve_model

@@ -103,6 +103,8 @@ def render(status: HubStatus) -> Group:
     for stall in status.stalls:  # the trainer's step watchdog found no progress (docs/operations.md)
         where = f"; stacks in {stall.report}" if stall.report else ""
         rows[f"STALLED: {stall.component}"] = f"for {stall.since_s:.0f} s, {stall.what}{where}"
+    if status.stall_counts:  # every stall and reported wait since the hub started, by what
+        rows["stalls so far"] = ", ".join(f"{k} {n}" for k, n in sorted(status.stall_counts.items()))
     for k, v in rows.items():
         run.add_row(k, str(v))
     return Group(run, contributors, operators, workers)

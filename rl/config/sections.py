@@ -258,6 +258,9 @@ class TrainerConfig(Section):
     """Max global gradient norm."""
     deepspeed: str | dict[str, Any] = "configs/deepspeed/zero2.json"
     """DeepSpeed config: a JSON file path, or an inline dict. Batch sizes/optimizer are set from here."""
+    collective_timeout_s: float = Field(600.0, ge=5.0)
+    """Process-group timeout: a collective that waits this long on another rank fails, and the run ends (exit 3)
+    naming the ranks that stopped answering (docs/operations.md, "When a run is stuck")."""
     zero_stage: int | None = Field(None, ge=0, le=3)
     """ZeRO stage, overriding the DeepSpeed JSON's (unset: the JSON's; 1/2 run as 0 on one rank unless offloading)."""
     gradient_checkpointing: bool = False

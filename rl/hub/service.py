@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 from rl.config import RunConfig
@@ -48,12 +49,15 @@ from rl.wire.protocol import (
 )
 from rl.wire.receipts import Contributions, StepReceipt
 from rl.wire.tokens import Tokens
+from rl.wire.waits import metric_key, stall_counts
 from verifiers.base import TIMEOUT_MARK
 
 log = logging.getLogger(__name__)
 
 FROZEN_S = 5.0
 """A housekeeping tick this late means the hub itself did not run (see `Hub.housekeeping`)."""
+MAX_STALL_REPORTERS = 4096
+"""Registrations whose reported waits the hub keeps (`Hub.all_stall_counts`)."""
 
 
 def decode_texts(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
@@ -90,6 +94,10 @@ class Hub:
         self._scoring_tasks: set[asyncio.Task] = set()
         self.stalls: dict[str, tuple[Stall, float]] = {}
         """Current stalls by component, with when they were reported (`record_stall`)."""
+        self.stall_counts: Counter[str] = Counter()
+        """Stalls reported to the hub (`record_stall`), by component."""
+        self.worker_stalls: dict[str, dict[str, int]] = {}
+        """Each registration's reported waits, by what (its heartbeats; kept after it left, for the totals)."""
         state.on_work, state.on_scored = self.poke, self.changed.set
         if store is not None:  # a restarted hub: quarantines hold, evidence keeps counting
             self.trust.restore(store.operators)
@@ -226,6 +234,8 @@ class Hub:
         self, worker_id: str, req: HeartbeatRequest, who: str | None, secret: str | None
     ) -> HeartbeatResponse:
         self.state.authorize(worker_id, who, secret)
+        if req.stalls and (worker_id in self.worker_stalls or len(self.worker_stalls) < MAX_STALL_REPORTERS):
+            self.worker_stalls[worker_id] = req.stalls
         return self.state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic(),
                                     req.fetch_s, req.load_s)  # fmt: skip
 
@@ -370,17 +380,28 @@ class Hub:
         if who is None:  # stalls name paths and causes: the admin's
             update["stalls"] = [st.model_copy(update={"since_s": st.since_s + now - at})
                                 for st, at in self.stalls.values()]  # fmt: skip
+            update["stall_counts"] = self.all_stall_counts()
         status = self.contributions.annotate(status, who, self.state.workers)
         return self.trust.annotate(status, who).model_copy(update=update)
 
     def record_stall(self, stall: Stall) -> Ack:
         """A component reports that it stopped making progress (or, `active` False, that it goes on again)."""
         if stall.active:
+            if stall.component not in self.stalls:
+                self.stall_counts[metric_key(f"{stall.component} step")] += 1
             self.stalls[stall.component] = (stall, time.monotonic())
             log.warning("%s reports a stall (%.0f s): %s", stall.component, stall.since_s, stall.what)
         elif self.stalls.pop(stall.component, None) is not None:
             log.info("%s goes on again", stall.component)
         return Ack()
+
+    def all_stall_counts(self) -> dict[str, int]:
+        """Stalls so far: reported to the hub, the hub's own waits, the workers' waits (summed by what)."""
+        counts = Counter(self.stall_counts)
+        counts.update({f"hub_{k}": n for k, n in stall_counts().items()})
+        for per_worker in self.worker_stalls.values():
+            counts.update({f"worker_{metric_key(k)}": n for k, n in per_worker.items()})
+        return dict(counts)
 
     # ------------------------------------------------------------------ contributions
 

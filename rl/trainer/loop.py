@@ -45,6 +45,7 @@ from rl.weights.lora import adapter_metadata
 from rl.weights.store import PolicyWriter, version_dir, write_base, write_lora_version
 from rl.wire.admin import HubAdmin
 from rl.wire.protocol import EvalRequest
+from rl.wire.waits import pending, stall_counts
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +394,9 @@ class Trainer:
         keys = sorted(parts[0])
         summed = {k: torch.stack([p[k].float() for p in parts]) for k in keys}
         local = {k: (v.max() if k.endswith("/max") else v.sum()) for k, v in summed.items()}
-        for k, v in local.items():
-            dist.all_reduce(v, op=dist.ReduceOp.MAX if k.endswith("/max") else dist.ReduceOp.SUM)
+        with pending(f"the other ranks to sum step {self.step + 1}'s metrics", key="trainer collective"):
+            for k, v in local.items():
+                dist.all_reduce(v, op=dist.ReduceOp.MAX if k.endswith("/max") else dist.ReduceOp.SUM)
         return reduce_metrics([local])
 
     # ------------------------------------------------------------------ evaluation
@@ -471,7 +473,7 @@ class Trainer:
             groups, info = pulled
             metrics = self._step(groups, info, t0)
             if self.is_main:
-                metrics |= self._hub_metrics()
+                metrics |= self._hub_metrics() | {f"stalls/{k}": float(n) for k, n in stall_counts().items()}
                 self.tracker.log(self.step, metrics)
                 self.tracker.log_batch(self.step, groups)
                 log.info("%s", progress.line(self.step, metrics))
@@ -526,7 +528,8 @@ class Trainer:
         code = self.stop.exit_code if self.stop.reason is not None else 0
         if self.strategy.world_size > 1:
             flag = torch.tensor([code], dtype=torch.long, device=self.strategy.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            with pending("the other ranks to agree whether to stop", key="trainer collective"):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             code = int(flag.item())
             if code and self.stop.reason is None:
                 self.stop.set("stopped by another rank", code)
@@ -550,6 +553,7 @@ class Trainer:
             "hub/stale_dropped_total": float(st.stale_dropped),
             **_worker_weight_times(st.worker_summary),
             **st.verifier,
+            **{f"hub/stalls/{k}": float(n) for k, n in st.stall_counts.items()},
         }
 
     def checkpoint(self) -> None:

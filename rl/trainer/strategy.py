@@ -41,6 +41,7 @@ from rl.trainer.packing import (
 )
 from rl.trainer.packing import selected_logprobs as selected_logprobs  # re-exported: tests and the planner use it here
 from rl.weights.lora import hf_name, is_adapter, merge_stream, merged_names
+from rl.wire.waits import pending
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class DeepSpeedStrategy:
         if accel.device_name() != "cpu":
             # Before the process group: NCCL's barriers and communicators use the current device.
             accel.set_device(local_rank)
-        init_distributed()
+        init_distributed(trainer_cfg.collective_timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_main = self.rank == 0
@@ -574,7 +575,9 @@ class DeepSpeedStrategy:
         if self.world_size == 1:
             return obj
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
+        whom = "the other ranks to take a broadcast" if self.is_main else f"rank 0's broadcast (rank {self.rank})"
+        with pending(whom, key="trainer collective"):  # bounded by trainer.collective_timeout_s
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:

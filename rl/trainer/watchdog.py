@@ -33,7 +33,7 @@ from rl.rundir import RunDir
 from rl.trainer.checkpoint import latest_checkpoint
 from rl.wire.admin import HubAdmin
 from rl.wire.protocol import HubStatus, Stall
-from rl.wire.waits import process_state
+from rl.wire.waits import count_stall, process_state
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class StepWatchdog:
         self.stalls = 0
         """Stalls reported so far."""
         self.last_report: Path | None = None
+        self._gone_cause: str | None = None
         self._last = time.monotonic()
         self._durations: deque[float] = deque(maxlen=101)
         self._first = True
@@ -247,6 +248,7 @@ class StepWatchdog:
 
     def _report(self, elapsed: float, limit: float) -> None:
         self.stalls += 1
+        count_stall("trainer step")  # the trainer's metrics `stalls/trainer_step`
         out = self.paths.stall(datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
         notes: list[str] = []
         try:
@@ -258,6 +260,10 @@ class StepWatchdog:
         except OSError as e:  # a full disk must not hide the stall itself
             notes.append(f"stacks not written: {e}")
         what, cause = self._diagnose()
+        gone = [n for n in notes if n.startswith("rank ") and n.endswith(("STOPPED", "exited"))]
+        if gone and "collective" in what:  # the rank the collective waits on, found by its state
+            cause = f"{', '.join(gone)}: the collective fails at trainer.collective_timeout_s and the run ends"
+            self._gone_cause = cause
         self.last_report = out
         median = f"median step {statistics.median(self._durations):.1f} s" if self._durations else "no step yet"
         ends = (f"the run ends in {self.cfg.abort_after_s:.0f} s without a step (watchdog.abort_after_s)"
@@ -289,6 +295,8 @@ class StepWatchdog:
 
     def _end_run(self, elapsed: float) -> None:
         what, cause = self._diagnose()
+        if self._gone_cause and "collective" in what:  # gloo's all_reduce may outlive its timeout on a stopped peer
+            cause = self._gone_cause
         reason = f"no step for {elapsed:.0f} s, waiting for {what}; likely cause: {cause}"
         log.error("step watchdog: ending the run (exit %d): %s. %s", EXIT_STALLED, reason, self._resume())
         self.stop.set(f"stalled: {reason}", EXIT_STALLED)
@@ -304,3 +312,88 @@ class StepWatchdog:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(EXIT_STALLED)
+
+
+# ---------------------------------------------------------------------- ranks
+
+_COLLECTIVE_ERRORS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "gloo", "nccl")
+
+
+class RankBeats:
+    """Every trainer rank counts up a key in the process group's store each second (a daemon thread), so a rank
+    whose collective failed can name the ranks that stopped answering (`stuck_ranks`)."""
+
+    PERIOD_S = 1.0
+
+    def __init__(self) -> None:
+        import socket
+
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.store = dist.distributed_c10d._get_default_store()
+        self.store.set(f"rl-where/{self.rank}", f"{socket.gethostname()}:{os.getpid()}")
+        self._host = socket.gethostname()
+        threading.Thread(target=self._beat, name="rl-rank-beat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # the store went with the run: nothing left to tell
+                self.store.add(f"rl-beat/{self.rank}", 1)
+            time.sleep(self.PERIOD_S)
+
+    def _where(self, rank: int) -> tuple[str, int] | None:
+        """(host, pid) of `rank`, once it has started counting (a missing key would block until the timeout)."""
+        key = f"rl-where/{rank}"
+        if not self.store.check([key]):
+            return None
+        host, _, pid = self.store.get(key).decode().rpartition(":")
+        return host, int(pid)
+
+    def local_ranks(self) -> list[Watched]:
+        """The other ranks on this machine, for a stall report: their faulthandler dump (SIGUSR2, `rl` registers it)
+        goes to their stderr, read back when that is a file (torchrun's output redirected to a log)."""
+        out = []
+        for r in range(self.world_size):
+            where = self._where(r) if r != self.rank else None
+            if where is None or where[0] != self._host:
+                continue
+            with contextlib.suppress(OSError):
+                if (err := Path(os.readlink(f"/proc/{where[1]}/fd/2"))).is_file():
+                    out.append(Watched(f"rank {r}", where[1], err))
+        return out
+
+    def _read(self) -> list[int]:
+        return [self.store.add(f"rl-beat/{r}", 0) for r in range(self.world_size)]
+
+    def stuck_ranks(self, watch_s: float = 4.0) -> str:
+        """The ranks whose beat did not move in `watch_s`, with their state where they run on this machine."""
+        result: list[str] = []
+
+        def look() -> None:
+            before = self._read()
+            time.sleep(watch_s)
+            for r, (a, b) in enumerate(zip(before, self._read(), strict=True)):
+                if r != self.rank and a == b:
+                    host, pid = self._where(r) or ("?", 0)
+                    state = {"T": "STOPPED (SIGSTOP or a debugger)", "t": "STOPPED (a debugger)", "Z": "exited",
+                             "?": "exited"}.get(process_state(pid), "alive but not answering")  # fmt: skip
+                    where = f"pid {pid}, {state}" if host == self._host else f"pid {pid} on {host}"
+                    result.append(f"rank {r} ({where})")
+
+        reader = threading.Thread(target=look, daemon=True)
+        reader.start()
+        reader.join(watch_s + 10.0)
+        if reader.is_alive():
+            return "the process group's store does not answer (its host, rank 0 or the launcher, may be stuck)"
+        return ", ".join(result) or f"none found stuck in {watch_s:.0f} s (a rank may be much slower, or the network)"
+
+
+def collective_failure(error: BaseException, beats: RankBeats | None, timeout_s: float) -> str | None:
+    """The message for a collective that failed on another rank (timed out, peer gone), or None for other errors."""
+    text = str(error).lower()
+    if beats is None or not isinstance(error, RuntimeError) or not any(k in text for k in _COLLECTIVE_ERRORS):
+        return None
+    return (f"rank {beats.rank}: a collective failed ({type(error).__name__}: {str(error)[:300]}); ranks that stopped "
+            f"answering: {beats.stuck_ranks()}. trainer.collective_timeout_s is {timeout_s:g} s. Exit "
+            f"{EXIT_STALLED}")  # fmt: skip

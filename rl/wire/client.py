@@ -165,9 +165,11 @@ class HubHTTP:
         if long_poll_s is not None:
             timeout["timeout"] = httpx.Timeout(self.timeout_s, connect=10.0, read=long_poll_s + self.timeout_s)
         what = f"the hub {self.base_url} to answer {method} {path}"
+        parts = path.split("?")[0].split("/")  # counted by route, not by worker id or version
+        key = f"hub {method} {' '.join(parts[1:3] + parts[3:][-1:])}"
 
         def once() -> httpx.Response:
-            with pending(what, long_poll_s or 0.0):
+            with pending(what, long_poll_s or 0.0, key):
                 response = self.http.request(method, path, content=content, headers=headers, **timeout)
             if response.status_code >= 500 or response.status_code == 429:
                 raise _Retryable(response)

@@ -1,14 +1,12 @@
 """What crosses the wire between the hub, rollout workers and the trainer (HTTP/JSON, API v1).
 
-One pydantic model per request and answer of every route, and `HubError`: raised by the hub,
-rebuilt by every client (rl/wire/client.py). The hub tokenizes prompts and sends token ids;
-workers return token ids and the per-token logprobs of the policy version they generated
-with; rewards are computed only on the hub. Every request carries `Authorization: Bearer
-<token>` (worker tokens reach the worker routes, the admin token everything); worker routes
-that name a worker id also need `X-Worker-Secret` (one secret per registration, so a worker
-cannot act for another with the same token). Non-finite numbers (NaN, inf, 1e999) are
-rejected everywhere, and every list has a length bound. docs/protocol.md: the routes with
-their models, and a worker's session.
+One pydantic model per request and answer of every route, and `HubError`: raised by the hub, rebuilt by every
+client (rl/wire/client.py). The hub tokenizes prompts and sends token ids; workers return token ids and the
+per-token logprobs of the policy version they generated with; rewards are computed only on the hub. Every request
+carries `Authorization: Bearer <token>` (worker tokens reach the worker routes, the admin token everything); worker
+routes that name a worker id also need `X-Worker-Secret` (one secret per registration, so a worker cannot act for
+another with the same token). Non-finite numbers (NaN, inf, 1e999) are rejected everywhere, and every list has a
+length bound. docs/protocol.md: the routes with their models, and a worker's session.
 """
 
 from __future__ import annotations
@@ -160,6 +158,9 @@ class HeartbeatRequest(Wire):
     """Seconds the last policy update spent downloading (and rebuilding) the version."""
     load_s: float = Field(0.0, ge=0.0, le=MAX_SECONDS)
     """Seconds the last policy update spent loading it into the engine."""
+    stalls: dict[Annotated[str, Field(max_length=MAX_ID)], Annotated[int, Field(ge=0, le=MAX_COUNT)]] = Field(
+        default_factory=dict, max_length=32)  # fmt: skip
+    """The worker's waits reported so far, by what it waited for (rl/wire/waits.py `stall_counts`)."""
 
 
 class HeartbeatResponse(Wire):
@@ -525,6 +526,8 @@ class HubStatus(Wire):
     """Policy files the hub itself sent since it started (an HTTP cache in front keeps this low)."""
     stalls: list[Stall] = Field(default_factory=list)
     """Current stalls (admin view only)."""
+    stall_counts: dict[str, int] = Field(default_factory=dict)
+    """Stalls since the hub started: `trainer_step`, `hub_<wait>`, `worker_<wait>` (summed) (admin view only)."""
     episodes: dict[str, float] = Field(default_factory=dict)
     """An environment run (docs/environments.md): episodes in flight, turns queued and done, observation tokens,
     and the hub's milliseconds per turn (tools excluded); empty otherwise."""

@@ -5,6 +5,8 @@
 
 Past `expect_s + SLOW_S` a warning names what is awaited, for how long and since when, and again every
 `REPEAT_S` until it returns (the call's own timeout bounds it). One thread per process, started on first use.
+`stall_counts()` counts the reported waits of this process by `key` (the trainer's metrics `stalls/<key>`, a
+worker's heartbeats, the hub's `/v1/status` `stall_counts`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,19 +29,21 @@ REPEAT_S = 30.0
 """Seconds between reports of the same wait."""
 
 _lock = threading.Lock()
-_open: dict[int, list] = {}  # id -> [what, started (monotonic), started (wall clock), next report (monotonic)]
+_open: dict[int, list] = {}  # id -> [what, started, started (wall clock), next report, key, reported]
+_counts: Counter[str] = Counter()
 _ids = itertools.count()
 _thread: threading.Thread | None = None
 
 
 @contextlib.contextmanager
-def pending(what: str, expect_s: float = 0.0) -> Iterator[None]:
-    """Report the wait for `what` (a phrase: "the hub ... to answer ...") if it outlasts `expect_s` + SLOW_S."""
+def pending(what: str, expect_s: float = 0.0, key: str | None = None) -> Iterator[None]:
+    """Report the wait for `what` (a phrase: "the hub ... to answer ...") if it outlasts `expect_s` + SLOW_S;
+    counted under `key` (a short name, `what` if None) once reported."""
     global _thread
-    key = next(_ids)
+    ident = next(_ids)
     now = time.monotonic()
     with _lock:
-        _open[key] = [what, now, time.time(), now + expect_s + SLOW_S]
+        _open[ident] = [what, now, time.time(), now + expect_s + SLOW_S, metric_key(key or what), False]
         if _thread is None:
             _thread = threading.Thread(target=_watch, name="rl-waits", daemon=True)
             _thread.start()
@@ -45,9 +51,26 @@ def pending(what: str, expect_s: float = 0.0) -> Iterator[None]:
         yield
     finally:
         with _lock:
-            entry = _open.pop(key)
-        if entry[3] > entry[1] + expect_s + SLOW_S:  # it was reported: say that it ended
+            entry = _open.pop(ident)
+        if entry[5]:  # it was reported: say that it ended
             log.warning("done waiting for %s after %.0f s", what, time.monotonic() - entry[1])
+
+
+def metric_key(name: str) -> str:
+    """`name` as a metric name: lower case, runs of other characters as one `_` ("hub POST /v1/x" -> hub_post_v1_x)."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:64] or "wait"
+
+
+def count_stall(key: str) -> None:
+    """Count a stall found elsewhere (the step watchdog's) with this process's reported waits."""
+    with _lock:
+        _counts[metric_key(key)] += 1
+
+
+def stall_counts() -> dict[str, int]:
+    """Waits of this process reported so far (each once, at its first report), and counted stalls, by key."""
+    with _lock:
+        return dict(_counts)
 
 
 def _watch() -> None:
@@ -58,6 +81,9 @@ def _watch() -> None:
             due = [(entry[0], entry[1], entry[2]) for entry in _open.values() if now >= entry[3]]
             for entry in _open.values():
                 if now >= entry[3]:
+                    if not entry[5]:
+                        entry[5] = True
+                        _counts[entry[4]] += 1
                     entry[3] = now + REPEAT_S
         for what, started, wall in due:
             since = time.strftime("%H:%M:%S", time.localtime(wall))

@@ -6,7 +6,8 @@ is stuck", has the table).
 - every scoring fails: the step watchdog dumps every process's stacks, names the scoring failures, ends the run;
 - a worker SIGSTOPped while it holds a lease: the lease is re-issued, the run goes on; SIGCONTed, the worker's
   late submission is refused cleanly and it carries on;
-- the hub SIGSTOPped: the trainer and the worker wait, say so, and continue; nothing lost or trained twice;
+- the hub SIGSTOPped: the trainer and the worker wait, say so (and count it), and continue; nothing lost or
+  trained twice;
 - a truncated latest checkpoint: `--resume` names the bad file and continues from the previous checkpoint.
 """
 
@@ -231,6 +232,11 @@ def test_hub_stopped_then_continued(hub_stopped_run):
     # The hub knows its workers' silence was its own: it expires no worker or lease for them.
     assert _said(run.hub_after, "the hub did not run for"), run.hub_after[-3000:]
     assert "silent workers" not in run.hub_after and "registering again" not in run.worker_after, run.hub_after[-3000:]
+    # Counted: the trainer's own waits as stalls/*, the worker's (from its heartbeats, via the hub) as hub/stalls/*.
+    last = h.by_step(h.read_jsonl(run.run_dir / "metrics.jsonl"))[HUB_RUN_STEPS]
+    counted = {k: v for k, v in last.items() if "stalls/" in k}
+    assert any(k.startswith("stalls/hub_") for k in counted), f"{run.timing}; counted: {counted}"
+    assert any(k.startswith("hub/stalls/worker_hub_") for k in counted), f"{run.timing}; counted: {counted}"
     _no_prompt_lost(run.run_dir, HUB_RUN_STEPS)
     print(run.timing)
 

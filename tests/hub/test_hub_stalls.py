@@ -1,5 +1,6 @@
 """Stalls the trainer's step watchdog reports reach `/v1/status` (admin only) and `rl status`, and leave when a
-step completes again; the watchdog's own report path is in tests/trainer/test_watchdog.py."""
+step completes again; stalls are counted (the trainer's own, the workers' waits from their heartbeats); the
+watchdog's own report path is in tests/trainer/test_watchdog.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from rl.config import WatchdogConfig
 from rl.rundir import RunDir
 from rl.trainer.loop import StopRequest
 from rl.trainer.watchdog import StepWatchdog
-from rl.wire.client import HubHTTP
-from rl.wire.protocol import HubStatus
+from rl.wire.protocol import HeartbeatRequest, HubStatus, RegisterRequest
+from rl.wire.waits import stall_counts
+from rollout_workers.client import HubClient
 
 
 def test_a_stall_is_listed_by_rl_status_until_a_step_completes(tmp_path, tiny_model_dir):
@@ -28,8 +30,16 @@ def test_a_stall_is_listed_by_rl_status_until_a_step_completes(tmp_path, tiny_mo
             console = Console(width=400, record=True)
             console.print(render(live.status()))
             assert "STALLED: trainer" in console.export_text()
-            with HubHTTP(live.url, WORKER) as worker:  # a worker token sees no stall (paths, causes)
-                assert worker.call("GET", "/v1/status", HubStatus).stalls == []
+            assert live.status().stall_counts["trainer_step"] == 1 and stall_counts()["trainer_step"] >= 1
+            with HubClient(live.url, WORKER) as worker:  # a worker's waits reach the counts with its heartbeat
+                worker.register(RegisterRequest(name="counted"))
+                worker.heartbeat(HeartbeatRequest(policy_version=0, stalls={"hub_post_v1_rollouts": 2}))
+                assert live.status().stall_counts["worker_hub_post_v1_rollouts"] == 2
+                console = Console(width=400, record=True)
+                console.print(render(live.status()))
+                assert "worker_hub_post_v1_rollouts 2" in console.export_text()
+                seen = worker.call("GET", "/v1/status", HubStatus)  # a worker token sees no stall (paths, causes)
+                assert seen.stalls == [] and seen.stall_counts == {}
             dog.step_done(5)
             live.wait_for(lambda: not live.status().stalls, timeout=30, what="the stall to clear")
         finally:

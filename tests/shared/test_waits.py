@@ -21,6 +21,8 @@ def test_a_slow_wait_is_named_while_it_lasts_and_when_it_ends(monkeypatch, caplo
     assert re.search(rf"still waiting for {what}: [12] s so far \(since \d\d:\d\d:\d\d\)", caplog.text), caplog.text
     assert re.search(rf"done waiting for {what} after [23] s", caplog.text), caplog.text
     assert "something quick" not in caplog.text
+    assert waits.stall_counts()["the_hub_http_h_1_to_answer_post_v1_batches"] == 1  # counted once, at its report
+    assert "something_quick" not in waits.stall_counts()
 
 
 def test_process_state_of_this_process():
@@ -28,3 +30,22 @@ def test_process_state_of_this_process():
 
     assert waits.process_state(os.getpid()) in ("R", "S")
     assert waits.process_state(2**22 + 12345) == "?"
+
+
+def test_a_hub_request_is_counted_by_route(monkeypatch):
+    """A hub that accepts the connection and never answers: the read timeout bounds the wait, which is reported
+    and counted under its route (no worker id in the key)."""
+    import socket
+
+    import pytest
+
+    from rl.wire.client import HubHTTP, HubUnavailable
+
+    monkeypatch.setattr(waits, "SLOW_S", 0.2)
+    with socket.socket() as server:  # accepts the connection, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        with HubHTTP(url, "tok", timeout_s=2.5, max_retry_s=0.0) as client, pytest.raises(HubUnavailable):
+            client.send("POST", "/v1/workers/w-123/heartbeat")
+    assert waits.stall_counts()["hub_post_v1_workers_heartbeat"] >= 1

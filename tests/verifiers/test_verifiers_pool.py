@@ -80,15 +80,20 @@ def test_trl_style_reward_function_works_unchanged(rewards_module: str) -> None:
 
 
 def test_hung_scorer_times_out_and_worker_is_replaced(rewards_module: str) -> None:
+    """A scoring process that never returns (sleeps 60 s): killed at its 1 s budget, the item scores 0, a fresh
+    process scores the rest, and the pool keeps working."""
     with VerifierPool([RewardTerm(name=f"{rewards_module}:hang")], workers=1, timeout_s=1.0) as pool:
         start = time.perf_counter()
         rewards = pool.score_many_sync([("fine", {}), ("hang", {}), ("fine", {})])
-        assert time.perf_counter() - start < 10.0
-        assert [r.value for r in rewards] == [1.0, 0.0, 1.0]
-        assert "timeout after 1s" in rewards[1].info
+        took = time.perf_counter() - start
+        timing = f"hung item killed at the 1 s budget; the three items scored in {took:.1f} s"
+        assert took < 10.0, timing
+        assert [r.value for r in rewards] == [1.0, 0.0, 1.0], timing
+        assert "timeout after 1s" in rewards[1].info, timing
         m = pool.metrics()
-        assert m["verifier/timeouts"] == 1.0 and m["verifier/worker_restarts"] == 1.0
-        assert pool.score_many_sync([("fine", {})])[0].value == 1.0
+        assert m["verifier/timeouts"] == 1.0 and m["verifier/worker_restarts"] == 1.0, timing
+        assert pool.score_many_sync([("fine", {})])[0].value == 1.0, timing
+        print(timing)
 
 
 def test_crashing_scorer_scores_zero_and_pool_recovers(rewards_module: str) -> None:
