@@ -2,8 +2,9 @@
 
 A contributor is an Ed25519 identity that proved its key by signing a hub challenge when it registered,
 or `token:<token id>` for registrations without one; a registration (worker id) belongs to one. The hub
-counts per contributor, step and policy version what was submitted, scored and rejected (in memory, written
-with the hub's ledger every 0.5 s), and stores what the trainer reports per step (`POST /v1/receipts`): the signed
+counts per contributor, step and policy version what was submitted, scored and rejected, and the time a
+token the contributor worked under was quarantined (in memory, written with the hub's ledger every 0.5 s),
+and stores what the trainer reports per step (`POST /v1/receipts`): the signed
 receipt, its entries (the trained work) and the masked work, keyed by step, so a retried or repeated report
 replaces instead of adding. Everything lives in the hub's SQLite database (tables `contrib_*`, beside
 rl/hub/ledger.py's), so a restarted hub keeps it. docs/contributions.md.
@@ -54,6 +55,9 @@ class ContributionLedger:
         """Registration (worker id) -> contributor, for every registration of this hub's life."""
         self.operator: dict[str, str] = {}
         """Registration -> token id."""
+        self.tokens_of: dict[str, set[str]] = self.db.contributor_tokens()
+        """Contributor -> the token ids it registered with, over the run (a restarted hub reads them back)."""
+        self._ticked: float | None = None
         self.pending: dict[tuple[str, int, int, str, str], list[int]] = {}
         """(contributor, step, policy version, event, reason) -> [groups, samples, tokens, seconds] not yet written."""
         self.seen: dict[str, float] = {}
@@ -93,6 +97,7 @@ class ContributionLedger:
         """A registration of `contributor` (recorded at once: identity, token and registration stay distinct)."""
         self.contributor[worker_id] = contributor
         self.operator[worker_id] = token_id or "admin"
+        self.tokens_of.setdefault(contributor, set()).add(token_id or "admin")
         self.db.register(worker_id, contributor, token_id or "admin", name, time.time())
 
     def contributor_of(self, worker_id: str) -> str:
@@ -118,11 +123,35 @@ class ContributionLedger:
               tokens: int = 0, reason: str = "", seconds: float = 0.0) -> None:  # fmt: skip
         """Add to a contributor's `submitted` (with generation `seconds`), `scored` or `rejected` counts (written
         by `flush`)."""
-        contributor = self.contributor_of(worker_id)
+        self._add(self.contributor_of(worker_id), event, step, version, groups, samples, tokens, reason, seconds)
+        self.seen[self.contributor_of(worker_id)] = time.time()
+
+    def _add(self, contributor: str, event: str, step: int, version: int, groups: int, samples: int, tokens: int,
+             reason: str, seconds: float) -> None:  # fmt: skip
         row = self.pending.setdefault((contributor, step, version, event, reason), [0, 0, 0, 0.0])
         for i, value in enumerate((groups, samples, tokens, seconds)):
             row[i] += value
-        self.seen[contributor] = time.time()
+
+    def rejected(self, worker_id: str, step: int, req, reason: str) -> None:
+        """Count a refused submission (`SubmitRequest`): its tasks, completions and tokens."""
+        completions = [c for r in req.results for c in r.completions]
+        try:
+            tokens = sum(len(as_ids(c.token_ids)) for c in completions)
+        except ValueError:  # refused because its ids do not decode: no tokens to count
+            tokens = 0
+        self.count(worker_id, "rejected", step, req.policy_version, len(req.results), len(completions), tokens,
+                   reason=reason)  # fmt: skip
+
+    def tick(self, quarantined: dict[str, str], step: int, version: int, now: float | None = None) -> None:
+        """Add the time since the last tick to each contributor that registered with a quarantined token
+        (`quarantined`: token id -> why; the reason recorded is the token). Called before each flush."""
+        now = time.monotonic() if now is None else now
+        elapsed, self._ticked = (0.0 if self._ticked is None else now - self._ticked), now
+        if elapsed <= 0 or not quarantined:
+            return
+        for contributor, tokens in self.tokens_of.items():
+            for token in sorted(tokens & set(quarantined))[:1]:  # counted once, however many of its tokens
+                self._add(contributor, "quarantined", step, version, 0, 0, 0, token, elapsed)
 
     def submitted(self, jobs: list, step: int, gen_seconds: float) -> None:
         """Count accepted tasks (`ScoringJob`s of one submission; its generation time shared among them)."""

@@ -135,21 +135,53 @@ class Tracker:
             self.wandb = None
 
     def log_contributions(self) -> None:
-        """W&B table `contributions/table`: per contributor, the groups, samples and tokens the run's receipts
-        (receipts.jsonl) signed, and the share of tokens; `rl contributions RUN_DIR` has the full report."""
+        """W&B table `contributions/table` (`contribution_table`), logged on the last step's row."""
         import wandb
 
-        totals: dict[str, list[int]] = {}
         lines = self.paths.receipts.read_text().splitlines() if self.paths.receipts.is_file() else []
-        for line in lines:
-            for e in json.loads(line)["entries"]:
-                row = totals.setdefault(e["contributor"], [0, 0, 0])
-                row[0], row[1], row[2] = row[0] + 1, row[1] + e["samples"], row[2] + e["tokens"]
-        if totals:
-            total = sum(t for _, _, t in totals.values())
-            data = [[c, g, s, t, t / total] for c, (g, s, t) in sorted(totals.items(), key=lambda kv: -kv[1][2])]
-            table = wandb.Table(columns=["contributor", "groups", "samples", "tokens", "share"], data=data)
+        rows = contribution_table([json.loads(line) for line in lines if line.strip()])
+        if rows:
+            table = wandb.Table(columns=TABLE_COLUMNS, data=[[r[c] for c in TABLE_COLUMNS] for r in rows])
             self.wandb.log({"contributions/table": table})
+
+
+TABLE_COLUMNS = ["contributor", "trained_groups", "trained_samples", "trained_tokens", "share", "masked_samples",
+                 "masked_tokens", "masked_rate", "first_step", "last_step", "versions"]  # fmt: skip
+
+
+def contribution_table(records: list[dict]) -> list[dict]:
+    """Per contributor, from receipts.jsonl's records: what the receipts signed (trained groups, samples, tokens,
+    share of tokens), what was masked (samples, tokens, rate of the checked samples), the first and last step
+    with trained work, and the policy versions it was generated with ("low-high"). `rl contributions RUN_DIR`
+    adds the hub's side (submitted, rejected, quarantined, generation time)."""
+    rows: dict[str, dict] = {}
+
+    def row(contributor: str) -> dict:
+        return rows.setdefault(contributor, {"contributor": contributor, "trained_groups": 0, "trained_samples": 0,
+                                             "trained_tokens": 0, "masked_samples": 0, "masked_tokens": 0,
+                                             "steps": [], "version_list": []})  # fmt: skip
+
+    for record in records:
+        for e in record["entries"]:
+            r = row(e["contributor"])
+            r["trained_groups"] += 1
+            r["trained_samples"] += e["samples"]
+            r["trained_tokens"] += e["tokens"]
+            r["steps"].append(record["step"])
+            r["version_list"].append(e["policy_version"])
+        for m in record.get("masked", []):
+            r = row(m["contributor"])
+            r["masked_samples"] += sum(m["reasons"].values())
+            r["masked_tokens"] += sum(m.get("tokens", {}).values())
+    total = sum(r["trained_tokens"] for r in rows.values())
+    for r in rows.values():
+        checked = r["trained_samples"] + r["masked_samples"]
+        steps, versions = r.pop("steps"), r.pop("version_list")
+        r.update(share=r["trained_tokens"] / total if total else 0.0,
+                 masked_rate=r["masked_samples"] / checked if checked else 0.0,
+                 first_step=min(steps, default=0), last_step=max(steps, default=0),
+                 versions=f"{min(versions)}-{max(versions)}" if versions else "")  # fmt: skip
+    return sorted(rows.values(), key=lambda r: (-r["trained_tokens"], r["contributor"]))
 
 
 SMOOTH_STEPS = 5
