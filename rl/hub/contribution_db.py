@@ -148,12 +148,32 @@ class ContributionDB:
             out.append((Receipt.model_validate_json(body), entries))
         return out
 
-    def trained_totals(self) -> dict[str, tuple[int, int]]:
-        """Contributor -> (trained samples, trained tokens) over the run."""
+    def trained_totals(self) -> dict[str, tuple[int, int, int]]:
+        """Contributor -> (trained samples, trained tokens, masked samples) over the run."""
         if self._totals is None:
-            rows = self.db.execute("SELECT contributor, SUM(samples), SUM(tokens) FROM contrib_trained GROUP BY 1")
-            self._totals = {c: (int(s), int(t)) for c, s, t in rows}
+            rows = self.db.execute(
+                "SELECT contributor, SUM(samples), SUM(tokens), 0 FROM contrib_trained GROUP BY 1 "
+                "UNION ALL SELECT contributor, 0, 0, SUM(samples) FROM contrib_masked GROUP BY 1"
+            )
+            totals: dict[str, tuple[int, int, int]] = {}
+            for c, *row in rows:
+                totals[c] = tuple(a + int(b) for a, b in zip(totals.get(c, (0, 0, 0)), row, strict=True))
+            self._totals = totals
         return self._totals
+
+    def activity_totals(self) -> dict[str, dict[str, list]]:
+        """Contributor -> event -> [groups, samples, tokens, seconds] over the run (as written)."""
+        out: dict[str, dict[str, list]] = {}
+        rows = self.db.execute("SELECT contributor, event, SUM(groups), SUM(samples), SUM(tokens), SUM(seconds) "
+                               "FROM contrib_activity GROUP BY 1, 2")  # fmt: skip
+        for c, event, *row in rows:
+            out.setdefault(c, {})[event] = list(row)
+        return out
+
+    def seen_times(self) -> dict[str, list[float]]:
+        """Contributor -> [first seen, last seen] (unix time)."""
+        return {c: [first, last] for c, first, last in
+                self.db.execute("SELECT contributor, first_seen, last_seen FROM contrib_contributors")}  # fmt: skip
 
     def close(self) -> None:
         self.db.close()

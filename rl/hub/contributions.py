@@ -62,6 +62,10 @@ class ContributionLedger:
         """(contributor, step, policy version, event, reason) -> [groups, samples, tokens, seconds] not yet written."""
         self.seen: dict[str, float] = {}
         """Contributor -> last activity (unix time) not yet written."""
+        self.totals = self.db.activity_totals()
+        """Contributor -> event -> [groups, samples, tokens, seconds] over the run, written or pending (status)."""
+        self.times = self.db.seen_times()
+        """Contributor -> [first seen, last seen] (unix time), written or pending (status)."""
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ identities
@@ -98,7 +102,13 @@ class ContributionLedger:
         self.contributor[worker_id] = contributor
         self.operator[worker_id] = token_id or "admin"
         self.tokens_of.setdefault(contributor, set()).add(token_id or "admin")
-        self.db.register(worker_id, contributor, token_id or "admin", name, time.time())
+        now = time.time()
+        self.db.register(worker_id, contributor, token_id or "admin", name, now)
+        self._saw(contributor, now)
+
+    def _saw(self, contributor: str, now: float) -> None:
+        first, last = self.times.get(contributor, (now, now))
+        self.times[contributor] = [min(first, now), max(last, now)]
 
     def contributor_of(self, worker_id: str) -> str:
         return self.contributor.get(worker_id, f"worker:{worker_id}")
@@ -123,14 +133,18 @@ class ContributionLedger:
               tokens: int = 0, reason: str = "", seconds: float = 0.0) -> None:  # fmt: skip
         """Add to a contributor's `submitted` (with generation `seconds`), `scored` or `rejected` counts (written
         by `flush`)."""
-        self._add(self.contributor_of(worker_id), event, step, version, groups, samples, tokens, reason, seconds)
-        self.seen[self.contributor_of(worker_id)] = time.time()
+        contributor, now = self.contributor_of(worker_id), time.time()
+        self._add(contributor, event, step, version, groups, samples, tokens, reason, seconds)
+        self.seen[contributor] = now
+        self._saw(contributor, now)
 
     def _add(self, contributor: str, event: str, step: int, version: int, groups: int, samples: int, tokens: int,
              reason: str, seconds: float) -> None:  # fmt: skip
         row = self.pending.setdefault((contributor, step, version, event, reason), [0, 0, 0, 0.0])
+        total = self.totals.setdefault(contributor, {}).setdefault(event, [0, 0, 0, 0.0])
         for i, value in enumerate((groups, samples, tokens, seconds)):
             row[i] += value
+            total[i] += value
 
     def rejected(self, worker_id: str, step: int, req, reason: str) -> None:
         """Count a refused submission (`SubmitRequest`): its tasks, completions and tokens."""
@@ -243,15 +257,23 @@ class ContributionLedger:
         for worker_id in live:
             alive[self.contributor_of(worker_id)] = alive.get(self.contributor_of(worker_id), 0) + 1
         trained = self.db.trained_totals()
-        total = sum(tokens for _, tokens in trained.values()) or 1
+        total = sum(tokens for _, tokens, _ in trained.values()) or 1
         mine = {c for w, c in self.contributor.items() if self.operator.get(w) == viewer} | {token_contributor(viewer)}
-        rows = [
-            ContributorStatus(contributor=c, workers=alive.get(c, 0), trained_samples=trained.get(c, (0, 0))[0],
-                              trained_tokens=trained.get(c, (0, 0))[1], share=trained.get(c, (0, 0))[1] / total)
-            for c in sorted(set(alive) | set(trained))
-            if viewer is None or c in mine
-        ]  # fmt: skip
+        rows = [self._status_row(c, alive.get(c, 0), trained.get(c, (0, 0, 0)), total)
+                for c in sorted(set(alive) | set(trained) | set(self.totals))
+                if viewer is None or c in mine]  # fmt: skip
         return status.model_copy(update={"workers": workers, "contributors": rows})
+
+    def _status_row(self, contributor: str, workers: int, trained: tuple[int, int, int], total: int):
+        events = self.totals.get(contributor, {})
+        first, last = self.times.get(contributor, (None, None))
+        counts = {"masked_samples": trained[2], "submitted_groups": events.get("submitted", [0])[0],
+                  "rejected_groups": events.get("rejected", [0])[0],
+                  "quarantined_s": events.get("quarantined", [0, 0, 0, 0.0])[3]}  # fmt: skip
+        if first is not None:
+            counts |= {"first_seen": first, "last_seen": last}
+        return ContributorStatus(contributor=contributor, workers=workers, trained_samples=trained[0],
+                                 trained_tokens=trained[1], share=trained[1] / total, counts=counts)  # fmt: skip
 
     def close(self) -> None:
         self.db.close()

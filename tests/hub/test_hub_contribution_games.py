@@ -82,6 +82,9 @@ def test_no_receipt_for_work_not_held_quarantined_or_masked(tmp_path, tiny_model
             assert sorted(again) == sorted(carols)
             wait_until(lambda: admin.status().buffered == 2, "alice's 2 groups scored")
             train(admin, receipts, 2, 2, masked=1)  # one sequence of alice's masked by the checks
+            live = wait_until(lambda: {r.contributor: r for r in admin.status().contributors}, "status")
+            assert live[alice].trained_samples == 7 and live[alice].share == 1.0  # `rl status`' share column
+            assert live[bob].counts["rejected_groups"] == 2 and live[alice].counts["masked_samples"] == 1
         docs = {who: fetch(hub.url, token, keys.get(who), None) for who, token in
                 (("alice", WORKER), ("bob", OTHER_WORKER), ("carol", OPERATORS[0]))}  # fmt: skip
         run_key = public_id(receipts.key)

@@ -172,9 +172,9 @@ def test_the_ledger_survives_a_reopen_and_a_step_reported_twice_counts_once(tmp_
         ledger.db.record_step(report_, 0.0)
     ledger.close()
     reopened = ContributionLedger(db)
-    assert reopened.db.trained_totals() == {alice: (2, 6), "token:t": (2, 6)}
+    assert reopened.db.trained_totals() == {alice: (2, 6, 0), "token:t": (2, 6, 0)}
     reopened.db.record_step(step_report(keys, 2, [entry(alice, 7)]), 0.0)  # resumed at step 1: step 2 again
-    assert reopened.db.trained_totals() == {alice: (2, 6), "token:t": (1, 3)}
+    assert reopened.db.trained_totals() == {alice: (2, 6, 0), "token:t": (1, 3, 0)}
     reopened.close()
     rows = {r["contributor"]: r for r in report(db)}
     assert rows[alice]["trained_samples"] == 2 and rows[alice]["submitted_groups"] == 2

@@ -15,6 +15,7 @@ from rl.config import load_config
 from rl.rundir import RunDir
 from rl.trainer.receipts import Receipts, panel_name
 from rl.trainer.tracking import TABLE_COLUMNS, Tracker
+from rl.wire.protocol import ContributorStatus
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -35,6 +36,11 @@ def test_w_and_b_gets_per_contributor_panels_and_the_table(tmp_path, monkeypatch
     for step, (groups, trained, codes) in enumerate(steps, start=1):
         mask = torch.tensor([[1, 1, 1] if t else [0, 0, 0] for t in trained])
         tracker.log(step, {"loss": 0.5} | receipts.issue(step, groups, mask, torch.tensor(codes)))
+    tracker.hub_contributors = [  # the hub's side, as the trainer last read it from /v1/status
+        ContributorStatus(contributor=ALICE, counts={"submitted_groups": 3, "rejected_groups": 1,
+                                                     "first_seen": 1_700_000_000.0, "last_seen": 1_700_000_060.0}),
+        ContributorStatus(contributor="token:q", counts={"rejected_groups": 2, "quarantined_s": 30.0}),  # untrained
+    ]  # fmt: skip
     tracker.finish(0)
 
     history = {row["_step"]: row for row in h.wandb_history(tmp_path)}
@@ -62,9 +68,17 @@ def test_w_and_b_gets_per_contributor_panels_and_the_table(tmp_path, monkeypatch
         "masked_samples": 0,
         "masked_tokens": 0,
         "masked_rate": 0.0,
+        "submitted_groups": 3,
+        "rejected_groups": 1,
+        "rejected_rate": 0.25,
+        "quarantined_s": 0.0,
         "first_step": 1,
         "last_step": 2,
         "versions": "3-3",
+        "first_seen": "2023-11-14 22:13:20",
+        "last_seen": "2023-11-14 22:14:20",
     }
     assert rows["token:t"]["masked_samples"] == 1 and rows["token:t"]["masked_tokens"] == 2
     assert rows["token:t"]["masked_rate"] == 0.5 and rows["token:t"]["share"] == pytest.approx(2 / 14)
+    assert rows["token:q"]["trained_tokens"] == 0 and rows["token:q"]["quarantined_s"] == 30.0
+    assert rows["token:q"]["rejected_rate"] == 1.0 and rows["token:q"]["share"] == 0.0
