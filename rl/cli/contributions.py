@@ -1,7 +1,7 @@
 """`rl identity new` and `rl contributions ...`: contributor keys, the per-contributor report, receipts.
 
     rl identity new KEY                          an Ed25519 key pair: KEY (private) and KEY.pub
-    rl contributions RUN_DIR [--json|--csv]      trained work per contributor, from the run's hub database
+    rl contributions RUN_DIR [--json|--csv] [--steps]   work per contributor (and step), from the run's hub database
     rl contributions fetch --hub --token [--identity KEY] [-o FILE]   a contributor's receipts and proofs
     rl contributions verify FILE --run-key PUB   check them offline against the run's public key
 
@@ -29,8 +29,10 @@ from rl.wire.receipts import Contributions, totals, verify_contributions
 from rl.wire.tokens import token_id
 
 COLUMNS = ["contributor", "kind", "trained_samples", "trained_tokens", "share", "trained_groups", "masked_samples",
-           "masked_rate", "rejected_groups", "rejected_rate", "scored_groups", "generation_s", "versions",
+           "masked_tokens", "masked_rate", "submitted_groups", "submitted_tokens", "scored_groups", "scored_tokens",
+           "rejected_groups", "rejected_tokens", "rejected_rate", "generation_s", "quarantined_s", "versions",
            "registrations", "first_seen", "last_seen"]  # fmt: skip
+STEP_COLUMNS = ["step", *(c for c in COLUMNS if c not in ("registrations", "first_seen", "last_seen"))]
 
 
 def new_identity(path: Path) -> str:
@@ -48,36 +50,51 @@ def _short(contributor: str) -> str:
     return contributor[:20] + "…" if contributor.startswith("ed25519:") else contributor
 
 
-def report_rows(run_dir: Path) -> list[dict]:
-    from rl.hub.contribution_db import report
+def versions_text(versions: list[int]) -> str:
+    """Policy versions as ranges: [0, 1, 2, 5] -> "0-2,5"."""
+    spans: list[list[int]] = []
+    for v in sorted(versions):
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
 
-    return report(RunDir(run_dir).hub_db)
+
+def report_rows(run_dir: Path, by_step: bool = False) -> list[dict]:
+    from rl.hub.contribution_db import report, report_steps
+
+    return (report_steps if by_step else report)(RunDir(run_dir).hub_db)
 
 
-def render_report(rows: list[dict], fmt: str, console) -> str | None:
+def render_report(rows: list[dict], fmt: str, console, by_step: bool = False) -> str | None:
     """`fmt` json | csv: the text to print; table: printed on `console` (None returned)."""
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
+        columns = STEP_COLUMNS if by_step else COLUMNS
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for r in rows:
-            cells = {**r, "versions": "-".join(map(str, r["versions"])), "first_seen": _when(r["first_seen"]),
-                     "last_seen": _when(r["last_seen"])}  # fmt: skip
-            writer.writerow([cells[c] for c in COLUMNS])
+            cells = {**r, "versions": versions_text(r["versions"]), "first_seen": _when(r.get("first_seen")),
+                     "last_seen": _when(r.get("last_seen"))}  # fmt: skip
+            writer.writerow([cells[c] for c in columns])
         return buf.getvalue()
     from rich.table import Table
 
-    table = Table(title="contributions (only trained work counts)")
-    for name in ("contributor", "samples", "tokens", "share", "masked", "rejected", "versions", "first seen",
-                 "last seen"):  # fmt: skip
+    table = Table(title="contributions (only trained work counts)" + (", per step" if by_step else ""))
+    names = ["contributor", "samples", "tokens", "share", "masked", "rejected", "quarantined", "versions"]
+    names = ["step", *names] if by_step else [*names, "first seen", "last seen"]
+    for name in names:
         table.add_column(name, justify="left" if name in ("contributor", "first seen", "last seen") else "right")
     for r in rows:
-        table.add_row(_short(r["contributor"]), str(r["trained_samples"]), str(r["trained_tokens"]),
-                      f"{100 * r['share']:.1f}%", f"{r['masked_samples']} ({100 * r['masked_rate']:.1f}%)",
-                      f"{r['rejected_groups']} ({100 * r['rejected_rate']:.1f}%)",
-                      "-".join(map(str, r["versions"])), _when(r["first_seen"]), _when(r["last_seen"]))  # fmt: skip
+        cells = [_short(r["contributor"]), str(r["trained_samples"]), str(r["trained_tokens"]),
+                 f"{100 * r['share']:.1f}%", f"{r['masked_samples']} ({100 * r['masked_rate']:.1f}%)",
+                 f"{r['rejected_groups']} ({100 * r['rejected_rate']:.1f}%)",
+                 f"{r['quarantined_s']:.0f}s" if r["quarantined_s"] else "-", versions_text(r["versions"])]  # fmt: skip
+        table.add_row(*([str(r["step"]), *cells] if by_step else [*cells, _when(r["first_seen"]),
+                                                                  _when(r["last_seen"])]))  # fmt: skip
     console.print(table)
     return None
 
@@ -156,6 +173,7 @@ def contributions_report(
     run_dir: Annotated[Path, typer.Argument(help="The run directory (reads its hub.sqlite, read-only).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    by_step: Annotated[bool, typer.Option("--steps", help="One row per contributor and step.")] = False,
 ) -> None:
     """Trained samples and tokens per contributor, share, masked and rejected rates, first and last seen."""
     import sqlite3
@@ -163,10 +181,10 @@ def contributions_report(
     if as_json and as_csv:
         _fail("give --json or --csv, not both")
     try:
-        rows = report_rows(run_dir)
+        rows = report_rows(run_dir, by_step)
     except (FileNotFoundError, sqlite3.Error) as e:
         _fail(f"{e}")
-    text = render_report(rows, "json" if as_json else "csv" if as_csv else "table", _out)
+    text = render_report(rows, "json" if as_json else "csv" if as_csv else "table", _out, by_step)
     if text is not None:
         sys.stdout.write(text)
 

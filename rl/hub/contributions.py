@@ -2,8 +2,9 @@
 
 A contributor is an Ed25519 identity that proved its key by signing a hub challenge when it registered,
 or `token:<token id>` for registrations without one; a registration (worker id) belongs to one. The hub
-counts per contributor, step and policy version what was submitted, scored and rejected (in memory, written
-with the hub's ledger every 0.5 s), and stores what the trainer reports per step (`POST /v1/receipts`): the signed
+counts per contributor, step and policy version what was submitted, scored and rejected, and the time a
+token the contributor worked under was quarantined (in memory, written with the hub's ledger every 0.5 s),
+and stores what the trainer reports per step (`POST /v1/receipts`): the signed
 receipt, its entries (the trained work) and the masked work, keyed by step, so a retried or repeated report
 replaces instead of adding. Everything lives in the hub's SQLite database (tables `contrib_*`, beside
 rl/hub/ledger.py's), so a restarted hub keeps it. docs/contributions.md.
@@ -54,10 +55,17 @@ class ContributionLedger:
         """Registration (worker id) -> contributor, for every registration of this hub's life."""
         self.operator: dict[str, str] = {}
         """Registration -> token id."""
+        self.tokens_of: dict[str, set[str]] = self.db.contributor_tokens()
+        """Contributor -> the token ids it registered with, over the run (a restarted hub reads them back)."""
+        self._ticked: float | None = None
         self.pending: dict[tuple[str, int, int, str, str], list[int]] = {}
         """(contributor, step, policy version, event, reason) -> [groups, samples, tokens, seconds] not yet written."""
         self.seen: dict[str, float] = {}
         """Contributor -> last activity (unix time) not yet written."""
+        self.totals = self.db.activity_totals()
+        """Contributor -> event -> [groups, samples, tokens, seconds] over the run, written or pending (status)."""
+        self.times = self.db.seen_times()
+        """Contributor -> [first seen, last seen] (unix time), written or pending (status)."""
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ identities
@@ -93,7 +101,14 @@ class ContributionLedger:
         """A registration of `contributor` (recorded at once: identity, token and registration stay distinct)."""
         self.contributor[worker_id] = contributor
         self.operator[worker_id] = token_id or "admin"
-        self.db.register(worker_id, contributor, token_id or "admin", name, time.time())
+        self.tokens_of.setdefault(contributor, set()).add(token_id or "admin")
+        now = time.time()
+        self.db.register(worker_id, contributor, token_id or "admin", name, now)
+        self._saw(contributor, now)
+
+    def _saw(self, contributor: str, now: float) -> None:
+        first, last = self.times.get(contributor, (now, now))
+        self.times[contributor] = [min(first, now), max(last, now)]
 
     def contributor_of(self, worker_id: str) -> str:
         return self.contributor.get(worker_id, f"worker:{worker_id}")
@@ -118,11 +133,39 @@ class ContributionLedger:
               tokens: int = 0, reason: str = "", seconds: float = 0.0) -> None:  # fmt: skip
         """Add to a contributor's `submitted` (with generation `seconds`), `scored` or `rejected` counts (written
         by `flush`)."""
-        contributor = self.contributor_of(worker_id)
+        contributor, now = self.contributor_of(worker_id), time.time()
+        self._add(contributor, event, step, version, groups, samples, tokens, reason, seconds)
+        self.seen[contributor] = now
+        self._saw(contributor, now)
+
+    def _add(self, contributor: str, event: str, step: int, version: int, groups: int, samples: int, tokens: int,
+             reason: str, seconds: float) -> None:  # fmt: skip
         row = self.pending.setdefault((contributor, step, version, event, reason), [0, 0, 0, 0.0])
+        total = self.totals.setdefault(contributor, {}).setdefault(event, [0, 0, 0, 0.0])
         for i, value in enumerate((groups, samples, tokens, seconds)):
             row[i] += value
-        self.seen[contributor] = time.time()
+            total[i] += value
+
+    def rejected(self, worker_id: str, step: int, req, reason: str) -> None:
+        """Count a refused submission (`SubmitRequest`): its tasks, completions and tokens."""
+        completions = [c for r in req.results for c in r.completions]
+        try:
+            tokens = sum(len(as_ids(c.token_ids)) for c in completions)
+        except ValueError:  # refused because its ids do not decode: no tokens to count
+            tokens = 0
+        self.count(worker_id, "rejected", step, req.policy_version, len(req.results), len(completions), tokens,
+                   reason=reason)  # fmt: skip
+
+    def tick(self, quarantined: dict[str, str], step: int, version: int, now: float | None = None) -> None:
+        """Add the time since the last tick to each contributor that registered with a quarantined token
+        (`quarantined`: token id -> why; the reason recorded is the token). Called before each flush."""
+        now = time.monotonic() if now is None else now
+        elapsed, self._ticked = (0.0 if self._ticked is None else now - self._ticked), now
+        if elapsed <= 0 or not quarantined:
+            return
+        for contributor, tokens in self.tokens_of.items():
+            for token in sorted(tokens & set(quarantined))[:1]:  # counted once, however many of its tokens
+                self._add(contributor, "quarantined", step, version, 0, 0, 0, token, elapsed)
 
     def submitted(self, jobs: list, step: int, gen_seconds: float) -> None:
         """Count accepted tasks (`ScoringJob`s of one submission; its generation time shared among them)."""
@@ -214,15 +257,23 @@ class ContributionLedger:
         for worker_id in live:
             alive[self.contributor_of(worker_id)] = alive.get(self.contributor_of(worker_id), 0) + 1
         trained = self.db.trained_totals()
-        total = sum(tokens for _, tokens in trained.values()) or 1
+        total = sum(tokens for _, tokens, _ in trained.values()) or 1
         mine = {c for w, c in self.contributor.items() if self.operator.get(w) == viewer} | {token_contributor(viewer)}
-        rows = [
-            ContributorStatus(contributor=c, workers=alive.get(c, 0), trained_samples=trained.get(c, (0, 0))[0],
-                              trained_tokens=trained.get(c, (0, 0))[1], share=trained.get(c, (0, 0))[1] / total)
-            for c in sorted(set(alive) | set(trained))
-            if viewer is None or c in mine
-        ]  # fmt: skip
+        rows = [self._status_row(c, alive.get(c, 0), trained.get(c, (0, 0, 0)), total)
+                for c in sorted(set(alive) | set(trained) | set(self.totals))
+                if viewer is None or c in mine]  # fmt: skip
         return status.model_copy(update={"workers": workers, "contributors": rows})
+
+    def _status_row(self, contributor: str, workers: int, trained: tuple[int, int, int], total: int):
+        events = self.totals.get(contributor, {})
+        first, last = self.times.get(contributor, (None, None))
+        counts = {"masked_samples": trained[2], "submitted_groups": events.get("submitted", [0])[0],
+                  "rejected_groups": events.get("rejected", [0])[0],
+                  "quarantined_s": events.get("quarantined", [0, 0, 0, 0.0])[3]}  # fmt: skip
+        if first is not None:
+            counts |= {"first_seen": first, "last_seen": last}
+        return ContributorStatus(contributor=contributor, workers=workers, trained_samples=trained[0],
+                                 trained_tokens=trained[1], share=trained[1] / total, counts=counts)  # fmt: skip
 
     def close(self) -> None:
         self.db.close()

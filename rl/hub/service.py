@@ -140,6 +140,7 @@ class Hub:
         """
         if self.store is not None:
             self.store.save(self.state.ledger(), self.state.policy_version, batch, self.trust.records())
+        self.contributions.tick(self.trust.quarantined, self.state.batches, self.state.policy_version)
         self.contributions.flush()
 
     async def write_ledger(self, batch: tuple[str, bytes] | None = None) -> None:
@@ -172,6 +173,7 @@ class Hub:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
                 await self.write_ledger()
+                self.contributions.tick(self.trust.quarantined, self.state.batches, self.state.policy_version)
                 await self.contributions.flush_async()
             except Exception:  # a full disk: the next flush (or the next batch pull) tries again
                 log.exception("writing the ledger to %s failed", self.store.path if self.store else None)
@@ -269,8 +271,7 @@ class Hub:
         try:
             answer, jobs = self.state.submit(req, who, time.monotonic())
         except HubError as e:  # the registration proved itself: the refusal counts against its contributor
-            self.contributions.count(req.worker_id, "rejected", step, req.policy_version, len(req.results),
-                                     reason=e.reason)  # fmt: skip
+            self.contributions.rejected(req.worker_id, step, req, e.reason)
             raise
         # Evaluation is the run's own business, not a contribution.
         self.contributions.submitted([j for j in jobs if j.task_id not in self.state.evals], step, req.gen_seconds)

@@ -547,6 +547,7 @@ class Trainer:
         st = self._hub_status()
         if st is None:
             return {}
+        self.tracker.hub_contributors = st.contributors  # the hub's side of the W&B contributions table
         return {
             "workers": float(st.worker_summary.total),
             "perf/worker_tokens_per_s": st.worker_summary.tokens_per_s,

@@ -29,6 +29,8 @@ class Tracker:
         self.path = self.paths.metrics
         self.batches_path = self.paths.batches
         self.history: list[dict] = []
+        self.hub_contributors: list = []
+        """The hub's `ContributorStatus` rows as last read (rank 0's status call each step), for the table."""
         if resume and self.path.is_file():
             self.history = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         self.wandb = None
@@ -135,21 +137,70 @@ class Tracker:
             self.wandb = None
 
     def log_contributions(self) -> None:
-        """W&B table `contributions/table`: per contributor, the groups, samples and tokens the run's receipts
-        (receipts.jsonl) signed, and the share of tokens; `rl contributions RUN_DIR` has the full report."""
+        """W&B table `contributions/table` (`contribution_table`), logged on the last step's row."""
         import wandb
 
-        totals: dict[str, list[int]] = {}
         lines = self.paths.receipts.read_text().splitlines() if self.paths.receipts.is_file() else []
-        for line in lines:
-            for e in json.loads(line)["entries"]:
-                row = totals.setdefault(e["contributor"], [0, 0, 0])
-                row[0], row[1], row[2] = row[0] + 1, row[1] + e["samples"], row[2] + e["tokens"]
-        if totals:
-            total = sum(t for _, _, t in totals.values())
-            data = [[c, g, s, t, t / total] for c, (g, s, t) in sorted(totals.items(), key=lambda kv: -kv[1][2])]
-            table = wandb.Table(columns=["contributor", "groups", "samples", "tokens", "share"], data=data)
+        rows = contribution_table([json.loads(line) for line in lines if line.strip()], self.hub_contributors)
+        if rows:
+            table = wandb.Table(columns=TABLE_COLUMNS, data=[[r[c] for c in TABLE_COLUMNS] for r in rows])
             self.wandb.log({"contributions/table": table})
+
+
+TABLE_COLUMNS = ["contributor", "trained_groups", "trained_samples", "trained_tokens", "share", "masked_samples",
+                 "masked_tokens", "masked_rate", "submitted_groups", "rejected_groups", "rejected_rate",
+                 "quarantined_s", "first_step", "last_step", "versions", "first_seen", "last_seen"]  # fmt: skip
+
+
+def contribution_table(records: list[dict], hub: list = ()) -> list[dict]:
+    """Per contributor, from receipts.jsonl's records: what the receipts signed (trained groups, samples, tokens,
+    share of tokens), what was masked (samples, tokens, rate of the checked samples), the first and last step
+    with trained work, and the policy versions it was generated with ("low-high"); from the hub's status rows
+    (`hub`, `ContributorStatus`): submitted and rejected groups, the rejected rate, quarantined seconds, and
+    first and last seen (UTC). The columns of `rl contributions RUN_DIR`'s table."""
+    rows: dict[str, dict] = {}
+
+    def row(contributor: str) -> dict:
+        return rows.setdefault(contributor, {"contributor": contributor, "trained_groups": 0, "trained_samples": 0,
+                                             "trained_tokens": 0, "masked_samples": 0, "masked_tokens": 0,
+                                             "submitted_groups": 0, "rejected_groups": 0, "quarantined_s": 0.0,
+                                             "first_seen": "", "last_seen": "", "steps": [],
+                                             "version_list": []})  # fmt: skip
+
+    for h in hub:
+        c = h.counts
+        row(h.contributor).update(submitted_groups=int(c.get("submitted_groups", 0)),
+                                  rejected_groups=int(c.get("rejected_groups", 0)),
+                                  quarantined_s=c.get("quarantined_s", 0.0), first_seen=_utc(c.get("first_seen")),
+                                  last_seen=_utc(c.get("last_seen")))  # fmt: skip
+
+    for record in records:
+        for e in record["entries"]:
+            r = row(e["contributor"])
+            r["trained_groups"] += 1
+            r["trained_samples"] += e["samples"]
+            r["trained_tokens"] += e["tokens"]
+            r["steps"].append(record["step"])
+            r["version_list"].append(e["policy_version"])
+        for m in record.get("masked", []):
+            r = row(m["contributor"])
+            r["masked_samples"] += sum(m["reasons"].values())
+            r["masked_tokens"] += sum(m.get("tokens", {}).values())
+    total = sum(r["trained_tokens"] for r in rows.values())
+    for r in rows.values():
+        checked = r["trained_samples"] + r["masked_samples"]
+        offered = r["submitted_groups"] + r["rejected_groups"]
+        r["rejected_rate"] = r["rejected_groups"] / offered if offered else 0.0
+        steps, versions = r.pop("steps"), r.pop("version_list")
+        r.update(share=r["trained_tokens"] / total if total else 0.0,
+                 masked_rate=r["masked_samples"] / checked if checked else 0.0,
+                 first_step=min(steps, default=0), last_step=max(steps, default=0),
+                 versions=f"{min(versions)}-{max(versions)}" if versions else "")  # fmt: skip
+    return sorted(rows.values(), key=lambda r: (-r["trained_tokens"], r["contributor"]))
+
+
+def _utc(ts: float | None) -> str:
+    return "" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
 
 SMOOTH_STEPS = 5

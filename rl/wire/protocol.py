@@ -447,6 +447,8 @@ class ContributorStatus(Wire):
     trained_tokens: int = 0
     share: float = 0.0
     """Its fraction of every contributor's trained tokens."""
+    counts: dict[str, float] = Field(default_factory=dict)
+    """masked_samples, submitted_groups, rejected_groups, quarantined_s, first_seen, last_seen (unix time)."""
 
 
 class WeightsServed(Wire):

@@ -70,6 +70,9 @@ class MaskedWork(Wire):
     contributor: str = Field(pattern=CONTRIBUTOR_PATTERN)
     task_id: int = Field(ge=0, le=2**63 - 1)
     reasons: dict[str, int] = Field(max_length=32)
+    """Masked sequences by reason (rl/trainer/provenance.py)."""
+    tokens: dict[str, int] = Field(default_factory=dict, max_length=32)
+    """Their completion tokens, by the same reasons."""
 
 
 class StepReceipt(Wire):

@@ -3,6 +3,8 @@ clear message with exit 2 for every bad input (the end-to-end run is tests/e2e/t
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -55,6 +57,19 @@ def test_report_and_verify_from_a_run_directory(tmp_path):
     assert rows["token:tok2"]["trained_samples"] == 4 and rows["token:tok2"]["kind"] == "token"
     table = rl("contributions", "report", str(tmp_path))
     assert table.returncode == 0 and "75.0%" in table.stdout
+    as_csv = rl("contributions", str(tmp_path), "--csv")
+    assert as_csv.returncode == 0, as_csv.stderr
+    csv_rows = {r["contributor"]: r for r in csv.DictReader(io.StringIO(as_csv.stdout))}
+    assert csv_rows[me]["trained_tokens"] == "12" and csv_rows[me]["versions"] == "0-1"
+    assert csv_rows[me]["first_seen"] == "2023-11-14 22:13:20"
+    by_step = rl("contributions", str(tmp_path), "--steps", "--json")
+    assert by_step.returncode == 0, by_step.stderr
+    assert [(r["step"], r["contributor"], r["trained_tokens"], r["share"]) for r in json.loads(by_step.stdout)] == [
+        (1, me, 6, 0.75), (1, "token:tok2", 2, 0.25), (2, me, 6, 0.75), (2, "token:tok2", 2, 0.25)]  # fmt: skip
+    step_csv = rl("contributions", str(tmp_path), "--steps", "--csv")
+    assert step_csv.returncode == 0 and step_csv.stdout.startswith("step,contributor,kind,trained_samples")
+    step_table = rl("contributions", str(tmp_path), "--steps")
+    assert step_table.returncode == 0 and "per step" in step_table.stdout
     doc = Contributions(contributor=me, run_key=public_id(run_key),
                         receipts=[proofs_for(r, entries, me) for r, entries in steps])  # fmt: skip
     (tmp_path / "mine.json").write_text(doc.model_dump_json())

@@ -114,6 +114,12 @@ def test_the_report_counts_what_was_trained(run):
     assert sum(r["submitted_groups"] for r in rows.values()) >= sum(r["trained_groups"] for r in rows.values()) / 2
     assert all(sum(r[k] for r in rows.values()) > 0 for k in ("scored_groups", "generation_s")), rows
     print({c[:24]: (r["trained_samples"], r["trained_tokens"], f"{r['share']:.2f}") for c, r in rows.items()})
+    steps = rl("contributions", str(run_dir), "--steps", "--json")  # per step, the same totals
+    assert steps.returncode == 0, steps.stderr
+    for contributor, row in rows.items():
+        mine = [r for r in json.loads(steps.stdout) if r["contributor"] == contributor]
+        assert sum(r["trained_samples"] for r in mine) == row["trained_samples"], contributor
+        assert sum(r["masked_samples"] for r in mine) == row["masked_samples"], contributor
     csv = rl("contributions", str(run_dir), "--csv")
     assert csv.returncode == 0 and csv.stdout.splitlines()[0].startswith("contributor,kind,trained_samples")
     table = rl("contributions", str(run_dir))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from helpers.contributions import scored_group
 from helpers.hub import ADMIN, OTHER_WORKER, WORKER, LiveHub, live_config
 from rich.console import Console
 
@@ -19,7 +20,7 @@ from rl.hub.contribution_db import report
 from rl.hub.contributions import ContributionLedger
 from rl.trainer.receipts import step_entries
 from rl.wire.identity import challenge_message, public_id, sign, write_key
-from rl.wire.protocol import HubError, HubStatus, ScoredCompletion, ScoredGroup
+from rl.wire.protocol import HubError, HubStatus
 from rl.wire.receipts import ReceiptEntry, StepReceipt, sign_step, token_digest, verify_contributions
 from rl.wire.tokens import token_id
 
@@ -141,15 +142,8 @@ def test_receipts_go_to_their_contributor_only(hub, keys):
         assert r.status_code == 422 and r.json()["reason"] == "bad_contributor"
 
 
-def group(task_id: int, worker: str, contributor: str, n: int = 2) -> ScoredGroup:
-    comps = [ScoredCompletion(token_ids=[task_id, j + 1], logprobs=[-1.0, -1.0], finish_reason="stop", reward=0.0,
-                              components={}) for j in range(n)]  # fmt: skip
-    return ScoredGroup(task_id=task_id, row_index=0, prompt_token_ids=[1], policy_version=3, worker_id=worker,
-                       worker_name="w", completions=comps, contributor=contributor)  # fmt: skip
-
-
 def test_masked_sequences_get_no_entry_and_are_counted_by_reason():
-    groups = [group(1, "w-a", "token:a"), group(2, "w-b", "token:b"), group(3, "w-c", "")]
+    groups = [scored_group(1, "w-a", "token:a"), scored_group(2, "w-b", "token:b"), scored_group(3, "w-c", "")]
     trained = [True, False, False, False, True, True]
     codes = [0, 1, 2, 2, 0, 0]  # 1: logprob_mismatch, 2: special_token (provenance.REASONS)
     entries, masked = step_entries(groups, trained, codes)
@@ -162,6 +156,7 @@ def test_masked_sequences_get_no_entry_and_are_counted_by_reason():
         ("token:a", 1, {"logprob_mismatch": 1}),
         ("token:b", 2, {"special_token": 2}),  # wholly masked: no entry, so no receipt
     ]
+    assert [m.tokens for m in masked] == [{"logprob_mismatch": 2}, {"special_token": 4}]
 
 
 def test_the_ledger_survives_a_reopen_and_a_step_reported_twice_counts_once(tmp_path, keys):
@@ -177,9 +172,9 @@ def test_the_ledger_survives_a_reopen_and_a_step_reported_twice_counts_once(tmp_
         ledger.db.record_step(report_, 0.0)
     ledger.close()
     reopened = ContributionLedger(db)
-    assert reopened.db.trained_totals() == {alice: (2, 6), "token:t": (2, 6)}
+    assert reopened.db.trained_totals() == {alice: (2, 6, 0), "token:t": (2, 6, 0)}
     reopened.db.record_step(step_report(keys, 2, [entry(alice, 7)]), 0.0)  # resumed at step 1: step 2 again
-    assert reopened.db.trained_totals() == {alice: (2, 6), "token:t": (1, 3)}
+    assert reopened.db.trained_totals() == {alice: (2, 6, 0), "token:t": (1, 3, 0)}
     reopened.close()
     rows = {r["contributor"]: r for r in report(db)}
     assert rows[alice]["trained_samples"] == 2 and rows[alice]["submitted_groups"] == 2
@@ -187,3 +182,25 @@ def test_the_ledger_survives_a_reopen_and_a_step_reported_twice_counts_once(tmp_
     assert rows[alice]["rejected"] == {"bad_length": 1} and rows[alice]["rejected_rate"] == pytest.approx(1 / 3)
     assert rows[alice]["share"] == pytest.approx(2 / 3)
     assert rows[alice]["tokens"] == ["tok"] and rows[alice]["registrations"] == 1
+
+
+def test_quarantined_time_is_counted_once_per_contributor_and_outlives_a_restart(tmp_path, keys):
+    db = tmp_path / "hub.sqlite"
+    alice = public_id(keys["alice_key"])
+    ledger = ContributionLedger(db)
+    ledger.bind("w-1", alice, "tok-a", "a")
+    ledger.bind("w-2", alice, "tok-b", "a")  # one identity under two tokens, both quarantined
+    ledger.bind("w-3", "token:tok-c", "tok-c", "c")
+    ledger.tick({}, 0, 0, now=100.0)  # the first tick only starts the clock
+    ledger.tick({"tok-a": "x", "tok-b": "y"}, 1, 0, now=102.5)
+    ledger.flush()
+    ledger.close()
+    reopened = ContributionLedger(db)  # a restarted hub knows alice's tokens from the database
+    assert reopened.tokens_of[alice] == {"tok-a", "tok-b"}
+    reopened.tick({}, 1, 0, now=200.0)
+    reopened.tick({"tok-b": "y"}, 2, 1, now=201.0)
+    reopened.flush()
+    reopened.close()
+    rows = {r["contributor"]: r for r in report(db)}
+    assert rows[alice]["quarantined_s"] == pytest.approx(3.5) and rows["token:tok-c"]["quarantined_s"] == 0
+    assert rows[alice]["registrations"] == 2

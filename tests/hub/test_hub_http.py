@@ -45,6 +45,8 @@ def state_snapshot(hub) -> dict:
         st.pop(key)
     for w in st["workers"]:
         w.pop("last_seen_s")
+    for row in st["contributors"]:  # like `rejections`: a refusal is counted against its contributor
+        row.pop("counts")
     return st
 
 
