@@ -286,6 +286,8 @@ class PolicyManifest(Wire):
     """The latest full version at or before this one: where a worker without `base_version` starts."""
     bytes_full: int = 0
     """Size of the full version in the rollout dtype (sum of `shards`)."""
+    tensor_sha256: dict[str, str] = Field(default_factory=dict)
+    """sha256 of each tensor its deltas change, as its shard holds it: checked after applying in place."""
 
     def full_shards(self) -> list[PolicyFile]:
         return self.shards or [f for f in self.files if f.name.endswith(".safetensors")]
