@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from rl.weights.files import WeightFileError
+from rl.weights.files import ChangeHashes, WeightFileError
 from rl.wire.protocol import PolicyManifest
 from rollout_workers.client import HubError
 from rollout_workers.engines import Engine
@@ -42,7 +42,7 @@ def load_in_place(engine: Engine, sync: WeightSync, manifest: PolicyManifest, he
         return None
     fetched = time.perf_counter()
     try:
-        engine.apply_delta(deltas, manifest.tensor_sha256)
+        engine.apply_delta(deltas, ChangeHashes(manifest.tensor_sha256, manifest.changes_sha256))
     except Exception as e:  # rolled back: the engine holds `held`, bit for bit
         log.warning("policy v%d: applying its deltas in place failed (%s); loading the full version",
                     manifest.version, e)  # fmt: skip

@@ -419,7 +419,7 @@ class WeightSync:
         whole = [f for f in delta_files(manifest) if f.name.endswith(".safetensors")]
         if manifest.base_version != held or manifest.format not in ("delta", "full") or whole or not files:
             return None
-        if not manifest.tensor_sha256:
+        if not manifest.tensor_sha256 or not manifest.changes_sha256:
             return None
         with self._locked():
             staging = self.cache_dir / f".inplace-v{manifest.version}"

@@ -17,7 +17,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -222,15 +222,24 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor_bytes(tensor.detach().cpu())).hexdigest()
 
 
+@dataclass
+class ChangeHashes:
+    """Per tensor a delta changes: sha256 of the whole new tensor (`tensor_sha256`), and of its changed
+    elements' new bits in index order. A worker applying the delta in place checks one or the other."""
+
+    tensors: dict[str, str] = field(default_factory=dict)
+    changes: dict[str, str] = field(default_factory=dict)
+
+
 def encode_delta(
     old: Iterable[tuple[str, torch.Tensor]],
     new: Iterable[tuple[str, torch.Tensor]],
-    hashes: dict[str, str] | None = None,
+    hashes: ChangeHashes | None = None,
 ) -> tuple[bytes, int]:
     """A compressed delta turning the tensors `old` into `new` (same names and shapes, in order).
 
     Returns the zstd bytes and the number of changed elements; `hashes`, when given, gets the
-    `tensor_sha256` of each changed tensor of `new` (what a worker applying in place checks).
+    hashes of each changed tensor of `new` (what a worker applying in place checks).
     The payload is a header line
     (JSON: per changed tensor its name, count of changes, element size, index width) followed by
     each tensor's index gaps (uint32, or uint64 for tensors of 2^32+ elements) and bit differences.
@@ -252,7 +261,8 @@ def encode_delta(
         diff = new_bits[index] - old_bits[index]  # unsigned: wraps, exactly invertible
         entries.append({"name": name, "count": int(index.size), "wide": wide})
         if hashes is not None:
-            hashes[name] = tensor_sha256(b)
+            hashes.tensors[name] = tensor_sha256(b)
+            hashes.changes[name] = hashlib.sha256(new_bits[index].tobytes()).hexdigest()
         chunks += [gaps.tobytes(), diff.tobytes()]
         changed_total += int(index.size)
     head = json.dumps(entries, separators=(",", ":")).encode() + b"\n"

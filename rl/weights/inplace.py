@@ -2,27 +2,30 @@
 
 The other way to load a delta (apply.py) rebuilds and re-hashes every shard and the engine reloads
 every tensor. Here each changed tensor of `live` (checkpoint name -> the engine's tensor, same
-dtype and layout as the shards) gets its changed elements rewritten in place, then is re-hashed
-and compared with the manifest's `tensor_sha256`; the tensors the delta leaves alone were verified
-with the version before. Any failure (a delta that does not fit, a hash that differs, a fault)
-puts the old bits of every element changed so far back before it raises: the engine holds the
-previous version or the new one, never a mix. $SCATTER_RL_FAULT_INPLACE_AFTER=k raises after k
-tensors (the fault the tests inject; unset in a real run).
+dtype and layout as the shards) gets its changed elements rewritten in place; then its changed
+elements (or, `verify="tensors"`, the whole tensor) are re-hashed and compared with the manifest's
+`changes_sha256` (`tensor_sha256`); what the delta leaves alone was checked with the version
+before. Any failure (a delta that does not fit, a hash that differs, a fault) puts the old bits
+of every element changed so far back before it raises: the engine holds the previous version or
+the new one, never a mix. $SCATTER_RL_FAULT_INPLACE_AFTER=k raises after k tensors (the fault
+the tests inject; unset in a real run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from rl.weights.files import WeightFileError, delta_changes, open_delta, tensor_sha256, unsigned_bits
+from rl.weights.files import ChangeHashes, WeightFileError, delta_changes, open_delta, tensor_sha256, unsigned_bits
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +58,22 @@ class _Undo:
     old: torch.Tensor
 
 
+Verify = Literal["changes", "tensors"]
+"""What is re-hashed after applying: each changed tensor's changed elements (O(changes); the others
+were checked with the version before), or each changed tensor whole (O(model) when every tensor moves)."""
+
+
 def apply_in_place(
-    live: Mapping[str, torch.Tensor],
-    deltas: list[bytes],
-    expected: Mapping[str, str],
+    live: Mapping[str, torch.Tensor], deltas: list[bytes], expected: ChangeHashes, verify: Verify = "changes"
 ) -> Applied:
     """Apply `deltas` (a version's `<shard>.delta.zst` files, their sha256 checked already) to `live`,
-    then check every changed tensor against `expected` (the manifest's `tensor_sha256`). Raises
-    `WeightFileError` (or the fault) with every element of `live` back at its old bits."""
+    then check every changed tensor against `expected` (the manifest's hashes, as `verify` says).
+    Raises `WeightFileError` (or the fault) with every element of `live` back at its old bits."""
     start = time.perf_counter()
     fault = os.environ.get(FAULT_ENV)
+    want = expected.changes if verify == "changes" else expected.tensors
     undo: list[_Undo] = []
-    changed: dict[str, torch.Tensor] = {}
+    changed: dict[str, _Undo] = {}
     storages: set[int] = set()  # tied weights (one tensor under two names) change once
     try:
         for delta in deltas:
@@ -76,19 +83,22 @@ def apply_in_place(
                 tensor = live.get(name)
                 if tensor is None:
                     raise WeightFileError(f"the delta changes {name}, which the engine does not hold")
-                if name not in expected:
-                    raise WeightFileError(f"the manifest has no sha256 for {name} (a hub without per-tensor hashes)")
-                pos = _apply_one(name, entry, body, pos, tensor, undo if tensor.data_ptr() not in storages else None)
+                if name not in want:
+                    raise WeightFileError(f"the manifest has no {verify} sha256 for {name}")
+                first = tensor.data_ptr() not in storages
                 storages.add(tensor.data_ptr())
-                changed[name] = tensor
+                changed[name], pos = _apply_one(name, entry, body, pos, tensor, write=first)
+                if first:
+                    undo.append(changed[name])
                 if fault is not None and len(changed) >= int(fault):
                     raise InjectedFault(f"{FAULT_ENV}={fault}: failing after {len(changed)} tensor(s)")
             if pos != len(body):
                 raise WeightFileError("the delta is longer than its tensors' changes")
         hashed = time.perf_counter()
+        digest = _changes_sha256 if verify == "changes" else lambda step: tensor_sha256(step.bits)
         with ThreadPoolExecutor(HASH_THREADS) as pool:
-            digests = dict(zip(changed, pool.map(tensor_sha256, changed.values()), strict=True))
-        if bad := [n for n, d in digests.items() if d != expected[n]]:
+            digests = dict(zip(changed, pool.map(digest, changed.values()), strict=True))
+        if bad := [n for n, d in digests.items() if d != want[n]]:
             raise WeightFileError(f"{len(bad)} tensor(s) differ from the manifest after applying in place: {bad[:3]}")
     except BaseException:
         _roll_back(undo)
@@ -97,25 +107,28 @@ def apply_in_place(
     return Applied(len(changed), sum(int(u.index.numel()) for u in undo), now - start, now - hashed)
 
 
-def _apply_one(name: str, entry: dict, body: bytes, pos: int, tensor: torch.Tensor, undo: list[_Undo] | None) -> int:
-    """Rewrite the changed elements of `tensor` in place (its old bits onto `undo`; None: a tied tensor
-    changed already, only read past); returns the body position after its changes."""
+def _apply_one(name: str, entry: dict, body: bytes, pos: int, tensor: torch.Tensor, write: bool) -> tuple[_Undo, int]:
+    """Rewrite the changed elements of `tensor` in place (`write` False: a tied tensor changed already,
+    only read past); returns what undoes it and the body position after its changes."""
     if not tensor.is_contiguous():
         raise WeightFileError(f"{name}: the engine's tensor is not contiguous (cannot be updated in place)")
     size = tensor.element_size()
     bits = tensor.detach().view(-1).view(_SIGNED[size])
     unsigned = np.dtype(unsigned_bits(size))
     index, diff, pos = delta_changes(name, entry, body, pos, unsigned, bits.numel())
-    if undo is None:
-        return pos
     where = torch.from_numpy(index).to(bits.device)
     with torch.no_grad():
         old = bits[where]
-        undo.append(_Undo(bits, where, old))
-        old_bits = old.cpu().numpy()
-        new = old_bits.view(unsigned) + diff  # unsigned: wraps, as the encoder's difference did
-        bits[where] = torch.from_numpy(new.view(old_bits.dtype)).to(bits.device)
-    return pos
+        if write:
+            old_bits = old.cpu().numpy()
+            new = old_bits.view(unsigned) + diff  # unsigned: wraps, as the encoder's difference did
+            bits[where] = torch.from_numpy(new.view(old_bits.dtype)).to(bits.device)
+    return _Undo(bits, where, old), pos
+
+
+def _changes_sha256(step: _Undo) -> str:
+    """sha256 of the changed elements' bits now, in index order (what `ChangeHashes.changes` records)."""
+    return hashlib.sha256(step.bits[step.index].cpu().numpy().tobytes()).hexdigest()
 
 
 def _roll_back(undo: list[_Undo]) -> None:

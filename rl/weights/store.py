@@ -28,6 +28,7 @@ import torch
 from rl.models import atomic_dir, sha256_file
 from rl.weights.files import (
     INDEX_FILE,
+    ChangeHashes,
     ShardSpec,
     TensorSpec,
     encode_delta,
@@ -132,7 +133,7 @@ class PolicyWriter:
         keyframe = self.fmt == "full" or self.previous is None or self.since_keyframe + 1 >= self.keyframe_every
         index = index_json(self.shards)
         changed: list[int] = []
-        hashes: dict[str, str] = {}
+        hashes = ChangeHashes()
 
         def fill(tmp: Path) -> None:
             with_deltas = self.fmt == "delta" and self.previous is not None
@@ -155,7 +156,8 @@ class PolicyWriter:
                 base_version=self.previous.version if with_deltas else None,
                 keyframe_version=version if keyframe else self.previous.keyframe_version,
                 bytes_full=sum(f.size for f in shard_files),
-                tensor_sha256=hashes,
+                tensor_sha256=hashes.tensors,
+                changes_sha256=hashes.changes,
             )
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=1))
 
@@ -175,11 +177,11 @@ class PolicyWriter:
         )
 
     def _deltas(
-        self, shard_dir: Path, shards: list[PolicyFile], tmp: Path, changed: list[int], hashes: dict[str, str]
+        self, shard_dir: Path, shards: list[PolicyFile], tmp: Path, changed: list[int], hashes: ChangeHashes
     ) -> list[PolicyFile]:
         """Into `tmp`: per shard that changed since the previous version, its delta, or (a dense change)
         a link to the shard itself. Returns their entries; `changed` gets the changed element counts,
-        `hashes` the sha256 of each changed tensor."""
+        `hashes` the sha256s of each changed tensor."""
         out = []
         current = self.policy_dir / CURRENT
         for spec, new, old in zip(self.shards, shards, self.previous.full_shards(), strict=True):

@@ -39,7 +39,8 @@ from rl.sampling import SamplingRule
 from rl.wire.protocol import Completion, SamplingParamsWire
 
 if TYPE_CHECKING:
-    from rl.weights.inplace import Applied
+    from rl.weights.files import ChangeHashes
+    from rl.weights.inplace import Applied, Verify
 
 __all__ = ["Completion", "Engine", "EngineKind", "EngineSpec", "make_engine", "sampling_rule"]
 
@@ -145,10 +146,10 @@ class Engine(ABC):
         """Replace the weights in place from the safetensors shards of a full version (same architecture).
         Needs an idle engine: the caller finishes (or aborts) what is in flight first."""
 
-    def apply_delta(self, deltas: list[bytes], tensor_sha256: dict[str, str]) -> Applied:
+    def apply_delta(self, deltas: list[bytes], hashes: ChangeHashes, verify: Verify = "changes") -> Applied:
         """Apply a delta version's files (sha256-checked `<shard>.delta.zst`) to the live weights in place,
-        all or nothing (rl/weights/inplace.py: raises with the old weights intact). Only where
-        `applies_deltas`; needs an idle engine, like `load_weights`."""
+        all or nothing, checked against the manifest's `hashes` (rl/weights/inplace.py: raises with the
+        old weights intact). Only where `applies_deltas`; needs an idle engine, like `load_weights`."""
         raise NotImplementedError(f"the {self.name} engine loads full versions only")
 
     def close(self) -> None:  # noqa: B027 - optional hook

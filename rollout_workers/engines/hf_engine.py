@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from rl.sampling import SamplingRule, draws, seed_tensor, uniforms
-from rl.weights.inplace import Applied
+from rl.weights.files import ChangeHashes
+from rl.weights.inplace import Applied, Verify
 from rl.wire.protocol import Completion, SamplingParamsWire
 from rollout_workers.engines import Engine, EngineSpec, sampling_rule
 
@@ -154,13 +155,13 @@ class HFEngine(Engine):
             self.model.tie_weights()
         log.info("reloaded %d shard(s) in %.2f s", len(shards), time.perf_counter() - start)
 
-    def apply_delta(self, deltas: list[bytes], tensor_sha256: dict[str, str]) -> Applied:
+    def apply_delta(self, deltas: list[bytes], hashes: ChangeHashes, verify: Verify = "changes") -> Applied:
         from rl.weights.inplace import apply_in_place
 
         if self.queue:
             raise RuntimeError(f"apply_delta() needs an idle engine; {len(self.queue)} prompt(s) queued")
         # state_dict(): checkpoint names -> tensors sharing the parameters' storage (tied ones once per name)
-        applied = apply_in_place(self.model.state_dict(), deltas, tensor_sha256)
+        applied = apply_in_place(self.model.state_dict(), deltas, hashes, verify)
         log.info("applied %d changed element(s) of %d tensor(s) in place in %.2f s (%.2f s hashing)",
                  applied.elements, applied.tensors, applied.seconds, applied.hash_seconds)  # fmt: skip
         return applied

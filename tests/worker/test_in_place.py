@@ -20,7 +20,7 @@ from helpers.policy import make_sharded_store, sparse_steps
 
 from rl.rundir import RunDir
 from rl.weights.apply import delta_files
-from rl.weights.files import WeightFileError
+from rl.weights.files import ChangeHashes, WeightFileError
 from rl.weights.inplace import FAULT_ENV, InjectedFault
 from rl.weights.store import MANIFEST, read_manifest, version_dir
 from rollout_workers.client import HubClient
@@ -34,10 +34,12 @@ VERSIONS = 4
 
 @pytest.fixture(scope="module")
 def stores(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """The same versions (sparse bf16 updates) as a `full` and a `delta` run, in 3 shards."""
+    """The same versions (sparse bf16 updates) as a `full` and a `delta` run, in 3 shards. The last one
+    changes the first decoder layer only (vLLM then reloads that layer and keeps the others)."""
     from safetensors.torch import load_file
 
     states = sparse_steps(load_file(str(tiny_model_dir / "model.safetensors")), steps=VERSIONS - 1)
+    states[-1] = {k: t if k.startswith("model.layers.0.") else states[-2][k] for k, t in states[-1].items()}
     shard_bytes = sum(t.numel() * 2 for t in states[0].values()) // 3
     out = {}
     for fmt in ("full", "delta"):
@@ -60,10 +62,11 @@ def engine_at(stores, version: int, tmp: Path) -> HFEngine:
     return HFEngine(EngineSpec(kind="hf"), directory, max_model_len=64, dtype="bfloat16")
 
 
-def deltas_of(store: Path, version: int) -> tuple[list[bytes], dict[str, str]]:
+def deltas_of(store: Path, version: int) -> tuple[list[bytes], ChangeHashes]:
     manifest = read_manifest(store, version)
     files = [f for f in delta_files(manifest) if f.name.endswith(".delta.zst")]
-    return [(version_dir(store, version) / f.name).read_bytes() for f in files], manifest.tensor_sha256
+    hashes = ChangeHashes(manifest.tensor_sha256, manifest.changes_sha256)
+    return [(version_dir(store, version) / f.name).read_bytes() for f in files], hashes
 
 
 def bits(engine: HFEngine) -> dict[str, torch.Tensor]:
@@ -90,15 +93,18 @@ def reference(stores, tmp_path_factory) -> list[dict[str, torch.Tensor]]:
 def test_manifest_has_hashes_of_the_changed_tensors(stores):
     for v in range(1, VERSIONS):
         manifest = read_manifest(stores["delta"], v)
-        assert manifest.format == "delta" and manifest.tensor_sha256
+        assert manifest.format == "delta" and manifest.tensor_sha256.keys() == manifest.changes_sha256.keys() != set()
+        if v == VERSIONS - 1:
+            assert all(name.startswith("model.layers.0.") for name in manifest.changes_sha256)
         assert not read_manifest(stores["full"], v).tensor_sha256  # a full run ships no deltas
 
 
-def test_in_place_apply_equals_full_load_bit_for_bit(stores, reference, tmp_path):
+@pytest.mark.parametrize("verify", ["changes", "tensors"])
+def test_in_place_apply_equals_full_load_bit_for_bit(stores, reference, tmp_path, verify):
     engine = engine_at(stores, 0, tmp_path)
     assert_same_bits(bits(engine), reference[0], "v0 loaded")
     for v in range(1, VERSIONS):
-        applied = engine.apply_delta(*deltas_of(stores["delta"], v))
+        applied = engine.apply_delta(*deltas_of(stores["delta"], v), verify=verify)
         assert applied.tensors > 0 and applied.elements > 0
         assert_same_bits(bits(engine), reference[v], f"v{v} applied in place")
 
@@ -107,7 +113,7 @@ def test_fault_midway_leaves_the_previous_version(stores, reference, tmp_path, m
     """Raising after 1, about half, and all of the changed tensors (before the hash check): v0, bit for bit."""
     engine = engine_at(stores, 0, tmp_path)
     deltas, hashes = deltas_of(stores["delta"], 1)
-    for after in (1, len(hashes) // 2, len(hashes)):
+    for after in (1, len(hashes.changes) // 2, len(hashes.changes)):
         monkeypatch.setenv(FAULT_ENV, str(after))
         with pytest.raises(InjectedFault):
             engine.apply_delta(deltas, hashes)
@@ -120,10 +126,12 @@ def test_fault_midway_leaves_the_previous_version(stores, reference, tmp_path, m
 def test_wrong_hash_or_wrong_base_is_rolled_back(stores, reference, tmp_path):
     engine = engine_at(stores, 0, tmp_path)
     deltas, hashes = deltas_of(stores["delta"], 1)
-    name = next(iter(hashes))
-    with pytest.raises(WeightFileError, match="differ from the manifest"):
-        engine.apply_delta(deltas, {**hashes, name: "0" * 64})
-    assert_same_bits(bits(engine), reference[0], "wrong hash")
+    name = next(iter(hashes.changes))
+    for verify in ("changes", "tensors"):
+        wrong = ChangeHashes({**hashes.tensors, name: "0" * 64}, {**hashes.changes, name: "0" * 64})
+        with pytest.raises(WeightFileError, match="differ from the manifest"):
+            engine.apply_delta(deltas, wrong, verify=verify)
+        assert_same_bits(bits(engine), reference[0], f"wrong {verify} hash")
     with pytest.raises(WeightFileError, match="differ from the manifest"):
         engine.apply_delta(*deltas_of(stores["delta"], 2))  # v2's deltas start from v1, the engine holds v0
     assert_same_bits(bits(engine), reference[0], "wrong base")
@@ -160,4 +168,44 @@ def test_worker_applies_downloaded_deltas_or_falls_back(stores, reference, delta
     assert gets and all(p.endswith(".delta.zst") for p in gets), "only delta files are downloaded"
     assert not list(sync.cache_dir.glob(".inplace-*")), "the staging directory is removed"
     with contextlib.suppress(Exception):
+        engine.close()
+
+
+# --------------------------------------------------------------------------- vLLM (its reload path, slow)
+
+
+def greedy_logprobs(engine, prompts: list[list[int]]) -> list[list[float]]:
+    from rl.wire.protocol import SamplingParamsWire
+
+    sampling = SamplingParamsWire(n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=12)
+    return [c[0].logprobs for c in engine.generate(prompts, sampling)]
+
+
+@pytest.mark.slow
+def test_vllm_in_place_equals_full_load_and_faults_roll_back(stores, tmp_path, monkeypatch):
+    """vLLM keeps kernel-form weights: an in-place apply must give the logprobs of a full load of the same
+    version exactly, and a fault midway the previous version's exactly."""
+    from rollout_workers.engines import make_engine
+
+    prompts = [[5, 17, 42, 99, 7], [3, 3, 8, 120, 64, 11]]
+    full = lambda v: sorted(version_dir(stores["full"], v).glob("*.safetensors"))  # noqa: E731
+    directory = model_dir(stores["full"], 0, tmp_path / "v0")
+    engine = make_engine(EngineSpec(kind="vllm"), directory, max_model_len=64, dtype="bfloat16")
+    try:
+        expected = []
+        for v in range(VERSIONS):
+            engine.load_weights(full(v))
+            expected.append(greedy_logprobs(engine, prompts))
+        assert expected[0] != expected[-1], "the versions must differ for this test to mean anything"
+        engine.load_weights(full(0))
+        for v in range(1, VERSIONS):
+            deltas, hashes = deltas_of(stores["delta"], v)
+            monkeypatch.setenv(FAULT_ENV, str(len(hashes.changes) // 2))
+            with pytest.raises(Exception, match=FAULT_ENV):
+                engine.apply_delta(deltas, hashes)
+            assert greedy_logprobs(engine, prompts) == expected[v - 1], f"fault applying v{v}: not v{v - 1}"
+            monkeypatch.delenv(FAULT_ENV)
+            engine.apply_delta(deltas, hashes)
+            assert greedy_logprobs(engine, prompts) == expected[v], f"v{v} in place differs from its full load"
+    finally:
         engine.close()
