@@ -7,10 +7,13 @@ for both and not timed):
   in place  `Engine.apply_delta`: only the changed elements rewritten in the live tensors, then checked
             against the manifest (rl/weights/inplace.py): their changed elements re-hashed (`changes`,
             the worker's default), or each changed tensor whole (`tensors`)
-The two are interleaved `--repeats` times (the order alternating); between runs the engine goes back
-to v0 (untimed). Deviation from a run: v1 is synthetic, `--fraction` of each tensor's elements moved by
-one bf16 ulp (an RL step changes ~1.4% of the elements, docs/benchmarks.md), written by the real
-PolicyWriter as a delta version.
+The methods are interleaved `--repeats` times (each first once in three); before each the engine goes
+back to v0 (untimed): a full load of v0 for `full`; for in place, a full load of v0, then v1 and v2 (= v0
+again, a delta from v1) applied in place, so the timed apply finds what a worker following deltas has
+(vLLM: the host copy of the checkpoint tensors, built by the first apply after a full load).
+Deviation from a run: v1 is synthetic, `--fraction` of each tensor's elements moved by one bf16 ulp
+(an RL step changes ~1.4% of the elements, docs/benchmarks.md), written by the real PolicyWriter
+as a delta version.
 
     .venv/bin/python scripts/bench_weight_apply.py [--model smollm2-135m-instruct] [--engine hf|vllm]
 """
@@ -34,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from rl.models import resolve_model  # noqa: E402
 from rl.weights.apply import delta_files, rebuild_from_deltas  # noqa: E402
 from rl.weights.files import ChangeHashes, TensorSpec  # noqa: E402
-from rl.weights.store import MANIFEST, PolicyWriter, read_manifest, version_dir, write_base  # noqa: E402
+from rl.weights.store import PolicyWriter, export_version, read_manifest, version_dir, write_base  # noqa: E402
 from rollout_workers.engines import EngineSpec, make_engine  # noqa: E402
 
 
@@ -51,7 +54,7 @@ def one_ulp_steps(state: dict[str, torch.Tensor], fraction: float, seed: int = 0
 
 
 def write_versions(model_dir: Path, policy: Path, fraction: float, shard_mb: float) -> float:
-    """v0 (the model in bf16) and v1 (a delta) under `policy`; returns v1's changed fraction."""
+    """v0 (the model in bf16), v1 (a delta) and v2 (v0 again) under `policy`; returns v1's changed fraction."""
     from safetensors.torch import load_file
 
     state = {k: v.to(torch.bfloat16) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
@@ -59,15 +62,9 @@ def write_versions(model_dir: Path, policy: Path, fraction: float, shard_mb: flo
     layout = [TensorSpec(k, tuple(t.shape), torch.bfloat16) for k, t in state.items()]
     writer = PolicyWriter(policy, layout, shard_bytes=int(shard_mb * 2**20), fmt="delta")
     writer.write(0, state.items())
-    return writer.write(1, one_ulp_steps(state, fraction).items()).changed_fraction
-
-
-def hf_dir(policy: Path, version: int, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    for src in [*(policy / "base").iterdir(), *version_dir(policy, version).iterdir()]:
-        if src.name != MANIFEST:
-            shutil.copy(src, into / src.name)
-    return into
+    changed = writer.write(1, one_ulp_steps(state, fraction).items()).changed_fraction
+    writer.write(2, state.items())
+    return changed
 
 
 def full_load(engine, policy: Path, v0: Path, work: Path) -> dict[str, float]:
@@ -84,10 +81,16 @@ def full_load(engine, policy: Path, v0: Path, work: Path) -> dict[str, float]:
     return {"rebuild_s": rebuilt - start, "reload_s": end - rebuilt, "total_s": end - start}
 
 
+def delta_of(policy: Path, version: int) -> tuple[list[bytes], ChangeHashes]:
+    manifest = read_manifest(policy, version)
+    deltas = [(version_dir(policy, version) / f.name).read_bytes() for f in delta_files(manifest)]
+    return deltas, ChangeHashes(manifest.tensor_sha256, manifest.changes_sha256)
+
+
 def in_place(engine, policy: Path, verify: str) -> dict[str, float]:
-    manifest = read_manifest(policy, 1)
-    deltas = [(version_dir(policy, 1) / f.name).read_bytes() for f in delta_files(manifest)]
-    hashes = ChangeHashes(manifest.tensor_sha256, manifest.changes_sha256)
+    engine.apply_delta(*delta_of(policy, 1))  # what a worker following deltas holds (not timed)
+    engine.apply_delta(*delta_of(policy, 2))
+    deltas, hashes = delta_of(policy, 1)
     start = time.perf_counter()
     applied = engine.apply_delta(deltas, hashes, verify=verify)
     return {"total_s": time.perf_counter() - start, "hash_s": applied.hash_seconds, "elements": applied.elements}
@@ -107,7 +110,7 @@ def main() -> None:
         tmp = Path(tmp)
         policy = tmp / "policy"
         changed = write_versions(model_dir, policy, args.fraction, args.shard_mb)
-        v0 = hf_dir(policy, 0, tmp / "v0")
+        v0 = export_version(policy, 0, tmp / "v0")
         shards_v0 = [v0 / f.name for f in read_manifest(policy, 0).full_shards()]
         engine = make_engine(EngineSpec(kind=args.engine), v0, max_model_len=512, dtype="bfloat16")
         rows = []

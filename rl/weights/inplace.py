@@ -54,8 +54,8 @@ class Applied:
 class _Undo:
     bits: torch.Tensor
     """The live tensor's flat integer view."""
-    index: torch.Tensor
-    old: torch.Tensor
+    index: np.ndarray
+    old: np.ndarray
 
 
 Verify = Literal["changes", "tensors"]
@@ -104,7 +104,7 @@ def apply_in_place(
         _roll_back(undo)
         raise
     now = time.perf_counter()
-    return Applied(len(changed), sum(int(u.index.numel()) for u in undo), now - start, now - hashed)
+    return Applied(len(changed), sum(int(u.index.size) for u in undo), now - start, now - hashed)
 
 
 def _apply_one(name: str, entry: dict, body: bytes, pos: int, tensor: torch.Tensor, write: bool) -> tuple[_Undo, int]:
@@ -116,24 +116,33 @@ def _apply_one(name: str, entry: dict, body: bytes, pos: int, tensor: torch.Tens
     bits = tensor.detach().view(-1).view(_SIGNED[size])
     unsigned = np.dtype(unsigned_bits(size))
     index, diff, pos = delta_changes(name, entry, body, pos, unsigned, bits.numel())
-    where = torch.from_numpy(index).to(bits.device)
-    with torch.no_grad():
-        old = bits[where]
-        if write:
-            old_bits = old.cpu().numpy()
-            new = old_bits.view(unsigned) + diff  # unsigned: wraps, as the encoder's difference did
-            bits[where] = torch.from_numpy(new.view(old_bits.dtype)).to(bits.device)
-    return _Undo(bits, where, old), pos
+    old = _gather(bits, index)
+    if write:
+        _scatter(bits, index, (old.view(unsigned) + diff).view(old.dtype))  # unsigned: wraps, like the encoder
+    return _Undo(bits, index, old), pos
+
+
+def _gather(bits: torch.Tensor, index: np.ndarray) -> np.ndarray:
+    if bits.device.type == "cpu":
+        return bits.numpy()[index]  # numpy shares the tensor's memory
+    return bits[torch.from_numpy(index).to(bits.device)].cpu().numpy()
+
+
+def _scatter(bits: torch.Tensor, index: np.ndarray, values: np.ndarray) -> None:
+    if bits.device.type == "cpu":
+        bits.numpy()[index] = values
+    else:
+        bits[torch.from_numpy(index).to(bits.device)] = torch.from_numpy(values).to(bits.device)
 
 
 def _changes_sha256(step: _Undo) -> str:
     """sha256 of the changed elements' bits now, in index order (what `ChangeHashes.changes` records)."""
-    return hashlib.sha256(step.bits[step.index].cpu().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(_gather(step.bits, step.index).tobytes()).hexdigest()
 
 
 def _roll_back(undo: list[_Undo]) -> None:
     with torch.no_grad():
         for step in reversed(undo):
-            step.bits[step.index] = step.old
+            _scatter(step.bits, step.index, step.old)
     if undo:
         log.warning("in-place apply failed: rolled back the %d tensor(s) changed so far", len(undo))

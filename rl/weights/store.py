@@ -249,6 +249,15 @@ def read_manifest(policy_dir: Path, version: int) -> PolicyManifest:
     return manifest
 
 
+def export_version(policy_dir: Path, version: int, into: Path) -> Path:
+    """A full version of `policy_dir` copied out as a normal HF directory (base files and shards) in `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for src in [*(Path(policy_dir) / BASE).iterdir(), *version_dir(policy_dir, version).iterdir()]:
+        if src.is_file() and src.name != MANIFEST:
+            shutil.copy(src, into / src.name)
+    return into
+
+
 def version_numbers(directory: Path) -> list[int]:
     """The versions that have a `v<N>/` directory under `directory` (a policy dir, or a copy of one), ascending."""
     return sorted(int(p.name[1:]) for p in Path(directory).glob("v*") if p.is_dir() and p.name[1:].isdigit())

@@ -9,7 +9,6 @@ served by the real hub for the worker's half.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +21,11 @@ from rl.rundir import RunDir
 from rl.weights.apply import delta_files
 from rl.weights.files import ChangeHashes, WeightFileError
 from rl.weights.inplace import FAULT_ENV, InjectedFault
-from rl.weights.store import MANIFEST, read_manifest, version_dir
+from rl.weights.store import export_version, read_manifest, version_dir
 from rollout_workers.client import HubClient
 from rollout_workers.engines import EngineSpec
 from rollout_workers.engines.hf_engine import HFEngine
-from rollout_workers.in_place import load_in_place
+from rollout_workers.in_place import DeltaPrefetch, load_in_place
 from rollout_workers.weight_sync import WeightSync
 
 VERSIONS = 4
@@ -48,17 +47,8 @@ def stores(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def model_dir(policy: Path, version: int, into: Path) -> Path:
-    """A full version of `policy` as an HF directory (what a worker's cache holds)."""
-    into.mkdir(parents=True, exist_ok=True)
-    for src in [*(policy / "base").iterdir(), *version_dir(policy, version).iterdir()]:
-        if src.name != MANIFEST:
-            shutil.copy(src, into / src.name)
-    return into
-
-
 def engine_at(stores, version: int, tmp: Path) -> HFEngine:
-    directory = model_dir(stores["full"], version, tmp / f"full-v{version}")
+    directory = export_version(stores["full"], version, tmp / f"full-v{version}")
     return HFEngine(EngineSpec(kind="hf"), directory, max_model_len=64, dtype="bfloat16")
 
 
@@ -189,7 +179,7 @@ def test_vllm_in_place_equals_full_load_and_faults_roll_back(stores, tmp_path, m
 
     prompts = [[5, 17, 42, 99, 7], [3, 3, 8, 120, 64, 11]]
     full = lambda v: sorted(version_dir(stores["full"], v).glob("*.safetensors"))  # noqa: E731
-    directory = model_dir(stores["full"], 0, tmp_path / "v0")
+    directory = export_version(stores["full"], 0, tmp_path / "v0")
     engine = make_engine(EngineSpec(kind="vllm"), directory, max_model_len=64, dtype="bfloat16")
     try:
         expected = []
@@ -209,3 +199,51 @@ def test_vllm_in_place_equals_full_load_and_faults_roll_back(stores, tmp_path, m
             assert greedy_logprobs(engine, prompts) == expected[v], f"v{v} in place differs from its full load"
     finally:
         engine.close()
+
+
+def test_prefetched_deltas_are_used_for_their_version_only(stores, reference, delta_hub, tmp_path):
+    engine = engine_at(stores, 0, tmp_path)
+    sync = WeightSync(delta_hub.client, tmp_path / "cache")
+    prefetch = DeltaPrefetch(sync, lambda: read_manifest(stores["delta"], 1))
+    prefetch.start(held=0)
+    assert prefetch.take(version=2, held=0) is None  # another version: not used (and dropped)
+    prefetch.start(held=0)
+    deltas = prefetch.take(version=1, held=0)
+    assert deltas == deltas_of(stores["delta"], 1)[0]
+    since = len(delta_hub.proxy.exchanges)
+    assert load_in_place(engine, sync, read_manifest(stores["delta"], 1), held=0, deltas=deltas) is not None
+    assert not [e for e in delta_hub.proxy.exchanges[since:] if "/files/" in e.path], "nothing downloaded again"
+    assert_same_bits(bits(engine), reference[1], "v1 from prefetched deltas")
+
+
+LOCKSTEP = {"trainer": {"prompts_per_step": 2, "micro_batch_size": 4}, "async": {"max_staleness": 0}}
+
+
+def test_worker_follows_a_delta_run_in_place(tiny_model_dir, tmp_path):
+    """A worker (hf engine) at v0 gets delta v1 in place: no shard downloaded or rebuilt, and its v1
+    completions carry v1's logprobs (the real hub, the trainer's side played by the test)."""
+    from helpers.worker import accepted, check_logprobs, start_worker
+    from safetensors.torch import load_file
+
+    from rl.weights.files import TensorSpec
+    from rl.weights.store import PolicyWriter, write_base
+
+    states = sparse_steps(load_file(str(tiny_model_dir / "model.safetensors")), steps=1)
+    policy = RunDir(tmp_path / "run").policy
+    write_base(policy, tiny_model_dir)
+    layout = [TensorSpec(k, tuple(t.shape), torch.float32) for k, t in states[0].items()]
+    writer = PolicyWriter(policy, layout, shard_bytes=2**62, fmt="delta")
+    writer.write(0, states[0].items())
+    with LiveHub(live_config(tmp_path / "run", tiny_model_dir, **LOCKSTEP)) as hub, hub.admin() as trainer:
+        thread, result = start_worker(hub.url, tmp_path, max_prompts=4, prompts_per_lease=2)
+        assert [g.policy_version for g in trainer.pull(2, step=0, timeout_s=120).groups] == [0, 0]
+        writer.write(1, states[1].items())
+        trainer.publish(1)
+        thread.join(timeout=120)
+    assert result["rc"] == 0
+    subs = accepted(hub)
+    assert [s.policy_version for s in subs] == [0, 1]
+    check_logprobs(tiny_model_dir, states[1], hub, subs[1:])
+    v1_files = [e.path for e in hub.proxy.exchanges if e.path.startswith("/v1/policy/1/files/")]
+    assert v1_files and all(p.endswith(".delta.zst") for p in v1_files)
+    assert not (tmp_path / "cache" / "v1").exists(), "applied in place: no v1 rebuilt in the cache"
