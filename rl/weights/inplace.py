@@ -95,9 +95,12 @@ def apply_in_place(
             if pos != len(body):
                 raise WeightFileError("the delta is longer than its tensors' changes")
         hashed = time.perf_counter()
-        digest = _changes_sha256 if verify == "changes" else lambda step: tensor_sha256(step.bits)
-        with ThreadPoolExecutor(HASH_THREADS) as pool:
-            digests = dict(zip(changed, pool.map(digest, changed.values()), strict=True))
+        if verify == "changes":  # a few MB: threads would cost more than they save
+            digests = {name: _changes_sha256(step) for name, step in changed.items()}
+        else:
+            with ThreadPoolExecutor(HASH_THREADS) as pool:
+                whole = pool.map(lambda step: tensor_sha256(step.bits), changed.values())
+                digests = dict(zip(changed, whole, strict=True))
         if bad := [n for n, d in digests.items() if d != want[n]]:
             raise WeightFileError(f"{len(bad)} tensor(s) differ from the manifest after applying in place: {bad[:3]}")
     except BaseException:
