@@ -38,7 +38,7 @@ from rl.weights.apply import (
     merge_lora,
     rebuild_from_deltas,
 )
-from rl.weights.files import WeightFileError
+from rl.weights.files import DELTA_SUFFIX, WeightFileError
 from rl.weights.store import BASE, version_dir, version_numbers
 from rl.wire.protocol import PolicyFile, PolicyManifest
 from rl.wire.waits import process_state
@@ -410,6 +410,25 @@ class WeightSync:
             _safe_name(entry.name)
         rebuild_from_deltas(manifest, base_manifest, base.model_dir, vdir)
         self._complete(manifest, vdir)
+
+    def fetch_deltas(self, manifest: PolicyManifest, held: int) -> list[bytes] | None:
+        """The delta files (sha256-checked, in memory) that turn version `held` into `manifest`'s, for an
+        engine that applies them in place; None when they cannot: `manifest` does not start from `held`,
+        ships a shard whole (a dense change) or has no per-tensor hashes. The cache is left as it is."""
+        files = [f for f in delta_files(manifest) if f.name.endswith(DELTA_SUFFIX)]
+        whole = [f for f in delta_files(manifest) if f.name.endswith(".safetensors")]
+        if manifest.base_version != held or manifest.format not in ("delta", "full") or whole or not files:
+            return None
+        if not manifest.tensor_sha256 or not manifest.changes_sha256:
+            return None
+        with self._locked():
+            staging = self.cache_dir / f".inplace-v{manifest.version}"
+            staging.mkdir(exist_ok=True)
+            try:
+                self._download_files(manifest, staging, files)
+                return [(staging / f.name).read_bytes() for f in files]
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def _fetch_lora(self, manifest: PolicyManifest) -> LocalPolicy:
         """A `lora` version: its full base version (cached after the first time), the adapters (a few MB,

@@ -40,6 +40,7 @@ from rl.wire.protocol import (
 from rl.wire.waits import pending, stall_counts
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable
 from rollout_workers.engines import Engine, EngineSpec, make_engine
+from rollout_workers.in_place import DeltaPrefetch, load_in_place
 from rollout_workers.weight_sync import WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Worker:
         self.prompts_per_lease = prompts_per_lease
         self.max_inflight_prompts = max_inflight_prompts
         self.sync = WeightSync(client, cache_dir, weights_url=weights_url, base_model=base_model)
+        self.prefetch = DeltaPrefetch(self.sync, client.policy)
         self.engine: Engine | None = None
         self.engine_shape: tuple[int, str] | None = None
         self.loaded_version = -1
@@ -238,6 +240,7 @@ class Worker:
             if update and self.busy and draining != self.target_version:
                 draining = self.target_version
                 log.info("policy v%d announced: finishing %d prompt(s) in flight first", draining, self.engine.pending)
+                self.prefetch.start(self.loaded_version)
             if update and not self.busy:
                 self._update_policy()
                 with self._count:
@@ -347,6 +350,11 @@ class Worker:
                 self._wait(0.5)
             return
         self.target_version = manifest.version
+        held, prefetched = self.loaded_version, self.prefetch.take(manifest.version, self.loaded_version)
+        if self.engine is not None and (took := load_in_place(self.engine, self.sync, manifest, held, prefetched)):
+            (self.fetch_s, self.load_s), self.loaded_version = took, manifest.version
+            log.info("applied policy v%d in place (fetch %.2f s, apply %.2f s)", manifest.version, *took)
+            return
         start = time.perf_counter()
         local = self.sync.fetch(manifest)
         loaded = time.perf_counter()

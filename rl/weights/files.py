@@ -7,7 +7,8 @@ as it arrives, hashed on the way. The bytes are a pure function of (names, shape
 values), so one sha256 per shard proves a rebuilt shard exact. Deltas: per tensor whose bits
 changed, the gaps between changed flat indices and the new bits minus the old ones (wrapping
 integer arithmetic, so applying it is exact), zstd-compressed; applying one to the base shard
-and re-serialising gives the new shard bit for bit.
+and re-serialising gives the new shard bit for bit; or, applied to an engine's live tensors
+(inplace.py), the new tensors, each checked against its own sha256 (`tensor_sha256`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -216,10 +217,30 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy().view(_BITS[flat.element_size()])
 
 
-def encode_delta(old: Iterable[tuple[str, torch.Tensor]], new: Iterable[tuple[str, torch.Tensor]]) -> tuple[bytes, int]:
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of one tensor's bytes as its shard holds them (what a manifest's `tensor_sha256` records)."""
+    return hashlib.sha256(tensor_bytes(tensor.detach().cpu())).hexdigest()
+
+
+@dataclass
+class ChangeHashes:
+    """Per tensor a delta changes: sha256 of the whole new tensor (`tensor_sha256`), and of its changed
+    elements' new bits in index order. A worker applying the delta in place checks one or the other."""
+
+    tensors: dict[str, str] = field(default_factory=dict)
+    changes: dict[str, str] = field(default_factory=dict)
+
+
+def encode_delta(
+    old: Iterable[tuple[str, torch.Tensor]],
+    new: Iterable[tuple[str, torch.Tensor]],
+    hashes: ChangeHashes | None = None,
+) -> tuple[bytes, int]:
     """A compressed delta turning the tensors `old` into `new` (same names and shapes, in order).
 
-    Returns the zstd bytes and the number of changed elements. The payload is a header line
+    Returns the zstd bytes and the number of changed elements; `hashes`, when given, gets the
+    hashes of each changed tensor of `new` (what a worker applying in place checks).
+    The payload is a header line
     (JSON: per changed tensor its name, count of changes, element size, index width) followed by
     each tensor's index gaps (uint32, or uint64 for tensors of 2^32+ elements) and bit differences.
     """
@@ -239,22 +260,54 @@ def encode_delta(old: Iterable[tuple[str, torch.Tensor]], new: Iterable[tuple[st
         gaps = np.diff(index, prepend=-1).astype(np.uint64 if wide else np.uint32)
         diff = new_bits[index] - old_bits[index]  # unsigned: wraps, exactly invertible
         entries.append({"name": name, "count": int(index.size), "wide": wide})
+        if hashes is not None:
+            hashes.tensors[name] = tensor_sha256(b)
+            hashes.changes[name] = hashlib.sha256(new_bits[index].tobytes()).hexdigest()
         chunks += [gaps.tobytes(), diff.tobytes()]
         changed_total += int(index.size)
     head = json.dumps(entries, separators=(",", ":")).encode() + b"\n"
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(head + b"".join(chunks)), changed_total
 
 
-def apply_delta(base: Iterable[tuple[str, torch.Tensor]], delta: bytes) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of `base` with `delta` applied (new tensors; `base` is not modified)."""
+def open_delta(delta: bytes) -> tuple[dict[str, dict], bytes]:
+    """A delta's header entries (by tensor name, in file order) and its body (rl/weights/inplace.py reads it too)."""
     import zstandard
 
     try:
         raw = zstandard.ZstdDecompressor().decompress(delta)
         head, _, body = raw.partition(b"\n")
-        entries = {e["name"]: e for e in json.loads(head)}
+        return {e["name"]: e for e in json.loads(head)}, body
     except (zstandard.ZstdError, ValueError, KeyError, TypeError) as e:
         raise WeightFileError(f"unreadable delta ({e})") from None
+
+
+def delta_changes(
+    name: str, entry: dict, body: bytes, pos: int, bits_dtype: np.dtype, numel: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One tensor's changes in a delta body at `pos`: its changed flat indices (int64), their bit
+    differences (`bits_dtype`: the tensor's unsigned element type), and the position after them."""
+    count, width = entry["count"], 8 if entry["wide"] else 4
+    try:
+        gaps = np.frombuffer(body, np.uint64 if entry["wide"] else np.uint32, count, pos)
+        pos += count * width
+        diff = np.frombuffer(body, bits_dtype, count, pos)
+        pos += count * diff.itemsize
+    except ValueError:
+        raise WeightFileError(f"the delta for {name} is truncated") from None
+    index = np.cumsum(gaps, dtype=np.int64) - 1
+    if count and (index[0] < 0 or index[-1] >= numel):
+        raise WeightFileError(f"delta for {name} indexes outside the tensor")
+    return index, diff, pos
+
+
+def unsigned_bits(element_size: int) -> type:
+    """The unsigned integer type of an element of `element_size` bytes: wrapping arithmetic on raw bits."""
+    return _BITS[element_size]
+
+
+def apply_delta(base: Iterable[tuple[str, torch.Tensor]], delta: bytes) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of `base` with `delta` applied (new tensors; `base` is not modified)."""
+    entries, body = open_delta(delta)
     pos, seen = 0, 0
     for name, tensor in base:
         entry = entries.get(name)
@@ -263,17 +316,7 @@ def apply_delta(base: Iterable[tuple[str, torch.Tensor]], delta: bytes) -> Itera
             continue
         seen += 1
         bits = _bits(tensor).copy()
-        count, width = entry["count"], 8 if entry["wide"] else 4
-        try:
-            gaps = np.frombuffer(body, np.uint64 if entry["wide"] else np.uint32, count, pos)
-            pos += count * width
-            diff = np.frombuffer(body, bits.dtype, count, pos)
-            pos += count * bits.itemsize
-        except ValueError:
-            raise WeightFileError(f"the delta for {name} is truncated") from None
-        index = np.cumsum(gaps, dtype=np.int64) - 1
-        if count and (index[0] < 0 or index[-1] >= bits.size):
-            raise WeightFileError(f"delta for {name} indexes outside the tensor")
+        index, diff, pos = delta_changes(name, entry, body, pos, bits.dtype, bits.size)
         bits[index] += diff
         out = torch.from_numpy(bits.view(np.uint8)).view(tensor.dtype if tensor.dtype != torch.bool else torch.uint8)
         out = out.reshape(tensor.shape)

@@ -28,6 +28,7 @@ import torch
 from rl.models import atomic_dir, sha256_file
 from rl.weights.files import (
     INDEX_FILE,
+    ChangeHashes,
     ShardSpec,
     TensorSpec,
     encode_delta,
@@ -132,6 +133,7 @@ class PolicyWriter:
         keyframe = self.fmt == "full" or self.previous is None or self.since_keyframe + 1 >= self.keyframe_every
         index = index_json(self.shards)
         changed: list[int] = []
+        hashes = ChangeHashes()
 
         def fill(tmp: Path) -> None:
             with_deltas = self.fmt == "delta" and self.previous is not None
@@ -140,7 +142,7 @@ class PolicyWriter:
                 shutil.rmtree(shard_dir, ignore_errors=True)
                 shard_dir.mkdir(parents=True)
             shard_files = write_shards(shard_dir, self.shards, tensors)
-            deltas = self._deltas(shard_dir, shard_files, tmp, changed) if with_deltas else []
+            deltas = self._deltas(shard_dir, shard_files, tmp, changed, hashes) if with_deltas else []
             extra = []
             if index is not None:
                 (tmp / INDEX_FILE).write_bytes(index)
@@ -154,6 +156,8 @@ class PolicyWriter:
                 base_version=self.previous.version if with_deltas else None,
                 keyframe_version=version if keyframe else self.previous.keyframe_version,
                 bytes_full=sum(f.size for f in shard_files),
+                tensor_sha256=hashes.tensors,
+                changes_sha256=hashes.changes,
             )
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=1))
 
@@ -172,15 +176,19 @@ class PolicyWriter:
             changed_fraction=sum(changed) / max(numel, 1) if manifest.base_version is not None else None,
         )
 
-    def _deltas(self, shard_dir: Path, shards: list[PolicyFile], tmp: Path, changed: list[int]) -> list[PolicyFile]:
+    def _deltas(
+        self, shard_dir: Path, shards: list[PolicyFile], tmp: Path, changed: list[int], hashes: ChangeHashes
+    ) -> list[PolicyFile]:
         """Into `tmp`: per shard that changed since the previous version, its delta, or (a dense change)
-        a link to the shard itself. Returns their entries; `changed` gets the changed element counts."""
+        a link to the shard itself. Returns their entries; `changed` gets the changed element counts,
+        `hashes` the sha256s of each changed tensor."""
         out = []
         current = self.policy_dir / CURRENT
         for spec, new, old in zip(self.shards, shards, self.previous.full_shards(), strict=True):
             if new.sha256 == old.sha256:
                 continue  # unchanged shard: nothing to ship
-            blob, count = encode_delta(read_shard(current / spec.name, spec), read_shard(shard_dir / spec.name, spec))
+            old_tensors, new_tensors = read_shard(current / spec.name, spec), read_shard(shard_dir / spec.name, spec)
+            blob, count = encode_delta(old_tensors, new_tensors, hashes)
             changed.append(count)
             if len(blob) >= DENSE_SHIP_WHOLE * new.size:  # a dense change: ship the shard itself
                 if shard_dir != tmp:
@@ -239,6 +247,15 @@ def read_manifest(policy_dir: Path, version: int) -> PolicyManifest:
     if base.is_file():
         manifest.base_files = [PolicyFile.model_validate(f) for f in json.loads(base.read_text())]
     return manifest
+
+
+def export_version(policy_dir: Path, version: int, into: Path) -> Path:
+    """A full version of `policy_dir` copied out as a normal HF directory (base files and shards) in `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for src in [*(Path(policy_dir) / BASE).iterdir(), *version_dir(policy_dir, version).iterdir()]:
+        if src.is_file() and src.name != MANIFEST:
+            shutil.copy(src, into / src.name)
+    return into
 
 
 def version_numbers(directory: Path) -> list[int]:

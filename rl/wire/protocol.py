@@ -263,9 +263,9 @@ class PolicyManifest(Wire):
 
     `full`: `files` are the safetensors shards (+ `model.safetensors.index.json` when there are
     several). `delta`: `files` are one `<shard>.delta.zst` per changed shard, or the shard itself
-    where the delta would not be much smaller (+ the index); a
-    worker holding `base_version` applies them and must get exactly `shards` (sha256), else it
-    rebuilds from `keyframe_version` (a full version) and the deltas after it (rl/weights/files.py).
+    where the delta would not be much smaller (+ the index); a worker holding `base_version` applies
+    them and must get exactly `shards` (sha256), or the per-tensor hashes when it applies them to its
+    engine in place; else it rebuilds from `keyframe_version` and the deltas after it (rl/weights/).
     """
 
     version: int
@@ -287,6 +287,9 @@ class PolicyManifest(Wire):
     """The latest full version at or before this one: where a worker without `base_version` starts."""
     bytes_full: int = 0
     """Size of the full version in the rollout dtype (sum of `shards`)."""
+    tensor_sha256: dict[str, str] = Field(default_factory=dict)
+    """Per tensor its deltas change: sha256 of its bytes; `changes_sha256`: of its changed elements' new bits."""
+    changes_sha256: dict[str, str] = Field(default_factory=dict)
 
     def full_shards(self) -> list[PolicyFile]:
         return self.shards or [f for f in self.files if f.name.endswith(".safetensors")]

@@ -2,7 +2,8 @@
 
 An engine holds one policy in memory, samples `n` completions per prompt with
 the per-token logprob of every sampled token, and swaps its weights in place
-between generation batches (`load_weights`). Both engines report logprobs of the
+between generation batches (`load_weights`; a delta version's changed elements
+only with `apply_delta`, where the engine can). Both engines report logprobs of the
 *raw* model distribution (log_softmax of the unscaled logits, i.e. temperature
 1, before top-k/top-p), which is what vLLM returns by default and what the
 trainer recomputes; the importance weights in the loss rely on that.
@@ -32,10 +33,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from rl.sampling import SamplingRule
 from rl.wire.protocol import Completion, SamplingParamsWire
+
+if TYPE_CHECKING:
+    from rl.weights.files import ChangeHashes
+    from rl.weights.inplace import Applied, Verify
 
 __all__ = ["Completion", "Engine", "EngineKind", "EngineSpec", "make_engine", "sampling_rule"]
 
@@ -80,6 +85,8 @@ class Engine(ABC):
     """A policy loaded for sampling; not thread-safe (one generate/load at a time)."""
 
     name: str = "engine"
+    applies_deltas: bool = False
+    """Whether `apply_delta` updates the live weights in place (else every version is a `load_weights`)."""
 
     def __init__(self, spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> None:
         self.spec = spec
@@ -138,6 +145,12 @@ class Engine(ABC):
     def load_weights(self, shards: list[Path]) -> None:
         """Replace the weights in place from the safetensors shards of a full version (same architecture).
         Needs an idle engine: the caller finishes (or aborts) what is in flight first."""
+
+    def apply_delta(self, deltas: list[bytes], hashes: ChangeHashes, verify: Verify = "changes") -> Applied:
+        """Apply a delta version's files (sha256-checked `<shard>.delta.zst`) to the live weights in place,
+        all or nothing, checked against the manifest's `hashes` (rl/weights/inplace.py: raises with the
+        old weights intact). Only where `applies_deltas`; needs an idle engine, like `load_weights`."""
+        raise NotImplementedError(f"the {self.name} engine loads full versions only")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's memory and processes."""

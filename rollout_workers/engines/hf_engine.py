@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from rl.sampling import SamplingRule, draws, seed_tensor, uniforms
+from rl.weights.files import ChangeHashes
+from rl.weights.inplace import Applied, Verify
 from rl.wire.protocol import Completion, SamplingParamsWire
 from rollout_workers.engines import Engine, EngineSpec, sampling_rule
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 class HFEngine(Engine):
     name = "hf"
+    applies_deltas = True  # the model's parameters are the shards' tensors, same names and dtype
 
     def __init__(self, spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> None:
         super().__init__(spec, model_dir, max_model_len=max_model_len, dtype=dtype)
@@ -151,6 +154,17 @@ class HFEngine(Engine):
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
         log.info("reloaded %d shard(s) in %.2f s", len(shards), time.perf_counter() - start)
+
+    def apply_delta(self, deltas: list[bytes], hashes: ChangeHashes, verify: Verify = "changes") -> Applied:
+        from rl.weights.inplace import apply_in_place
+
+        if self.queue:
+            raise RuntimeError(f"apply_delta() needs an idle engine; {len(self.queue)} prompt(s) queued")
+        # state_dict(): checkpoint names -> tensors sharing the parameters' storage (tied ones once per name)
+        applied = apply_in_place(self.model.state_dict(), deltas, hashes, verify)
+        log.info("applied %d changed element(s) of %d tensor(s) in place in %.2f s (%.2f s hashing)",
+                 applied.elements, applied.tensors, applied.seconds, applied.hash_seconds)  # fmt: skip
+        return applied
 
     def close(self) -> None:
         self.model = None

@@ -23,10 +23,15 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rl.wire.protocol import Completion, SamplingParamsWire
 from rollout_workers.engines import Engine, EngineSpec, sampling_rule
 from rollout_workers.engines.vllm_seeded import PROCESSOR, seeded_args
+
+if TYPE_CHECKING:
+    from rl.weights.files import ChangeHashes
+    from rl.weights.inplace import Applied, Verify
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ def _on_cpu() -> bool:
 
 class VLLMEngine(Engine):
     name = "vllm"
+    applies_deltas = True  # through a host copy of the checkpoint tensors and vLLM's reload (vllm_ext.py)
 
     def __init__(self, spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> None:
         super().__init__(spec, model_dir, max_model_len=max_model_len, dtype=dtype)
@@ -54,6 +60,8 @@ class VLLMEngine(Engine):
         self._keys: dict[str, tuple[Hashable, int]] = {}
         """Unfinished vLLM request id -> the key it was added under, and its first completion's slot."""
         self._groups: dict[Hashable, _Group] = {}
+        self.weight_files = sorted(Path(model_dir).glob("*.safetensors"))
+        """The shards of the version the engine holds (what `apply_delta`'s host copy starts from)."""
         start = time.perf_counter()
         self.llm = LLM(**self.llm_args())
         log.info(
@@ -159,9 +167,27 @@ class VLLMEngine(Engine):
     def load_weights(self, shards: list[Path]) -> None:
         if self._groups:
             raise RuntimeError(f"load_weights() needs an idle engine; {len(self._groups)} prompt(s) in flight")
+        self.weight_files = [Path(p) for p in shards]
         seconds = self.llm.collective_rpc("update_weights_from_files", args=([str(p) for p in shards],))
         self.llm.reset_prefix_cache()
         log.info("reloaded %d shard(s) in %.2f s", len(shards), max(seconds or [0.0]))
+
+    def apply_delta(self, deltas: list[bytes], hashes: ChangeHashes, verify: Verify = "changes") -> Applied:
+        from rl.weights.inplace import Applied
+
+        if self._groups:
+            raise RuntimeError(f"apply_delta() needs an idle engine; {len(self._groups)} prompt(s) in flight")
+        paths = [str(p) for p in self.weight_files]
+        try:
+            hash_args = (hashes.tensors, hashes.changes, verify)
+            ranks = self.llm.collective_rpc("apply_delta_in_place", args=(deltas, *hash_args, paths))
+        finally:
+            self.llm.reset_prefix_cache()  # no KV computed with the old weights is reused
+        done = ranks[0]
+        log.info("applied %d changed element(s) of %d tensor(s) in place in %.2f s (%.2f s hashing; vLLM reloaded "
+                 "%d tensor(s))", done["elements"], done["tensors"], done["seconds"], done["hash_seconds"],
+                 done["reloaded"])  # fmt: skip
+        return Applied(done["tensors"], done["elements"], done["seconds"], done["hash_seconds"])
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
