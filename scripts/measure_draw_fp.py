@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TOLERANCES = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0)
+TOLERANCES = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 def trained_copy(model_dir: Path, out: Path, steps: int, lr: float) -> Path:

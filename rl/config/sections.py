@@ -368,7 +368,7 @@ class TrustConfig(Section):
     draw_tolerance: float | None = Field(None, ge=0.0, le=20.0)
     """How far (raw-logit nats) a token may lose the seeded Gumbel race and still pass: honest numeric mismatch
     between a worker's dtype and kernels and the trainer's; an operator gains at most a factor exp(tol / T) on any
-    token's probability. None: 0.01 when workers and trainer both run float32, else 0.5 (docs/security.md)."""
+    token's probability. None: 0.01 when workers and trainer both run float32, else 0.75 (docs/security.md)."""
     mask_special_tokens: bool = True
     """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection)."""
     shared_forward: bool = True

@@ -33,7 +33,7 @@ REASONS = ("logprob_mismatch", "special_token", "outside_sampling_support", "aty
 
 DRAW_TOLERANCE_FP32 = 0.01
 """`trust.draw_tolerance` (raw-logit nats) when workers and trainer both compute in float32 (honest ~1e-4)."""
-DRAW_TOLERANCE_MIXED = 0.5
+DRAW_TOLERANCE_MIXED = 0.75
 """Otherwise: bf16 workers against an fp32 trainer, SmolLM2-135M after simulated training (docs/security.md)."""
 
 
@@ -55,7 +55,7 @@ def token_statistics(
     distribution q (temperature, top-k, top-p); OUTSIDE: 1 where the target is outside q's
     support (its surprisal is then 0, counted by OUTSIDE instead). With temperature 0 (greedy)
     only RECOMPUTED (and DRAW) is filled. DRAW, with `u` [b, t] (each token's seeded uniform, NaN where
-    there is none): how far u lies outside the target's interval of the sampling CDF (rl/sampling.py).
+    there is none): how far (raw-logit nats) the target loses its seeded Gumbel race (rl/sampling.py).
     Computed one row at a time: one fp32 [t, V] temporary.
     """
     rule = SamplingRule(temperature=temperature, top_k=top_k, top_p=top_p)
