@@ -1,8 +1,9 @@
-"""How far an honest worker's seeded draws land from the trainer's CDF intervals (rl/sampling.py).
+"""How far an honest worker's seeded draws lose the trainer's seeded race (rl/sampling.py).
 
-An honest bf16 vLLM worker samples seeded completions; the fp32 trainer side recomputes each
-token's logits with HF and measures the distance of the seeded uniform from the token's
-interval (`check_draws`). Prints, per sampling rule, the distance quantiles and the token and
+An honest bf16 vLLM worker samples seeded completions of the base weights; the fp32 trainer side
+recomputes each token's logits with HF and measures, in raw-logit nats, how far the token loses
+the race (`check_draws`); scripts/measure_draw_fp.py does the same on trained (rounded) weights.
+Prints, per sampling rule, the distance quantiles and the token and
 sequence rejection rates at several tolerances (docs/security.md has the numbers). Without
 `--model`, the tiny random test model; `--sharpen K` multiplies its final norm by K (logits
 x K: peaked distributions, nearer a trained model's entropy).

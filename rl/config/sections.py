@@ -368,10 +368,10 @@ class TrustConfig(Section):
     verify_draws: bool = True
     """Check that every completion token is the seeded draw of the hub's seed (verifiable sampling: no selection,
     no other temperature, no injected text); a sequence with a token further than `draw_tolerance` is masked."""
-    draw_tolerance: float | None = Field(None, ge=0.0, le=1.0)
-    """Largest distance on the sampling CDF between a token's interval and its seeded uniform that still passes
-    (honest numeric mismatch between a worker's dtype and kernels and the trainer's). None: 0.001 when workers
-    and trainer both run float32, else 0.15 (bf16 workers, fp32 trainer, measured in docs/security.md)."""
+    draw_tolerance: float | None = Field(None, ge=0.0, le=20.0)
+    """How far (raw-logit nats) a token may lose the seeded Gumbel race and still pass: honest numeric mismatch
+    between a worker's dtype and kernels and the trainer's; an operator gains at most a factor exp(tol / T) on any
+    token's probability. None: 0.01 when workers and trainer both run float32, else 0.75 (docs/security.md)."""
     mask_special_tokens: bool = True
     """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection)."""
     shared_forward: bool = True

@@ -31,10 +31,10 @@ REASONS = ("logprob_mismatch", "special_token", "outside_sampling_support", "aty
 """Why a sequence was masked, in the order they are checked (code i + 1 in `Verdicts.codes`)."""
 
 
-DRAW_TOLERANCE_FP32 = 1e-3
-"""`trust.draw_tolerance` when workers and trainer both compute in float32 (honest distances ~1e-6)."""
-DRAW_TOLERANCE_MIXED = 0.15
-"""Otherwise: bf16 workers against an fp32 trainer reach 0.115 on SmolLM2-135M (1,024 sequences, docs/security.md)."""
+DRAW_TOLERANCE_FP32 = 0.01
+"""`trust.draw_tolerance` (raw-logit nats) when workers and trainer both compute in float32 (honest ~1e-4)."""
+DRAW_TOLERANCE_MIXED = 0.75
+"""Otherwise: bf16 workers against an fp32 trainer, SmolLM2-135M after simulated training (docs/security.md)."""
 
 
 def draw_tolerance(trust: TrustConfig, worker_dtype: str, trainer_dtype: str) -> float:
@@ -55,7 +55,7 @@ def token_statistics(
     distribution q (temperature, top-k, top-p); OUTSIDE: 1 where the target is outside q's
     support (its surprisal is then 0, counted by OUTSIDE instead). With temperature 0 (greedy)
     only RECOMPUTED (and DRAW) is filled. DRAW, with `u` [b, t] (each token's seeded uniform, NaN where
-    there is none): how far u lies outside the target's interval of the sampling CDF (rl/sampling.py).
+    there is none): how far (raw-logit nats) the target loses its seeded Gumbel race (rl/sampling.py).
     Computed one row at a time: one fp32 [t, V] temporary.
     """
     rule = SamplingRule(temperature=temperature, top_k=top_k, top_p=top_p)

@@ -14,7 +14,7 @@ def completion_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tens
 
 
 def seeded_distances(model, prompt: list[int], tokens: list[int], seed: int, rule: SamplingRule) -> torch.Tensor:
-    """How far each token's seeded uniform lies outside the token's CDF interval [T] (0: the exact draw)."""
+    """How far (raw-logit nats) each token loses its seeded Gumbel race [T] (0: the exact draw)."""
     logits = completion_logits(model, prompt, tokens)
     u = uniforms(seed, torch.arange(len(tokens)))
     return check_draws(logits, torch.tensor(tokens), u, rule, tol=0.0)[1]

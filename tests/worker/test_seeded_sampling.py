@@ -2,7 +2,7 @@
 
 Given seeds, every completion token must be the seeded draw of the processed distribution
 (rl/sampling.py); an fp32 HF forward plus `check_draws` accepts each one. Cheating (another
-seed, best-of-4, another temperature) fails that check. The bf16 test measures what tolerance
+seed, best-of-4, another temperature where it changes a token) fails that check. The bf16 test measures what tolerance
 an honest bf16 worker needs against an fp32 trainer.
 """
 
@@ -97,15 +97,18 @@ def test_cheating_is_rejected(engine: Engine, reference):
         best = max(range(params.n), key=lambda j: sum(completions[j].logprobs))
         accepted = is_seeded_draw(reference, prompt, completions[best].token_ids, prompt_seeds[0], rule, tol=1e-3)
         assert accepted == (best == 0)
+    # temperature 0.7 passed off as 1.0, under the same seeds: the race's noise is the same, so a cooled
+    # completion passes exactly where cooling changed nothing (it is then the honest draw), and fails where it did
     cold = sampling(temperature=0.7, max_tokens=24)
     cold_seeds = seeds_for(PROMPTS, params.n, base=800)
-    rejected = total = 0
-    for prompt, completions, prompt_seeds in zip(PROMPTS, engine.generate(PROMPTS, cold, cold_seeds), cold_seeds,
-                                                 strict=True):  # fmt: skip
-        for c, seed in zip(completions, prompt_seeds, strict=True):
-            total += 1
-            rejected += not is_seeded_draw(reference, prompt, c.token_ids, seed, rule, tol=1e-3)
-    assert rejected >= 0.9 * total
+    honest = engine.generate(PROMPTS, params, cold_seeds)
+    changed = 0
+    for prompt, completions, fair, prompt_seeds in zip(PROMPTS, engine.generate(PROMPTS, cold, cold_seeds), honest,
+                                                       cold_seeds, strict=True):  # fmt: skip
+        for c, h, seed in zip(completions, fair, prompt_seeds, strict=True):
+            changed += c.token_ids != h.token_ids
+            assert is_seeded_draw(reference, prompt, c.token_ids, seed, rule, tol=1e-3) == (c.token_ids == h.token_ids)
+    assert changed > 0
 
 
 def test_seeded_and_unseeded_prompts_share_a_running_batch(engine: Engine, reference):
@@ -132,7 +135,7 @@ def test_seeded_and_unseeded_prompts_share_a_running_batch(engine: Engine, refer
 
 @pytest.mark.slow
 def test_bf16_worker_needs_a_small_tolerance(tiny_model_dir, reference):
-    """An honest bf16 vLLM worker against the fp32 trainer: how far its draws land from the fp32 intervals.
+    """An honest bf16 vLLM worker against the fp32 trainer: how far (logit nats) its draws lose the fp32 race.
 
     Prints per-token and per-sequence rejection at several tolerances (the numbers in docs/security.md come
     from scripts/measure_seeded_tolerance.py, a larger run of the same).
@@ -153,4 +156,5 @@ def test_bf16_worker_needs_a_small_tolerance(tiny_model_dir, reference):
         per_sequence = sum(bool((d > tol).any()) for d in distances) / len(distances)
         print(f"tol={tol:g}: tokens rejected {per_token:.4%}, sequences rejected {per_sequence:.2%}")
     assert float(tokens.max()) < 1e-2
-    assert 0 < float((tokens > 0).double().mean()) < 0.1  # bf16 does move some draws, and not many
+    # the race compares two logits only: bf16 rounding flips few draws (none, on this flat model)
+    assert float((tokens > 0).double().mean()) < 0.01
