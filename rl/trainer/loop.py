@@ -550,6 +550,7 @@ class Trainer:
             "hub/stale_dropped_total": float(st.stale_dropped),
             **_worker_weight_times(st.worker_summary),
             **st.verifier,
+            **{f"episodes/{k}": float(v) for k, v in (st.episodes or {}).items()},  # an environment run
         }
 
     def checkpoint(self) -> None:
