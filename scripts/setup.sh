@@ -4,6 +4,7 @@
 #   - the package with its extras, then the known CPU fix-ups (PLATFORM.md)
 #   - bubblewrap for the code sandbox, via apt when missing and possible
 #   - nginx-light for the weight-cache tests, the same way
+#   - .venv-envs: third-party environments' own venv (scripts/setup_envs.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -79,4 +80,7 @@ if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
 else
   say "nginx present: $(command -v nginx || echo /usr/sbin/nginx)"
 fi
+# Third-party environments (Prime Intellect's verifiers, TextArena) run in a venv of their own.
+scripts/setup_envs.sh
+
 say "done. Activate with: source $VENV/bin/activate  (or call $VENV/bin/rl)"

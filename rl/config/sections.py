@@ -82,8 +82,9 @@ class HumanEvalSource(Section):
 
 class EnvSource(Section):
     type: Literal["env"] = "env"
-    name: Literal["guess_number", "arithmetic_tool"] = "guess_number"
-    """Built-in environment (rl/envs/): its steps, tools and grade run on the hub; rewards come from its grade."""
+    name: Literal["guess_number", "arithmetic_tool", "verifiers", "textarena"] = "guess_number"
+    """Environment (rl/envs/): its steps, tools and grade run on the hub; rewards come from its grade.
+    `verifiers` and `textarena` run a third-party environment (`params.environment`) in a process of its own."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the environment (e.g. `max_turns: 4`)."""
     size: int = Field(10_000, ge=1)

@@ -12,9 +12,11 @@ from typing import Any
 from rl.envs.arithmetic import ArithmeticTool
 from rl.envs.base import Environment, Grade, State, Step
 from rl.envs.guess import GuessNumber
+from rl.envs.third_party import TextArenaEnv, VerifiersEnv
 
-ENVIRONMENTS: dict[str, type] = {"guess_number": GuessNumber, "arithmetic_tool": ArithmeticTool}
-"""Built-in environments by config name."""
+ENVIRONMENTS: dict[str, type] = {"guess_number": GuessNumber, "arithmetic_tool": ArithmeticTool,
+                                  "verifiers": VerifiersEnv, "textarena": TextArenaEnv}  # fmt: skip
+"""Environments by config name: the built-in ones, and third-party ones run in a process of their own."""
 
 __all__ = ["ENVIRONMENTS", "Environment", "Grade", "State", "Step", "make"]
 

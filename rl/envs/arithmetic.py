@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,10 +66,12 @@ class ArithmeticTool:
         if state["turns"] >= self.max_turns:
             return state, Step(done=True)
         if (code := CODE.search(turn)) is not None:
+            t0 = time.perf_counter()
             output, ok = run_python(code.group(1), self.tool_timeout_s, self.tool_memory_mb)
+            tool_s = time.perf_counter() - t0
             state = {**state, "tool_calls": state["tool_calls"] + 1}
             return state, Step(messages=[{"role": "user", "content": f"<output>\n{output}\n</output>"}],
-                               tool_calls=1, tool_errors=int(not ok))  # fmt: skip
+                               tool_calls=1, tool_errors=int(not ok), tool_s=tool_s)  # fmt: skip
         return state, Step(messages=[{"role": "user", "content": "Answer with <answer>N</answer>, or run "
                                       "<python>...</python> first."}])  # fmt: skip
 

@@ -29,6 +29,8 @@ class Step:
     """This step's reward terms (summed per name over the episode, reported beside the grade)."""
     tool_calls: int = 0
     tool_errors: int = 0
+    tool_s: float = 0.0
+    """Seconds this step's tools ran."""
 
 
 @dataclass

@@ -71,7 +71,14 @@ class EpisodeRunner:
             env_s += t1 - t0
             obs = self.renderer.render(ids, step.messages) if step.messages and not step.done else []
             render_s += time.perf_counter() - t1
-            out.append((j, StepOutcome(new_state, step.done, step.rewards, obs, step.tool_calls, step.tool_errors)))
+            out.append(
+                (
+                    j,
+                    StepOutcome(
+                        new_state, step.done, step.rewards, obs, step.tool_calls, step.tool_errors, step.tool_s
+                    ),
+                )
+            )
         return out, env_s, render_s
 
     async def advance(self, job: ScoringJob) -> None:

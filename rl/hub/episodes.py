@@ -57,6 +57,7 @@ class Episode:
     """Who generated the last turn: its next turn goes there first (its prefix cache holds the episode)."""
     tool_calls: int = 0
     tool_errors: int = 0
+    tool_s: float = 0.0
 
 
 @dataclass
@@ -69,6 +70,7 @@ class StepOutcome:
     observation_ids: list[int]
     tool_calls: int = 0
     tool_errors: int = 0
+    tool_s: float = 0.0
 
 
 class Episodes:
@@ -196,6 +198,7 @@ class Episodes:
                 ep.rewards[k] = ep.rewards.get(k, 0.0) + v
             ep.tool_calls += out.tool_calls
             ep.tool_errors += out.tool_errors
+            ep.tool_s += out.tool_s
             self.turns_done += 1
             room = self.max_model_len - prompt_len - len(ep.tokens) - len(out.observation_ids)
             ep.done = out.done or len(ep.turns) >= self.max_turns or room < self.max_tokens
@@ -217,7 +220,7 @@ class Episodes:
             ScoredCompletion.model_construct(
                 token_ids=e.tokens, logprobs=e.logprobs, finish_reason=e.finish_reason, reward=g.value,
                 components={**g.components, **e.rewards, "tool_calls": float(e.tool_calls),
-                            "tool_errors": float(e.tool_errors), "turns": float(len(e.turns)),
+                            "tool_errors": float(e.tool_errors), "tool_s": e.tool_s, "turns": float(len(e.turns)),
                             "observation_tokens": float(len(e.tokens) - sum(t[1] - t[0] for t in e.turns))},
                 turns=e.turns,
             )

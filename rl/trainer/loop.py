@@ -555,6 +555,7 @@ class Trainer:
             **_worker_weight_times(st.worker_summary),
             **st.verifier,
             **{f"hub/stalls/{k}": float(n) for k, n in st.stall_counts.items()},
+            **{f"episodes/{k}": float(v) for k, v in (st.episodes or {}).items()},  # an environment run
         }
 
     def checkpoint(self) -> None:

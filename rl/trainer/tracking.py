@@ -81,6 +81,20 @@ class Tracker:
         }
         with open(self.batches_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.wandb is not None and (step == 1 or step % EPISODE_TABLE_STEPS == 0):
+            self.log_episodes(step, groups)
+
+    def log_episodes(self, step: int, groups: list) -> None:
+        """W&B table `episodes/table` of an environment run: up to `EPISODE_TABLE_ROWS` of the step's episodes,
+        with their turns, tool calls, tool errors and seconds, observation tokens and grade."""
+        import wandb
+
+        cols = ["turns", "tool_calls", "tool_errors", "tool_s", "observation_tokens"]
+        data = [[step, g.task_id, j, *(c.components.get(k, 0.0) for k in cols), c.reward, g.worker_name]
+                for g in groups for j, c in enumerate(g.completions) if c.turns][:EPISODE_TABLE_ROWS]  # fmt: skip
+        if data:
+            table = wandb.Table(columns=["step", "task", "episode", *cols, "grade", "worker"], data=data)
+            self.wandb.log({"episodes/table": table}, step=step)
 
     def plot(self) -> Path | None:
         """`curves.png` in the run dir (None without matplotlib, e.g. a bare GPU image): training reward and
@@ -205,6 +219,9 @@ def _utc(ts: float | None) -> str:
 
 SMOOTH_STEPS = 5
 """Steps averaged by the smoothed curves of curves.png."""
+EPISODE_TABLE_STEPS = 10
+"""An environment run logs a W&B table of sample episodes at step 1 and every this many steps."""
+EPISODE_TABLE_ROWS = 16
 
 
 def trailing_mean(values: list[float], window: int) -> list[float]:

@@ -40,7 +40,9 @@ def test_unknown_environment_and_bad_params_are_named():
         make("chess", {})
     with pytest.raises(ValueError, match="environment 'guess_number': bad params"):
         make("guess_number", {"colour": "red"})
-    assert set(ENVIRONMENTS) == {"guess_number", "arithmetic_tool"}
+    assert set(ENVIRONMENTS) == {"guess_number", "arithmetic_tool", "verifiers", "textarena"}
+    with pytest.raises(ValueError, match="`environment` is required"):
+        make("verifiers", {})
 
 
 def test_observation_tokens_extend_the_generated_ids_as_the_template_would(tiny_tokenizer):
