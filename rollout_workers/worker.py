@@ -36,8 +36,9 @@ from rl.wire.protocol import (
     SamplingParamsWire,
     SubmitRequest,
     TaskResult,
+    WaitingFor,
 )
-from rl.wire.waits import pending, stall_counts
+from rl.wire.waits import open_waits, pending, printable, stall_counts
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable
 from rollout_workers.engines import Engine, EngineSpec, make_engine
 from rollout_workers.in_place import DeltaPrefetch, load_in_place
@@ -479,6 +480,7 @@ class Worker:
                 fetch_s=self.fetch_s,
                 load_s=self.load_s,
                 stalls=dict(list(stall_counts().items())[:32]),
+                waiting=[WaitingFor(what=printable(what), since_s=s) for what, s in open_waits()[:8]],
             )
             try:
                 answer = self.client.heartbeat(beat)

@@ -6,6 +6,7 @@ import time
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from rl.wire.client import HubHTTP, HubUnavailable
@@ -100,9 +101,13 @@ def render(status: HubStatus) -> Group:
     if status.scoring_failures:  # the verifier is failing: say so, with the last error
         rows["scoring failures / dropped"] = f"{status.scoring_failures} / {status.scoring_dropped}"
         rows["last scoring error"] = status.last_scoring_error
-    for stall in status.stalls:  # the trainer's step watchdog found no progress (docs/operations.md)
+    for stall in status.stalls:  # no progress (step watchdog) or waits past their time (docs/operations.md)
         where = f"; stacks in {stall.report}" if stall.report else ""
-        rows[f"STALLED: {stall.component}"] = f"for {stall.since_s:.0f} s, {stall.what}{where}"
+        label = "STALLED" if stall.report is not None or stall.component == "trainer" else "waiting"
+        key = f"{label}: {stall.component}"
+        while key in rows:  # one component waiting on several things
+            key += " "
+        rows[key] = escape(f"for {stall.since_s:.0f} s, {stall.what}{where}")
     if status.stall_counts:  # every stall and reported wait since the hub started, by what
         rows["stalls so far"] = ", ".join(f"{k} {n}" for k, n in sorted(status.stall_counts.items()))
     for k, v in rows.items():

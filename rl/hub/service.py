@@ -46,10 +46,11 @@ from rl.wire.protocol import (
     Stall,
     SubmitRequest,
     SubmitResponse,
+    WaitingFor,
 )
 from rl.wire.receipts import Contributions, StepReceipt
 from rl.wire.tokens import Tokens
-from rl.wire.waits import metric_key, stall_counts
+from rl.wire.waits import metric_key, open_waits, stall_counts
 from verifiers.base import TIMEOUT_MARK
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class Hub:
         self.stall_counts: Counter[str] = Counter()
         """Stalls reported to the hub (`record_stall`), by component."""
         self.worker_stalls: dict[str, dict[str, int]] = {}
+        self.worker_waits: dict[str, tuple[list[WaitingFor], float]] = {}
+        """Each worker's waits in flight from its last heartbeat, with when it was received."""
         """Each registration's reported waits, by what (its heartbeats; kept after it left, for the totals)."""
         state.on_work, state.on_scored = self.poke, self.changed.set
         if store is not None:  # a restarted hub: quarantines hold, evidence keeps counting
@@ -238,6 +241,8 @@ class Hub:
         self.state.authorize(worker_id, who, secret)
         if req.stalls and (worker_id in self.worker_stalls or len(self.worker_stalls) < MAX_STALL_REPORTERS):
             self.worker_stalls[worker_id] = req.stalls
+        if req.waiting or self.worker_waits.pop(worker_id, None) is not None:
+            self.worker_waits[worker_id] = (req.waiting, time.monotonic())
         return self.state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic(),
                                     req.fetch_s, req.load_s)  # fmt: skip
 
@@ -382,6 +387,7 @@ class Hub:
             update["stalls"] = [st.model_copy(update={"since_s": st.since_s + now - at})
                                 for st, at in self.stalls.values()]  # fmt: skip
             update["stall_counts"] = self.all_stall_counts()
+            update["stalls"] += self.waits_in_flight(now)
         status = self.contributions.annotate(status, who, self.state.workers)
         return self.trust.annotate(status, who).model_copy(update=update)
 
@@ -395,6 +401,17 @@ class Hub:
         elif self.stalls.pop(stall.component, None) is not None:
             log.info("%s goes on again", stall.component)
         return Ack()
+
+    def waits_in_flight(self, now: float) -> list[Stall]:
+        """The hub's own waits past their expected time, and each live worker's from its last heartbeat."""
+        stalls = [Stall(component="hub", what=what, since_s=s) for what, s in open_waits()]
+        for worker_id, (waits, at) in list(self.worker_waits.items()):
+            rec = self.state.workers.get(worker_id)
+            if rec is None:  # left or dropped: its waits went with it
+                del self.worker_waits[worker_id]
+                continue
+            stalls += [Stall(component=f"worker {rec.name}", what=w.what, since_s=w.since_s + now - at) for w in waits]
+        return stalls
 
     def all_stall_counts(self) -> dict[str, int]:
         """Stalls so far: reported to the hub, the hub's own waits, the workers' waits (summed by what)."""

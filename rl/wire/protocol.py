@@ -96,6 +96,13 @@ class RegisterResponse(Wire):
     """The encoding to submit with, one the worker offered; absent when it offered none (an older worker)."""
 
 
+class WaitingFor(Wire):
+    """A wait in flight past its expected time: what for (printable ASCII), for how many seconds."""
+
+    what: str = Field(max_length=300, pattern=PRINTABLE)
+    since_s: float = Field(ge=0.0, le=MAX_SECONDS)
+
+
 class HeartbeatRequest(Wire):
     policy_version: int = Field(ge=-1, le=MAX_COUNT)
     """Version currently loaded by the worker (-1: none yet)."""
@@ -108,6 +115,8 @@ class HeartbeatRequest(Wire):
     stalls: dict[Annotated[str, Field(max_length=MAX_ID)], Annotated[int, Field(ge=0, le=MAX_COUNT)]] = Field(
         default_factory=dict, max_length=32)  # fmt: skip
     """The worker's waits reported so far, by what it waited for (rl/wire/waits.py `stall_counts`)."""
+    waiting: list[WaitingFor] = Field(default_factory=list, max_length=8)
+    """The worker's waits in flight past their expected time (rl/wire/waits.py `open_waits`): `rl status` lists them."""
 
 
 class HeartbeatResponse(Wire):

@@ -73,6 +73,20 @@ def stall_counts() -> dict[str, int]:
         return dict(_counts)
 
 
+def open_waits() -> list[tuple[str, float]]:
+    """Waits of this process in flight and already reported (past their expected time): (what, seconds so far),
+    the longest first (a worker's heartbeat, the hub's `/v1/status` stalls)."""
+    now = time.monotonic()
+    with _lock:
+        waits = [(entry[0], now - entry[1]) for entry in _open.values() if entry[5]]
+    return sorted(waits, key=lambda w: -w[1])
+
+
+def printable(what: str, limit: int = 300) -> str:
+    """`what` as a wait's description on the wire: printable ASCII only (others as '?'), at most `limit` characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in what[:limit])
+
+
 def _watch() -> None:
     while True:
         time.sleep(1.0)

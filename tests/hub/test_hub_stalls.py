@@ -12,7 +12,7 @@ from rl.config import WatchdogConfig
 from rl.rundir import RunDir
 from rl.trainer.loop import StopRequest
 from rl.trainer.watchdog import StepWatchdog
-from rl.wire.protocol import HeartbeatRequest, HubStatus, RegisterRequest
+from rl.wire.protocol import HeartbeatRequest, HubStatus, RegisterRequest, WaitingFor
 from rl.wire.waits import stall_counts
 from rollout_workers.client import HubClient
 
@@ -38,6 +38,17 @@ def test_a_stall_is_listed_by_rl_status_until_a_step_completes(tmp_path, tiny_mo
                 console = Console(width=400, record=True)
                 console.print(render(live.status()))
                 assert "worker_hub_post_v1_rollouts 2" in console.export_text()
+                worker.heartbeat(HeartbeatRequest(policy_version=0, waiting=[  # a wait in flight is listed live
+                    WaitingFor(what="the engine to finish a step [red]x[/red]", since_s=75)]))  # fmt: skip
+                (waiting,) = [s for s in live.status().stalls if s.component == "worker counted"]
+                assert waiting.since_s >= 75 and waiting.what.startswith("the engine")
+                console = Console(width=400, record=True)
+                console.print(render(live.status()))
+                text = console.export_text()
+                assert "waiting: worker counted" in text
+                assert "the engine to finish a step [red]x[/red]" in text  # printed as sent, not as markup
+                worker.heartbeat(HeartbeatRequest(policy_version=0))  # the wait ended
+                assert not [s for s in live.status().stalls if s.component == "worker counted"]
                 seen = worker.call("GET", "/v1/status", HubStatus)  # a worker token sees no stall (paths, causes)
                 assert seen.stalls == [] and seen.stall_counts == {}
             dog.step_done(5)

@@ -49,3 +49,33 @@ def test_a_hub_request_is_counted_by_route(monkeypatch):
         with HubHTTP(url, "tok", timeout_s=2.5, max_retry_s=0.0) as client, pytest.raises(HubUnavailable):
             client.send("POST", "/v1/workers/w-123/heartbeat")
     assert waits.stall_counts()["hub_post_v1_workers_heartbeat"] >= 1
+
+
+def test_waits_in_flight_are_listed_once_reported(monkeypatch):
+    """`open_waits` lists a wait only past its expected time (what a heartbeat sends to `rl status`), the longest
+    first; a description goes on the wire as printable ASCII."""
+    import threading
+
+    monkeypatch.setattr(waits, "SLOW_S", 0.3)
+    release = threading.Event()
+
+    def wait(what: str, expect_s: float) -> None:
+        with waits.pending(what, expect_s=expect_s):
+            release.wait(10)
+
+    threads = [threading.Thread(target=wait, args=a) for a in (("a slow engine step", 0.0), ("a patient one", 60))]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not waits.open_waits() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        listed = waits.open_waits()
+        assert [what for what, _ in listed] == ["a slow engine step"], listed
+        assert listed[0][1] >= 0.3
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+    assert waits.open_waits() == []
+    assert waits.printable("hub\x1b[2J\nbad" + "x" * 400) == "hub?[2J?bad" + "x" * 289
