@@ -31,6 +31,7 @@ from pathlib import Path
 from rl.cli.children import Child, LaunchError, check_cpus, child_env, pin_this_process
 from rl.config import RolloutConfig, RunConfig, dump_config
 from rl.hub.data import DataError
+from rl.hub.ledger import EXIT_DISK_FULL
 from rl.models import ModelError, resolve_model
 from rl.rundir import RunDir
 from rl.trainer.checkpoint import (
@@ -73,15 +74,17 @@ LOW_DISK_BYTES = 16 << 20
 """Free space under which the run directory's disk counts as full (no hub restart, a clear failure)."""
 
 
-def disk_full(run_dir: Path) -> str | None:
-    """What to say when the run directory's file system is (nearly) full, else None."""
+def disk_full(run_dir: Path, certain: bool = False) -> str | None:
+    """What to say when the run directory's file system is (nearly) full, else None. `certain`: a write already
+    failed for want of space (what is free now may have been freed since, e.g. by an old checkpoint's removal)."""
     try:
         free = shutil.disk_usage(run_dir).free
     except OSError:
+        free = None
+    if not certain and (free is None or free >= LOW_DISK_BYTES):
         return None
-    if free >= LOW_DISK_BYTES:
-        return None
-    return (f"no space left on the device of {run_dir} ({free / 2**20:.1f} MiB free): free space, then continue "
+    now = "" if free is None else f" ({free / 2**20:.1f} MiB free now)"
+    return (f"no space left on the device of {run_dir}{now}: free space, then continue "
             f"with: rl train {RunDir(run_dir).config} --resume (the latest checkpoint stays valid)")  # fmt: skip
 
 
@@ -152,7 +155,8 @@ class Watchdog:
         hub, limit = self.launch.hub, self.launch.cfg.hub.max_restarts
         if self._done.is_set():  # the run is shutting down: the hub is meant to go
             return False
-        if (full := disk_full(self.launch.run_dir)) is not None:  # a restart could not write its ledger either
+        full = disk_full(self.launch.run_dir, certain=hub.proc.returncode == EXIT_DISK_FULL)
+        if full is not None:  # a restart could not write its ledger either
             self.hub_failure = f"{hub.exit_message()}\n({full})"
             self._alert(f"the hub exited: {full}")
             return False
@@ -397,7 +401,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            log.error("%s (writing %s)", disk_full(run_dir) or f"no space left on the device of {run_dir}",
+            log.error("%s (writing %s)", disk_full(run_dir, certain=True),
                       e.filename or "a file of the run")  # fmt: skip
             return 1
         if stuck := collective_failure(e, beats, cfg.trainer.collective_timeout_s):

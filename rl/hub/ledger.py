@@ -14,6 +14,7 @@ docs/operations.md, "When the hub dies".
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 from pathlib import Path
@@ -26,6 +27,17 @@ FLUSH_INTERVAL_S = 0.5
 """Longest the position after new leases stays unwritten (see the module docstring)."""
 
 SCHEMA_VERSION = 1
+
+EXIT_DISK_FULL = 74
+"""The hub's exit code when its disk is full: `rl train` then stops naming the full disk instead of restarting it."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error means the hub's disk is full (a file write, or SQLite's own 'database or disk is full')."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);

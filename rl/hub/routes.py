@@ -10,10 +10,8 @@ bounded body reads before FastAPI sees a request. docs/protocol.md lists every r
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import sqlite3
 
 import pydantic_core
 from fastapi import Depends, FastAPI, Query, Request
@@ -23,6 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.hub.guard import Guard
+from rl.hub.ledger import EXIT_DISK_FULL, disk_full
 from rl.hub.service import Hub
 from rl.wire.protocol import (
     IDENTITY_CHALLENGE_HEADER,
@@ -56,13 +55,6 @@ from rl.wire.protocol import (
 from rl.wire.receipts import Contributions, StepReceipt
 
 log = logging.getLogger(__name__)
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether an error means the hub's disk is full (a file write, or SQLite's own 'database or disk is full')."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
 class FastJSONRoute(APIRoute):
@@ -116,7 +108,7 @@ def create_app(hub: Hub) -> Guard:
         if disk_full(exc):
             log.critical("no space left on the hub's disk (%s %s: %s); exiting", request.method, request.url.path, exc)
             logging.shutdown()
-            os._exit(75)
+            os._exit(EXIT_DISK_FULL)
         return JSONResponse({"reason": "internal_error", "detail": type(exc).__name__}, status_code=500)
 
     @app.exception_handler(StarletteHTTPException)

@@ -24,7 +24,7 @@ from rl.hub.contributions import ContributionLedger
 from rl.hub.episode_runner import EpisodeRunner
 from rl.hub.episode_store import EpisodeStore
 from rl.hub.fair import FairTurns
-from rl.hub.ledger import FLUSH_INTERVAL_S, LedgerStore
+from rl.hub.ledger import EXIT_DISK_FULL, FLUSH_INTERVAL_S, LedgerStore, disk_full
 from rl.hub.policy_files import PolicyFiles
 from rl.hub.state import HubState, ScoringJob
 from rl.hub.trust import Trust
@@ -165,11 +165,11 @@ class Hub:
         """
         try:
             await self.write_ledger((pull_id or "", body))
-        except Exception:
+        except Exception as e:
             log.critical("cannot record the batch in %s; exiting (restarted from the database by rl train)",
                          self.store.path if self.store else None, exc_info=True)  # fmt: skip
             logging.shutdown()
-            os._exit(75)
+            os._exit(EXIT_DISK_FULL if disk_full(e) else 75)
 
     async def flush_periodically(self) -> None:
         while True:

@@ -140,6 +140,8 @@ class Tracker:
         """Draw curves.png and close the W&B run (also after an interruption or a failure)."""
         try:
             self.plot()
+        except OSError as e:  # e.g. a full disk: already reported by what failed first
+            log.warning("could not draw %s: %s", self.paths.curves, e)
         except Exception:  # a plot must never fail a finished run
             log.exception("could not draw curves.png")
         if self.wandb is not None:
