@@ -374,7 +374,8 @@ class TrustConfig(Section):
     between a worker's dtype and kernels and the trainer's; an operator gains at most a factor exp(tol / T) on any
     token's probability. None: 0.01 when workers and trainer both run float32, else 0.75 (docs/security.md)."""
     mask_special_tokens: bool = True
-    """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection)."""
+    """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection),
+    among tokens whose seeded draw is not checked (a checked draw is the policy's own sample)."""
     shared_forward: bool = True
     """Take the checks' statistics from the training forward (one forward per sequence per step; same verdicts);
     False, or a step it cannot serve (rl/trainer/verify.py), runs a no-grad forward of its own before training."""

@@ -127,11 +127,19 @@ class Verdicts:
         return {r: int((self.codes == i + 1).sum()) for i, r in enumerate(REASONS) if (self.codes == i + 1).any()}
 
 
-def special_token_rows(input_ids: Tensor, mask: Tensor, special_ids: list[int], stop_ids: list[int]) -> Tensor:
+def special_token_rows(
+    input_ids: Tensor, mask: Tensor, special_ids: list[int], stop_ids: list[int], drawn: Tensor | None = None
+) -> Tensor:
     """[B] bool: rows with a special token among their completion tokens, other than a stop token
     (end of sequence) in the last position of a run of completion tokens (an episode's turns each end
-    with one; observation tokens after it are masked). input_ids, mask: [B, L]."""
+    with one; observation tokens after it are masked). input_ids, mask: [B, L].
+
+    `drawn` [B, L] bool: tokens whose seeded draw is checked (`check_draws`), left out: such a token is
+    the policy's own sample wherever it stands (an honest model sometimes samples a chat-template token),
+    and an injected one fails its draw instead."""
     m = mask.bool()
+    if drawn is not None:
+        m &= ~drawn.to(m.device)
     special = torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype)) & m
     run_end = m & ~torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
     is_stop = torch.isin(input_ids, torch.tensor(stop_ids, dtype=input_ids.dtype)) & run_end

@@ -62,9 +62,6 @@ class StepChecks:
         self.local = batch.rows(self.mine)
         self.fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
                                     top_k=sampling.top_k)  # fmt: skip
-        stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.special = special_token_rows(self.local.input_ids, self.local.completion_mask,
-                                          tokenizer.all_special_ids, stop_ids)  # fmt: skip
         self.table = torch.zeros(batch.num_sequences, 4)
         self.pending = torch.ones(self.local.num_sequences, dtype=torch.bool)
         """Local rows without a verdict yet."""
@@ -72,6 +69,12 @@ class StepChecks:
         """Rows of `table` already summed over ranks."""
         self.kept = list(strategy.kept)
         """Versions whose weights check their groups (before the step keeps the current one)."""
+        drawn = None
+        if self.trust.verify_draws:  # rows checked under the weights that drew them: their seeded tokens
+            drawn = ~self.local.draw_uniforms(batch.rows_of_version(step, *self.kept)[self.mine]).isnan()
+        stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.special = special_token_rows(self.local.input_ids, self.local.completion_mask,
+                                          tokenizer.all_special_ids, stop_ids, drawn)  # fmt: skip
 
     # ------------------------------------------------------------------ separate forwards
 

@@ -95,6 +95,11 @@ def test_special_tokens_only_as_the_final_stop():
     ids = torch.tensor([[9, 9, 5, 6, 2], [9, 9, 5, 1, 6], [9, 9, 2, 5, 0], [9, 9, 5, 6, 0]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 0]])
     assert special_token_rows(ids, mask, [0, 1, 2], [2]).tolist() == [False, True, True, False]
+    drawn = torch.zeros_like(mask, dtype=torch.bool)
+    drawn[1, 3] = drawn[2, 2] = drawn[2, 4] = True  # the policy's own seeded draws: not a special token to mask
+    assert special_token_rows(ids, mask, [0, 1, 2], [2], drawn).tolist() == [False, False, False, False]
+    drawn[1, 3] = False
+    assert special_token_rows(ids, mask, [0, 1, 2], [2], drawn).tolist() == [False, True, False, False]
 
 
 def test_mask_rejected_zeroes_rows_and_keeps_the_baseline_honest():
@@ -222,8 +227,9 @@ def test_trainer_masks_a_best_of_n_pick_among_seeded_samples(tmp_path, tiny_mode
     batch, metrics = trainer.verify(build_batch(groups, trainer.pad_id), groups)
     masked = [i for i in range(batch.num_sequences) if batch.completion_mask[i].sum() == 0]
     # group 1's pick is masked; group 2's pick is of another version, not draw-checked. Honest draws of the
-    # tiny random model may contain a special token (masked for that, not for their draws).
+    # tiny random model may contain a special token: masked for that only where the draws are not checked.
     assert metrics["trust/rejected/not_seeded_draw"] == 1 and 4 in masked
+    assert [i for i in masked if i < 8] == [4], masked
     assert len(masked) == 1 + metrics["trust/rejected/special_token"], masked
     assert metrics["trust/draws_checked_fraction"] == pytest.approx(2 / 3)
 
@@ -262,8 +268,7 @@ def test_groups_one_version_behind_are_checked_against_the_weights_that_made_the
     batch, metrics = trainer.verify(build_batch(later, trainer.pad_id), later)
     masked = [i for i in range(batch.num_sequences) if batch.completion_mask[i].sum() == 0]
     assert metrics["trust/draws_checked_fraction"] == 1.0
-    assert metrics["trust/rejected/not_seeded_draw"] == 1 and 4 in masked, metrics
-    assert len(masked) == 1 + metrics["trust/rejected/special_token"], masked
+    assert metrics["trust/rejected/not_seeded_draw"] == 1 and masked == [4], metrics  # every draw checked
     trainer.strategy.kept.clear()  # without the kept weights, version 0 groups are not draw-checked
     _, stale = trainer.verify(build_batch(later, trainer.pad_id), later)
     assert stale["trust/draws_checked_fraction"] == 0.0
