@@ -43,12 +43,17 @@ def trained_copy(model_dir: Path, out: Path, steps: int, lr: float) -> Path:
     return out
 
 
-def rates(distances: list, tol: float) -> dict:
+def rates(distances: list, tol: float, once: float | None = None) -> dict:
+    """Tokens beyond `tol`, and sequences the check masks: with `once`, the trainer's rule (one token may be
+    beyond `tol` up to `once`), else any token beyond `tol`."""
     import torch
 
+    from rl.trainer.provenance import off_seeded_draw
+
     tokens = torch.cat(distances)
-    return {"tokens": float((tokens > tol).double().mean()),
-            "sequences": sum(bool((d > tol).any()) for d in distances) / len(distances)}  # fmt: skip
+    once = tol if once is None else once
+    masked = sum(bool(off_seeded_draw(d[None], tol, once)[0]) for d in distances)
+    return {"tokens": float((tokens > tol).double().mean()), "sequences": masked / len(distances)}
 
 
 def main() -> None:
@@ -60,6 +65,13 @@ def main() -> None:
     parser.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     parser.add_argument("--tol", type=float, default=None, help="the tolerance the power is measured at "
                         "(default: the trainer's for these dtypes)")  # fmt: skip
+    parser.add_argument(
+        "--once",
+        type=float,
+        default=None,
+        help="the tolerance of one token per sequence "
+        "(default: the config's trust.draw_tolerance_once, else by the dtypes)",
+    )
     parser.add_argument("--output", default=None, help="write the summary as JSON here")
     parser.add_argument("--dump", default=None, help="save per-sequence distances and tokens here (torch.save)")
     args = parser.parse_args()
@@ -85,7 +97,9 @@ def main() -> None:
     params = SamplingParamsWire(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                 top_k=s.top_k)  # fmt: skip
     rule = sampling_rule(params)
-    tol = args.tol if args.tol is not None else draw_tolerance(cfg.trust, args.worker_dtype, "float32")
+    tol, once = draw_tolerance(cfg.trust, args.worker_dtype, "float32")
+    tol = args.tol if args.tol is not None else tol
+    once = max(tol, args.once if args.once is not None else once)
     seeds = [completion_seeds(cfg.trainer.seed, task_id, s.n) for task_id in range(len(prompts))]
     max_len = max(len(p) for p in prompts) + s.max_tokens + 8
     engine = make_engine(EngineSpec(kind=args.engine), model_dir, max_model_len=max_len, dtype=args.worker_dtype)
@@ -107,7 +121,7 @@ def main() -> None:
             recomputed = logits.double().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
             lp_diff.append((recomputed - torch.tensor(c.logprobs, dtype=torch.float64)).abs())
             dump.append({"distance": honest[-1], "tokens": c.token_ids, "prompt": len(prompt)})
-    tokens, diffs = torch.cat(honest), torch.cat(lp_diff)
+    tokens, diffs, zero = torch.cat(honest), torch.cat(lp_diff), torch.zeros(1, dtype=torch.float64)
     q = torch.quantile(tokens, torch.tensor([0.99, 0.999], dtype=torch.float64)).tolist()
     summary = {
         "config": args.config, "model": cfg.model.name, "worker": f"{args.engine} {args.worker_dtype}",
@@ -117,9 +131,18 @@ def main() -> None:
         "flipped_tokens": float((tokens > 0).double().mean()),
         "distance_p99": q[0], "distance_p999": q[1], "distance_max": float(tokens.max()),
         "honest_rejected": {str(t): rates(honest, t) for t in TOLERANCES},
-        "tolerance": tol, "honest_rejected_at_tolerance": rates(honest, tol),
-        "selection_rejected_at_tolerance": rates(neighbour, tol),
-        "temperature_x0.7_rejected_at_tolerance": rates(cooled, tol),
+        "tolerance": tol, "tolerance_once": once, "honest_rejected_at_tolerance": rates(honest, tol, once),
+        "selection_rejected_at_tolerance": rates(neighbour, tol, once),
+        "temperature_x0.7_rejected_at_tolerance": rates(cooled, tol, once),
+        # Power where it matters: of the completions that are not also the other rule's draw (where they are,
+        # submitting them gains nothing), the share masked.
+        "selection_rejected_of_differing": rates([d for d in neighbour if bool((d > 0).any())] or [zero], tol, once),
+        "temperature_x0.7_rejected_of_differing": rates([d for d in cooled if bool((d > 0).any())] or [zero], tol,
+                                                        once),  # fmt: skip
+        "differing": {"selection": sum(bool((d > 0).any()) for d in neighbour) / len(neighbour),
+                      "temperature_x0.7": sum(bool((d > 0).any()) for d in cooled) / len(cooled)},  # fmt: skip
+        "without_once": {"honest": rates(honest, tol), "selection": rates(neighbour, tol),
+                         "temperature_x0.7": rates(cooled, tol)},
     }  # fmt: skip
     print(json.dumps(summary, indent=1))
     if args.output:

@@ -368,11 +368,16 @@ class TrustConfig(Section):
     copies of the trainable weights; none under ZeRO-3."""
     verify_draws: bool = True
     """Check that every completion token is the seeded draw of the hub's seed (verifiable sampling: no selection,
-    no other temperature, no injected text); a sequence with a token further than `draw_tolerance` is masked."""
+    no other temperature, no injected text); a sequence with two tokens further than `draw_tolerance`, or one further
+    than `draw_tolerance_once`, is masked."""
     draw_tolerance: float | None = Field(None, ge=0.0, le=20.0)
     """How far (raw-logit nats) a token may lose the seeded Gumbel race and still pass: honest numeric mismatch
     between a worker's dtype and kernels and the trainer's; an operator gains at most a factor exp(tol / T) on any
     token's probability. None: 0.01 when workers and trainer both run float32, else 0.75 (docs/security.md)."""
+    draw_tolerance_once: float | None = Field(None, ge=0.0, le=20.0)
+    """How far one token per sequence may lose the race (at least `draw_tolerance`): the rare honest close race
+    that bf16 rounding tips further (measured up to 1.48 nats), at most exp(tol / T) gained on one token.
+    None: `draw_tolerance` when workers and trainer both run float32, else 2.0 (docs/security.md)."""
     mask_special_tokens: bool = True
     """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection),
     among tokens whose seeded draw is not checked (a checked draw is the policy's own sample)."""

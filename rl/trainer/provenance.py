@@ -35,14 +35,28 @@ DRAW_TOLERANCE_FP32 = 0.01
 """`trust.draw_tolerance` (raw-logit nats) when workers and trainer both compute in float32 (honest ~1e-4)."""
 DRAW_TOLERANCE_MIXED = 0.75
 """Otherwise: bf16 workers against an fp32 trainer, SmolLM2-135M after simulated training (docs/security.md)."""
+DRAW_TOLERANCE_ONCE_MIXED = 2.0
+"""`trust.draw_tolerance_once` for bf16 workers: honest tails measured up to 1.48 nats after a real run's training,
+at the close races of an answer's digits (docs/security.md)."""
 
 
-def draw_tolerance(trust: TrustConfig, worker_dtype: str, trainer_dtype: str) -> float:
-    """The tolerance of the seeded-draw check: the configured one, else by the two dtypes."""
-    if trust.draw_tolerance is not None:
-        return trust.draw_tolerance
+def draw_tolerance(trust: TrustConfig, worker_dtype: str, trainer_dtype: str) -> tuple[float, float]:
+    """(tolerance of every token, of one token per sequence) of the seeded-draw check: the configured ones,
+    else by the two dtypes."""
     same_fp32 = worker_dtype == trainer_dtype == "float32"
-    return DRAW_TOLERANCE_FP32 if same_fp32 else DRAW_TOLERANCE_MIXED
+    tol = trust.draw_tolerance
+    if tol is None:
+        tol = DRAW_TOLERANCE_FP32 if same_fp32 else DRAW_TOLERANCE_MIXED
+    once = trust.draw_tolerance_once
+    if once is None:
+        once = tol if same_fp32 else DRAW_TOLERANCE_ONCE_MIXED
+    return tol, max(tol, once)
+
+
+def off_seeded_draw(distance: Tensor, tol: float, once: float) -> Tensor:
+    """[B] bool: sequences not drawn from their seed: distance [B, L] (`check_draws`' distances, 0 where not
+    checked). One token per sequence may lose the race by up to `once`, every other by up to `tol`."""
+    return (distance.amax(-1) > once) | ((distance > tol).sum(-1) > 1)
 
 
 def token_statistics(
@@ -161,7 +175,8 @@ def check_sequences(
     z = centred / torch.sqrt((stats[..., VARIANCE] * m).sum(-1) + 1.0)
     outside = (stats[..., OUTSIDE] * m).sum(-1) / tokens.clamp(min=1.0)
     tol = DRAW_TOLERANCE_MIXED if cfg.draw_tolerance is None else cfg.draw_tolerance
-    off_draw = (stats[..., DRAW] * m).amax(-1) > tol if cfg.verify_draws else torch.zeros_like(z) > 0
+    once = max(tol, DRAW_TOLERANCE_ONCE_MIXED if cfg.draw_tolerance_once is None else cfg.draw_tolerance_once)
+    off_draw = off_seeded_draw(stats[..., DRAW] * m, tol, once) if cfg.verify_draws else torch.zeros_like(z) > 0
     failed = [
         (abs_sum / tokens.clamp(min=1.0) > cfg.max_mean_logprob_diff) | (max_diff > cfg.max_token_logprob_diff),
         special if special is not None and cfg.mask_special_tokens else torch.zeros_like(tokens, dtype=torch.bool),

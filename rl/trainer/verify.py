@@ -53,8 +53,8 @@ class StepChecks:
     def __init__(self, cfg: RunConfig, strategy, tokenizer, batch: TrainBatch, step: int, share_prompt: bool):
         trust, sampling = cfg.trust, cfg.sampling
         worker_dtype = cfg.rollout.dtype or cfg.model.dtype
-        tolerance = draw_tolerance(trust, worker_dtype, cfg.model.dtype)
-        self.trust = trust.model_copy(update={"draw_tolerance": tolerance})
+        tolerance, once = draw_tolerance(trust, worker_dtype, cfg.model.dtype)
+        self.trust = trust.model_copy(update={"draw_tolerance": tolerance, "draw_tolerance_once": once})
         self.algo, self.strategy, self.batch, self.step = cfg.algorithm, strategy, batch, step
         self.share_prompt = share_prompt
         self.rank, self.world = strategy.rank, strategy.world_size
