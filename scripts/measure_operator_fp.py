@@ -104,6 +104,8 @@ def main() -> None:
 
     n = load_config(args.config).sampling.n
     metrics, batches = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "batches.jsonl")
+    metrics = [m for m in metrics if "trust/masked_sequences" in m]  # trained steps (not step 0's evaluation)
+    distances = sorted(m.get("trust/draw_distance_max", 0.0) for m in metrics)
     sequences, masked, reasons = Counter(), Counter(), Counter()
     for record in batches:
         for name in record["workers"]:
@@ -133,6 +135,10 @@ def main() -> None:
         "masked_fraction": total_masked / max(total, 1),
         "draws_checked_fraction_mean": sum(m.get("trust/draws_checked_fraction", 0.0) for m in metrics)
         / max(len(metrics), 1),
+        "draw_distance_max_per_step": {
+            "median": distances[len(distances) // 2] if distances else None,
+            "max": distances[-1] if distances else None,
+        },
         "quarantined": quarantined,
     }
     (run_dir / "fp_summary.json").write_text(json.dumps(summary, indent=1))

@@ -131,6 +131,8 @@ class Verdicts:
     """Completion tokens checked."""
     z: Tensor
     """Typicality z-score (0 when the sampling temperature is 0)."""
+    draw_max: Tensor | None = None
+    """Largest seeded-draw distance among the sequence's tokens (raw-logit nats; 0 where no draw is checked)."""
 
     @property
     def accepted(self) -> Tensor:
@@ -176,7 +178,8 @@ def check_sequences(
     outside = (stats[..., OUTSIDE] * m).sum(-1) / tokens.clamp(min=1.0)
     tol = DRAW_TOLERANCE_MIXED if cfg.draw_tolerance is None else cfg.draw_tolerance
     once = max(tol, DRAW_TOLERANCE_ONCE_MIXED if cfg.draw_tolerance_once is None else cfg.draw_tolerance_once)
-    off_draw = off_seeded_draw(stats[..., DRAW] * m, tol, once) if cfg.verify_draws else torch.zeros_like(z) > 0
+    distance = stats[..., DRAW] * m
+    off_draw = off_seeded_draw(distance, tol, once) if cfg.verify_draws else torch.zeros_like(z) > 0
     failed = [
         (abs_sum / tokens.clamp(min=1.0) > cfg.max_mean_logprob_diff) | (max_diff > cfg.max_token_logprob_diff),
         special if special is not None and cfg.mask_special_tokens else torch.zeros_like(tokens, dtype=torch.bool),
@@ -188,7 +191,7 @@ def check_sequences(
     codes = torch.zeros_like(tokens, dtype=torch.long)
     for i, bad in reversed(list(enumerate(failed))):  # the first failing check names the reason
         codes = torch.where(bad & (tokens > 0), torch.full_like(codes, i + 1), codes)
-    return Verdicts(codes, abs_sum, max_diff, tokens, z)
+    return Verdicts(codes, abs_sum, max_diff, tokens, z, distance.amax(-1))
 
 
 def mask_rejected(completion_mask: Tensor, rewards: Tensor, accepted: Tensor, group_size: int) -> tuple[Tensor, Tensor]:

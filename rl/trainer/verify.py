@@ -39,7 +39,7 @@ from rl.wire.protocol import ProvenanceReport, WorkerVerdicts
 
 log = logging.getLogger(__name__)
 
-CODE, ABS_DIFF_SUM, TOKENS, Z = range(4)
+CODE, ABS_DIFF_SUM, TOKENS, Z, DRAW_MAX = range(5)
 """Columns of a step's verdict table, one row per sequence of the batch."""
 
 
@@ -62,7 +62,7 @@ class StepChecks:
         self.local = batch.rows(self.mine)
         self.fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
                                     top_k=sampling.top_k)  # fmt: skip
-        self.table = torch.zeros(batch.num_sequences, 4)
+        self.table = torch.zeros(batch.num_sequences, 5)
         self.pending = torch.ones(self.local.num_sequences, dtype=torch.bool)
         """Local rows without a verdict yet."""
         self.reduced = torch.zeros(batch.num_sequences, dtype=torch.bool)
@@ -103,7 +103,8 @@ class StepChecks:
         """Verdicts of `local_rows` from their statistics [n, L, NUM_STATS] into this rank's rows of the table."""
         part = self.local.rows(local_rows)
         v = check_sequences(stats, part.behaviour_logprobs, part.completion_mask, self.trust, self.special[local_rows])
-        self.table[self.mine[local_rows]] = torch.stack([v.codes.float(), v.abs_diff_sum, v.tokens, v.z], dim=1)
+        self.table[self.mine[local_rows]] = torch.stack([v.codes.float(), v.abs_diff_sum, v.tokens, v.z,
+                                                         v.draw_max], dim=1)  # fmt: skip
         self.pending[local_rows] = False
 
     # ------------------------------------------------------------------ the shared forward
@@ -192,6 +193,7 @@ class StepChecks:
             "trust/mean_abs_logprob_diff": float(table[:, ABS_DIFF_SUM].sum() / table[:, TOKENS].sum().clamp(min=1.0)),
             "trust/typicality_z_max_abs": float(table[:, Z].abs().max()),
             "trust/draws_checked_fraction": float(checked) if seeded else 0.0,
+            "trust/draw_distance_max": float(table[:, DRAW_MAX].max()),
         }
         for i, reason in enumerate(REASONS):
             metrics[f"trust/rejected/{reason}"] = float((codes == i + 1).sum())

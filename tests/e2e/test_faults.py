@@ -176,7 +176,7 @@ def test_worker_stopped_mid_lease(tiny_model_dir, tmp_path):
     print(timing)
 
 
-HUB_STOP_S = 25.0
+HUB_STOP_S = 60.0  # "a minute" (issue 21)
 HUB_RUN_STEPS = 8
 
 
@@ -221,7 +221,7 @@ def hub_stopped_run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
 
 
 def test_hub_stopped_then_continued(hub_stopped_run):
-    """The hub SIGSTOPped for 25 s: the trainer and the worker wait, say what they wait for and since when, and go
+    """The hub SIGSTOPped for a minute: the trainer and the worker wait, say what they wait for and since when, and go
     on when it is continued; the hub drops no worker for a silence that was its own; every step trained once, no
     prompt lost."""
     run = hub_stopped_run

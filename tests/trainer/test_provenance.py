@@ -254,6 +254,7 @@ def test_trainer_masks_a_best_of_n_pick_among_seeded_samples(tmp_path, tiny_mode
     assert [i for i in masked if i < 8] == [4], masked
     assert len(masked) == 1 + metrics["trust/rejected/special_token"], masked
     assert metrics["trust/draws_checked_fraction"] == pytest.approx(2 / 3)
+    assert metrics["trust/draw_distance_max"] > 0.75  # the pick's
 
 
 def test_groups_one_version_behind_are_checked_against_the_weights_that_made_them(tmp_path, tiny_model_dir):
