@@ -376,8 +376,8 @@ class TrustConfig(Section):
     token's probability. None: 0.01 when workers and trainer both run float32, else 0.75 (docs/security.md)."""
     draw_tolerance_once: float | None = Field(None, ge=0.0, le=20.0)
     """How far one token per sequence may lose the race (at least `draw_tolerance`): the rare honest close race
-    that bf16 rounding tips further (measured up to 1.48 nats), at most exp(tol / T) gained on one token.
-    None: `draw_tolerance` when workers and trainer both run float32, else 2.0 (docs/security.md)."""
+    that bf16 rounding tips further (measured up to 2.12 nats), at most exp(tol / T) gained on one token.
+    None: `draw_tolerance` when workers and trainer both run float32, else 2.5 (docs/security.md)."""
     mask_special_tokens: bool = True
     """Mask sequences with a special token anywhere but a final end-of-sequence token (chat-template injection),
     among tokens whose seeded draw is not checked (a checked draw is the policy's own sample)."""

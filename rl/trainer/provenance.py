@@ -35,9 +35,9 @@ DRAW_TOLERANCE_FP32 = 0.01
 """`trust.draw_tolerance` (raw-logit nats) when workers and trainer both compute in float32 (honest ~1e-4)."""
 DRAW_TOLERANCE_MIXED = 0.75
 """Otherwise: bf16 workers against an fp32 trainer, SmolLM2-135M after simulated training (docs/security.md)."""
-DRAW_TOLERANCE_ONCE_MIXED = 2.0
-"""`trust.draw_tolerance_once` for bf16 workers: honest tails measured up to 1.48 nats after a real run's training,
-at the close races of an answer's digits (docs/security.md)."""
+DRAW_TOLERANCE_ONCE_MIXED = 2.5
+"""`trust.draw_tolerance_once` for bf16 workers: honest tails measured up to 2.12 nats in a real 30-step run, at the
+close races of an answer's digits (docs/security.md)."""
 
 
 def draw_tolerance(trust: TrustConfig, worker_dtype: str, trainer_dtype: str) -> tuple[float, float]:
