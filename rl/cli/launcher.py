@@ -147,7 +147,9 @@ class Watchdog:
             workers = self.launch.workers
             if workers and len(dead) == len(workers) and not self._remote_workers():
                 logs = ", ".join(str(w.log_path) for w in workers)
-                self._alert(f"every local rollout worker exited and no remote worker is connected (see {logs})")
+                why = f"every local rollout worker exited and no remote worker is connected (see {logs})"
+                full = disk_full(self.launch.run_dir)  # their weight caches live in the run directory
+                self._alert(f"{why}: {full}" if full else why)
                 return
 
     def _restart_hub(self) -> bool:
