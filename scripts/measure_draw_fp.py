@@ -122,6 +122,7 @@ def main() -> None:
             lp_diff.append((recomputed - torch.tensor(c.logprobs, dtype=torch.float64)).abs())
             dump.append({"distance": honest[-1], "tokens": c.token_ids, "prompt": len(prompt)})
     tokens, diffs, zero = torch.cat(honest), torch.cat(lp_diff), torch.zeros(1, dtype=torch.float64)
+    moved_neighbour, moved_cooled = ([d for d in ds if bool((d > 0).any())] for ds in (neighbour, cooled))
     q = torch.quantile(tokens, torch.tensor([0.99, 0.999], dtype=torch.float64)).tolist()
     summary = {
         "config": args.config, "model": cfg.model.name, "worker": f"{args.engine} {args.worker_dtype}",
@@ -136,11 +137,10 @@ def main() -> None:
         "temperature_x0.7_rejected_at_tolerance": rates(cooled, tol, once),
         # Power where it matters: of the completions that are not also the other rule's draw (where they are,
         # submitting them gains nothing), the share masked.
-        "selection_rejected_of_differing": rates([d for d in neighbour if bool((d > 0).any())] or [zero], tol, once),
-        "temperature_x0.7_rejected_of_differing": rates([d for d in cooled if bool((d > 0).any())] or [zero], tol,
-                                                        once),  # fmt: skip
-        "differing": {"selection": sum(bool((d > 0).any()) for d in neighbour) / len(neighbour),
-                      "temperature_x0.7": sum(bool((d > 0).any()) for d in cooled) / len(cooled)},  # fmt: skip
+        "selection_rejected_of_differing": rates(moved_neighbour or [zero], tol, once),
+        "temperature_x0.7_rejected_of_differing": rates(moved_cooled or [zero], tol, once),
+        "differing": {"selection": len(moved_neighbour) / len(neighbour),
+                      "temperature_x0.7": len(moved_cooled) / len(cooled)},  # fmt: skip
         "without_once": {"honest": rates(honest, tol), "selection": rates(neighbour, tol),
                          "temperature_x0.7": rates(cooled, tol)},
     }  # fmt: skip

@@ -131,7 +131,7 @@ class Verdicts:
     """Completion tokens checked."""
     z: Tensor
     """Typicality z-score (0 when the sampling temperature is 0)."""
-    draw_max: Tensor | None = None
+    draw_max: Tensor
     """Largest seeded-draw distance among the sequence's tokens (raw-logit nats; 0 where no draw is checked)."""
 
     @property
@@ -176,8 +176,7 @@ def check_sequences(
     centred = (excess * m).sum(-1)
     z = centred / torch.sqrt((stats[..., VARIANCE] * m).sum(-1) + 1.0)
     outside = (stats[..., OUTSIDE] * m).sum(-1) / tokens.clamp(min=1.0)
-    tol = DRAW_TOLERANCE_MIXED if cfg.draw_tolerance is None else cfg.draw_tolerance
-    once = max(tol, DRAW_TOLERANCE_ONCE_MIXED if cfg.draw_tolerance_once is None else cfg.draw_tolerance_once)
+    tol, once = draw_tolerance(cfg, "bfloat16", "float32")  # unresolved (None) tolerances: mixed dtypes
     distance = stats[..., DRAW] * m
     off_draw = off_seeded_draw(distance, tol, once) if cfg.verify_draws else torch.zeros_like(z) > 0
     failed = [
