@@ -88,6 +88,17 @@ def disk_full(run_dir: Path, certain: bool = False) -> str | None:
             f"with: rl train {RunDir(run_dir).config} --resume (the latest checkpoint stays valid)")  # fmt: skip
 
 
+def _no_space(e: BaseException | None) -> OSError | None:
+    """The ENOSPC error `e` is or was raised from (a background writer's failure is re-raised wrapped), else None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class Watchdog:
     """A thread that polls the children every second and tells the trainer when one dies.
 
@@ -402,9 +413,9 @@ def run_training(cfg: RunConfig, resume: bool = False) -> int:
         log.warning("stopped at once; the latest checkpoint under %s stays valid", RunDir(run_dir).checkpoints)
         return EXIT_INTERRUPTED
     except Exception as e:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if (full := _no_space(e)) is not None:
             log.error("%s (writing %s)", disk_full(run_dir, certain=True),
-                      e.filename or "a file of the run")  # fmt: skip
+                      full.filename or "a file of the run")  # fmt: skip
             return 1
         if stuck := collective_failure(e, beats, cfg.trainer.collective_timeout_s):
             ckpt = latest_checkpoint(run_dir)
