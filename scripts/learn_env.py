@@ -28,9 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")  # fmt: skip
-    return env
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")  # fmt: skip
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -53,6 +52,7 @@ def eval_child(config_path: Path, model_dir: str, heldout: int, samples: int, ou
     from rl.envs.play import play, summarise
     from rl.envs.render import ObservationRenderer
     from rl.hub.data import PromptSet, load_rows
+    from rl.hub.service import decode_texts
 
     cfg = load_config(config_path, [f"data.eval_size={heldout}"])
     src = cfg.data.source
@@ -65,14 +65,10 @@ def eval_child(config_path: Path, model_dir: str, heldout: int, samples: int, ou
     stop = sorted(renderer.end_ids)
 
     def decode(seqs: list[list[int]]) -> list[str]:
-        return [tokenizer.decode(ids, skip_special_tokens=True) for ids in seqs]
+        return decode_texts(tokenizer, seqs)  # the hub's decode: the environment sees the text it would
 
-    def generator(params_of):
-        calls = [0]
-
+    def generator(params):
         def generate(batch: list[list[int]]) -> list[list[int]]:
-            params = [params_of(i, calls[0]) for i in range(len(batch))]
-            calls[0] += 1
             outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in batch], params, use_tqdm=False)
             return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -81,7 +77,7 @@ def eval_child(config_path: Path, model_dir: str, heldout: int, samples: int, ou
     s = cfg.sampling
     result = {"model": model_dir, "rows": len(prompts.rows)}
     t0 = time.perf_counter()
-    greedy = generator(lambda i, turn: SamplingParams(temperature=0.0, max_tokens=s.max_tokens, stop_token_ids=stop))
+    greedy = generator(SamplingParams(temperature=0.0, max_tokens=s.max_tokens, stop_token_ids=stop))
     played = play(env, prompts.rows, prompts.prompt_ids, greedy, decode, renderer, cfg.model.max_model_len,
                   s.max_tokens)  # fmt: skip
     result["greedy"] = summarise(played)
@@ -91,8 +87,8 @@ def eval_child(config_path: Path, model_dir: str, heldout: int, samples: int, ou
         rows_k = [r for r in prompts.rows for _ in range(samples)]
         ids_k = [ids for ids in prompts.prompt_ids for _ in range(samples)]
         # vLLM-CPU has no per-request seeds: the engine's seed (0) and the fixed order of calls make it repeatable.
-        sampled = generator(lambda i, turn: SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                                           max_tokens=s.max_tokens, stop_token_ids=stop))  # fmt: skip
+        sampled = generator(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                           max_tokens=s.max_tokens, stop_token_ids=stop))  # fmt: skip
         result["sampled"] = summarise(play(env, rows_k, ids_k, sampled, decode, renderer, cfg.model.max_model_len,
                                            s.max_tokens))  # fmt: skip
     result["eval_s"] = time.perf_counter() - t0
