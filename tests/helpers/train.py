@@ -190,6 +190,8 @@ def wandb_records(path: Path) -> list:
         _, length, kind = _RECORD_HEADER.unpack_from(data, pos)
         if kind == 0 and length == 0:
             break
+        if pos + _RECORD_HEADER.size + length > len(data):  # still being written
+            break
         chunk = data[pos + _RECORD_HEADER.size : pos + _RECORD_HEADER.size + length]
         pos += _RECORD_HEADER.size + length
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -200,11 +202,18 @@ def wandb_records(path: Path) -> list:
     return records
 
 
-def wandb_history(run_dir: Path) -> list[dict]:
-    """Every history row logged to the run's offline W&B files, decoded from JSON."""
+def wandb_history(run_dir: Path, timeout: float = 60.0) -> list[dict]:
+    """Every history row logged to the run's offline W&B files, decoded from JSON.
+    `wandb.finish()` can return before W&B's service process has written the whole file (seen about 1 in 25
+    runs: no history yet), so each file is read once it holds the run's `exit` record."""
     rows = []
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        for rec in wandb_records(path):
+        deadline = time.monotonic() + timeout
+        while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)):
+            assert time.monotonic() < deadline, f"{path} has no exit record after {timeout:.0f} s"
+            time.sleep(0.2)
+        records = wandb_records(path)
+        for rec in records:
             if rec.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in rec.history.item})  # fmt: skip

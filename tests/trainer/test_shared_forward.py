@@ -52,13 +52,19 @@ def weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.strategy.gather_state_dict().items()}
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """Equal to rounding, amplified by AdamW where a gradient cancels to near its eps (an update of
-    lr * g / (|g| + eps)): the shared path scales the gradients at the step where the other divides the
-    losses, so they round apart.
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], steps: int) -> None:
+    """Equal to rounding (1e-3: 2% of an update at lr 0.05), except where AdamW amplifies it: the shared path
+    scales the gradients at the step where the other divides the losses, so they round apart, and an element
+    whose gradient cancels to near Adam's eps gets an update of lr * g / (|g| + eps), which that rounding moves
+    by up to a whole update (lr) per step. Such elements are rare: at most one in 10,000 of a tensor (seen: 1 of
+    29,312 under ZeRO-3 after two steps), each within `steps` updates.
     The scale itself is checked by the equal pre-clip gradient norms (`grad_norm` in the metrics)."""
+    lr = 0.05
     for name, value in a.items():
-        torch.testing.assert_close(value, b[name], rtol=1e-3, atol=1e-3)  # lr 0.05: 2% of an update
+        diff = (value - b[name]).abs()
+        apart = int((diff > 1e-3 + 1e-3 * b[name].abs()).sum())
+        assert apart <= max(1, value.numel() // 10_000), (name, apart, value.numel(), float(diff.max()))
+        assert float(diff.max()) <= steps * lr, (name, float(diff.max()))
 
 
 @pytest.mark.parametrize("stage", [0, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
@@ -95,7 +101,7 @@ def test_shared_forward_matches_the_two_forward_path(tmp_path, tiny_model_dir, s
     assert out[True][1]["trust/masked_sequences"] >= 2  # the forgery and the pick (+ special tokens, if drawn)
     assert_same(out[True], out[False])
     after = {s: weights(t) for s, t in trainers.items()}
-    assert_same_weights(after[True], after[False])
+    assert_same_weights(after[True], after[False], steps=1)
 
     # Step 1: groups of version 0 (kept under ZeRO <= 2: their own forward under version 0's weights) and 1.
     current = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -110,4 +116,4 @@ def test_shared_forward_matches_the_two_forward_path(tmp_path, tiny_model_dir, s
     assert out[True][1]["trust/draws_checked_fraction"] == (1.0 if kept else 0.5)
     assert_same(out[True], out[False])
     after = {s: weights(t) for s, t in trainers.items()}
-    assert_same_weights(after[True], after[False])
+    assert_same_weights(after[True], after[False], steps=2)
