@@ -133,9 +133,6 @@ class RunConfig(Section):
                 f"trainer.micro_batch_size ({self.trainer.micro_batch_size}) exceeds the batch "
                 f"(trainer.prompts_per_step * sampling.n = {self.trainer.prompts_per_step * self.sampling.n})"
             )
-        if self.data.source.type == "env" and self.eval.every > 0:
-            raise ValueError("eval.every must be 0 with data.source.type env: evaluations of episodes are not built "
-                             "yet (follow reward/correct in metrics.jsonl)")  # fmt: skip
         if self.data.max_prompt_tokens + self.sampling.max_tokens > self.model.max_model_len:
             raise ValueError(
                 f"data.max_prompt_tokens + sampling.max_tokens ({self.data.max_prompt_tokens} + "

@@ -4,7 +4,8 @@ For every accepted turn (a task's first turns, or one later turn) the runner dec
 tokens, runs the environment's `step` (and its tools) in a thread, renders the observation with the
 chat template (rl/envs/render.py), then, back on the event loop, records the step in the episodes
 (rl/hub/episodes.py), saves them in the database, and buffers the task's group once every episode
-is done and graded. Nothing here reads what a worker says beyond its token ids and log-probs.
+is done and graded (an eval task's grades go to its eval job instead; its episodes are not saved: eval
+jobs do not outlive the hub). Nothing here reads what a worker says beyond its token ids and log-probs.
 """
 
 from __future__ import annotations
@@ -97,26 +98,31 @@ class EpisodeRunner:
             self.drop(tid, task, f"{type(e).__name__}: {e}")
             return
         t1 = time.perf_counter()
-        if tid not in st.scoring or task not in st.task_rows:
+        evaluated = task < 0
+        if tid not in st.scoring or task not in (st.evals if evaluated else st.task_rows):
             return  # given up meanwhile (its worker was quarantined: the turn went back to the queue)
         del st.scoring[tid]
-        row = st.task_rows[task]
-        prompt = st.prompts.prompt_ids[row]
-        self.episodes.apply(tid, job.completions, job.policy_version, job.worker_id, outcomes,
-                            st.seeds_of(task, st.cfg.sampling.n), len(prompt))  # fmt: skip
+        prompt = self.episodes.prompt_ids_of(task)
+        first_seeds = st.seeds_of(task, len(ids))  # a first turn's n completions (later turns have their own)
+        self.episodes.apply(tid, job.completions, job.policy_version, job.worker_id, outcomes, first_seeds,
+                            len(prompt))  # fmt: skip
         grade_s = 0.0
+        store = None if evaluated else self.store
         if self.episodes.finished(task):
             t2 = time.perf_counter()
             grades = [self.env.grade(e.state) for e in self.episodes.groups[task]]
             grade_s = time.perf_counter() - t2
-            group = self.episodes.group(task, row, prompt, grades, job.worker_id, job.worker_name,
-                                        st.seeds_of(task, st.cfg.sampling.n))  # fmt: skip
-            if self.store is not None:
-                self.store.delete(task)
-            st.scored(group)
+            if evaluated:
+                st.evals.record_episodes(task, self.episodes.groups.pop(task), grades)
+            else:
+                row = st.task_rows[task]
+                st.scored(self.episodes.group(task, row, prompt, grades, job.worker_id, job.worker_name,
+                                              st.seeds_of(task, st.cfg.sampling.n)))  # fmt: skip
+            if store is not None:
+                store.delete(task)
         else:
-            if self.store is not None:
-                self.store.save(task, self.episodes.dump(task))
+            if store is not None:
+                store.save(task, self.episodes.dump(task))
             st.on_work()  # the next turns are leasable
         self.hub_s += hub_s + render_s + time.perf_counter() - t1 - grade_s
         self.env_s += env_s + grade_s
@@ -129,6 +135,10 @@ class EpisodeRunner:
         st.scoring_failures += 1
         st.last_scoring_error = f"task {task}: environment failed: {error}"
         self.episodes.forget(task)
+        if task < 0:  # an eval task: its job finishes without it
+            if task in st.evals:
+                st.evals.give_up(task)
+            return
         if task in st.task_rows:
             del st.task_rows[task]
             st.scoring_dropped += 1

@@ -8,6 +8,8 @@ exactly as generated, the observations rendered by the hub. A worker only ever a
 turn must end at its first end-of-turn token, so it cannot append an observation of its own.
 When every episode is done the group (graded by the environment, trusted code) is buffered like
 any scored group. Episodes are JSON, saved in the hub's database after every step (`EpisodeStore`).
+An eval task (negative id, rl/hub/evals.py) plays its episodes the same way, with turn ids of its own
+(negative too), leased only with the eval job's version and sampling; its grades go to the job.
 Bookkeeping only: the service (rl/hub/service.py) runs the environment's steps off the event loop.
 """
 
@@ -19,23 +21,30 @@ from typing import Any
 
 from rl.config import EnvSource, RunConfig
 from rl.hub.data import PromptSet
+from rl.hub.evals import EvalJobs
 from rl.sampling import completion_seeds
 from rl.wire.packed import PackedCompletion
 from rl.wire.protocol import LeasedTask, SamplingParamsWire, ScoredCompletion, ScoredGroup
 
 TURN_ID_BASE = 1 << 40
-"""Turn ids are TURN_ID_BASE + task id * MAX_EPISODES + episode: apart from task ids (>= 0) and eval ids (< 0)."""
+"""Turn ids are TURN_ID_BASE + task id * MAX_EPISODES + episode, apart from task ids (>= 0); an eval task's
+(id < 0) are the same, negated: -(TURN_ID_BASE + -task id * MAX_EPISODES + episode), apart from eval ids."""
 MAX_EPISODES = 1 << 10
 TURN_SEED_SALT = 0x7E57_7A12
 """Later turns draw their seeds apart from first turns (`HubState.seeds_of`)."""
 
 
 def turn_id(task_id: int, episode: int) -> int:
+    if task_id < 0:  # an eval task
+        return -(TURN_ID_BASE - task_id * MAX_EPISODES + episode)
     return TURN_ID_BASE + task_id * MAX_EPISODES + episode
 
 
 def split_turn_id(tid: int) -> tuple[int, int]:
     """(task id, episode index) of a turn id."""
+    if tid < 0:
+        task, episode = divmod(-tid - TURN_ID_BASE, MAX_EPISODES)
+        return -task, episode
     return divmod(tid - TURN_ID_BASE, MAX_EPISODES)
 
 
@@ -77,14 +86,16 @@ class Episodes:
     """The episodes in flight, by training task id, and the queue of turns waiting for a worker."""
 
     @classmethod
-    def for_run(cls, cfg: RunConfig, prompts: PromptSet, task_rows: dict[int, int]) -> Episodes:
+    def for_run(cls, cfg: RunConfig, prompts: PromptSet, task_rows: dict[int, int],
+                evals: EvalJobs | None = None) -> Episodes:  # fmt: skip
         """The run's episodes: enabled when its data source is an environment (`data.source.type: env`).
-        `task_rows`: the hub state's outstanding task id -> row index (read here, never written)."""
+        `task_rows`: the hub state's outstanding task id -> row index (read here, never written);
+        `evals`: the hub's eval jobs (their tasks' rows, versions and sampling)."""
         src = cfg.data.source
         turns = int(src.params.get("max_turns", 4)) if isinstance(src, EnvSource) else 1
         out = cls(cfg.trainer.seed, turns, cfg.model.max_model_len, cfg.sampling.max_tokens)
         out.enabled = isinstance(src, EnvSource)
-        out.prompts, out.task_rows = prompts, task_rows
+        out.prompts, out.task_rows, out.evals = prompts, task_rows, evals
         return out
 
     enabled = False
@@ -99,6 +110,7 @@ class Episodes:
         self.prompts: PromptSet | None = None
         self.task_rows: dict[int, int] = {}
         """The hub state's outstanding task id -> row index (`for_run`)."""
+        self.evals: EvalJobs | None = None
         self.groups: dict[int, list[Episode]] = {}
         self.queue: deque[int] = deque()
         self.turns_done = 0
@@ -106,7 +118,7 @@ class Episodes:
 
     def __contains__(self, tid: int) -> bool:
         """Is `tid` the id of an episode's turn (rather than a task or an eval task)?"""
-        return tid >= TURN_ID_BASE
+        return tid >= TURN_ID_BASE or tid <= -TURN_ID_BASE
 
     def task_of(self, tid: int) -> int:
         return split_turn_id(tid)[0] if tid in self else tid
@@ -128,23 +140,37 @@ class Episodes:
         return completion_seeds(self.run_seed ^ TURN_SEED_SALT, tid, self.max_turns)[len(episode.turns)]
 
     def example_of(self, tid: int) -> dict[str, Any]:
-        """The data row of a training task or of one of its episodes' turns."""
-        return self.prompts.rows[self.task_rows[self.task_of(tid)]]
+        """The data row of a task (training or eval) or of one of its episodes' turns."""
+        task = self.task_of(tid)
+        return self.evals.example(task)[1] if task < 0 else self.prompts.rows[self.task_rows[task]]
 
-    def next_turns(self, worker_id: str, sampling: SamplingParamsWire,
-                   max_tasks: int) -> tuple[list[LeasedTask], SamplingParamsWire] | None:  # fmt: skip
-        """Up to `max_tasks` waiting turns, the worker's own episodes first."""
-        if not self.queue:
+    def prompt_ids_of(self, task: int) -> list[int]:
+        """The prompt's token ids of a task (training or eval)."""
+        return self.evals.prompt_ids(task) if task < 0 else self.prompts.prompt_ids[self.task_rows[task]]
+
+    def next_turns(self, worker_id: str, sampling: SamplingParamsWire, max_tasks: int,
+                   eval_version: int | None = None) -> tuple[list[LeasedTask], SamplingParamsWire] | None:  # fmt: skip
+        """Up to `max_tasks` waiting turns of training episodes, the worker's own first; with `eval_version`,
+        of the episodes of that version's eval job instead (at its sampling)."""
+        if eval_version is None:
+            waiting = [t for t in self.queue if t > 0]
+        else:
+            waiting = [t for t in self.queue if t < 0 and self.evals.version_of(self.task_of(t)) == eval_version]
+            job = self.evals.job_id_of(self.task_of(waiting[0])) if waiting else None
+            waiting = [t for t in waiting if self.evals.job_id_of(self.task_of(t)) == job]  # one job's sampling
+        if not waiting:
             return None
-        mine = [t for t in self.queue if self._episode(t).worker_id == worker_id]
-        chosen = (mine + [t for t in self.queue if t not in mine])[:max_tasks]
+        mine = [t for t in waiting if self._episode(t).worker_id == worker_id]
+        chosen = (mine + [t for t in waiting if t not in mine])[:max_tasks]
         for t in chosen:
             self.queue.remove(t)
         tasks = []
         for t in chosen:
             task, j = split_turn_id(t)
-            ids = self.prompts.prompt_ids[self.task_rows[task]] + self.groups[task][j].tokens
+            ids = self.prompt_ids_of(task) + self.groups[task][j].tokens
             tasks.append(LeasedTask(task_id=t, prompt_token_ids=ids, seeds=[self.seed_of(t)]))
+        if eval_version is not None:
+            sampling = self.evals.sampling_of(self.task_of(chosen[0]))
         return tasks, sampling.model_copy(update={"n": 1})
 
     def requeue(self, tid: int) -> None:

@@ -9,7 +9,9 @@ counted as consumed, and a finished job is forgotten once its results are read.
 
 Task ids on the wire are ints; eval ids are negative (-1, -2, ...), so they can
 never collide with training tasks, whose ids are the data order's sequence
-numbers (>= 0).
+numbers (>= 0). In an environment run an eval task is a group of episodes
+(rl/hub/episodes.py): its later turns have negative ids of their own, and its
+result is the environment's grades (`record_episodes`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,37 @@ class EvalJobs:
         assert self.prompts is not None
         row = self._job(task_id).rows[task_id]
         return row, self.prompts.rows[row]
+
+    def prompt_ids(self, task_id: int) -> list[int]:
+        assert self.prompts is not None
+        return self.prompts.prompt_ids[self._job(task_id).rows[task_id]]
+
+    def version_of(self, task_id: int) -> int:
+        return self._job(task_id).version
+
+    def sampling_of(self, task_id: int) -> SamplingParamsWire:
+        return self._job(task_id).sampling
+
+    def job_id_of(self, task_id: int) -> str:
+        return self._job_of[task_id]
+
+    def record_episodes(self, task_id: int, episodes: list, grades: list) -> None:
+        """Keep the grades of one task's finished episodes (rl/hub/episodes.py `Episode`s, same order); an
+        episode's length is its model tokens (the observations excluded)."""
+        job = self._job(task_id)
+        job.results[task_id] = EvalTaskResult(
+            task_id=task_id,
+            row_index=job.rows[task_id],
+            completions=[
+                EvalCompletion(
+                    reward=g.value,
+                    components={**g.components, "turns": float(len(e.turns)), "tool_calls": float(e.tool_calls)},
+                    length=sum(end - start for start, end, *_ in e.turns),
+                    finish_reason=e.finish_reason,
+                )
+                for e, g in zip(episodes, grades, strict=True)
+            ],  # fmt: skip
+        )
 
     def record(self, task_id: int, completions: list[PackedCompletion], rewards: list) -> None:
         """Keep the scores of one task's completions (`rewards`: verifier `Reward`s, same order)."""

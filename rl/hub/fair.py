@@ -44,7 +44,8 @@ def operator_room(state: HubLike, operator: str) -> int:
 def late_tasks(state: HubLike, operator: str, limit: int, now: float) -> list[int]:
     """Training tasks another operator has held too long (`hub.backup_factor` x the median turnaround, at least
     `hub.backup_min_s`), or holds beyond its fair share (it took them before others joined): leased again as
-    backups, at most two holders each; the first valid result wins."""
+    backups, at most two holders each; the first valid result wins. Not an episode's later turn (it goes back to
+    the queue when its lease expires: `hub.lease_ttl_s`)."""
     if state.cfg.hub.backup_factor <= 0 or limit <= 0:
         return []
     typical = statistics.median(state.turnaround) if state.turnaround else 0.0
@@ -63,7 +64,7 @@ def late_tasks(state: HubLike, operator: str, limit: int, now: float) -> list[in
         if now - lease.granted_at < late_after and over[holder] <= 0:
             continue
         for tid in sorted(lease.task_ids):
-            if tid in state.evals or len(state.leased.get(tid, ())) > 1:
+            if tid < 0 or tid in state.episodes or len(state.leased.get(tid, ())) > 1:  # evals; episodes' turns
                 continue
             found.append(tid)
             over[holder] -= 1

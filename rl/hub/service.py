@@ -279,10 +279,9 @@ class Hub:
             self.contributions.rejected(req.worker_id, step, req, e.reason)
             raise
         # Evaluation is the run's own business, not a contribution.
-        self.contributions.submitted([j for j in jobs if j.task_id not in self.state.evals], step, req.gen_seconds)
+        self.contributions.submitted([j for j in jobs if j.task_id >= 0], step, req.gen_seconds)  # evals: < 0
         for job in jobs:
-            episode = self.episodes is not None and job.task_id not in self.state.evals
-            self._spawn(self.episodes.advance(job) if episode else self.score(job))
+            self._spawn(self.episodes.advance(job) if self.episodes is not None else self.score(job))
         return answer
 
     # ------------------------------------------------------------------ scoring

@@ -81,7 +81,7 @@ class HubState:
         self.leases: dict[str, LeaseRecord] = {}
         self.queue: deque[int] = deque()  # re-queued task ids, served before new ones
         self.task_rows: dict[int, int] = {}  # outstanding task id -> row index
-        self.episodes = Episodes.for_run(cfg, prompts, self.task_rows)  # an environment's turns (rl/hub/episodes.py)
+        self.episodes = Episodes.for_run(cfg, prompts, self.task_rows, self.evals)  # environments' turns (episodes.py)
         self.leased: dict[int, set[str]] = {}  # task id -> the leases holding it (two with a backup lease)
         self.blocked: set[str] = set()  # quarantined operators (token ids): no registrations, no leases
         self.eval_operator: str | None = None  # the only operator given eval tasks (`rl train`'s local workers)
@@ -125,14 +125,8 @@ class HubState:
             self.queue.append(tid)
 
     def ledger(self) -> Ledger:
-        return Ledger(
-            seed=self.cfg.data.seed,
-            num_rows=len(self.prompts),
-            position=self.order.position,
-            pending=sorted(self.task_rows),
-            consumed=self.consumed,
-            batches=self.batches,
-        )
+        return Ledger(seed=self.cfg.data.seed, num_rows=len(self.prompts), position=self.order.position,
+                      pending=sorted(self.task_rows), consumed=self.consumed, batches=self.batches)  # fmt: skip
 
     @property
     def outstanding(self) -> int:
@@ -278,10 +272,12 @@ class HubState:
             return Lease(lease_id=None, min_policy_version=self.policy_version, reason="update policy first")
         offered = None  # eval results are not checked by the trainer: they go to the trusted operator alone
         if self.eval_operator is None or rec.token == self.eval_operator:
-            offered = self.evals.next_tasks(req.policy_version, min(req.max_tasks, self.cfg.hub.max_tasks_per_lease))
+            k = min(req.max_tasks, self.cfg.hub.max_tasks_per_lease)
+            offered = self.evals.next_tasks(req.policy_version, k) or self.episodes.next_turns(
+                rec.worker_id, self.sampling_params(), k, eval_version=req.policy_version
+            )  # an eval's episodes
         if offered is not None:
-            eval_tasks, sampling = offered
-            return self._grant(rec, eval_tasks, sampling, req.policy_version, now, req.policy_version)
+            return self._grant(rec, *offered, req.policy_version, now, req.policy_version)
         turns = self.episodes.next_turns(rec.worker_id, self.sampling_params(), req.max_tasks)
         if turns is not None:  # episodes in flight go first
             return self._grant(rec, *turns, min_version, now, req.policy_version)
@@ -333,7 +329,7 @@ class HubState:
     def seeds_of(self, task_id: int, n: int) -> list[int]:
         """The completions' sampling seeds of a task: a function of the run and the task, so a re-queued or
         restored task keeps them (dropping a group to wait for luckier draws gains nothing)."""
-        salt = EVAL_SEED_SALT if task_id in self.evals else 0
+        salt = EVAL_SEED_SALT if task_id < 0 else 0
         return completion_seeds(self.cfg.trainer.seed ^ salt, task_id, n)
 
     def _requeue(self, task_ids) -> None:
@@ -396,7 +392,7 @@ class HubState:
         jobs = [
             ScoringJob(
                 task_id=tid,
-                example=self.evals.example(tid)[1] if tid in self.evals else self.episodes.example_of(tid),
+                example=self.episodes.example_of(tid),
                 completions=checked[tid],
                 policy_version=req.policy_version,
                 worker_id=rec.worker_id,
@@ -449,7 +445,7 @@ class HubState:
     def stale_submission(self, req: SubmitRequest) -> HubError | None:
         """A version older than current - max_staleness: reject, and re-queue the lease's tasks."""
         oldest = self.policy_version - self.max_staleness
-        if req.policy_version >= oldest or all(r.task_id in self.evals for r in req.results):
+        if req.policy_version >= oldest or all(r.task_id < 0 for r in req.results):  # evals: their job's version
             return None
         lease = self.leases.get(req.lease_id)
         if lease is not None:
@@ -594,7 +590,7 @@ class HubState:
         return {
             "position": self.order.position,
             "queued": sorted(self.queue),
-            "leased": sorted(t for t in self.leased if t not in self.evals),
-            "scoring": sorted(t for t in self.scoring if t not in self.evals),
+            "leased": sorted(t for t in self.leased if t >= 0),
+            "scoring": sorted(t for t in self.scoring if t >= 0),
             "buffered": sorted(self.buffer),
         }

@@ -50,7 +50,10 @@ def validate_submission(
             raise state.reject(409, "task_not_in_lease", f"task {tid} is not part of lease {req.lease_id}")
         try:
             want = state.evals.expected_n(tid, req.policy_version) if tid in state.evals else n
-            want = 1 if tid in state.episodes else want  # an episode's later turn: one completion
+            if tid in state.episodes:  # an episode's later turn: one completion
+                if tid < 0:  # of an eval task: at its job's version
+                    state.evals.expected_n(state.episodes.task_of(tid), req.policy_version)
+                want = 1
         except HubError as e:
             raise state.reject(e.status, e.reason, e.detail) from None
         if len(result.completions) != want:
@@ -58,7 +61,7 @@ def validate_submission(
                 422, "wrong_group_size", f"task {tid}: {len(result.completions)} completions, want {want}"
             )
         checked[tid] = [check_completion(state, tid, j, c, max_tokens) for j, c in enumerate(result.completions)]
-        if state.episodes.enabled and tid not in state.evals:
+        if state.episodes.enabled:
             for c in checked[tid]:
                 if why := state.episodes.check_turn(tid, c):
                     raise state.reject(422, "turn_not_ended", why)

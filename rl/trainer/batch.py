@@ -198,7 +198,8 @@ def rollout_metrics(groups: list[ScoredGroup], step: int, max_tokens: int, accur
 
 
 def eval_metrics(jobs: list[tuple[str, EvalJob]], accuracy_term: str | None) -> dict[str, float]:
-    """`eval/{prefix}reward`, `..._response_length`, `..._accuracy`, `eval/pass@n` from finished eval jobs."""
+    """`eval/{prefix}reward`, `..._response_length`, `..._accuracy`, `eval/pass@n` from finished eval jobs (and
+    `..._turns`, `..._tool_calls` of an environment's episodes; response_length: their model tokens)."""
     out: dict[str, float] = {}
     for prefix, job in jobs:
         if job.failed:
@@ -208,7 +209,10 @@ def eval_metrics(jobs: list[tuple[str, EvalJob]], accuracy_term: str | None) -> 
             continue
         out[f"eval/{prefix}reward"] = sum(c.reward for c in comps) / len(comps)
         out[f"eval/{prefix}response_length"] = sum(c.length for c in comps) / len(comps)
-        if accuracy_term is not None:
+        for name in ("turns", "tool_calls"):  # an environment's episodes
+            if any(name in c.components for c in comps):
+                out[f"eval/{prefix}{name}"] = sum(c.components.get(name, 0.0) for c in comps) / len(comps)
+        if accuracy_term is not None and any(accuracy_term in c.components for c in comps):
             ok = [[c.components.get(accuracy_term, 0.0) >= 1.0 - 1e-6 for c in r.completions] for r in job.results]
             out[f"eval/{prefix}accuracy"] = sum(map(sum, ok)) / len(comps)
             n = len(job.results[0].completions) if job.results else 1

@@ -5,7 +5,8 @@
   that dies holding turns loses them to another worker, from the same last completed turn.
 - `rl train` (tiny model, vLLM-CPU worker, DeepSpeed) trains on episodes: every trained sequence is the
   prompt, the worker's turns and the observations the environment gives them, bit for bit (replayed here),
-  and the trainer's provenance checks (recomputed log-probs, seeded draws per turn) pass on every turn.
+  and the trainer's provenance checks (recomputed log-probs, seeded draws per turn) pass on every turn;
+  held-out episodes are played and graded before and after training (eval/accuracy, eval/turns).
 """
 
 from __future__ import annotations
@@ -124,13 +125,18 @@ def test_rl_train_on_episodes_trains_the_exact_turns_and_observations(tmp_path, 
     from transformers import AutoTokenizer
 
     run_dir = tmp_path / "run"
-    config = h.train_config(run_dir, tiny_model_dir, data=GAME, sampling={"n": 2, "max_tokens": 6},
-                            trainer={"max_steps": 3, "prompts_per_step": 2},
-                            **{"async": {"max_staleness": 0}})  # fmt: skip
+    config = h.train_config(run_dir, tiny_model_dir, data={**GAME, "eval_size": 4}, sampling={"n": 2, "max_tokens": 6},
+                            trainer={"max_steps": 3, "prompts_per_step": 2}, eval={"every": 0, "num_prompts": 4,
+                            "samples": 2}, **{"async": {"max_staleness": 0}})  # fmt: skip
     log = tmp_path / "train.log"
     assert h.run_train(config, log, timeout=600) == 0, h.tail(log)
     metrics = h.by_step(h.read_jsonl(run_dir / "metrics.jsonl"))
-    assert sorted(metrics) == [1, 2, 3]
+    assert sorted(metrics) == [0, 1, 2, 3]  # step 0: the held-out episodes before training
+    for step in (0, 3):  # held-out episodes, played through the worker, graded on the hub
+        held_out = {k: v for k, v in metrics.pop(step).items() if k.startswith("eval/")} if step == 0 else metrics[3]
+        for name in ("reward", "accuracy", "turns", "sampled_accuracy", "sampled_turns", "pass@2"):
+            assert held_out.get(f"eval/{name}") is not None, (step, name, sorted(held_out))
+        assert 1.0 <= held_out["eval/turns"] <= 3.0 and 0.0 <= held_out["eval/accuracy"] <= 1.0
     for step, m in metrics.items():
         assert m["trust/masked_sequences"] == 0.0, (step, m)  # every turn passed the provenance checks
         assert "reward/turns" in m and "reward/correct" in m

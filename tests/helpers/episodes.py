@@ -21,8 +21,10 @@ def env_state(tokenizer, *overrides: str, ledger=None) -> HubState:
                              "sampling.max_tokens=8", "trainer.prompts_per_step=1", "trainer.micro_batch_size=2",
                              "model.max_model_len=256", "data.max_prompt_tokens=128", "eval.every=0",
                              *overrides])  # fmt: skip
-    train, _ = load_rows(cfg.data)
-    state = HubState(cfg, PromptSet.build(train, cfg.data, tokenizer), vocab_size=len(tokenizer), ledger=ledger)
+    train, evals = load_rows(cfg.data)
+    held_out = PromptSet.build(evals, cfg.data, tokenizer) if evals else None
+    state = HubState(cfg, PromptSet.build(train, cfg.data, tokenizer), vocab_size=len(tokenizer), ledger=ledger,
+                     eval_prompts=held_out)  # fmt: skip
     state.policy_version = 0
     return state
 
@@ -37,9 +39,9 @@ def register(state: HubState, name: str = "w") -> str:
     return state.register(RegisterRequest(name=name), "tok", 0.0).worker_id
 
 
-def lease(state: HubState, wid: str, now: float = 0.0, max_tasks: int = 8):
-    req = LeaseRequest(worker_id=wid, policy_version=state.policy_version, max_tasks=max_tasks)
-    return state.lease(req, "tok", now)
+def lease(state: HubState, wid: str, now: float = 0.0, max_tasks: int = 8, version: int | None = None):
+    version = state.policy_version if version is None else version
+    return state.lease(LeaseRequest(worker_id=wid, policy_version=version, max_tasks=max_tasks), "tok", now)
 
 
 def turn(tokenizer, text: str, end: bool = True) -> Completion:
@@ -48,9 +50,11 @@ def turn(tokenizer, text: str, end: bool = True) -> Completion:
     return Completion(token_ids=ids, logprobs=[-0.25] * len(ids), finish_reason="stop")
 
 
-def submit(state: HubState, run: EpisodeRunner, wid: str, lease_id: str, results: dict[int, list[Completion]]):
+def submit(state: HubState, run: EpisodeRunner, wid: str, lease_id: str, results: dict[int, list[Completion]],
+           version: int | None = None):  # fmt: skip
     """Submit `results` (task id -> completions) and step the accepted ones like the service does."""
-    req = SubmitRequest(worker_id=wid, lease_id=lease_id, policy_version=state.policy_version,
+    version = state.policy_version if version is None else version
+    req = SubmitRequest(worker_id=wid, lease_id=lease_id, policy_version=version,
                         results=[TaskResult(task_id=t, completions=c) for t, c in results.items()])  # fmt: skip
     answer, jobs = state.submit(req, "tok", 1.0)
 

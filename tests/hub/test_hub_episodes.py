@@ -1,5 +1,6 @@
 """Episodes through the hub's state: turn leases carry the exact ids so far, turns are stepped on the hub,
-a worker cannot add an observation, a dead worker's turn moves on, and a restarted hub resumes episodes."""
+a worker cannot add an observation, a dead worker's turn moves on, a restarted hub resumes episodes, and
+an eval job plays held-out episodes with its own version and sampling, its grades going to the job alone."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from rich.console import Console
 from rl.cli.status_view import render
 from rl.hub.episodes import TURN_ID_BASE, split_turn_id
 from rl.hub.ledger import LedgerStore
-from rl.trainer.batch import build_batch
-from rl.wire.protocol import HubError
+from rl.trainer.batch import build_batch, eval_metrics
+from rl.wire.protocol import EvalRequest, HubError
 
 
 def first_turns(state, run, tok, wid, texts=("0", "0")):
@@ -130,6 +131,53 @@ def test_a_restarted_hub_resumes_episodes_at_their_last_completed_turn(tiny_toke
     assert {t.task_id: t.prompt_token_ids for t in resumed.tasks} == expected
 
 
+def test_an_eval_job_plays_held_out_episodes_at_its_version_and_only_its_job_gets_the_grades(tiny_tokenizer):
+    tok, state = tiny_tokenizer, env_state(tiny_tokenizer, "data.eval_size=4")
+    run = runner(state, tok)
+    wid = register(state)
+    job = state.start_eval(EvalRequest(version=0, num_prompts=2, n=1, temperature=0.0))
+    first = lease(state, wid)
+    assert sorted(t.task_id for t in first.tasks) == [-2, -1] and first.sampling.n == 1
+    assert first.sampling.temperature == 0.0
+    secret = {t: state.evals.example(t)[1]["answer"] for t in (-1, -2)}
+    submit(state, run, wid, first.lease_id, {-1: [turn(tok, "0")], -2: [turn(tok, "0")]})  # 0: never the secret
+    assert sorted(state.episodes.groups) == [-2, -1] and state.eval_status(job.job_id).done == 0
+
+    state.policy_version = 1  # published meanwhile: a worker holding version 1 gets training work, not the eval's
+    newer = lease(state, wid, version=1)
+    assert newer.tasks and all(t.task_id >= 0 for t in newer.tasks)
+    state.eval_operator = "someone else"  # eval turns go to the trusted operator alone
+    assert all(t.task_id >= 0 for t in lease(state, wid, version=0).tasks)
+    state.eval_operator = "tok"
+    turns = lease(state, wid, version=0)
+    assert len(turns.tasks) == 2 and turns.sampling.temperature == 0.0 and turns.sampling.n == 1
+    for item in turns.tasks:
+        task, j = split_turn_id(item.task_id)
+        assert item.task_id <= -TURN_ID_BASE and task in (-1, -2) and j == 0
+        assert item.prompt_token_ids == state.evals.prompt_ids(task) + state.episodes.groups[task][0].tokens
+    answers = {t.task_id: [turn(tok, str(secret[split_turn_id(t.task_id)[0]]) if split_turn_id(t.task_id)[0] == -1
+                               else "0")] for t in turns.tasks}  # fmt: skip
+    with pytest.raises(HubError) as refused:  # an eval's turn is generated with its job's version
+        submit(state, run, wid, turns.lease_id, answers, version=1)
+    assert refused.value.reason == "wrong_version"
+    submit(state, run, wid, turns.lease_id, answers, version=0)
+    last = lease(state, wid, version=0)  # -2's third turn; -1 found its number
+    assert [split_turn_id(t.task_id)[0] for t in last.tasks] == [-2]
+    submit(state, run, wid, last.lease_id, {last.tasks[0].task_id: [turn(tok, "0")]}, version=0)
+
+    report = state.eval_status(job.job_id)
+    assert report.done == report.total == 2 and not report.failed
+    found, lost = (r.completions[0] for r in report.results)  # -1, -2
+    assert found.components["correct"] == 1.0 and found.components["turns"] == 2.0
+    assert found.reward == pytest.approx(1 - 0.05 * 2)
+    assert lost.components["correct"] == 0.0 and lost.components["turns"] == 3.0
+    assert found.length == len(turn(tok, "0").token_ids) + len(turn(tok, str(secret[-1])).token_ids)
+    assert not state.buffer and not state.episodes.groups and not state.episodes.queue  # nothing to train
+    metrics = eval_metrics([("", report)], "correct")  # what the trainer logs
+    assert metrics["eval/accuracy"] == 0.5 and metrics["eval/turns"] == 2.5 and metrics["eval/tool_calls"] == 0.0
+    assert metrics["eval/reward"] == pytest.approx((found.reward + lost.reward) / 2)
+
+
 @pytest.mark.usefixtures("sandbox_required")
 def test_a_tool_call_runs_in_the_sandbox_on_the_hub_and_its_output_is_the_observation(tiny_tokenizer):
     tok = tiny_tokenizer
@@ -165,3 +213,22 @@ def test_resume_from_a_checkpoint_starts_pending_episodes_over(tiny_tokenizer, t
     resumed = env_state(tok, ledger=ledger)
     assert runner(resumed, tok, tmp_path / "hub.sqlite").restore() == 0 and task.task_id in resumed.queue
     store.close()
+
+
+def test_turns_held_too_long_by_another_operator_are_not_leased_as_backups(tiny_tokenizer):
+    """Backups are first leases of training tasks (a turn continues its episode: it is re-queued when its lease
+    expires): another operator's lease past `hub.backup_min_s` holding turns is not backed up (it was a 500: the
+    hub looked the turn ids up as tasks)."""
+    from rl.wire.protocol import LeaseRequest, RegisterRequest
+
+    tok, state = tiny_tokenizer, env_state(tiny_tokenizer, "hub.backup_min_s=1", "hub.lease_ttl_s=600",
+                                          "async.max_staleness=0")  # fmt: skip
+    run = runner(state, tok)
+    slow = register(state)
+    first_turns(state, run, tok, slow)
+    held = lease(state, slow)
+    assert held.tasks and all(t.task_id >= TURN_ID_BASE for t in held.tasks)
+    other = state.register(RegisterRequest(name="o"), "tok2", 50.0).worker_id
+    state.heartbeat(slow, "tok", 0, 0.0, 50.0)
+    granted = state.lease(LeaseRequest(worker_id=other, policy_version=0, max_tasks=8), "tok2", 50.0)
+    assert not granted.tasks and granted.reason.startswith("no work")  # the window is full; never the held turns
