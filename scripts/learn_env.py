@@ -135,7 +135,7 @@ def train(args: argparse.Namespace, config: Path, seed: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="training seeds (none: the base model only)")
     p.add_argument("--heldout", type=int, default=64, help="held-out rows (one greedy episode each)")
     p.add_argument("--samples", type=int, default=4, help="sampled episodes per held-out row (0: none)")
     p.add_argument("--threads", type=int, default=2)
@@ -178,6 +178,10 @@ def report(cfg, base: dict, runs: list[dict]) -> None:
         turns = f"{base['greedy']['turns']:.2f} -> {r['eval']['greedy']['turns']:.2f}"
         print(f"| {r['seed']} | {r['steps']} | {r['wall_s'] / 60:.1f} | " + " | ".join(cells) + f" | {turns} |")
     for k in kinds:
+        if not runs:
+            print(f"\n{k}: base success {base[k]['success']:.3f} (tool calls per episode "
+                  f"{base[k].get('tool_calls', 0.0):.2f})")  # fmt: skip
+            continue
         gains = [r["eval"][k]["success"] - base[k]["success"] for r in runs]
         print(f"\n{k}: mean change {statistics.mean(gains):+.3f} (min {min(gains):+.3f}, max {max(gains):+.3f})")
 

@@ -1,9 +1,11 @@
 """Arithmetic with a Python tool: multi-digit products the model may compute by calling a sandboxed interpreter.
 
-A turn either calls the tool (`<python>code</python>`: the code runs in the verifiers' bubblewrap
-sandbox on the hub side, no network, bounded time and memory, a fresh filesystem per call, and its
-printed output comes back as the next observation) or answers (`<answer>N</answer>`, which ends the
-episode). The grade compares the answer with the row's product, which the model never sees.
+A turn either calls the tool (`<python>code</python>`, or a fenced ```python block, the form small chat
+models write unprompted: the code runs in the verifiers' bubblewrap sandbox on the hub side, no network,
+bounded time and memory, a fresh filesystem per call, and its printed output comes back as the next
+observation) or answers: `<answer>N</answer>`, or with `plain_answers`, a turn without code is the answer
+and its last integer is graded. Either ends the episode. The grade compares the answer with the row's
+product, which the model never sees.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 from rl.envs.base import Grade, State, Step
 from verifiers.sandbox import SandboxSpec, bwrap_argv, python_command, require_sandbox
 
-CODE = re.compile(r"<python>(.*?)(?:</python>|$)", re.DOTALL)
+CODE = re.compile(r"<python>(.*?)(?:</python>|$)|```(?:python|py)[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 ANSWER = re.compile(r"<answer>\s*(-?[\d,]+)\s*</answer>")
+INTEGER = re.compile(r"-?\d[\d,]*")
 OUTPUT_CHARS = 512
 """A tool's output is cut to this many characters before it becomes observation tokens."""
 
@@ -45,6 +48,8 @@ class ArithmeticTool:
     max_turns: int = 3
     tool_timeout_s: float = 5.0
     tool_memory_mb: int = 256
+    plain_answers: bool = False
+    """A turn without code answers with its last integer (no `<answer>` tag needed)."""
 
     def rows(self, size: int, seed: int) -> list[dict[str, Any]]:
         rng = random.Random(seed)
@@ -62,12 +67,16 @@ class ArithmeticTool:
     def step(self, state: State, turn: str) -> tuple[State, Step]:
         state = {**state, "turns": state["turns"] + 1}
         if (m := ANSWER.search(turn)) is not None:
-            return {**state, "given": int(m.group(1).replace(",", ""))}, Step(done=True)
+            return {**state, "given": _integer(m.group(1))}, Step(done=True)
+        code = CODE.search(turn)
+        if code is None and self.plain_answers and (numbers := INTEGER.findall(turn)):
+            return {**state, "given": _integer(numbers[-1])}, Step(done=True)
         if state["turns"] >= self.max_turns:
             return state, Step(done=True)
-        if (code := CODE.search(turn)) is not None:
+        if code is not None:
             t0 = time.perf_counter()
-            output, ok = run_python(code.group(1), self.tool_timeout_s, self.tool_memory_mb)
+            source = code.group(1) if code.group(1) is not None else code.group(2)
+            output, ok = run_python(source, self.tool_timeout_s, self.tool_memory_mb)
             tool_s = time.perf_counter() - t0
             state = {**state, "tool_calls": state["tool_calls"] + 1}
             return state, Step(messages=[{"role": "user", "content": f"<output>\n{output}\n</output>"}],
@@ -78,3 +87,9 @@ class ArithmeticTool:
     def grade(self, state: State) -> Grade:
         correct = float(state["given"] == state["answer"])
         return Grade(correct, {"correct": correct, "tool_calls": float(state["tool_calls"])})
+
+
+def _integer(text: str) -> int | None:
+    """An integer written with or without thousands separators; None when it is not one (e.g. "1,,2")."""
+    digits = text.replace(",", "")
+    return int(digits) if digits.lstrip("-").isdigit() and len(digits) <= 64 else None

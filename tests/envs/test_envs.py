@@ -78,9 +78,26 @@ def test_arithmetic_tool_runs_code_in_the_sandbox_without_network_or_host_files(
     assert not ok and "timed out" in slow
 
 
-def test_an_environment_run_refuses_evaluations_it_cannot_do_yet():
-    from rl.config import ConfigError, load_config
+@pytest.mark.usefixtures("sandbox_required")
+def test_arithmetic_tool_takes_fenced_code_and_with_plain_answers_a_turn_without_code_answers():
+    env = make("arithmetic_tool", {"max_turns": 3, "plain_answers": True})
+    state = env.reset({"answer": 12 * 34})
+    state, step = env.step(state, "Let me compute it.\n```python\nprint(12 * 34)\n```\nThis prints 400.")
+    assert step.tool_calls == 1 and step.messages[0]["content"] == "<output>\n408\n</output>" and not step.done
+    state, step = env.step(state, "The product 12 * 34 is 408.")  # its last integer
+    assert step.done and env.grade(state).components == {"correct": 1.0, "tool_calls": 1.0}
+    state, step = env.step(env.reset({"answer": 408}), "I think it is about 1,000, so: 409")
+    assert step.done and env.grade(state).value == 0.0
+    strict = make("arithmetic_tool", {"max_turns": 3})
+    state, step = strict.step(strict.reset({"answer": 408}), "It is 408.")  # tags only: told how to answer
+    assert not step.done and "<answer>N</answer>" in step.messages[0]["content"]
+    for hostile in ("<answer>,</answer>", "<answer>-,</answer>", "<answer>" + "9" * 5000 + "</answer>"):
+        state, step = env.step(env.reset({"answer": 408}), hostile)  # graded wrong, never an error
+        assert step.done and env.grade(state).value == 0.0
 
-    with pytest.raises(ConfigError, match="eval.every must be 0 with data.source.type env"):
-        load_config(None, ["data.source.type=env", "eval.every=5"])
-    assert load_config(None, ["data.source.type=env", "eval.every=0"]).data.source.name == "guess_number"
+
+def test_an_environment_run_takes_evaluations():
+    from rl.config import load_config
+
+    cfg = load_config(None, ["data.source.type=env", "eval.every=5", "data.eval_size=8"])
+    assert cfg.data.source.name == "guess_number" and cfg.eval.every == 5
