@@ -144,7 +144,7 @@ class EvalJobs:
                     finish_reason=e.finish_reason,
                 )
                 for e, g in zip(episodes, grades, strict=True)
-            ],  # fmt: skip
+            ],
         )
 
     def record(self, task_id: int, completions: list[PackedCompletion], rewards: list) -> None:
