@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,8 +65,7 @@ def eval_child(config_path: Path, model_dir: str, heldout: int, samples: int, ou
     llm = LLM(model=model_dir, dtype="float32", max_model_len=cfg.model.max_model_len, enforce_eager=True, seed=0)
     stop = sorted(renderer.end_ids)
 
-    def decode(seqs: list[list[int]]) -> list[str]:
-        return decode_texts(tokenizer, seqs)  # the hub's decode: the environment sees the text it would
+    decode = partial(decode_texts, tokenizer)  # the hub's decode: the environment sees the text it would
 
     def generator(params):
         def generate(batch: list[list[int]]) -> list[list[int]]:

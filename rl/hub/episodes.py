@@ -148,30 +148,33 @@ class Episodes:
         """The prompt's token ids of a task (training or eval)."""
         return self.evals.prompt_ids(task) if task < 0 else self.prompts.prompt_ids[self.task_rows[task]]
 
-    def next_turns(self, worker_id: str, sampling: SamplingParamsWire, max_tasks: int,
-                   eval_version: int | None = None) -> tuple[list[LeasedTask], SamplingParamsWire] | None:  # fmt: skip
-        """Up to `max_tasks` waiting turns of training episodes, the worker's own first; with `eval_version`,
-        of the episodes of that version's eval job instead (at its sampling)."""
-        if eval_version is None:
-            waiting = [t for t in self.queue if t > 0]
-        else:
-            waiting = [t for t in self.queue if t < 0 and self.evals.version_of(self.task_of(t)) == eval_version]
-            job = self.evals.job_id_of(self.task_of(waiting[0])) if waiting else None
-            waiting = [t for t in waiting if self.evals.job_id_of(self.task_of(t)) == job]  # one job's sampling
-        if not waiting:
+    def next_turns(self, worker_id: str, sampling: SamplingParamsWire,
+                   max_tasks: int) -> tuple[list[LeasedTask], SamplingParamsWire] | None:  # fmt: skip
+        """Up to `max_tasks` waiting turns of training episodes, the worker's own first."""
+        waiting = [t for t in self.queue if t > 0]
+        return (self._lease(worker_id, waiting, max_tasks), sampling.model_copy(update={"n": 1})) if waiting else None
+
+    def next_eval_turns(self, worker_id: str, version: int,
+                        max_tasks: int) -> tuple[list[LeasedTask], SamplingParamsWire] | None:  # fmt: skip
+        """Up to `max_tasks` waiting turns of one eval job of `version`, at the job's sampling."""
+        jobs = {t: self.evals.job_of(self.task_of(t)) for t in self.queue if t < 0}
+        job = next((j for j in jobs.values() if j.version == version), None)
+        if job is None:
             return None
+        waiting = [t for t, j in jobs.items() if j is job]
+        return self._lease(worker_id, waiting, max_tasks), job.sampling.model_copy(update={"n": 1})
+
+    def _lease(self, worker_id: str, waiting: list[int], max_tasks: int) -> list[LeasedTask]:
+        """Take up to `max_tasks` of the `waiting` turns off the queue, the worker's own episodes first."""
         mine = [t for t in waiting if self._episode(t).worker_id == worker_id]
         chosen = (mine + [t for t in waiting if t not in mine])[:max_tasks]
-        for t in chosen:
-            self.queue.remove(t)
         tasks = []
         for t in chosen:
+            self.queue.remove(t)
             task, j = split_turn_id(t)
             ids = self.prompt_ids_of(task) + self.groups[task][j].tokens
             tasks.append(LeasedTask(task_id=t, prompt_token_ids=ids, seeds=[self.seed_of(t)]))
-        if eval_version is not None:
-            sampling = self.evals.sampling_of(self.task_of(chosen[0]))
-        return tasks, sampling.model_copy(update={"n": 1})
+        return tasks
 
     def requeue(self, tid: int) -> None:
         task, j = split_turn_id(tid)

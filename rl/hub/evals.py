@@ -120,14 +120,9 @@ class EvalJobs:
         assert self.prompts is not None
         return self.prompts.prompt_ids[self._job(task_id).rows[task_id]]
 
-    def version_of(self, task_id: int) -> int:
-        return self._job(task_id).version
-
-    def sampling_of(self, task_id: int) -> SamplingParamsWire:
-        return self._job(task_id).sampling
-
-    def job_id_of(self, task_id: int) -> str:
-        return self._job_of[task_id]
+    def job_of(self, task_id: int) -> _Job:
+        """The open job of an eval task (its id, version and sampling)."""
+        return self._job(task_id)
 
     def record_episodes(self, task_id: int, episodes: list, grades: list) -> None:
         """Keep the grades of one task's finished episodes (rl/hub/episodes.py `Episode`s, same order); an

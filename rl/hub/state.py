@@ -273,9 +273,9 @@ class HubState:
         offered = None  # eval results are not checked by the trainer: they go to the trusted operator alone
         if self.eval_operator is None or rec.token == self.eval_operator:
             k = min(req.max_tasks, self.cfg.hub.max_tasks_per_lease)
-            offered = self.evals.next_tasks(req.policy_version, k) or self.episodes.next_turns(
-                rec.worker_id, self.sampling_params(), k, eval_version=req.policy_version
-            )  # an eval's episodes
+            offered = self.evals.next_tasks(req.policy_version, k) or self.episodes.next_eval_turns(
+                rec.worker_id, req.policy_version, k
+            )
         if offered is not None:
             return self._grant(rec, *offered, req.policy_version, now, req.policy_version)
         turns = self.episodes.next_turns(rec.worker_id, self.sampling_params(), req.max_tasks)

@@ -49,11 +49,9 @@ def validate_submission(
                 continue
             raise state.reject(409, "task_not_in_lease", f"task {tid} is not part of lease {req.lease_id}")
         try:
-            want = state.evals.expected_n(tid, req.policy_version) if tid in state.evals else n
-            if tid in state.episodes:  # an episode's later turn: one completion
-                if tid < 0:  # of an eval task: at its job's version
-                    state.evals.expected_n(state.episodes.task_of(tid), req.policy_version)
-                want = 1
+            task = state.episodes.task_of(tid)  # an eval's turns too are at its job's version
+            want = state.evals.expected_n(task, req.policy_version) if task in state.evals else n
+            want = 1 if tid in state.episodes else want  # an episode's later turn: one completion
         except HubError as e:
             raise state.reject(e.status, e.reason, e.detail) from None
         if len(result.completions) != want:

@@ -119,9 +119,9 @@ class Trainer:
 
             self.tracker = Tracker(cfg, self.run_dir, resume=resume)
         accuracy_terms = [t.name for t in cfg.rewards.terms if t.name in ("math", "reasoning_gym", "code")]
-        self.accuracy_term = accuracy_terms[0] if accuracy_terms else None
         if cfg.data.source.type == "env":
-            self.accuracy_term = "correct"  # an environment's grade: success (where its components have it)
+            accuracy_terms = ["correct"]  # an environment's grade: success (where its components have it)
+        self.accuracy_term = accuracy_terms[0] if accuracy_terms else None
 
     # ------------------------------------------------------------------ policy
 
