@@ -19,13 +19,23 @@ from rl.wire.protocol import HubError
 from rl.wire.tokens import Tokens
 
 OPEN_PATHS = frozenset({"/healthz"})
+CALLER = "rl.caller"
+"""The scope key under which the authenticated caller's token id (None: admin) goes on to the app."""
 
 
-async def send_error(send, status: int, reason: str, detail: str) -> None:
-    body = json.dumps({"reason": reason, "detail": detail}).encode()
+def error_body(reason: str, detail: str) -> bytes:
+    """The hub's rejection body: `{"reason", "detail"}`."""
+    return json.dumps({"reason": reason, "detail": detail}).encode()
+
+
+async def send_json(send, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send, status: int, reason: str, detail: str) -> None:
+    await send_json(send, status, error_body(reason, detail))
 
 
 class Guard:
@@ -47,9 +57,10 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         try:
-            self.tokens.caller((headers.get(b"authorization") or b"").decode("latin-1") or None)
+            caller = self.tokens.caller((headers.get(b"authorization") or b"").decode("latin-1") or None)
         except HubError as e:
             return await self._refuse(send, e.status, e.reason, e.detail)
+        scope = {**scope, CALLER: caller}  # the routes use it rather than comparing tokens again
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await self._refuse(send, 413, "body_too_large", f"body over {self.limit} bytes")

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rl.hub.guard import Guard
+from rl.hub.guard import CALLER, Guard, error_body
+from rl.hub.hot_routes import HotRoutes
 from rl.hub.ledger import EXIT_DISK_FULL, disk_full
 from rl.hub.service import Hub
 from rl.wire.protocol import (
@@ -103,13 +104,8 @@ def create_app(hub: Hub) -> Guard:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        """A full disk ends the hub (as a failed batch record does): answering 500s forever would leave every
-        client retrying, while an exit lets `rl train` see the full disk and stop with a clear message."""
-        if disk_full(exc):
-            log.critical("no space left on the hub's disk (%s %s: %s); exiting", request.method, request.url.path, exc)
-            logging.shutdown()
-            os._exit(EXIT_DISK_FULL)
-        return JSONResponse({"reason": "internal_error", "detail": type(exc).__name__}, status_code=500)
+        status, body = unexpected_error(request.method, request.url.path, exc)
+        return Response(body, status_code=status, media_type="application/json")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -117,7 +113,9 @@ def create_app(hub: Hub) -> Guard:
 
     # async: FastAPI runs sync dependencies in a thread pool (a thread hop per request under load).
     async def caller(request: Request) -> str | None:
-        """The caller's token id (None: the admin token)."""
+        """The caller's token id (None: the admin token): as `Guard` authenticated it."""
+        if CALLER in request.scope:
+            return request.scope[CALLER]
         return hub.tokens.caller(request.headers.get("authorization"))
 
     async def admin(who: str | None = Depends(caller)) -> None:
@@ -256,4 +254,16 @@ def create_app(hub: Hub) -> Guard:
         return hub.revoke_token(req.token)
 
     limit = int(hub.cfg.hub.max_body_mb * 1024 * 1024)
-    return Guard(app, hub.tokens, limit, hub.cfg.hub.body_timeout_s, on_reject=state.count_rejection)
+    hot = HotRoutes(app, hub, unexpected_error)
+    return Guard(hot, hub.tokens, limit, hub.cfg.hub.body_timeout_s, on_reject=state.count_rejection)
+
+
+def unexpected_error(method: str, path: str, exc: Exception) -> tuple[int, bytes]:
+    """A 500 `internal_error`, or the hub's end on a full disk (as a failed batch record ends it): answering
+    500s forever would leave every client retrying, while an exit lets `rl train` see the full disk and stop
+    with a clear message."""
+    if disk_full(exc):
+        log.critical("no space left on the hub's disk (%s %s: %s); exiting", method, path, exc)
+        logging.shutdown()
+        os._exit(EXIT_DISK_FULL)
+    return 500, error_body("internal_error", type(exc).__name__)
