@@ -11,10 +11,11 @@ of this process (the verifier pool's processes are idle: `format` scores inline)
 
 Each measurement is a fresh child process pinned with `taskset`; the wires alternate within each
 repeat. `baseline` runs the hub of another checkout (`--baseline-root`, e.g. the main branch
-before the packed wire) with JSON lists.
+before the packed wire) with JSON lists, or with the packed wire (`--baseline-wire packed`: a checkout
+that has it, e.g. main before the hub's hot routes).
 
     .venv/bin/python scripts/bench_hub_cpu.py [--wire baseline json packed] [--baseline-root ../main]
-        [--submissions 300] [--repeats 3] [--cpu 0] [--profile DIR]
+        [--baseline-wire json|packed] [--submissions 300] [--repeats 3] [--cpu 0] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wire", nargs="+", choices=["baseline", "json", "packed"], default=["json", "packed"])
     ap.add_argument("--baseline-root", type=Path, help="Checkout whose hub the `baseline` wire runs (JSON lists).")
+    ap.add_argument("--baseline-wire", choices=["json", "packed"], default="json",
+                    help="The wire the `baseline` checkout's hub is driven with (json: a worker that offers none).")  # fmt: skip
     ap.add_argument("--submissions", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpu", default="0", help="taskset CPU list of each measurement's process.")
@@ -163,7 +166,8 @@ def main() -> None:
             root = args.baseline_root.resolve() if wire == "baseline" else ROOT
             env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                    "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-            cmd = ["taskset", "-c", args.cpu, sys.executable, __file__, "--child", wire,
+            driven = "packed" if wire == "baseline" and args.baseline_wire == "packed" else wire
+            cmd = ["taskset", "-c", args.cpu, sys.executable, __file__, "--child", driven,
                    "--submissions", str(args.submissions)]  # fmt: skip
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
@@ -172,7 +176,7 @@ def main() -> None:
             result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode or not result:
                 raise RuntimeError(f"{wire} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-            rows.append(json.loads(result[0][7:]))
+            rows.append({**json.loads(result[0][7:]), "wire": wire})
             print(json.dumps(rows[-1]), flush=True)
     first = args.wire[0]
     print(f"\n| wire | hub CPU ms / submission | submissions/s per core | vs {first} (per repeat) |")

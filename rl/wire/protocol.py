@@ -297,7 +297,7 @@ class ScoredCompletion(Wire):
     finish_reason: Literal["stop", "length"]
     reward: float
     components: dict[str, float]
-    turns: list[list[int]] = Field(default_factory=list)
+    turns: list[list[int]] = []  # copied per model; a default_factory costs model_construct ~1 ms
     """An episode's model turns as [start, end, seed, policy version] within `token_ids`; the tokens between
     them are observations the hub rendered (never trained on). Empty: all of `token_ids` is one turn."""
 
@@ -310,7 +310,7 @@ class ScoredGroup(Wire):
     worker_id: str
     worker_name: str
     completions: list[ScoredCompletion]
-    seeds: list[int] = Field(default_factory=list)
+    seeds: list[int] = []  # not a default_factory: as `turns` above
     """The seed of each completion, in order (the trainer checks the draws)."""
     gen_s: float = 0.0
     """Seconds of the worker's generate call that made this group (one call per lease: shared by its tasks)."""
