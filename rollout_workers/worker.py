@@ -42,6 +42,8 @@ from rl.wire.waits import open_waits, pending, printable, stall_counts
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable
 from rollout_workers.engines import Engine, EngineSpec, make_engine
 from rollout_workers.in_place import DeltaPrefetch, load_in_place
+from rollout_workers.pacing import Pacing, owed
+from rollout_workers.signals import install_stop_handlers
 from rollout_workers.weight_sync import WeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,8 @@ class Worker:
         self.prompts_leased = 0
         self.prompts_unfinished = 0
         """Leased and not yet generated (queued here or in the engine): what the lease thread keeps topped up."""
+        self.pacing = Pacing()
+        """The tokens those prompts owe: no more leased than the worker generates before a lease expires."""
         self._window = [0, 0.0]  # tokens, busy seconds since tokens_per_s was last updated
         self._drain_deadline: float | None = None
         self._threads: list[threading.Thread] = []
@@ -227,6 +231,7 @@ class Worker:
             self.inflight.pop(item.lease.lease_id, None)
         with self._count:
             self.prompts_unfinished -= sum(item.unfinished for item in leases)
+            self.pacing.finished(sum(owed(item.unfinished, item.sampling) for item in leases))
             self._count.notify_all()
 
     # ------------------------------------------------------------------ main loop
@@ -290,17 +295,18 @@ class Worker:
                 skipped.append(task)
         self.inflight[item.lease.lease_id] = item
         if skipped:
-            self._finished(item, len(skipped))
+            self._finished(item, len(skipped), owed(len(skipped), item.sampling))
 
     def _step(self) -> None:
         start = time.perf_counter()
         with pending(f"the engine to finish a generation step ({self.engine.pending} prompts in flight)",
                      expect_s=ENGINE_STEP_S, key="engine step"):  # fmt: skip
             finished = self.engine.step()
-        tokens = 0
+        tokens = paid = 0
         for (lease_id, task_id), completions in finished:
             item = self.inflight[lease_id]
             item.unfinished -= 1
+            paid += owed(1, item.sampling)
             completions = [_clamped(c) for c in completions]
             count = sum(len(c.token_ids) for c in completions)
             item.tokens += count
@@ -311,11 +317,12 @@ class Worker:
                 self._lease_done(item)
         self._count_tokens(tokens, time.perf_counter() - start)
         if finished:
-            self._finished(None, len(finished))
+            self._finished(None, len(finished), paid)
 
-    def _finished(self, item: InFlight | None, prompts: int) -> None:
+    def _finished(self, item: InFlight | None, prompts: int, tokens_owed: int) -> None:
         with self._count:
             self.prompts_unfinished -= prompts
+            self.pacing.finished(tokens_owed)
             self._count.notify_all()
         if item is not None and item.unfinished == 0:
             self._lease_done(item)
@@ -387,7 +394,7 @@ class Worker:
             return False
         if self.max_prompts is not None and self.prompts_leased >= self.max_prompts:
             return False
-        return self.prompts_unfinished < self.inflight_target()
+        return self.prompts_unfinished < self.inflight_target() and self.pacing.room(self.tokens_per_s)
 
     def _lease_loop(self) -> None:
         while not self.stop.is_set():
@@ -423,10 +430,12 @@ class Worker:
             return max(lease.retry_after_s, MIN_LEASE_RETRY_S)
         if not lease.tasks:
             return 0.0
+        sampling = lease.sampling or self.client.registration.sampling
         with self._count:
             self.prompts_leased += len(lease.tasks)
             self.prompts_unfinished += len(lease.tasks)
-        self.leased.put(InFlight(lease, lease.sampling or self.client.registration.sampling))
+            self.pacing.leased(lease, sampling)
+        self.leased.put(InFlight(lease, sampling))
         return 0.0
 
     # ------------------------------------------------------------------ submitting (submit thread)
@@ -522,23 +531,6 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._:@+-]", "-", name)[:64] or "worker"
 
 
-def _install_signal_handlers(stop: threading.Event) -> dict[int, object] | None:
-    """First SIGTERM/SIGINT: stop after the prompts in flight. Second: default behaviour (interrupt now)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = {}
-
-    def handler(signum: int, _frame: object) -> None:
-        log.info("%s received: finishing the prompts in flight, then leaving", signal.Signals(signum).name)
-        stop.set()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handler)
-    return previous
-
-
 def run_worker(
     hub: str,
     token: str,
@@ -564,7 +556,7 @@ def run_worker(
     `identity`: a contributor key file (`rl identity new`): the work is credited to it, not to the token.
     """
     stop = threading.Event()
-    previous = _install_signal_handlers(stop)
+    previous = install_stop_handlers(stop)
     key = load_key(identity) if identity is not None else None
     client = HubClient(hub, token, identity=key, stop_event=stop, max_retry_s=max_retry_s)
     worker = Worker(

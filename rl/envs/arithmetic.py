@@ -3,8 +3,9 @@
 A turn either calls the tool (`<python>code</python>`, or a fenced ```python block, the form small chat
 models write unprompted: the code runs in the verifiers' bubblewrap sandbox on the hub side, no network,
 bounded time and memory, a fresh filesystem per call, and its printed output comes back as the next
-observation) or answers: `<answer>N</answer>`, or with `plain_answers`, a turn without code is the answer
-and its last integer is graded. Either ends the episode. The grade compares the answer with the row's
+observation) or answers: `<answer>N</answer>`, or with `plain_answers`, a turn without code (and the last
+turn the episode allows, code or not: its output could not be seen) is the answer and its last integer is
+graded. Either ends the episode. The grade compares the answer with the row's
 product, which the model never sees.
 """
 
@@ -68,10 +69,10 @@ class ArithmeticTool:
         state = {**state, "turns": state["turns"] + 1}
         if (m := ANSWER.search(turn)) is not None:
             return {**state, "given": _integer(m.group(1))}, Step(done=True)
-        code = CODE.search(turn)
-        if code is None and self.plain_answers and (numbers := INTEGER.findall(turn)):
-            return {**state, "given": _integer(numbers[-1])}, Step(done=True)
-        if state["turns"] >= self.max_turns:
+        code, last = CODE.search(turn), state["turns"] >= self.max_turns
+        if self.plain_answers and (code is None or last) and (numbers := INTEGER.findall(turn)):
+            return {**state, "given": _integer(numbers[-1])}, Step(done=True)  # the last turn answers, code or not
+        if last:
             return state, Step(done=True)
         if code is not None:
             t0 = time.perf_counter()

@@ -88,6 +88,10 @@ def test_arithmetic_tool_takes_fenced_code_and_with_plain_answers_a_turn_without
     assert step.done and env.grade(state).components == {"correct": 1.0, "tool_calls": 1.0}
     state, step = env.step(env.reset({"answer": 408}), "I think it is about 1,000, so: 409")
     assert step.done and env.grade(state).value == 0.0
+    two = make("arithmetic_tool", {"max_turns": 2, "plain_answers": True})
+    state, step = two.step(two.reset({"answer": 408}), "```python\nprint(12 * 34)\n```")
+    state, step = two.step(state, "```python\nprint(12 * 34)\n```\nThis will output: `408`")  # the last turn
+    assert step.done and step.tool_calls == 0 and two.grade(state).value == 1.0
     strict = make("arithmetic_tool", {"max_turns": 3})
     state, step = strict.step(strict.reset({"answer": 408}), "It is 408.")  # tags only: told how to answer
     assert not step.done and "<answer>N</answer>" in step.messages[0]["content"]
