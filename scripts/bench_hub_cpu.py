@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--wire", nargs="+", choices=["baseline", "json", "packed"], default=["json", "packed"])
     ap.add_argument("--baseline-root", type=Path, help="Checkout whose hub the `baseline` wire runs (JSON lists).")
     ap.add_argument("--baseline-wire", choices=["json", "packed"], default="json",
-                    help="The wire the `baseline` checkout's hub is driven with (json: a worker that offers none).")  # fmt: skip
+                    help="The wire the `baseline` checkout's hub gets (json: a worker that offers none).")  # fmt: skip
     ap.add_argument("--submissions", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpu", default="0", help="taskset CPU list of each measurement's process.")

@@ -141,6 +141,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override (key=value)")
     p.add_argument("--out", type=Path, default=None, help="where runs and results go (default: a new directory)")
+    p.add_argument("--base-from", type=Path, default=None,
+                   help="an earlier --out whose eval-base.json to reuse (same held-out rows and settings)")  # fmt: skip
     p.add_argument("--eval-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -157,7 +159,11 @@ def main() -> None:
     frozen = args.out / "config.yaml"
     frozen.write_text(dump_config(cfg))
     print(f"{cfg.run_name}: results in {args.out}", flush=True)
-    base = evaluate(args, frozen, resolve_model(cfg.model.name), "base")
+    if args.base_from is not None:  # the base model's episodes of an earlier call (same rows, same settings)
+        base = json.loads((args.base_from / "eval-base.json").read_text())
+        (args.out / "eval-base.json").write_text(json.dumps(base, indent=1))
+    else:
+        base = evaluate(args, frozen, resolve_model(cfg.model.name), "base")
     runs = []
     for seed in args.seeds:
         run = train(args, frozen, seed)
