@@ -394,7 +394,8 @@ class Worker:
             return False
         if self.max_prompts is not None and self.prompts_leased >= self.max_prompts:
             return False
-        return self.prompts_unfinished < self.inflight_target() and self.pacing.room(self.tokens_per_s)
+        unfinished = self.prompts_unfinished  # idle: always (whatever the pacing's count says)
+        return unfinished < self.inflight_target() and (unfinished == 0 or self.pacing.room(self.tokens_per_s))
 
     def _lease_loop(self) -> None:
         while not self.stop.is_set():
