@@ -33,9 +33,9 @@ Answer = tuple[int, bytes]
 Handler = Callable[[bytes, str | None, str | None, str], Awaitable[Wire]]
 
 
-def invalid_detail(errors: list[dict]) -> str:
-    """A validation error's detail, as the FastAPI routes word it (`body.<field>: <message>`)."""
-    return "; ".join(f"{'.'.join(map(str, ('body', *e['loc'])))}: {e['msg']}" for e in errors[:10])
+def invalid_detail(errors: list[dict], where: tuple[str, ...] = ()) -> str:
+    """A validation error's detail, for these routes and FastAPI's alike (`body.<field>: <message>`)."""
+    return "; ".join(f"{'.'.join(map(str, (*where, *e['loc'])))}: {e['msg']}" for e in errors[:10])
 
 
 class HotRoutes:
@@ -92,7 +92,7 @@ class HotRoutes:
             return 200, (await route(body, who, key, worker_id)).model_dump_json().encode()
         except pydantic.ValidationError as e:
             self.hub.state.count_rejection("invalid_request")
-            return 422, error_body("invalid_request", invalid_detail(e.errors(include_url=False)))
+            return 422, error_body("invalid_request", invalid_detail(e.errors(include_url=False), ("body",)))
         except HubError as e:
             if e.reason == "invalid_request":
                 self.hub.state.count_rejection(e.reason)

@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rl.hub.guard import CALLER, Guard, error_body
-from rl.hub.hot_routes import HotRoutes
+from rl.hub.hot_routes import HotRoutes, invalid_detail
 from rl.hub.ledger import EXIT_DISK_FULL, disk_full
 from rl.hub.service import Hub
 from rl.wire.protocol import (
@@ -98,9 +98,8 @@ def create_app(hub: Hub) -> Guard:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:10])
         state.count_rejection("invalid_request")
-        return JSONResponse({"reason": "invalid_request", "detail": errors}, status_code=422)
+        return JSONResponse({"reason": "invalid_request", "detail": invalid_detail(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
