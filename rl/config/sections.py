@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rl.config.machine import native_rollout_dtype
 
 WeightsFormat = Literal["full", "lora", "delta"]
 """How a policy version ships: every shard, only changed elements, or only LoRA adapters (rl/weights/)."""
@@ -162,12 +164,20 @@ class RolloutConfig(Section):
     """vLLM-CPU KV cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
     threads: int = Field(1, ge=1)
     """CPU threads per local worker (`OMP_NUM_THREADS`)."""
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """Generation dtype of the workers and of published weights (None: `model.dtype`, the trainer's)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    """Generation dtype of the workers and of published weights (None: `model.dtype`, the trainer's). `auto`:
+    bfloat16 where the machine loading the config computes it natively (an NVIDIA GPU, a CPU with avx512_bf16,
+    amx_bf16 or Arm bf16), else float32 (vLLM-CPU emulates bf16 elsewhere: 5x slower); resolved when the config
+    is loaded, so the run directory's config.yaml names the dtype every process of the run uses."""
     enforce_eager: bool | None = None
     """Skip vLLM graph compilation and CUDA graphs (None: eager on CPU, where compiling is slow; compiled on GPU)."""
     cpus: list[int] | None = Field(None, min_length=1)
     """CPU ids the local workers are pinned to (None: those `rl train` was started with); e.g. [1]."""
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_auto(cls, v: str | None) -> str | None:
+        return native_rollout_dtype() if v == "auto" else v
 
 
 # --------------------------------------------------------------------------- rewards

