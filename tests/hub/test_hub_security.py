@@ -232,7 +232,6 @@ def test_admin_quarantine_release_and_revoke(published):
         return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
     wid, secret = register(published)
-    other, other_secret = register(published, OTHER_WORKER)
     assert rl_admin("quarantine", wid, "--reason", "looks odd").returncode == 0
     with published.client(WORKER, secret) as c:
         r = c.post("/v1/leases", json={"worker_id": wid, "policy_version": 0})
@@ -246,6 +245,9 @@ def test_admin_quarantine_release_and_revoke(published):
     assert rl_admin("revoke-worker", wid).returncode == 0
     with published.client(WORKER, secret) as c:
         assert c.post(f"/v1/workers/{wid}/heartbeat", json={"policy_version": 0}).status_code == 404
+    # registered just before: a worker silent for 3 heartbeat intervals (6 s here) is dropped, and each `rl admin`
+    # above is a process start (seconds on a loaded machine)
+    other, other_secret = register(published, OTHER_WORKER)
     done = rl_admin("revoke-token", OTHER_WORKER)
     assert done.returncode == 0 and "1 workers removed" in done.stdout, done.stdout + done.stderr
     with published.client(OTHER_WORKER, other_secret) as c:
