@@ -14,6 +14,7 @@ error, 2 the hub refused the token (401/403).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -29,18 +30,17 @@ from rl.wire.identity import load_key
 from rl.wire.packed import WIRE_ENCODINGS
 from rl.wire.protocol import (
     Completion,
-    HeartbeatRequest,
     Lease,
     RegisterRequest,
     RegisterResponse,
     SamplingParamsWire,
     SubmitRequest,
     TaskResult,
-    WaitingFor,
 )
-from rl.wire.waits import open_waits, pending, printable, stall_counts
+from rl.wire.waits import pending
 from rollout_workers.client import AuthError, HubClient, HubError, HubUnavailable
 from rollout_workers.engines import Engine, EngineSpec, make_engine
+from rollout_workers.heartbeat import heartbeat_loop
 from rollout_workers.in_place import DeltaPrefetch, load_in_place
 from rollout_workers.pacing import Pacing, owed
 from rollout_workers.signals import install_stop_handlers
@@ -126,7 +126,10 @@ class Worker:
         self.leased: queue.Queue[InFlight] = queue.Queue()
         """Leases from the lease thread, not yet added to the engine."""
         self.inflight: dict[str, InFlight] = {}
-        """Leases with prompts in the engine, by lease id (main thread only)."""
+        """Leases with prompts in the engine, by lease id (written by the main thread only)."""
+        self.gone: queue.SimpleQueue[str] = queue.SimpleQueue()
+        """Leases the hub no longer holds (heartbeat thread): the main thread drops their prompts."""
+        self.leases_dropped = 0
         self.to_submit: queue.Queue[tuple[InFlight, float] | None] = queue.Queue()
         self._count = threading.Condition()
         """Guards the two counters below; notified when prompts finish or a policy is loaded."""
@@ -153,7 +156,7 @@ class Worker:
         try:
             self.client.register(request)
             self._adopt_registration()
-            for target, name in ((self._heartbeat_loop, "heartbeat"), (self._lease_loop, "lease"),
+            for target, name in ((functools.partial(heartbeat_loop, self), "heartbeat"), (self._lease_loop, "lease"),
                                  (self._submit_loop, "submit")):  # fmt: skip
                 thread = threading.Thread(target=self._guarded(target), name=name, daemon=True)
                 thread.start()
@@ -187,13 +190,13 @@ class Worker:
                 loop()
             except HubUnavailable as e:
                 if not self.stop.is_set():
-                    self._fail(e)
+                    self.fail(e)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                self._fail(e)
+                self.fail(e)
 
         return body
 
-    def _fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
         if self.fatal is None:
             self.fatal = error
         self.stop.set()
@@ -242,6 +245,8 @@ class Worker:
         while not self._done():
             if self.client.registrations != self.registrations_seen:
                 self._adopt_registration()
+            if not self.gone.empty():
+                self._drop_gone()
             update = self.engine is None or self.target_version != self.loaded_version
             if update and self.busy and draining != self.target_version:
                 draining = self.target_version
@@ -257,6 +262,18 @@ class Worker:
             if self.busy:
                 self._step()
 
+    def _drop_gone(self) -> None:
+        """Leases the hub re-queued (expired) or saw finished by backups: their results would be refused."""
+        while not self.gone.empty():
+            item = self.inflight.get(self.gone.get())
+            if item is not None:  # else finished meanwhile: submitted, and the hub says what it makes of it
+                prompts = self.engine.abort([(item.lease.lease_id, t.task_id) for t in item.lease.tasks])
+                self._forget([item])
+                self.leases_dropped += 1
+                log.warning("lease %s is gone at the hub (expired, or its tasks done by backups): dropped its %d "
+                            "prompt(s) in flight and %d finished", item.lease.lease_id, prompts,
+                            len(item.results))  # fmt: skip
+
     def _drain(self) -> None:
         """On the way out: finish and submit the prompts in flight (leases not started go back with `leave`)."""
         if self.fatal is not None or self.engine is None:
@@ -264,7 +281,9 @@ class Worker:
         if self.busy:
             log.info("finishing %d prompt(s) in flight before leaving", self.engine.pending)
         while self.busy:
-            self._step()
+            self._drop_gone()
+            if self.busy:
+                self._step()
         self.to_submit.put(None)
         for thread in self._threads:
             if thread.name == "submit":
@@ -477,37 +496,6 @@ class Worker:
             return
         if answer.duplicates:
             log.info("lease %s: tasks %s were already accepted", item.lease.lease_id, answer.duplicates)
-
-    # ------------------------------------------------------------------ heartbeat
-
-    def _heartbeat_loop(self) -> None:
-        interval = self.client.registration.heartbeat_interval_s
-        while not self.closing.wait(interval):
-            beat = HeartbeatRequest(
-                policy_version=max(-1, self.loaded_version),
-                tokens_per_s=self.tokens_per_s,
-                busy=self.busy,
-                fetch_s=self.fetch_s,
-                load_s=self.load_s,
-                stalls=dict(list(stall_counts().items())[:32]),
-                waiting=[WaitingFor(what=printable(what), since_s=s) for what, s in open_waits()[:8]],
-            )
-            try:
-                answer = self.client.heartbeat(beat)
-            except AuthError as e:
-                self._fail(e)
-                return
-            except (HubError, HubUnavailable) as e:
-                if not self.stop.is_set():
-                    log.warning("heartbeat failed: %s", e)
-                continue
-            except Exception:  # keep beating: a dead heartbeat gets the worker dropped
-                log.exception("heartbeat failed")
-                continue
-            if answer.policy_version != self.target_version and answer.policy_version != self.loaded_version:
-                log.info("hub announced policy v%d", answer.policy_version)
-            self.target_version = answer.policy_version
-            interval = self.client.registration.heartbeat_interval_s
 
 
 def _clamped(completion: Completion) -> Completion:

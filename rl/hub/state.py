@@ -197,14 +197,16 @@ class HubState:
 
     def heartbeat(
         self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float,
-        fetch_s: float = 0.0, load_s: float = 0.0,
+        fetch_s: float = 0.0, load_s: float = 0.0, leases: tuple[str, ...] = (),
     ) -> HeartbeatResponse:  # fmt: skip
+        """`leases`: those the worker is generating; the answer names the ones it no longer holds here."""
         rec = self.worker(worker_id, caller)
         if version > self.policy_version:
             raise self.reject(409, "future_version", f"version {version} was never published")
         rec.last_seen, rec.policy_version, rec.tokens_per_s = now, version, tokens_per_s
         rec.fetch_s, rec.load_s = fetch_s, load_s
-        return HeartbeatResponse(policy_version=self.policy_version, lease_ttl_s=self.cfg.hub.lease_ttl_s)
+        return HeartbeatResponse(policy_version=self.policy_version, lease_ttl_s=self.cfg.hub.lease_ttl_s,
+                                 gone=[lid for lid in leases if lid not in rec.leases])  # fmt: skip
 
     def leave(self, worker_id: str, caller: str | None) -> int:
         rec = self.worker(worker_id, caller)

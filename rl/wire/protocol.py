@@ -117,12 +117,17 @@ class HeartbeatRequest(Wire):
     """The worker's waits reported so far, by what it waited for (rl/wire/waits.py `stall_counts`)."""
     waiting: list[WaitingFor] = Field(default_factory=list, max_length=8)
     """The worker's waits in flight past their expected time (rl/wire/waits.py `open_waits`): `rl status` lists them."""
+    leases: list[Annotated[str, Field(max_length=MAX_ID)]] = Field(default_factory=list, max_length=MAX_TASKS)
+    """Leases whose prompts the worker is generating: the hub answers which of them it no longer holds (`gone`)."""
 
 
 class HeartbeatResponse(Wire):
     policy_version: int
     """Latest published version: the worker should move to it between generation batches."""
     lease_ttl_s: float
+    gone: list[str] = []
+    """Of the request's `leases`, those the hub no longer holds for this worker (expired and re-queued, or every
+    task finished by a backup lease): their results would be refused, so the worker stops generating them."""
 
 
 # --------------------------------------------------------------------------- leases and rollouts

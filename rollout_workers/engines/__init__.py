@@ -30,7 +30,7 @@ token); the reported logprobs stay those of the raw distribution.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
@@ -136,6 +136,10 @@ class Engine(ABC):
     @abstractmethod
     def abort_all(self) -> None:
         """Drop every unfinished prompt (the engine is idle afterwards)."""
+
+    @abstractmethod
+    def abort(self, keys: Collection[Hashable]) -> int:
+        """Drop the unfinished prompts added under `keys` (others are unknown or done: ignored); how many."""
 
     def concurrency(self, n: int) -> int:
         """Prompts of `n` completions each that the engine generates side by side (one step advances them all)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from pathlib import Path
 
 import torch
@@ -73,6 +73,13 @@ class HFEngine(Engine):
 
     def abort_all(self) -> None:
         self.queue.clear()
+
+    def abort(self, keys: Collection[Hashable]) -> int:
+        keys = set(keys)
+        kept = deque(item for item in self.queue if item[0] not in keys)
+        dropped = len(self.queue) - len(kept)
+        self.queue = kept
+        return dropped
 
     def _generate_one(
         self, prompt: list[int], sampling: SamplingParamsWire, seeds: list[int] | None

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -153,6 +153,17 @@ class VLLMEngine(Engine):
     @property
     def pending(self) -> int:
         return len(self._groups)
+
+    def abort(self, keys: Collection[Hashable]) -> int:
+        keys = set(keys) & self._groups.keys()
+        requests = [rid for rid, (key, _) in self._keys.items() if key in keys]
+        if requests:
+            self.llm.llm_engine.abort_request(requests)
+        for rid in requests:
+            del self._keys[rid]
+        for key in keys:
+            del self._groups[key]
+        return len(keys)
 
     def abort_all(self) -> None:
         if self._keys:

@@ -59,6 +59,19 @@ def test_lease_expiry_requeues_and_task_is_done_once():
     assert state.submissions == 1 and set(state.scoring) == set(tids)
 
 
+def test_heartbeat_names_the_leases_the_hub_no_longer_holds():
+    """A worker generating an expired lease learns it at its next heartbeat (its results would be refused)."""
+    state = make_state()
+    a = register(state, "tok-a")
+    old = state.lease(LeaseRequest(worker_id=a, policy_version=0, max_tasks=2), "tok-a", 0).lease_id
+    state.heartbeat(a, "tok-a", 0, 1.0, 119.0)
+    state.expire(now=121.0)  # the lease (ttl 120) expired; its worker is alive
+    new = state.lease(LeaseRequest(worker_id=a, policy_version=0, max_tasks=2), "tok-a", 121.0).lease_id
+    answer = state.heartbeat(a, "tok-a", 0, 1.0, 122.0, leases=(old, new, "made-up"))
+    assert answer.gone == [old, "made-up"]  # the live lease is not named; an id it never granted is gone too
+    assert state.heartbeat(a, "tok-a", 0, 1.0, 123.0).gone == []
+
+
 def test_rejections_leave_state_unchanged():
     state = make_state()
     a, b = register(state, "tok-a"), register(state, "tok-b")

@@ -197,3 +197,20 @@ def test_prompts_join_a_running_batch(engine: Engine, weights, tiny_model_dir):
     engine.abort_all()
     assert engine.pending == 0 and engine.step() == []
     assert len(engine.generate(PROMPTS[:1], sampling(max_tokens=4))[0]) == 3
+
+
+def test_abort_drops_only_the_keys_named(engine: Engine, weights, tiny_model_dir):
+    """A lease the hub no longer holds leaves the engine; the other prompts finish as if it had never run."""
+    engine.load_weights([weights["v0_path"]])
+    for key, prompt in zip("abc", PROMPTS, strict=True):
+        assert engine.add(key, prompt, sampling(n=2, temperature=0.0, max_tokens=8))
+    assert engine.abort(["b", "c", "never-added"]) == 2
+    assert engine.pending == 1 and engine.abort(["b"]) == 0  # already gone: nothing to drop
+    done = {}
+    while engine.pending:
+        done.update(engine.step())
+    assert list(done) == ["a"]
+    assert (
+        done["a"][0].token_ids
+        == engine.generate(PROMPTS[:1], sampling(n=2, temperature=0.0, max_tokens=8))[0][0].token_ids
+    )

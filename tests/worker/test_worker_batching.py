@@ -85,6 +85,42 @@ def test_sigterm_finishes_and_submits_what_is_in_flight(tiny_model_dir, tmp_path
         assert "finishing the prompts in flight" in out
 
 
+def gone_leases(hub) -> list[str]:
+    """Lease ids the hub's heartbeat answers named as no longer held, in order."""
+    beats = [e for e in hub.proxy.exchanges if e.path.endswith("/heartbeat") and e.status == 200]
+    return [lease_id for e in beats for lease_id in e.json().get("gone", [])]
+
+
+def test_a_lease_the_hub_expired_leaves_the_engine_at_the_next_heartbeat(tiny_model_dir, tmp_path):
+    """A lease slower than its life (12 prompts of 8 x 120 tokens, ~0.5 s each on the hf engine, against 1 s):
+    the hub re-queues it, the next heartbeat says so, and the worker drops its prompts rather than
+    finishing them for a submission the hub would refuse. Its tasks are leased again, nothing is lost."""
+    sections = {"hub": {"lease_ttl_s": 1.0, "heartbeat_interval_s": 0.25}, "sampling": {"n": 8, "max_tokens": 120},
+                "trainer": {"prompts_per_step": 8, "micro_batch_size": 4}}  # fmt: skip
+    with live_hub(tmp_path / "run", tiny_model_dir, **sections) as hub:
+        proc = rollout_cli(hub.url, tmp_path, "--engine", "hf", "--name", "slow", "--prompts-per-lease", "12")
+        try:
+            hub.wait_for(lambda: gone_leases(hub) or proc.poll() is not None, timeout=120, what="an expired lease")
+            first = gone_leases(hub)[0]
+            # its tasks are free again, and leased again
+            hub.wait_for(lambda: len(granted(hub)) >= 2 or proc.poll() is not None, timeout=60, what="a second lease")
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, out[-3000:]
+        assert f"lease {first} is gone at the hub" in out, out[-3000:]
+        sent = [e.sent().get("lease_id") for e in hub.proxy.exchanges if e.path == ROLLOUTS and e.request]
+        assert first not in sent, "the worker finished and sent a lease the hub had re-queued"
+        # Every task is accepted, leased to nobody (the worker left) and queued, or still being scored: none lost.
+        state = hub.state
+        handed_out = {
+            t.task_id for i in granted(hub) for t in Lease.model_validate_json(hub.proxy.exchanges[i].response).tasks
+        }
+        done = {r.task_id for s in accepted(hub) for r in s.results}
+        assert handed_out <= done | set(state.queue)
+
+
 @pytest.mark.slow
 def test_vllm_leases_in_flight_and_versions_through_a_policy_update(tiny_model_dir, tmp_path):
     """vLLM worker, 2 prompts per lease, up to 8 in flight: several leases run in the engine at
