@@ -80,7 +80,14 @@ def _install(wheel: Path, root: Path, work: Path) -> dict:
         pytest.skip(f"cannot hard-link the project venv's packages into {site}: {linked.stderr[-500:]}")
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel])
     env = {k: v for k, v in h.train_env().items() if k != "PYTHONPATH"}
-    env |= {"SCATTER_RL_CACHE": str(work / "cache"), "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env |= {
+        "SCATTER_RL_CACHE": str(work / "cache"),
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # DeepSpeed's JIT ops built from this venv's paths differ from the project venv's build: kept apart, so
+        # the shared cache is not rebuilt back and forth (a minute of compiling each time)
+        "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"),
+    }
     return {"root": root, "rl": root / "bin" / "rl", "python": python, "work": work, "env": env}
 
 
