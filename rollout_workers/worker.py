@@ -129,7 +129,6 @@ class Worker:
         """Leases with prompts in the engine, by lease id (written by the main thread only)."""
         self.gone: queue.SimpleQueue[str] = queue.SimpleQueue()
         """Leases the hub no longer holds (heartbeat thread): the main thread drops their prompts."""
-        self.leases_dropped = 0
         self.to_submit: queue.Queue[tuple[InFlight, float] | None] = queue.Queue()
         self._count = threading.Condition()
         """Guards the two counters below; notified when prompts finish or a policy is loaded."""
@@ -245,8 +244,7 @@ class Worker:
         while not self._done():
             if self.client.registrations != self.registrations_seen:
                 self._adopt_registration()
-            if not self.gone.empty():
-                self._drop_gone()
+            self._drop_gone()
             update = self.engine is None or self.target_version != self.loaded_version
             if update and self.busy and draining != self.target_version:
                 draining = self.target_version
@@ -269,7 +267,6 @@ class Worker:
             if item is not None:  # else finished meanwhile: submitted, and the hub says what it makes of it
                 prompts = self.engine.abort([(item.lease.lease_id, t.task_id) for t in item.lease.tasks])
                 self._forget([item])
-                self.leases_dropped += 1
                 log.warning("lease %s is gone at the hub (expired, or its tasks done by backups): dropped its %d "
                             "prompt(s) in flight and %d finished", item.lease.lease_id, prompts,
                             len(item.results))  # fmt: skip

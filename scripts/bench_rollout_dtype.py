@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +22,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_worker import run_baseline, spread  # noqa: E402  (the bare side, pinned, in a fresh process)
 
 from rl.config.machine import BF16_CPU_FLAGS, cpu_flags, native_rollout_dtype  # noqa: E402
 
@@ -42,21 +42,6 @@ def config_for(base: Path, dtype: str, prompts: int, out: Path) -> Path:
     return path
 
 
-def generate(config: Path, model: str, args) -> dict:
-    env_args = ["env", f"OMP_NUM_THREADS={args.threads}", "OMP_WAIT_POLICY=PASSIVE", "HF_HUB_OFFLINE=1",
-                "VLLM_CPU_KVCACHE_SPACE=1", "VLLM_ENABLE_V1_MULTIPROCESSING=0", f"PYTHONPATH={ROOT}"]  # fmt: skip
-    cmd = [*env_args, "taskset", "-c", args.cores, sys.executable, str(ROOT / "scripts" / "bench_worker.py"),
-           "--baseline-of", str(config), "--model", model]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"{config.stem} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def spread(values: list[float], fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
@@ -69,13 +54,13 @@ def main() -> None:
     from rl.config import load_config
     from rl.models import resolve_model
 
-    model = args.model or str(resolve_model(load_config(args.config, []).model.name))
+    model = Path(args.model or resolve_model(load_config(args.config, []).model.name))
     rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         configs = {d: config_for(args.config, d, args.prompts, Path(tmp)) for d in DTYPES}
         for r in range(args.repeats):
             order = DTYPES if r % 2 == 0 else DTYPES[::-1]
-            rounds.append({d: generate(configs[d], model, args) for d in order})
+            rounds.append({d: run_baseline(model, configs[d], args) for d in order})
             print(json.dumps({"round": r + 1, **rounds[-1]}), flush=True)
     flags = cpu_flags(Path("/proc/cpuinfo").read_text()) & BF16_CPU_FLAGS
     rate = {d: [x[d]["tokens"] / x[d]["seconds"] for x in rounds] for d in DTYPES}

@@ -244,7 +244,7 @@ class Hub:
         if req.waiting or self.worker_waits.pop(worker_id, None) is not None:
             self.worker_waits[worker_id] = (req.waiting, time.monotonic())
         return self.state.heartbeat(worker_id, who, req.policy_version, req.tokens_per_s, time.monotonic(),
-                                    req.fetch_s, req.load_s, tuple(req.leases))  # fmt: skip
+                                    req.fetch_s, req.load_s, req.leases)  # fmt: skip
 
     def leave(self, worker_id: str, who: str | None, secret: str | None) -> Ack:
         self.state.authorize(worker_id, who, secret)

@@ -18,7 +18,7 @@ import hmac
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from rl.config import RunConfig
 from rl.hub.data import PromptOrder, PromptSet
@@ -197,7 +197,7 @@ class HubState:
 
     def heartbeat(
         self, worker_id: str, caller: str | None, version: int, tokens_per_s: float, now: float,
-        fetch_s: float = 0.0, load_s: float = 0.0, leases: tuple[str, ...] = (),
+        fetch_s: float = 0.0, load_s: float = 0.0, leases: Sequence[str] = (),
     ) -> HeartbeatResponse:  # fmt: skip
         """`leases`: those the worker is generating; the answer names the ones it no longer holds here."""
         rec = self.worker(worker_id, caller)
