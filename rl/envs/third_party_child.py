@@ -27,8 +27,13 @@ import asyncio
 import importlib
 import json
 import os
+import re
 import sys
 from typing import Any
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+"""A native tool call in a turn's text, in the Hermes format the chat templates of Qwen2.5, Qwen3 and others
+teach: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`."""
 
 
 def _text(content: Any) -> str:
@@ -46,6 +51,32 @@ def _message(m: Any) -> dict[str, str]:
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(row, default=str))
+
+
+def tool_calls(text: str, turn: int) -> tuple[str, list[dict[str, str]]]:
+    """(the text outside tool calls, the calls as {id, name, arguments JSON}) of turn number `turn`. Ids are
+    made from the turn and position, so a replayed episode gets the same ones. A call that does not parse
+    is passed on with name "" and its raw text as arguments: the environment answers with its error."""
+    calls = []
+    for k, found in enumerate(TOOL_CALL.finditer(text)):
+        try:
+            call = json.loads(found.group(1))
+            name, args = str(call["name"]), call.get("arguments", {})
+            arguments = args if isinstance(args, str) else json.dumps(args)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            name, arguments = "", found.group(1)
+        calls.append({"id": f"call_{turn}_{k}", "name": name, "arguments": arguments})
+    return (TOOL_CALL.sub("", text).strip() if calls else text), calls
+
+
+def _tool_schemas(defs: list[Any]) -> list[dict[str, Any]]:
+    """Tool definitions (vf.Tool or dicts) as the OpenAI function schemas chat templates take (`tools=`)."""
+    out = []
+    for d in defs:
+        d = d if isinstance(d, dict) else d.model_dump()
+        fn = {"name": d["name"], "description": d.get("description") or "", "parameters": d.get("parameters") or {}}
+        out.append({"type": "function", "function": fn})
+    return out
 
 
 class VerifiersDriver:
@@ -69,6 +100,7 @@ class VerifiersDriver:
             def __init__(self, turns: list[str]):
                 super().__init__(None)
                 self.turns, self.asked, self.waiting = list(turns), None, asyncio.Event()
+                self.served = 0
 
             def setup_client(self, config):
                 return None
@@ -84,13 +116,21 @@ class VerifiersDriver:
                     self.asked = prompt
                     self.waiting.set()
                     await asyncio.Future()  # the episode pauses here for the next turn: cancelled
-                return self.turns.pop(0)
+                self.served += 1
+                return self.served - 1, self.turns.pop(0)
 
             async def raise_from_native_response(self, response):
                 return None
 
-            async def from_native_response(self, text):
-                message = types.ResponseMessage(content=text, finish_reason="stop", is_truncated=False)
+            async def from_native_response(self, response):
+                turn, text = response
+                content, calls = tool_calls(text, turn)
+                message = types.ResponseMessage(
+                    content=content,
+                    tool_calls=[types.ToolCall(**c) for c in calls] or None,
+                    finish_reason="tool_calls" if calls else "stop",
+                    is_truncated=False,
+                )
                 return types.Response(id="turn", created=0, model="policy", message=message)
 
             async def close(self):
@@ -99,11 +139,17 @@ class VerifiersDriver:
         return Scripted
 
     def rows(self, size: int, seed: int) -> list[dict[str, Any]]:
+        """The dataset's rows; an environment with tools (the environment's `tool_defs`, or a row's
+        `info.tool_defs`) gives each row `tools`, the schemas the hub renders into the prompt."""
         out = []
         for i, row in enumerate(self.env.get_dataset(n=size, seed=seed)):
+            info = row.get("info")
+            defs = (info.get("tool_defs") if isinstance(info, dict) else None) or self.env.tool_defs or []
             row = _json_row(dict(row))
             row.setdefault("example_id", i)
             out.append({"question": [_message(m) for m in row["prompt"]], "vf": row})
+            if defs:
+                out[-1]["tools"] = _tool_schemas(defs)
         return out
 
     async def step(self, row: dict[str, Any], turns: list[str]) -> dict[str, Any]:

@@ -138,8 +138,11 @@ def build_messages(row: dict, data: DataConfig) -> list[dict[str, str]]:
     return messages
 
 
-def tokenize_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+def tokenize_prompt(tokenizer, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
+    """The prompt's ids by the model's chat template; `tools` (OpenAI function schemas, a row's `tools`) are
+    shown the way the template shows them (Qwen2.5: in the system turn, calls as `<tool_call>` JSON)."""
+    enc = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)  # fmt: skip
     return list(enc["input_ids"])
 
 
@@ -154,8 +157,15 @@ class PromptSet:
     @classmethod
     def build(cls, rows: list[dict], data: DataConfig, tokenizer) -> PromptSet:
         kept, ids, skipped = [], [], 0
+        tooled = next((row for row in rows if row.get("tools")), None)
+        if tooled is not None and tokenize_prompt(tokenizer, build_messages(tooled, data), tooled["tools"]) == (
+            tokenize_prompt(tokenizer, build_messages(tooled, data))
+        ):
+            log.warning("the rows come with tools, but the model's chat template does not show them: the model "
+                        "is not told its tools (use a model whose template shows tools, e.g. Qwen2.5, or "
+                        "describe them in data.system_prompt)")  # fmt: skip
         for row in rows:
-            tokens = tokenize_prompt(tokenizer, build_messages(row, data))
+            tokens = tokenize_prompt(tokenizer, build_messages(row, data), row.get("tools"))
             if len(tokens) > data.max_prompt_tokens:
                 skipped += 1
                 continue

@@ -55,6 +55,25 @@ def test_verifiers_multi_turn_environment_steps_and_rubric_grade():
     env.close()
 
 
+def test_verifiers_tool_environment_gets_native_tool_calls_and_shows_its_tools(tiny_tokenizer):
+    env = make("verifiers", {"environment": "multiply_tools", "paths": [MODULES], "args": {"size": 4}})
+    (row,) = env.rows(1, 0)
+    ((tool,),) = [row["tools"]]
+    assert tool["type"] == "function" and tool["function"]["name"] == "multiply"
+    assert set(tool["function"]["parameters"]["properties"]) == {"a", "b"}
+    a, b = (int(x) for x in row["question"][-1]["content"].removeprefix("What is ").split("?")[0].split(" * "))
+    call = f'Let me compute.\n<tool_call>\n{{"name": "multiply", "arguments": {{"a": {a}, "b": {b}}}}}\n</tool_call>'
+    state, steps = play(env, row, [call, f"It is {a * b}."])
+    assert steps[0].messages == [{"role": "tool", "content": str(a * b)}] and not steps[0].done
+    assert steps[1].done and env.grade(state).value == 1.0
+    assert env.grade(state).components["multiply_calls"] == 1.0  # the environment's own tool metric saw the call
+    _, (broken, *_) = play(env, row, ["<tool_call>{not json</tool_call>", "no"])
+    assert broken.messages[0]["role"] == "tool" and not broken.done  # its parse error, as the environment words it
+    plain, (answered,) = play(env, row, ["I think 5."])  # no tool call: the episode ends, graded
+    assert answered.done and env.grade(plain).value == 0.0
+    env.close()
+
+
 def test_verifiers_package_environment_reasoning_gym_graded_by_its_rubric():
     env = make("verifiers", {"environment": "verifiers.envs.integrations.reasoninggym_env:ReasoningGymEnv",
                              "args": {"gym": "basic_arithmetic", "num_train_examples": 4, "num_eval_examples": 1},

@@ -87,3 +87,23 @@ def test_prompt_set_skips_too_long_prompts(tiny_tokenizer):
     assert text.endswith("<|im_start|>assistant\n") and "short" in text
     with pytest.raises(DataError, match="no prompt fits"):
         PromptSet.build(rows[1:], cfg, tiny_tokenizer)
+
+
+def test_a_rows_tools_are_rendered_by_a_template_that_shows_them_and_a_template_that_does_not_is_named(
+    tiny_tokenizer, caplog
+):
+    import copy
+
+    cfg = load_config(None, ["data.max_prompt_tokens=200"]).data
+    tools = [{"type": "function", "function": {"name": "multiply", "description": "", "parameters": {}}}]
+    rows = [{"question": "What is 12 * 34?", "answer": "408", "tools": tools}]
+    showing = copy.deepcopy(tiny_tokenizer)
+    showing.chat_template = "{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}" + tiny_tokenizer.chat_template
+    with caplog.at_level("WARNING", logger="rl.hub.data"):
+        shown = PromptSet.build(rows, cfg, showing)
+    assert tiny_tokenizer.decode(shown.prompt_ids[0]).startswith('TOOLS [{"type": "function"')
+    assert "does not show them" not in caplog.text
+    with caplog.at_level("WARNING", logger="rl.hub.data"):
+        hidden = PromptSet.build(rows, cfg, tiny_tokenizer)  # the tiny ChatML template ignores tools
+    assert "multiply" not in tiny_tokenizer.decode(hidden.prompt_ids[0])
+    assert "the model's chat template does not show them" in caplog.text
