@@ -327,8 +327,9 @@ class Worker:
             count = sum(len(c.token_ids) for c in completions)
             item.tokens += count
             tokens += count
+            cached = self.engine.cached_prompt_tokens.pop((lease_id, task_id), 0)
             if completions:
-                item.results.append(TaskResult(task_id=task_id, completions=completions))
+                item.results.append(TaskResult(task_id=task_id, completions=completions, cached_prompt_tokens=cached))
             if item.unfinished == 0:
                 self._lease_done(item)
         self._count_tokens(tokens, time.perf_counter() - start)

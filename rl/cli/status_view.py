@@ -98,6 +98,9 @@ def render(status: HubStatus) -> Group:
             f"{e.get('in_flight', 0):.0f} / {e.get('turns_queued', 0):.0f} / {e.get('turns_done', 0):.0f}"
             f" (hub {e.get('hub_ms_per_turn', 0):.2f} ms, environment {e.get('env_ms_per_turn', 0):.1f} ms per turn)"
         )
+        rows["later turns: same worker / prefix cached"] = (
+            f"{e.get('same_worker_share', 0):.0%} / {e.get('prefix_cached_share', 0):.0%}"
+        )
     if status.scoring_failures:  # the verifier is failing: say so, with the last error
         rows["scoring failures / dropped"] = f"{status.scoring_failures} / {status.scoring_dropped}"
         rows["last scoring error"] = status.last_scoring_error

@@ -105,7 +105,7 @@ class EpisodeRunner:
         prompt = self.episodes.prompt_ids_of(task)
         first_seeds = st.seeds_of(task, len(ids))  # a first turn's n completions (later turns have their own)
         self.episodes.apply(tid, job.completions, job.policy_version, job.worker_id, outcomes, first_seeds,
-                            len(prompt))  # fmt: skip
+                            len(prompt), job.cached_prompt_tokens)  # fmt: skip
         grade_s = 0.0
         store = None if evaluated else self.store
         if self.episodes.finished(task):

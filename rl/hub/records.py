@@ -60,6 +60,8 @@ class ScoringJob:
     attempt: int = 1
     gen_s: float = 0.0
     """The submission's generation seconds (carried to the `ScoredGroup`)."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens the worker says its prefix cache held (reported for an episode's later turns)."""
 
     def retry(self) -> ScoringJob:
         return replace(self, attempt=self.attempt + 1)

@@ -390,7 +390,7 @@ class HubState:
         if not new:
             return SubmitResponse(accepted=[], duplicates=dups), []
         self.accept(req, new, now, sum(len(c) for cs in checked.values() for c in cs))
-        rec = self.workers[req.worker_id]
+        rec, cached = self.workers[req.worker_id], {r.task_id: r.cached_prompt_tokens for r in req.results}
         jobs = [
             ScoringJob(
                 task_id=tid,
@@ -400,6 +400,7 @@ class HubState:
                 worker_id=rec.worker_id,
                 worker_name=rec.name,
                 gen_s=req.gen_seconds,
+                cached_prompt_tokens=cached[tid],
             )
             for tid in new
         ]

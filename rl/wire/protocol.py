@@ -186,6 +186,9 @@ class Completion(Wire):
 class TaskResult(Wire):
     task_id: int
     completions: list[Completion] = Field(max_length=MAX_GROUP)
+    cached_prompt_tokens: int = Field(0, ge=0, le=MAX_COUNT)
+    """Prompt tokens the worker's engine found in its prefix cache for this task (its requests summed).
+    The worker's own word: the hub reports it (an episode's later turns, `rl status`) and trusts nothing by it."""
 
 
 class SubmitRequest(Wire):
@@ -199,8 +202,7 @@ class SubmitRequest(Wire):
 
     def packed(self) -> SubmitRequest:
         """The same submission with every completion packed (what a worker sends when the hub chose `packed`)."""
-        results = [TaskResult.model_construct(task_id=r.task_id, completions=[c.packed() for c in r.completions])
-                   for r in self.results]  # fmt: skip
+        results = [r.model_copy(update={"completions": [c.packed() for c in r.completions]}) for r in self.results]
         return self.model_copy(update={"results": results})
 
 

@@ -93,6 +93,9 @@ class Engine(ABC):
         self.model_dir = Path(model_dir)
         self.max_model_len = max_model_len
         self.dtype = dtype
+        self.cached_prompt_tokens: dict[Hashable, int] = {}
+        """Prompt tokens each finished prompt found in the engine's prefix cache (summed over its requests),
+        by key, until the caller takes them (`pop`); engines without a prefix cache leave it empty."""
 
     def generate(
         self, prompts: list[list[int]], sampling: SamplingParamsWire, seeds: list[list[int]] | None = None
@@ -114,6 +117,7 @@ class Engine(ABC):
         while self.pending:
             for i, completions in self.step():
                 out[i] = completions
+                self.cached_prompt_tokens.pop(i, None)
         return out
 
     @abstractmethod

@@ -143,6 +143,8 @@ class VLLMEngine(Engine):
                 continue
             key, slot = self._keys.pop(output.request_id)
             group = self._groups[key]
+            cached = self.cached_prompt_tokens.get(key, 0) + (output.num_cached_tokens or 0)
+            self.cached_prompt_tokens[key] = cached
             for j, c in enumerate(output.outputs):
                 group.completions[slot + j] = _completion(c)
             group.requests -= 1
@@ -163,6 +165,7 @@ class VLLMEngine(Engine):
             del self._keys[rid]
         for key in keys:
             del self._groups[key]
+            self.cached_prompt_tokens.pop(key, None)
         return len(keys)
 
     def abort_all(self) -> None:
@@ -170,6 +173,7 @@ class VLLMEngine(Engine):
             self.llm.llm_engine.abort_request(list(self._keys))
         self._keys.clear()
         self._groups.clear()
+        self.cached_prompt_tokens.clear()
 
     def concurrency(self, n: int) -> int:
         # vLLM runs up to max_num_seqs sequences per step (256 on CPU, 512+ on GPUs); more wait their turn.

@@ -140,6 +140,7 @@ def test_rl_train_on_episodes_trains_the_exact_turns_and_observations(tmp_path, 
     for step, m in metrics.items():
         assert m["trust/masked_sequences"] == 0.0, (step, m)  # every turn passed the provenance checks
         assert "reward/turns" in m and "reward/correct" in m
+        assert 0.0 <= m["episodes/same_worker_share"] <= 1.0 and 0.0 <= m["episodes/prefix_cached_share"] <= 1.0
     body = sqlite3.connect(run_dir / "hub.sqlite").execute("SELECT body FROM last_batch").fetchone()[0]
     batch = Batch.model_validate(json.loads(body))
     cfg = load_config(config, [])

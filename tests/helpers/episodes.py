@@ -51,11 +51,13 @@ def turn(tokenizer, text: str, end: bool = True) -> Completion:
 
 
 def submit(state: HubState, run: EpisodeRunner, wid: str, lease_id: str, results: dict[int, list[Completion]],
-           version: int | None = None):  # fmt: skip
-    """Submit `results` (task id -> completions) and step the accepted ones like the service does."""
-    version = state.policy_version if version is None else version
+           version: int | None = None, cached: dict[int, int] | None = None):  # fmt: skip
+    """Submit `results` (task id -> completions; `cached`: the prompt tokens the worker says its prefix cache
+    held, by task) and step the accepted ones like the service does."""
+    version, cached = state.policy_version if version is None else version, cached or {}
     req = SubmitRequest(worker_id=wid, lease_id=lease_id, policy_version=version,
-                        results=[TaskResult(task_id=t, completions=c) for t, c in results.items()])  # fmt: skip
+                        results=[TaskResult(task_id=t, completions=c, cached_prompt_tokens=cached.get(t, 0))
+                                 for t, c in results.items()])  # fmt: skip
     answer, jobs = state.submit(req, "tok", 1.0)
 
     async def step_all():

@@ -70,6 +70,33 @@ def test_turns_carry_the_exact_ids_and_the_group_is_their_concatenation(tiny_tok
     assert not state.episodes.groups and not state.episodes.queue
 
 
+def test_later_turns_count_the_same_worker_and_the_prefix_its_cache_held(tiny_tokenizer):
+    tok, state = tiny_tokenizer, env_state(tiny_tokenizer)
+    run = runner(state, tok)
+    a, b = register(state, "a"), register(state, "b")
+    first_turns(state, run, tok, a)
+    assert state.status(0.0, {}).episodes["same_worker_share"] == 0.0  # no later turn yet
+    granted = lease(state, a)  # both later turns, to the worker that generated the first ones
+    x, y = granted.tasks
+    prefixes = [len(x.prompt_token_ids), len(y.prompt_token_ids)]
+    submit(state, run, a, granted.lease_id, {x.task_id: [turn(tok, "0")], y.task_id: [turn(tok, "0")]},
+           cached={x.task_id: 10**6, y.task_id: 5})  # fmt: skip
+    shown = state.status(0.0, {}).episodes
+    assert shown["same_worker_share"] == 1.0
+    assert shown["prefix_cached_share"] == pytest.approx((prefixes[0] + 5) / sum(prefixes))  # capped at the prefix
+    moved = lease(state, b)  # the next turns go to another worker: its cache holds none of them
+    assert len(moved.tasks) == 2
+    submit(state, run, b, moved.lease_id, {t.task_id: [turn(tok, "0")] for t in moved.tasks})
+    shown = state.status(0.0, {}).episodes
+    assert shown["same_worker_share"] == 0.5
+    later = sum(prefixes) + sum(len(t.prompt_token_ids) for t in moved.tasks)
+    assert shown["prefix_cached_share"] == pytest.approx((prefixes[0] + 5) / later)
+    console = Console(width=200, record=True)
+    console.print(render(state.status(0.0, {})))
+    text = console.export_text()
+    assert "later turns: same worker / prefix cached" in text and "50% /" in text
+
+
 def test_a_turn_with_tokens_after_its_end_is_refused_and_changes_nothing(tiny_tokenizer):
     tok, state = tiny_tokenizer, env_state(tiny_tokenizer, "sampling.max_tokens=48")
     run = runner(state, tok)

@@ -214,3 +214,27 @@ def test_abort_drops_only_the_keys_named(engine: Engine, weights, tiny_model_dir
         done["a"][0].token_ids
         == engine.generate(PROMPTS[:1], sampling(n=2, temperature=0.0, max_tokens=8))[0][0].token_ids
     )
+
+
+@pytest.mark.slow
+def test_vllm_says_how_much_of_a_prompt_its_prefix_cache_held(tiny_model_dir):
+    """An episode's next turn extends the conversation so far: vLLM's prefix cache (whole blocks, 128
+    tokens on CPU) still holds the earlier prompt, and the engine reports the tokens it found there, by key."""
+    greedy = sampling(n=1, temperature=0.0, max_tokens=4)
+    with make_engine(EngineSpec(kind="vllm"), tiny_model_dir, max_model_len=512, dtype="float32") as eng:
+        prompt = [1] + [40 + i % 50 for i in range(299)]
+        eng.add("first", prompt, greedy)
+        done = []
+        while eng.pending:
+            done += eng.step()
+        ((_, (first,)),) = done
+        assert eng.cached_prompt_tokens.pop("first") == 0  # nothing cached yet
+        later = prompt + first.token_ids + [41, 42, 43]
+        eng.add("next", later, greedy)
+        while eng.pending:
+            eng.step()
+        block = eng.llm.llm_engine.vllm_config.cache_config.block_size
+        assert len(prompt) // block * block <= eng.cached_prompt_tokens.pop("next") < len(later)  # whole blocks
+        eng.add("aborted", prompt, greedy)
+        eng.abort(["aborted"])
+        assert not eng.cached_prompt_tokens
