@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from rl.envs import Environment, make
 from rl.envs.render import ObservationRenderer
@@ -20,15 +21,19 @@ from rl.hub.episode_store import EpisodeStore
 from rl.hub.episodes import StepOutcome
 from rl.hub.records import ScoringJob
 from rl.hub.state import HubState
+from rl.wire.protocol import ScoredGroup
 
 log = logging.getLogger(__name__)
 
 
 class EpisodeRunner:
-    def __init__(self, state: HubState, tokenizer, store: EpisodeStore | None, decode):
+    def __init__(self, state: HubState, tokenizer, store: EpisodeStore | None, decode,
+                 on_group: Callable[[ScoredGroup], None] = lambda group: None):  # fmt: skip
         src = state.cfg.data.source
         self.env: Environment = make(src.name, src.params)
         self.state, self.store, self.decode = state, store, decode
+        self.on_group = on_group
+        """Called with each group buffered, after the state's `scored` (the service credits and observes it)."""
         self.renderer = ObservationRenderer(tokenizer)
         self.episodes = state.episodes
         self.episodes.max_turns = self.env.max_turns
@@ -116,8 +121,10 @@ class EpisodeRunner:
                 st.evals.record_episodes(task, self.episodes.groups.pop(task), grades)
             else:
                 row = st.task_rows[task]
-                st.scored(self.episodes.group(task, row, prompt, grades, job.worker_id, job.worker_name,
-                                              st.seeds_of(task, st.cfg.sampling.n)))  # fmt: skip
+                group = self.episodes.group(task, row, prompt, grades, job.worker_id, job.worker_name,
+                                            st.seeds_of(task, st.cfg.sampling.n))  # fmt: skip
+                st.scored(group)
+                self.on_group(group)
             if store is not None:
                 store.delete(task)
         else:

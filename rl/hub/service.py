@@ -43,6 +43,7 @@ from rl.wire.protocol import (
     ProvenanceReport,
     RegisterRequest,
     RegisterResponse,
+    ScoredGroup,
     Stall,
     SubmitRequest,
     SubmitResponse,
@@ -112,7 +113,8 @@ class Hub:
         if state.episodes.enabled:
             state.episodes.end_ids = self.stop_ids
             db = EpisodeStore(store.path) if store is not None else None
-            self.episodes = EpisodeRunner(state, tokenizer, db, lambda ids: decode_texts(tokenizer, ids))
+            self.episodes = EpisodeRunner(state, tokenizer, db, lambda ids: decode_texts(tokenizer, ids),
+                                          self.group_buffered)  # fmt: skip
         self._adopt_published_policy()
         if self.episodes is not None:
             self.episodes.restore()  # after the policy: episodes newer than it are from after a checkpoint
@@ -312,10 +314,15 @@ class Hub:
             self.trust.count_timeouts(job.worker_id, sum(TIMEOUT_MARK in r.info for r in rewards))
             group = self.state.finish_scoring(job, rewards, time.perf_counter() - start)
             if group is not None:
-                self.contributions.scored(group, self.state.batches)
-            if group is not None and self.trust.observe_group(group):  # quarantined: its tasks went back
-                self.poke()
+                self.group_buffered(group)
             return
+
+    def group_buffered(self, group: ScoredGroup) -> None:
+        """A group reached the buffer (a task's scored completions, or its graded episodes: the same from
+        here on): its contributor is credited, and its rewards are evidence for its operator (rl/hub/trust.py)."""
+        self.contributions.scored(group, self.state.batches)
+        if self.trust.observe_group(group):  # quarantined: its tasks went back
+            self.poke()
 
     def scored_texts(self, sequences: list[list[int]]) -> list[str]:
         """The texts a verifier scores: every token the trainer will train on, special tokens included

@@ -150,6 +150,7 @@ def test_rl_train_on_episodes_trains_the_exact_turns_and_observations(tmp_path, 
     multi_turn = 0
     for g in batch.groups:
         assert g.prompt_token_ids == prompts.prompt_ids[g.row_index]
+        assert g.contributor.startswith("token:"), g.contributor  # credited like a single-turn task's group
         for c in g.completions:
             state = env.reset(prompts.rows[g.row_index])
             expected: list[int] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from helpers.contributions import scored_group
-from helpers.hub import ADMIN, OTHER_WORKER, WORKER, LiveHub, live_config
+from helpers.hub import ADMIN, OTHER_WORKER, WORKER, LiveHub, live_config, publish_initial_policy
 from rich.console import Console
 
 from rl.cli.contributions import fetch
@@ -204,3 +204,34 @@ def test_quarantined_time_is_counted_once_per_contributor_and_outlives_a_restart
     rows = {r["contributor"]: r for r in report(db)}
     assert rows[alice]["quarantined_s"] == pytest.approx(3.5) and rows["token:tok-c"]["quarantined_s"] == 0
     assert rows[alice]["registrations"] == 2
+
+
+def test_an_environment_runs_groups_are_credited_and_observed_like_single_turn_groups(tmp_path, tiny_model_dir):
+    """Both kinds of task end on one path: a group of graded episodes is labelled with its contributor,
+    counted as scored work and counted as evidence for its operator's trust."""
+    from rollout_workers.client import HubClient
+
+    from rl.wire.protocol import Completion, RegisterRequest, SubmitRequest, TaskResult
+
+    game = {"source": {"type": "env", "name": "guess_number", "size": 8, "params": {"low": 1, "high": 2,
+            "max_turns": 1}}, "eval_size": 0, "max_prompt_tokens": 128}  # fmt: skip
+    cfg = live_config(tmp_path, tiny_model_dir, data=game, sampling={"n": 2, "max_tokens": 8})
+    publish_initial_policy(tmp_path, tiny_model_dir)
+    with LiveHub(cfg) as live:
+        live.publish(0)
+        tok = live.hub.tokenizer
+        worker = HubClient(live.url, WORKER, max_retry_s=10.0)
+        worker.register(RegisterRequest(name="w"))
+        lease = worker.lease(policy_version=0, max_tasks=1)
+        (task,) = lease.tasks
+        ids = tok("1", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        turn = Completion(token_ids=ids, logprobs=[-0.5] * len(ids))
+        worker.submit(SubmitRequest(worker_id=worker.worker_id, lease_id=lease.lease_id, policy_version=0,
+                                    results=[TaskResult(task_id=task.task_id, completions=[turn, turn])]))  # fmt: skip
+        live.wait_for(lambda: task.task_id in live.state.buffer, what="the graded group")  # one turn: done
+        group = live.state.buffer[task.task_id]
+        assert group.contributor == f"token:{token_id(WORKER)}"
+        assert live.hub.trust.workers[worker.worker_id].groups == 1
+        totals = live.hub.contributions.totals[group.contributor]  # [groups, samples, tokens, seconds] by event
+        assert totals["scored"][:2] == [1, 2] and totals["submitted"][:2] == [1, 2]
+        worker.close()
