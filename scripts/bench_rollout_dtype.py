@@ -13,7 +13,6 @@ and what `auto` resolves to here.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_worker import run_baseline, spread  # noqa: E402  (the bare side, pinned, in a fresh process)
+from bench_worker import interleave, ratio_table, run_baseline  # noqa: E402  (the bare side, pinned, in a fresh process)
 
 from rl.config.machine import BF16_CPU_FLAGS, cpu_flags, native_rollout_dtype  # noqa: E402
 
@@ -55,22 +54,13 @@ def main() -> None:
     from rl.models import resolve_model
 
     model = Path(args.model or resolve_model(load_config(args.config, []).model.name))
-    rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         configs = {d: config_for(args.config, d, args.prompts, Path(tmp)) for d in DTYPES}
-        for r in range(args.repeats):
-            order = DTYPES if r % 2 == 0 else DTYPES[::-1]
-            rounds.append({d: run_baseline(model, configs[d], args) for d in order})
-            print(json.dumps({"round": r + 1, **rounds[-1]}), flush=True)
+        _, rate = interleave(args.repeats, list(DTYPES), lambda d: run_baseline(model, configs[d], args))
     flags = cpu_flags(Path("/proc/cpuinfo").read_text()) & BF16_CPU_FLAGS
-    rate = {d: [x[d]["tokens"] / x[d]["seconds"] for x in rounds] for d in DTYPES}
-    ratio = [f / b for f, b in zip(rate["float32"], rate["bfloat16"], strict=True)]
     named = ", ".join(sorted(flags)) or "none"
     print(f"\nCPU bf16 flags: {named}; `rollout.dtype: auto` here: {native_rollout_dtype()}")
-    print("| dtype | tokens/s |\n| --- | ---: |")
-    for d in DTYPES:
-        print(f"| {d} | {spread(rate[d], '.1f')} |")
-    print(f"| **float32 / bfloat16** (per round) | **{spread(ratio, '.2f')}** |")
+    print(ratio_table(rate, "dtype", "float32", "bfloat16", "float32 / bfloat16"))
 
 
 if __name__ == "__main__":

@@ -190,6 +190,25 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
+def interleave(repeats: int, names: list[str], run) -> tuple[list[dict], dict[str, list[float]]]:
+    """`repeats` rounds of `run(name)` for every name, alternating which goes first, each round printed as a
+    JSON line; (the rounds, tokens/s of each name per round). `run` returns a dict with tokens and seconds."""
+    rounds = []
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        rounds.append({n: run(n) for n in order})
+        print(json.dumps({"round": r + 1, **rounds[-1]}), flush=True)
+    return rounds, {n: [x[n]["tokens"] / x[n]["seconds"] for x in rounds] for n in names}
+
+
+def ratio_table(rate: dict[str, list[float]], column: str, over: str, under: str, label: str) -> str:
+    """Markdown: tokens/s of each name (median, min-max) and the per-round ratio of `over` to `under`."""
+    ratio = [a / b for a, b in zip(rate[over], rate[under], strict=True)]
+    rows = [f"| {name} | {spread(values, '.1f')} |" for name, values in rate.items()]
+    return "\n".join([f"| {column} | tokens/s |", "| --- | ---: |", *rows,
+                      f"| **{label}** (per round) | **{spread(ratio, '.2f')}** |"])  # fmt: skip
+
+
 def table(args, model: str, cfg, rounds: list[dict]) -> str:
     tokens_s = {side: spread([rate(r[side]) for r in rounds], ".0f") for side in ("bare", "worker")}
     samples_s = {side: spread([rate(r[side], "samples") for r in rounds], ".1f") for side in ("bare", "worker")}

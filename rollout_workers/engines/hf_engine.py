@@ -1,11 +1,12 @@
 """Plain transformers generation engine: the fallback when vLLM is not available.
 
-`model.generate` samples `n` rows per prompt (one prompt per `step()`, so no
-padding and no position-id subtleties; no batching across prompts), and each sampled token's logprob is
-log_softmax of the *unprocessed* logits (`output_logits=True`): the raw model
-distribution at temperature 1, before top-k/top-p, exactly what vLLM returns
-with `logprobs=0`. Slower than vLLM, but the same contract. Seeded completions
-decode greedily through `SeededDraw`, which leaves only the seeded draw finite.
+`model.generate` samples `n` rows per prompt; one `step()` generates the oldest waiting prompt together
+with the waiting prompts of the same sampling and room (up to `BATCH_ROWS` rows), left-padded to one
+length (the model's position ids follow the attention mask, so padding changes nothing but rounding).
+Each sampled token's logprob is log_softmax of the *unprocessed* logits (`output_logits=True`): the raw
+model distribution at temperature 1, before top-k/top-p, exactly what vLLM returns with `logprobs=0`.
+Slower than vLLM (no continuous batching: a step runs until its longest row ends), but the same
+contract. Seeded completions decode greedily through `SeededDraw`, which leaves only the seeded draw finite.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from rl.wire.protocol import Completion, SamplingParamsWire
 from rollout_workers.engines import Engine, EngineSpec, sampling_rule
 
 log = logging.getLogger(__name__)
+
+BATCH_ROWS = {"cpu": 64, "cuda": 256}
+"""Most rows (prompts x n) one `step()` generates together, by device type."""
 
 
 class HFEngine(Engine):
@@ -46,6 +50,7 @@ class HFEngine(Engine):
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.generator_seed = seed
         self.queue: deque[tuple[Hashable, list[int], SamplingParamsWire, list[int] | None]] = deque()
+        self.batch_rows = BATCH_ROWS.get(self.device.type, 64)
         torch.manual_seed(seed)
         log.info("hf engine ready in %.1f s (%s, %s)", time.perf_counter() - start, self.device, dtype)
 
@@ -61,11 +66,29 @@ class HFEngine(Engine):
 
     @torch.no_grad()
     def step(self) -> list[tuple[Hashable, list[Completion]]]:
-        # No batching across prompts: each step samples the n rows of the oldest prompt.
+        """Generate the oldest waiting prompt and, in the same batch, the waiting prompts that share its
+        sampling, its room under max_model_len and whether they are seeded (up to `BATCH_ROWS` rows)."""
         if not self.queue:
             return []
         key, prompt, sampling, seeds = self.queue.popleft()
-        return [(key, self._generate_one(prompt, sampling, seeds))]
+        room, batch, others = self.room_for(prompt, sampling.max_tokens), [(key, prompt, seeds)], deque()
+        rows = sampling.n
+        while self.queue:
+            item = self.queue.popleft()
+            k, p, s, sd = item
+            fits = rows + s.n <= self.batch_rows and s == sampling and (sd is None) == (seeds is None)
+            if fits and self.room_for(p, s.max_tokens) == room:
+                batch.append((k, p, sd))
+                rows += s.n
+            else:
+                others.append(item)
+        self.queue = others
+        seed_lists = None if seeds is None else [sd for *_, sd in batch]
+        outputs = self._generate([p for _, p, _ in batch], sampling, seed_lists)
+        return [(k, out) for (k, _, _), out in zip(batch, outputs, strict=True)]
+
+    def concurrency(self, n: int) -> int:
+        return max(1, self.batch_rows // max(1, n))
 
     @property
     def pending(self) -> int:
@@ -81,15 +104,13 @@ class HFEngine(Engine):
         self.queue = kept
         return dropped
 
-    def _generate_one(
-        self, prompt: list[int], sampling: SamplingParamsWire, seeds: list[int] | None
-    ) -> list[Completion]:
+    def _generate(
+        self, prompts: list[list[int]], sampling: SamplingParamsWire, seeds: list[list[int]] | None
+    ) -> list[list[Completion]]:
+        """`sampling.n` completions of each prompt (all with the same room under max_model_len), in one batch."""
         from transformers import GenerationConfig, LogitsProcessorList
 
-        room = self.room_for(prompt, sampling.max_tokens)
-        if room == 0:
-            log.warning("prompt of %d tokens leaves no room under max_model_len; skipped", len(prompt))
-            return []
+        room = self.room_for(prompts[0], sampling.max_tokens)
         stop_ids = sorted(set(self.eos_ids) | set(sampling.stop_token_ids))
         # Seeded: the processor leaves one finite logit per row, so greedy decoding takes the draw.
         greedy = sampling.temperature <= 0.0 or seeds is not None
@@ -107,19 +128,19 @@ class HFEngine(Engine):
             output_logits=True,
             return_dict_in_generate=True,
         )
-        input_ids = torch.tensor([prompt] * sampling.n, dtype=torch.long, device=self.device)
+        width = max(len(p) for p in prompts)  # left padding: every row's generated tokens line up
+        rows = [p for p in prompts for _ in range(sampling.n)]
+        pad = config.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], dtype=torch.long,
+                            device=self.device)  # fmt: skip
         kwargs = {"tokenizer": self.tokenizer} if sampling.stop else {}
         if seeds is not None:
-            draw = SeededDraw(sampling_rule(sampling), seeds, len(prompt))
+            draw = SeededDraw(sampling_rule(sampling), [s for ss in seeds for s in ss], width)
             kwargs["logits_processor"] = LogitsProcessorList([draw])
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=config,
-            **kwargs,
-        )
-        new = out.sequences[:, len(prompt) :].tolist()
-        logits = torch.stack(out.logits, dim=1).float()  # (n, steps, vocab), raw
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config, **kwargs)
+        new = out.sequences[:, width:].tolist()
+        logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab), raw
         logprobs = torch.log_softmax(logits, dim=-1)
         completions = []
         for row, tokens in enumerate(new):
@@ -127,7 +148,7 @@ class HFEngine(Engine):
             tokens = tokens[:length]
             lp = logprobs[row, torch.arange(length), torch.tensor(tokens, dtype=torch.long)]
             completions.append(Completion(token_ids=tokens, logprobs=lp.tolist(), finish_reason=finish))
-        return completions
+        return [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
     def _finished_length(
         self, tokens: list[int], stop_ids: set[int], stop_strings: list[str], room: int

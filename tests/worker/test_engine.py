@@ -238,3 +238,23 @@ def test_vllm_says_how_much_of_a_prompt_its_prefix_cache_held(tiny_model_dir):
         eng.add("aborted", prompt, greedy)
         eng.abort(["aborted"])
         assert not eng.cached_prompt_tokens
+
+
+def test_hf_generates_waiting_prompts_in_one_batch_as_it_would_one_at_a_time(tiny_model_dir):
+    """Prompts of different lengths, left-padded into one batch: the same seeded draws and, to rounding, the same
+    log-probs as each prompt alone; a prompt of other sampling waits for a batch of its own."""
+    eng = make_engine(EngineSpec(kind="hf"), tiny_model_dir, max_model_len=MAX_MODEL_LEN, dtype="float32")
+    params = sampling(n=3, max_tokens=12)
+    seeds = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
+    alone = [eng.generate([p], params, [sd])[0] for p, sd in zip(PROMPTS, seeds, strict=True)]
+    for i, (p, sd) in enumerate(zip(PROMPTS, seeds, strict=True)):
+        eng.add(i, p, params, sd)
+    eng.add("other", PROMPTS[0], sampling(n=3, max_tokens=12, temperature=0.5), seeds[0])
+    done = dict(eng.step())
+    assert sorted(done) == [0, 1, 2] and eng.pending == 1  # one step for the three; "other" waits
+    for k, completions in done.items():
+        for a, b in zip(alone[k], completions, strict=True):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+    assert [k for k, _ in eng.step()] == ["other"]
+    assert eng.concurrency(8) == 8  # 64 rows on CPU: the worker keeps that many prompts of n=8 going

@@ -42,7 +42,8 @@ def test_submissions_go_on_in_the_background_and_a_failed_one_is_retried(tiny_mo
     while it leases and generates on, and nothing is lost or counted twice."""
     with live_hub(tmp_path / "run", tiny_model_dir, **ROOMY) as hub:
         hub.proxy.fail_path[ROLLOUTS] = 3  # ~1.4 s of retries with the client's backoff
-        thread, result = start_worker(hub.url, tmp_path, max_prompts=8, prompts_per_lease=2)
+        # 3 prompts in flight: the leases come one after another, not all eight prompts at once.
+        thread, result = start_worker(hub.url, tmp_path, max_prompts=8, prompts_per_lease=2, max_inflight_prompts=3)
         thread.join(timeout=120)
         assert result["rc"] == 0
         subs = accepted(hub)
@@ -92,13 +93,13 @@ def gone_leases(hub) -> list[str]:
 
 
 def test_a_lease_the_hub_expired_leaves_the_engine_at_the_next_heartbeat(tiny_model_dir, tmp_path):
-    """A lease slower than its life (12 prompts of 8 x 120 tokens, ~0.5 s each on the hf engine, against 1 s):
+    """A lease slower than its life (16 prompts of 8 x 400 tokens, 8 prompts per hf engine step of ~4 s, against 1 s):
     the hub re-queues it, the next heartbeat says so, and the worker drops its prompts rather than
     finishing them for a submission the hub would refuse. Its tasks are leased again, nothing is lost."""
-    sections = {"hub": {"lease_ttl_s": 1.0, "heartbeat_interval_s": 0.25}, "sampling": {"n": 8, "max_tokens": 120},
-                "trainer": {"prompts_per_step": 8, "micro_batch_size": 4}}  # fmt: skip
+    sections = {"hub": {"lease_ttl_s": 1.0, "heartbeat_interval_s": 0.25}, "sampling": {"n": 8, "max_tokens": 400},
+                "model": {"max_model_len": 640}, "trainer": {"prompts_per_step": 8, "micro_batch_size": 4}}  # fmt: skip
     with live_hub(tmp_path / "run", tiny_model_dir, **sections) as hub:
-        proc = rollout_cli(hub.url, tmp_path, "--engine", "hf", "--name", "slow", "--prompts-per-lease", "12")
+        proc = rollout_cli(hub.url, tmp_path, "--engine", "hf", "--name", "slow", "--prompts-per-lease", "16")
         try:
             hub.wait_for(lambda: gone_leases(hub) or proc.poll() is not None, timeout=120, what="an expired lease")
             first = gone_leases(hub)[0]

@@ -33,5 +33,6 @@ def load_environment(size: int = 16, max_turns: int = 3):
     for _ in range(size):
         a, b = rng.randint(100, 999), rng.randint(100, 999)
         rows.append({"question": f"What is {a} * {b}? Use the tool.", "answer": str(a * b)})
-    return vf.ToolEnv(dataset=Dataset.from_list(rows), tools=[multiply], rubric=vf.Rubric(funcs=[correct]),
-                      max_turns=max_turns)
+    return vf.ToolEnv(
+        dataset=Dataset.from_list(rows), tools=[multiply], rubric=vf.Rubric(funcs=[correct]), max_turns=max_turns
+    )
