@@ -38,13 +38,14 @@ class EpisodeRunner:
         self.episodes = state.episodes
         self.episodes.max_turns = self.env.max_turns
         self.hub_s = 0.0
-        """Seconds of the hub's own work on turns (decode, render, bookkeeping, saving), tools excluded."""
+        """CPU seconds of the hub's own work on turns (decode, render, bookkeeping, saving), the environment's
+        steps, grades and tools excluded: thread CPU time, so a busy machine's waits for a core do not count."""
         self.env_s = 0.0
         """Seconds in the environment's steps and grades (its tools included)."""
         self.turns = 0
 
     def timings(self) -> dict[str, float]:
-        """Milliseconds per turn: the hub's own work, and the environment's (its tools included)."""
+        """Milliseconds per turn: the hub's own work (CPU), and the environment's (wall time, its tools included)."""
         turns = max(self.turns, 1)
         return {"hub_ms_per_turn": 1e3 * self.hub_s / turns, "env_ms_per_turn": 1e3 * self.env_s / turns}
 
@@ -68,15 +69,15 @@ class EpisodeRunner:
 
     def _steps(self, inputs, texts) -> tuple[list[tuple[int, StepOutcome]], float, float]:
         """In a thread: the environment's steps and the observations' token ids; (outcomes, seconds in the
-        environment, seconds rendering)."""
+        environment, CPU seconds rendering)."""
         out, env_s, render_s = [], 0.0, 0.0
         for (j, state), (text, ids) in zip(inputs, texts, strict=True):
             t0 = time.perf_counter()
             new_state, step = self.env.step(state, text)
-            t1 = time.perf_counter()
-            env_s += t1 - t0
+            env_s += time.perf_counter() - t0
+            c0 = time.thread_time()
             obs = self.renderer.render(ids, step.messages) if step.messages and not step.done else []
-            render_s += time.perf_counter() - t1
+            render_s += time.thread_time() - c0
             out.append(
                 (
                     j,
@@ -89,20 +90,20 @@ class EpisodeRunner:
 
     async def advance(self, job: ScoringJob) -> None:
         """Step the episodes of one accepted submission (`job`); buffer the group when all are done."""
-        t0 = time.perf_counter()
+        c0 = time.thread_time()
         tid, st = job.task_id, self.state
         task = self.episodes.task_of(tid)
         ids = [c.ids.tolist() for c in job.completions]
         texts = list(zip(self.decode(ids), ids, strict=True))
         inputs = self.episodes.inputs(tid, len(ids), lambda: self.env.reset(job.example))
-        hub_s = time.perf_counter() - t0
+        hub_s = time.thread_time() - c0
         try:
             outcomes, env_s, render_s = await asyncio.to_thread(self._steps, inputs, texts)
         except Exception as e:  # noqa: BLE001 - a broken environment drops its task, loudly
             log.exception("environment step of task %d failed; the task is dropped", task)
             self.drop(tid, task, f"{type(e).__name__}: {e}")
             return
-        t1 = time.perf_counter()
+        c1 = time.thread_time()
         evaluated = task < 0
         if tid not in st.scoring or task not in (st.evals if evaluated else st.task_rows):
             return  # given up meanwhile (its worker was quarantined: the turn went back to the queue)
@@ -111,12 +112,12 @@ class EpisodeRunner:
         first_seeds = st.seeds_of(task, len(ids))  # a first turn's n completions (later turns have their own)
         self.episodes.apply(tid, job.completions, job.policy_version, job.worker_id, outcomes, first_seeds,
                             len(prompt), job.cached_prompt_tokens)  # fmt: skip
-        grade_s = 0.0
+        grade_s = grade_cpu = 0.0
         store = None if evaluated else self.store
         if self.episodes.finished(task):
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             grades = [self.env.grade(e.state) for e in self.episodes.groups[task]]
-            grade_s = time.perf_counter() - t2
+            grade_s, grade_cpu = time.perf_counter() - t2, time.thread_time() - c2
             if evaluated:
                 st.evals.record_episodes(task, self.episodes.groups.pop(task), grades)
             else:
@@ -131,7 +132,7 @@ class EpisodeRunner:
             if store is not None:
                 store.save(task, self.episodes.dump(task))
             st.on_work()  # the next turns are leasable
-        self.hub_s += hub_s + render_s + time.perf_counter() - t1 - grade_s
+        self.hub_s += hub_s + render_s + time.thread_time() - c1 - grade_cpu
         self.env_s += env_s + grade_s
         self.turns += len(ids)
 
