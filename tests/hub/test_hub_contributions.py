@@ -209,9 +209,8 @@ def test_quarantined_time_is_counted_once_per_contributor_and_outlives_a_restart
 def test_an_environment_runs_groups_are_credited_and_observed_like_single_turn_groups(tmp_path, tiny_model_dir):
     """Both kinds of task end on one path: a group of graded episodes is labelled with its contributor,
     counted as scored work and counted as evidence for its operator's trust."""
-    from rollout_workers.client import HubClient
-
     from rl.wire.protocol import Completion, RegisterRequest, SubmitRequest, TaskResult
+    from rollout_workers.client import HubClient
 
     game = {"source": {"type": "env", "name": "guess_number", "size": 8, "params": {"low": 1, "high": 2,
             "max_turns": 1}}, "eval_size": 0, "max_prompt_tokens": 128}  # fmt: skip
