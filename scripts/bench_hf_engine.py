@@ -1,10 +1,12 @@
-"""The HF engine's generation with prompts batched per step against one prompt per step (what it did before).
+"""The HF engine's generation with prompts batched per step and one prefill per prompt, against one prompt per step
+with every row prefilled (what it did before), and batching alone.
 
 One `HFEngine` in this process (the config's model and rollout dtype), the config's first `--prompts` prompts
 (templated as the hub does) x `sampling.n`, seeded draws (so both modes generate the same tokens: the same work),
-`sampling.max_tokens`. Baseline: `batch_rows = n`, one prompt per `step()`; batched: the engine's default
-(`BATCH_ROWS` of its device). `--repeats` rounds interleave the two (alternating which goes first); tokens/s of
-each (median, min-max) and the batched / one-at-a-time ratio of each round. Pin it for a fair number:
+`sampling.max_tokens`. Baseline: `batch_rows = n`, one prompt per `step()`, `share_prefill` off; batched: the
+engine's default (`BATCH_ROWS` of its device), with and without `share_prefill`. `--repeats` rounds interleave
+them (alternating the order); tokens/s of each (median, min-max) and the ratio of the engine's default to the
+baseline in each round. Pin it for a fair number:
 
     taskset -c 0,1 .venv/bin/python scripts/bench_hf_engine.py [--config configs/quickstart.yaml] [--prompts 16]
         [--repeats 3] [--threads 2]
@@ -23,8 +25,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_worker import interleave, ratio_table  # noqa: E402
 
 
-def timed(engine, prompts: list[list[int]], sampling, batch_rows: int) -> dict:
-    engine.batch_rows = batch_rows
+def timed(engine, prompts: list[list[int]], sampling, batch_rows: int, share_prefill: bool = True) -> dict:
+    engine.batch_rows, engine.share_prefill = batch_rows, share_prefill
     seeds = [[1000 * i + j for j in range(sampling.n)] for i in range(len(prompts))]
     start = time.perf_counter()
     for i, (prompt, sd) in enumerate(zip(prompts, seeds, strict=True)):
@@ -66,14 +68,16 @@ def main() -> None:
     dtype = cfg.rollout.dtype or cfg.model.dtype
     engine = HFEngine(EngineSpec(kind="hf"), model, max_model_len=cfg.model.max_model_len, dtype=dtype)
     batched = engine.batch_rows
-    modes = {"one prompt per step": sampling.n, f"batched ({batched} rows)": batched}
+    modes = {"one prompt per step, every row prefilled (before)": (sampling.n, False),
+             f"batched ({batched} rows), every row prefilled": (batched, False),
+             f"batched ({batched} rows), one prefill per prompt": (batched, True)}  # fmt: skip
     timed(engine, prompts[:2], sampling, batched)  # warm-up
-    _, rate = interleave(args.repeats, list(modes), lambda m: timed(engine, prompts, sampling, modes[m]))
-    one, many = list(modes)
+    _, rate = interleave(args.repeats, list(modes), lambda m: timed(engine, prompts, sampling, *modes[m]))
+    one, _, many = list(modes)
     print(f"\n`{cfg.model.name}` ({dtype}), {len(prompts)} prompts of `{args.config.name}` x n={sampling.n}, "
           f"max_tokens={sampling.max_tokens}, seeded draws, {args.threads} threads, "
           f"{args.repeats} interleaved rounds")  # fmt: skip
-    print(ratio_table(rate, "hf engine", many, one, "batched / one prompt per step"))
+    print(ratio_table(rate, "hf engine", many, one, "batched + one prefill / before"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 `model.generate` samples `n` rows per prompt; one `step()` generates the oldest waiting prompt together
 with the waiting prompts of the same sampling and room (up to `BATCH_ROWS` rows), left-padded to one
-length (the model's position ids follow the attention mask, so padding changes nothing but rounding).
+length (the model's position ids follow the attention mask, so padding changes nothing but rounding);
+each prompt is prefilled once and its cache repeated for its n rows, as vLLM's prefix cache shares it.
 Each sampled token's logprob is log_softmax of the *unprocessed* logits (`output_logits=True`): the raw
 model distribution at temperature 1, before top-k/top-p, exactly what vLLM returns with `logprobs=0`.
 Slower than vLLM (no continuous batching: a step runs until its longest row ends), but the same
@@ -51,6 +52,8 @@ class HFEngine(Engine):
         self.generator_seed = seed
         self.queue: deque[tuple[Hashable, list[int], SamplingParamsWire, list[int] | None]] = deque()
         self.batch_rows = BATCH_ROWS.get(self.device.type, 64)
+        self.share_prefill = True
+        """Prefill each prompt once for its n rows (False: every row computes its prompt, as before; benchmarks)."""
         torch.manual_seed(seed)
         log.info("hf engine ready in %.1f s (%s, %s)", time.perf_counter() - start, self.device, dtype)
 
@@ -138,6 +141,8 @@ class HFEngine(Engine):
         if seeds is not None:
             draw = SeededDraw(sampling_rule(sampling), [s for ss in seeds for s in ss], width)
             kwargs["logits_processor"] = LogitsProcessorList([draw])
+        if self.share_prefill and sampling.n > 1 and width > 1:  # n rows share a prompt's prefill (as in vLLM)
+            kwargs["past_key_values"] = self._shared_prefill(input_ids[:: sampling.n], mask[:: sampling.n], sampling.n)
         out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config, **kwargs)
         new = out.sequences[:, width:].tolist()
         logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab), raw
@@ -149,6 +154,16 @@ class HFEngine(Engine):
             lp = logprobs[row, torch.arange(length), torch.tensor(tokens, dtype=torch.long)]
             completions.append(Completion(token_ids=tokens, logprobs=lp.tolist(), finish_reason=finish))
         return [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+
+    def _shared_prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, n: int):
+        """The KV cache of every prompt but its last token, computed once per prompt and repeated for its n
+        rows; `generate` computes the last token's logits from it. Positions follow the mask (left padding)."""
+        positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions,
+                         use_cache=True)  # fmt: skip
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def _finished_length(
         self, tokens: list[int], stop_ids: set[int], stop_strings: list[str], room: int

@@ -242,7 +242,8 @@ def test_vllm_says_how_much_of_a_prompt_its_prefix_cache_held(tiny_model_dir):
 
 def test_hf_generates_waiting_prompts_in_one_batch_as_it_would_one_at_a_time(tiny_model_dir):
     """Prompts of different lengths, left-padded into one batch: the same seeded draws and, to rounding, the same
-    log-probs as each prompt alone; a prompt of other sampling waits for a batch of its own."""
+    log-probs as each prompt alone, and as with every row computing its own prefill; a prompt of other sampling
+    waits for a batch of its own."""
     eng = make_engine(EngineSpec(kind="hf"), tiny_model_dir, max_model_len=MAX_MODEL_LEN, dtype="float32")
     params = sampling(n=3, max_tokens=12)
     seeds = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
@@ -258,3 +259,8 @@ def test_hf_generates_waiting_prompts_in_one_batch_as_it_would_one_at_a_time(tin
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
     assert [k for k, _ in eng.step()] == ["other"]
     assert eng.concurrency(8) == 8  # 64 rows on CPU: the worker keeps that many prompts of n=8 going
+    eng.share_prefill = False  # every row computes its prompt itself: the same draws and log-probs
+    for completions, again in zip(alone, eng.generate(PROMPTS, params, seeds), strict=True):
+        for a, b in zip(completions, again, strict=True):
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
