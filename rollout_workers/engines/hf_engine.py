@@ -155,6 +155,7 @@ class HFEngine(Engine):
             completions.append(Completion(token_ids=tokens, logprobs=lp.tolist(), finish_reason=finish))
         return [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
+    @torch.no_grad()
     def _shared_prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, n: int):
         """The KV cache of every prompt but its last token, computed once per prompt and repeated for its n
         rows; `generate` computes the last token's logits from it. Positions follow the mask (left padding)."""

@@ -264,3 +264,11 @@ def test_hf_generates_waiting_prompts_in_one_batch_as_it_would_one_at_a_time(tin
         for a, b in zip(completions, again, strict=True):
             assert a.token_ids == b.token_ids
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
+def test_hf_shared_prefill_keeps_no_autograd_graph(tiny_model_dir):
+    eng = make_engine(EngineSpec(kind="hf"), tiny_model_dir, max_model_len=MAX_MODEL_LEN, dtype="float32")
+    ids = torch.tensor([[0, 1, 40, 41], [1, 50, 51, 52]])
+    cache = eng._shared_prefill(ids, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), 3)
+    keys = cache.layers[0].keys
+    assert keys.shape[0] == 6 and not keys.requires_grad  # 2 prompts x 3 rows, and no graph kept alive
