@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = {"cpu": 64, "cuda": 256}
 """Most rows (prompts x n) one `step()` generates together, by device type."""
+LOGITS_BUDGET = {"cpu": 2 << 30, "cuda": 16 << 30}
+"""Bytes a step's kept logits may take (`output_logits`: rows x tokens x vocabulary, ~10 bytes an element with
+the float32 copy and the log-softmax); fewer rows per step where long completions and a large vocabulary need
+it, never fewer than one prompt's n."""
 
 
 class HFEngine(Engine):
@@ -75,11 +79,11 @@ class HFEngine(Engine):
             return []
         key, prompt, sampling, seeds = self.queue.popleft()
         room, batch, others = self.room_for(prompt, sampling.max_tokens), [(key, prompt, seeds)], deque()
-        rows = sampling.n
+        rows, most = sampling.n, self.rows_for(room)
         while self.queue:
             item = self.queue.popleft()
             k, p, s, sd = item
-            fits = rows + s.n <= self.batch_rows and s == sampling and (sd is None) == (seeds is None)
+            fits = rows + s.n <= most and s == sampling and (sd is None) == (seeds is None)
             if fits and self.room_for(p, s.max_tokens) == room:
                 batch.append((k, p, sd))
                 rows += s.n
@@ -89,6 +93,11 @@ class HFEngine(Engine):
         seed_lists = None if seeds is None else [sd for *_, sd in batch]
         outputs = self._generate([p for _, p, _ in batch], sampling, seed_lists)
         return [(k, out) for (k, _, _), out in zip(batch, outputs, strict=True)]
+
+    def rows_for(self, room: int) -> int:
+        """Rows one step may generate with completions of up to `room` tokens (`BATCH_ROWS`, `LOGITS_BUDGET`)."""
+        per_row = 10 * max(room, 1) * self.model.config.get_text_config().vocab_size
+        return min(self.batch_rows, LOGITS_BUDGET.get(self.device.type, 2 << 30) // per_row)
 
     def concurrency(self, n: int) -> int:
         return max(1, self.batch_rows // max(1, n))

@@ -272,3 +272,15 @@ def test_hf_shared_prefill_keeps_no_autograd_graph(tiny_model_dir):
     cache = eng._shared_prefill(ids, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), 3)
     keys = cache.layers[0].keys
     assert keys.shape[0] == 6 and not keys.requires_grad  # 2 prompts x 3 rows, and no graph kept alive
+
+
+def test_hf_steps_take_fewer_prompts_where_their_logits_would_not_fit(tiny_model_dir, monkeypatch):
+    import rollout_workers.engines.hf_engine as hf
+
+    eng = make_engine(EngineSpec(kind="hf"), tiny_model_dir, max_model_len=MAX_MODEL_LEN, dtype="float32")
+    params = sampling(n=3, max_tokens=12)
+    per_row = 10 * 12 * eng.model.config.get_text_config().vocab_size
+    monkeypatch.setitem(hf.LOGITS_BUDGET, "cpu", 4 * per_row)  # one prompt's 3 rows fit, two prompts' 6 do not
+    for i, p in enumerate(PROMPTS):
+        eng.add(i, p, params)
+    assert [len(eng.step()) for _ in range(3)] == [1, 1, 1] and not eng.pending
