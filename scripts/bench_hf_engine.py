@@ -61,10 +61,7 @@ def main() -> None:
     model = resolve_model(cfg.model.name)
     tok = AutoTokenizer.from_pretrained(model)
     prompts = PromptSet.build(load_rows(cfg.data)[0][: args.prompts], cfg.data, tok).prompt_ids
-    s = cfg.sampling
-    sampling = SamplingParamsWire(
-        n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, stop=s.stop
-    )  # what the hub leases (HubState)
+    sampling = SamplingParamsWire.of(cfg.sampling)  # what the hub leases
     dtype = cfg.rollout.dtype or cfg.model.dtype
     engine = HFEngine(EngineSpec(kind="hf"), model, max_model_len=cfg.model.max_model_len, dtype=dtype)
     batched = engine.batch_rows

@@ -44,9 +44,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = load_rows(cfg.data)[0][: args.prompts]
     prompts = PromptSet.build(rows, cfg.data, tok).prompt_ids
-    s = cfg.sampling
-    sampling = SamplingParamsWire(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                  max_tokens=s.max_tokens, stop=s.stop)  # fmt: skip
+    sampling = SamplingParamsWire.of(cfg.sampling)
     start = time.perf_counter()
     engine = VLLMEngine(model_dir, max_model_len=cfg.model.max_model_len, dtype=args.sampler_dtype, seed=0)
     groups = engine.generate(prompts, sampling)
@@ -81,7 +79,8 @@ def main() -> None:
     opt.step()
     model.eval()
 
-    fn = functools.partial(token_statistics, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
+                           top_k=sampling.top_k)  # fmt: skip
     stop_ids = [tok.eos_token_id]
     codes, diffs, maxdiffs, zs, tokens = [], [], [], [], []
     with torch.no_grad():

@@ -158,15 +158,7 @@ class HubState:
         )
 
     def sampling_params(self) -> SamplingParamsWire:
-        s = self.cfg.sampling
-        return SamplingParamsWire(
-            n=s.n,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            max_tokens=s.max_tokens,
-            stop=s.stop,
-        )
+        return SamplingParamsWire.of(self.cfg.sampling)
 
     def worker(self, worker_id: str, caller: str | None) -> WorkerRecord:
         """The worker's record; `caller` is the caller's token id (None: admin, may act for anyone)."""

@@ -79,6 +79,13 @@ class SamplingParamsWire(Wire):
     stop: list[str] = Field(default_factory=list, max_length=64)
     stop_token_ids: list[int] = Field(default_factory=list, max_length=4096)
 
+    @classmethod
+    def of(cls, sampling) -> SamplingParamsWire:
+        """What a run's `sampling` config section (rl/config/sections.py) puts on every lease."""
+        s = sampling
+        return cls(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
+                   stop=s.stop)  # fmt: skip
+
 
 class RegisterResponse(Wire):
     worker_id: str
