@@ -24,8 +24,8 @@ from rl.config import load_config
 from rl.hub.data import PromptSet, load_rows
 from rl.hub.episode_runner import EpisodeRunner
 from rl.hub.episode_store import EpisodeStore
-from rl.hub.service import decode_texts
 from rl.hub.state import HubState
+from rl.hub.texts import TextDecoder
 from rl.models import resolve_model
 from rl.wire.protocol import Completion, LeaseRequest, RegisterRequest, SubmitRequest, TaskResult
 
@@ -59,7 +59,7 @@ def run(tok, env: bool, tasks: int, seed: int) -> tuple[float, int, int, int]:
     if env:
         state.episodes.end_ids = {tok.eos_token_id}
         db = EpisodeStore(Path(tempfile.mkdtemp()) / "hub.sqlite")
-        runner = EpisodeRunner(state, tok, db, lambda ids: decode_texts(tok, ids))
+        runner = EpisodeRunner(state, tok, db, TextDecoder(tok))
     workers = [state.register(RegisterRequest(name=f"w{i}"), "tok", 0.0).worker_id for i in range(2)]
     loop = asyncio.new_event_loop()
     turns = same = sent = 0

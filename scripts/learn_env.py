@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +52,7 @@ def eval_child(config_path: Path, model_dir: str, heldout: int, samples: int, ou
     from rl.envs.play import play, summarise
     from rl.envs.render import ObservationRenderer
     from rl.hub.data import PromptSet, load_rows
-    from rl.hub.service import decode_texts
+    from rl.hub.texts import TextDecoder
 
     cfg = load_config(config_path, [f"data.eval_size={heldout}"])
     src = cfg.data.source
@@ -65,7 +64,7 @@ def eval_child(config_path: Path, model_dir: str, heldout: int, samples: int, ou
     llm = LLM(model=model_dir, dtype="float32", max_model_len=cfg.model.max_model_len, enforce_eager=True, seed=0)
     stop = sorted(renderer.end_ids)
 
-    decode = partial(decode_texts, tokenizer)  # the hub's decode: the environment sees the text it would
+    decode = TextDecoder(tokenizer)  # the hub's decode: the environment sees the text it would
 
     def generator(params):
         def generate(batch: list[list[int]]) -> list[list[int]]:

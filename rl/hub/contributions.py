@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rl.hub.contribution_db import ContributionDB
 from rl.wire.identity import challenge_message, verify
-from rl.wire.packed import as_ids
+from rl.wire.packed import as_ids, count_ids
 from rl.wire.protocol import (
     Ack,
     ContributorStatus,
@@ -177,7 +177,7 @@ class ContributionLedger:
     def scored(self, group: ScoredGroup, step: int) -> None:
         """Label a buffered group with its contributor (the trainer signs that) and count it."""
         group.contributor = self.contributor_of(group.worker_id)
-        tokens = sum(len(as_ids(c.token_ids)) for c in group.completions)  # packed text or a list
+        tokens = sum(count_ids(c.token_ids) for c in group.completions)  # packed text or a list
         self.count(group.worker_id, "scored", step, group.policy_version, 1, len(group.completions), tokens)
 
     def _take_pending(self) -> tuple[dict, dict]:

@@ -19,6 +19,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from rl.config import RunConfig
 from rl.hub.contributions import ContributionLedger
 from rl.hub.episode_runner import EpisodeRunner
@@ -27,6 +29,7 @@ from rl.hub.fair import FairTurns
 from rl.hub.ledger import EXIT_DISK_FULL, FLUSH_INTERVAL_S, LedgerStore, disk_full
 from rl.hub.policy_files import PolicyFiles
 from rl.hub.state import HubState, ScoringJob
+from rl.hub.texts import TextDecoder
 from rl.hub.trust import Trust
 from rl.wire.protocol import (
     Ack,
@@ -60,15 +63,6 @@ FROZEN_S = 5.0
 """A housekeeping tick this late means the hub itself did not run (see `Hub.housekeeping`)."""
 MAX_STALL_REPORTERS = 4096
 """Registrations whose reported waits the hub keeps (`Hub.all_stall_counts`)."""
-
-
-def decode_texts(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
-    """`tokenizer.decode(ids, skip_special_tokens=...)` for each sequence, in one call to the Rust
-    tokenizer when there is one (transformers' own decode first copies every id through Python)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
-    return [tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
 
 
 class Hub:
@@ -108,12 +102,14 @@ class Hub:
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
         self.stop_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
+        self.decode = TextDecoder(tokenizer)
+        """Token ids -> text, as the tokenizer decodes them (rl/hub/texts.py)."""
         self.episodes: EpisodeRunner | None = None
         """An environment run's steps (rl/hub/episode_runner.py); None for plain prompts."""
         if state.episodes.enabled:
             state.episodes.end_ids = self.stop_ids
             db = EpisodeStore(store.path) if store is not None else None
-            self.episodes = EpisodeRunner(state, tokenizer, db, lambda ids: decode_texts(tokenizer, ids),
+            self.episodes = EpisodeRunner(state, tokenizer, db, self.decode,
                                           self.group_buffered)  # fmt: skip
         self._adopt_published_policy()
         if self.episodes is not None:
@@ -296,7 +292,7 @@ class Hub:
     async def score(self, job: ScoringJob) -> None:
         """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
         start = time.perf_counter()
-        texts = self.scored_texts([c.ids.tolist() for c in job.completions])
+        texts = self.scored_texts([c.ids for c in job.completions])
         while True:
             try:
                 async with self.turns.turn(self.trust.operator_of(job.worker_id)):
@@ -324,12 +320,12 @@ class Hub:
         if self.trust.observe_group(group):  # quarantined: its tasks went back
             self.poke()
 
-    def scored_texts(self, sequences: list[list[int]]) -> list[str]:
+    def scored_texts(self, sequences: list[np.ndarray]) -> list[str]:
         """The texts a verifier scores: every token the trainer will train on, special tokens included
         (stripping them would let a worker hide trained-on tokens from the scorer); only a final
         end-of-sequence token, where generation stopped, is left out."""
-        cut = [ids[:-1] if ids and ids[-1] in self.stop_ids else ids for ids in sequences]
-        return decode_texts(self.tokenizer, cut, skip_special_tokens=False)
+        cut = [ids[:-1] if len(ids) and int(ids[-1]) in self.stop_ids else ids for ids in sequences]
+        return self.decode(cut, skip_special_tokens=False)
 
     # ------------------------------------------------------------------ policy
 

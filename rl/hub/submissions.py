@@ -58,7 +58,7 @@ def validate_submission(
             raise state.reject(
                 422, "wrong_group_size", f"task {tid}: {len(result.completions)} completions, want {want}"
             )
-        checked[tid] = [check_completion(state, tid, j, c, max_tokens) for j, c in enumerate(result.completions)]
+        checked[tid] = check_completions(state, tid, result.completions, max_tokens)
         if state.episodes.enabled:
             for c in checked[tid]:
                 if why := state.episodes.check_turn(tid, c):
@@ -67,8 +67,24 @@ def validate_submission(
     return new, dups, checked
 
 
-def check_completion(state: HubLike, tid: int, j: int, c: Completion, max_tokens: int) -> PackedCompletion:
-    """One completion's checks, as array operations on either encoding; the arrays the hub keeps."""
+def check_completions(
+    state: HubLike, tid: int, completions: list[Completion], max_tokens: int
+) -> list[PackedCompletion]:
+    """A task's completions, checked: each one's shape, then the values of all of them in one array pass
+    (a failure is then named by checking them one at a time)."""
+    packed = [unpack_completion(state, tid, j, c, max_tokens) for j, c in enumerate(completions)]
+    if len(packed) > 1:
+        ids = np.concatenate([p.ids for p in packed])
+        logprobs = np.concatenate([p.logprobs for p in packed])
+        if values_ok(state, ids, logprobs):
+            return packed
+    for j, p in enumerate(packed):
+        check_values(state, f"task {tid} completion {j}", p)
+    return packed
+
+
+def unpack_completion(state: HubLike, tid: int, j: int, c: Completion, max_tokens: int) -> PackedCompletion:
+    """A completion's arrays from either encoding, with their lengths checked."""
     where = f"task {tid} completion {j}"
     try:
         packed = PackedCompletion.of(c.token_ids, c.logprobs, c.finish_reason)
@@ -79,9 +95,18 @@ def check_completion(state: HubLike, tid: int, j: int, c: Completion, max_tokens
         raise state.reject(422, "bad_length", f"{where}: token_ids: {len(ids)} tokens, allowed 1..{max_tokens}")
     if len(logprobs) != len(ids):
         raise state.reject(422, "logprobs_mismatch", f"{where}: logprobs: {len(logprobs)} for {len(ids)} tokens")
-    if ids.min() < 0 or ids.max() >= state.vocab_size:
-        raise state.reject(422, "token_out_of_vocab", f"{where}: token_ids: an id outside [0, {state.vocab_size})")
-    # A NaN or inf makes the sum non-finite (summed in float64: many large finite values do not overflow).
-    if not (np.isfinite(logprobs.sum(dtype=np.float64)) and logprobs.max() <= 0.0):
-        raise state.reject(422, "bad_logprob", f"{where}: logprobs: must be finite (as float32) and <= 0")
     return packed
+
+
+def values_ok(state: HubLike, ids: np.ndarray, logprobs: np.ndarray) -> bool:
+    """Every id in the vocabulary, every log-prob finite and <= 0. A NaN or inf makes the sum non-finite
+    (summed in float64: many large finite values do not overflow)."""
+    return bool(ids.min() >= 0 and ids.max() < state.vocab_size and np.isfinite(logprobs.sum(dtype=np.float64))
+                and logprobs.max() <= 0.0)  # fmt: skip
+
+
+def check_values(state: HubLike, where: str, packed: PackedCompletion) -> None:
+    if packed.ids.min() < 0 or packed.ids.max() >= state.vocab_size:
+        raise state.reject(422, "token_out_of_vocab", f"{where}: token_ids: an id outside [0, {state.vocab_size})")
+    if not values_ok(state, packed.ids, packed.logprobs):
+        raise state.reject(422, "bad_logprob", f"{where}: logprobs: must be finite (as float32) and <= 0")

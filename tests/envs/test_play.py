@@ -10,7 +10,7 @@ from rl.envs import make
 from rl.envs.play import cut_turn, play, summarise
 from rl.envs.render import ObservationRenderer
 from rl.hub.episodes import split_turn_id
-from rl.hub.service import decode_texts
+from rl.hub.texts import TextDecoder
 
 GUESSES = {0: ["2", "3", "4"], 1: ["x", "1", "1"]}
 """Episode j's guesses, turn by turn: a search that finds any secret of 1..4 in 3 turns, and a loser."""
@@ -48,7 +48,7 @@ def test_play_builds_the_hubs_token_sequences_and_grades(tiny_tokenizer):
         return lambda batch: [turn(tok, next(said)).token_ids + [7, 7] for _ in batch]
 
     played = [p for j in range(2)
-              for p in play(env, [row], [prompt], policy(j), lambda s: decode_texts(tok, s), ObservationRenderer(tok),
+              for p in play(env, [row], [prompt], policy(j), TextDecoder(tok), ObservationRenderer(tok),
                             state.cfg.model.max_model_len, state.cfg.sampling.max_tokens)]  # fmt: skip
     for p, c in zip(played, group.completions, strict=True):
         assert p.tokens == c.token_ids  # bit for bit: turns as generated, observations as the hub renders them

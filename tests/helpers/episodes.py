@@ -9,8 +9,8 @@ from rl.config import load_config
 from rl.hub.data import PromptSet, load_rows
 from rl.hub.episode_runner import EpisodeRunner
 from rl.hub.episode_store import EpisodeStore
-from rl.hub.service import decode_texts
 from rl.hub.state import HubState
+from rl.hub.texts import TextDecoder
 from rl.wire.protocol import Completion, LeaseRequest, RegisterRequest, SubmitRequest, TaskResult
 
 
@@ -32,7 +32,7 @@ def env_state(tokenizer, *overrides: str, ledger=None) -> HubState:
 def runner(state: HubState, tokenizer, db: Path | None = None) -> EpisodeRunner:
     state.episodes.end_ids = {tokenizer.eos_token_id}
     store = EpisodeStore(db) if db is not None else None
-    return EpisodeRunner(state, tokenizer, store, lambda ids: decode_texts(tokenizer, ids))
+    return EpisodeRunner(state, tokenizer, store, TextDecoder(tokenizer))
 
 
 def register(state: HubState, name: str = "w") -> str:
