@@ -52,6 +52,7 @@ GROUP = 8
 MIN_TOKENS, MAX_TOKENS = 256, 1024
 TEMPLATES = 16
 BASELINE_ROOT = ROOT
+BASELINE_WIRE = "json"
 
 
 # --------------------------------------------------------------------------- a minimal HTTP/1.1 client
@@ -318,6 +319,8 @@ def audit(port: int, consumed: list[int]) -> dict:
     lost = [t for t in range(handed_out) if t not in seen]
     twice = {t: p for t, p in seen.items() if len(p) > 1}
     unknown = [t for t in seen if not 0 <= t < handed_out]
+    if not places.get("counts_agree", 1):  # a hub without the check (a baseline) says nothing
+        print("AUDIT: the hub's per-operator counts of registrations and leased tasks disagree with a recount")
     return {"handed_out": handed_out, "lost": len(lost), "twice": len(twice), "unknown": len(unknown)}
 
 
@@ -336,8 +339,10 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
     write_base(run_dir / "policy", model)
     write_version(run_dir / "policy", 0, load_file(model / "model.safetensors"), "float32")
     port = free_port()
-    baseline = wire == "baseline"  # the hub of --baseline-root, sent JSON lists
-    hub = start_hub(config, run_dir / "hub.log", port, hub_cpu, profile, BASELINE_ROOT if baseline else ROOT)
+    baseline = wire == "baseline" and BASELINE_WIRE == "json"  # the hub of --baseline-root, sent JSON lists
+    root, label = (BASELINE_ROOT if wire == "baseline" else ROOT), wire
+    wire = BASELINE_WIRE if wire == "baseline" else wire
+    hub = start_hub(config, run_dir / "hub.log", port, hub_cpu, profile, root)
     try:
         import httpx
 
@@ -393,7 +398,7 @@ def run_row(tmp: Path, model: Path, vocab: int, workers: int, seconds: float, th
 
     subs = merged["submissions"]
     return {
-        "wire": wire,
+        "wire": label,
         "workers": workers,
         "think_s": f"{think[0]:g}-{think[1]:g}",
         "submissions_per_s": subs / seconds,
@@ -468,6 +473,8 @@ def main() -> None:
     ap.add_argument("--wire", nargs="+", choices=["baseline", "json", "packed"], default=["json", "packed"],
                     help="Submission encodings to compare; each row runs once per wire.")  # fmt: skip
     ap.add_argument("--baseline-root", type=Path, help="Checkout whose hub the `baseline` wire runs (JSON lists).")
+    ap.add_argument("--baseline-wire", choices=["json", "packed"], default="json",
+                    help="What the `baseline` hub is sent: JSON lists, or packed (a checkout with it).")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=1, help="Interleaved repeats of every row and wire.")
     ap.add_argument("--profile", type=Path, help="Run the hub under cProfile; one .prof per row in this folder.")
     ap.add_argument("--write-docs", action="store_true", help="Replace the hub section of docs/benchmarks.md.")
@@ -475,8 +482,8 @@ def main() -> None:
     if "baseline" in args.wire:
         if args.baseline_root is None:
             ap.error("--wire baseline needs --baseline-root")
-        global BASELINE_ROOT
-        BASELINE_ROOT = args.baseline_root.resolve()
+        global BASELINE_ROOT, BASELINE_WIRE
+        BASELINE_ROOT, BASELINE_WIRE = args.baseline_root.resolve(), args.baseline_wire
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -55,15 +55,16 @@ OverridesArg = Annotated[
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    from rich.logging import RichHandler
+    """Rich log lines at a terminal; plain ones otherwise (a log file, a launcher's pipe): rich renders each
+    record as a table, a few ms of the event loop per line, which a hub registering thousands of workers
+    cannot spare."""
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+        handler, fmt = RichHandler(console=err, show_path=False, rich_tracebacks=False), "%(message)s"
+    else:
+        handler, fmt = logging.StreamHandler(sys.stderr), "%(asctime)s %(levelname)-8s %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="[%X]", handlers=[handler], force=True)
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from rl.trainer.watchdog import STACK_SIGNAL

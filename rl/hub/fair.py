@@ -24,14 +24,23 @@ HubLike = Any
 
 def fair_share(state: HubLike) -> int:
     """Tasks one operator may hold: the leasable window over the operators with live, unblocked registrations."""
-    operators = {w.token for w in state.workers.values() if w.token not in state.blocked}
     window = min(state.prompts_per_step * (state.max_staleness + 1), state.cfg.hub.buffer_size)
-    return max(1, math.ceil(window / max(len(operators), 1)))
+    return max(1, math.ceil(window / max(state.live_operators(), 1)))
 
 
 def held_by(state: HubLike, operator: str) -> int:
-    return sum(len(lease.task_ids) for lease in state.leases.values()
-               if state.workers[lease.worker_id].token == operator)  # fmt: skip
+    """Task ids `operator`'s leases hold: kept as leases change (`HubState.held`), since every lease asks."""
+    return state.held[operator]
+
+
+def holdings_agree(state: HubLike) -> bool:
+    """The counts the state keeps as workers and leases come and go (`registered`, `held`) equal a count from
+    scratch (`GET /v1/audit`; tests)."""
+    held, registered = Counter(), Counter(w.token for w in state.workers.values())
+    for lease in state.leases.values():
+        held[lease.token] += len(lease.task_ids)
+    nonzero = lambda counts: {k: v for k, v in counts.items() if v}  # noqa: E731
+    return nonzero(held) == nonzero(state.held) and registered == state.registered
 
 
 def operator_room(state: HubLike, operator: str) -> int:
@@ -53,15 +62,17 @@ def late_tasks(state: HubLike, operator: str, limit: int, now: float) -> list[in
     over: Counter[str] = Counter()  # operator -> tasks it holds beyond its share
     if state.cfg.hub.fair_share:
         share = fair_share(state)
-        for lease in state.leases.values():
-            over[state.workers[lease.worker_id].token] += len(lease.task_ids)
-        over = Counter({op: held - share for op, held in over.items()})
+        over = Counter({op: held - share for op, held in state.held.items()})
+    anyone_over = any(extra > 0 for op, extra in over.items() if op != operator)
     found: list[int] = []
-    for lease in state.leases.values():  # oldest first
-        holder = state.workers[lease.worker_id].token
+    for lease in state.leases.values():  # in the order they were granted: oldest first
+        holder = lease.token
+        if now - lease.granted_at < late_after:
+            if not anyone_over:
+                break  # the rest are younger still, and no one holds more than its share
+            if over[holder] <= 0:
+                continue
         if holder == operator:
-            continue
-        if now - lease.granted_at < late_after and over[holder] <= 0:
             continue
         for tid in sorted(lease.task_ids):
             if tid < 0 or tid in state.episodes or len(state.leased.get(tid, ())) > 1:  # evals; episodes' turns

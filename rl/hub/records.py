@@ -40,6 +40,8 @@ class LeaseRecord:
     version: int = 0
     """The policy version the worker held when it took the lease: its results cannot be older."""
     granted_at: float = 0.0
+    token: str = ""
+    """The holder's operator (its worker's token id): whose fair share the tasks count against."""
     done: set[int] = field(default_factory=set)
     lost: set[int] = field(default_factory=set)
     """Tasks another lease (a backup) finished first: a later result for them is a duplicate."""

@@ -24,7 +24,7 @@ from rl.config import RunConfig
 from rl.hub.data import PromptOrder, PromptSet
 from rl.hub.episodes import Episodes
 from rl.hub.evals import EvalJobs
-from rl.hub.fair import late_tasks, operator_room
+from rl.hub.fair import holdings_agree, late_tasks, operator_room
 from rl.hub.records import (
     MAX_SCORING_ATTEMPTS,
     MAX_SCORING_RETRY_S,
@@ -34,7 +34,7 @@ from rl.hub.records import (
     WorkerRecord,
 )
 from rl.hub.status_report import hub_status
-from rl.hub.submissions import validate_submission
+from rl.hub.submissions import stale_submission, validate_submission
 from rl.sampling import completion_seeds
 from rl.wire.packed import choose_wire
 from rl.wire.protocol import (
@@ -84,6 +84,8 @@ class HubState:
         self.episodes = Episodes.for_run(cfg, prompts, self.task_rows, self.evals)  # environments' turns (episodes.py)
         self.leased: dict[int, set[str]] = {}  # task id -> the leases holding it (two with a backup lease)
         self.blocked: set[str] = set()  # quarantined operators (token ids): no registrations, no leases
+        self.registered: Counter[str] = Counter()  # operator -> its registrations (`self.workers`)
+        self.held: Counter[str] = Counter()  # operator -> task ids its leases hold (rl/hub/fair.py, every lease)
         self.eval_operator: str | None = None  # the only operator given eval tasks (`rl train`'s local workers)
         self.turnaround: deque[float] = deque(maxlen=256)  # seconds from a lease to its result, recent ones
         self.scoring: dict[int, tuple[str, int]] = {}  # task id -> (worker id, version)
@@ -139,12 +141,13 @@ class HubState:
         if token in self.blocked:
             raise self.reject(403, "quarantined", "this worker token is quarantined (its record outlives them)")
         cap = self.cfg.hub.max_workers_per_token
-        if caller is not None and sum(w.token == token for w in self.workers.values()) >= cap:
+        if caller is not None and self.registered[token] >= cap:
             raise self.reject(429, "too_many_workers", f"this token already has {cap} registered workers "
                               "(hub.max_workers_per_token); leave or wait for dead ones to expire")  # fmt: skip
         worker_id = f"w-{secrets.token_hex(8)}"
         secret = secrets.token_urlsafe(24)
         self.workers[worker_id] = WorkerRecord(worker_id, req.name, req.engine, token, last_seen=now, secret=secret)
+        self.registered[token] += 1
         return RegisterResponse(
             worker_id=worker_id,
             worker_secret=secret,
@@ -203,8 +206,14 @@ class HubState:
     def leave(self, worker_id: str, caller: str | None) -> int:
         rec = self.worker(worker_id, caller)
         returned = sum(self._drop_lease(lid) for lid in list(rec.leases))
-        del self.workers[worker_id]
+        self._forget(worker_id)
         return returned
+
+    def _forget(self, worker_id: str) -> None:
+        token = self.workers.pop(worker_id).token
+        self.registered[token] -= 1
+        if not self.registered[token]:
+            del self.registered[token]
 
     def remove_workers_of(self, token: str) -> tuple[int, int]:
         """Remove every worker registered with this token id (revoked): (workers removed, tasks re-queued)."""
@@ -215,7 +224,7 @@ class HubState:
         return [w.worker_id for w in self.workers.values() if w.token == operator]
 
     def live_operators(self) -> int:  # operators with a live registration, not quarantined (rl/hub/fair.py)
-        return len({w.token for w in self.workers.values()} - self.blocked)
+        return len(self.registered.keys() - self.blocked)
 
     def block_operator(self, operator: str) -> None:
         """Quarantine (rl/hub/trust.py): the operator's registrations, present and future, get no work."""
@@ -308,7 +317,8 @@ class HubState:
         for t in tasks:
             t.seeds = t.seeds or self.seeds_of(t.task_id, sampling.n)  # an episode's turn comes with its seed
         self.leases[lease_id] = LeaseRecord(lease_id, rec.worker_id, tids, now + self.cfg.hub.lease_ttl_s,
-                                            version=held_version, granted_at=now)  # fmt: skip
+                                            version=held_version, granted_at=now, token=rec.token)  # fmt: skip
+        self.held[rec.token] += len(tids)
         rec.leases.add(lease_id)
         for tid in tids:
             self.leased.setdefault(tid, set()).add(lease_id)
@@ -342,6 +352,7 @@ class HubState:
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             return 0
+        self.held[lease.token] -= len(lease.task_ids)
         if (rec := self.workers.get(lease.worker_id)) is not None:
             rec.leases.discard(lease_id)
         self._requeue([tid for tid in lease.task_ids if self._release(tid, lease_id)])
@@ -365,7 +376,7 @@ class HubState:
         dead = [w for w in self.workers.values() if now - w.last_seen > dead_after]
         for w in dead:
             expired += sum(self._drop_lease(lid) for lid in list(w.leases))
-            del self.workers[w.worker_id]
+            self._forget(w.worker_id)
         return expired, len(dead)
 
     # ------------------------------------------------------------------ submissions
@@ -377,7 +388,7 @@ class HubState:
         rejection changes nothing. Re-sent results are reported as duplicates, not scored twice.
         """
         new, dups, checked = validate_submission(self, req, caller)
-        if new and (stale := self.stale_submission(req)) is not None:
+        if new and (stale := stale_submission(self, req)) is not None:
             raise stale
         if not new:
             return SubmitResponse(accepted=[], duplicates=dups), []
@@ -413,11 +424,11 @@ class HubState:
         lease = self.leases[req.lease_id]
         self.turnaround.append(now - lease.granted_at)
         for tid in task_ids:
-            lease.task_ids.discard(tid)
+            self._unhold(lease, tid)
             lease.done.add(tid)
             for other in self.leased.pop(tid, set()) - {req.lease_id}:  # a backup lease lost the race
                 if (loser := self.leases.get(other)) is not None:
-                    loser.task_ids.discard(tid)
+                    self._unhold(loser, tid)
                     loser.lost.add(tid)
                     if not loser.task_ids:
                         self._finish_lease(loser)
@@ -428,6 +439,11 @@ class HubState:
         self.submissions += 1
         self.tokens_generated += tokens
 
+    def _unhold(self, lease: LeaseRecord, tid: int) -> None:
+        if tid in lease.task_ids:
+            lease.task_ids.remove(tid)
+            self.held[lease.token] -= 1
+
     def _finish_lease(self, lease: LeaseRecord) -> None:
         """Every task of `lease` has a result (its own or a backup's); re-sent results become duplicates."""
         del self.leases[lease.lease_id]
@@ -437,24 +453,15 @@ class HubState:
         while len(self.finished_leases) > 10_000:
             self.finished_leases.popitem(last=False)
 
-    def stale_submission(self, req: SubmitRequest) -> HubError | None:
-        """A version older than current - max_staleness: reject, and re-queue the lease's tasks."""
-        oldest = self.policy_version - self.max_staleness
-        if req.policy_version >= oldest or all(r.task_id < 0 for r in req.results):  # evals: their job's version
-            return None
-        lease = self.leases.get(req.lease_id)
-        if lease is not None:
-            tids = [r.task_id for r in req.results if r.task_id in lease.task_ids]
-            for tid in tids:
-                lease.task_ids.discard(tid)
-            self._requeue([tid for tid in tids if self._release(tid, req.lease_id)])
-            if not lease.task_ids:
-                self._drop_lease(req.lease_id)
-        return self.reject(
-            409,
-            "stale_version",
-            f"version {req.policy_version} is older than {oldest} (max_staleness); re-queued",
-        )
+    def give_back(self, lease_id: str, tids: list[int]) -> None:
+        """Those of `tids` the lease holds go back to the queue (a stale submission's); it ends once it holds none."""
+        if (lease := self.leases.get(lease_id)) is None:
+            return
+        for tid in (held := [t for t in tids if t in lease.task_ids]):
+            self._unhold(lease, tid)
+        self._requeue([tid for tid in held if self._release(tid, lease_id)])
+        if not lease.task_ids:
+            self._drop_lease(lease_id)
 
     # ------------------------------------------------------------------ scoring
 
@@ -588,4 +595,5 @@ class HubState:
             "leased": sorted(t for t in self.leased if t >= 0),
             "scoring": sorted(t for t in self.scoring if t >= 0),
             "buffered": sorted(self.buffer),
+            "counts_agree": int(holdings_agree(self)),
         }

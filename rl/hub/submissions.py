@@ -1,7 +1,8 @@
 """Checks of a worker's submission before the hub's state changes: ownership, lease, version, shapes, bounds.
 
 Every number a worker sends is self-reported; these checks refuse (4xx, counted by reason) anything
-outside the lease it answers, the version window or the run's limits, and change nothing. Token ids
+outside the lease it answers, the version window or the run's limits, and change nothing (but a stale
+version's tasks go back to the queue: `stale_submission`). Token ids
 and log-probs come as JSON lists or packed (rl/wire/packed.py) and are checked as arrays either way.
 """
 
@@ -65,6 +66,17 @@ def validate_submission(
                     raise state.reject(422, "turn_not_ended", why)
         new.append(tid)
     return new, dups, checked
+
+
+def stale_submission(state: HubLike, req: SubmitRequest) -> HubError | None:
+    """A version older than current - max_staleness: refused, and the lease's tasks go back to the queue (the
+    one check that changes the state: results that arrive too late are not waited for)."""
+    oldest = state.policy_version - state.max_staleness
+    if req.policy_version >= oldest or all(r.task_id < 0 for r in req.results):  # evals: their job's version
+        return None
+    state.give_back(req.lease_id, [r.task_id for r in req.results])
+    return state.reject(409, "stale_version",
+                        f"version {req.policy_version} is older than {oldest} (max_staleness); re-queued")  # fmt: skip
 
 
 def check_completions(
