@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 
 from rl.wire.protocol import HubError
@@ -64,18 +63,19 @@ class Guard:
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await self._refuse(send, 413, "body_too_large", f"body over {self.limit} bytes")
-        body, more, deadline = bytearray(), True, time.monotonic() + self.timeout_s
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
-                return await self._refuse(send, 408, "body_timeout", f"body not received within {self.timeout_s:g}s")
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                return await self._refuse(send, 413, "body_too_large", f"body over {self.limit} bytes")
+        body, more = bytearray(), True
+        try:  # one deadline for the whole body (`asyncio.timeout`: wait_for made a task per message)
+            async with asyncio.timeout(self.timeout_s):
+                while more and len(body) <= self.limit:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            return await self._refuse(send, 408, "body_timeout", f"body not received within {self.timeout_s:g}s")
+        if len(body) > self.limit:
+            return await self._refuse(send, 413, "body_too_large", f"body over {self.limit} bytes")
         replayed = False
 
         async def replay():

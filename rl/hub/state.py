@@ -104,6 +104,7 @@ class HubState:
         self.last_scoring_error: str | None = None
         self.max_scoring_attempts = MAX_SCORING_ATTEMPTS
         self.scoring_retry_s = SCORING_RETRY_S
+        self._sampling = SamplingParamsWire.of(cfg.sampling)  # what every lease carries: made once
         self.order = PromptOrder(len(prompts), cfg.data.seed)
         self.on_work: Callable[[], None] = lambda: None
         """Called whenever leasable work may have appeared (the server wakes long-polling leases)."""
@@ -161,7 +162,7 @@ class HubState:
         )
 
     def sampling_params(self) -> SamplingParamsWire:
-        return SamplingParamsWire.of(self.cfg.sampling)
+        return self._sampling
 
     def worker(self, worker_id: str, caller: str | None) -> WorkerRecord:
         """The worker's record; `caller` is the caller's token id (None: admin, may act for anyone)."""
