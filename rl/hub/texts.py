@@ -43,20 +43,32 @@ class TextDecoder:
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", False):
             self.backend = None  # transformers cleans the text after the backend: decode through it
-        self.tables: dict[bool, np.ndarray] | None = self._tables()
+        self.flat = np.zeros(0, dtype=np.uint8)
+        """Every token's bytes, one after another; token i's are `flat[starts[i] : starts[i] + lengths[...][i]]`."""
+        self.starts = np.zeros(0, dtype=np.int64)
+        self.lengths: dict[bool, np.ndarray] | None = self._tables()
+        """By `skip_special_tokens`: each token's byte count (special tokens 0 when skipped); None: no table."""
 
     def __call__(self, sequences: Sequence[Sequence[int] | np.ndarray], skip_special_tokens: bool = True) -> list[str]:
-        if self.tables is None:
+        if self.lengths is None:
             return self.slow(sequences, skip_special_tokens)
         arrays = [np.asarray(ids, dtype=np.int64) for ids in sequences]
-        top = max((int(a.max()) for a in arrays if a.size), default=-1)
-        if min((int(a.min()) for a in arrays if a.size), default=0) < 0:
+        if not arrays:
+            return []
+        ids = np.concatenate(arrays)
+        if ids.size and ids.min() < 0:
             raise ValueError("negative token id")
-        if top >= len(self.tables[False]):  # the model's vocabulary may be padded past the tokenizer's
-            pad = np.full(top + 1 - len(self.tables[False]), b"", dtype=object)
-            self.tables = {k: np.concatenate([t, pad]) for k, t in self.tables.items()}
-        table = self.tables[skip_special_tokens]
-        return [b"".join(table[a]).decode("utf-8", "replace") for a in arrays]
+        if ids.size and ids.max() >= len(self.starts):  # the model's vocabulary may be padded past the tokenizer's
+            pad = int(ids.max()) + 1 - len(self.starts)
+            self.starts = np.concatenate([self.starts, np.zeros(pad, dtype=np.int64)])
+            self.lengths = {k: np.concatenate([v, np.zeros(pad, dtype=np.int64)]) for k, v in self.lengths.items()}
+        # Every sequence's bytes in one gather: token k's bytes go to ends[k] - lengths[k] .. ends[k].
+        lengths = self.lengths[skip_special_tokens][ids]
+        ends = np.cumsum(lengths)
+        total = int(ends[-1]) if ends.size else 0
+        raw = self.flat[np.arange(total) + np.repeat(self.starts[ids] - (ends - lengths), lengths)].tobytes()
+        bounds = np.concatenate([[0], ends])[np.cumsum([0, *map(len, arrays)])].tolist()
+        return [raw[a:b].decode("utf-8", "replace") for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def slow(self, sequences, skip_special_tokens: bool = True) -> list[str]:
         """The tokenizer's own decode: in one call to the Rust tokenizer where there is one (transformers'
@@ -67,30 +79,32 @@ class TextDecoder:
         return [self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in lists]
 
     def _tables(self) -> dict[bool, np.ndarray] | None:
-        """Each id's bytes (special tokens empty in the `True` table), or None where the tokenizer is not
-        byte-level BPE or the tables do not decode exactly as it does."""
+        """Each id's byte count (special tokens 0 in the `True` table), its bytes in `flat`; None where the
+        tokenizer is not byte-level BPE or the tables do not decode exactly as it does."""
         be = self.backend
         if be is None or json.loads(be.to_str()).get("decoder", {}).get("type") != "ByteLevel":
             return None
         chars = _byte_of_char()
         size = be.get_vocab_size(with_added_tokens=True)
         added = be.get_added_tokens_decoder()
-        keep, skip = np.empty(size, dtype=object), np.empty(size, dtype=object)
+        pieces, special = [], np.zeros(size, dtype=bool)
         for i in range(size):
             token = be.id_to_token(i)
             if token is None:
-                raw = b""  # the Rust decoder leaves out ids it has no token for
+                pieces.append(b"")  # the Rust decoder leaves out ids it has no token for
             elif all(c in chars for c in token):
-                raw = bytes(chars[c] for c in token)
+                pieces.append(bytes(chars[c] for c in token))
             else:
-                raw = token.encode()  # what the byte-level decoder does with a token it cannot map
-            keep[i] = raw
-            skip[i] = b"" if i in added and added[i].special else raw
-        self.tables = {False: keep, True: skip}
+                pieces.append(token.encode())  # what the byte-level decoder does with a token it cannot map
+            special[i] = i in added and added[i].special
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        self.flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+        self.starts = np.cumsum(lengths) - lengths
+        self.lengths = {False: lengths, True: np.where(special, 0, lengths)}
         if not self._agrees(size):
             log.warning("the tokenizer's byte table does not decode as the tokenizer does; using its own decoder")
             return None
-        return self.tables
+        return self.lengths
 
     def _agrees(self, size: int) -> bool:
         """The tables decode as the tokenizer does: every id in runs of 256, and random sequences (whose

@@ -27,7 +27,7 @@ def _sequences(tokenizer, seed: int = 0) -> list[list[int]]:
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_batch_decode_matches_decode(tiny_tokenizer, skip_special_tokens):
     decode = TextDecoder(tiny_tokenizer)
-    assert decode.tables is not None  # byte-level BPE: decoded through the table
+    assert decode.lengths is not None  # byte-level BPE: decoded through the table
     sequences = _sequences(tiny_tokenizer)
     expected = [tiny_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
     assert decode(sequences, skip_special_tokens=skip_special_tokens) == expected
@@ -69,7 +69,7 @@ def test_other_tokenizers_decode_with_their_own_decoder(tiny_model_dir, tmp_path
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.backend_tokenizer.decoder = decoders.WordPiece()
     decode = TextDecoder(tok)
-    assert decode.tables is None
+    assert decode.lengths is None
     sequences = _sequences(tok, seed=1)
     assert decode(sequences, False) == [tok.decode(ids, skip_special_tokens=False) for ids in sequences]
 
@@ -81,6 +81,6 @@ def test_a_table_that_disagrees_is_not_used(tiny_tokenizer, monkeypatch, caplog)
     monkeypatch.setattr(texts, "_byte_of_char", lambda: wrong)
     with caplog.at_level(logging.WARNING, logger="rl.hub.texts"):
         decode = TextDecoder(tiny_tokenizer)
-    assert decode.tables is None and "does not decode as the tokenizer" in caplog.text
+    assert decode.lengths is None and "does not decode as the tokenizer" in caplog.text
     sequences = _sequences(tiny_tokenizer)
     assert decode(sequences, False) == [tiny_tokenizer.decode(ids, skip_special_tokens=False) for ids in sequences]
