@@ -3,8 +3,8 @@
 The hub decodes every completion it scores (8 per group, up to 1k tokens each): in a profile of the
 hub at saturation, `decode_batch` was the largest single cost (docs/benchmarks.md). For byte-level BPE
 tokenizers (GPT-2's scheme: SmolLM, Qwen, Llama 3, ...) a decode is the tokens' bytes joined and read as
-UTF-8 (invalid bytes replaced), so it is one table lookup per token and a C-speed join: each token's
-bytes are computed once, from the tokenizer itself. The table is proven against the tokenizer when it is
+UTF-8 (invalid bytes replaced), so it is one array gather from a buffer of every token's bytes, computed
+once from the tokenizer itself. The table is proven against the tokenizer when it is
 built (every id, in both modes, plus sequences that split characters across tokens); a tokenizer it does
 not match, or of another kind, is decoded by its own Rust decoder as before.
 """
