@@ -1,7 +1,7 @@
 """Hub CPU per episode turn (lease + submission checks + environment step + rendering + bookkeeping + SQLite save),
 against a baseline measured in the same run: the same hub handing out and accepting plain single-turn tasks.
 
-In-process `HubState` and `EpisodeRunner` (what the HTTP routes call; HTTP and JSON parsing excluded in both),
+In-process `HubState` and `TaskRunner` (what the HTTP routes call; HTTP and JSON parsing excluded in both),
 SmolLM2-135M-Instruct's tokenizer (`rl models prepare smollm2-135m-instruct`), guess-the-number, n=8, two workers
 taking turns; the model's turns are made-up guesses. Interleaved repeats; prints median and spread.
 Also counts the prefix tokens a turn lease sends to the worker that generated the episode's previous turn.
@@ -22,8 +22,8 @@ from transformers import AutoTokenizer
 
 from rl.config import load_config
 from rl.hub.data import PromptSet, load_rows
-from rl.hub.episode_runner import EpisodeRunner
 from rl.hub.episode_store import EpisodeStore
+from rl.hub.runner import TaskRunner
 from rl.hub.state import HubState
 from rl.hub.texts import TextDecoder
 from rl.models import resolve_model
@@ -59,7 +59,7 @@ def run(tok, env: bool, tasks: int, seed: int) -> tuple[float, int, int, int]:
     if env:
         state.episodes.end_ids = {tok.eos_token_id}
         db = EpisodeStore(Path(tempfile.mkdtemp()) / "hub.sqlite")
-        runner = EpisodeRunner(state, tok, db, TextDecoder(tok))
+        runner = TaskRunner(state, tok, db, TextDecoder(tok))
     workers = [state.register(RegisterRequest(name=f"w{i}"), "tok", 0.0).worker_id for i in range(2)]
     loop = asyncio.new_event_loop()
     turns = same = sent = 0

@@ -5,8 +5,11 @@ row, `step(state, turn)` takes the model's turn (its decoded text) and returns t
 messages to show next, this step's reward terms and whether the episode is over, and
 `grade(state)` is the final reward. The state is a plain JSON-serialisable dict, kept by the hub
 (and in its SQLite ledger between turns), so an episode survives a hub restart and may continue
-on any worker. A single-turn task is the one-step case (`step` returns done at once).
-Workers never run any of this: they only generate the model's turns from token ids.
+on any worker. A single-turn task is the one-step case (`step` returns done at once); a plain
+dataset is the one-turn environment `Verified` (rl/envs/verified.py), graded by its verifiers.
+An environment whose grade needs the hub's resources (the sandboxed verifier pool) defines
+`async grade_many(states, row, worker_id)` instead of `grade`. Workers never run any of this:
+they only generate the model's turns from token ids.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ When every episode is done the group (graded by the environment, trusted code) i
 any scored group. Episodes are JSON, saved in the hub's database after every step (`EpisodeStore`).
 An eval task (negative id, rl/hub/evals.py) plays its episodes the same way, with turn ids of its own
 (negative too), leased only with the eval job's version and sampling; its grades go to the job.
-Bookkeeping only: the service (rl/hub/service.py) runs the environment's steps off the event loop.
+Bookkeeping only: the runner (rl/hub/runner.py) runs the environment's steps off the event loop.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The running hub: the service the HTTP routes call, one method per request.
 
 `Hub` wraps the bookkeeping of `HubState` (rl/hub/state.py) with what needs the event loop
-or I/O: long polls that wait on the state's events, scoring in the verifier pool's
-processes (a slow or hostile completion never stalls leases or submissions), worker
+or I/O: long polls that wait on the state's events, every task's steps and grades
+(rl/hub/runner.py; a plain dataset's in the verifier pool's processes, so a slow or hostile
+completion never stalls leases or submissions), worker
 trust (rl/hub/trust.py), the policy files (rl/hub/policy_files.py), and the ledger
 database (rl/hub/ledger.py): a batch is recorded there before it is answered, the rest
 every `FLUSH_INTERVAL_S`, so a hub that dies restarts from it with nothing lost or
@@ -19,16 +20,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from rl.config import RunConfig
+from rl.envs.verified import Verified
 from rl.hub.contributions import ContributionLedger
-from rl.hub.episode_runner import EpisodeRunner
 from rl.hub.episode_store import EpisodeStore
 from rl.hub.fair import FairTurns
 from rl.hub.ledger import EXIT_DISK_FULL, FLUSH_INTERVAL_S, LedgerStore, disk_full
 from rl.hub.policy_files import PolicyFiles
-from rl.hub.state import HubState, ScoringJob
+from rl.hub.runner import TaskRunner
+from rl.hub.state import HubState
 from rl.hub.texts import TextDecoder
 from rl.hub.trust import Trust
 from rl.wire.protocol import (
@@ -101,19 +101,17 @@ class Hub:
             self.trust.restore(store.operators)
         self._ledger_lock = asyncio.Lock()
         """Held while the ledger is written (off the event loop): one snapshot at a time, in order."""
-        self.stop_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
         self.decode = TextDecoder(tokenizer)
         """Token ids -> text, as the tokenizer decodes them (rl/hub/texts.py)."""
-        self.episodes: EpisodeRunner | None = None
-        """An environment run's steps (rl/hub/episode_runner.py); None for plain prompts."""
+        db = None
         if state.episodes.enabled:
-            state.episodes.end_ids = self.stop_ids
+            state.episodes.end_ids = {getattr(tokenizer, "eos_token_id", None)} - {None}
             db = EpisodeStore(store.path) if store is not None else None
-            self.episodes = EpisodeRunner(state, tokenizer, db, self.decode,
-                                          self.group_buffered)  # fmt: skip
+        env = None if state.episodes.enabled else Verified(self.verify)  # a plain dataset: the one-turn case
+        self.runner = TaskRunner(state, tokenizer, db, self.decode, env, self.group_buffered)
+        """Every task's steps and grades (rl/hub/runner.py)."""
         self._adopt_published_policy()
-        if self.episodes is not None:
-            self.episodes.restore()  # after the policy: episodes newer than it are from after a checkpoint
+        self.runner.restore()  # after the policy: episodes newer than it are from after a checkpoint
         self.flush_ledger()
 
     @property
@@ -267,7 +265,7 @@ class Hub:
                 await asyncio.wait_for(woken.wait(), timeout=min(remaining, 1.0))
 
     def submit(self, req: SubmitRequest, who: str | None, secret: str | None) -> SubmitResponse:
-        """Accept a worker's results and start scoring each new task in the verifier pool."""
+        """Accept a worker's results and start stepping each new task (rl/hub/runner.py: graded when done)."""
         self.state.authorize(req.worker_id, who, secret)
         self.trust.check(req.worker_id)
         step = self.state.batches
@@ -279,7 +277,7 @@ class Hub:
         # Evaluation is the run's own business, not a contribution.
         self.contributions.submitted([j for j in jobs if j.task_id >= 0], step, req.gen_seconds)  # evals: < 0
         for job in jobs:
-            self._spawn(self.episodes.advance(job) if self.episodes is not None else self.score(job))
+            self._spawn(self.runner.advance(job))
         return answer
 
     # ------------------------------------------------------------------ scoring
@@ -289,29 +287,13 @@ class Hub:
         self._scoring_tasks.add(task)
         task.add_done_callback(self._scoring_tasks.discard)
 
-    async def score(self, job: ScoringJob) -> None:
-        """Score one task in the verifier pool; on an error, retry after the state's backoff or give up."""
-        start = time.perf_counter()
-        texts = self.scored_texts([c.ids for c in job.completions])
-        while True:
-            try:
-                async with self.turns.turn(self.trust.operator_of(job.worker_id)):
-                    rewards = await self.pool.score_many([(text, job.example) for text in texts], processes=1)
-            except Exception as e:  # noqa: BLE001 - any scoring failure is retried, then reported
-                retry_in = self.state.fail_scoring(job, f"{type(e).__name__}: {e}")
-                if retry_in is None:
-                    log.error("scoring task %d failed %d times; dropped: %s", job.task_id, job.attempt, e)
-                    return
-                log.warning("scoring task %d failed (attempt %d): %s; retry in %.1f s", job.task_id, job.attempt, e,
-                            retry_in)  # fmt: skip
-                await asyncio.sleep(retry_in)
-                job = job.retry()
-                continue
-            self.trust.count_timeouts(job.worker_id, sum(TIMEOUT_MARK in r.info for r in rewards))
-            group = self.state.finish_scoring(job, rewards, time.perf_counter() - start)
-            if group is not None:
-                self.group_buffered(group)
-            return
+    async def verify(self, items: list[tuple[str, dict]], worker_id: str) -> list:
+        """The verifiers' rewards of a task's texts (a plain dataset's grade, `Verified`): one verifier
+        process, taken in turns over operators; the verifiers' timeouts are evidence against the worker's."""
+        async with self.turns.turn(self.trust.operator_of(worker_id)):
+            rewards = await self.pool.score_many(items, processes=1)
+        self.trust.count_timeouts(worker_id, sum(TIMEOUT_MARK in r.info for r in rewards))
+        return rewards
 
     def group_buffered(self, group: ScoredGroup) -> None:
         """A group reached the buffer (a task's scored completions, or its graded episodes: the same from
@@ -319,13 +301,6 @@ class Hub:
         self.contributions.scored(group, self.state.batches)
         if self.trust.observe_group(group):  # quarantined: its tasks went back
             self.poke()
-
-    def scored_texts(self, sequences: list[np.ndarray]) -> list[str]:
-        """The texts a verifier scores: every token the trainer will train on, special tokens included
-        (stripping them would let a worker hide trained-on tokens from the scorer); only a final
-        end-of-sequence token, where generation stopped, is left out."""
-        cut = [ids[:-1] if len(ids) and int(ids[-1]) in self.stop_ids else ids for ids in sequences]
-        return self.decode(cut, skip_special_tokens=False)
 
     # ------------------------------------------------------------------ policy
 
@@ -383,8 +358,8 @@ class Hub:
         now = time.monotonic()
         status = self.state.status(now, self.pool.metrics(), offset, limit)
         update: dict = {"weights_served": self.files.served()}
-        if self.episodes is not None:
-            update["episodes"] = {**status.episodes, **self.episodes.timings()}
+        if self.state.episodes.enabled:
+            update["episodes"] = {**status.episodes, **self.runner.timings()}
         if who is None:  # stalls name paths and causes: the admin's
             update["stalls"] = [st.model_copy(update={"since_s": st.since_s + now - at})
                                 for st, at in self.stalls.values()]  # fmt: skip

@@ -2,7 +2,7 @@
 
 Pure bookkeeping with no I/O, driven from one event loop (no locks), so every rule is
 unit-testable. The service (rl/hub/service.py) calls one method per request or event:
-register / heartbeat / leave / expire, lease, submit (-> `ScoringJob`s for the verifier),
+register / heartbeat / leave / expire, lease, submit (-> `ScoringJob`s for the runner, rl/hub/runner.py),
 finish_scoring / fail_scoring, take_batch, publish, start_eval / eval_status (rl/hub/evals.py).
 
 A task is one prompt handed out under a sequence number (`task_id`) of the deterministic
@@ -467,10 +467,9 @@ class HubState:
     # ------------------------------------------------------------------ scoring
 
     def finish_scoring(self, job: ScoringJob, rewards: list, score_s: float = 0.0) -> ScoredGroup | None:
-        """The verifier's `Reward`s for `job.completions` (same order): buffer the group, or record the eval.
-
-        `score_s`: seconds the scoring took, retries included (goes to the group, for the trainer's metrics).
-        Returns the buffered group (None for an eval task, or a task given up meanwhile)."""
+        """A one-turn task's grades for `job.completions`, in order (rl/hub/runner.py): buffer its group (the
+        packed completions forwarded as they came), or record the eval. `score_s`: seconds from submission to
+        grade, retries included (for the trainer's metrics). The group, or None (an eval, a task given up)."""
         tid = job.task_id
         if tid not in self.scoring:
             return None  # given up meanwhile

@@ -1,4 +1,4 @@
-"""A `HubState` of an environment run over the tiny tokenizer, its `EpisodeRunner`, and a worker's turns."""
+"""A `HubState` of an environment run over the tiny tokenizer, its `TaskRunner`, and a worker's turns."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 from rl.config import load_config
 from rl.hub.data import PromptSet, load_rows
-from rl.hub.episode_runner import EpisodeRunner
 from rl.hub.episode_store import EpisodeStore
+from rl.hub.runner import TaskRunner
 from rl.hub.state import HubState
 from rl.hub.texts import TextDecoder
 from rl.wire.protocol import Completion, LeaseRequest, RegisterRequest, SubmitRequest, TaskResult
@@ -29,10 +29,10 @@ def env_state(tokenizer, *overrides: str, ledger=None) -> HubState:
     return state
 
 
-def runner(state: HubState, tokenizer, db: Path | None = None) -> EpisodeRunner:
+def runner(state: HubState, tokenizer, db: Path | None = None) -> TaskRunner:
     state.episodes.end_ids = {tokenizer.eos_token_id}
     store = EpisodeStore(db) if db is not None else None
-    return EpisodeRunner(state, tokenizer, store, TextDecoder(tokenizer))
+    return TaskRunner(state, tokenizer, store, TextDecoder(tokenizer))
 
 
 def register(state: HubState, name: str = "w") -> str:
@@ -50,7 +50,7 @@ def turn(tokenizer, text: str, end: bool = True) -> Completion:
     return Completion(token_ids=ids, logprobs=[-0.25] * len(ids), finish_reason="stop")
 
 
-def submit(state: HubState, run: EpisodeRunner, wid: str, lease_id: str, results: dict[int, list[Completion]],
+def submit(state: HubState, run: TaskRunner, wid: str, lease_id: str, results: dict[int, list[Completion]],
            version: int | None = None, cached: dict[int, int] | None = None):  # fmt: skip
     """Submit `results` (task id -> completions; `cached`: the prompt tokens the worker says its prefix cache
     held, by task) and step the accepted ones like the service does."""
