@@ -124,7 +124,9 @@ class TaskRunner:
             return
         c1 = time.thread_time()
         evaluated = task < 0
-        if tid not in st.scoring or task not in (st.evals if evaluated else st.task_rows):
+        if st.scoring.get(tid) != (job.worker_id, job.policy_version) or task not in (
+            st.evals if evaluated else st.task_rows
+        ):
             return  # given up meanwhile (its worker was quarantined: the turn went back to the queue)
         self.turns += len(texts)
         self.env_s += env_s
@@ -165,8 +167,9 @@ class TaskRunner:
     def _finish(self, job: ScoringJob, task: int, grades: list, score_s: float) -> ScoredGroup | None:
         """A multi-turn task's graded episodes: its group buffered, or its eval job told."""
         st = self.state
-        if st.scoring.pop(task, None) is None:
-            return None  # given up meanwhile (quarantined: the task starts over)
+        if st.scoring.get(task) != (job.worker_id, job.policy_version):
+            return None  # given up meanwhile (quarantined: the task starts over, maybe submitted again already)
+        del st.scoring[task]
         if self.store is not None and task >= 0:
             self.store.delete(task)
         if task < 0:
@@ -191,7 +194,7 @@ class TaskRunner:
                     grades = await asyncio.to_thread(lambda: [self.env.grade(s) for s in states])
             except Exception as e:  # noqa: BLE001 - any grading failure is retried, then reported
                 self.env_s += time.perf_counter() - t0
-                live = job.task_id in self.state.scoring
+                live = self.state.scoring.get(job.task_id) == (job.worker_id, job.policy_version)
                 retry_in = self.state.fail_scoring(job, f"{type(e).__name__}: {e}")
                 if retry_in is None:
                     log.error("grading task %d failed %d times; dropped: %s", job.task_id, job.attempt, e)

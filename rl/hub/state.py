@@ -471,8 +471,8 @@ class HubState:
         packed completions forwarded as they came), or record the eval. `score_s`: seconds from submission to
         grade, retries included (for the trainer's metrics). The group, or None (an eval, a task given up)."""
         tid = job.task_id
-        if tid not in self.scoring:
-            return None  # given up meanwhile
+        if self.scoring.get(tid) != (job.worker_id, job.policy_version):
+            return None  # given up meanwhile (and maybe leased and submitted again)
         if tid in self.evals:
             self.scoring.pop(tid)
             self.evals.record(tid, job.completions, rewards)
@@ -517,8 +517,8 @@ class HubState:
         """
         self.scoring_failures += 1
         self.last_scoring_error = f"task {job.task_id} (attempt {job.attempt}/{self.max_scoring_attempts}): {error}"
-        if job.task_id not in self.scoring:
-            return None
+        if self.scoring.get(job.task_id) != (job.worker_id, job.policy_version):
+            return None  # given up meanwhile (and maybe leased and submitted again)
         if job.attempt < self.max_scoring_attempts:
             return min(self.scoring_retry_s * 2 ** (job.attempt - 1), MAX_SCORING_RETRY_S)
         del self.scoring[job.task_id]

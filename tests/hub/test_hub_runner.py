@@ -134,30 +134,40 @@ def test_a_grade_that_keeps_failing_drops_its_task_and_its_saved_episodes(tiny_t
     assert again.tasks and again.tasks[0].task_id != task
 
 
-def test_a_group_given_up_while_it_is_graded_is_not_buffered(tiny_tokenizer):
-    """A quarantine while the verifiers score: the task went back to the queue, the late grade is dropped."""
+def test_a_group_given_up_while_it_is_graded_is_not_buffered_even_once_submitted_again(tiny_tokenizer):
+    """A quarantine while the verifiers score: the task went back to the queue, and another worker took it and
+    submitted before the late grade came back; the late grade buffers nothing, the new one the new completions."""
     tok, state = tiny_tokenizer, plain_state(tiny_tokenizer)
     release = asyncio.Event()
 
-    async def slow(items, worker_id):
-        await release.wait()
-        return [Grade(1.0, {}) for _ in items]
+    async def score(items, worker_id):
+        if worker_id == bad:
+            await release.wait()
+        return [Grade(float(worker_id == good), {}) for _ in items]
 
-    run = TaskRunner(state, tok, None, TextDecoder(tok), Verified(slow))
-    wid = register(state)
-    granted = lease(state, wid, max_tasks=1)
-    (task,) = granted.tasks
-    req = SubmitRequest(worker_id=wid, lease_id=granted.lease_id, policy_version=0,
-                        results=[TaskResult(task_id=task.task_id, completions=[turn(tok, "4")] * 2)])  # fmt: skip
-    _, (job,) = state.submit(req, "tok", 1.0)
+    run = TaskRunner(state, tok, None, TextDecoder(tok), Verified(score))
+    bad, good = register(state, "bad"), register(state, "good")
+
+    def job_of(wid):
+        granted = lease(state, wid, max_tasks=1)
+        (task,) = granted.tasks
+        req = SubmitRequest(worker_id=wid, lease_id=granted.lease_id, policy_version=0,
+                            results=[TaskResult(task_id=task.task_id, completions=[turn(tok, "1")] * 2)])  # fmt: skip
+        return task.task_id, state.submit(req, "tok", 1.0)[1][0]
 
     async def both():
-        grading = asyncio.create_task(run.advance(job))
+        tid, late = job_of(bad)
+        grading = asyncio.create_task(run.advance(late))
         await asyncio.sleep(0.05)
-        assert task.task_id in state.scoring
-        state.drop_worker_work(wid)  # what a quarantine does
+        assert tid in state.scoring
+        state.drop_worker_work(bad)  # what a quarantine does: the task is first in the queue again
+        again, job = job_of(good)
+        assert again == tid
         release.set()
         await grading
+        assert not state.buffer and state.scoring[tid] == (good, 0)  # the late grade changed nothing
+        await run.advance(job)
 
     asyncio.run(both())
-    assert not state.buffer and task.task_id in state.queue and task.task_id not in state.scoring
+    (group,) = state.buffer.values()
+    assert group.worker_id == good and [c.reward for c in group.completions] == [1.0, 1.0] and not state.scoring
