@@ -26,7 +26,7 @@ from dataclasses import replace
 from rl.envs import Environment, Grade, make
 from rl.envs.render import ObservationRenderer
 from rl.hub.episode_store import EpisodeStore
-from rl.hub.episodes import StepOutcome
+from rl.hub.episodes import Episode, StepOutcome
 from rl.hub.records import ScoringJob
 from rl.hub.state import HubState
 from rl.wire.packed import PackedCompletion
@@ -130,10 +130,14 @@ class TaskRunner:
             return  # given up meanwhile (its worker was quarantined: the turn went back to the queue)
         self.turns += len(texts)
         self.env_s += env_s
-        states = [state for _, state, _ in stepped] if self.one_turn else self._record(job, task, stepped)
+        episodes = None if self.one_turn else self._record(job, task, stepped)
         self.hub_s += hub_s + render_s + time.thread_time() - c1
-        if states is None:
+        if self.one_turn:
+            states = [state for _, state, _ in stepped]
+        elif episodes is None:
             return  # the next turns are leasable
+        else:
+            states = [e.state for e in episodes]
         graded = await self._grade(job if task == tid else replace(job, task_id=task), states)
         if graded is None:
             return
@@ -143,12 +147,12 @@ class TaskRunner:
                 graded = [Grade(g.value, {**g.components, **r}) for g, r in zip(graded, extra, strict=True)]
             group = st.finish_scoring(job, graded, time.perf_counter() - start)
         else:
-            group = self._finish(job, task, graded, time.perf_counter() - start)
+            group = self._finish(job, task, episodes, graded, time.perf_counter() - start)
         if group is not None:
             self.on_group(group)
 
-    def _record(self, job: ScoringJob, task: int, outcomes) -> list | None:
-        """Record a multi-turn environment's steps; the states to grade once every episode of `task` is done
+    def _record(self, job: ScoringJob, task: int, outcomes) -> list[Episode] | None:
+        """Record a multi-turn environment's steps; the episodes to grade once every episode of `task` is done
         (the task, no longer the turn, is then being graded), else None (its episodes are saved)."""
         st, tid = self.state, job.task_id
         del st.scoring[tid]
@@ -162,13 +166,17 @@ class TaskRunner:
             st.on_work()
             return None
         st.scoring[task] = (job.worker_id, job.policy_version)
-        return [e.state for e in self.episodes.groups[task]]
+        return self.episodes.groups[task]
 
-    def _finish(self, job: ScoringJob, task: int, grades: list, score_s: float) -> ScoredGroup | None:
-        """A multi-turn task's graded episodes: its group buffered, or its eval job told."""
+    def _finish(self, job: ScoringJob, task: int, episodes: list[Episode], grades: list,
+                score_s: float) -> ScoredGroup | None:  # fmt: skip
+        """A multi-turn task's graded `episodes`: its group buffered, or its eval job told."""
         st = self.state
         if st.scoring.get(task) != (job.worker_id, job.policy_version):
-            return None  # given up meanwhile (quarantined: the task starts over, maybe submitted again already)
+            # Given up meanwhile (quarantined): the task starts over, maybe already with episodes of its own.
+            if self.episodes.groups.get(task) is episodes:
+                self._forget(task)
+            return None
         del st.scoring[task]
         if self.store is not None and task >= 0:
             self.store.delete(task)

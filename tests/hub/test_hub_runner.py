@@ -5,6 +5,7 @@ failing grade of any environment is retried, then its task dropped with nothing 
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -171,3 +172,44 @@ def test_a_group_given_up_while_it_is_graded_is_not_buffered_even_once_submitted
     asyncio.run(both())
     (group,) = state.buffer.values()
     assert group.worker_id == good and [c.reward for c in group.completions] == [1.0, 1.0] and not state.scoring
+
+
+@dataclass(frozen=True)
+class HeldGrade(GuessNumber):
+    """Guess-the-number whose grade waits for `GATE` (a grader that takes its time)."""
+
+    def grade(self, state):
+        assert GATE.wait(30)
+        return super().grade(state)
+
+
+GATE = threading.Event()
+
+
+def test_episodes_given_up_while_graded_leave_nothing_behind(tiny_tokenizer, tmp_path):
+    """A quarantine while an environment grades a finished group: no group, no episodes in memory or on disk."""
+    tok, state = tiny_tokenizer, env_state(tiny_tokenizer)
+    store = EpisodeStore(tmp_path / "hub.sqlite")
+    run = TaskRunner(state, tok, store, TextDecoder(tok), HeldGrade(low=1, high=4, max_turns=2))
+    wid = register(state)
+    granted = lease(state, wid, max_tasks=1)
+    (task,) = granted.tasks
+    submit(state, run, wid, granted.lease_id, {task.task_id: [turn(tok, "0"), turn(tok, "0")]})
+    assert store.load()  # the first turns are saved
+    last = lease(state, wid)
+    results = [TaskResult(task_id=t.task_id, completions=[turn(tok, "0")]) for t in last.tasks]
+    req = SubmitRequest(worker_id=wid, lease_id=last.lease_id, policy_version=0, results=results)
+    _, jobs = state.submit(req, "tok", 1.0)
+
+    async def grade_then_quarantine():
+        await asyncio.gather(*(run.advance(j) for j in jobs[:-1]))
+        grading = asyncio.create_task(run.advance(jobs[-1]))  # the group's last turn: graded in a thread
+        while task.task_id not in state.scoring:
+            await asyncio.sleep(0.01)
+        state.drop_worker_work(wid)
+        GATE.set()
+        await grading
+
+    asyncio.run(grade_then_quarantine())
+    assert not state.buffer and task.task_id in state.queue and not state.scoring
+    assert not state.episodes.groups and store.load() == {}
