@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from helpers.episodes import env_state, lease, register, submit, turn
@@ -88,16 +88,13 @@ class FlakyGrade(GuessNumber):
     """Guess-the-number whose grade fails its first `failures` calls (a grader with a broken dependency)."""
 
     failures: int = 1
+    calls: list[int] = field(default_factory=lambda: [0], compare=False)
 
     def grade(self, state):
-        calls = CALLS.setdefault(id(self), [0])
-        calls[0] += 1
-        if calls[0] <= self.failures:
+        self.calls[0] += 1
+        if self.calls[0] <= self.failures:
             raise RuntimeError("grader unavailable")
         return Grade(1.0, {})
-
-
-CALLS: dict[int, list[int]] = {}
 
 
 def play_to_the_end(state, run, tok, wid) -> int:
@@ -189,6 +186,7 @@ GATE = threading.Event()
 def test_episodes_given_up_while_graded_leave_nothing_behind(tiny_tokenizer, tmp_path):
     """A quarantine while an environment grades a finished group: no group, no episodes in memory or on disk."""
     tok, state = tiny_tokenizer, env_state(tiny_tokenizer)
+    GATE.clear()
     store = EpisodeStore(tmp_path / "hub.sqlite")
     run = TaskRunner(state, tok, store, TextDecoder(tok), HeldGrade(low=1, high=4, max_turns=2))
     wid = register(state)
@@ -204,8 +202,12 @@ def test_episodes_given_up_while_graded_leave_nothing_behind(tiny_tokenizer, tmp
     async def grade_then_quarantine():
         await asyncio.gather(*(run.advance(j) for j in jobs[:-1]))
         grading = asyncio.create_task(run.advance(jobs[-1]))  # the group's last turn: graded in a thread
-        while task.task_id not in state.scoring:
+        for _ in range(3000):  # until the group's grade is running (the task, not a turn, is then scored)
+            if task.task_id in state.scoring:
+                break
             await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the finished group never reached its grade")
         state.drop_worker_work(wid)
         GATE.set()
         await grading
