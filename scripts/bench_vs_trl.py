@@ -391,7 +391,8 @@ def choose_trl(args: argparse.Namespace, tmp: Path) -> tuple[TrlSetup, dict]:
     if args.tuning is not None:  # probed and tuned earlier by --tune-only, same shape
         earlier = json.loads(args.tuning.read_text())
         if earlier.get("shape") != shape_of(args):
-            sys.exit(f"{args.tuning} was tuned for {earlier.get('shape')}, not this run's {shape_of(args)}")
+            sys.exit(f"{args.tuning} was tuned for {earlier.get('shape')}, not this run's {shape_of(args)}: "
+                     "tune TRL here (--tune-only, or --tune-trl)")  # fmt: skip
         return TrlSetup(**earlier["trl_setup"]), earlier["trl_notes"] | {"from": str(args.tuning)}
     notes: dict = {}
     if args.trl_generation in ("auto", "vllm"):
@@ -420,10 +421,29 @@ def choose_trl(args: argparse.Namespace, tmp: Path) -> tuple[TrlSetup, dict]:
     return best_tuned(tuning), notes
 
 
+BF16_ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""CPU features that decide what bf16 costs: TRL's bf16 autocast, its best setup where the CPU has bf16 units,
+ran one step in 828 s instead of ~20 s on an AVX2-only CPU (2026-12-07)."""
+
+
+def cpu_of() -> dict:
+    """The CPU a tuning was measured on: its model name and bf16-relevant features (Linux; else the platform)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return {"model": platform.processor() or platform.machine(), "isa": []}
+    first = info.split("\n\n")[0]
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", ""), "isa": [f for f in BF16_ISA if f in flags]}
+
+
 def shape_of(args: argparse.Namespace) -> dict:
-    """What TRL's tuning depends on: a --tuning file must match it."""
+    """What TRL's tuning depends on, the CPU included: a --tuning file must match it."""
     keys = ("model", "prompts_per_step", "n", "max_tokens", "micro_batch", "cores", "trl_generation")
-    return {k: getattr(args, k) for k in keys}
+    return {**{k: getattr(args, k) for k in keys}, "cpu": cpu_of()}
 
 
 def best_tuned(tuning: list[dict]) -> TrlSetup:

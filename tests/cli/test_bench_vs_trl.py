@@ -5,6 +5,7 @@ The benchmark itself (TRL and `rl train` runs) is run by hand; its numbers live 
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -89,3 +90,22 @@ def test_report_states_trl_setup_and_flags_runs_that_cannot_carry_a_verdict(benc
     text, results = bench.report(args, cfg, busy, [fake_run(bench, "ours", 3.5, 0.21, 0.5)], setup, notes, 0.20)
     assert "NOT A VALID MEASUREMENT" in text
     assert len(results["caveats"]) == 3  # one repeat, a busy machine, a policy that did not move
+
+
+def test_a_tuning_made_on_another_cpu_is_refused(bench, tmp_path):
+    """TRL's best setup depends on the CPU (bf16 autocast is fast only with bf16 units): a tuning file from
+    another CPU names both and asks for a new tuning; one from this CPU and shape is taken."""
+    args = shape(cores="0,1", trl_generation="auto")
+    tuned = {
+        "trl_setup": {"generation": "hf", "bf16": True, "batch": 16},
+        "trl_notes": {},
+        "shape": bench.shape_of(args),
+    }
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps(tuned))
+    setup, notes = bench.choose_trl(argparse.Namespace(**vars(args), tuning=path), tmp_path)
+    assert setup == bench.TrlSetup("hf", True, 16) and notes["from"] == str(path)
+    elsewhere = {**tuned, "shape": {**tuned["shape"], "cpu": {"model": "Xeon", "isa": ["avx512_bf16", "amx_bf16"]}}}
+    path.write_text(json.dumps(elsewhere))
+    with pytest.raises(SystemExit, match="amx_bf16.*tune TRL here"):
+        bench.choose_trl(argparse.Namespace(**vars(args), tuning=path), tmp_path)
