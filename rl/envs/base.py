@@ -7,9 +7,9 @@ messages to show next, this step's reward terms and whether the episode is over,
 (and in its SQLite ledger between turns), so an episode survives a hub restart and may continue
 on any worker. A single-turn task is the one-step case (`step` returns done at once); a plain
 dataset is the one-turn environment `Verified` (rl/envs/verified.py), graded by its verifiers.
-An environment whose grade needs the hub's resources (the sandboxed verifier pool) defines
-`async grade_many(states, row, worker_id)` instead of `grade`. Workers never run any of this:
-they only generate the model's turns from token ids.
+An environment may define `async grade_many(states, row, worker_id)` instead of `grade`, to grade a
+task's episodes together without blocking the hub's event loop (`Verified`: in the verifier pool).
+Workers never run any of this: they only generate the model's turns from token ids.
 """
 
 from __future__ import annotations
