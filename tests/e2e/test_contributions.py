@@ -8,7 +8,7 @@ started again on the run directory, and each contributor fetches its receipts. C
   and its tokens what the receipts signed; every step has one receipt (none lost or doubled by the restart);
   registrations before and after the restart count as one contributor each;
 - every contributor's receipts verify offline with the run's public key (`rl contributions verify`);
-- a tampered receipt file, or one with bob's proof added to alice's, fails; alice cannot fetch bob's.
+- a tampered receipt file, or one with another contributor's proof added, fails; alice cannot fetch bob's.
 """
 
 from __future__ import annotations
@@ -161,13 +161,16 @@ def test_every_receipt_verifies_offline(run, receipts):
 
 def test_tampered_or_borrowed_receipts_fail(run, receipts):
     run_key = str(run["run_dir"] / "run_key.pem.pub")
-    alice = json.loads(receipts["alice"].read_text())
-    bob = json.loads(receipts["bob"].read_text())
-    assert alice["receipts"] and bob["receipts"], "both identities trained something"
-    tampered = json.loads(json.dumps(alice))
+    # Two contributors whose work was trained (the report test checks there are two; which two depends on
+    # timing: a worker whose engine is still starting when the hub is killed may train nothing).
+    docs = {name: json.loads(path.read_text()) for name, path in receipts.items()}
+    trained = [name for name, doc in docs.items() if doc["receipts"]]
+    assert len(trained) >= 2, {name: len(doc["receipts"]) for name, doc in docs.items()}
+    owner, donor = docs[trained[0]], docs[trained[1]]
+    tampered = json.loads(json.dumps(owner))
     tampered["receipts"][0]["proofs"][0]["entry"]["tokens"] += 1
-    borrowed = json.loads(json.dumps(alice))
-    borrowed["receipts"][0]["proofs"].append(bob["receipts"][0]["proofs"][0])
+    borrowed = json.loads(json.dumps(owner))
+    borrowed["receipts"][0]["proofs"].append(donor["receipts"][0]["proofs"][0])
     for name, doc in (("tampered", tampered), ("borrowed", borrowed)):
         path = run["base"] / f"{name}.json"
         path.write_text(json.dumps(doc))
@@ -175,5 +178,5 @@ def test_tampered_or_borrowed_receipts_fail(run, receipts):
         assert checked.returncode == 1 and "FAIL" in checked.stderr, (name, checked.stdout, checked.stderr)
     other = run["base"] / "other.pem"
     write_key(other)
-    wrong_key = rl("contributions", "verify", str(receipts["alice"]), "--run-key", f"{other}.pub")
+    wrong_key = rl("contributions", "verify", str(receipts[trained[0]]), "--run-key", f"{other}.pub")
     assert wrong_key.returncode == 1
