@@ -1,6 +1,7 @@
 """One path for every task (rl/hub/runner.py): a plain dataset is the one-turn environment `Verified`,
 graded in the real verifier pool; a one-turn environment's group is its completions as submitted; a
-failing grade of any environment is retried, then its task dropped with nothing left behind."""
+failing grade of any environment is retried, then its task dropped with nothing left behind; a grade that
+comes back after its task was given up (a quarantine) buffers nothing and leaves nothing behind."""
 
 from __future__ import annotations
 
