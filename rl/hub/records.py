@@ -65,5 +65,10 @@ class ScoringJob:
     cached_prompt_tokens: int = 0
     """Prompt tokens the worker says its prefix cache held (reported for an episode's later turns)."""
 
+    def key(self) -> tuple[str, int]:
+        """What `HubState.scoring` holds for the task while this job is its live one (not given up meanwhile, and
+        not taken and submitted again by another worker since)."""
+        return (self.worker_id, self.policy_version)
+
     def retry(self) -> ScoringJob:
         return replace(self, attempt=self.attempt + 1)

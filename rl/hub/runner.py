@@ -124,20 +124,15 @@ class TaskRunner:
             return
         c1 = time.thread_time()
         evaluated = task < 0
-        if st.scoring.get(tid) != (job.worker_id, job.policy_version) or task not in (
-            st.evals if evaluated else st.task_rows
-        ):
+        if st.scoring.get(tid) != job.key() or task not in (st.evals if evaluated else st.task_rows):
             return  # given up meanwhile (its worker was quarantined: the turn went back to the queue)
         self.turns += len(texts)
         self.env_s += env_s
         episodes = None if self.one_turn else self._record(job, task, stepped)
         self.hub_s += hub_s + render_s + time.thread_time() - c1
-        if self.one_turn:
-            states = [state for _, state, _ in stepped]
-        elif episodes is None:
+        if not self.one_turn and episodes is None:
             return  # the next turns are leasable
-        else:
-            states = [e.state for e in episodes]
+        states = [state for _, state, _ in stepped] if self.one_turn else [e.state for e in episodes]
         graded = await self._grade(job if task == tid else replace(job, task_id=task), states)
         if graded is None:
             return
@@ -165,14 +160,14 @@ class TaskRunner:
                 self.store.save(task, self.episodes.dump(task))
             st.on_work()
             return None
-        st.scoring[task] = (job.worker_id, job.policy_version)
+        st.scoring[task] = job.key()
         return self.episodes.groups[task]
 
     def _finish(self, job: ScoringJob, task: int, episodes: list[Episode], grades: list,
                 score_s: float) -> ScoredGroup | None:  # fmt: skip
         """A multi-turn task's graded `episodes`: its group buffered, or its eval job told."""
         st = self.state
-        if st.scoring.get(task) != (job.worker_id, job.policy_version):
+        if st.scoring.get(task) != job.key():
             # Given up meanwhile (quarantined): the task starts over, maybe already with episodes of its own.
             if self.episodes.groups.get(task) is episodes:
                 self._forget(task)
@@ -202,7 +197,7 @@ class TaskRunner:
                     grades = await asyncio.to_thread(lambda: [self.env.grade(s) for s in states])
             except Exception as e:  # noqa: BLE001 - any grading failure is retried, then reported
                 self.env_s += time.perf_counter() - t0
-                live = self.state.scoring.get(job.task_id) == (job.worker_id, job.policy_version)
+                live = self.state.scoring.get(job.task_id) == job.key()
                 retry_in = self.state.fail_scoring(job, f"{type(e).__name__}: {e}")
                 if retry_in is None:
                     log.error("grading task %d failed %d times; dropped: %s", job.task_id, job.attempt, e)

@@ -471,7 +471,7 @@ class HubState:
         packed completions forwarded as they came), or record the eval. `score_s`: seconds from submission to
         grade, retries included (for the trainer's metrics). The group, or None (an eval, a task given up)."""
         tid = job.task_id
-        if self.scoring.get(tid) != (job.worker_id, job.policy_version):
+        if self.scoring.get(tid) != job.key():
             return None  # given up meanwhile (and maybe leased and submitted again)
         if tid in self.evals:
             self.scoring.pop(tid)
@@ -517,7 +517,7 @@ class HubState:
         """
         self.scoring_failures += 1
         self.last_scoring_error = f"task {job.task_id} (attempt {job.attempt}/{self.max_scoring_attempts}): {error}"
-        if self.scoring.get(job.task_id) != (job.worker_id, job.policy_version):
+        if self.scoring.get(job.task_id) != job.key():
             return None  # given up meanwhile (and maybe leased and submitted again)
         if job.attempt < self.max_scoring_attempts:
             return min(self.scoring_retry_s * 2 ** (job.attempt - 1), MAX_SCORING_RETRY_S)
