@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -136,8 +137,11 @@ def child(args) -> None:
 
         async def main() -> dict:
             hub = build_hub(load_config(config, []), tokens=Tokens(ADMIN, [WORKER]))
+            app = App(create_app(hub))
+            gc.collect()  # as `rl hub` does after start-up (rl/hub/main.py): what it built is never scanned again
+            gc.freeze()
             try:
-                return await drive(hub, App(create_app(hub)), args.child, args.submissions, args.profile)
+                return await drive(hub, app, args.child, args.submissions, args.profile)
             finally:
                 hub.pool.close()
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rl.wire.packed import PackedCompletion
+from rl.wire.protocol import ScoredGroup
 
 MAX_SCORING_ATTEMPTS = 3
 """Scoring attempts of one task before it is dropped (each failure is logged and counted)."""
@@ -72,3 +75,26 @@ class ScoringJob:
 
     def retry(self) -> ScoringJob:
         return replace(self, attempt=self.attempt + 1)
+
+
+class ScoredBuffer(OrderedDict[int, ScoredGroup]):
+    """Scored groups by task id, in arrival order, with a lower bound on their policy versions: a batch pull
+    looks for stale groups only when one may be there, not through the whole buffer at every wake-up (each
+    submission wakes a waiting pull: with thousands of groups buffered that scan was a third of a saturated
+    hub's CPU, docs/benchmarks.md). Removing groups never makes the bound wrong, only loose."""
+
+    floor: float = math.inf
+
+    def __setitem__(self, task_id: int, group: ScoredGroup) -> None:
+        super().__setitem__(task_id, group)
+        self.floor = min(self.floor, group.policy_version)
+
+    def drop_stale(self, oldest: int) -> list[int]:
+        """Remove the groups made before version `oldest`; their task ids, in arrival order."""
+        if self.floor >= oldest:
+            return []
+        stale = [tid for tid, group in self.items() if group.policy_version < oldest]
+        for tid in stale:
+            del self[tid]
+        self.floor = min((group.policy_version for group in self.values()), default=math.inf)
+        return stale

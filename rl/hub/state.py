@@ -30,6 +30,7 @@ from rl.hub.records import (
     MAX_SCORING_RETRY_S,
     SCORING_RETRY_S,
     LeaseRecord,
+    ScoredBuffer,
     ScoringJob,
     WorkerRecord,
 )
@@ -89,7 +90,7 @@ class HubState:
         self.eval_operator: str | None = None  # the only operator given eval tasks (`rl train`'s local workers)
         self.turnaround: deque[float] = deque(maxlen=256)  # seconds from a lease to its result, recent ones
         self.scoring: dict[int, tuple[str, int]] = {}  # task id -> (worker id, version)
-        self.buffer: OrderedDict[int, ScoredGroup] = OrderedDict()  # arrival order
+        self.buffer = ScoredBuffer()  # arrival order
         self.finished_leases: OrderedDict[str, tuple[str, set[int]]] = OrderedDict()  # for idempotent re-submits
         self.consumed = 0
         self.batches = 0
@@ -534,12 +535,11 @@ class HubState:
 
     def take_batch(self, num_groups: int, step: int, skip_zero_variance: bool) -> tuple[list[ScoredGroup], int, int]:
         """Take a full batch if one is ready, else nothing (stale groups are dropped either way)."""
-        stale = skipped = 0
-        for tid, group in list(self.buffer.items()):
-            if step - group.policy_version > self.max_staleness:
-                del self.buffer[tid]
-                self._requeue([tid])
-                stale += 1
+        self._requeue(dropped := self.buffer.drop_stale(step - self.max_staleness))
+        stale, skipped = len(dropped), 0
+        if len(self.buffer) < num_groups and not skip_zero_variance:
+            self.stale_dropped += stale
+            return [], stale, skipped  # not enough for a batch (what a waiting pull sees after most wake-ups)
         chosen: list[int] = []
         candidates = sorted(self.task_rows) if self.cfg.async_.ordered else list(self.buffer)
         for tid in candidates:

@@ -9,12 +9,12 @@ not negotiate the packed form (docs/protocol.md, "Packed arrays").
 
 from __future__ import annotations
 
-import base64
 import binascii
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
+import pybase64
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
 IDS_DTYPE = np.dtype("<i4")
@@ -42,7 +42,7 @@ class PackedError(ValueError):
 
 def pack(values, dtype: np.dtype) -> str:
     """The base64 text of `values` as a little-endian array of `dtype`."""
-    return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode("ascii")
+    return pybase64.b64encode_as_string(np.asarray(values, dtype=dtype).tobytes())
 
 
 def pack_ids(ids) -> str:
@@ -55,8 +55,8 @@ def pack_logprobs(logprobs) -> str:
 
 def unpack(text: str, dtype: np.dtype, field: str) -> np.ndarray:
     """The array a base64 text holds (read-only, no copy of the decoded bytes); `PackedError` if malformed."""
-    try:  # strict: only the base64 alphabet, correct padding, nothing after it (and C speed, unlike b64decode)
-        raw = binascii.a2b_base64(text, strict_mode=True)
+    try:  # strict: only the base64 alphabet, correct padding, nothing after it; SIMD (~10x binascii's a2b_base64)
+        raw = pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise PackedError(field, f"not base64 ({e})") from None
     if len(raw) % dtype.itemsize:

@@ -115,12 +115,18 @@ def test_stale_submission_is_rejected_and_requeued():
     assert sorted(state.queue) == sorted(t.task_id for t in lease.tasks)
 
 
-def test_take_batch_drops_stale_groups_and_skips_zero_variance():
-    state = make_state(**{"async.max_staleness": 1, "trainer.prompts_per_step": 3})
+def submitted(state: HubState, k: int) -> list[int]:
+    """The task ids of one worker's lease of `k` tasks, submitted (not yet scored)."""
     wid = register(state)
-    lease = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=6), "tok-a", 0)
+    lease = state.lease(LeaseRequest(worker_id=wid, policy_version=0, max_tasks=k), "tok-a", 0)
     tids = [t.task_id for t in lease.tasks]
     submit(state, wid, lease.lease_id, tids)
+    return tids
+
+
+def test_take_batch_drops_stale_groups_and_skips_zero_variance():
+    state = make_state(**{"async.max_staleness": 1, "trainer.prompts_per_step": 3})
+    tids = submitted(state, 6)
     score(state, tids[0], version=0)
     score(state, tids[1], version=0, rewards=(1.0, 1.0))
     score(state, tids[2], version=0)
@@ -302,3 +308,15 @@ def test_status_pages_workers_and_summarises_all():
     assert summary.total == 250 and summary.by_version == {"-1": 200, "0": 50}
     assert summary.tokens_per_s == 2500.0 and summary.fetch_s == 2.0
     assert state.status(2.0, {}, limit=0).workers == []
+
+
+def test_a_stale_group_is_dropped_whenever_it_arrives():
+    """Pulls look for stale groups only when one may be buffered (ScoredBuffer.floor): one that arrives after
+    a pull found none is still dropped by the next."""
+    state = make_state(**{"async.max_staleness": 1, "trainer.prompts_per_step": 3})
+    tids = submitted(state, 3)
+    score(state, tids[0], version=0)
+    assert state.take_batch(2, step=1, skip_zero_variance=False) == ([], 0, 0)  # version 0 is fresh at step 1
+    score(state, tids[1], version=0)
+    assert state.take_batch(3, step=2, skip_zero_variance=False) == ([], 2, 0)  # both too old at step 2
+    assert state.buffer.floor == float("inf") and sorted(state.queue) == sorted(tids[:2])
