@@ -216,7 +216,10 @@ async def trainer_main(host, port, start_at, seconds, consumed: list[int]) -> No
     conn = Conn(host, port, ADMIN)
     await asyncio.sleep(max(0.0, start_at - time.time()))
     until = time.monotonic() + seconds + 2.0
-    body = b'{"num_groups":16,"step":0,"timeout_s":1.0}'
+    # A trainer step's batch (the config's prompts_per_step), as `rl train` pulls it. Pulls of 16 fell
+    # behind a saturated hub (one round trip at a time through its queue): the buffer then grew without
+    # bound, which a real run's staleness window never lets happen.
+    body = b'{"num_groups":64,"step":0,"timeout_s":1.0}'
     while time.monotonic() < until:
         status, payload = await conn.request("POST", "/v1/batches", body)
         if status == 200:

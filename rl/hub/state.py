@@ -541,21 +541,19 @@ class HubState:
             self.stale_dropped += stale
             return [], stale, skipped  # not enough for a batch (what a waiting pull sees after most wake-ups)
         chosen: list[int] = []
-        candidates = sorted(self.task_rows) if self.cfg.async_.ordered else list(self.buffer)
-        for tid in candidates:
+        zero: list[int] = []  # removed after the loop, which reads the buffer in place (no copy per pull)
+        for tid in sorted(self.task_rows) if self.cfg.async_.ordered else self.buffer:
             if len(chosen) == num_groups:
                 break
             group = self.buffer.get(tid)
             if group is None:
                 break  # ordered mode: the next task in order is not ready yet
             rewards = [c.reward for c in group.completions]
-            if skip_zero_variance and max(rewards) - min(rewards) < 1e-9:
-                del self.buffer[tid]
-                del self.task_rows[tid]
-                self.consumed += 1
-                skipped += 1
-                continue
-            chosen.append(tid)
+            (zero if skip_zero_variance and max(rewards) - min(rewards) < 1e-9 else chosen).append(tid)
+        for tid in zero:
+            del self.buffer[tid], self.task_rows[tid]
+        skipped = len(zero)
+        self.consumed += skipped
         self.stale_dropped += stale
         self.zero_variance_skipped += skipped
         if skipped:
