@@ -80,8 +80,9 @@ class ScoringJob:
 class ScoredBuffer(OrderedDict[int, ScoredGroup]):
     """Scored groups by task id, in arrival order, with a lower bound on their policy versions: a batch pull
     looks for stale groups only when one may be there, not through the whole buffer at every wake-up (each
-    submission wakes a waiting pull: with thousands of groups buffered that scan was a third of a saturated
-    hub's CPU, docs/benchmarks.md). Removing groups never makes the bound wrong, only loose."""
+    scored group wakes a waiting pull: with thousands of groups buffered, as behind a trainer that falls
+    behind, that scan took a third of a saturated hub's CPU, docs/benchmarks.md). Removing groups never makes
+    the bound wrong, only loose."""
 
     floor: float = math.inf
 

@@ -349,7 +349,7 @@ class Hub:
                     zero_variance_skipped=skipped_total,
                 )
                 # orjson over the dumped model: ~3x pydantic's model_dump_json on ~1 MB of packed texts
-                # (docs/benchmarks.md, "Batches, base64, scoring")
+                # (docs/benchmarks.md, "A pull's stale scan, SIMD base64, orjson batches")
                 body = orjson.dumps(batch.model_dump(mode="json"))
                 if groups:  # consumed on disk before the trainer can have it (rl/hub/ledger.py)
                     await self.record_batch(req.pull_id, body)
