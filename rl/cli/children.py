@@ -126,12 +126,14 @@ def _tail(path: Path, lines: int = 15) -> str:
 class Child:
     """A child process in its own session, logging to `log_path`, that dies with this process."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cpus: set[int] | None = None):
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cpus: set[int] | None = None,
+                 pass_fds: tuple[int, ...] = ()):  # fmt: skip
         self.name, self.log_path = name, log_path
         self.log_file = open(log_path, "ab")  # noqa: SIM115 (lives as long as the child)
         env = {**env, PARENT_ENV: str(os.getpid())}
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with(os.getpid(), cpus))  # fmt: skip
+                                     start_new_session=True, preexec_fn=_die_with(os.getpid(), cpus),
+                                     pass_fds=pass_fds)  # fmt: skip
 
     def exit_message(self) -> str:
         code = self.proc.poll()

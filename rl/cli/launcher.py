@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from rl.cli.children import Child, LaunchError, check_cpus, child_env, pin_this_
 from rl.config import RolloutConfig, RunConfig, dump_config
 from rl.hub.data import DataError
 from rl.hub.ledger import EXIT_DISK_FULL
+from rl.hub.listen import listening_socket
 from rl.models import ModelError, resolve_model
 from rl.rundir import RunDir
 from rl.trainer.checkpoint import (
@@ -62,12 +62,6 @@ def engine_spec(rollout: RolloutConfig, seed: int) -> EngineSpec:
     return EngineSpec(kind=rollout.engine, tensor_parallel=rollout.tensor_parallel, seed=seed,
                       kv_cache_gib=rollout.kv_cache_gib, gpu_memory_utilization=rollout.gpu_memory_utilization,
                       enforce_eager=rollout.enforce_eager)  # fmt: skip
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 LOW_DISK_BYTES = 16 << 20
@@ -181,7 +175,12 @@ class Watchdog:
         self.hub_restarts += 1
         log.error("the hub exited with code %s; restarting it from its ledger %s (restart %d of %d, log %s)",
                   hub.proc.returncode, self.launch.paths.hub_db, self.hub_restarts, limit, hub.log_path)  # fmt: skip
-        self.launch.restart_hub()
+        try:
+            self.launch.restart_hub()
+        except LaunchError as e:
+            self.hub_failure = f"{hub.exit_message()}\n(restarting it failed: {e})"
+            self._alert(f"the hub exited and could not be restarted: {e}")
+            return False
         return True
 
     def _remote_workers(self) -> bool:
@@ -248,7 +247,8 @@ class Launch:
         cfg.run_dir = self.run_dir
         config_path = self.paths.config
         config_path.write_text(dump_config(cfg))
-        port = cfg.hub.port or _free_port(cfg.hub.host)
+        self._hub_port = cfg.hub.port
+        port = self._bind_hub_port()
         host = f"[{cfg.hub.host}]" if ":" in cfg.hub.host else cfg.hub.host  # an IPv6 address
         self.url = f"http://{host}:{port}"
         env = child_env(RL_HUB_ADMIN_TOKEN=self.tokens.admin, RL_HUB_WORKER_TOKENS=",".join(self.tokens.workers),
@@ -262,15 +262,37 @@ class Launch:
             log.info("resuming from %s: the hub restores its data ledger", ckpt)
         elif ckpt is not None:
             self.paths.remove_hub_db()  # a checkpoint without a ledger: start the data over
-        self.hub = Child("hub", cmd, env, self.paths.hub_log, self.hub_cpus)
+        self._spawn_hub(cmd)
         self.watchdog = Watchdog(self, stop, HubAdmin(self.url, self.tokens.admin, patience_s=5.0))
         self.trainer_hub = HubAdmin(self.url, self.tokens.admin)
         return self.trainer_hub
 
+    def _bind_hub_port(self) -> int:
+        """Bind the hub's port here (a free one unless `hub.port` names one) for the hub to inherit: nothing can
+        take it between choosing it and the hub's start (rl/hub/listen.py)."""
+        host = self.cfg.hub.host
+        try:
+            self._hub_sock = listening_socket(host, self._hub_port)
+        except OSError as e:
+            raise LaunchError(f"cannot listen on {host}:{self._hub_port} for the hub: {e.strerror}") from None
+        self._hub_port = self._hub_sock.getsockname()[1]
+        return self._hub_port
+
+    def _spawn_hub(self, cmd: list[str]) -> None:
+        """Start the hub on the bound socket; this process's copy is closed (the hub holds the port now)."""
+        fd = self._hub_sock.fileno()
+        try:
+            self.hub = Child("hub", [*cmd, "--fd", str(fd)], self._hub_env, self.paths.hub_log, self.hub_cpus,
+                             pass_fds=(fd,))  # fmt: skip
+        finally:
+            self._hub_sock.close()
+
     def restart_hub(self) -> None:
-        """Start the hub again after it died: same port and tokens, ledger from its database."""
+        """Start the hub again after it died: same port and tokens, ledger from its database (`LaunchError`:
+        another process took the port meanwhile)."""
         self.hub.log_file.close()
-        self.hub = Child("hub", self._hub_cmd, self._hub_env, self.paths.hub_log, self.hub_cpus)
+        self._bind_hub_port()
+        self._spawn_hub(self._hub_cmd)
 
     def start_workers(self) -> None:
         """Once the hub answers: spawn the local workers and print how to add remote ones."""

@@ -133,6 +133,7 @@ def hub(
         Path | None,
         typer.Option(help="Start from a checkpoint's ledger.json (else from run_dir/hub.sqlite, if there)."),
     ] = None,
+    fd: Annotated[int | None, typer.Option(hidden=True, help="Listen on this inherited bound socket.")] = None,
 ) -> None:
     """Serve the control plane (leases, submissions, scoring, policy files) for a run."""
     cfg = _load(config, overrides)
@@ -144,7 +145,7 @@ def hub(
     exit_with_parent()  # a hub started by `rl train` ends with it
     from rl.hub.main import serve
 
-    sys.exit(serve(cfg, ledger_path=ledger))
+    sys.exit(serve(cfg, ledger_path=ledger, fd=fd))
 
 
 @app.command()

@@ -17,6 +17,7 @@ from pathlib import Path
 from rl.config import RunConfig
 from rl.hub.episode_store import EpisodeStore
 from rl.hub.ledger import LedgerStore
+from rl.hub.listen import listening_socket
 from rl.hub.routes import create_app
 from rl.hub.service import Hub
 from rl.hub.state import HubState
@@ -78,26 +79,23 @@ def open_ledger(cfg: RunConfig, ledger_path: Path | None) -> tuple[LedgerStore, 
     return store, ledger
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The hub's bound server socket (uvicorn listens on it), with TCP_NODELAY for every connection."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted connections inherit this. Without it (the event loop only sets it on sockets it made
-    # itself) every response, written as headers then body, waited ~40 ms for the client's delayed
-    # ACK (Nagle): 44 ms per request on loopback instead of ~2 ms.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    return sock
-
-
-def serve(cfg: RunConfig, ledger_path: Path | None = None) -> int:
-    """Run the hub until shutdown; prints the URL (and generated tokens once)."""
+def serve(cfg: RunConfig, ledger_path: Path | None = None, fd: int | None = None) -> int:
+    """Run the hub until shutdown; prints the URL (and generated tokens once). `fd`: a bound socket inherited
+    from `rl train` (rl/hub/listen.py), else the hub binds `hub.host`:`hub.port` itself."""
     import uvicorn
 
     tokens, generated = Tokens.from_config(cfg)
     store, ledger = open_ledger(cfg, ledger_path)
     hub = build_hub(cfg, ledger, tokens, store)
-    sock = listening_socket(cfg.hub.host, cfg.hub.port)
+    if fd is not None:
+        sock = socket.socket(fileno=fd)
+        sock.set_inheritable(False)  # the verifier pool's processes must not hold the port
+    else:
+        try:
+            sock = listening_socket(cfg.hub.host, cfg.hub.port)
+        except OSError as e:
+            print(f"hub: cannot listen on {cfg.hub.host}:{cfg.hub.port}: {e.strerror}", file=sys.stderr, flush=True)
+            return 1
     port = sock.getsockname()[1]
     url = cfg.hub.public_url or f"http://{cfg.hub.host}:{port}"
     print(f"hub listening on {url}", file=sys.stderr, flush=True)

@@ -477,7 +477,7 @@ def test_accepted_connections_have_nodelay():
     from the hub's socket, each waits ~40 ms for the client's delayed ACK (44 ms per request instead of ~2 ms)."""
     import socket
 
-    from rl.hub.main import listening_socket
+    from rl.hub.listen import listening_socket
 
     server = listening_socket("127.0.0.1", 0)
     server.listen()
