@@ -180,7 +180,7 @@ def test_worker_stopped_mid_lease(tiny_model_dir, tmp_path):
 
 
 HUB_STOP_S = 60.0  # "a minute" (issue 21)
-HUB_RUN_STEPS = 8
+HUB_RUN_STEPS = 12  # steps after SIGCONT that need new rollouts: the worker's stall report reaches the hub first
 
 
 @pytest.fixture(scope="module")
