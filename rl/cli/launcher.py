@@ -247,8 +247,7 @@ class Launch:
         cfg.run_dir = self.run_dir
         config_path = self.paths.config
         config_path.write_text(dump_config(cfg))
-        self._hub_port = cfg.hub.port
-        port = self._bind_hub_port()
+        self._hub_port = port = self._bind_hub_port(cfg.hub.port)
         host = f"[{cfg.hub.host}]" if ":" in cfg.hub.host else cfg.hub.host  # an IPv6 address
         self.url = f"http://{host}:{port}"
         env = child_env(RL_HUB_ADMIN_TOKEN=self.tokens.admin, RL_HUB_WORKER_TOKENS=",".join(self.tokens.workers),
@@ -267,16 +266,15 @@ class Launch:
         self.trainer_hub = HubAdmin(self.url, self.tokens.admin)
         return self.trainer_hub
 
-    def _bind_hub_port(self) -> int:
-        """Bind the hub's port here (a free one unless `hub.port` names one) for the hub to inherit: nothing can
-        take it between choosing it and the hub's start (rl/hub/listen.py)."""
+    def _bind_hub_port(self, port: int) -> int:
+        """Bind the hub's port here (0: a free one) for the hub to inherit; the port bound. Nothing can take it
+        between choosing it and the hub's start (rl/hub/listen.py)."""
         host = self.cfg.hub.host
         try:
-            self._hub_sock = listening_socket(host, self._hub_port)
+            self._hub_sock = listening_socket(host, port)
         except OSError as e:
-            raise LaunchError(f"cannot listen on {host}:{self._hub_port} for the hub: {e.strerror}") from None
-        self._hub_port = self._hub_sock.getsockname()[1]
-        return self._hub_port
+            raise LaunchError(f"cannot listen on {host}:{port} for the hub: {e.strerror}") from None
+        return self._hub_sock.getsockname()[1]
 
     def _spawn_hub(self, cmd: list[str]) -> None:
         """Start the hub on the bound socket; this process's copy is closed (the hub holds the port now)."""
@@ -291,7 +289,7 @@ class Launch:
         """Start the hub again after it died: same port and tokens, ledger from its database (`LaunchError`:
         another process took the port meanwhile)."""
         self.hub.log_file.close()
-        self._bind_hub_port()
+        self._bind_hub_port(self._hub_port)
         self._spawn_hub(self._hub_cmd)
 
     def start_workers(self) -> None:

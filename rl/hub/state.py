@@ -536,10 +536,10 @@ class HubState:
     def take_batch(self, num_groups: int, step: int, skip_zero_variance: bool) -> tuple[list[ScoredGroup], int, int]:
         """Take a full batch if one is ready, else nothing (stale groups are dropped either way)."""
         self._requeue(dropped := self.buffer.drop_stale(step - self.max_staleness))
-        stale, skipped = len(dropped), 0
+        stale = len(dropped)
         if len(self.buffer) < num_groups and not skip_zero_variance:
             self.stale_dropped += stale
-            return [], stale, skipped  # not enough for a batch (what a waiting pull sees after most wake-ups)
+            return [], stale, 0  # not enough for a batch (what a waiting pull sees after most wake-ups)
         chosen: list[int] = []
         zero: list[int] = []  # removed after the loop, which reads the buffer in place (no copy per pull)
         for tid in sorted(self.task_rows) if self.cfg.async_.ordered else self.buffer:

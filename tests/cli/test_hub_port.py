@@ -59,11 +59,11 @@ def test_a_fixed_hub_port_in_use_is_a_clear_launch_error():
     busy = listening_socket("127.0.0.1", 0)
     busy.listen()
     port = busy.getsockname()[1]
-    launch = SimpleNamespace(cfg=SimpleNamespace(hub=SimpleNamespace(host="127.0.0.1")), _hub_port=port)
+    launch = SimpleNamespace(cfg=SimpleNamespace(hub=SimpleNamespace(host="127.0.0.1")))
     try:
         with pytest.raises(LaunchError, match=f"cannot listen on 127.0.0.1:{port} for the hub: Address already in use"):
-            Launch._bind_hub_port(launch)
+            Launch._bind_hub_port(launch, port)
     finally:
         busy.close()
-    assert Launch._bind_hub_port(launch) == port  # free again: bound for the hub
+    assert Launch._bind_hub_port(launch, port) == port  # free again: bound for the hub
     launch._hub_sock.close()
