@@ -7,10 +7,13 @@ for both and not timed):
   in place  `Engine.apply_delta`: only the changed elements rewritten in the live tensors, then checked
             against the manifest (rl/weights/inplace.py): their changed elements re-hashed (`changes`,
             the worker's default), or each changed tensor whole (`tensors`)
-The methods are interleaved `--repeats` times (each first once in three); before each the engine goes
+  reload    (vLLM only) the vLLM engine's previous in-place path, still its fallback for models whose
+            tensors it cannot map: the delta applied to a host copy of the checkpoint tensors, then
+            vLLM's reload of the layers that changed (`changes` hashing)
+The methods are interleaved `--repeats` times (each first in turn); before each the engine goes
 back to v0 (untimed): a full load of v0 for `full`; for in place, a full load of v0, then v1 and v2 (= v0
 again, a delta from v1) applied in place, so the timed apply finds what a worker following deltas has
-(vLLM: the host copy of the checkpoint tensors, built by the first apply after a full load).
+(vLLM on CPU: the plain weights kept at the last load, mapped and checked at the first apply).
 Deviation from a run: v1 is synthetic, `--fraction` of each tensor's elements moved by one bf16 ulp
 (an RL step changes ~1.4% of the elements, docs/benchmarks.md), written by the real PolicyWriter
 as a delta version.
@@ -87,6 +90,17 @@ def delta_of(policy: Path, version: int) -> tuple[list[bytes], ChangeHashes]:
     return deltas, ChangeHashes(manifest.tensor_sha256, manifest.changes_sha256)
 
 
+def _set_vllm_path(wrapper, reload: bool) -> None:
+    """Run in vLLM's worker process (`wrapper`: vLLM's wrapper of the worker that holds the extension's
+    state): deltas through a host copy and vLLM's reload (`reload`), or written in place (mapped again,
+    and checked, at the next apply)."""
+    worker = wrapper.worker
+    if reload:
+        worker.scatter_rl_maps = False
+    else:
+        worker.__dict__.pop("scatter_rl_maps", None)
+
+
 def in_place(engine, policy: Path, verify: str) -> dict[str, float]:
     engine.apply_delta(*delta_of(policy, 1))  # what a worker following deltas holds (not timed)
     engine.apply_delta(*delta_of(policy, 2))
@@ -114,24 +128,29 @@ def main() -> None:
         shards_v0 = [v0 / f.name for f in read_manifest(policy, 0).full_shards()]
         engine = make_engine(EngineSpec(kind=args.engine), v0, max_model_len=512, dtype="bfloat16")
         rows = []
+        methods = ["full", "changes", "tensors"] + (["reload"] if args.engine == "vllm" else [])
         for r in range(args.repeats):
-            methods = ["full", "changes", "tensors"]
             row = {}
-            for method in methods[r % 3 :] + methods[: r % 3]:  # each first once in three repeats
+            rotation = r % len(methods)
+            for method in methods[rotation:] + methods[:rotation]:  # each first in turn
+                if args.engine == "vllm":
+                    engine.llm.collective_rpc(_set_vllm_path, args=(method == "reload",))
                 engine.load_weights(shards_v0)  # back to v0 (not timed)
                 if method == "full":
                     row[method] = full_load(engine, policy, v0, tmp / "v1")
                 else:
-                    row[method] = in_place(engine, policy, method)
-            row["ratio_changes"] = row["changes"]["total_s"] / row["full"]["total_s"]
-            row["ratio_tensors"] = row["tensors"]["total_s"] / row["full"]["total_s"]
+                    row[method] = in_place(engine, policy, "changes" if method == "reload" else method)
+            for method in methods[1:]:
+                row[f"ratio_{method}"] = row[method]["total_s"] / row["full"]["total_s"]
             rows.append(row)
             print(json.dumps({"repeat": r, **row}), flush=True)
         engine.close()
 
-    def spread(key: str, part: str = "total_s") -> str:
-        values = [row[key][part] if part else row[key] for row in rows]
+    def spread_of(values: list[float]) -> str:
         return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    def spread(key: str, part: str = "total_s") -> str:
+        return spread_of([row[key][part] if part else row[key] for row in rows])
 
     print(json.dumps({
         "model": args.model, "engine": args.engine, "changed_fraction": changed, "repeats": args.repeats,
@@ -140,6 +159,9 @@ def main() -> None:
         "changes_s": spread("changes"), "changes_hash_s": spread("changes", "hash_s"),
         "tensors_s": spread("tensors"), "tensors_hash_s": spread("tensors", "hash_s"),
         "ratio_changes": spread("ratio_changes", ""), "ratio_tensors": spread("ratio_tensors", ""),
+        **({"reload_s": spread("reload"), "ratio_reload": spread("ratio_reload", ""),
+            "changes_vs_reload": spread_of([r["changes"]["total_s"] / r["reload"]["total_s"] for r in rows])}
+           if "reload" in rows[0] else {}),
     }))  # fmt: skip
 
 

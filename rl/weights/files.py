@@ -297,6 +297,8 @@ def delta_changes(
     index = np.cumsum(gaps, dtype=np.int64) - 1
     if count and (index[0] < 0 or index[-1] >= numel):
         raise WeightFileError(f"delta for {name} indexes outside the tensor")
+    if count > 1 and not gaps[1:].all():
+        raise WeightFileError(f"delta for {name} changes an element twice")
     return index, diff, pos
 
 

@@ -56,6 +56,8 @@ class _Undo:
     """The live tensor's flat integer view."""
     index: np.ndarray
     old: np.ndarray
+    new: np.ndarray | None = None
+    """The bits written at `index` (None: a tied tensor written under another name, read back to hash)."""
 
 
 Verify = Literal["changes", "tensors"]
@@ -120,27 +122,28 @@ def _apply_one(name: str, entry: dict, body: bytes, pos: int, tensor: torch.Tens
     unsigned = np.dtype(unsigned_bits(size))
     index, diff, pos = delta_changes(name, entry, body, pos, unsigned, bits.numel())
     old = _gather(bits, index)
-    if write:
-        _scatter(bits, index, (old.view(unsigned) + diff).view(old.dtype))  # unsigned: wraps, like the encoder
-    return _Undo(bits, index, old), pos
+    if not write:
+        return _Undo(bits, index, old), pos
+    new = (old.view(unsigned) + diff).view(old.dtype)  # unsigned: wraps, like the encoder
+    _scatter(bits, index, new)
+    return _Undo(bits, index, old, new), pos
 
 
 def _gather(bits: torch.Tensor, index: np.ndarray) -> np.ndarray:
-    if bits.device.type == "cpu":
-        return bits.numpy()[index]  # numpy shares the tensor's memory
-    return bits[torch.from_numpy(index).to(bits.device)].cpu().numpy()
+    # torch's indexing runs on the torch threads (and on the tensor's device): ~1.4x numpy's on CPU
+    return bits.index_select(0, torch.from_numpy(index).to(bits.device)).cpu().numpy()
 
 
 def _scatter(bits: torch.Tensor, index: np.ndarray, values: np.ndarray) -> None:
-    if bits.device.type == "cpu":
-        bits.numpy()[index] = values
-    else:
-        bits[torch.from_numpy(index).to(bits.device)] = torch.from_numpy(values).to(bits.device)
+    bits.index_copy_(0, torch.from_numpy(index).to(bits.device), torch.from_numpy(values).to(bits.device))
 
 
 def _changes_sha256(step: _Undo) -> str:
-    """sha256 of the changed elements' bits now, in index order (what `ChangeHashes.changes` records)."""
-    return hashlib.sha256(_gather(step.bits, step.index).tobytes()).hexdigest()
+    """sha256 of the changed elements' bits now, in index order (what `ChangeHashes.changes` records):
+    the bits written (the old ones read from the tensor plus the delta; the indices strictly increase,
+    so each element is written once), else read back."""
+    bits = step.new if step.new is not None else _gather(step.bits, step.index)
+    return hashlib.sha256(bits.tobytes()).hexdigest()
 
 
 def _roll_back(undo: list[_Undo]) -> None:

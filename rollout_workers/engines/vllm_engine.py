@@ -46,7 +46,7 @@ def _on_cpu() -> bool:
 
 class VLLMEngine(Engine):
     name = "vllm"
-    applies_deltas = True  # through a host copy of the checkpoint tensors and vLLM's reload (vllm_ext.py)
+    applies_deltas = True  # written where vLLM computes with them, re-packed on CPU (vllm_ext.py)
 
     def __init__(self, spec: EngineSpec, model_dir: Path, *, max_model_len: int, dtype: str) -> None:
         super().__init__(spec, model_dir, max_model_len=max_model_len, dtype=dtype)
@@ -61,7 +61,7 @@ class VLLMEngine(Engine):
         """Unfinished vLLM request id -> the key it was added under, and its first completion's slot."""
         self._groups: dict[Hashable, _Group] = {}
         self.weight_files = sorted(Path(model_dir).glob("*.safetensors"))
-        """The shards of the version the engine holds (what `apply_delta`'s host copy starts from)."""
+        """The shards of the version the engine last loaded in full (what `apply_delta` checks its map against)."""
         start = time.perf_counter()
         self.llm = LLM(**self.llm_args())
         log.info(
@@ -199,9 +199,9 @@ class VLLMEngine(Engine):
         finally:
             self.llm.reset_prefix_cache()  # no KV computed with the old weights is reused
         done = ranks[0]
-        log.info("applied %d changed element(s) of %d tensor(s) in place in %.2f s (%.2f s hashing; vLLM reloaded "
-                 "%d tensor(s))", done["elements"], done["tensors"], done["seconds"], done["hash_seconds"],
-                 done["reloaded"])  # fmt: skip
+        log.info("applied %d changed element(s) of %d tensor(s) in place in %.2f s (%.2f s hashing; %s, %d "
+                 "layer(s) or tensor(s) packed or reloaded)", done["elements"], done["tensors"], done["seconds"],
+                 done["hash_seconds"], done["how"], done["reloaded"])  # fmt: skip
         return Applied(done["tensors"], done["elements"], done["seconds"], done["hash_seconds"])
 
     def close(self) -> None:

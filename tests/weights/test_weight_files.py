@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+import zstandard
 from helpers.policy import make_sharded_store, sparse_steps
 from safetensors.torch import load_file
 
@@ -108,6 +110,13 @@ def test_bad_deltas_are_refused():
         list(apply_delta({"a": old["a"][:10]}.items(), blob))  # a smaller base tensor
     with pytest.raises(WeightFileError, match="different tensors"):
         encode_delta(old.items(), {"b": new["b"], "a": new["a"]}.items())
+    # A gap of 0 names one element twice: applied in place, the hash of the bits written would not be
+    # the tensor's (the second write wins), so such a delta is refused outright.
+    head = json.dumps([{"name": "b", "count": 2, "wide": False}]).encode() + b"\n"
+    body = np.array([3, 0], np.uint32).tobytes() + np.array([1, 1], np.uint16).tobytes()
+    twice = zstandard.ZstdCompressor().compress(head + body)
+    with pytest.raises(WeightFileError, match="changes an element twice"):
+        list(apply_delta(old.items(), twice))
 
 
 def test_read_shard_refuses_foreign_or_truncated_files(state, tmp_path):

@@ -161,7 +161,7 @@ def test_worker_applies_downloaded_deltas_or_falls_back(stores, reference, delta
         engine.close()
 
 
-# --------------------------------------------------------------------------- vLLM (its reload path, slow)
+# --------------------------------------------------------------------------- vLLM (slow)
 
 
 def greedy_logprobs(engine, prompts: list[list[int]]) -> list[list[float]]:
@@ -171,22 +171,46 @@ def greedy_logprobs(engine, prompts: list[list[int]]) -> list[list[float]]:
     return [c[0].logprobs for c in engine.generate(prompts, sampling)]
 
 
-@pytest.mark.slow
-def test_vllm_in_place_equals_full_load_and_faults_roll_back(stores, tmp_path, monkeypatch):
-    """vLLM keeps kernel-form weights: an in-place apply must give the logprobs of a full load of the same
-    version exactly, and a fault midway the previous version's exactly."""
-    from rollout_workers.engines import make_engine
+def _forget_the_map(wrapper) -> None:
+    """Run in vLLM's worker process (`wrapper`: vLLM's wrapper of the worker that holds the extension's
+    state): the next delta maps its tensors again (and checks them against the shards)."""
+    assert wrapper.worker.__dict__.pop("scatter_rl_maps") is True
 
+
+@pytest.mark.slow
+def test_vllm_in_place_equals_full_load_and_faults_roll_back(stores, tmp_path, monkeypatch, caplog):
+    """vLLM keeps kernel-form weights (fused q/k/v and gate/up; on CPU packed for its GEMM): an in-place
+    apply must give the logprobs of a full load of the same version exactly, and a fault midway the
+    previous version's exactly. Deltas are written into vLLM's own tensors (and the changed layers
+    re-packed), from a fresh engine's first delta on; a model whose tensors do not map that way goes
+    through vLLM's reload, with the same result."""
+    import logging
+    from types import SimpleNamespace
+
+    import psutil
+
+    from rollout_workers.engines import make_engine, vllm_kernel
+
+    caplog.set_level(logging.INFO, logger="rollout_workers.engines.vllm_engine")
     prompts = [[5, 17, 42, 99, 7], [3, 3, 8, 120, 64, 11]]
     full = lambda v: sorted(version_dir(stores["full"], v).glob("*.safetensors"))  # noqa: E731
     directory = export_version(stores["full"], 0, tmp_path / "v0")
     engine = make_engine(EngineSpec(kind="vllm"), directory, max_model_len=64, dtype="bfloat16")
+
+    def apply(v: int, how: str) -> None:
+        caplog.clear()
+        engine.apply_delta(*deltas_of(stores["delta"], v))
+        assert f"; {how}," in caplog.text, f"v{v} was not {how}: {caplog.text}"
+
     try:
+        apply(1, "written in place")  # the engine as vLLM loaded it: no plain weights kept yet
+        first = greedy_logprobs(engine, prompts)
         expected = []
         for v in range(VERSIONS):
             engine.load_weights(full(v))
             expected.append(greedy_logprobs(engine, prompts))
         assert expected[0] != expected[-1], "the versions must differ for this test to mean anything"
+        assert first == expected[1], "a fresh engine's first delta differs from the full load"
         engine.load_weights(full(0))
         for v in range(1, VERSIONS):
             deltas, hashes = deltas_of(stores["delta"], v)
@@ -195,8 +219,20 @@ def test_vllm_in_place_equals_full_load_and_faults_roll_back(stores, tmp_path, m
                 engine.apply_delta(deltas, hashes)
             assert greedy_logprobs(engine, prompts) == expected[v - 1], f"fault applying v{v}: not v{v - 1}"
             monkeypatch.delenv(FAULT_ENV)
-            engine.apply_delta(deltas, hashes)
+            apply(v, "written in place")
             assert greedy_logprobs(engine, prompts) == expected[v], f"v{v} in place differs from its full load"
+
+        engine.load_weights(full(0))  # a model vLLM holds some other way: its reload path
+        engine.llm.collective_rpc(_forget_the_map)
+        monkeypatch.setattr(vllm_kernel, "places", lambda model, shapes: None)
+        with monkeypatch.context() as short:  # a host copy that would not fit: refused, nothing changed
+            short.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1024))
+            with pytest.raises(MemoryError, match="host copy"):
+                engine.apply_delta(*deltas_of(stores["delta"], 1))
+        assert greedy_logprobs(engine, prompts) == expected[0]
+        for v in range(1, VERSIONS):
+            apply(v, "reloaded by vLLM")
+            assert greedy_logprobs(engine, prompts) == expected[v], f"v{v} through vLLM's reload differs"
     finally:
         engine.close()
 
