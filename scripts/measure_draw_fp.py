@@ -1,4 +1,4 @@
-"""False positives and power of the seeded-draw check: bf16 worker draws checked by an fp32 trainer.
+"""False positives and power of the seeded-draw check: bf16 worker draws checked by an fp32 (or bf16) trainer.
 
 Reproduces what a real run does to the check, offline and without the hub: the trainer's fp32 weights
 after some optimizer steps are no longer bf16 numbers, and the worker gets them rounded to its dtype.
@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="simulated optimizer steps since the base weights")
     parser.add_argument("--worker-dtype", default="bfloat16")
+    parser.add_argument("--trainer-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the trainer's forward (bfloat16: model.dtype bfloat16, fp32 weights cast)")  # fmt: skip
     parser.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     parser.add_argument("--tol", type=float, default=None, help="the tolerance the power is measured at "
                         "(default: the trainer's for these dtypes)")  # fmt: skip
@@ -97,7 +99,7 @@ def main() -> None:
     params = SamplingParamsWire(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                 top_k=s.top_k)  # fmt: skip
     rule = sampling_rule(params)
-    tol, once = draw_tolerance(cfg.trust, args.worker_dtype, "float32")
+    tol, once = draw_tolerance(cfg.trust, args.worker_dtype, args.trainer_dtype)
     tol = args.tol if args.tol is not None else tol
     once = max(tol, args.once if args.once is not None else once)
     seeds = [completion_seeds(cfg.trainer.seed, task_id, s.n) for task_id in range(len(prompts))]
@@ -106,12 +108,13 @@ def main() -> None:
     with engine:
         outputs = engine.generate(prompts, params, seeds)
     trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    trainer.to(getattr(torch, args.trainer_dtype))
     cold = SamplingRule(rule.temperature * 0.7, rule.top_k, rule.top_p)
     honest, neighbour, cooled, lp_diff, dump = [], [], [], [], []
     for prompt, completions, prompt_seeds in zip(prompts, outputs, seeds, strict=True):
         for j, c in enumerate(completions):
             with torch.no_grad():
-                logits = trainer(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+                logits = trainer(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1].float()
             tokens, positions = torch.tensor(c.token_ids), torch.arange(len(c.token_ids))
             u = uniforms(prompt_seeds[j], positions)
             honest.append(check_draws(logits, tokens, u, rule, tol=tol)[1])
@@ -126,7 +129,8 @@ def main() -> None:
     q = torch.quantile(tokens, torch.tensor([0.99, 0.999], dtype=torch.float64)).tolist()
     summary = {
         "config": args.config, "model": cfg.model.name, "worker": f"{args.engine} {args.worker_dtype}",
-        "trainer": "HF float32", "simulated_steps": args.steps, "lr": cfg.trainer.lr, "rule": rule.__dict__,
+        "trainer": f"HF {args.trainer_dtype}", "simulated_steps": args.steps, "lr": cfg.trainer.lr,
+        "rule": rule.__dict__,
         "sequences": len(honest), "tokens": len(tokens),
         "logprob_diff_mean": float(diffs.mean()), "logprob_diff_max": float(diffs.max()),
         "flipped_tokens": float((tokens > 0).double().mean()),

@@ -1,9 +1,10 @@
 """False-positive rate of the provenance checks (rl/trainer/provenance.py) on honest samples.
 
 The honest worker's engine (rollout_workers/engines/vllm_engine.py) samples in bf16 with a
-config's sampling settings; the fp32 trainer side, one optimizer step later (staleness 1: one
+config's sampling settings; the trainer side, one optimizer step later (staleness 1: one fp32
 AdamW step at the config's lr on a GRPO-style loss over some of the samples), recomputes every
-token and runs the same checks `Trainer.verify` runs. Prints how many honest sequences would be
+token in `--trainer-dtype` (bfloat16: the fp32 weights cast for the forward, as DeepSpeed's bf16
+mode does) and runs the same checks `Trainer.verify` runs. Prints how many honest sequences would be
 masked, by reason, and the statistics behind the thresholds (docs/security.md has the numbers).
 
     python scripts/measure_provenance_fp.py configs/quickstart.yaml --prompts 40
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--sampler-dtype", default="bfloat16")
+    parser.add_argument("--trainer-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--update-sequences", type=int, default=16, help="sequences in the one optimizer step")
     parser.add_argument("--output", default=None, help="write the summary as JSON here")
     args = parser.parse_args()
@@ -37,6 +39,7 @@ def main() -> None:
     from rl.models import resolve_model
     from rl.trainer.provenance import NUM_STATS, REASONS, check_sequences, special_token_rows, token_statistics
     from rl.wire.protocol import SamplingParamsWire
+    from rollout_workers.engines import EngineSpec
     from rollout_workers.engines.vllm_engine import VLLMEngine
 
     cfg = load_config(args.config)
@@ -46,7 +49,8 @@ def main() -> None:
     prompts = PromptSet.build(rows, cfg.data, tok).prompt_ids
     sampling = SamplingParamsWire.of(cfg.sampling)
     start = time.perf_counter()
-    engine = VLLMEngine(model_dir, max_model_len=cfg.model.max_model_len, dtype=args.sampler_dtype, seed=0)
+    engine = VLLMEngine(EngineSpec(kind="vllm", seed=0), model_dir, max_model_len=cfg.model.max_model_len,
+                        dtype=args.sampler_dtype)  # fmt: skip
     groups = engine.generate(prompts, sampling)
     engine.close()
     gen_s = time.perf_counter() - start
@@ -78,6 +82,7 @@ def main() -> None:
     loss.backward()
     opt.step()
     model.eval()
+    model.to(getattr(torch, args.trainer_dtype))
 
     fn = functools.partial(token_statistics, temperature=sampling.temperature, top_p=sampling.top_p,
                            top_k=sampling.top_k)  # fmt: skip
@@ -87,7 +92,7 @@ def main() -> None:
         for i in range(0, len(seqs), 8):
             ids, attn, mask, claimed = batch(seqs[i : i + 8])
             stats = torch.zeros(*ids.shape, NUM_STATS)
-            stats[:, 1:] = fn(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
+            stats[:, 1:] = fn(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), ids[:, 1:])
             stats = stats * attn[..., None]
             special = special_token_rows(ids, mask, tok.all_special_ids, stop_ids)
             v = check_sequences(stats, claimed, mask, cfg.trust, special)
@@ -101,6 +106,7 @@ def main() -> None:
     summary = {
         "config": args.config,
         "sampler_dtype": args.sampler_dtype,
+        "trainer_dtype": args.trainer_dtype,
         "sequences": len(codes),
         "tokens": int(sum(tokens)),
         "masked": masked,

@@ -29,12 +29,20 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """Local directory, Hugging Face id, or alias (`smollm2-135m-instruct`, `tiny-test`)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Training dtype, and generation dtype unless `rollout.dtype` is set (bfloat16 on GPUs)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Training dtype, and generation dtype unless `rollout.dtype` is set (bfloat16 on GPUs). bfloat16 and
+    float16 are mixed precision: DeepSpeed keeps fp32 master weights and optimizer state. `auto`: bfloat16
+    where the machine loading the config computes it natively (as `rollout.dtype: auto`), else float32;
+    resolved when the config is loaded."""
     max_model_len: int = Field(1024, ge=16, le=1_048_576)
     """Longest prompt + completion the engines must hold, in tokens."""
     trust_remote_code: bool = False
     """Allow model code from the model directory (off: only transformers' built-in architectures)."""
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_auto(cls, v: str) -> str:
+        return native_rollout_dtype() if v == "auto" else v
 
 
 # --------------------------------------------------------------------------- data

@@ -1,4 +1,5 @@
-"""`rollout.dtype: auto`: bf16 only where the machine computes it natively, resolved once, when the config loads."""
+"""`rollout.dtype: auto` and `model.dtype: auto`: bf16 only where the machine computes it natively, resolved once,
+when the config loads."""
 
 from __future__ import annotations
 
@@ -33,3 +34,14 @@ def test_auto_resolves_when_the_config_loads(tmp_path):
     assert yaml.safe_load(path.read_text())["rollout"]["dtype"] == cfg.rollout.dtype
     assert load_config(path, []).rollout.dtype == cfg.rollout.dtype
     assert load_config(None, ["rollout.dtype=bfloat16"]).rollout.dtype == "bfloat16"  # explicit stays explicit
+
+
+def test_model_dtype_auto_resolves_too(tmp_path):
+    """`model.dtype: auto` (the trainer's, and the workers' unless `rollout.dtype` says): the same rule."""
+    cfg = load_config(None, ["model.dtype=auto"])
+    assert cfg.model.dtype == native_rollout_dtype()
+    assert (cfg.rollout.dtype or cfg.model.dtype) == cfg.model.dtype
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path, []).model.dtype == cfg.model.dtype
+    assert load_config(None, ["model.dtype=float32"]).model.dtype == "float32"
