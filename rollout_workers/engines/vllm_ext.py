@@ -115,7 +115,10 @@ class WeightUpdateExtension:
         start = time.perf_counter()
         checkpoint = getattr(self, "scatter_rl_checkpoint", None)
         if checkpoint is None:
-            _room_for_a_host_copy(paths)
+            import psutil
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            room_for_a_host_copy(paths, get_tensor_model_parallel_world_size(), psutil.virtual_memory().available)
             checkpoint = dict(_tensors(paths))
         applied = apply_in_place(checkpoint, deltas, ChangeHashes(tensor_sha256, changes_sha256), verify)
         self.scatter_rl_checkpoint = checkpoint
@@ -140,20 +143,16 @@ def _group(name: str) -> str:
     return ".".join(parts[: layer + 1]) if layer is not None else name.rpartition(".")[0]
 
 
-def _room_for_a_host_copy(paths: list[str]) -> None:
-    """Raises MemoryError unless a host copy of the checkpoint on every tensor-parallel rank (each builds
-    its own) fits in half the memory available: a 72B model on 4 ranks would need ~580 GB."""
+def room_for_a_host_copy(paths: list[str], ranks: int, available: int) -> None:
+    """Raises MemoryError unless a host copy of the checkpoint `paths` on each of `ranks` tensor-parallel
+    ranks (each builds its own) fits in half the `available` bytes: a 72B model on 4 ranks needs ~580 GB."""
     import os
 
-    import psutil
-    from vllm.distributed import get_tensor_model_parallel_world_size
-
-    ranks = get_tensor_model_parallel_world_size()
-    need, free = sum(os.path.getsize(p) for p in paths) * ranks, psutil.virtual_memory().available
-    if need > free // 2:
+    need = sum(os.path.getsize(p) for p in paths) * ranks
+    if need > available // 2:
         raise MemoryError(
             f"applying deltas through vLLM's reload keeps a host copy of the checkpoint on each of {ranks} "
-            f"rank(s): {need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is available"
+            f"rank(s): {need / 2**30:.1f} GiB, and {available / 2**30:.1f} GiB is available"
         )
 
 

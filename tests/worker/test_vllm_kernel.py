@@ -1,14 +1,17 @@
 """Checkpoint tensors as row ranges of a vLLM model's fused tensors (rollout_workers/engines/vllm_kernel.py).
 
 The model here is a plain torch module laid out as vLLM lays out a decoder layer (fused `qkv_proj` and
-`gate_up_proj`, a padded vocabulary); the real vLLM engine is tested in test_in_place.py.
+`gate_up_proj`, a padded vocabulary); the real vLLM engine is tested in test_in_place.py. Also the fallback's
+memory check (rollout_workers/engines/vllm_ext.py).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from rollout_workers.engines.vllm_ext import room_for_a_host_copy
 from rollout_workers.engines.vllm_kernel import Packed, Place, matches, places, views
 
 Q, KV, HIDDEN, FFN, VOCAB, PADDED = 8, 4, 8, 12, 10, 16
@@ -86,3 +89,12 @@ def test_tensors_that_do_not_map_give_none():
     assert views(model, None, places(model, short), short) is None  # fused rows that do not add up
     wide = dict(shapes, **{"model.embed_tokens.weight": (VOCAB, HIDDEN + 1)})
     assert views(model, None, places(model, wide), wide) is None
+
+
+def test_a_host_copy_that_would_not_fit_is_refused(tmp_path):
+    """The reload path's host copy: one per tensor-parallel rank, at most half the memory available."""
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(b"\0" * 1000)
+    room_for_a_host_copy([str(shard)], ranks=4, available=8000)
+    with pytest.raises(MemoryError, match="host copy of the checkpoint on each of 4 rank"):
+        room_for_a_host_copy([str(shard)], ranks=4, available=7999)
