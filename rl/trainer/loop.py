@@ -99,6 +99,8 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = 0
         self.published_version = -1
+        self._told_apart = False
+        """Whether the warning that the checks cannot share the training forward was logged."""
         self.publisher: Publisher | None = None
         self.initial_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
@@ -348,6 +350,10 @@ class Trainer:
         start, self.codes = time.perf_counter(), None
         checks, trust_metrics = self.checks(batch), {}
         shared = checks is not None and StepChecks.can_share(self.cfg, self.strategy, batch.group_size)
+        if checks is not None and self.cfg.trust.shared_forward and not shared and not self._told_apart:
+            self._told_apart = True
+            log.warning("trust.shared_forward: the checks run a forward of their own every step: %s",
+                        StepChecks.why_apart(self.cfg, self.strategy, batch.group_size))  # fmt: skip
         if checks is not None:  # forwards of their own: kept versions' groups, and all rows unless shared
             checks.check_apart(shared)
             if not shared:

@@ -111,17 +111,30 @@ class StepChecks:
 
     @staticmethod
     def can_share(cfg: RunConfig, strategy, group_size: int) -> bool:
-        """Whether the training forward can give the checks their statistics (same answer on every rank).
+        """Whether the training forward can give the checks their statistics (same answer on every rank)."""
+        trust = cfg.trust
+        return trust.enabled and trust.shared_forward and StepChecks.why_apart(cfg, strategy, group_size) is None
+
+    @staticmethod
+    def why_apart(cfg: RunConfig, strategy, group_size: int) -> str | None:
+        """Why this run's checks need a forward of their own although `trust.shared_forward` asks to share
+        the training one (None: they can share it).
 
         A micro-batch's rows over all ranks must be whole groups (its groups' baselines need all their
         verdicts); batch-scaled advantages need every verdict; a loss normalised by the batch's tokens
         needs an engine that can scale the accumulated gradients at the step.
         """
-        algo = cfg.algorithm
-        aligned = (cfg.trainer.micro_batch_size * strategy.world_size) % group_size == 0
-        batch_scaled = algo.scale_rewards == "batch" and algo.advantage != "dr_grpo"
-        scalable = strategy.can_scale_gradients or not scales_with_tokens(algo.loss)
-        return cfg.trust.enabled and cfg.trust.shared_forward and aligned and not batch_scaled and scalable
+        algo, rows = cfg.algorithm, cfg.trainer.micro_batch_size * strategy.world_size
+        if rows % group_size:
+            return f"a micro-batch over all ranks ({rows} rows) is not whole groups of {group_size}"
+        if algo.scale_rewards == "batch" and algo.advantage != "dr_grpo":
+            return "algorithm.scale_rewards is 'batch' (advantages need every verdict of the batch)"
+        if not strategy.can_scale_gradients and scales_with_tokens(algo.loss):
+            return (
+                f"the {algo.loss} loss is normalised by the batch's tokens and this engine cannot scale "
+                "gradients at the step (fp16)"
+            )
+        return None
 
     def request(self, chunk: slice) -> StatsRequest | None:
         """Statistics wanted from the forward of local rows `chunk` (None: all of them have verdicts)."""
