@@ -148,10 +148,11 @@ def run_worker(model: Path, run_dir: Path, config: Path, args) -> dict:
     return {"tokens": tokens, "samples": args.prompts * cfg.sampling.n, "seconds": end - start}
 
 
-def run_baseline(model: Path, config: Path, args) -> dict:
-    """Bare vLLM in a fresh pinned process (as clean as the worker's), parsed from its last JSON line."""
+def run_baseline(model: Path, config: Path, args, env: dict[str, str] | None = None) -> dict:
+    """Bare vLLM in a fresh pinned process (as clean as the worker's), parsed from its last JSON line; `env`
+    is added to the environment."""
     cmd = [*pinned(args), sys.executable, __file__, "--baseline-of", str(config), "--model", str(model)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env_for(args))
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**env_for(args), **(env or {})})
     if out.returncode != 0:
         raise SystemExit(f"baseline failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

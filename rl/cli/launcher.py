@@ -198,6 +198,22 @@ class Watchdog:
             signal.pthread_kill(self._main, signal.SIGUSR1)
 
 
+BRIEF_SPIN = "3000"
+"""GOMP_SPINCOUNT of a local worker that owns its cores: the spins an idle OpenMP thread waits before it sleeps,
+enough to bridge the gaps between vLLM-CPU's parallel regions within a decode step (docs/benchmarks.md)."""
+
+
+def worker_spin(cfg: RunConfig) -> dict[str, str]:
+    """The local workers' OpenMP spin (environment), when nothing else computes on their cores meanwhile: one
+    local worker, and either the trainer waits while it generates (`async.max_staleness` 0) or the two are pinned
+    to different CPUs. Otherwise none: `OMP_WAIT_POLICY=PASSIVE` (rl/cli/main.py) alone, because a spinning
+    thread takes the core from the process beside it. A GOMP_SPINCOUNT set by the user is kept."""
+    if "GOMP_SPINCOUNT" in os.environ or cfg.rollout.local_workers != 1:
+        return {}
+    apart = cfg.rollout.cpus and cfg.trainer.cpus and not set(cfg.rollout.cpus) & set(cfg.trainer.cpus)
+    return {"GOMP_SPINCOUNT": BRIEF_SPIN} if cfg.async_.max_staleness == 0 or apart else {}
+
+
 class Launch:
     """The children of one `rl train` on rank 0."""
 
@@ -298,7 +314,7 @@ class Launch:
         self._wait_healthy()
         for i in range(cfg.rollout.local_workers):
             wenv = child_env(OMP_NUM_THREADS=str(cfg.rollout.threads), RL_HUB_TOKEN=self.local_token,
-                             SCATTER_RL_HUB_POLICY_DIR=str(self.paths.policy))  # fmt: skip
+                             SCATTER_RL_HUB_POLICY_DIR=str(self.paths.policy), **worker_spin(cfg))  # fmt: skip
             spec = engine_spec(cfg.rollout, seed=cfg.trainer.seed * 1000 + i)
             inflight = cfg.rollout.max_inflight_prompts
             inflight_args = [] if inflight is None else ["--max-inflight-prompts", str(inflight)]

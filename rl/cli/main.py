@@ -20,7 +20,8 @@ from typing import Annotated
 # Before anything loads OpenMP (torch, vLLM): idle OpenMP threads sleep instead of spinning. The
 # trainer, local workers and verifiers share the machine's cores; spinning threads of one process
 # then steal them from the others (a 2-core staleness-1 run went from 48 to 12 s/step). Inherited
-# by every child `rl train` starts; set OMP_WAIT_POLICY yourself to override.
+# by every child `rl train` starts; set OMP_WAIT_POLICY yourself to override. A local worker that owns its
+# cores spins briefly instead (GOMP_SPINCOUNT, rl/cli/launcher.py `worker_spin`).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
