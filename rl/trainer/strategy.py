@@ -30,6 +30,7 @@ from rl.config import ModelConfig, TrainerConfig
 from rl.deepspeed_config import build_deepspeed_config, offloads_optimizer, reference_config, warmup_then_constant
 from rl.models import resolve_model
 from rl.trainer.distributed import init_distributed, launched
+from rl.trainer.grad_scale import plain_gradients, scaled_step, scales_by_loss_scale
 from rl.trainer.lora import apply_lora
 from rl.trainer.packing import (
     StatsRequest,
@@ -369,31 +370,10 @@ class DeepSpeedStrategy:
     @property
     def can_scale_gradients(self) -> bool:
         """Whether `step(grad_scale=...)` is supported: every engine but fp16's (a dynamic loss scale)."""
-        opt = self.engine.optimizer
-        if self._scalable_gradients() is not None:
-            return True
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+        return self._plain_gradients() is not None or scales_by_loss_scale(self.engine.optimizer, self.model_cfg.dtype)
 
-        zero = isinstance(opt, DeepSpeedZeroOptimizer | DeepSpeedZeroOptimizer_Stage3)
-        return zero and self.model_cfg.dtype != "float16" and not getattr(opt, "custom_loss_scaler", False)
-
-    def _scalable_gradients(self) -> list[Tensor] | None:
-        """The accumulated gradients the next step reads its norm, clipping and update from, where scaling them
-        is the same as scaling every loss since the last step: the parameters' own at ZeRO-0 (torch's AdamW in
-        fp32; in bf16 DeepSpeed's wrapper, which keeps bf16 gradients there and a static loss scale of 1), or the
-        fp32 buffers of DeepSpeed's BF16_Optimizer (bf16 with fp32 accumulation). None for ZeRO's optimizers
-        (scaled through their loss scale) and fp16's."""
-        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-        opt = self.engine.optimizer
-        if isinstance(opt, BF16_Optimizer):
-            return list(opt.fp32_groups_gradients_flat)
-        bf16_wrapper = isinstance(opt, FP16_UnfusedOptimizer) and self.model_cfg.dtype == "bfloat16"
-        if opt is self._client_optimizer or bf16_wrapper:
-            return [p.grad for p in self._trainable() if p.grad is not None]
-        return None
+    def _plain_gradients(self) -> list[Tensor] | None:
+        return plain_gradients(self.engine.optimizer, self._client_optimizer, self.model_cfg.dtype, self._trainable)
 
     def step(self, grad_scale: float = 1.0) -> dict[str, float]:
         """Clip, apply AdamW and advance the LR schedule; returns the pre-clip grad norm and the LR used.
@@ -408,21 +388,7 @@ class DeepSpeedStrategy:
         opt = self.engine.optimizer
         if grad_scale != 1.0 and not self.can_scale_gradients:
             raise RuntimeError(f"this engine's optimizer ({type(opt).__name__}) cannot scale gradients")
-        gradients = self._scalable_gradients() if grad_scale != 1.0 else None
-        if gradients is not None:
-            # Not yet all-reduced on the parameters (step() does that: a sum, so scaling first is the same); in
-            # BF16_Optimizer's buffers already reduced at the last backward.
-            torch._foreach_mul_(gradients, grad_scale)
-            self.engine.step()
-        elif grad_scale != 1.0:
-            # ZeRO's optimizers divide the gradients (and the norm they report) by the loss scale at the step.
-            opt.loss_scale = 1.0 / grad_scale
-            try:
-                self.engine.step()
-            finally:
-                opt.loss_scale = 1.0
-        else:
-            self.engine.step()
+        scaled_step(self.engine, self._plain_gradients() if grad_scale != 1.0 else None, grad_scale)
         self._backward_calls = 0
         norm = self.engine.get_global_grad_norm()
         if norm is None:  # plain fp32 ZeRO-0: measured by _clip_before_step

@@ -130,10 +130,8 @@ class StepChecks:
         if algo.scale_rewards == "batch" and algo.advantage != "dr_grpo":
             return "algorithm.scale_rewards is 'batch' (advantages need every verdict of the batch)"
         if not strategy.can_scale_gradients and scales_with_tokens(algo.loss):
-            return (
-                f"the {algo.loss} loss is normalised by the batch's tokens and this engine cannot scale "
-                "gradients at the step (fp16)"
-            )
+            engine = type(getattr(getattr(strategy, "engine", None), "optimizer", None)).__name__
+            return f"the {algo.loss} loss is normalised by the batch's tokens and {engine} cannot scale gradients"
         return None
 
     def request(self, chunk: slice) -> StatsRequest | None:
