@@ -24,6 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_rollout_dtype import config_for  # noqa: E402
 from bench_worker import interleave, ratio_table, run_baseline  # noqa: E402  (the bare side, pinned, in a fresh process)
 
 
@@ -44,13 +45,8 @@ def main() -> None:
     model = Path(args.model or resolve_model(load_config(args.config, []).model.name))
     sides = {"sleep (PASSIVE)": {}, f"spin {args.spin}": {"GOMP_SPINCOUNT": str(args.spin)}}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = yaml.safe_load(args.config.read_text())
-        cfg["data"]["source"]["size"], cfg["data"]["eval_size"], cfg["run_dir"] = args.prompts, 0, f"{tmp}/run"
-        cfg.pop("eval", None)
-        if cfg.get("rollout", {}).get("dtype") == "auto":
-            cfg["rollout"]["dtype"] = native_rollout_dtype()
-        config = Path(tmp) / "bench.yaml"
-        config.write_text(yaml.safe_dump(cfg))
+        dtype = yaml.safe_load(args.config.read_text()).get("rollout", {}).get("dtype", "auto")
+        config = config_for(args.config, native_rollout_dtype() if dtype == "auto" else dtype, args.prompts, Path(tmp))
         _, rate = interleave(args.repeats, list(sides), lambda side: run_baseline(model, config, args, sides[side]))
     print(ratio_table(rate, "idle OpenMP threads", f"spin {args.spin}", "sleep (PASSIVE)", "spin / sleep"))
 

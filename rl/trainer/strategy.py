@@ -386,9 +386,10 @@ class DeepSpeedStrategy:
             raise RuntimeError("step() without a backward() since the last step")
         lr = float(self.engine.get_lr()[0])
         opt = self.engine.optimizer
-        if grad_scale != 1.0 and not self.can_scale_gradients:
+        gradients = self._plain_gradients() if grad_scale != 1.0 else None
+        if grad_scale != 1.0 and gradients is None and not scales_by_loss_scale(opt, self.model_cfg.dtype):
             raise RuntimeError(f"this engine's optimizer ({type(opt).__name__}) cannot scale gradients")
-        scaled_step(self.engine, self._plain_gradients() if grad_scale != 1.0 else None, grad_scale)
+        scaled_step(self.engine, gradients, grad_scale)
         self._backward_calls = 0
         norm = self.engine.get_global_grad_norm()
         if norm is None:  # plain fp32 ZeRO-0: measured by _clip_before_step

@@ -130,8 +130,8 @@ class StepChecks:
         if algo.scale_rewards == "batch" and algo.advantage != "dr_grpo":
             return "algorithm.scale_rewards is 'batch' (advantages need every verdict of the batch)"
         if not strategy.can_scale_gradients and scales_with_tokens(algo.loss):
-            engine = type(getattr(getattr(strategy, "engine", None), "optimizer", None)).__name__
-            return f"the {algo.loss} loss is normalised by the batch's tokens and {engine} cannot scale gradients"
+            optimizer = type(strategy.engine.optimizer).__name__
+            return f"the {algo.loss} loss is normalised by the batch's tokens and {optimizer} cannot scale gradients"
         return None
 
     def request(self, chunk: slice) -> StatsRequest | None:
